@@ -1,0 +1,77 @@
+//! Error codes shared by `error` frames and, where they overlap, the HTTP API.
+
+use serde::{Deserialize, Serialize};
+
+/// The `code` of an `error` frame. The set is fixed by the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not valid JSON, has an unknown `op` or a missing/ill-typed field.
+    BadFrame,
+    /// No valid `connect` yet, or the token is invalid or expired.
+    Unauthorized,
+    /// The token does not grant this room, or the terminal may not `send`.
+    Forbidden,
+    /// Too many frames of this kind in too short a time.
+    RateLimited,
+    /// The room is muted: terminals may not `send`.
+    Muted,
+    /// The frame or its `data` exceeds a configured size.
+    TooLarge,
+    /// The room is closed: joins are refused until it is opened again.
+    RoomClosed,
+    /// The server failed; the client may retry.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Muted => "muted",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RoomClosed => "room_closed",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A frame the server refuses, with everything needed to build the `error` frame that answers
+/// it: the code, a human-readable message, and the request `id` when one could be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct FrameError {
+    pub id: Option<u64>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl FrameError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        FrameError {
+            id: None,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_frame(message: impl Into<String>) -> Self {
+        FrameError::new(ErrorCode::BadFrame, message)
+    }
+
+    /// Attach the `id` of the request this error answers.
+    pub fn with_id(mut self, id: Option<u64>) -> Self {
+        self.id = id;
+        self
+    }
+}

@@ -1,0 +1,269 @@
+//! Frames the server sends to clients.
+//!
+//! [`ServerFrame`] is the typed view a client parses. The server encodes the frames of its hot
+//! path (`msg`, `pulled`) with [`encode_msg`] and [`encode_pulled`] instead: a message is
+//! serialized once, when it is published, and the resulting bytes are shared by every
+//! subscriber, every replay and every `pulled` answer without being parsed again.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::error::ErrorCode;
+
+/// The transport a session runs over, as named in the `connected` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    Ws,
+    Longpoll,
+    Sse,
+}
+
+/// A terminal's inbox: the newest inbox `seq` and the newest one it acked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxPosition {
+    pub seq: u64,
+    pub acked: u64,
+}
+
+/// A room message as a client sees it. `seq` is present exactly for reliable messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub room: String,
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub data: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    pub ts: u64,
+}
+
+/// Every server → client frame of the contract.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ServerFrame {
+    Connected {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        terminal: String,
+        transport: Transport,
+        heartbeat_ms: u64,
+        #[serde(default)]
+        inbox: InboxPosition,
+        #[serde(default)]
+        wake_key: String,
+    },
+    Joined {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        room: String,
+        epoch: String,
+        seq: u64,
+        recovered: bool,
+        online: u64,
+    },
+    Msg(Message),
+    Prompt {
+        room: String,
+        seq: u64,
+    },
+    Pulled {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        room: String,
+        epoch: String,
+        seq: u64,
+        recovered: bool,
+        messages: Vec<Message>,
+    },
+    Online {
+        room: String,
+        count: u64,
+    },
+    Inbox {
+        seq: u64,
+        #[serde(rename = "type")]
+        ty: String,
+        data: serde_json::Value,
+        ts: u64,
+    },
+    Transport {
+        #[serde(rename = "use")]
+        use_: Transport,
+        retry_ws_after_ms: u64,
+    },
+    Left {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        room: String,
+    },
+    Pong {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
+    Error {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+impl ServerFrame {
+    /// Parse one server frame (used by clients and tests).
+    pub fn parse(text: &str) -> Result<ServerFrame, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    pub fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
+        ServerFrame::Error {
+            id,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Encode any server frame. Serializing these types cannot fail (string keys, no maps with
+/// non-string keys), so a failure is a bug; it still yields a valid `internal` error frame
+/// rather than a panic.
+pub fn encode_frame(frame: &ServerFrame) -> Bytes {
+    match serde_json::to_vec(frame) {
+        Ok(v) => Bytes::from(v),
+        Err(_) => Bytes::from_static(
+            br#"{"op":"error","code":"internal","message":"frame encoding failed"}"#,
+        ),
+    }
+}
+
+#[derive(Serialize)]
+struct MsgRef<'a> {
+    op: &'static str,
+    room: &'a str,
+    #[serde(rename = "type")]
+    ty: &'a str,
+    data: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    ts: u64,
+}
+
+/// Encode a `msg` frame once; `data` is copied through as raw JSON.
+pub fn encode_msg(room: &str, ty: &str, data: &RawValue, seq: Option<u64>, ts: u64) -> Bytes {
+    let frame = MsgRef {
+        op: "msg",
+        room,
+        ty,
+        data,
+        seq,
+        ts,
+    };
+    match serde_json::to_vec(&frame) {
+        Ok(v) => Bytes::from(v),
+        Err(_) => Bytes::from_static(
+            br#"{"op":"error","code":"internal","message":"frame encoding failed"}"#,
+        ),
+    }
+}
+
+/// Encode a `pulled` frame around already-encoded `msg` frames, without re-serializing them.
+pub fn encode_pulled(
+    id: Option<u64>,
+    room: &str,
+    epoch: &str,
+    latest: u64,
+    recovered: bool,
+    messages: &[Bytes],
+) -> Bytes {
+    let body: usize = messages.iter().map(|m| m.len() + 1).sum();
+    let mut out = BytesMut::with_capacity(body + room.len() + epoch.len() + 96);
+    out.put_slice(br#"{"op":"pulled""#);
+    if let Some(id) = id {
+        out.put_slice(format!(r#","id":{id}"#).as_bytes());
+    }
+    // Room ids and epochs are validated to an alphabet that needs no JSON escaping, but go
+    // through serde anyway so that this function is correct for any input.
+    let room = serde_json::to_string(room).unwrap_or_else(|_| "\"\"".to_owned());
+    let epoch = serde_json::to_string(epoch).unwrap_or_else(|_| "\"\"".to_owned());
+    out.put_slice(
+        format!(r#","room":{room},"epoch":{epoch},"seq":{latest},"recovered":{recovered},"messages":["#)
+            .as_bytes(),
+    );
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            out.put_u8(b',');
+        }
+        out.put_slice(m);
+    }
+    out.put_slice(b"]}");
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msg_round_trips() {
+        let data = RawValue::from_string(r#"{"n":1}"#.to_owned()).unwrap();
+        let b = encode_msg("live:1", "gift", &data, Some(5), 99);
+        let f = ServerFrame::parse(std::str::from_utf8(&b).unwrap()).unwrap();
+        assert_eq!(
+            f,
+            ServerFrame::Msg(Message {
+                room: "live:1".into(),
+                ty: "gift".into(),
+                data: serde_json::json!({"n":1}),
+                seq: Some(5),
+                ts: 99
+            })
+        );
+        let t = encode_msg("r", "chat", &data, None, 1);
+        assert!(!std::str::from_utf8(&t).unwrap().contains("seq"));
+    }
+
+    #[test]
+    fn pulled_wraps_encoded_messages() {
+        let data = RawValue::from_string("[1]".to_owned()).unwrap();
+        let m1 = encode_msg("r", "gift", &data, Some(1), 1);
+        let m2 = encode_msg("r", "gift", &data, Some(2), 2);
+        let b = encode_pulled(Some(4), "r", "ep", 2, true, &[m1, m2]);
+        match ServerFrame::parse(std::str::from_utf8(&b).unwrap()).unwrap() {
+            ServerFrame::Pulled {
+                id,
+                messages,
+                recovered,
+                seq,
+                ..
+            } => {
+                assert_eq!(id, Some(4));
+                assert_eq!(messages.len(), 2);
+                assert!(recovered);
+                assert_eq!(seq, 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        let empty = encode_pulled(None, "r", "ep", 0, true, &[]);
+        assert!(ServerFrame::parse(std::str::from_utf8(&empty).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn frames_match_the_contract_field_names() {
+        let f = encode_frame(&ServerFrame::Transport {
+            use_: Transport::Longpoll,
+            retry_ws_after_ms: 5,
+        });
+        assert_eq!(
+            &f[..],
+            br#"{"op":"transport","use":"longpoll","retry_ws_after_ms":5}"#
+        );
+        let e = encode_frame(&ServerFrame::error(Some(1), ErrorCode::RoomClosed, "closed"));
+        assert_eq!(
+            &e[..],
+            br#"{"op":"error","id":1,"code":"room_closed","message":"closed"}"#
+        );
+        let p = encode_frame(&ServerFrame::Pong { id: None });
+        assert_eq!(&p[..], br#"{"op":"pong"}"#);
+    }
+}
