@@ -96,9 +96,7 @@ fn room_field(v: Option<String>, op: &str) -> Result<String, FrameError> {
 
 fn u64_field(v: &serde_json::Value, op: &str, field: &str) -> Result<u64, FrameError> {
     v.as_u64().ok_or_else(|| {
-        FrameError::bad_frame(format!(
-            "`{op}`: `{field}` must be a non-negative integer"
-        ))
+        FrameError::bad_frame(format!("`{op}`: `{field}` must be a non-negative integer"))
     })
 }
 
@@ -121,9 +119,10 @@ impl ClientEnvelope {
             .map_err(|e| FrameError::bad_frame(format!("not a JSON frame object: {e}")))?;
         let id = match &flat.id {
             None | Some(serde_json::Value::Null) => None,
-            Some(v) => Some(v.as_u64().ok_or_else(|| {
-                FrameError::bad_frame("`id` must be a non-negative integer")
-            })?),
+            Some(v) => Some(
+                v.as_u64()
+                    .ok_or_else(|| FrameError::bad_frame("`id` must be a non-negative integer"))?,
+            ),
         };
         Self::from_flat(flat)
             .map(|frame| ClientEnvelope { id, frame })
@@ -131,9 +130,8 @@ impl ClientEnvelope {
     }
 
     fn from_flat(f: Flat<'_>) -> Result<ClientFrame, FrameError> {
-        let op = f
-            .op
-            .ok_or_else(|| FrameError::bad_frame("frame has no `op`"))?;
+        let op =
+            f.op.ok_or_else(|| FrameError::bad_frame("frame has no `op`"))?;
         let op: &str = &op;
         Ok(match op {
             "connect" => ClientFrame::Connect {
@@ -231,8 +229,8 @@ mod tests {
 
     #[test]
     fn send_keeps_data_raw_and_defaults_type() {
-        let env = ClientEnvelope::parse(r#"{"op":"send","room":"r","data":{"a": [1, 2]}}"#)
-            .unwrap();
+        let env =
+            ClientEnvelope::parse(r#"{"op":"send","room":"r","data":{"a": [1, 2]}}"#).unwrap();
         match env.frame {
             ClientFrame::Send { ty, data, .. } => {
                 assert_eq!(ty, "chat");

@@ -187,8 +187,10 @@ pub fn encode_pulled(
     let room = serde_json::to_string(room).unwrap_or_else(|_| "\"\"".to_owned());
     let epoch = serde_json::to_string(epoch).unwrap_or_else(|_| "\"\"".to_owned());
     out.put_slice(
-        format!(r#","room":{room},"epoch":{epoch},"seq":{latest},"recovered":{recovered},"messages":["#)
-            .as_bytes(),
+        format!(
+            r#","room":{room},"epoch":{epoch},"seq":{latest},"recovered":{recovered},"messages":["#
+        )
+        .as_bytes(),
     );
     for (i, m) in messages.iter().enumerate() {
         if i > 0 {
@@ -258,7 +260,11 @@ mod tests {
             &f[..],
             br#"{"op":"transport","use":"longpoll","retry_ws_after_ms":5}"#
         );
-        let e = encode_frame(&ServerFrame::error(Some(1), ErrorCode::RoomClosed, "closed"));
+        let e = encode_frame(&ServerFrame::error(
+            Some(1),
+            ErrorCode::RoomClosed,
+            "closed",
+        ));
         assert_eq!(
             &e[..],
             br#"{"op":"error","id":1,"code":"room_closed","message":"closed"}"#

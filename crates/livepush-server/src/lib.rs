@@ -1,1 +1,29 @@
-//! placeholder
+//! The livepush server: a push gateway for live-streaming rooms.
+//!
+//! - [`hub`]: rooms, sequencing, history, fan-out, control commands, online counts.
+//! - [`outbox`]: each connection's bounded outgoing queue and the slow-consumer policy.
+//! - [`session`]: what each client frame does, shared by every transport.
+//! - [`transport`]: framing for WebSocket (long-poll and SSE join it later).
+//! - [`api`]: the HTTP API for the app's backend.
+//! - [`store`] and [`broker`]: the traits behind which durability and cross-node fan-out sit.
+//! - [`auth`]: terminal tokens.
+//!
+//! Start one with [`start`] (in-memory store) or [`start_with`].
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod outbox;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod transport;
+
+pub use config::{ClassMap, Config, Limits};
+pub use hub::Hub;
+pub use server::{App, Running, ServerError, start, start_with};

@@ -1,1 +1,68 @@
-fn main() {}
+//! `livepush`: the server and its command-line tools.
+//!
+//! - `serve`: run the push gateway.
+//! - `publish`: publish a message to a room through the HTTP API.
+//! - `token`: mint a terminal token.
+//! - `tail`: connect as a terminal and print every event as one JSON line.
+
+#![forbid(unsafe_code)]
+
+mod publish;
+mod serve;
+mod tail;
+mod token;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "livepush",
+    version,
+    about = "Real-time push gateway for live-streaming rooms"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(Box<serve::ServeArgs>),
+    /// Publish a message to a room through the HTTP API and print the answer.
+    Publish(publish::PublishArgs),
+    /// Mint a terminal token signed with the server's token secret.
+    Token(token::TokenArgs),
+    /// Connect as a terminal, join rooms, and print every event as one JSON line.
+    Tail(tail::TailArgs),
+}
+
+/// Arguments every client command shares.
+#[derive(Debug, clap::Args)]
+pub struct ServerArg {
+    /// Base URL of the livepush server.
+    #[arg(long, env = "LIVEPUSH_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LIVEPUSH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,livepush=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Serve(a) => serve::run(*a).await,
+            Command::Publish(a) => publish::run(a).await,
+            Command::Token(a) => token::run(a),
+            Command::Tail(a) => tail::run(a).await,
+        }
+    })
+}

@@ -1,0 +1,275 @@
+//! The HTTP API for the app's backend: publish, history, room info, health and metrics.
+//!
+//! Every error is JSON `{"error":CODE,"message":TEXT}` with the contract's status codes; no
+//! request, however malformed, gets a plain-text or empty error.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, BytesMut};
+use livepush_proto::{Class, validate_room};
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+
+use crate::hub::PublishError;
+use crate::server::App;
+
+/// A JSON error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn internal(e: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %e, "internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; retry later",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": self.code, "message": self.message})),
+        )
+            .into_response()
+    }
+}
+
+impl From<PublishError> for ApiError {
+    fn from(e: PublishError) -> Self {
+        match e {
+            PublishError::BadRequest(m) => ApiError::bad_request(m),
+            PublishError::Store(e) => ApiError::internal(e),
+        }
+    }
+}
+
+/// A JSON body read under the configured size limit, with JSON errors for every failure.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned> FromRequest<Arc<App>> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &Arc<App>) -> Result<Self, ApiError> {
+        let limit = state.hub.config().limits.max_publish_bytes;
+        let body = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("request body exceeds max_publish_bytes {limit}"),
+                )
+            })?;
+        serde_json::from_slice(&body)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Check `Authorization: Bearer API_KEY` (the whole API except `/healthz`).
+pub async fn require_api_key(
+    State(app): State<Arc<App>>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if let Some(key) = app.hub.config().api_key.as_deref() {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => {}
+            Some(_) => {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "wrong API key",
+                ));
+            }
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "missing `Authorization: Bearer API_KEY`",
+                ));
+            }
+        }
+    }
+    Ok(next.run(req).await)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn room_param(room: &str) -> Result<(), ApiError> {
+    validate_room(room).map_err(ApiError::bad_request)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PublishBody {
+    #[serde(rename = "type")]
+    ty: String,
+    data: Box<RawValue>,
+    #[serde(default)]
+    class: Option<Class>,
+}
+
+/// `POST /v1/rooms/{room}/messages`
+pub async fn publish(
+    State(app): State<Arc<App>>,
+    Path(room): Path<String>,
+    JsonBody(body): JsonBody<PublishBody>,
+) -> Result<Response, ApiError> {
+    room_param(&room)?;
+    let p = app
+        .hub
+        .publish(&room, &body.ty, &body.data, body.class)
+        .await?;
+    let mut answer = json!({"epoch": &*p.epoch});
+    if let Some(seq) = p.seq {
+        answer["seq"] = json!(seq);
+    }
+    if let Some(d) = p.delivered {
+        answer["delivered"] = json!(d);
+    }
+    Ok(Json(answer).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HistoryQuery {
+    #[serde(default)]
+    since: u64,
+    limit: Option<u32>,
+}
+
+/// `GET /v1/rooms/{room}/history?since=N&limit=L`
+pub async fn history(
+    State(app): State<Arc<App>>,
+    Path(room): Path<String>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    room_param(&room)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let r = app
+        .hub
+        .existing_room(&room)
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| unknown_room(&room))?;
+    let cap = app.hub.config().limits.max_pull;
+    let page = r.page(q.since, q.limit.unwrap_or(cap).min(cap) as usize);
+    let mut out = BytesMut::new();
+    out.put_slice(
+        json!({"epoch": &*page.epoch, "seq": page.latest, "recovered": page.recovered})
+            .to_string()
+            .trim_end_matches('}')
+            .as_bytes(),
+    );
+    out.put_slice(b",\"messages\":[");
+    for (i, m) in page.messages.iter().enumerate() {
+        if i > 0 {
+            out.put_u8(b',');
+        }
+        out.put_slice(m);
+    }
+    out.put_slice(b"]}");
+    Ok(([(header::CONTENT_TYPE, "application/json")], out.freeze()).into_response())
+}
+
+fn unknown_room(room: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_room",
+        format!("room {room:?} was never published to or joined"),
+    )
+}
+
+/// `GET /v1/rooms/{room}`
+pub async fn room_info(
+    State(app): State<Arc<App>>,
+    Path(room): Path<String>,
+) -> Result<Response, ApiError> {
+    room_param(&room)?;
+    let r = app
+        .hub
+        .existing_room(&room)
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| unknown_room(&room))?;
+    let info = r.info();
+    Ok(Json(json!({
+        "room": room,
+        "epoch": &*info.epoch,
+        "seq": info.seq,
+        "online": info.online,
+        "muted": info.flags.muted,
+        "closed": info.flags.closed,
+    }))
+    .into_response())
+}
+
+/// `GET /healthz`
+pub async fn healthz() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+/// `GET /metrics`
+pub async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.hub.metrics().encode(),
+    )
+        .into_response()
+}
+
+/// Unknown paths.
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint")
+}
+
+/// Known path, wrong method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "bad_request",
+        "method not allowed on this endpoint",
+    )
+}

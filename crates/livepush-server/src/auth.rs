@@ -1,0 +1,183 @@
+//! Terminal tokens (JWT HS256) and the grants they carry.
+//!
+//! A token names the terminal (`sub`), expires (`exp`), lists the rooms it may join (`rooms`,
+//! where a trailing `*` matches a prefix) and says whether it may send chat (`send`). The API
+//! key is a different secret with a different use; it is never accepted as a token.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+/// Longest terminal id accepted in `sub`.
+pub const MAX_TERMINAL_LEN: usize = 128;
+
+/// The claims of a terminal token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rooms: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub send: bool,
+}
+
+/// What a terminal may do, read from its token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grants {
+    rooms: Vec<String>,
+    send: bool,
+}
+
+impl Grants {
+    pub fn new(rooms: Vec<String>, send: bool) -> Grants {
+        Grants { rooms, send }
+    }
+
+    /// Every room, may send: what dev mode gives an anonymous terminal.
+    pub fn everything() -> Grants {
+        Grants::new(vec!["*".to_owned()], true)
+    }
+
+    pub fn may_join(&self, room: &str) -> bool {
+        self.rooms.iter().any(|g| match g.strip_suffix('*') {
+            Some(prefix) => room.starts_with(prefix),
+            None => g == room,
+        })
+    }
+
+    pub fn may_send(&self) -> bool {
+        self.send
+    }
+}
+
+/// An authenticated terminal.
+#[derive(Debug, Clone)]
+pub struct Terminal {
+    pub id: Arc<str>,
+    pub grants: Grants,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no token given")]
+    Missing,
+    #[error("token expired")]
+    Expired,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+/// Signs and verifies terminal tokens with the server's token secret.
+#[derive(Clone)]
+pub struct TokenKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for TokenKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKeys(..)")
+    }
+}
+
+impl TokenKeys {
+    pub fn new(secret: &str) -> TokenKeys {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 5;
+        TokenKeys {
+            encoding: EncodingKey::from_secret(secret.as_bytes()),
+            decoding: DecodingKey::from_secret(secret.as_bytes()),
+            validation,
+        }
+    }
+
+    /// Sign a token for `claims`.
+    pub fn mint(&self, claims: &Claims) -> Result<String, AuthError> {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+            .map_err(|e| AuthError::Invalid(e.to_string()))
+    }
+
+    /// Check a token's signature, algorithm, expiry and subject.
+    pub fn verify(&self, token: &str) -> Result<Terminal, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid(e.to_string()),
+            })?;
+        let c = data.claims;
+        if c.sub.is_empty() || c.sub.len() > MAX_TERMINAL_LEN || c.sub.chars().any(char::is_control)
+        {
+            return Err(AuthError::Invalid(format!(
+                "`sub` must be 1 to {MAX_TERMINAL_LEN} printable characters"
+            )));
+        }
+        Ok(Terminal {
+            id: Arc::from(c.sub),
+            grants: Grants::new(c.rooms, c.send),
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    now_ms() / 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(exp: u64) -> Claims {
+        Claims {
+            sub: "t1".into(),
+            exp,
+            rooms: vec!["live:*".into(), "lobby".into()],
+            send: true,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_grants() {
+        let k = TokenKeys::new("0123456789abcdef");
+        let t = k.mint(&claims(now_secs() + 60)).unwrap();
+        let term = k.verify(&t).unwrap();
+        assert_eq!(&*term.id, "t1");
+        assert!(term.grants.may_join("live:7"));
+        assert!(term.grants.may_join("lobby"));
+        assert!(!term.grants.may_join("lobby2"));
+        assert!(!term.grants.may_join("other"));
+        assert!(term.grants.may_send());
+    }
+
+    #[test]
+    fn rejects_expired_wrong_key_and_garbage() {
+        let k = TokenKeys::new("0123456789abcdef");
+        let old = k.mint(&claims(now_secs() - 600)).unwrap();
+        assert!(matches!(k.verify(&old), Err(AuthError::Expired)));
+        let other = TokenKeys::new("fedcba9876543210");
+        let t = other.mint(&claims(now_secs() + 60)).unwrap();
+        assert!(matches!(k.verify(&t), Err(AuthError::Invalid(_))));
+        assert!(k.verify("not.a.jwt").is_err());
+        assert!(k.verify("").is_err());
+    }
+
+    #[test]
+    fn absent_rooms_grant_nothing() {
+        let g = Grants::new(vec![], false);
+        assert!(!g.may_join("any"));
+        assert!(Grants::everything().may_join("any"));
+    }
+}

@@ -1,0 +1,239 @@
+//! Server settings. Every limit the server enforces is a named field here, documented with its
+//! default; the `livepush serve` flags map onto these one to one (see `docs/configuration.md`
+//! and `livepush serve --help`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use livepush_proto::Class;
+
+/// Everything `livepush serve` can be told.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address of the HTTP/WebSocket listener. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Bearer key for the HTTP API. `None` is only accepted in dev mode, where the API is open.
+    pub api_key: Option<String>,
+    /// HS256 secret that terminal tokens are signed with.
+    pub token_secret: String,
+    /// Accept terminals without a token (random terminal id, every room, may send). Only on a
+    /// loopback listen address.
+    pub dev: bool,
+    /// Interval of the server's WebSocket pings; also told to clients in `connected`.
+    pub heartbeat: Duration,
+    /// How long after a ping without any traffic from the peer the connection is closed.
+    /// Defaults to one more heartbeat interval.
+    pub heartbeat_timeout: Duration,
+    /// Reliable messages kept per room.
+    pub history_size: usize,
+    /// Age after which a reliable message leaves the history.
+    pub history_ttl: Duration,
+    /// Delivery class of each message type; unknown types are reliable.
+    pub classes: ClassMap,
+    pub limits: Limits,
+}
+
+/// The limits a terminal or the API can run into. Each is answered with a clear error.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest WebSocket message a client may send (bytes). Larger: `too_large`; more than four
+    /// times larger: the connection is closed (code 1009) since it cannot be read.
+    pub max_frame_bytes: usize,
+    /// Largest HTTP request body for publish (bytes). Larger: 413 `too_large`.
+    pub max_publish_bytes: usize,
+    /// Largest `data` of a terminal `send` (bytes, as JSON). Larger: `too_large`.
+    pub max_send_bytes: usize,
+    /// Terminal `send`s allowed per second per terminal (token bucket refill).
+    pub send_rate: u32,
+    /// Burst of terminal `send`s allowed at once per terminal.
+    pub send_burst: u32,
+    /// Client frames per second allowed per connection (any op); beyond: `rate_limited`.
+    pub frame_rate: u32,
+    /// Burst of client frames allowed per connection.
+    pub frame_burst: u32,
+    /// Frames a connection's outgoing queue holds before transient messages are dropped and
+    /// reliable ones are replaced by a `prompt` (the soft limit).
+    pub outbox_frames: usize,
+    /// Bytes a connection's outgoing queue may hold in all; past it the connection is closed
+    /// with reason `slow_consumer` (the hard limit) and the client resumes.
+    pub outbox_max_bytes: usize,
+    /// Bytes written to a connection in one batch (one WebSocket frame) at most.
+    pub write_batch_bytes: usize,
+    /// A write that does not complete in this time closes the connection (`slow_consumer`).
+    pub write_timeout: Duration,
+    /// Largest `limit` of a `pull` and of the history API; callers page with `since`.
+    pub max_pull: u32,
+    /// Rooms one connection may be joined to at once.
+    pub max_rooms_per_connection: usize,
+    /// Time a new WebSocket has to send its `connect` frame.
+    pub connect_timeout: Duration,
+    /// Interval of the online-count broadcast (the contract allows at most one per second).
+    pub online_interval: Duration,
+    /// WebSocket read buffer per connection (bytes). Small, so that idle connections are cheap.
+    pub ws_read_buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: 64 * 1024,
+            max_publish_bytes: 64 * 1024,
+            max_send_bytes: 4 * 1024,
+            send_rate: 5,
+            send_burst: 10,
+            frame_rate: 50,
+            frame_burst: 200,
+            outbox_frames: 1024,
+            outbox_max_bytes: 8 * 1024 * 1024,
+            write_batch_bytes: 64 * 1024,
+            write_timeout: Duration::from_secs(30),
+            max_pull: 1000,
+            max_rooms_per_connection: 64,
+            connect_timeout: Duration::from_secs(10),
+            online_interval: Duration::from_secs(1),
+            ws_read_buffer: 4 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// A configuration for tests and embedding: loopback on a free port, dev mode off, fixed
+    /// key and secret, defaults for everything else.
+    pub fn for_tests(api_key: &str, token_secret: &str) -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            api_key: Some(api_key.to_owned()),
+            token_secret: token_secret.to_owned(),
+            dev: false,
+            heartbeat: Duration::from_secs(25),
+            heartbeat_timeout: Duration::from_secs(25),
+            history_size: 1000,
+            history_ttl: Duration::from_secs(3600),
+            classes: ClassMap::default(),
+            limits: Limits::default(),
+        }
+    }
+
+    /// Refuse settings that cannot work, with a message that says which one.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.dev && !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "--dev accepts terminals without a token and is only allowed on a loopback \
+                 address, not {}",
+                self.listen
+            ));
+        }
+        if self.api_key.is_none() && !self.dev {
+            return Err("an API key is required outside --dev".into());
+        }
+        if self.api_key.as_deref() == Some(self.token_secret.as_str()) {
+            return Err("the API key and the token secret must differ".into());
+        }
+        if self.token_secret.len() < 16 {
+            return Err("the token secret must be at least 16 bytes".into());
+        }
+        let nonzero = [
+            ("--heartbeat-ms", self.heartbeat.as_millis() as usize),
+            ("--history-size", self.history_size),
+            ("--max-frame-bytes", self.limits.max_frame_bytes),
+            ("--outbox-frames", self.limits.outbox_frames),
+            ("--max-pull", self.limits.max_pull as usize),
+            ("--send-rate", self.limits.send_rate as usize),
+            ("--frame-rate", self.limits.frame_rate as usize),
+        ];
+        for (name, v) in nonzero {
+            if v == 0 {
+                return Err(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.limits.outbox_max_bytes < self.limits.write_batch_bytes {
+            return Err("--outbox-max-bytes must be at least --write-batch-bytes".into());
+        }
+        Ok(())
+    }
+}
+
+/// Which message types are reliable and which transient.
+#[derive(Debug, Clone)]
+pub struct ClassMap(HashMap<String, Class>);
+
+impl Default for ClassMap {
+    fn default() -> Self {
+        let mut m = HashMap::new();
+        for t in ["gift", "red_envelope", "quiz", "control"] {
+            m.insert(t.to_owned(), Class::Reliable);
+        }
+        for t in ["chat", "enter", "online"] {
+            m.insert(t.to_owned(), Class::Transient);
+        }
+        ClassMap(m)
+    }
+}
+
+impl ClassMap {
+    /// The class of a type: configured, or reliable for unknown types (losing a message
+    /// nobody classified is the worse mistake).
+    pub fn class_of(&self, ty: &str) -> Class {
+        self.0.get(ty).copied().unwrap_or(Class::Reliable)
+    }
+
+    /// Set a type's class. `control` is always reliable: a lost `close` or `mute` would leave
+    /// terminals in the wrong state.
+    pub fn set(&mut self, ty: &str, class: Class) -> Result<(), String> {
+        livepush_proto::validate_type(ty)?;
+        if ty == "control" && class != Class::Reliable {
+            return Err("type `control` is always reliable".into());
+        }
+        self.0.insert(ty.to_owned(), class);
+        Ok(())
+    }
+
+    /// Parse `TYPE=reliable|transient`, the syntax of `--class`.
+    pub fn apply(&mut self, spec: &str) -> Result<(), String> {
+        let (ty, class) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("expected TYPE=reliable|transient, got {spec:?}"))?;
+        let class = match class {
+            "reliable" => Class::Reliable,
+            "transient" => Class::Transient,
+            other => return Err(format!("unknown class {other:?} (reliable|transient)")),
+        };
+        self.set(ty, class)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_classes_follow_the_contract() {
+        let m = ClassMap::default();
+        for t in ["gift", "red_envelope", "quiz", "control", "anything_else"] {
+            assert_eq!(m.class_of(t), Class::Reliable, "{t}");
+        }
+        for t in ["chat", "enter", "online"] {
+            assert_eq!(m.class_of(t), Class::Transient, "{t}");
+        }
+    }
+
+    #[test]
+    fn class_overrides() {
+        let mut m = ClassMap::default();
+        m.apply("like=transient").unwrap();
+        assert_eq!(m.class_of("like"), Class::Transient);
+        assert!(m.apply("control=transient").is_err());
+        assert!(m.apply("x=maybe").is_err());
+        assert!(m.apply("nonsense").is_err());
+    }
+
+    #[test]
+    fn dev_only_on_loopback() {
+        let mut c = Config::for_tests("key-key-key", "secret-secret-secret");
+        c.dev = true;
+        assert!(c.validate().is_ok());
+        c.listen = "0.0.0.0:8080".parse().unwrap();
+        assert!(c.validate().unwrap_err().contains("loopback"));
+    }
+}

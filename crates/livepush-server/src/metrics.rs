@@ -1,0 +1,128 @@
+//! Prometheus metrics, served at `/metrics`.
+
+use std::sync::Arc;
+
+use livepush_proto::Class;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::outbox::OutboxStats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabel {
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    pub transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// Every metric the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub connections_open: Family<TransportLabel, Gauge>,
+    pub connections_total: Family<TransportLabel, Counter>,
+    pub disconnects: Family<ReasonLabel, Counter>,
+    pub published: Family<ClassLabel, Counter>,
+    pub transient_deliveries: Counter,
+    pub rooms: Gauge,
+    pub client_errors: Counter,
+    pub outbox: Arc<OutboxStats>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("livepush");
+        let m = Metrics {
+            registry: Registry::default(),
+            connections_open: Family::default(),
+            connections_total: Family::default(),
+            disconnects: Family::default(),
+            published: Family::default(),
+            transient_deliveries: Counter::default(),
+            rooms: Gauge::default(),
+            client_errors: Counter::default(),
+            outbox: Arc::default(),
+        };
+        registry.register(
+            "connections_open",
+            "Open terminal connections",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "connections",
+            "Terminal connections accepted",
+            m.connections_total.clone(),
+        );
+        registry.register(
+            "disconnects",
+            "Terminal connections ended, by reason",
+            m.disconnects.clone(),
+        );
+        registry.register("published", "Messages published", m.published.clone());
+        registry.register(
+            "transient_deliveries",
+            "Transient messages queued to connections",
+            m.transient_deliveries.clone(),
+        );
+        registry.register("rooms", "Rooms held in memory", m.rooms.clone());
+        registry.register(
+            "client_errors",
+            "Error frames sent to terminals",
+            m.client_errors.clone(),
+        );
+        registry.register(
+            "dropped_transient",
+            "Transient messages dropped for slow terminals",
+            m.outbox.dropped_transient.clone(),
+        );
+        registry.register(
+            "prompts",
+            "Reliable messages replaced by a prompt for slow terminals",
+            m.outbox.prompted.clone(),
+        );
+        registry.register(
+            "slow_consumer_closes",
+            "Connections closed because their outgoing queue passed its hard limit",
+            m.outbox.slow_consumer_closes.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn record_publish(&self, class: Class, transient_delivered: usize) {
+        self.published
+            .get_or_create(&ClassLabel {
+                class: class.as_str(),
+            })
+            .inc();
+        if transient_delivered > 0 {
+            self.transient_deliveries.inc_by(transient_delivered as u64);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,400 @@
+//! A connection's outgoing queue, and what happens when the terminal cannot keep up.
+//!
+//! Room fan-out pushes encoded frames (shared `Bytes`) into each member's outbox; the
+//! connection's writer drains everything queued at once and sends it as one batch, so a burst
+//! costs one write per connection rather than one per message.
+//!
+//! The queue has two limits:
+//! - the **soft limit** (`outbox_frames`): past it, transient messages are dropped (and
+//!   counted), and a reliable message is not queued; instead the outbox remembers "room R has
+//!   messages up to seq N" and, once the queue has drained, sends one `prompt{room,seq}` so the
+//!   terminal pulls at its own pace. Further reliable messages of that room fold into the same
+//!   prompt until it has been sent. Nothing reliable is lost: it is all in the room's history.
+//! - the **hard limit** (`outbox_max_bytes`): replies (`pulled`, `joined`, errors) are always
+//!   queued, but if the queue ever holds more bytes than this the outbox is closed with
+//!   [`CloseReason::SlowConsumer`]; the terminal reconnects and resumes from its last seq.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use livepush_proto::{ServerFrame, encode_frame};
+use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::Notify;
+
+/// What kind of frame is being queued; decides what the soft limit does to it.
+#[derive(Debug, Clone, Copy)]
+pub enum Kind<'a> {
+    /// A reply or control frame (`joined`, `pulled`, `left`, `error`, ...): always queued.
+    Reply,
+    /// A reliable room message: queued, or folded into a `prompt` past the soft limit.
+    Reliable { room: &'a Arc<str>, seq: u64 },
+    /// A transient room message or online count: dropped past the soft limit.
+    Transient,
+}
+
+/// What became of a pushed frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// A transient frame dropped at the soft limit.
+    Dropped,
+    /// A reliable frame folded into a pending `prompt`.
+    Prompted,
+    /// The outbox is closed (by the hard limit now, or earlier).
+    Closed,
+}
+
+/// Why an outbox was closed; the transport turns it into a close frame with this reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The queue passed its hard limit or a write stalled.
+    SlowConsumer,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// The limits of one outbox.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxLimits {
+    pub soft_frames: usize,
+    pub hard_bytes: usize,
+}
+
+/// Counters shared by all outboxes (exported as metrics).
+#[derive(Debug, Default, Clone)]
+pub struct OutboxStats {
+    pub dropped_transient: Counter,
+    pub prompted: Counter,
+    pub slow_consumer_closes: Counter,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    /// Rooms whose newest reliable messages were folded into a prompt not yet sent.
+    prompts: Vec<(Arc<str>, u64)>,
+    closed: Option<CloseReason>,
+}
+
+/// A connection's bounded outgoing queue.
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<State>,
+    ready: Notify,
+    limits: OutboxLimits,
+    stats: Arc<OutboxStats>,
+}
+
+/// What the writer takes from the outbox in one go.
+#[derive(Debug)]
+pub enum Batch {
+    Frames(Vec<Bytes>),
+    Closed(CloseReason),
+}
+
+impl Outbox {
+    pub fn new(limits: OutboxLimits, stats: Arc<OutboxStats>) -> Outbox {
+        Outbox {
+            state: Mutex::new(State::default()),
+            ready: Notify::new(),
+            limits,
+            stats,
+        }
+    }
+
+    /// Queue an encoded frame.
+    pub fn push(&self, frame: Bytes, kind: Kind<'_>) -> Pushed {
+        let mut st = self.state.lock();
+        if st.closed.is_some() {
+            return Pushed::Closed;
+        }
+        let full = st.frames.len() >= self.limits.soft_frames;
+        let outcome = match kind {
+            Kind::Reply => Pushed::Queued,
+            Kind::Transient if full => {
+                self.stats.dropped_transient.inc();
+                return Pushed::Dropped;
+            }
+            Kind::Transient => Pushed::Queued,
+            Kind::Reliable { room, seq } => {
+                let pending = st.prompts.iter_mut().find(|(r, _)| r == room);
+                match pending {
+                    Some((_, s)) => {
+                        *s = (*s).max(seq);
+                        return Pushed::Prompted;
+                    }
+                    None if full => {
+                        st.prompts.push((room.clone(), seq));
+                        self.stats.prompted.inc();
+                        return Pushed::Prompted;
+                    }
+                    None => Pushed::Queued,
+                }
+            }
+        };
+        st.bytes += frame.len();
+        st.frames.push_back(frame);
+        if st.bytes > self.limits.hard_bytes {
+            st.closed = Some(CloseReason::SlowConsumer);
+            st.frames.clear();
+            st.bytes = 0;
+            self.stats.slow_consumer_closes.inc();
+            drop(st);
+            self.ready.notify_one();
+            return Pushed::Closed;
+        }
+        let was_empty = st.frames.len() == 1 && st.prompts.is_empty();
+        drop(st);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        outcome
+    }
+
+    /// Queue a typed reply frame.
+    pub fn reply(&self, frame: &ServerFrame) -> Pushed {
+        self.push(encode_frame(frame), Kind::Reply)
+    }
+
+    /// Make room for at most `n` more frames before the soft limit; used by join replays.
+    pub fn free_slots(&self) -> usize {
+        let st = self.state.lock();
+        self.limits.soft_frames.saturating_sub(st.frames.len())
+    }
+
+    /// Fold reliable messages of `room` up to `seq` into a prompt (used when a replay does not
+    /// fit).
+    pub fn prompt(&self, room: &Arc<str>, seq: u64) {
+        let mut st = self.state.lock();
+        if st.closed.is_some() {
+            return;
+        }
+        match st.prompts.iter_mut().find(|(r, _)| r == room) {
+            Some((_, s)) => *s = (*s).max(seq),
+            None => {
+                st.prompts.push((room.clone(), seq));
+                self.stats.prompted.inc();
+            }
+        }
+        drop(st);
+        self.ready.notify_one();
+    }
+
+    /// Close the outbox; the writer sends what reason it was given and ends the connection.
+    pub fn close(&self, reason: CloseReason) {
+        let mut st = self.state.lock();
+        if st.closed.is_none() {
+            st.closed = Some(reason);
+            if reason == CloseReason::SlowConsumer {
+                self.stats.slow_consumer_closes.inc();
+            }
+        }
+        drop(st);
+        self.ready.notify_one();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().closed.is_some()
+    }
+
+    /// Take up to `max_bytes` of queued frames (at least one frame). Pending prompts are
+    /// appended once every queued frame has been taken, so a prompt always follows the
+    /// messages of its room that did fit. Returns an empty batch when there is nothing.
+    pub fn take(&self, max_bytes: usize) -> Batch {
+        let mut st = self.state.lock();
+        if let Some(reason) = st.closed {
+            return Batch::Closed(reason);
+        }
+        let mut out = Vec::with_capacity(st.frames.len().min(256));
+        let mut taken = 0;
+        while let Some(f) = st.frames.front() {
+            if !out.is_empty() && taken + f.len() > max_bytes {
+                break;
+            }
+            taken += f.len();
+            if let Some(f) = st.frames.pop_front() {
+                out.push(f);
+            }
+        }
+        st.bytes -= taken;
+        if st.frames.is_empty() {
+            for (room, seq) in st.prompts.drain(..) {
+                out.push(encode_frame(&ServerFrame::Prompt {
+                    room: room.to_string(),
+                    seq,
+                }));
+            }
+        } else {
+            // More to send: make sure the writer comes back without waiting for a new push.
+            self.ready.notify_one();
+        }
+        Batch::Frames(out)
+    }
+
+    /// Wait until there is something to take (or the outbox is closed).
+    pub async fn ready(&self) {
+        loop {
+            {
+                let st = self.state.lock();
+                if st.closed.is_some() || !st.frames.is_empty() || !st.prompts.is_empty() {
+                    return;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox(soft: usize, hard: usize) -> Outbox {
+        Outbox::new(
+            OutboxLimits {
+                soft_frames: soft,
+                hard_bytes: hard,
+            },
+            Arc::default(),
+        )
+    }
+
+    fn frames(b: Batch) -> Vec<String> {
+        match b {
+            Batch::Frames(v) => v
+                .into_iter()
+                .map(|f| String::from_utf8(f.to_vec()).unwrap())
+                .collect(),
+            Batch::Closed(r) => panic!("closed: {r:?}"),
+        }
+    }
+
+    #[test]
+    fn soft_limit_drops_transient_and_prompts_reliable() {
+        let o = outbox(2, 1 << 20);
+        let room: Arc<str> = Arc::from("r");
+        assert_eq!(
+            o.push(Bytes::from_static(b"a"), Kind::Transient),
+            Pushed::Queued
+        );
+        assert_eq!(
+            o.push(
+                Bytes::from_static(b"m1"),
+                Kind::Reliable {
+                    room: &room,
+                    seq: 1
+                }
+            ),
+            Pushed::Queued
+        );
+        assert_eq!(
+            o.push(Bytes::from_static(b"b"), Kind::Transient),
+            Pushed::Dropped
+        );
+        assert_eq!(
+            o.push(
+                Bytes::from_static(b"m2"),
+                Kind::Reliable {
+                    room: &room,
+                    seq: 2
+                }
+            ),
+            Pushed::Prompted
+        );
+        assert_eq!(
+            o.push(
+                Bytes::from_static(b"m3"),
+                Kind::Reliable {
+                    room: &room,
+                    seq: 3
+                }
+            ),
+            Pushed::Prompted
+        );
+        // Replies always fit.
+        assert_eq!(
+            o.push(Bytes::from_static(b"pong"), Kind::Reply),
+            Pushed::Queued
+        );
+        let got = frames(o.take(1 << 20));
+        assert_eq!(got[..3], ["a", "m1", "pong"]);
+        assert_eq!(got[3], r#"{"op":"prompt","room":"r","seq":3}"#);
+        assert_eq!(got.len(), 4);
+        // After the prompt went out, reliable messages queue normally again.
+        assert_eq!(
+            o.push(
+                Bytes::from_static(b"m4"),
+                Kind::Reliable {
+                    room: &room,
+                    seq: 4
+                }
+            ),
+            Pushed::Queued
+        );
+    }
+
+    #[test]
+    fn prompt_waits_until_queue_drained() {
+        let o = outbox(1, 1 << 20);
+        let room: Arc<str> = Arc::from("r");
+        o.push(Bytes::from_static(b"aaaa"), Kind::Reply);
+        o.push(Bytes::from_static(b"bbbb"), Kind::Reply);
+        o.push(
+            Bytes::from_static(b"m9"),
+            Kind::Reliable {
+                room: &room,
+                seq: 9,
+            },
+        );
+        assert_eq!(frames(o.take(5)), ["aaaa"]);
+        let rest = frames(o.take(100));
+        assert_eq!(rest[0], "bbbb");
+        assert!(rest[1].contains("prompt"));
+    }
+
+    #[test]
+    fn hard_limit_closes() {
+        let o = outbox(100, 10);
+        assert_eq!(
+            o.push(Bytes::from_static(b"12345"), Kind::Reply),
+            Pushed::Queued
+        );
+        assert_eq!(
+            o.push(Bytes::from_static(b"123456"), Kind::Reply),
+            Pushed::Closed
+        );
+        assert!(matches!(
+            o.take(100),
+            Batch::Closed(CloseReason::SlowConsumer)
+        ));
+        assert_eq!(
+            o.push(Bytes::from_static(b"x"), Kind::Transient),
+            Pushed::Closed
+        );
+    }
+
+    #[tokio::test]
+    async fn ready_wakes_on_push() {
+        let o = Arc::new(outbox(10, 1000));
+        let o2 = o.clone();
+        let waiter = tokio::spawn(async move { o2.ready().await });
+        tokio::task::yield_now().await;
+        o.push(Bytes::from_static(b"x"), Kind::Transient);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}

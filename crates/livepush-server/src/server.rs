@@ -1,0 +1,197 @@
+//! Wiring: build the hub, the routes and the background upkeep, and run them on a listener.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::api::{self, ApiError};
+use crate::auth::TokenKeys;
+use crate::broker::{Broker, LocalBroker};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::session::Limiters;
+use crate::store::{HistoryStore, MemoryStore};
+use crate::transport;
+
+/// State shared by every request and connection.
+#[derive(Debug)]
+pub struct App {
+    pub hub: Arc<Hub>,
+    pub keys: TokenKeys,
+    pub limiters: Arc<Limiters>,
+    /// Flips to `true` when the server shuts down; long-lived sessions watch it.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A started server.
+#[derive(Debug)]
+pub struct Running {
+    addr: SocketAddr,
+    app: Arc<App>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// The address actually bound (with the real port when 0 was asked for).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Stop accepting, close every session with "going away", and wait for the server task.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Run until the server task ends.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Start a server with the in-memory store on a single node.
+pub async fn start(config: Config) -> Result<Running, ServerError> {
+    start_with(config, Arc::new(MemoryStore), Arc::new(LocalBroker)).await
+}
+
+/// Start a server with a given store and broker.
+pub async fn start_with(
+    config: Config,
+    store: Arc<dyn HistoryStore>,
+    broker: Arc<dyn Broker>,
+) -> Result<Running, ServerError> {
+    config.validate().map_err(ServerError::Config)?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let keys = TokenKeys::new(&config.token_secret);
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let hub = Arc::new(Hub::new(config.clone(), store, broker, metrics));
+    let limiters = Arc::new(Limiters::new(&hub));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let app = Arc::new(App {
+        hub: hub.clone(),
+        keys,
+        limiters: limiters.clone(),
+        shutdown: shutdown_rx.clone(),
+    });
+
+    spawn_upkeep(hub, limiters, shutdown_rx.clone());
+
+    let router = router(app.clone());
+    let mut stop = shutdown_rx;
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "server stopped");
+        }
+    });
+    Ok(Running {
+        addr,
+        app,
+        shutdown: shutdown_tx,
+        task,
+    })
+}
+
+/// Online counts, history age and limiter cleanup, once per `online_interval`.
+fn spawn_upkeep(hub: Arc<Hub>, limiters: Arc<Limiters>, mut stop: watch::Receiver<bool>) {
+    let every = hub.config().limits.online_interval;
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = ticks.tick() => {}
+            }
+            hub.tick();
+            n += 1;
+            if n.is_multiple_of(60) {
+                limiters.retain_recent();
+            }
+        }
+    });
+}
+
+fn router(app: Arc<App>) -> Router {
+    let api = Router::new()
+        .route("/v1/rooms/{room}/messages", post(api::publish))
+        .route("/v1/rooms/{room}/history", get(api::history))
+        .route("/v1/rooms/{room}", get(api::room_info))
+        .route("/metrics", get(api::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            api::require_api_key,
+        ));
+    Router::new()
+        .merge(api)
+        .route("/healthz", get(api::healthz))
+        .route("/v1/connect", any(connect))
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .with_state(app)
+}
+
+/// `/v1/connect`: the one endpoint. A WebSocket upgrade gets a WebSocket session.
+async fn connect(State(app): State<Arc<App>>, req: Request) -> Response {
+    let wants_ws = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !wants_ws {
+        return ApiError::bad_request(
+            "this endpoint needs a WebSocket upgrade (`Upgrade: websocket`)",
+        )
+        .into_response();
+    }
+    let (mut parts, _body) = req.into_parts();
+    match axum::extract::ws::WebSocketUpgrade::from_request_parts(&mut parts, &app).await {
+        Ok(ws) => transport::ws::upgrade(app, ws),
+        Err(rejection) => ApiError::bad_request(rejection.body_text()).into_response(),
+    }
+}

@@ -1,0 +1,326 @@
+//! A terminal's session: what it may do and what each client frame does.
+//!
+//! This is the one place where client frames turn into hub operations. Transports only move
+//! bytes: they authenticate the first frame with [`authenticate`], feed text to
+//! [`Session::handle_text`], and write out what the session's [`Outbox`] holds.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use livepush_proto::{
+    Class, ClientEnvelope, ClientFrame, ErrorCode, FrameError, InboxPosition, Position,
+    ServerFrame, Transport, split_frames,
+};
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use serde_json::value::RawValue;
+
+use crate::auth::{AuthError, Grants, Terminal, TokenKeys};
+use crate::hub::{ConnId, Hub, JoinError, Member, Room};
+use crate::outbox::{Kind, Outbox, OutboxLimits};
+
+/// Shared per-terminal limits (across all of a terminal's connections).
+#[derive(Debug)]
+pub struct Limiters {
+    send: DefaultKeyedRateLimiter<Arc<str>>,
+    frame_quota: Quota,
+}
+
+fn quota(rate: u32, burst: u32) -> Quota {
+    let rate = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(burst).unwrap_or(rate);
+    Quota::per_second(rate).allow_burst(burst)
+}
+
+impl Limiters {
+    pub fn new(hub: &Hub) -> Limiters {
+        let l = &hub.config().limits;
+        Limiters {
+            send: RateLimiter::keyed(quota(l.send_rate, l.send_burst)),
+            frame_quota: quota(l.frame_rate, l.frame_burst),
+        }
+    }
+
+    /// Forget terminals that have not sent for a while (called periodically).
+    pub fn retain_recent(&self) {
+        self.send.retain_recent();
+        self.send.shrink_to_fit();
+    }
+}
+
+/// Check a `connect` frame's token. Dev mode accepts no token and makes up a terminal id.
+pub fn authenticate(
+    keys: &TokenKeys,
+    dev: bool,
+    token: Option<&str>,
+) -> Result<Terminal, FrameError> {
+    match token.filter(|t| !t.is_empty()) {
+        None if dev => {
+            let id: String = rand::rng()
+                .sample_iter(&Alphanumeric)
+                .take(12)
+                .map(char::from)
+                .collect();
+            Ok(Terminal {
+                id: Arc::from(format!("anon-{id}")),
+                grants: Grants::everything(),
+            })
+        }
+        None => Err(FrameError::new(
+            ErrorCode::Unauthorized,
+            AuthError::Missing.to_string(),
+        )),
+        Some(t) => keys
+            .verify(t)
+            .map_err(|e| FrameError::new(ErrorCode::Unauthorized, e.to_string())),
+    }
+}
+
+/// One connected terminal.
+#[derive(Debug)]
+pub struct Session {
+    hub: Arc<Hub>,
+    limiters: Arc<Limiters>,
+    conn: ConnId,
+    terminal: Terminal,
+    outbox: Arc<Outbox>,
+    rooms: HashMap<Arc<str>, Arc<Room>>,
+    frames: DefaultDirectRateLimiter,
+}
+
+impl Session {
+    pub fn new(hub: Arc<Hub>, limiters: Arc<Limiters>, terminal: Terminal) -> Session {
+        let limits = &hub.config().limits;
+        let outbox = Arc::new(Outbox::new(
+            OutboxLimits {
+                soft_frames: limits.outbox_frames,
+                hard_bytes: limits.outbox_max_bytes,
+            },
+            hub.metrics().outbox.clone(),
+        ));
+        let frames = RateLimiter::direct(limiters.frame_quota);
+        Session {
+            conn: hub.next_conn_id(),
+            hub,
+            limiters,
+            terminal,
+            outbox,
+            rooms: HashMap::new(),
+            frames,
+        }
+    }
+
+    pub fn terminal(&self) -> &Terminal {
+        &self.terminal
+    }
+
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    /// Queue the `connected` frame.
+    pub fn greet(&self, transport: Transport, id: Option<u64>) {
+        self.outbox.reply(&ServerFrame::Connected {
+            id,
+            terminal: self.terminal.id.to_string(),
+            transport,
+            heartbeat_ms: self.hub.config().heartbeat.as_millis() as u64,
+            inbox: InboxPosition::default(),
+            wake_key: String::new(),
+        });
+    }
+
+    /// Handle one transport message: one or more frames, newline-separated.
+    pub fn handle_text(&mut self, text: &str) {
+        let max = self.hub.config().limits.max_frame_bytes;
+        if text.len() > max {
+            self.error(FrameError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "message of {} bytes exceeds max_frame_bytes {max}",
+                    text.len()
+                ),
+            ));
+            return;
+        }
+        for line in split_frames(text) {
+            if self.frames.check().is_err() {
+                self.error(FrameError::new(
+                    ErrorCode::RateLimited,
+                    "too many frames; slow down",
+                ));
+                return;
+            }
+            match ClientEnvelope::parse(line) {
+                Ok(env) => self.handle(env),
+                Err(e) => self.error(e),
+            }
+        }
+    }
+
+    /// Handle one parsed frame; replies and errors go to the outbox.
+    pub fn handle(&mut self, env: ClientEnvelope) {
+        let id = env.id;
+        if let Err(e) = self.dispatch(env) {
+            self.error(e.with_id(id));
+        }
+    }
+
+    fn dispatch(&mut self, env: ClientEnvelope) -> Result<(), FrameError> {
+        let id = env.id;
+        match env.frame {
+            ClientFrame::Connect { .. } => Err(FrameError::bad_frame("already connected")),
+            ClientFrame::Join { room, since } => self.join(&room, since.as_ref(), id),
+            ClientFrame::Leave { room } => {
+                if let Some(r) = self.rooms.remove(room.as_str()) {
+                    r.leave(self.conn);
+                }
+                self.outbox.reply(&ServerFrame::Left { id, room });
+                Ok(())
+            }
+            ClientFrame::Pull { room, since, limit } => self.pull(&room, since, limit, id),
+            ClientFrame::Send { room, ty, data } => self.send(&room, &ty, &data),
+            // Inboxes arrive with the offline-terminal work; until then there is nothing to
+            // acknowledge and an ack is accepted as a no-op.
+            ClientFrame::Ack { .. } => Ok(()),
+            ClientFrame::Ping => {
+                self.outbox.reply(&ServerFrame::Pong { id });
+                Ok(())
+            }
+        }
+    }
+
+    fn granted(&self, room: &str) -> Result<(), FrameError> {
+        if self.terminal.grants.may_join(room) {
+            Ok(())
+        } else {
+            Err(FrameError::new(
+                ErrorCode::Forbidden,
+                format!("the token does not grant room {room:?}"),
+            ))
+        }
+    }
+
+    fn join(
+        &mut self,
+        room: &str,
+        since: Option<&Position>,
+        id: Option<u64>,
+    ) -> Result<(), FrameError> {
+        self.granted(room)?;
+        let max = self.hub.config().limits.max_rooms_per_connection;
+        if !self.rooms.contains_key(room) {
+            // Rooms closed under us are no longer joined; do not count them.
+            self.rooms.retain(|_, r| r.is_member(self.conn));
+            if self.rooms.len() >= max {
+                return Err(FrameError::new(
+                    ErrorCode::Forbidden,
+                    format!("at most {max} rooms per connection (max_rooms_per_connection)"),
+                ));
+            }
+        }
+        let r = self.hub.room(room).map_err(internal)?;
+        let member = Member {
+            terminal: self.terminal.id.clone(),
+            outbox: self.outbox.clone(),
+        };
+        match r.join(self.conn, member, since, id) {
+            Ok(_) => {
+                self.rooms.insert(r.id.clone(), r);
+                Ok(())
+            }
+            Err(JoinError::Closed) => {
+                self.rooms.remove(room);
+                Err(FrameError::new(
+                    ErrorCode::RoomClosed,
+                    format!("room {room:?} is closed"),
+                ))
+            }
+        }
+    }
+
+    fn pull(
+        &mut self,
+        room: &str,
+        since: u64,
+        limit: Option<u32>,
+        id: Option<u64>,
+    ) -> Result<(), FrameError> {
+        self.granted(room)?;
+        let cap = self.hub.config().limits.max_pull;
+        let limit = limit.unwrap_or(cap).min(cap) as usize;
+        let r = match self.rooms.get(room) {
+            Some(r) => r.clone(),
+            None => self.hub.room(room).map_err(internal)?,
+        };
+        self.outbox.push(r.pulled(since, limit, id), Kind::Reply);
+        Ok(())
+    }
+
+    fn send(&mut self, room: &str, ty: &str, data: &RawValue) -> Result<(), FrameError> {
+        if !self.terminal.grants.may_send() {
+            return Err(FrameError::new(
+                ErrorCode::Forbidden,
+                "the token does not allow sending (claim `send`)",
+            ));
+        }
+        let Some(r) = self.rooms.get(room).filter(|r| r.is_member(self.conn)) else {
+            return Err(FrameError::new(
+                ErrorCode::Forbidden,
+                format!("join room {room:?} before sending to it"),
+            ));
+        };
+        if self.hub.config().classes.class_of(ty) != Class::Transient {
+            return Err(FrameError::new(
+                ErrorCode::Forbidden,
+                format!("terminals may only send transient types; {ty:?} is reliable"),
+            ));
+        }
+        let max = self.hub.config().limits.max_send_bytes;
+        if data.get().len() > max {
+            return Err(FrameError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "`data` of {} bytes exceeds max_send_bytes {max}",
+                    data.get().len()
+                ),
+            ));
+        }
+        if r.flags().muted {
+            return Err(FrameError::new(
+                ErrorCode::Muted,
+                format!("room {room:?} is muted"),
+            ));
+        }
+        if self.limiters.send.check_key(&self.terminal.id).is_err() {
+            return Err(FrameError::new(
+                ErrorCode::RateLimited,
+                "sending too fast (send_rate)",
+            ));
+        }
+        self.hub.send_transient(r, ty, data);
+        Ok(())
+    }
+
+    /// Queue an `error` frame.
+    pub fn error(&self, e: FrameError) {
+        self.hub.metrics().client_errors.inc();
+        self.outbox
+            .reply(&ServerFrame::error(e.id, e.code, e.message));
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> FrameError {
+    tracing::error!(error = %e, "internal error");
+    FrameError::new(ErrorCode::Internal, "internal error; retry later")
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for r in self.rooms.values() {
+            r.leave(self.conn);
+        }
+    }
+}

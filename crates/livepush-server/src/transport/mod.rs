@@ -1,0 +1,4 @@
+//! Transports: how frames travel between a terminal and its session. Each transport is only
+//! framing; the session (`crate::session`) decides what every frame means.
+
+pub mod ws;

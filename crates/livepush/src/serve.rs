@@ -1,0 +1,175 @@
+//! `livepush serve`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use livepush_server::{ClassMap, Config, Limits};
+use rand::Rng;
+use rand::distr::Alphanumeric;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 1h)"))
+}
+
+/// Every flag is also read from `LIVEPUSH_<FLAG>` (dashes become underscores).
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (HTTP and WebSocket). Port 0 picks a free port.
+    #[arg(long, env = "LIVEPUSH_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// API key for the HTTP API (`Authorization: Bearer KEY`). Generated and printed if absent.
+    #[arg(long, env = "LIVEPUSH_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Secret that terminal tokens are signed with (HS256). Generated and printed if absent.
+    #[arg(long, env = "LIVEPUSH_TOKEN_SECRET", hide_env_values = true)]
+    token_secret: Option<String>,
+    /// Accept terminals without a token (random id, all rooms, may send) and leave the API
+    /// open when no key is given. Only allowed on a loopback address.
+    #[arg(long, env = "LIVEPUSH_DEV")]
+    dev: bool,
+    /// Interval of WebSocket pings to terminals, in milliseconds.
+    #[arg(long, env = "LIVEPUSH_HEARTBEAT_MS", default_value_t = 25_000)]
+    heartbeat_ms: u64,
+    /// Close a connection silent for this long after a ping (ms). Default: --heartbeat-ms.
+    #[arg(long, env = "LIVEPUSH_HEARTBEAT_TIMEOUT_MS")]
+    heartbeat_timeout_ms: Option<u64>,
+    /// Reliable messages kept per room.
+    #[arg(long, env = "LIVEPUSH_HISTORY_SIZE", default_value_t = 1000)]
+    history_size: usize,
+    /// Age after which reliable messages leave the history.
+    #[arg(long, env = "LIVEPUSH_HISTORY_TTL", default_value = "1h", value_parser = duration)]
+    history_ttl: Duration,
+    /// Delivery class of a message type, TYPE=reliable|transient (repeatable; env: comma list).
+    #[arg(long = "class", env = "LIVEPUSH_CLASS", value_delimiter = ',')]
+    classes: Vec<String>,
+    /// Largest WebSocket message a terminal may send (bytes).
+    #[arg(long, env = "LIVEPUSH_MAX_FRAME_BYTES", default_value_t = Limits::default().max_frame_bytes)]
+    max_frame_bytes: usize,
+    /// Largest publish request body (bytes).
+    #[arg(long, env = "LIVEPUSH_MAX_PUBLISH_BYTES", default_value_t = Limits::default().max_publish_bytes)]
+    max_publish_bytes: usize,
+    /// Largest `data` of a terminal `send` (bytes).
+    #[arg(long, env = "LIVEPUSH_MAX_SEND_BYTES", default_value_t = Limits::default().max_send_bytes)]
+    max_send_bytes: usize,
+    /// Terminal sends per second per terminal.
+    #[arg(long, env = "LIVEPUSH_SEND_RATE", default_value_t = Limits::default().send_rate)]
+    send_rate: u32,
+    /// Burst of terminal sends per terminal.
+    #[arg(long, env = "LIVEPUSH_SEND_BURST", default_value_t = Limits::default().send_burst)]
+    send_burst: u32,
+    /// Client frames per second per connection.
+    #[arg(long, env = "LIVEPUSH_FRAME_RATE", default_value_t = Limits::default().frame_rate)]
+    frame_rate: u32,
+    /// Burst of client frames per connection.
+    #[arg(long, env = "LIVEPUSH_FRAME_BURST", default_value_t = Limits::default().frame_burst)]
+    frame_burst: u32,
+    /// Frames a connection's queue holds before transient messages are dropped and reliable
+    /// ones become a `prompt`.
+    #[arg(long, env = "LIVEPUSH_OUTBOX_FRAMES", default_value_t = Limits::default().outbox_frames)]
+    outbox_frames: usize,
+    /// Bytes a connection's queue may hold before it is closed as a slow consumer.
+    #[arg(long, env = "LIVEPUSH_OUTBOX_MAX_BYTES", default_value_t = Limits::default().outbox_max_bytes)]
+    outbox_max_bytes: usize,
+    /// Most bytes written to a connection in one batch.
+    #[arg(long, env = "LIVEPUSH_WRITE_BATCH_BYTES", default_value_t = Limits::default().write_batch_bytes)]
+    write_batch_bytes: usize,
+    /// A write that takes longer closes the connection as a slow consumer.
+    #[arg(long, env = "LIVEPUSH_WRITE_TIMEOUT", default_value = "30s", value_parser = duration)]
+    write_timeout: Duration,
+    /// Largest `limit` of a pull or history request.
+    #[arg(long, env = "LIVEPUSH_MAX_PULL", default_value_t = Limits::default().max_pull)]
+    max_pull: u32,
+    /// Rooms one connection may join.
+    #[arg(long, env = "LIVEPUSH_MAX_ROOMS_PER_CONNECTION", default_value_t = Limits::default().max_rooms_per_connection)]
+    max_rooms_per_connection: usize,
+    /// Time a new WebSocket has to send `connect`.
+    #[arg(long, env = "LIVEPUSH_CONNECT_TIMEOUT", default_value = "10s", value_parser = duration)]
+    connect_timeout: Duration,
+    /// WebSocket read buffer per connection (bytes).
+    #[arg(long, env = "LIVEPUSH_WS_READ_BUFFER", default_value_t = Limits::default().ws_read_buffer)]
+    ws_read_buffer: usize,
+}
+
+fn generated(what: &str) -> String {
+    let v: String = rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect();
+    eprintln!("livepush: no {what} given; generated one for this run: {v}");
+    v
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<Config> {
+        let mut classes = ClassMap::default();
+        for c in &self.classes {
+            classes
+                .apply(c)
+                .map_err(anyhow::Error::msg)
+                .context("--class")?;
+        }
+        let api_key = match self.api_key {
+            Some(k) => Some(k),
+            None if self.dev => None,
+            None => Some(generated("API key (--api-key)")),
+        };
+        let token_secret = match self.token_secret {
+            Some(s) => s,
+            None => generated("token secret (--token-secret)"),
+        };
+        let heartbeat = Duration::from_millis(self.heartbeat_ms);
+        Ok(Config {
+            listen: self.listen,
+            api_key,
+            token_secret,
+            dev: self.dev,
+            heartbeat,
+            heartbeat_timeout: self
+                .heartbeat_timeout_ms
+                .map_or(heartbeat, Duration::from_millis),
+            history_size: self.history_size,
+            history_ttl: self.history_ttl,
+            classes,
+            limits: Limits {
+                max_frame_bytes: self.max_frame_bytes,
+                max_publish_bytes: self.max_publish_bytes,
+                max_send_bytes: self.max_send_bytes,
+                send_rate: self.send_rate,
+                send_burst: self.send_burst,
+                frame_rate: self.frame_rate,
+                frame_burst: self.frame_burst,
+                outbox_frames: self.outbox_frames,
+                outbox_max_bytes: self.outbox_max_bytes,
+                write_batch_bytes: self.write_batch_bytes,
+                write_timeout: self.write_timeout,
+                max_pull: self.max_pull,
+                max_rooms_per_connection: self.max_rooms_per_connection,
+                connect_timeout: self.connect_timeout,
+                ws_read_buffer: self.ws_read_buffer,
+                ..Limits::default()
+            },
+        })
+    }
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    let dev = config.dev;
+    let running = livepush_server::start(config).await?;
+    if dev {
+        eprintln!("livepush: --dev: terminals may connect without a token");
+    }
+    println!("livepush listening on {}", running.url());
+    std::io::stdout().flush()?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("livepush: shutting down");
+            running.shutdown().await;
+        }
+    }
+    Ok(())
+}
