@@ -1,1 +1,400 @@
-//! placeholder
+//! Rust client SDK for livepush, the real-time push gateway for live-streaming rooms.
+//!
+//! [`Client::connect`] starts a background task that holds one WebSocket session to the server
+//! and returns at once with a cheap [`Client`] handle and the [`Events`] stream. The task:
+//!
+//! - joins every room registered with [`Client::join`], and re-joins each one after every
+//!   reconnect with `since` = the last reliable message it handed to the event stream, so the
+//!   server replays what was missed;
+//! - delivers each reliable message of a room exactly once and in `seq` order, whatever the
+//!   server sends (duplicates from a replay, a gap while connected, which it fills with a
+//!   `pull`, a `prompt` to pull a replay that did not fit);
+//! - watches the connection: any incoming traffic (frames, and the server's WebSocket pings)
+//!   resets an idle timer; when it expires the client probes with `{"op":"ping"}`, and a
+//!   connection that stays silent for [`ClientConfig::ping_timeout`] after that is dropped;
+//! - reconnects with exponential back-off and full jitter
+//!   (`random(0, min(backoff_max, backoff_base * 2^attempt))`), reset after each successful
+//!   connect.
+//!
+//! ```no_run
+//! use livepush_client::{Client, ClientConfig, Event};
+//!
+//! # async fn demo() -> Result<(), livepush_client::ClientError> {
+//! let (client, mut events) = Client::connect(ClientConfig {
+//!     server: "http://127.0.0.1:8080".into(),
+//!     token: Some("eyJhbGciOi...".into()),
+//!     ..ClientConfig::default()
+//! })?;
+//! client.join("live:42", None).await?;
+//! while let Some(event) = events.recv().await {
+//!     match event {
+//!         Event::Message(m) => println!("{} #{} {}: {}", m.room, m.seq, m.ty, m.data),
+//!         Event::Transient(m) => println!("{} {}: {}", m.room, m.ty, m.data),
+//!         Event::Joined { room, recovered: false, .. } => println!("{room}: messages were lost"),
+//!         Event::Disconnected { reason, retry_in } => println!("{reason}, retry in {retry_in:?}"),
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Transports: this SDK speaks WebSocket only. A server that answers `connect` with
+//! `{"op":"transport","use":"longpoll"}` is retried over WebSocket after the delay it names
+//! (see [`DisconnectReason::TransportSwitch`]).
+
+#![forbid(unsafe_code)]
+
+mod backoff;
+mod config;
+mod connection;
+mod tracker;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+pub use backoff::{Backoff, jitter};
+pub use config::{ClientConfig, DEFAULT_CLIENT_NAME};
+pub use livepush_proto::{ErrorCode, InboxPosition, Message, Position, Transport};
+pub use tracker::{Effect, RoomMessage, RoomTracker};
+
+/// Errors of the [`Client`] API. Connection problems are not errors of the API: the client
+/// reconnects on its own and reports them as [`Event`]s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// [`ClientConfig::server`] is not a usable URL.
+    #[error("invalid server URL {0}")]
+    InvalidUrl(String),
+    /// A room id does not match `[A-Za-z0-9_.:-]{1,128}`.
+    #[error("{0}")]
+    InvalidRoom(String),
+    /// A `since` epoch does not match `[A-Za-z0-9_-]{1,64}`.
+    #[error("{0}")]
+    InvalidEpoch(String),
+    /// A message type is not a valid type name.
+    #[error("{0}")]
+    InvalidType(String),
+    /// The message data could not be encoded as JSON.
+    #[error("invalid message data: {0}")]
+    InvalidData(String),
+    /// [`Client::connect`] was called outside a Tokio runtime.
+    #[error("livepush client needs a Tokio runtime")]
+    NoRuntime,
+    /// The operation needs a live connection and there is none right now (it is not queued).
+    #[error("not connected")]
+    NotConnected,
+    /// The client was closed.
+    #[error("client closed")]
+    Closed,
+}
+
+/// Why a connection ended. The client reconnects after every one of them (unless closed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// No traffic for the idle timeout, then none for the ping timeout after a probe.
+    HeartbeatTimeout,
+    /// The server closed the WebSocket with a close frame.
+    ServerClosed { code: Option<u16>, reason: String },
+    /// The connection broke (TCP reset or end without a close frame, read or write error,
+    /// write timeout).
+    ConnectionLost(String),
+    /// The server asked this terminal to use long-polling for a while; this SDK waits and
+    /// retries WebSocket after the given delay.
+    TransportSwitch { retry_ws_after: Duration },
+}
+
+impl std::fmt::Display for DisconnectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DisconnectReason::HeartbeatTimeout => f.write_str("heartbeat timeout"),
+            DisconnectReason::ServerClosed { code, reason } => {
+                write!(f, "closed by the server (code {code:?}, {reason:?})")
+            }
+            DisconnectReason::ConnectionLost(why) => write!(f, "connection lost: {why}"),
+            DisconnectReason::TransportSwitch { retry_ws_after } => {
+                write!(
+                    f,
+                    "server asked for long-poll, retrying in {retry_ws_after:?}"
+                )
+            }
+        }
+    }
+}
+
+/// A direct message from the terminal's inbox. Acknowledge it with [`Client::ack_inbox`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboxMessage {
+    pub seq: u64,
+    pub ty: String,
+    pub data: serde_json::Value,
+    pub ts: u64,
+}
+
+/// What the client reports to the application, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A session is established (after the first connect and after every reconnect).
+    Connected {
+        terminal: String,
+        transport: Transport,
+    },
+    /// The session ended; the next attempt starts in `retry_in`.
+    Disconnected {
+        reason: DisconnectReason,
+        retry_in: Duration,
+    },
+    /// The server confirmed a join (again after every reconnect). `resumed`: the join carried
+    /// a `since` position. `recovered: false`: messages after that position were lost
+    /// (history window exceeded, or the room's history changed: then `epoch` is new and the
+    /// room's position restarts in it); the replay that follows holds what is still kept.
+    Joined {
+        room: String,
+        epoch: String,
+        /// The room's latest seq when it was joined.
+        seq: u64,
+        recovered: bool,
+        resumed: bool,
+        /// Terminals in the room.
+        online: u64,
+    },
+    /// A reliable message: each `seq` of a room exactly once, in increasing order.
+    Message(RoomMessage),
+    /// A transient message (chat, entry notice): live only, may be dropped, never replayed.
+    Transient(Message),
+    /// The number of terminals in a room changed.
+    Online { room: String, count: u64 },
+    /// Reliable seqs `first..=last` of the room's current epoch are no longer kept by the
+    /// server and will never be delivered.
+    Lost { room: String, first: u64, last: u64 },
+    /// The server took the terminal out of the room (the room was closed). The client will
+    /// not rejoin it; call [`Client::join`] again to do so. Not sent for [`Client::leave`].
+    Left { room: String },
+    /// A direct message for this terminal.
+    Inbox(InboxMessage),
+    /// The server refused something. `room` names the room of the refused request when known.
+    /// A refused `connect` (`unauthorized`, `forbidden`) comes here too; see
+    /// [`ClientConfig::auth_failure_limit`]. A join refused with `room_closed`, `forbidden`,
+    /// `bad_frame`, `too_large` or `unauthorized` unregisters the room (it is not retried);
+    /// one refused with `rate_limited` or `internal` is retried with back-off.
+    Error {
+        code: ErrorCode,
+        message: String,
+        room: Option<String>,
+    },
+}
+
+#[derive(Debug)]
+pub(crate) enum Command {
+    Join {
+        room: String,
+        since: Option<Position>,
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    Leave {
+        room: String,
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    Send {
+        room: String,
+        ty: String,
+        data: Box<serde_json::value::RawValue>,
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    Ack {
+        inbox: u64,
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    SetToken {
+        token: Option<String>,
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    Close {
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+}
+
+/// State shared between the handles and the connection task.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    /// Per room: the position the client resumes from.
+    positions: Mutex<HashMap<String, Position>>,
+    connected: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn set_position(&self, room: &str, pos: Option<Position>) {
+        let mut map = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        match pos {
+            Some(p) => {
+                map.insert(room.to_owned(), p);
+            }
+            None => {
+                map.remove(room);
+            }
+        }
+    }
+
+    pub(crate) fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
+    }
+}
+
+/// A handle to the client. Cheap to clone; every clone drives the same connection. The
+/// connection task ends when [`close`](Client::close) is called or every handle is dropped.
+#[derive(Debug, Clone)]
+pub struct Client {
+    cmds: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+impl Client {
+    /// Validate `config`, start the connection task and return at once. Must be called
+    /// inside a Tokio runtime. Connection progress arrives as [`Event`]s.
+    pub fn connect(config: ClientConfig) -> Result<(Client, Events), ClientError> {
+        let url = config.ws_url()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| ClientError::NoRuntime)?;
+        let (cmd_tx, cmd_rx) = mpsc::channel(config.command_capacity.max(1));
+        let (ev_tx, ev_rx) = mpsc::channel(config.event_capacity.max(1));
+        let shared = Arc::new(Shared::default());
+        let worker = connection::Worker::new(config, url, cmd_rx, ev_tx, Arc::clone(&shared));
+        runtime.spawn(worker.run());
+        Ok((
+            Client {
+                cmds: cmd_tx,
+                shared,
+            },
+            Events { rx: ev_rx },
+        ))
+    }
+
+    async fn request<F>(&self, make: F) -> Result<(), ClientError>
+    where
+        F: FnOnce(oneshot::Sender<Result<(), ClientError>>) -> Command,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(make(tx))
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Follow `room`. Registered at once, even while disconnected; the room is joined now if
+    /// connected and on every (re)connect, and [`Event::Joined`] confirms each join.
+    /// `since` resumes from a position persisted earlier (see [`RoomMessage::position`]);
+    /// `None` starts at the live edge. Joining a room that is already registered does nothing.
+    pub async fn join(&self, room: &str, since: Option<Position>) -> Result<(), ClientError> {
+        livepush_proto::validate_room(room).map_err(ClientError::InvalidRoom)?;
+        if let Some(p) = &since {
+            livepush_proto::validate_epoch(&p.epoch).map_err(ClientError::InvalidEpoch)?;
+        }
+        let room = room.to_owned();
+        self.request(|reply| Command::Join { room, since, reply })
+            .await
+    }
+
+    /// Stop following `room` (sends `leave` when connected). Leaving a room that is not
+    /// registered does nothing.
+    pub async fn leave(&self, room: &str) -> Result<(), ClientError> {
+        livepush_proto::validate_room(room).map_err(ClientError::InvalidRoom)?;
+        let room = room.to_owned();
+        self.request(|reply| Command::Leave { room, reply }).await
+    }
+
+    /// Send a transient message (chat) to `room`. Returns once the frame is written; a
+    /// refusal by the server (`muted`, `forbidden`, `rate_limited`, …) arrives as
+    /// [`Event::Error`] with the room. Fails with [`ClientError::NotConnected`] while
+    /// disconnected: chat is not queued.
+    pub async fn send(
+        &self,
+        room: &str,
+        ty: &str,
+        data: serde_json::Value,
+    ) -> Result<(), ClientError> {
+        livepush_proto::validate_room(room).map_err(ClientError::InvalidRoom)?;
+        livepush_proto::validate_type(ty).map_err(ClientError::InvalidType)?;
+        let data = serde_json::value::to_raw_value(&data)
+            .map_err(|e| ClientError::InvalidData(e.to_string()))?;
+        let (room, ty) = (room.to_owned(), ty.to_owned());
+        self.request(|reply| Command::Send {
+            room,
+            ty,
+            data,
+            reply,
+        })
+        .await
+    }
+
+    /// Acknowledge inbox messages up to `seq`. Fails with [`ClientError::NotConnected`]
+    /// while disconnected (unacked messages are delivered again on the next connect).
+    pub async fn ack_inbox(&self, seq: u64) -> Result<(), ClientError> {
+        self.request(|reply| Command::Ack { inbox: seq, reply })
+            .await
+    }
+
+    /// Replace the token used by the next connects. When the client is waiting to
+    /// reconnect, or has stopped after [`ClientConfig::auth_failure_limit`] refused
+    /// connects, it connects again at once. A live session is not interrupted.
+    pub async fn set_token(&self, token: Option<String>) -> Result<(), ClientError> {
+        self.request(|reply| Command::SetToken { token, reply })
+            .await
+    }
+
+    /// The position `room` resumes from: the epoch and the seq of the last reliable message
+    /// handed to the event stream (or the join position). `None` for an unknown room or
+    /// before the first `joined` of a join without `since`.
+    pub fn position(&self, room: &str) -> Option<Position> {
+        let map = self
+            .shared
+            .positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        map.get(room).cloned()
+    }
+
+    /// Whether a session is established right now.
+    pub fn is_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::Relaxed)
+    }
+
+    /// Close the connection cleanly (a WebSocket close frame, which the server does not
+    /// count as an interruption) and stop the task, for every handle. Events already queued
+    /// stay readable; then the stream ends.
+    pub async fn close(self) {
+        let _ = self.request(|reply| Command::Close { reply }).await;
+    }
+}
+
+/// The stream of [`Event`]s. Read it promptly: when [`ClientConfig::event_capacity`] events
+/// are waiting, the client stops reading the socket. Also a [`futures_util::Stream`].
+#[derive(Debug)]
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+}
+
+impl Events {
+    /// The next event; `None` once the client is closed (or every handle dropped) and every
+    /// queued event has been read.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// The next event if one is ready.
+    pub fn try_recv(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl futures_util::Stream for Events {
+    type Item = Event;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.rx.poll_recv(cx)
+    }
+}

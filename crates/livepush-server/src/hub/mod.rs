@@ -105,7 +105,7 @@ impl Hub {
         if let Some(r) = rooms.get(id) {
             return Ok(r.clone());
         }
-        let record = match self.store.load_room(id)? {
+        let record = match self.store.load_room(id, self.config.history_size)? {
             Some(record) => record,
             None => {
                 let epoch = new_epoch();
@@ -131,7 +131,7 @@ impl Hub {
         if let Some(r) = self.rooms.read().get(id) {
             return Ok(Some(r.clone()));
         }
-        if self.store.load_room(id)?.is_some() {
+        if self.store.load_room(id, 0)?.is_some() {
             return self.room(id).map(Some);
         }
         Ok(None)

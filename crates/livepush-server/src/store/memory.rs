@@ -8,7 +8,7 @@ use super::{Durable, HistoryStore, RoomFlags, RoomRecord, StoreError, StoredMess
 pub struct MemoryStore;
 
 impl HistoryStore for MemoryStore {
-    fn load_room(&self, _room: &str) -> Result<Option<RoomRecord>, StoreError> {
+    fn load_room(&self, _room: &str, _keep: usize) -> Result<Option<RoomRecord>, StoreError> {
         Ok(None)
     }
 

@@ -62,8 +62,9 @@ pub type Durable = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 /// A durable home for room histories. Implementations: [`MemoryStore`] (nothing survives a
 /// restart), the embedded store, and later a Redis store for several nodes.
 pub trait HistoryStore: Send + Sync + 'static {
-    /// What is known about `room`, or `None` if the store has never seen it.
-    fn load_room(&self, room: &str) -> Result<Option<RoomRecord>, StoreError>;
+    /// What is known about `room`, or `None` if the store has never seen it. `history`
+    /// holds at most the newest `keep` messages.
+    fn load_room(&self, room: &str, keep: usize) -> Result<Option<RoomRecord>, StoreError>;
 
     /// Record that `room` now exists with `epoch` (called once, when the hub creates it).
     fn create_room(&self, room: &str, epoch: &str) -> Durable;
@@ -77,6 +78,11 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// Forget messages of `room` with `seq < keep_from`. Called in the background; the hub
     /// has already dropped them from memory.
     fn trim(&self, room: &str, keep_from: u64) -> Durable;
+
+    /// Resolves once everything submitted so far is durable (called at shutdown).
+    fn flush(&self) -> Durable {
+        ready()
+    }
 }
 
 /// A write that is durable at once (for stores that have nothing to wait for).

@@ -272,11 +272,11 @@ async fn close_and_open() {
 struct FailingStore;
 
 impl HistoryStore for FailingStore {
-    fn load_room(&self, room: &str) -> Result<Option<RoomRecord>, StoreError> {
+    fn load_room(&self, room: &str, keep: usize) -> Result<Option<RoomRecord>, StoreError> {
         if room == "broken" {
             return Err(StoreError::Io("disk on fire".into()));
         }
-        MemoryStore.load_room(room)
+        MemoryStore.load_room(room, keep)
     }
     fn create_room(&self, room: &str, epoch: &str) -> Durable {
         MemoryStore.create_room(room, epoch)
