@@ -1,0 +1,1043 @@
+//! The connection task: an explicit state machine around one WebSocket session at a time.
+//!
+//! ```text
+//!            ┌──────────── set_token ─────────────┐
+//!            v                                    │
+//!   ┌──> Connecting ──ok──> Connected ──ends──> Waiting ──delay──┐
+//!   │        │                                    ^              │
+//!   │        ├──refused / failed / timeout ───────┘              │
+//!   │        └──auth refused `auth_failure_limit` times──> Parked│
+//!   └────────────────────────────────────────────────────────────┘
+//!   any state ──close / every handle dropped──> Closed
+//! ```
+//!
+//! Per-room ordering lives in [`RoomTracker`]; this module does the IO, the watchdog and the
+//! bookkeeping of request ids.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use livepush_proto::{
+    ClientEnvelope, ClientFrame, ErrorCode, InboxPosition, Position, ServerFrame, Transport,
+    split_frames,
+};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+type Reply = oneshot::Sender<Result<(), ClientError>>;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::config::ClientConfig;
+use crate::tracker::{Effect, RoomTracker};
+use crate::{ClientError, Command, DisconnectReason, Event, InboxMessage, Shared};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Requests awaiting an answer are remembered by id up to this many (sends are never
+/// answered on success, so the oldest are forgotten).
+const MAX_PENDING_REQUESTS: usize = 1024;
+
+/// How long a clean close waits for the server's close frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// The states of the connection task.
+enum State {
+    /// A connection attempt is due now.
+    Connecting,
+    /// A session is up.
+    Connected(Box<Handshake>),
+    /// Waiting before the next attempt.
+    Waiting { until: Instant },
+    /// Stopped after repeated auth refusals, until `set_token`.
+    Parked,
+    /// Closed for good.
+    Closed,
+}
+
+/// What the server said in its `connected` frame, and what came with it.
+struct Handshake {
+    ws: Ws,
+    terminal: String,
+    transport: Transport,
+    heartbeat_ms: u64,
+    inbox: InboxPosition,
+    /// Frames that arrived in the same WebSocket message after `connected`.
+    leftover: Vec<String>,
+}
+
+/// Why a connection attempt failed.
+#[derive(Debug)]
+enum ConnectError {
+    /// `unauthorized` or `forbidden`: the token is not accepted.
+    Auth { code: ErrorCode, message: String },
+    /// Another `error` answer.
+    Refused { code: ErrorCode, message: String },
+    /// `transport`: use long-poll for a while.
+    TransportSwitch { retry_ws_after: Duration },
+    /// Network, handshake, or the server closed before `connected`.
+    Failed(String),
+}
+
+/// What the task should do after handling an input.
+enum Flow {
+    Continue,
+    /// Leave the current state for this one.
+    Go(State),
+}
+
+/// A request sent with an `id`, remembered until answered (or forgotten).
+#[derive(Debug, Clone)]
+enum Request {
+    Join(String),
+    Leave(String),
+    Pull(String),
+    Send(String),
+    Ack,
+}
+
+impl Request {
+    fn room(&self) -> Option<&str> {
+        match self {
+            Request::Join(r) | Request::Leave(r) | Request::Pull(r) | Request::Send(r) => Some(r),
+            Request::Ack => None,
+        }
+    }
+}
+
+/// A registered room.
+struct Room {
+    tracker: RoomTracker,
+    /// The id of the outstanding `join` on this connection.
+    join_id: Option<u64>,
+    /// Back-off of join retries after `rate_limited` / `internal`.
+    retry: Backoff,
+    retry_at: Option<Instant>,
+}
+
+/// The connection watchdog: any traffic puts it back to `Idle`.
+#[derive(Debug, Clone, Copy)]
+enum Watch {
+    /// Nothing to do before `deadline`; then probe.
+    Idle { deadline: Instant },
+    /// Probe sent; the connection is dead if nothing arrives before `deadline`.
+    Probing { deadline: Instant },
+}
+
+impl Watch {
+    fn deadline(self) -> Instant {
+        match self {
+            Watch::Idle { deadline } | Watch::Probing { deadline } => deadline,
+        }
+    }
+}
+
+/// Per-connection state.
+struct Session {
+    ws: Ws,
+    idle: Duration,
+    watch: Watch,
+    /// Requests awaiting an answer, by id.
+    requests: BTreeMap<u64, Request>,
+    /// Rooms with a `leave` in flight, counted, so that its `left` answer is not taken for
+    /// the server closing the room.
+    leaving: HashMap<String, u32>,
+    /// Frames to write at the next flush.
+    out: Vec<ClientEnvelope>,
+    /// Callers waiting for the next flush to succeed.
+    replies: Vec<Reply>,
+}
+
+impl Session {
+    fn traffic(&mut self) {
+        self.watch = Watch::Idle {
+            deadline: Instant::now() + self.idle,
+        };
+    }
+
+    fn request(&mut self, id: u64, req: Request) {
+        self.requests.insert(id, req);
+        while self.requests.len() > MAX_PENDING_REQUESTS {
+            self.requests.pop_first();
+        }
+    }
+}
+
+/// Events waiting for room in the application's channel. Never blocks the task: when the
+/// application is slow, events queue here and the session stops reading the socket.
+struct Outbox {
+    tx: mpsc::Sender<Event>,
+    queue: VecDeque<Event>,
+    cap: usize,
+    closed: bool,
+}
+
+impl Outbox {
+    fn push(&mut self, ev: Event) {
+        if self.closed {
+            return;
+        }
+        self.queue.push_back(ev);
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        while let Some(ev) = self.queue.pop_front() {
+            match self.tx.try_send(ev) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(ev)) => {
+                    self.queue.push_front(ev);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    // Nobody listens any more: drop events from now on.
+                    self.closed = true;
+                    self.queue.clear();
+                    break;
+                }
+            }
+        }
+    }
+
+    fn backlogged(&self) -> bool {
+        self.queue.len() >= self.cap
+    }
+}
+
+pub(crate) struct Worker {
+    config: ClientConfig,
+    url: url::Url,
+    token: Option<String>,
+    cmds: mpsc::Receiver<Command>,
+    outbox: Outbox,
+    shared: Arc<Shared>,
+    rooms: BTreeMap<String, Room>,
+    backoff: Backoff,
+    rng: StdRng,
+    auth_failures: u32,
+    /// Highest inbox seq handed to the application.
+    inbox_delivered: u64,
+    next_id: u64,
+}
+
+impl Worker {
+    pub(crate) fn new(
+        config: ClientConfig,
+        url: url::Url,
+        cmds: mpsc::Receiver<Command>,
+        events: mpsc::Sender<Event>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Worker {
+            token: config.token.clone(),
+            backoff: Backoff::new(config.backoff_base, config.backoff_max),
+            outbox: Outbox {
+                tx: events,
+                queue: VecDeque::new(),
+                cap: config.event_capacity.max(1),
+                closed: false,
+            },
+            config,
+            url,
+            cmds,
+            shared,
+            rooms: BTreeMap::new(),
+            rng: StdRng::from_os_rng(),
+            auth_failures: 0,
+            inbox_delivered: 0,
+            next_id: 0,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut state = State::Connecting;
+        loop {
+            state = match state {
+                State::Connecting => self.connecting().await,
+                State::Connected(hs) => self.connected(*hs).await,
+                State::Waiting { until } => self.waiting(Some(until)).await,
+                State::Parked => self.waiting(None).await,
+                State::Closed => break,
+            };
+        }
+        self.shared.set_connected(false);
+        // Best effort: hand over what is queued without waiting for the application.
+        self.outbox.flush();
+        debug!("livepush client task ended");
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn emit(&mut self, ev: Event) {
+        self.outbox.push(ev);
+    }
+
+    // ---- states without a session ----------------------------------------------------
+
+    async fn connecting(&mut self) -> State {
+        let attempt = timeout(
+            self.config.connect_timeout,
+            handshake(
+                self.url.clone(),
+                self.token.clone(),
+                self.config.client_name.clone(),
+            ),
+        );
+        tokio::pin!(attempt);
+        loop {
+            tokio::select! {
+                res = &mut attempt => {
+                    let err = match res {
+                        Ok(Ok(hs)) => return State::Connected(Box::new(hs)),
+                        Ok(Err(e)) => e,
+                        Err(_) => ConnectError::Failed("connect timeout".to_owned()),
+                    };
+                    return self.connect_failed(err);
+                }
+                cmd = self.cmds.recv() => {
+                    if let Flow::Go(next) = self.offline_command(cmd) {
+                        return next;
+                    }
+                }
+                open = has_room(&self.outbox.tx), if !self.outbox.queue.is_empty() => {
+                    self.outbox_ready(open);
+                }
+            }
+        }
+    }
+
+    fn connect_failed(&mut self, err: ConnectError) -> State {
+        let mut delay = self.backoff.next_delay(&mut self.rng);
+        match err {
+            ConnectError::Auth { code, message } => {
+                warn!(%code, %message, "livepush connect refused");
+                self.auth_failures = self.auth_failures.saturating_add(1);
+                self.emit(Event::Error {
+                    code,
+                    message,
+                    room: None,
+                });
+                if let Some(limit) = self.config.auth_failure_limit
+                    && self.auth_failures >= limit
+                {
+                    info!(
+                        failures = self.auth_failures,
+                        "livepush: token refused repeatedly; waiting for set_token"
+                    );
+                    return State::Parked;
+                }
+            }
+            ConnectError::Refused { code, message } => {
+                warn!(%code, %message, "livepush connect refused");
+                self.emit(Event::Error {
+                    code,
+                    message,
+                    room: None,
+                });
+            }
+            ConnectError::TransportSwitch { retry_ws_after } => {
+                info!(
+                    ?retry_ws_after,
+                    "livepush server asked for long-poll; retrying WebSocket later"
+                );
+                delay = delay.max(retry_ws_after);
+            }
+            ConnectError::Failed(why) => {
+                debug!(%why, ?delay, "livepush connect failed");
+            }
+        }
+        State::Waiting {
+            until: Instant::now() + delay,
+        }
+    }
+
+    /// `Waiting` (with a deadline) and `Parked` (without).
+    async fn waiting(&mut self, until: Option<Instant>) -> State {
+        let deadline = until.unwrap_or_else(Instant::now);
+        loop {
+            tokio::select! {
+                () = sleep_until(deadline), if until.is_some() => return State::Connecting,
+                cmd = self.cmds.recv() => {
+                    if let Flow::Go(next) = self.offline_command(cmd) {
+                        return next;
+                    }
+                }
+                open = has_room(&self.outbox.tx), if !self.outbox.queue.is_empty() => {
+                    self.outbox_ready(open);
+                }
+            }
+        }
+    }
+
+    fn outbox_ready(&mut self, open: bool) {
+        if open {
+            self.outbox.flush();
+        } else {
+            self.outbox.closed = true;
+            self.outbox.queue.clear();
+        }
+    }
+
+    /// A command while there is no session.
+    fn offline_command(&mut self, cmd: Option<Command>) -> Flow {
+        let Some(cmd) = cmd else {
+            return Flow::Go(State::Closed);
+        };
+        match cmd {
+            Command::Join { room, since, reply } => {
+                self.register(room, since);
+                let _ = reply.send(Ok(()));
+            }
+            Command::Leave { room, reply } => {
+                self.unregister(&room);
+                let _ = reply.send(Ok(()));
+            }
+            Command::Send { reply, .. } | Command::Ack { reply, .. } => {
+                let _ = reply.send(Err(ClientError::NotConnected));
+            }
+            Command::SetToken { token, reply } => {
+                self.token = token;
+                self.auth_failures = 0;
+                self.backoff.reset();
+                let _ = reply.send(Ok(()));
+                return Flow::Go(State::Connecting);
+            }
+            Command::Close { reply } => {
+                let _ = reply.send(Ok(()));
+                return Flow::Go(State::Closed);
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Register a room; `false` when it already was.
+    fn register(&mut self, room: String, since: Option<Position>) -> bool {
+        if self.rooms.contains_key(&room) {
+            return false;
+        }
+        self.shared.set_position(&room, since.clone());
+        let tracker = RoomTracker::new(room.clone(), since, self.config.max_buffered_per_room);
+        self.rooms.insert(
+            room,
+            Room {
+                tracker,
+                join_id: None,
+                retry: Backoff::new(self.config.backoff_base, self.config.backoff_max),
+                retry_at: None,
+            },
+        );
+        true
+    }
+
+    fn unregister(&mut self, room: &str) -> bool {
+        self.shared.set_position(room, None);
+        self.rooms.remove(room).is_some()
+    }
+
+    // ---- the session -----------------------------------------------------------------
+
+    async fn connected(&mut self, hs: Handshake) -> State {
+        let Handshake {
+            ws,
+            terminal,
+            transport,
+            heartbeat_ms,
+            inbox,
+            leftover,
+        } = hs;
+        info!(%terminal, "livepush connected");
+        self.backoff.reset();
+        self.auth_failures = 0;
+        if inbox.seq < self.inbox_delivered {
+            // The server's inbox restarted: follow it.
+            self.inbox_delivered = inbox.acked;
+        }
+        self.shared.set_connected(true);
+        self.emit(Event::Connected {
+            terminal,
+            transport,
+        });
+        let idle = self.config.effective_idle_timeout(heartbeat_ms);
+        let mut s = Session {
+            ws,
+            idle,
+            watch: Watch::Idle {
+                deadline: Instant::now() + idle,
+            },
+            requests: BTreeMap::new(),
+            leaving: HashMap::new(),
+            out: Vec::new(),
+            replies: Vec::new(),
+        };
+        let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        for room in rooms {
+            self.queue_join(&mut s, &room);
+        }
+        let mut ended = self.flush_out(&mut s).await.err();
+        if ended.is_none() {
+            for text in leftover {
+                if let Err(reason) = self.on_text(&mut s, &text) {
+                    ended = Some(reason);
+                    break;
+                }
+            }
+        }
+        let reason = match ended {
+            Some(r) => r,
+            None => match self.session_loop(&mut s).await {
+                Ok(next) => {
+                    // Closed on purpose: close cleanly.
+                    close_cleanly(&mut s.ws, self.config.write_timeout).await;
+                    self.end_session();
+                    return next;
+                }
+                Err(reason) => reason,
+            },
+        };
+        self.end_session();
+        let mut delay = self.backoff.next_delay(&mut self.rng);
+        if let DisconnectReason::TransportSwitch { retry_ws_after } = &reason {
+            delay = delay.max(*retry_ws_after);
+        }
+        info!(%reason, ?delay, "livepush disconnected");
+        self.emit(Event::Disconnected {
+            reason,
+            retry_in: delay,
+        });
+        State::Waiting {
+            until: Instant::now() + delay,
+        }
+    }
+
+    fn end_session(&mut self) {
+        self.shared.set_connected(false);
+        for room in self.rooms.values_mut() {
+            room.tracker.on_disconnect();
+            room.join_id = None;
+            room.retry_at = None;
+            room.retry.reset();
+        }
+    }
+
+    /// Runs until the session ends: `Ok(state)` when the application closed the client,
+    /// `Err(reason)` when the connection was lost.
+    async fn session_loop(&mut self, s: &mut Session) -> Result<State, DisconnectReason> {
+        let mut reading = true;
+        loop {
+            let was_reading = reading;
+            reading = !self.outbox.backlogged();
+            if reading && !was_reading {
+                // We could not observe the socket while the application was behind.
+                s.traffic();
+            }
+            let deadline = s.watch.deadline();
+            let retry_at = self.rooms.values().filter_map(|r| r.retry_at).min();
+            tokio::select! {
+                open = has_room(&self.outbox.tx), if !self.outbox.queue.is_empty() => {
+                    self.outbox_ready(open);
+                }
+                cmd = self.cmds.recv() => {
+                    if let Flow::Go(next) = self.online_command(s, cmd) {
+                        return Ok(next);
+                    }
+                }
+                frame = s.ws.next(), if reading => {
+                    s.traffic();
+                    match frame {
+                        Some(Ok(WsMessage::Text(text))) => self.on_text(s, text.as_str())?,
+                        Some(Ok(WsMessage::Binary(_))) => debug!("livepush: binary frame ignored"),
+                        Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
+                        Some(Ok(WsMessage::Close(frame))) => {
+                            let (code, reason) = match frame {
+                                Some(f) => (Some(u16::from(f.code)), f.reason.as_str().to_owned()),
+                                None => (None, String::new()),
+                            };
+                            return Err(DisconnectReason::ServerClosed { code, reason });
+                        }
+                        Some(Err(e)) => return Err(DisconnectReason::ConnectionLost(e.to_string())),
+                        None => return Err(DisconnectReason::ConnectionLost("connection ended".to_owned())),
+                    }
+                }
+                () = sleep_until(deadline), if reading => {
+                    match s.watch {
+                        Watch::Idle { .. } => {
+                            debug!("livepush: idle, probing with ping");
+                            s.out.push(ClientEnvelope::new(ClientFrame::Ping));
+                            s.watch = Watch::Probing {
+                                deadline: Instant::now() + self.config.ping_timeout,
+                            };
+                        }
+                        Watch::Probing { .. } => return Err(DisconnectReason::HeartbeatTimeout),
+                    }
+                }
+                () = sleep_until(retry_at.unwrap_or(deadline)), if retry_at.is_some() => {
+                    let now = Instant::now();
+                    let due: Vec<String> = self
+                        .rooms
+                        .iter()
+                        .filter(|(_, r)| r.retry_at.is_some_and(|t| t <= now))
+                        .map(|(name, _)| name.clone())
+                        .collect();
+                    for room in due {
+                        self.queue_join(s, &room);
+                    }
+                }
+            }
+            self.flush_out(s).await?;
+        }
+    }
+
+    /// Write the queued frames, all in one flush.
+    async fn flush_out(&mut self, s: &mut Session) -> Result<(), DisconnectReason> {
+        let frames = std::mem::take(&mut s.out);
+        let replies = std::mem::take(&mut s.replies);
+        if frames.is_empty() {
+            for r in replies {
+                let _ = r.send(Ok(()));
+            }
+            return Ok(());
+        }
+        let ws = &mut s.ws;
+        let write = async move {
+            for f in frames {
+                ws.feed(WsMessage::text(f.to_json())).await?;
+            }
+            ws.flush().await
+        };
+        let res = match timeout(self.config.write_timeout, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(DisconnectReason::ConnectionLost(e.to_string())),
+            Err(_) => Err(DisconnectReason::ConnectionLost("write timeout".to_owned())),
+        };
+        for r in replies {
+            let _ = r.send(
+                res.as_ref()
+                    .map(|_| ())
+                    .map_err(|_| ClientError::NotConnected),
+            );
+        }
+        res
+    }
+
+    fn queue_join(&mut self, s: &mut Session, room: &str) {
+        let id = self.id();
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        r.join_id = Some(id);
+        r.retry_at = None;
+        let since = r.tracker.resume_from();
+        s.out.push(ClientEnvelope::with_id(
+            ClientFrame::Join {
+                room: room.to_owned(),
+                since,
+            },
+            id,
+        ));
+        s.request(id, Request::Join(room.to_owned()));
+    }
+
+    /// A command while a session is up.
+    fn online_command(&mut self, s: &mut Session, cmd: Option<Command>) -> Flow {
+        let Some(cmd) = cmd else {
+            return Flow::Go(State::Closed);
+        };
+        match cmd {
+            Command::Join { room, since, reply } => {
+                if self.register(room.clone(), since) {
+                    self.queue_join(s, &room);
+                }
+                let _ = reply.send(Ok(()));
+            }
+            Command::Leave { room, reply } => {
+                if self.unregister(&room) {
+                    let id = self.id();
+                    s.out.push(ClientEnvelope::with_id(
+                        ClientFrame::Leave { room: room.clone() },
+                        id,
+                    ));
+                    s.request(id, Request::Leave(room.clone()));
+                    *s.leaving.entry(room).or_insert(0) += 1;
+                }
+                let _ = reply.send(Ok(()));
+            }
+            Command::Send {
+                room,
+                ty,
+                data,
+                reply,
+            } => {
+                let id = self.id();
+                s.out.push(ClientEnvelope::with_id(
+                    ClientFrame::Send {
+                        room: room.clone(),
+                        ty,
+                        data,
+                    },
+                    id,
+                ));
+                s.request(id, Request::Send(room));
+                s.replies.push(reply);
+            }
+            Command::Ack { inbox, reply } => {
+                let id = self.id();
+                s.out
+                    .push(ClientEnvelope::with_id(ClientFrame::Ack { inbox }, id));
+                s.request(id, Request::Ack);
+                s.replies.push(reply);
+            }
+            Command::SetToken { token, reply } => {
+                self.token = token;
+                self.auth_failures = 0;
+                let _ = reply.send(Ok(()));
+            }
+            Command::Close { reply } => {
+                let _ = reply.send(Ok(()));
+                return Flow::Go(State::Closed);
+            }
+        }
+        Flow::Continue
+    }
+
+    /// One WebSocket text message: one or more frames.
+    fn on_text(&mut self, s: &mut Session, text: &str) -> Result<(), DisconnectReason> {
+        for line in split_frames(text) {
+            match ServerFrame::parse(line) {
+                Ok(frame) => self.on_frame(s, frame)?,
+                Err(e) => {
+                    warn!(error = %e, frame = %truncate(line), "livepush: unreadable frame skipped")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_frame(&mut self, s: &mut Session, frame: ServerFrame) -> Result<(), DisconnectReason> {
+        match frame {
+            ServerFrame::Joined {
+                id,
+                room,
+                epoch,
+                seq,
+                recovered,
+                online,
+            } => {
+                if let Some(id) = id {
+                    s.requests.remove(&id);
+                }
+                let Some(r) = self.rooms.get_mut(&room) else {
+                    debug!(%room, "livepush: joined for a room not followed");
+                    return Ok(());
+                };
+                if id.is_some() && id != r.join_id {
+                    debug!(%room, "livepush: stale joined ignored");
+                    return Ok(());
+                }
+                let resumed = r.tracker.resume_from().is_some();
+                r.tracker.on_joined(&epoch, seq, recovered);
+                r.join_id = None;
+                r.retry_at = None;
+                r.retry.reset();
+                let pos = r.tracker.resume_from();
+                self.shared.set_position(&room, pos);
+                self.emit(Event::Joined {
+                    room,
+                    epoch,
+                    seq,
+                    recovered,
+                    resumed,
+                    online,
+                });
+            }
+            ServerFrame::Msg(m) => {
+                let Some(r) = self.rooms.get_mut(&m.room) else {
+                    return Ok(());
+                };
+                if !r.tracker.is_live() {
+                    return Ok(());
+                }
+                if m.seq.is_none() {
+                    self.emit(Event::Transient(m));
+                } else {
+                    let room = m.room.clone();
+                    let effects = r.tracker.on_message(m);
+                    self.apply(s, &room, effects);
+                }
+            }
+            ServerFrame::Prompt { room, seq } => {
+                if let Some(r) = self.rooms.get_mut(&room) {
+                    let effects = r.tracker.on_prompt(seq);
+                    self.apply(s, &room, effects);
+                }
+            }
+            ServerFrame::Pulled {
+                id,
+                room,
+                epoch,
+                seq,
+                recovered,
+                messages,
+            } => {
+                if let Some(id) = id {
+                    s.requests.remove(&id);
+                }
+                if let Some(r) = self.rooms.get_mut(&room) {
+                    let effects = r.tracker.on_pulled(&epoch, seq, recovered, messages);
+                    self.apply(s, &room, effects);
+                }
+            }
+            ServerFrame::Online { room, count } => {
+                if self.rooms.get(&room).is_some_and(|r| r.tracker.is_live()) {
+                    self.emit(Event::Online { room, count });
+                }
+            }
+            ServerFrame::Inbox { seq, ty, data, ts } => {
+                if seq > self.inbox_delivered {
+                    self.inbox_delivered = seq;
+                    self.emit(Event::Inbox(InboxMessage { seq, ty, data, ts }));
+                }
+            }
+            ServerFrame::Transport {
+                use_,
+                retry_ws_after_ms,
+            } => {
+                info!(
+                    ?use_,
+                    retry_ws_after_ms, "livepush: server asks to switch transport"
+                );
+                return Err(DisconnectReason::TransportSwitch {
+                    retry_ws_after: Duration::from_millis(retry_ws_after_ms),
+                });
+            }
+            ServerFrame::Left { id, room } => {
+                let answered = id.and_then(|id| s.requests.remove(&id));
+                if let Some(n) = s.leaving.get_mut(&room) {
+                    // The answer to our own `leave` (with or without the id echoed).
+                    *n -= 1;
+                    if *n == 0 {
+                        s.leaving.remove(&room);
+                    }
+                } else if answered.is_none() && self.unregister(&room) {
+                    info!(%room, "livepush: removed from the room by the server");
+                    self.emit(Event::Left { room });
+                }
+            }
+            ServerFrame::Pong { id } => {
+                if let Some(id) = id {
+                    s.requests.remove(&id);
+                }
+            }
+            ServerFrame::Connected { .. } => debug!("livepush: extra connected frame ignored"),
+            ServerFrame::Error { id, code, message } => self.on_error(s, id, code, message),
+        }
+        Ok(())
+    }
+
+    fn on_error(&mut self, s: &mut Session, id: Option<u64>, code: ErrorCode, message: String) {
+        let req = id.and_then(|id| s.requests.remove(&id));
+        warn!(%code, %message, ?req, "livepush: error from the server");
+        let room = req.as_ref().and_then(|r| r.room()).map(str::to_owned);
+        match (&req, id) {
+            (Some(Request::Join(room)), Some(id)) => {
+                if let Some(r) = self.rooms.get_mut(room)
+                    && r.join_id == Some(id)
+                {
+                    r.join_id = None;
+                    match code {
+                        ErrorCode::RateLimited | ErrorCode::Internal => {
+                            let delay = r.retry.next_delay(&mut self.rng);
+                            r.retry_at = Some(Instant::now() + delay);
+                        }
+                        _ => {
+                            // room_closed, forbidden, …: retrying would not help.
+                            let room = room.clone();
+                            self.unregister(&room);
+                        }
+                    }
+                }
+            }
+            (Some(Request::Pull(room)), _) => {
+                if let Some(r) = self.rooms.get_mut(room) {
+                    r.tracker.on_pull_failed();
+                }
+            }
+            (Some(Request::Leave(room)), _) => {
+                if let Some(n) = s.leaving.get_mut(room) {
+                    *n -= 1;
+                    if *n == 0 {
+                        s.leaving.remove(room);
+                    }
+                }
+            }
+            (None, None) => {
+                // Not tied to a request (no id echoed, e.g. a frame-rate refusal that drops
+                // frames): it may concern any outstanding pull or join. Pulls are retried by
+                // the next gap; joins are re-sent after a back-off unless answered meanwhile.
+                let now = Instant::now();
+                for r in self.rooms.values_mut() {
+                    r.tracker.on_pull_failed();
+                    if r.join_id.is_some() && r.retry_at.is_none() {
+                        r.retry_at = Some(now + r.retry.next_delay(&mut self.rng));
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.emit(Event::Error {
+            code,
+            message,
+            room,
+        });
+    }
+
+    fn apply(&mut self, s: &mut Session, room: &str, effects: Vec<Effect>) {
+        for e in effects {
+            match e {
+                Effect::Deliver(m) => {
+                    self.shared.set_position(room, Some(m.position()));
+                    self.emit(Event::Message(m));
+                }
+                Effect::Lost { first, last } => {
+                    warn!(%room, first, last, "livepush: reliable messages lost");
+                    self.emit(Event::Lost {
+                        room: room.to_owned(),
+                        first,
+                        last,
+                    });
+                }
+                Effect::Pull { since } => {
+                    let id = self.id();
+                    s.out.push(ClientEnvelope::with_id(
+                        ClientFrame::Pull {
+                            room: room.to_owned(),
+                            since,
+                            limit: Some(self.config.pull_limit.max(1)),
+                        },
+                        id,
+                    ));
+                    s.request(id, Request::Pull(room.to_owned()));
+                }
+                Effect::Rejoin => {
+                    warn!(%room, "livepush: history changed under the subscription; rejoining");
+                    self.queue_join(s, room);
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when the application's channel has room again (`false`: it is closed).
+async fn has_room(tx: &mpsc::Sender<Event>) -> bool {
+    // The permit is dropped at once: `Outbox::flush` then fills the slot it freed (the task
+    // is the only sender).
+    tx.reserve().await.is_ok()
+}
+
+/// Open the WebSocket, send `connect` and wait for `connected`.
+async fn handshake(
+    url: url::Url,
+    token: Option<String>,
+    client_name: String,
+) -> Result<Handshake, ConnectError> {
+    let (mut ws, _response) =
+        tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
+            .await
+            .map_err(|e| ConnectError::Failed(e.to_string()))?;
+    let connect = ClientEnvelope::new(ClientFrame::Connect {
+        token,
+        client: Some(client_name),
+    });
+    ws.send(WsMessage::text(connect.to_json()))
+        .await
+        .map_err(|e| ConnectError::Failed(e.to_string()))?;
+    loop {
+        let msg = match ws.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(ConnectError::Failed(e.to_string())),
+            None => return Err(ConnectError::Failed("closed before connected".to_owned())),
+        };
+        let text = match msg {
+            WsMessage::Text(t) => t,
+            WsMessage::Close(f) => {
+                let why = f.map(|f| format!("{}: {}", f.code, f.reason));
+                return Err(ConnectError::Failed(format!(
+                    "closed before connected ({})",
+                    why.unwrap_or_default()
+                )));
+            }
+            _ => continue,
+        };
+        let mut lines = split_frames(text.as_str());
+        while let Some(line) = lines.next() {
+            let frame = match ServerFrame::parse(line) {
+                Ok(f) => f,
+                Err(e) => {
+                    warn!(error = %e, frame = %truncate(line), "livepush: unreadable frame skipped");
+                    continue;
+                }
+            };
+            match frame {
+                ServerFrame::Connected {
+                    terminal,
+                    transport,
+                    heartbeat_ms,
+                    inbox,
+                    ..
+                } => {
+                    return Ok(Handshake {
+                        ws,
+                        terminal,
+                        transport,
+                        heartbeat_ms,
+                        inbox,
+                        leftover: lines.map(str::to_owned).collect(),
+                    });
+                }
+                ServerFrame::Error { code, message, .. } => {
+                    return Err(match code {
+                        ErrorCode::Unauthorized | ErrorCode::Forbidden => {
+                            ConnectError::Auth { code, message }
+                        }
+                        _ => ConnectError::Refused { code, message },
+                    });
+                }
+                ServerFrame::Transport {
+                    retry_ws_after_ms, ..
+                } => {
+                    return Err(ConnectError::TransportSwitch {
+                        retry_ws_after: Duration::from_millis(retry_ws_after_ms),
+                    });
+                }
+                other => debug!(?other, "livepush: frame before connected ignored"),
+            }
+        }
+    }
+}
+
+/// Send a close frame and wait briefly for the server's.
+async fn close_cleanly(ws: &mut Ws, write_timeout: Duration) {
+    if timeout(write_timeout, ws.close(None)).await.is_err() {
+        return;
+    }
+    let _ = timeout(CLOSE_LINGER, async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(200) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}

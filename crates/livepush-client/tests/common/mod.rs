@@ -1,0 +1,210 @@
+//! A scripted fake livepush server for the SDK's integration tests: it accepts WebSocket
+//! connections on 127.0.0.1:0 and lets each test read the client's frames and write the
+//! server's, one step at a time.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use livepush_client::{ClientConfig, Event, Position};
+use livepush_proto::{ClientEnvelope, ClientFrame, split_frames};
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+/// Upper bound of every wait in the tests: a step that takes longer has failed.
+pub const STEP: Duration = Duration::from_secs(3);
+
+pub struct FakeServer {
+    listener: TcpListener,
+    pub url: String,
+}
+
+impl FakeServer {
+    pub async fn start() -> FakeServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        FakeServer {
+            listener,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    /// A config for this server with short back-off, suited to tests.
+    pub fn config(&self) -> ClientConfig {
+        ClientConfig {
+            server: self.url.clone(),
+            connect_timeout: Duration::from_secs(2),
+            backoff_base: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(50),
+            ..ClientConfig::default()
+        }
+    }
+
+    /// The next WebSocket connection.
+    pub async fn accept(&self) -> Conn {
+        self.accept_within(STEP)
+            .await
+            .expect("the client did not connect")
+    }
+
+    pub async fn accept_within(&self, d: Duration) -> Option<Conn> {
+        let (tcp, _) = timeout(d, self.listener.accept()).await.ok()?.ok()?;
+        let ws = tokio_tungstenite::accept_async(tcp).await.ok()?;
+        Some(Conn {
+            ws,
+            queue: VecDeque::new(),
+        })
+    }
+}
+
+/// One client connection as the server sees it.
+pub struct Conn {
+    pub ws: WebSocketStream<TcpStream>,
+    queue: VecDeque<ClientEnvelope>,
+}
+
+impl Conn {
+    /// The client's next frame (fails the test after [`STEP`]).
+    pub async fn recv(&mut self) -> ClientEnvelope {
+        match self.recv_within(STEP).await {
+            Ok(Some(f)) => f,
+            Ok(None) => panic!("no frame from the client within {STEP:?}"),
+            Err(why) => panic!("connection ended: {why}"),
+        }
+    }
+
+    /// The client's next frame within `d`: `Ok(None)` if none came, `Err` if the connection
+    /// ended. WebSocket pings and pongs are skipped (and answered by tungstenite).
+    pub async fn recv_within(&mut self, d: Duration) -> Result<Option<ClientEnvelope>, String> {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            if let Some(f) = self.queue.pop_front() {
+                return Ok(Some(f));
+            }
+            let next = match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return Ok(None),
+                Ok(n) => n,
+            };
+            match next {
+                Some(Ok(WsMessage::Text(t))) => {
+                    for line in split_frames(t.as_str()) {
+                        let env = ClientEnvelope::parse(line)
+                            .unwrap_or_else(|e| panic!("client sent a bad frame {line}: {e}"));
+                        self.queue.push_back(env);
+                    }
+                }
+                Some(Ok(WsMessage::Close(f))) => return Err(format!("close frame {f:?}")),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("end of stream".to_owned()),
+            }
+        }
+    }
+
+    /// Send frames in one WebSocket text message, newline-separated.
+    pub async fn send(&mut self, frames: &[Value]) {
+        let text = frames
+            .iter()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        self.ws
+            .send(WsMessage::text(text))
+            .await
+            .expect("server send");
+    }
+
+    /// Expect `connect`, answer `connected`. Returns the token the client sent.
+    pub async fn handshake(&mut self, terminal: &str) -> Option<String> {
+        let env = self.recv().await;
+        let ClientFrame::Connect { token, client } = env.frame else {
+            panic!("expected connect, got {env:?}");
+        };
+        assert_eq!(client.as_deref(), Some("livepush-rust/0.1"));
+        self.send(&[json!({
+            "op": "connected", "terminal": terminal, "transport": "ws", "heartbeat_ms": 10_000,
+            "inbox": {"seq": 0, "acked": 0}, "wake_key": "AAAA"
+        })])
+        .await;
+        token
+    }
+
+    /// Expect a `join`; returns (room, since, id).
+    pub async fn expect_join(&mut self) -> (String, Option<Position>, Option<u64>) {
+        let env = self.recv().await;
+        match env.frame {
+            ClientFrame::Join { room, since } => (room, since, env.id),
+            other => panic!("expected join, got {other:?}"),
+        }
+    }
+
+    /// Expect a `pull`; returns (room, since, limit, id).
+    pub async fn expect_pull(&mut self) -> (String, u64, Option<u32>, Option<u64>) {
+        let env = self.recv().await;
+        match env.frame {
+            ClientFrame::Pull { room, since, limit } => (room, since, limit, env.id),
+            other => panic!("expected pull, got {other:?}"),
+        }
+    }
+}
+
+pub fn joined(id: Option<u64>, room: &str, epoch: &str, seq: u64, recovered: bool) -> Value {
+    json!({"op": "joined", "id": id, "room": room, "epoch": epoch, "seq": seq,
+           "recovered": recovered, "online": 1})
+}
+
+pub fn msg(room: &str, seq: u64) -> Value {
+    json!({"op": "msg", "room": room, "type": "gift", "data": {"n": seq}, "seq": seq, "ts": 1000 + seq})
+}
+
+pub fn chat(room: &str, text: &str) -> Value {
+    json!({"op": "msg", "room": room, "type": "chat", "data": {"text": text}, "ts": 1})
+}
+
+pub fn pulled(
+    id: Option<u64>,
+    room: &str,
+    epoch: &str,
+    latest: u64,
+    seqs: impl IntoIterator<Item = u64>,
+) -> Value {
+    let messages: Vec<Value> = seqs.into_iter().map(|s| msg(room, s)).collect();
+    json!({"op": "pulled", "id": id, "room": room, "epoch": epoch, "seq": latest,
+           "recovered": true, "messages": messages})
+}
+
+pub fn pos(epoch: &str, seq: u64) -> Position {
+    Position {
+        epoch: epoch.to_owned(),
+        seq,
+    }
+}
+
+/// The next event (fails the test after [`STEP`]).
+pub async fn next_event(events: &mut livepush_client::Events) -> Event {
+    timeout(STEP, events.recv())
+        .await
+        .expect("no event in time")
+        .expect("event stream ended")
+}
+
+/// The seqs of the next `n` events, which must all be reliable messages of `room`.
+pub async fn next_seqs(events: &mut livepush_client::Events, room: &str, n: usize) -> Vec<u64> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        match next_event(events).await {
+            Event::Message(m) => {
+                assert_eq!(m.room, room);
+                assert_eq!(m.data, json!({"n": m.seq}), "payload travels with its seq");
+                out.push(m.seq);
+            }
+            other => panic!("expected a message, got {other:?} after {out:?}"),
+        }
+    }
+    out
+}
