@@ -27,7 +27,7 @@ pub enum Envelope {
 }
 
 /// Carries published messages to the other nodes.
-pub trait Broker: Send + Sync + 'static {
+pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// Announce a message this node published and delivered locally.
     fn announce(&self, envelope: &Envelope);
 }

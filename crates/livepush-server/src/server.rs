@@ -48,6 +48,7 @@ pub enum ServerError {
 pub struct Running {
     addr: SocketAddr,
     app: Arc<App>,
+    store: Arc<dyn HistoryStore>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -67,10 +68,14 @@ impl Running {
         &self.app
     }
 
-    /// Stop accepting, close every session with "going away", and wait for the server task.
+    /// Stop accepting, close every session with "going away", wait for the server task, and
+    /// make everything the store was given durable.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "store flush at shutdown failed");
+        }
     }
 
     /// Run until the server task ends.
@@ -104,7 +109,7 @@ pub async fn start_with(
     let keys = TokenKeys::new(&config.token_secret);
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
-    let hub = Arc::new(Hub::new(config.clone(), store, broker, metrics));
+    let hub = Arc::new(Hub::new(config.clone(), store.clone(), broker, metrics));
     let limiters = Arc::new(Limiters::new(&hub));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let app = Arc::new(App {
@@ -131,6 +136,7 @@ pub async fn start_with(
     Ok(Running {
         addr,
         app,
+        store,
         shutdown: shutdown_tx,
         task,
     })

@@ -165,11 +165,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     println!("livepush listening on {}", running.url());
     std::io::stdout().flush()?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("livepush: shutting down");
-            running.shutdown().await;
-        }
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
+    eprintln!("livepush: shutting down");
+    running.shutdown().await;
     Ok(())
 }

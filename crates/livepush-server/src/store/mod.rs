@@ -61,7 +61,7 @@ pub type Durable = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
 /// A durable home for room histories. Implementations: [`MemoryStore`] (nothing survives a
 /// restart), the embedded store, and later a Redis store for several nodes.
-pub trait HistoryStore: Send + Sync + 'static {
+pub trait HistoryStore: Send + Sync + std::fmt::Debug + 'static {
     /// What is known about `room`, or `None` if the store has never seen it. `history`
     /// holds at most the newest `keep` messages.
     fn load_room(&self, room: &str, keep: usize) -> Result<Option<RoomRecord>, StoreError>;

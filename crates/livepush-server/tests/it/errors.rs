@@ -269,6 +269,7 @@ async fn close_and_open() {
 }
 
 /// A store that fails for one room, to show `internal`.
+#[derive(Debug)]
 struct FailingStore;
 
 impl HistoryStore for FailingStore {
