@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod assets;
 pub mod auth;
 pub mod broker;
 pub mod config;

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiError};
+use crate::assets;
 use crate::auth::TokenKeys;
 use crate::broker::{Broker, LocalBroker};
 use crate::config::Config;
@@ -176,6 +177,10 @@ fn router(app: Arc<App>) -> Router {
     Router::new()
         .merge(api)
         .route("/healthz", get(api::healthz))
+        .route("/", get(assets::demo_html))
+        .route("/livepush.js", get(assets::client_js))
+        .route("/demo/app.js", get(assets::demo_js))
+        .route("/demo/style.css", get(assets::demo_css))
         .route("/v1/connect", any(connect))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)

@@ -1,0 +1,2 @@
+// livepush browser client: placeholder, replaced by the real client.
+export {};
