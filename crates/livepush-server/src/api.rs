@@ -273,3 +273,49 @@ pub async fn method_not_allowed() -> ApiError {
         "method not allowed on this endpoint",
     )
 }
+
+#[derive(Debug, Deserialize)]
+pub struct TerminalsQuery {
+    #[serde(default)]
+    online: bool,
+}
+
+/// `GET /v1/terminals?online=true`
+pub async fn terminals(
+    State(app): State<Arc<App>>,
+    query: Result<Query<TerminalsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let list: Vec<serde_json::Value> = app
+        .terminals
+        .list(q.online)
+        .into_iter()
+        .map(terminal_json)
+        .collect();
+    Ok(Json(json!({ "terminals": list })).into_response())
+}
+
+/// `GET /v1/terminals/{id}`
+pub async fn terminal(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let view = app
+        .terminals
+        .view(&id)
+        .ok_or_else(|| ApiError::not_found(format!("terminal {id:?} was never seen")))?;
+    Ok(Json(terminal_json(view)).into_response())
+}
+
+fn terminal_json(v: crate::terminals::TerminalView) -> serde_json::Value {
+    json!({
+        "terminal": v.terminal,
+        "online": v.online,
+        "transports": v.transports,
+        "last_seen_ms": v.last_seen_ms,
+        // Inboxes and wake-up registrations arrive with the offline-terminal work.
+        "inbox": {"seq": 0, "acked": 0},
+        "wake": {"registered": false},
+        "interruptions": v.interruptions,
+    })
+}

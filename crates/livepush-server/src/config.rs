@@ -31,6 +31,18 @@ pub struct Config {
     pub history_ttl: Duration,
     /// Delivery class of each message type; unknown types are reliable.
     pub classes: ClassMap,
+    /// WebSocket interruptions (ends without a close frame) tolerated within `flap_window`;
+    /// one more moves the terminal to long-polling.
+    pub flap_threshold: u32,
+    /// Sliding window in which interruptions are counted.
+    pub flap_window: Duration,
+    /// How long a flapping terminal is kept on long-polling (`retry_ws_after_ms`).
+    pub flap_longpoll_for: Duration,
+    /// How long a long-poll terminal counts as online after its last poll ended. Default:
+    /// twice `poll_max_wait`.
+    pub poll_grace: Duration,
+    /// How long an offline terminal stays on the service list.
+    pub terminal_retention: Duration,
     pub limits: Limits,
 }
 
@@ -72,6 +84,10 @@ pub struct Limits {
     pub online_interval: Duration,
     /// WebSocket read buffer per connection (bytes). Small, so that idle connections are cheap.
     pub ws_read_buffer: usize,
+    /// Longest a long-poll request is parked (its `wait_ms` is capped to this).
+    pub poll_max_wait: Duration,
+    /// Largest long-poll request body (bytes).
+    pub max_poll_bytes: usize,
 }
 
 impl Default for Limits {
@@ -93,6 +109,8 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(10),
             online_interval: Duration::from_secs(1),
             ws_read_buffer: 4 * 1024,
+            poll_max_wait: Duration::from_secs(30),
+            max_poll_bytes: 256 * 1024,
         }
     }
 }
@@ -111,6 +129,11 @@ impl Config {
             history_size: 1000,
             history_ttl: Duration::from_secs(3600),
             classes: ClassMap::default(),
+            flap_threshold: 3,
+            flap_window: Duration::from_secs(60),
+            flap_longpoll_for: Duration::from_secs(120),
+            poll_grace: Duration::from_secs(60),
+            terminal_retention: Duration::from_secs(24 * 3600),
             limits: Limits::default(),
         }
     }

@@ -23,6 +23,7 @@ pub mod outbox;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod terminals;
 pub mod transport;
 
 pub use config::{ClassMap, Config, Limits};

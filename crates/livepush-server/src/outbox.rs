@@ -30,8 +30,11 @@ pub enum Kind<'a> {
     Reply,
     /// A reliable room message: queued, or folded into a `prompt` past the soft limit.
     Reliable { room: &'a Arc<str>, seq: u64 },
-    /// A transient room message or online count: dropped past the soft limit.
+    /// A transient room message: dropped past the soft limit.
     Transient,
+    /// Like `Transient`, but not worth answering a parked long-poll for by itself (online
+    /// counts): it rides along with the next answer.
+    Ambient,
 }
 
 /// What became of a pushed frame.
@@ -83,6 +86,8 @@ pub struct OutboxStats {
 struct State {
     frames: VecDeque<Bytes>,
     bytes: usize,
+    /// Queued frames that are not `Ambient`.
+    significant: usize,
     /// Rooms whose newest reliable messages were folded into a prompt not yet sent.
     prompts: Vec<(Arc<str>, u64)>,
     closed: Option<CloseReason>,
@@ -123,11 +128,11 @@ impl Outbox {
         let full = st.frames.len() >= self.limits.soft_frames;
         let outcome = match kind {
             Kind::Reply => Pushed::Queued,
-            Kind::Transient if full => {
+            Kind::Transient | Kind::Ambient if full => {
                 self.stats.dropped_transient.inc();
                 return Pushed::Dropped;
             }
-            Kind::Transient => Pushed::Queued,
+            Kind::Transient | Kind::Ambient => Pushed::Queued,
             Kind::Reliable { room, seq } => {
                 let pending = st.prompts.iter_mut().find(|(r, _)| r == room);
                 match pending {
@@ -146,10 +151,14 @@ impl Outbox {
         };
         st.bytes += frame.len();
         st.frames.push_back(frame);
+        if !matches!(kind, Kind::Ambient) {
+            st.significant += 1;
+        }
         if st.bytes > self.limits.hard_bytes {
             st.closed = Some(CloseReason::SlowConsumer);
             st.frames.clear();
             st.bytes = 0;
+            st.significant = 0;
             self.stats.slow_consumer_closes.inc();
             drop(st);
             self.ready.notify_one();
@@ -229,6 +238,13 @@ impl Outbox {
             }
         }
         st.bytes -= taken;
+        // Which of the taken frames were ambient is not tracked; a partial take keeps the
+        // count conservative (it only decides whether a parked long-poll answers early).
+        st.significant = if st.frames.is_empty() {
+            0
+        } else {
+            st.significant.min(st.frames.len())
+        };
         if st.frames.is_empty() {
             for (room, seq) in st.prompts.drain(..) {
                 out.push(encode_frame(&ServerFrame::Prompt {
@@ -245,10 +261,25 @@ impl Outbox {
 
     /// Wait until there is something to take (or the outbox is closed).
     pub async fn ready(&self) {
+        self.wait(false).await
+    }
+
+    /// Wait until there is something worth answering a parked long-poll for: anything but
+    /// ambient frames (or the outbox is closed).
+    pub async fn significant(&self) {
+        self.wait(true).await
+    }
+
+    async fn wait(&self, significant_only: bool) {
         loop {
             {
                 let st = self.state.lock();
-                if st.closed.is_some() || !st.frames.is_empty() || !st.prompts.is_empty() {
+                let queued = if significant_only {
+                    st.significant > 0
+                } else {
+                    !st.frames.is_empty()
+                };
+                if st.closed.is_some() || queued || !st.prompts.is_empty() {
                     return;
                 }
             }

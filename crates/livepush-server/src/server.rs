@@ -21,6 +21,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::session::Limiters;
 use crate::store::{HistoryStore, MemoryStore};
+use crate::terminals::{TerminalSettings, Terminals};
 use crate::transport;
 
 /// State shared by every request and connection.
@@ -29,6 +30,8 @@ pub struct App {
     pub hub: Arc<Hub>,
     pub keys: TokenKeys,
     pub limiters: Arc<Limiters>,
+    /// The service list: terminals, online state, interruptions.
+    pub terminals: Arc<Terminals>,
     /// Flips to `true` when the server shuts down; long-lived sessions watch it.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -113,14 +116,22 @@ pub async fn start_with(
     let hub = Arc::new(Hub::new(config.clone(), store.clone(), broker, metrics));
     let limiters = Arc::new(Limiters::new(&hub));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let terminals = Arc::new(Terminals::new(TerminalSettings {
+        flap_threshold: config.flap_threshold,
+        flap_window: config.flap_window,
+        flap_longpoll_for: config.flap_longpoll_for,
+        poll_grace: config.poll_grace,
+        retention: config.terminal_retention,
+    }));
     let app = Arc::new(App {
         hub: hub.clone(),
         keys,
         limiters: limiters.clone(),
+        terminals: terminals.clone(),
         shutdown: shutdown_rx.clone(),
     });
 
-    spawn_upkeep(hub, limiters, shutdown_rx.clone());
+    spawn_upkeep(hub, limiters, terminals, shutdown_rx.clone());
 
     let router = router(app.clone());
     let mut stop = shutdown_rx;
@@ -144,7 +155,12 @@ pub async fn start_with(
 }
 
 /// Online counts, history age and limiter cleanup, once per `online_interval`.
-fn spawn_upkeep(hub: Arc<Hub>, limiters: Arc<Limiters>, mut stop: watch::Receiver<bool>) {
+fn spawn_upkeep(
+    hub: Arc<Hub>,
+    limiters: Arc<Limiters>,
+    terminals: Arc<Terminals>,
+    mut stop: watch::Receiver<bool>,
+) {
     let every = hub.config().limits.online_interval;
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(every);
@@ -159,6 +175,7 @@ fn spawn_upkeep(hub: Arc<Hub>, limiters: Arc<Limiters>, mut stop: watch::Receive
             n += 1;
             if n.is_multiple_of(60) {
                 limiters.retain_recent();
+                terminals.sweep();
             }
         }
     });
@@ -169,6 +186,8 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/rooms/{room}/messages", post(api::publish))
         .route("/v1/rooms/{room}/history", get(api::history))
         .route("/v1/rooms/{room}", get(api::room_info))
+        .route("/v1/terminals", get(api::terminals))
+        .route("/v1/terminals/{id}", get(api::terminal))
         .route("/metrics", get(api::metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
@@ -182,12 +201,15 @@ fn router(app: Arc<App>) -> Router {
         .route("/demo/app.js", get(assets::demo_js))
         .route("/demo/style.css", get(assets::demo_css))
         .route("/v1/connect", any(connect))
+        .route("/v1/poll", post(poll))
+        .route("/v1/sse", get(sse))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .with_state(app)
 }
 
-/// `/v1/connect`: the one endpoint. A WebSocket upgrade gets a WebSocket session.
+/// `/v1/connect`: the one endpoint. A WebSocket upgrade gets a WebSocket session; a `POST`
+/// without one is a long-poll exchange.
 async fn connect(State(app): State<Arc<App>>, req: Request) -> Response {
     let wants_ws = req
         .headers()
@@ -195,8 +217,11 @@ async fn connect(State(app): State<Arc<App>>, req: Request) -> Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     if !wants_ws {
+        if req.method() == axum::http::Method::POST {
+            return transport::longpoll::poll(app, req).await;
+        }
         return ApiError::bad_request(
-            "this endpoint needs a WebSocket upgrade (`Upgrade: websocket`)",
+            "use a WebSocket upgrade (`Upgrade: websocket`) or POST a long-poll body",
         )
         .into_response();
     }
@@ -205,4 +230,14 @@ async fn connect(State(app): State<Arc<App>>, req: Request) -> Response {
         Ok(ws) => transport::ws::upgrade(app, ws),
         Err(rejection) => ApiError::bad_request(rejection.body_text()).into_response(),
     }
+}
+
+/// `POST /v1/poll`: a long-poll exchange.
+async fn poll(State(app): State<Arc<App>>, req: Request) -> Response {
+    transport::longpoll::poll(app, req).await
+}
+
+/// `GET /v1/sse`: a Server-Sent Events stream.
+async fn sse(State(app): State<Arc<App>>, req: Request) -> Response {
+    transport::sse::sse(app, req).await
 }

@@ -18,7 +18,7 @@ use rand::distr::Alphanumeric;
 use serde_json::value::RawValue;
 
 use crate::auth::{AuthError, Grants, Terminal, TokenKeys};
-use crate::hub::{ConnId, Hub, JoinError, Member, Room};
+use crate::hub::{Announce, ConnId, Hub, JoinError, Member, Room};
 use crate::outbox::{Kind, Outbox, OutboxLimits};
 
 /// Shared per-terminal limits (across all of a terminal's connections).
@@ -172,7 +172,9 @@ impl Session {
         let id = env.id;
         match env.frame {
             ClientFrame::Connect { .. } => Err(FrameError::bad_frame("already connected")),
-            ClientFrame::Join { room, since } => self.join(&room, since.as_ref(), id),
+            ClientFrame::Join { room, since } => {
+                self.join(&room, since.as_ref(), id, Announce::Always)
+            }
             ClientFrame::Leave { room } => {
                 if let Some(r) = self.rooms.remove(room.as_str()) {
                     r.leave(self.conn);
@@ -203,11 +205,37 @@ impl Session {
         }
     }
 
+    /// Join a room, answering refusals with `error` frames (used by SSE, which has no ops).
+    pub fn join_room(&mut self, room: &str, since: Option<&Position>) {
+        if let Err(e) = self.join(room, since, None, Announce::Always) {
+            self.error(e);
+        }
+    }
+
+    /// Re-attach a long-poll terminal to a room at its position: a fresh join for `None`,
+    /// and for a complete resume in the same epoch only the messages after it (no `joined`).
+    pub fn attach(&mut self, room: &str, since: Option<&Position>) {
+        if let Err(e) = livepush_proto::validate_room(room)
+            .map_err(FrameError::bad_frame)
+            .and_then(|()| self.join(room, since, None, Announce::UnlessResumed))
+        {
+            self.error(e);
+        }
+    }
+
+    /// Leave every room, keeping the terminal in their online counts until `until_ms`.
+    pub fn leave_all_until(&mut self, until_ms: u64) {
+        for (_, r) in self.rooms.drain() {
+            r.leave_until(self.conn, Some(until_ms));
+        }
+    }
+
     fn join(
         &mut self,
         room: &str,
         since: Option<&Position>,
         id: Option<u64>,
+        announce: Announce,
     ) -> Result<(), FrameError> {
         self.granted(room)?;
         let max = self.hub.config().limits.max_rooms_per_connection;
@@ -226,7 +254,7 @@ impl Session {
             terminal: self.terminal.id.clone(),
             outbox: self.outbox.clone(),
         };
-        match r.join(self.conn, member, since, id) {
+        match r.join(self.conn, member, since, id, announce) {
             Ok(_) => {
                 self.rooms.insert(r.id.clone(), r);
                 Ok(())

@@ -88,6 +88,29 @@ pub struct ServeArgs {
     /// Time a new WebSocket has to send `connect`.
     #[arg(long, env = "LIVEPUSH_CONNECT_TIMEOUT", default_value = "10s", value_parser = duration)]
     connect_timeout: Duration,
+    /// WebSocket interruptions tolerated within --flap-window before a terminal is moved to
+    /// long-polling.
+    #[arg(long, env = "LIVEPUSH_FLAP_THRESHOLD", default_value_t = 3)]
+    flap_threshold: u32,
+    /// Sliding window in which WebSocket interruptions are counted.
+    #[arg(long, env = "LIVEPUSH_FLAP_WINDOW", default_value = "60s", value_parser = duration)]
+    flap_window: Duration,
+    /// How long a flapping terminal stays on long-polling before it may retry WebSocket.
+    #[arg(long, env = "LIVEPUSH_FLAP_RETRY_WS_AFTER", default_value = "2m", value_parser = duration)]
+    flap_retry_ws_after: Duration,
+    /// Longest a long-poll request is parked.
+    #[arg(long, env = "LIVEPUSH_POLL_MAX_WAIT", default_value = "30s", value_parser = duration)]
+    poll_max_wait: Duration,
+    /// How long a long-poll terminal counts as online after its last poll. Default: twice
+    /// --poll-max-wait.
+    #[arg(long, env = "LIVEPUSH_POLL_GRACE", value_parser = duration)]
+    poll_grace: Option<Duration>,
+    /// Largest long-poll request body (bytes).
+    #[arg(long, env = "LIVEPUSH_MAX_POLL_BYTES", default_value_t = Limits::default().max_poll_bytes)]
+    max_poll_bytes: usize,
+    /// How long an offline terminal stays on the service list.
+    #[arg(long, env = "LIVEPUSH_TERMINAL_RETENTION", default_value = "24h", value_parser = duration)]
+    terminal_retention: Duration,
     /// WebSocket read buffer per connection (bytes).
     #[arg(long, env = "LIVEPUSH_WS_READ_BUFFER", default_value_t = Limits::default().ws_read_buffer)]
     ws_read_buffer: usize,
@@ -134,6 +157,11 @@ impl ServeArgs {
             history_size: self.history_size,
             history_ttl: self.history_ttl,
             classes,
+            flap_threshold: self.flap_threshold,
+            flap_window: self.flap_window,
+            flap_longpoll_for: self.flap_retry_ws_after,
+            poll_grace: self.poll_grace.unwrap_or(self.poll_max_wait * 2),
+            terminal_retention: self.terminal_retention,
             limits: Limits {
                 max_frame_bytes: self.max_frame_bytes,
                 max_publish_bytes: self.max_publish_bytes,
@@ -150,6 +178,8 @@ impl ServeArgs {
                 max_rooms_per_connection: self.max_rooms_per_connection,
                 connect_timeout: self.connect_timeout,
                 ws_read_buffer: self.ws_read_buffer,
+                poll_max_wait: self.poll_max_wait,
+                max_poll_bytes: self.max_poll_bytes,
                 ..Limits::default()
             },
         })

@@ -13,7 +13,7 @@ use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde_json::value::RawValue;
 
-pub use room::{ConnId, JoinError, Joined, Member, Page, Retention, Room, RoomInfo};
+pub use room::{Announce, ConnId, JoinError, Joined, Member, Page, Retention, Room, RoomInfo};
 
 use crate::auth::now_ms;
 use crate::broker::{Broker, Envelope};

@@ -57,6 +57,9 @@ struct State {
     members: HashMap<ConnId, Member>,
     /// Unique terminals: how many of a terminal's connections are members.
     terminals: HashMap<Arc<str>, u32>,
+    /// Terminals that left but still count as online until the given time (ms): long-poll
+    /// terminals between two polls.
+    lingering: HashMap<Arc<str>, u64>,
     /// Online count last broadcast.
     online_sent: u64,
     flags: RoomFlags,
@@ -127,6 +130,7 @@ impl Room {
                 store_keep_from: first,
                 members: HashMap::new(),
                 terminals: HashMap::new(),
+                lingering: HashMap::new(),
                 online_sent: 0,
                 flags: record.flags,
             }),
@@ -201,6 +205,7 @@ impl Room {
                         }
                         st.members.clear();
                         st.terminals.clear();
+                        st.lingering.clear();
                     }
                     Action::Open => st.flags.closed = false,
                     Action::Mute => st.flags.muted = true,
@@ -229,12 +234,16 @@ impl Room {
 
     /// Join: reply `joined`, replay what the member missed (as much as fits in its outbox,
     /// then a `prompt`), and register it for live delivery, all under one lock.
+    ///
+    /// With [`Announce::UnlessResumed`] (long-poll, where every poll re-attaches), a resume
+    /// that is complete in the same epoch sends no `joined`, only the messages after `since`.
     pub fn join(
         &self,
         conn: ConnId,
         member: Member,
         since: Option<&Position>,
         request_id: Option<u64>,
+        announce: Announce,
     ) -> Result<Joined, JoinError> {
         let mut st = self.state.lock();
         if st.flags.closed {
@@ -250,15 +259,18 @@ impl Room {
         if st.members.insert(conn, member.clone()).is_none() {
             *st.terminals.entry(member.terminal.clone()).or_default() += 1;
         }
-        let joined = ServerFrame::Joined {
-            id: request_id,
-            room: self.id.to_string(),
-            epoch: st.epoch.to_string(),
-            seq: st.delivered,
-            recovered,
-            online: st.terminals.len() as u64,
-        };
-        member.outbox.reply(&joined);
+        let quiet = announce == Announce::UnlessResumed && since.is_some() && recovered;
+        if !quiet {
+            let joined = ServerFrame::Joined {
+                id: request_id,
+                room: self.id.to_string(),
+                epoch: st.epoch.to_string(),
+                seq: st.delivered,
+                recovered,
+                online: st.online(),
+            };
+            member.outbox.reply(&joined);
+        }
         let mut replayed = 0;
         let mut prompted = false;
         if let Some(from) = from {
@@ -285,6 +297,12 @@ impl Room {
 
     /// Remove a member. Returns whether it was one.
     pub fn leave(&self, conn: ConnId) -> bool {
+        self.leave_until(conn, None)
+    }
+
+    /// Remove a member but keep its terminal in the online count until `until_ms` (a
+    /// long-poll terminal between two polls).
+    pub fn leave_until(&self, conn: ConnId, until_ms: Option<u64>) -> bool {
         let mut st = self.state.lock();
         let Some(m) = st.members.remove(&conn) else {
             return false;
@@ -294,6 +312,9 @@ impl Room {
             if *n == 0 {
                 st.terminals.remove(&m.terminal);
             }
+        }
+        if let Some(until) = until_ms {
+            st.lingering.insert(m.terminal, until);
         }
         true
     }
@@ -341,7 +362,7 @@ impl Room {
         RoomInfo {
             epoch: st.epoch.clone(),
             seq: st.delivered,
-            online: st.terminals.len() as u64,
+            online: st.online(),
             flags: st.flags,
         }
     }
@@ -355,7 +376,8 @@ impl Room {
     pub fn tick(&self, now_ms: u64, retention: Retention) -> Tick {
         let mut st = self.state.lock();
         let mut out = Tick::default();
-        let online = st.terminals.len() as u64;
+        st.lingering.retain(|_, until| *until > now_ms);
+        let online = st.online();
         if online != st.online_sent {
             st.online_sent = online;
             let frame = encode_frame(&ServerFrame::Online {
@@ -363,7 +385,7 @@ impl Room {
                 count: online,
             });
             for m in st.members.values() {
-                m.outbox.push(frame.clone(), Kind::Transient);
+                m.outbox.push(frame.clone(), Kind::Ambient);
             }
             out.online_broadcast = true;
         }
@@ -389,7 +411,24 @@ pub struct Tick {
     pub idle: bool,
 }
 
+/// Whether a join answers with `joined` (see [`Room::join`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announce {
+    Always,
+    UnlessResumed,
+}
+
 impl State {
+    /// Unique terminals: members, plus those lingering after their last poll.
+    fn online(&self) -> u64 {
+        let lingering = self
+            .lingering
+            .keys()
+            .filter(|t| !self.terminals.contains_key(*t))
+            .count();
+        (self.terminals.len() + lingering) as u64
+    }
+
     /// Decide where a resume from `p` starts and whether it is complete.
     fn resume_from(&self, p: &Position) -> (bool, u64) {
         let first_kept = self.history.front().map_or(self.delivered + 1, |m| m.seq);
@@ -486,6 +525,7 @@ mod tests {
                     seq: 4,
                 }),
                 None,
+                Announce::Always,
             )
             .unwrap();
         assert!(j.recovered);
@@ -510,6 +550,7 @@ mod tests {
                     seq: 2,
                 }),
                 None,
+                Announce::Always,
             )
             .unwrap();
         assert!(!j.recovered);
@@ -524,6 +565,7 @@ mod tests {
                     seq: 9,
                 }),
                 None,
+                Announce::Always,
             )
             .unwrap();
         assert!(!j.recovered);
@@ -539,6 +581,7 @@ mod tests {
                     seq: 5,
                 }),
                 None,
+                Announce::Always,
             )
             .unwrap();
         assert!(j.recovered);
@@ -553,6 +596,7 @@ mod tests {
                     seq: 50,
                 }),
                 None,
+                Announce::Always,
             )
             .unwrap();
         assert!(!j.recovered);
@@ -575,6 +619,7 @@ mod tests {
                     seq: 0,
                 }),
                 None,
+                Announce::Always,
             )
             .unwrap();
         assert!(j.prompted);
@@ -590,7 +635,7 @@ mod tests {
     fn close_sends_left_and_refuses_joins() {
         let (r, ret) = room(100);
         let m = member(100);
-        r.join(1, m.clone(), None, None).unwrap();
+        r.join(1, m.clone(), None, None, Announce::Always).unwrap();
         let data = RawValue::from_string(r#"{"action":"close"}"#.into()).unwrap();
         let (seq, _, _) = r.sequence("control", &data, 1, Some(Action::Close), &MemoryStore);
         assert!(r.deliver_through(seq, ret, &MemoryStore).is_some());
@@ -598,7 +643,8 @@ mod tests {
         assert_eq!(s, vec![1]);
         assert!(matches!(frames.last(), Some(ServerFrame::Left { .. })));
         assert_eq!(
-            r.join(2, member(10), None, None).unwrap_err(),
+            r.join(2, member(10), None, None, Announce::Always)
+                .unwrap_err(),
             JoinError::Closed
         );
         assert_eq!(r.info().online, 0);
@@ -608,7 +654,7 @@ mod tests {
     fn delivery_waits_for_earlier_pending() {
         let (r, ret) = room(100);
         let m = member(100);
-        r.join(1, m.clone(), None, None).unwrap();
+        r.join(1, m.clone(), None, None, Announce::Always).unwrap();
         let data = RawValue::from_string("1".into()).unwrap();
         let (s1, _, _) = r.sequence("gift", &data, 1, None, &MemoryStore);
         let (s2, _, _) = r.sequence("gift", &data, 1, None, &MemoryStore);
@@ -626,8 +672,8 @@ mod tests {
         let (r, ret) = room(10);
         let a = member(10);
         let b = member(10); // same terminal "t", second connection
-        r.join(1, a.clone(), None, None).unwrap();
-        r.join(2, b, None, None).unwrap();
+        r.join(1, a.clone(), None, None, Announce::Always).unwrap();
+        r.join(2, b, None, None, Announce::Always).unwrap();
         assert_eq!(r.info().online, 1);
         assert!(r.tick(0, ret).online_broadcast);
         assert!(
@@ -649,7 +695,7 @@ mod tests {
             let (r, ret) = room(max);
             for i in 0..n { publish(&r, ret, i); }
             let m = member(10_000);
-            let j = r.join(1, m.clone(), Some(&Position { epoch: "ep".into(), seq: since }), None).unwrap();
+            let j = r.join(1, m.clone(), Some(&Position { epoch: "ep".into(), seq: since }), None, Announce::Always).unwrap();
             let (s, _) = seqs(&m);
             let first_kept = n.saturating_sub(max as u64) + 1;
             let expected: Vec<u64> = if since > n { vec![] } else { (since.max(first_kept - 1) + 1..=n).collect() };

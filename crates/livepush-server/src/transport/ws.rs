@@ -26,6 +26,8 @@ pub mod close_code {
     pub const SLOW_CONSUMER: u16 = 4001;
     /// No valid `connect` frame (missing, late, or a bad token).
     pub const UNAUTHORIZED: u16 = 4003;
+    /// A normal close (the terminal was told to use another transport).
+    pub const NORMAL: u16 = 1000;
     /// The server is shutting down.
     pub const GOING_AWAY: u16 = 1001;
     /// A message too large to read.
@@ -45,6 +47,8 @@ pub enum Ending {
     Unauthorized,
     TooLarge,
     Shutdown,
+    /// Told to use long-polling (a flapping terminal).
+    MovedToLongpoll,
 }
 
 impl Ending {
@@ -57,12 +61,14 @@ impl Ending {
             Ending::Unauthorized => "unauthorized",
             Ending::TooLarge => "too_large",
             Ending::Shutdown => "shutdown",
+            Ending::MovedToLongpoll => "moved_to_longpoll",
         }
     }
 
-    /// Whether the session ended the way a terminal that meant to leave ends it.
-    pub fn is_clean(self) -> bool {
-        matches!(self, Ending::ClientClose | Ending::Shutdown)
+    /// Whether this ending is an interruption of the terminal: the connection ended without
+    /// a close frame (TCP reset or end) or stopped answering. These feed the flap detector.
+    pub fn is_interruption(self) -> bool {
+        matches!(self, Ending::Reset | Ending::HeartbeatTimeout)
     }
 }
 
@@ -148,6 +154,16 @@ async fn handshake(app: &App, socket: &mut WebSocket) -> Result<(Session, Option
     Ok((session, env.id))
 }
 
+/// Answer `connect` with `transport` instead of `connected`, then close cleanly.
+async fn move_to_longpoll(socket: &mut WebSocket, wait: std::time::Duration) {
+    let frame = livepush_proto::encode_frame(&ServerFrame::Transport {
+        use_: Transport::Longpoll,
+        retry_ws_after_ms: wait.as_millis() as u64,
+    });
+    let _ = socket.send(text(frame)).await;
+    let _ = socket.send(close(close_code::NORMAL, "use longpoll")).await;
+}
+
 async fn refuse(socket: &mut WebSocket, id: Option<u64>, message: &str) {
     let frame =
         livepush_proto::encode_frame(&ServerFrame::error(id, ErrorCode::Unauthorized, message));
@@ -164,11 +180,20 @@ pub async fn run(app: Arc<App>, mut socket: WebSocket) {
     metrics.connections_total.get_or_create(&label).inc();
     let ending = match handshake(&app, &mut socket).await {
         Ok((session, id)) => {
-            metrics.connections_open.get_or_create(&label).inc();
-            session.greet(Transport::Ws, id);
-            let ending = serve(&app, socket, session).await;
-            metrics.connections_open.get_or_create(&label).dec();
-            ending
+            let terminal = session.terminal().id.clone();
+            if let Some(wait) = app.terminals.longpoll_for(&terminal) {
+                move_to_longpoll(&mut socket, wait).await;
+                Ending::MovedToLongpoll
+            } else {
+                app.terminals.opened(&terminal, Transport::Ws);
+                metrics.connections_open.get_or_create(&label).inc();
+                session.greet(Transport::Ws, id);
+                let ending = serve(&app, socket, session).await;
+                metrics.connections_open.get_or_create(&label).dec();
+                app.terminals
+                    .closed(&terminal, Transport::Ws, ending.is_interruption());
+                ending
+            }
         }
         Err(ending) => ending,
     };

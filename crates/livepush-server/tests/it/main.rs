@@ -5,3 +5,4 @@ mod errors;
 mod heartbeat;
 mod resume;
 mod support;
+mod transports;

@@ -1,0 +1,174 @@
+//! The long-poll transport: `POST /v1/poll` (and `POST /v1/connect` without an upgrade).
+//!
+//! A poll carries everything the server needs: the token, every room with the terminal's
+//! position in it, and the ops to run. The server holds no session between polls, so any node
+//! can answer any poll and a restart loses nothing: reliable messages come from history past
+//! the given positions, so an answer lost on the way is simply answered again by the next
+//! poll with the same positions.
+//!
+//! Each poll is a short-lived [`Session`]: it authenticates, attaches to every room at its
+//! position (which replays what is missing), runs the ops, and then waits, as a member of its
+//! rooms, until its outbox has something or `wait_ms` passes. Transient messages published
+//! while it waits are therefore included. When it ends, the terminal stays in its rooms'
+//! online counts for the poll grace period.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, BytesMut};
+use livepush_proto::{ErrorCode, Position, Transport, validate_epoch};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::api::ApiError;
+use crate::auth::{MAX_TERMINAL_LEN, Terminal, now_ms};
+use crate::outbox::Batch;
+use crate::server::App;
+use crate::session::{Session, authenticate};
+
+/// A room's entry in a poll: `{}` for a fresh join, `{epoch, seq}` to continue.
+#[derive(Debug, Default, Deserialize)]
+struct RoomEntry {
+    epoch: Option<String>,
+    seq: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PollBody {
+    token: Option<String>,
+    /// Dev mode only: the anonymous terminal id the server gave in `connected`.
+    terminal: Option<String>,
+    #[serde(default)]
+    hello: bool,
+    #[serde(default)]
+    rooms: BTreeMap<String, RoomEntry>,
+    /// The inbox position (used once inboxes exist; accepted now).
+    #[allow(dead_code)]
+    inbox: Option<u64>,
+    wait_ms: Option<u64>,
+    #[serde(default)]
+    ops: Vec<Box<RawValue>>,
+}
+
+fn unauthorized(message: String) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+}
+
+fn poll_terminal(app: &App, body: &PollBody) -> Result<Terminal, ApiError> {
+    let dev = app.hub.config().dev;
+    if dev && body.token.as_deref().is_none_or(str::is_empty) {
+        if let Some(id) = body.terminal.as_deref() {
+            if id.is_empty() || id.len() > MAX_TERMINAL_LEN || id.chars().any(char::is_control) {
+                return Err(ApiError::bad_request(
+                    "`terminal` is not a valid terminal id",
+                ));
+            }
+            return Ok(Terminal {
+                id: Arc::from(id),
+                grants: crate::auth::Grants::everything(),
+            });
+        }
+    }
+    authenticate(&app.keys, dev, body.token.as_deref()).map_err(|e| unauthorized(e.message))
+}
+
+/// Handle one poll.
+pub async fn poll(app: Arc<App>, req: Request) -> Response {
+    match run(app, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
+    let limits = &app.hub.config().limits;
+    let bytes = axum::body::to_bytes(req.into_body(), limits.max_poll_bytes)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("poll body exceeds max_poll_bytes {}", limits.max_poll_bytes),
+            )
+        })?;
+    let body: PollBody = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid poll body: {e}")))?;
+    let terminal = poll_terminal(&app, &body)?;
+    let id = terminal.id.clone();
+    let mut session = Session::new(app.hub.clone(), app.limiters.clone(), terminal);
+    app.terminals.opened(&id, Transport::Longpoll);
+    let answer = exchange(&app, &mut session, body).await;
+    let grace = app.hub.config().poll_grace;
+    session.leave_all_until(now_ms() + grace.as_millis() as u64);
+    app.terminals.closed(&id, Transport::Longpoll, false);
+    Ok(answer)
+}
+
+async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response {
+    let limits = &app.hub.config().limits;
+    if body.hello {
+        session.greet(Transport::Longpoll, None);
+    }
+    for (room, entry) in &body.rooms {
+        let since = match (&entry.epoch, entry.seq) {
+            (None, None) => None,
+            (Some(epoch), Some(seq)) => {
+                if let Err(e) = validate_epoch(epoch) {
+                    session.error(livepush_proto::FrameError::bad_frame(format!(
+                        "{room}: {e}"
+                    )));
+                    continue;
+                }
+                Some(Position {
+                    epoch: epoch.clone(),
+                    seq,
+                })
+            }
+            _ => {
+                session.error(livepush_proto::FrameError::new(
+                    ErrorCode::BadFrame,
+                    format!("room {room:?}: give both `epoch` and `seq`, or neither"),
+                ));
+                continue;
+            }
+        };
+        session.attach(room, since.as_ref());
+    }
+    // Ops after the rooms: a `send` needs the room joined, a `leave` undoes its attach.
+    for op in &body.ops {
+        session.handle_text(op.get());
+    }
+    let wait = Duration::from_millis(body.wait_ms.unwrap_or(25_000)).min(limits.poll_max_wait);
+    let outbox = session.outbox().clone();
+    let mut shutdown = app.shutdown.clone();
+    tokio::select! {
+        _ = outbox.significant() => {}
+        _ = tokio::time::sleep(wait) => {}
+        _ = shutdown.wait_for(|s| *s) => {}
+    }
+    let frames = match outbox.take(usize::MAX) {
+        Batch::Frames(f) => f,
+        Batch::Closed(_) => Vec::new(),
+    };
+    let mut out = BytesMut::with_capacity(frames.iter().map(|f| f.len() + 1).sum::<usize>() + 16);
+    out.put_slice(b"{\"frames\":[");
+    for (i, f) in frames.iter().enumerate() {
+        if i > 0 {
+            out.put_u8(b',');
+        }
+        out.put_slice(f);
+    }
+    out.put_slice(b"]}");
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        out.freeze(),
+    )
+        .into_response()
+}

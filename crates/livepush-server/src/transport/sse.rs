@@ -1,0 +1,213 @@
+//! The Server-Sent Events transport: `GET /v1/sse?token=…&rooms=R1,R2&since=POSITIONS`.
+//!
+//! Receive-only. Each event carries one or more frames, one per `data:` line. An event that
+//! carries a reliable message gets `id:` = the positions of every room of the stream after
+//! it, so a browser's `EventSource` resumes all rooms by itself with `Last-Event-ID` (which
+//! wins over `since`). An SSE client cannot `pull`, so when its queue overflows the server
+//! sends the `prompt` and ends the stream; `EventSource` reconnects with `Last-Event-ID` and
+//! the join replays the rest from history.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{self, Stream};
+use livepush_proto::{Position, Positions, Transport, validate_room};
+use serde::Deserialize;
+
+use crate::api::ApiError;
+use crate::auth::{Grants, MAX_TERMINAL_LEN, Terminal};
+use crate::outbox::{Batch, Outbox};
+use crate::server::App;
+use crate::session::{Session, authenticate};
+
+#[derive(Debug, Deserialize)]
+struct SseQuery {
+    token: Option<String>,
+    /// Dev mode only: reuse an anonymous terminal id.
+    terminal: Option<String>,
+    rooms: Option<String>,
+    since: Option<String>,
+}
+
+/// Marks the terminal offline on the service list when the stream ends.
+struct Presence {
+    app: Arc<App>,
+    terminal: Arc<str>,
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        self.app
+            .terminals
+            .closed(&self.terminal, Transport::Sse, false);
+    }
+}
+
+struct StreamState {
+    // Dropped with the stream: leaves the rooms, then marks the terminal offline.
+    _session: Session,
+    _presence: Presence,
+    outbox: Arc<Outbox>,
+    positions: BTreeMap<String, Position>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    done: bool,
+}
+
+/// What the stream needs to know of a frame to keep positions.
+#[derive(Deserialize)]
+struct Peek {
+    op: String,
+    room: Option<String>,
+    epoch: Option<String>,
+    seq: Option<u64>,
+}
+
+pub async fn sse(app: Arc<App>, req: Request) -> Response {
+    match open(app, req) {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
+    let q: SseQuery = serde_urlencoded_query(req.uri().query().unwrap_or(""))?;
+    let rooms: Vec<String> = q
+        .rooms
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if rooms.is_empty() {
+        return Err(ApiError::bad_request("`rooms` is required: rooms=R1,R2"));
+    }
+    for r in &rooms {
+        validate_room(r).map_err(ApiError::bad_request)?;
+    }
+    let last_event_id = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty());
+    let positions = match last_event_id.or(q.since.as_deref()) {
+        Some(p) => Positions::parse(p).map_err(|e| ApiError::bad_request(e.to_string()))?,
+        None => Positions::default(),
+    };
+    let dev = app.hub.config().dev;
+    let terminal = match (&q.token, &q.terminal) {
+        (None, Some(id)) if dev => {
+            if id.is_empty() || id.len() > MAX_TERMINAL_LEN || id.chars().any(char::is_control) {
+                return Err(ApiError::bad_request(
+                    "`terminal` is not a valid terminal id",
+                ));
+            }
+            Terminal {
+                id: Arc::from(id.as_str()),
+                grants: Grants::everything(),
+            }
+        }
+        _ => authenticate(&app.keys, dev, q.token.as_deref())
+            .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.message))?,
+    };
+    let id = terminal.id.clone();
+    let mut session = Session::new(app.hub.clone(), app.limiters.clone(), terminal);
+    app.terminals.opened(&id, Transport::Sse);
+    let presence = Presence {
+        app: app.clone(),
+        terminal: id,
+    };
+    session.greet(Transport::Sse, None);
+    for room in &rooms {
+        let since = positions
+            .0
+            .iter()
+            .find(|(r, _)| r == room)
+            .map(|(_, p)| p.clone());
+        session.join_room(room, since.as_ref());
+    }
+    let state = StreamState {
+        outbox: session.outbox().clone(),
+        _session: session,
+        _presence: presence,
+        positions: BTreeMap::new(),
+        shutdown: app.shutdown.clone(),
+        done: false,
+    };
+    let heartbeat = app.hub.config().heartbeat;
+    Ok(Sse::new(events(state))
+        .keep_alive(KeepAlive::new().interval(heartbeat).text("keepalive"))
+        .into_response())
+}
+
+fn serde_urlencoded_query(q: &str) -> Result<SseQuery, ApiError> {
+    axum::extract::Query::<SseQuery>::try_from_uri(
+        &format!("/?{q}")
+            .parse()
+            .map_err(|_| ApiError::bad_request("bad query string"))?,
+    )
+    .map(|axum::extract::Query(q)| q)
+    .map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
+fn events(state: StreamState) -> impl Stream<Item = Result<Event, Infallible>> {
+    stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        let frames = loop {
+            tokio::select! {
+                _ = st.outbox.ready() => {}
+                _ = st.shutdown.wait_for(|s| *s) => return None,
+            }
+            match st.outbox.take(usize::MAX) {
+                Batch::Frames(f) if f.is_empty() => continue,
+                Batch::Frames(f) => break f,
+                Batch::Closed(_) => return None,
+            }
+        };
+        let mut data = String::new();
+        let mut reliable = false;
+        for f in &frames {
+            let Ok(text) = std::str::from_utf8(f) else {
+                continue;
+            };
+            if let Ok(p) = serde_json::from_str::<Peek>(text) {
+                match (p.op.as_str(), p.room, p.epoch, p.seq) {
+                    ("joined", Some(room), Some(epoch), Some(seq)) => {
+                        st.positions.insert(room, Position { epoch, seq });
+                    }
+                    ("msg", Some(room), _, Some(seq)) => {
+                        if let Some(pos) = st.positions.get_mut(&room) {
+                            pos.seq = pos.seq.max(seq);
+                        }
+                        reliable = true;
+                    }
+                    // The client cannot pull: end the stream so it reconnects and resumes.
+                    ("prompt", _, _, _) => st.done = true,
+                    _ => {}
+                }
+            }
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(text);
+        }
+        let mut event = Event::default().data(data);
+        if reliable {
+            let id = Positions(
+                st.positions
+                    .iter()
+                    .map(|(r, p)| (r.clone(), p.clone()))
+                    .collect(),
+            );
+            event = event.id(id.to_string());
+        }
+        Some((Ok(event), st))
+    })
+}

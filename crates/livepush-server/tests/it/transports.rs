@@ -1,0 +1,417 @@
+//! Long-polling, SSE, and moving a flapping terminal to long-polling.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use livepush_proto::ServerFrame;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::*;
+
+impl TestServer {
+    /// One long-poll exchange; returns the parsed frames.
+    pub async fn poll(&self, path: &str, body: Value) -> Vec<ServerFrame> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url()))
+            .json(&body)
+            .send()
+            .await
+            .expect("poll");
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+        let v: Value = r.json().await.expect("json");
+        v["frames"]
+            .as_array()
+            .expect("frames")
+            .iter()
+            .map(|f| ServerFrame::parse(&f.to_string()).expect("frame"))
+            .collect()
+    }
+}
+
+fn seqs(frames: &[ServerFrame]) -> Vec<u64> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Msg(m) => m.seq,
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn long_poll_join_receive_send_ack() {
+    let s = TestServer::start().await;
+    let token = s.token("poller", &["lp"], true);
+    let hello = s
+        .poll(
+            "/v1/poll",
+            json!({"token":token,"hello":true,"rooms":{"lp":{}},"wait_ms":5000}),
+        )
+        .await;
+    assert!(
+        matches!(&hello[0], ServerFrame::Connected { transport: livepush_proto::Transport::Longpoll, terminal, .. } if terminal == "poller"),
+        "{hello:?}"
+    );
+    let (epoch, seq, recovered) = joined(&hello[1]);
+    assert_eq!((seq, recovered), (0, true));
+
+    // A parked poll is answered by a publish.
+    let s2 = std::sync::Arc::new(s);
+    let publisher = {
+        let s = s2.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            s.publish("lp", "gift", json!({"n": 1})).await;
+        })
+    };
+    let frames = s2
+        .poll(
+            "/v1/connect",
+            json!({"token":token,"rooms":{"lp":{"epoch":epoch,"seq":0}},"wait_ms":5000}),
+        )
+        .await;
+    publisher.await.unwrap();
+    assert_eq!(seqs(&frames), vec![1]);
+    assert!(
+        !frames
+            .iter()
+            .any(|f| matches!(f, ServerFrame::Joined { .. })),
+        "no joined on a complete resume: {frames:?}"
+    );
+
+    // Send and ack ride in `ops`; a WebSocket member sees the chat.
+    let mut ws = s2.terminal("watcher", &["lp"], false).await;
+    ws.join("lp", None).await;
+    let frames = s2
+        .poll(
+            "/v1/poll",
+            json!({"token":token,"rooms":{"lp":{"epoch":epoch,"seq":1}},"wait_ms":2000,
+                   "ops":[{"op":"send","room":"lp","type":"chat","data":{"text":"hi"}},{"op":"ack","inbox":0},{"op":"ping","id":4}]}),
+        )
+        .await;
+    assert!(
+        frames.contains(&ServerFrame::Pong { id: Some(4) }),
+        "{frames:?}"
+    );
+    assert!(
+        !frames
+            .iter()
+            .any(|f| matches!(f, ServerFrame::Error { .. })),
+        "{frames:?}"
+    );
+    match ws.next_significant().await {
+        ServerFrame::Msg(m) => assert_eq!((m.ty.as_str(), m.data), ("chat", json!({"text":"hi"}))),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_lost_poll_answer_loses_nothing() {
+    let s = TestServer::start().await;
+    let token = s.token("p", &["r"], false);
+    for n in 1..=3 {
+        s.publish("r", "gift", json!({"n": n})).await;
+    }
+    let epoch = s.room("r").await["epoch"].as_str().unwrap().to_owned();
+    let body = json!({"token":token,"rooms":{"r":{"epoch":epoch,"seq":0}},"wait_ms":1000});
+    let first = s.poll("/v1/poll", body.clone()).await;
+    assert_eq!(seqs(&first), vec![1, 2, 3]);
+    // The answer never reached the client: it polls again with the same positions.
+    let again = s.poll("/v1/poll", body).await;
+    assert_eq!(again, first);
+}
+
+#[tokio::test]
+async fn long_poll_epoch_mismatch_transient_and_presence() {
+    let mut c = config();
+    c.poll_grace = Duration::from_millis(300);
+    c.limits.online_interval = Duration::from_millis(50);
+    let s = std::sync::Arc::new(TestServer::with(c).await);
+    s.publish("r", "gift", json!({})).await;
+    let token = s.token("p", &["r"], false);
+    let frames = s
+        .poll(
+            "/v1/poll",
+            json!({"token":token,"rooms":{"r":{"epoch":"old","seq":7}},"wait_ms":1000}),
+        )
+        .await;
+    let (epoch, _, recovered) = joined(&frames[0]);
+    assert!(!recovered);
+    assert_eq!(seqs(&frames), vec![1]);
+
+    // Transient messages published while the poll is parked are included; the parked
+    // terminal counts as online.
+    let bg = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.eventually("the parked poller to be online", || async {
+                s.room("r").await["online"] == json!(1)
+            })
+            .await;
+            s.publish("r", "chat", json!({"text":"live"})).await;
+        })
+    };
+    let frames = s
+        .poll(
+            "/v1/poll",
+            json!({"token":token,"rooms":{"r":{"epoch":epoch,"seq":1}},"wait_ms":5000}),
+        )
+        .await;
+    bg.await.unwrap();
+    assert!(
+        frames
+            .iter()
+            .any(|f| matches!(f, ServerFrame::Msg(m) if m.seq.is_none())),
+        "{frames:?}"
+    );
+    // Still online within the grace after the poll ended, then not.
+    assert_eq!(s.room("r").await["online"], 1);
+    let (_, t) = s.get("/v1/terminals/p").await;
+    assert_eq!(t["online"], true);
+    s.eventually("the grace to end", || async {
+        s.room("r").await["online"] == json!(0)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn long_poll_errors_are_json() {
+    let s = TestServer::start().await;
+    let r = s
+        .http
+        .post(format!("{}/v1/poll", s.url()))
+        .body("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = s
+        .http
+        .post(format!("{}/v1/poll", s.url()))
+        .json(&json!({"token":"bad","rooms":{}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "unauthorized");
+    // Room-level refusals come back as frames.
+    let token = s.token("p", &["r"], false);
+    let frames = s
+        .poll(
+            "/v1/poll",
+            json!({"token":token,"rooms":{"other":{},"bad room":{}},"wait_ms":100}),
+        )
+        .await;
+    let codes: Vec<&str> = frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Error { code, .. } => Some(code.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(codes, vec!["bad_frame", "forbidden"]);
+}
+
+/// Read SSE events from a streaming response: (id, frames).
+async fn sse_events(
+    resp: &mut reqwest::Response,
+    buf: &mut String,
+    want_reliable: usize,
+) -> (Option<String>, Vec<ServerFrame>) {
+    let mut frames = Vec::new();
+    let mut last_id = None;
+    let mut reliable = 0;
+    while reliable < want_reliable {
+        while let Some(i) = buf.find("\n\n") {
+            let event: String = buf.drain(..i + 2).collect();
+            for line in event.lines() {
+                if let Some(id) = line.strip_prefix("id:") {
+                    last_id = Some(id.trim().to_owned());
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    let f = ServerFrame::parse(d.trim()).expect("frame");
+                    if matches!(&f, ServerFrame::Msg(m) if m.seq.is_some()) {
+                        reliable += 1;
+                    }
+                    frames.push(f);
+                }
+            }
+        }
+        if reliable >= want_reliable {
+            break;
+        }
+        let chunk = tokio::time::timeout(WAIT, resp.chunk())
+            .await
+            .expect("sse chunk in time")
+            .expect("read")
+            .expect("stream open");
+        buf.push_str(std::str::from_utf8(&chunk).expect("utf8"));
+    }
+    (last_id, frames)
+}
+
+#[tokio::test]
+async fn sse_resumes_with_last_event_id() {
+    let s = TestServer::start().await;
+    let token = s.token("sse", &["a", "b:1"], false);
+    s.publish("b:1", "gift", json!({"n": 1})).await;
+    let mut resp = s
+        .http
+        .get(format!("{}/v1/sse?token={token}&rooms=a,b:1", s.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut buf = String::new();
+    for n in 1..=3 {
+        s.publish("a", "gift", json!({"n": n})).await;
+    }
+    let (id, frames) = sse_events(&mut resp, &mut buf, 3).await;
+    assert!(matches!(
+        frames[0],
+        ServerFrame::Connected {
+            transport: livepush_proto::Transport::Sse,
+            ..
+        }
+    ));
+    let id = id.expect("reliable events carry an id");
+    let epoch_a = s.room("a").await["epoch"].as_str().unwrap().to_owned();
+    let epoch_b = s.room("b:1").await["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(id, format!("a:{epoch_a}:3,b:1:{epoch_b}:1"));
+    drop(resp);
+
+    s.publish("a", "gift", json!({"n": 4})).await;
+    s.publish("b:1", "gift", json!({"n": 2})).await;
+    // Last-Event-ID wins over a stale `since`.
+    let mut resp = s
+        .http
+        .get(format!(
+            "{}/v1/sse?token={token}&rooms=a,b:1&since=a:{epoch_a}:0",
+            s.url()
+        ))
+        .header("Last-Event-ID", &id)
+        .send()
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    let (_, frames) = sse_events(&mut resp, &mut buf, 2).await;
+    let joined: Vec<bool> = frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Joined { recovered, .. } => Some(*recovered),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(joined, vec![true, true]);
+    let got: Vec<(String, u64)> = frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Msg(m) => Some((m.room.clone(), m.seq?)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, vec![("a".to_owned(), 4), ("b:1".to_owned(), 2)]);
+}
+
+#[tokio::test]
+async fn sse_rejects_bad_requests() {
+    let s = TestServer::start().await;
+    let token = s.token("sse", &["a"], false);
+    let r = s
+        .http
+        .get(format!("{}/v1/sse?token={token}", s.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = s
+        .http
+        .get(format!("{}/v1/sse?token=x&rooms=a", s.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = s
+        .http
+        .get(format!(
+            "{}/v1/sse?token={token}&rooms=a&since=a:ep",
+            s.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "bad_request");
+}
+
+#[tokio::test]
+async fn a_flapping_terminal_is_moved_to_long_polling() {
+    let mut c = config();
+    c.flap_threshold = 2;
+    c.flap_longpoll_for = Duration::from_secs(30);
+    let s = TestServer::with(c).await;
+    // Clean closes never count.
+    for _ in 0..4 {
+        let mut t = s.terminal("flappy", &["r"], false).await;
+        t.inner.close(None).await.unwrap();
+        while t.try_next().await.is_some() {}
+    }
+    s.eventually("clean sessions to end", || async {
+        s.get("/v1/terminals/flappy").await.1["online"] == json!(false)
+    })
+    .await;
+    let (_, v) = s.get("/v1/terminals/flappy").await;
+    assert_eq!(v["interruptions"]["count"], 0, "{v}");
+    // Three abrupt ends (> threshold 2).
+    for i in 1..=3 {
+        let t = s.terminal("flappy", &["r"], false).await;
+        drop(t);
+        s.eventually("the interruption to count", || async {
+            s.get("/v1/terminals/flappy").await.1["interruptions"]["count"] == json!(i)
+        })
+        .await;
+    }
+    let (_, v) = s.get("/v1/terminals/flappy").await;
+    assert_eq!(v["interruptions"]["threshold"], 2);
+    assert_eq!(v["interruptions"]["window_ms"], 60_000);
+    assert!(
+        v["interruptions"]["longpoll_for_ms"].as_u64().unwrap() > 20_000,
+        "{v}"
+    );
+    let mut t = Ws::open(&s.ws_url()).await;
+    let token = s.token("flappy", &["r"], false);
+    t.inner
+        .send(Message::Text(
+            json!({"op":"connect","token":token}).to_string().into(),
+        ))
+        .await
+        .unwrap();
+    match t.next().await {
+        ServerFrame::Transport {
+            use_,
+            retry_ws_after_ms,
+        } => {
+            assert_eq!(use_, livepush_proto::Transport::Longpoll);
+            assert!(retry_ws_after_ms > 20_000 && retry_ws_after_ms <= 30_000);
+        }
+        other => panic!("expected transport, got {other:?}"),
+    }
+    assert!(t.try_next().await.is_none(), "then the server closes");
+    // Another terminal is unaffected, and long-poll works for the flapping one.
+    s.terminal("steady", &["r"], false).await;
+    let frames = s
+        .poll(
+            "/v1/poll",
+            json!({"token":token,"hello":true,"rooms":{"r":{}},"wait_ms":100}),
+        )
+        .await;
+    assert!(matches!(frames[0], ServerFrame::Connected { .. }));
+    let _ = t.inner.next().await;
+}
