@@ -193,7 +193,8 @@ pub async fn history(
         .map_err(ApiError::internal)?
         .ok_or_else(|| unknown_room(&room))?;
     let cap = app.hub.config().limits.max_pull;
-    let page = r.page(q.since, q.limit.unwrap_or(cap).min(cap) as usize);
+    let max_bytes = app.hub.config().limits.outbox_max_bytes / 4;
+    let page = r.page(q.since, q.limit.unwrap_or(cap).min(cap) as usize, max_bytes);
     let mut out = BytesMut::new();
     out.put_slice(
         json!({"epoch": &*page.epoch, "seq": page.latest, "recovered": page.recovered})

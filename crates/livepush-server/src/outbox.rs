@@ -183,6 +183,12 @@ impl Outbox {
         self.limits.soft_frames.saturating_sub(st.frames.len())
     }
 
+    /// Bytes that may still be queued before the hard limit.
+    pub fn free_bytes(&self) -> usize {
+        let st = self.state.lock();
+        self.limits.hard_bytes.saturating_sub(st.bytes)
+    }
+
     /// Fold reliable messages of `room` up to `seq` into a prompt (used when a replay does not
     /// fit).
     pub fn prompt(&self, room: &Arc<str>, seq: u64) {

@@ -283,7 +283,11 @@ impl Session {
             Some(r) => r.clone(),
             None => self.hub.room(room).map_err(internal)?,
         };
-        self.outbox.push(r.pulled(since, limit, id), Kind::Reply);
+        // A pull answer takes at most a quarter of the outbox's byte budget; the caller
+        // pages on from the last seq it got.
+        let max_bytes = self.hub.config().limits.outbox_max_bytes / 4;
+        self.outbox
+            .push(r.pulled(since, limit, max_bytes, id), Kind::Reply);
         Ok(())
     }
 

@@ -274,16 +274,21 @@ impl Room {
         let mut replayed = 0;
         let mut prompted = false;
         if let Some(from) = from {
-            let mut free = member.outbox.free_slots();
+            // A replay takes at most the free frame slots and half the free bytes of the
+            // outbox, so that it can never push the connection over its hard limit; the rest
+            // is announced with a `prompt` and pulled.
+            let mut slots = member.outbox.free_slots();
+            let mut bytes = member.outbox.free_bytes() / 2;
             for m in st.history.iter().filter(|m| m.seq >= from) {
-                if free == 0 {
+                if slots == 0 || m.frame.len() > bytes {
                     member.outbox.prompt(&self.id, st.delivered);
                     prompted = true;
                     break;
                 }
                 member.outbox.push(m.frame.clone(), Kind::Reply);
                 replayed += 1;
-                free -= 1;
+                slots -= 1;
+                bytes -= m.frame.len();
             }
         }
         Ok(Joined {
@@ -323,17 +328,24 @@ impl Room {
         self.state.lock().members.contains_key(&conn)
     }
 
-    /// Reliable messages with `seq > since`, at most `limit`. `recovered` is true when nothing
-    /// between `since` and the first returned message is missing.
-    pub fn page(&self, since: u64, limit: usize) -> Page {
+    /// Reliable messages with `seq > since`: at most `limit`, and no more than `max_bytes`
+    /// of frames (but always at least one). `recovered` is true when nothing between `since`
+    /// and the first returned message is missing; a `since` beyond the latest seq is not
+    /// recovered (the caller saw messages this history does not have).
+    pub fn page(&self, since: u64, limit: usize, max_bytes: usize) -> Page {
         let st = self.state.lock();
         let first_kept = st.history.front().map_or(st.delivered + 1, |m| m.seq);
-        let recovered = since >= st.delivered || since + 1 >= first_kept;
+        let recovered = since <= st.delivered && (since == st.delivered || since + 1 >= first_kept);
+        let mut bytes = 0;
         let messages = st
             .history
             .iter()
             .filter(|m| m.seq > since)
             .take(limit)
+            .take_while(|m| {
+                bytes += m.frame.len();
+                bytes == m.frame.len() || bytes <= max_bytes
+            })
             .map(|m| m.frame.clone())
             .collect();
         Page {
@@ -345,8 +357,14 @@ impl Room {
     }
 
     /// Encode a `pulled` answer.
-    pub fn pulled(&self, since: u64, limit: usize, request_id: Option<u64>) -> Bytes {
-        let page = self.page(since, limit);
+    pub fn pulled(
+        &self,
+        since: u64,
+        limit: usize,
+        max_bytes: usize,
+        request_id: Option<u64>,
+    ) -> Bytes {
+        let page = self.page(since, limit, max_bytes);
         encode_pulled(
             request_id,
             &self.id,

@@ -102,7 +102,15 @@ fn close(code: u16, reason: &'static str) -> Message {
 }
 
 /// Wait for the `connect` frame and check its token.
-async fn handshake(app: &App, socket: &mut WebSocket) -> Result<(Session, Option<u64>), Ending> {
+/// What a successful handshake yields: the session, the `connect` frame's id, and any frames
+/// the client batched after `connect` in the same WebSocket message.
+struct Handshake {
+    session: Session,
+    id: Option<u64>,
+    rest: Vec<String>,
+}
+
+async fn handshake(app: &App, socket: &mut WebSocket) -> Result<Handshake, Ending> {
     let limits = &app.hub.config().limits;
     let first = match timeout(limits.connect_timeout, socket.recv()).await {
         Err(_) => {
@@ -126,7 +134,9 @@ async fn handshake(app: &App, socket: &mut WebSocket) -> Result<(Session, Option
         refuse(socket, None, "connect frame too large").await;
         return Err(Ending::TooLarge);
     }
-    let line = livepush_proto::split_frames(&first).next().unwrap_or("");
+    let mut lines = livepush_proto::split_frames(&first);
+    let line = lines.next().unwrap_or("");
+    let rest: Vec<String> = lines.map(str::to_owned).collect();
     let env = match ClientEnvelope::parse(line) {
         Ok(env) => env,
         Err(e) => {
@@ -151,7 +161,11 @@ async fn handshake(app: &App, socket: &mut WebSocket) -> Result<(Session, Option
         }
     };
     let session = Session::new(app.hub.clone(), app.limiters.clone(), terminal);
-    Ok((session, env.id))
+    Ok(Handshake {
+        session,
+        id: env.id,
+        rest,
+    })
 }
 
 /// Answer `connect` with `transport` instead of `connected`, then close cleanly.
@@ -179,7 +193,11 @@ pub async fn run(app: Arc<App>, mut socket: WebSocket) {
     let metrics = app.hub.metrics();
     metrics.connections_total.get_or_create(&label).inc();
     let ending = match handshake(&app, &mut socket).await {
-        Ok((session, id)) => {
+        Ok(Handshake {
+            mut session,
+            id,
+            rest,
+        }) => {
             let terminal = session.terminal().id.clone();
             if let Some(wait) = app.terminals.longpoll_for(&terminal) {
                 move_to_longpoll(&mut socket, wait).await;
@@ -188,6 +206,9 @@ pub async fn run(app: Arc<App>, mut socket: WebSocket) {
                 app.terminals.opened(&terminal, Transport::Ws);
                 metrics.connections_open.get_or_create(&label).inc();
                 session.greet(Transport::Ws, id);
+                for line in &rest {
+                    session.handle_text(line);
+                }
                 let ending = serve(&app, socket, session).await;
                 metrics.connections_open.get_or_create(&label).dec();
                 app.terminals

@@ -239,3 +239,91 @@ async fn transient_messages_are_live_only() {
     assert_eq!(status, 200);
     assert_eq!(body["seq"], 1);
 }
+
+#[tokio::test]
+async fn frames_batched_with_connect_are_handled() {
+    let s = TestServer::start().await;
+    let mut ws = Ws::open(&s.ws_url()).await;
+    let token = s.token("batcher", &["b"], false);
+    ws.send_text(&format!(
+        "{}\n{}",
+        json!({"op":"connect","token":token}),
+        json!({"op":"join","room":"b","id":2})
+    ))
+    .await;
+    assert!(matches!(ws.next().await, ServerFrame::Connected { .. }));
+    assert!(matches!(
+        ws.next().await,
+        ServerFrame::Joined { id: Some(2), .. }
+    ));
+}
+
+#[tokio::test]
+async fn replays_and_pulls_are_bounded_in_bytes() {
+    let mut c = config();
+    c.limits.outbox_max_bytes = 64 * 1024;
+    c.limits.max_publish_bytes = 16 * 1024;
+    let s = TestServer::with(c).await;
+    let big = "x".repeat(8 * 1024);
+    for n in 1..=20 {
+        s.publish("big", "gift", json!({"n": n, "pad": big})).await;
+    }
+    let epoch = s.room("big").await["epoch"].as_str().unwrap().to_owned();
+    let mut t = s.terminal("t", &["big"], false).await;
+    let (_, _, recovered) = joined(&t.join("big", Some((&epoch, 0))).await);
+    assert!(recovered);
+    let mut got = Vec::new();
+    loop {
+        match t.next_significant().await {
+            ServerFrame::Msg(m) => got.push(m.seq.unwrap()),
+            ServerFrame::Prompt { seq, .. } => {
+                assert_eq!(seq, 20);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Half of the 64 KiB budget: about four 8 KiB messages, never the connection's end.
+    assert!(!got.is_empty() && got.len() <= 4, "{got:?}");
+    let mut last = *got.last().unwrap();
+    while last < 20 {
+        t.send(json!({"op":"pull","room":"big","since":last})).await;
+        match t.next_significant().await {
+            ServerFrame::Pulled { messages, .. } => {
+                assert!(
+                    !messages.is_empty() && messages.len() <= 3,
+                    "a quarter of the budget"
+                );
+                for m in &messages {
+                    last += 1;
+                    assert_eq!(m.seq, Some(last));
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn pull_from_beyond_the_latest_seq_is_not_recovered() {
+    let s = TestServer::start().await;
+    s.publish("p", "gift", json!({})).await;
+    let mut t = s.terminal("t", &["p"], false).await;
+    t.send(json!({"op":"pull","room":"p","since":1})).await;
+    assert!(matches!(
+        t.next_significant().await,
+        ServerFrame::Pulled {
+            recovered: true,
+            ..
+        }
+    ));
+    t.send(json!({"op":"pull","room":"p","since":5})).await;
+    assert!(matches!(
+        t.next_significant().await,
+        ServerFrame::Pulled {
+            recovered: false,
+            seq: 1,
+            ..
+        }
+    ));
+}
