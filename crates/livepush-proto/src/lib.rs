@@ -13,6 +13,7 @@ mod codec;
 mod error;
 mod ids;
 mod server;
+pub mod wake;
 
 pub use client::{ClientEnvelope, ClientFrame};
 pub use codec::{join_frames, split_frames};
