@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bench;
 mod publish;
 mod serve;
 mod tail;
@@ -35,6 +36,8 @@ enum Command {
     Token(token::TokenArgs),
     /// Connect as a terminal, join rooms, and print every event as one JSON line.
     Tail(tail::TailArgs),
+    /// Load generator: measure livepush (see `livepush bench --help`).
+    Bench(bench::BenchArgs),
 }
 
 /// Arguments every client command shares.
@@ -45,7 +48,7 @@ pub struct ServerArg {
     pub server: String,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -54,15 +57,41 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        match cli.command {
-            Command::Serve(a) => serve::run(*a).await,
-            Command::Publish(a) => publish::run(a).await,
-            Command::Token(a) => token::run(a),
-            Command::Tail(a) => tail::run(a).await,
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(async move {
+                match cli.command {
+                    Command::Serve(a) => serve::run(*a).await,
+                    Command::Publish(a) => publish::run(a).await,
+                    Command::Token(a) => token::run(a),
+                    Command::Tail(a) => tail::run(a).await,
+                    Command::Bench(a) => bench::run(a).await,
+                }
+            })
+        });
+    if let Err(e) = result {
+        eprintln!("livepush: error: {}", describe(&e));
+        std::process::exit(1);
+    }
+}
+
+/// The error and its causes on one line, skipping a cause its parent already quoted.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut previous = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if previous.contains(&text) {
+            continue;
         }
-    })
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+        previous = text;
+    }
+    out
 }

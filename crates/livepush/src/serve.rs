@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use std::sync::Arc;
+
+use livepush_server::broker::LocalBroker;
+use livepush_server::store::{DurabilityPolicy, HistoryStore, MemoryStore, RedbStore};
 use livepush_server::{ClassMap, Config, Limits};
 use rand::Rng;
 use rand::distr::Alphanumeric;
@@ -30,6 +34,15 @@ pub struct ServeArgs {
     /// open when no key is given. Only allowed on a loopback address.
     #[arg(long, env = "LIVEPUSH_DEV")]
     dev: bool,
+    /// Directory of the embedded store (created if missing). `:memory:` keeps nothing: every
+    /// restart starts with empty histories and new epochs.
+    #[arg(long, env = "LIVEPUSH_DATA_DIR", default_value = "./livepush-data")]
+    data_dir: String,
+    /// When a reliable publish is answered: `sync` (own fsync each), `batch` (group commit,
+    /// one fsync per few ms), `none` (at once; fsync every second). See README "Data and
+    /// durability" for what each can lose.
+    #[arg(long, env = "LIVEPUSH_DURABILITY", default_value = "batch")]
+    durability: DurabilityPolicy,
     /// Interval of WebSocket pings to terminals, in milliseconds.
     #[arg(long, env = "LIVEPUSH_HEARTBEAT_MS", default_value_t = 25_000)]
     heartbeat_ms: u64,
@@ -116,18 +129,68 @@ pub struct ServeArgs {
     ws_read_buffer: usize,
 }
 
-fn generated(what: &str) -> String {
+fn generated(what: &str, notes: &mut Vec<String>) -> String {
     let v: String = rand::rng()
         .sample_iter(&Alphanumeric)
         .take(32)
         .map(char::from)
         .collect();
-    eprintln!("livepush: no {what} given; generated one for this run: {v}");
+    notes.push(format!(
+        "livepush: no {what} given; generated one for this run: {v}"
+    ));
     v
 }
 
+/// The store `--data-dir` names, opened before anything listens.
+enum Store {
+    Memory,
+    Redb(Arc<RedbStore>),
+}
+
+impl Store {
+    async fn open(data_dir: &str, policy: DurabilityPolicy) -> anyhow::Result<Store> {
+        if data_dir == ":memory:" {
+            return Ok(Store::Memory);
+        }
+        let dir = std::path::PathBuf::from(data_dir);
+        // Opening verifies checksums and compacts: blocking work.
+        let store = tokio::task::spawn_blocking(move || RedbStore::open(&dir, policy))
+            .await
+            .context("opening the store")?
+            .context("cannot start: the data directory is unusable")?;
+        Ok(Store::Redb(Arc::new(store)))
+    }
+
+    fn as_dyn(&self) -> Arc<dyn HistoryStore> {
+        match self {
+            Store::Memory => Arc::new(MemoryStore),
+            Store::Redb(s) => s.clone(),
+        }
+    }
+}
+
+/// Compact the store file when trimming has freed at least half of it (and 64 MiB).
+fn spawn_compaction(store: Arc<RedbStore>) {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(Duration::from_secs(600));
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            let freed = store.trimmed_bytes_since_compaction();
+            if freed >= 64 * 1024 * 1024 && freed >= store.file_len() / 2 {
+                match store.compact().await {
+                    Ok(_) => tracing::info!(freed, "store compacted"),
+                    Err(e) => tracing::warn!(error = %e, "store compaction failed"),
+                }
+            }
+        }
+    });
+}
+
 impl ServeArgs {
-    fn into_config(self) -> anyhow::Result<Config> {
+    /// The configuration, and notes to print once it is known to be valid.
+    fn into_config(self) -> anyhow::Result<(Config, Vec<String>)> {
+        let mut notes = Vec::new();
         let mut classes = ClassMap::default();
         for c in &self.classes {
             classes
@@ -138,14 +201,14 @@ impl ServeArgs {
         let api_key = match self.api_key {
             Some(k) => Some(k),
             None if self.dev => None,
-            None => Some(generated("API key (--api-key)")),
+            None => Some(generated("API key (--api-key)", &mut notes)),
         };
         let token_secret = match self.token_secret {
             Some(s) => s,
-            None => generated("token secret (--token-secret)"),
+            None => generated("token secret (--token-secret)", &mut notes),
         };
         let heartbeat = Duration::from_millis(self.heartbeat_ms);
-        Ok(Config {
+        let config = Config {
             listen: self.listen,
             api_key,
             token_secret,
@@ -182,14 +245,27 @@ impl ServeArgs {
                 max_poll_bytes: self.max_poll_bytes,
                 ..Limits::default()
             },
-        })
+        };
+        Ok((config, notes))
     }
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.into_config()?;
+    let (data_dir, durability) = (args.data_dir.clone(), args.durability);
+    let (config, notes) = args.into_config()?;
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    for n in notes {
+        eprintln!("{n}");
+    }
+    let store = Store::open(&data_dir, durability).await?;
     let dev = config.dev;
-    let running = livepush_server::start(config).await?;
+    let running =
+        livepush_server::start_with(config, store.as_dyn(), Arc::new(LocalBroker)).await?;
+    if let Store::Redb(s) = &store {
+        spawn_compaction(s.clone());
+    }
     if dev {
         eprintln!("livepush: --dev: terminals may connect without a token");
     }
@@ -202,5 +278,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     eprintln!("livepush: shutting down");
     running.shutdown().await;
+    if let Store::Redb(s) = store {
+        s.close().context("closing the store")?;
+    }
     Ok(())
 }

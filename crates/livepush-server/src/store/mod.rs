@@ -13,12 +13,14 @@
 //! to). The embedded durable store implements the same trait.
 
 mod memory;
+mod redb;
 
 use std::future::Future;
 use std::pin::Pin;
 
 use bytes::Bytes;
 
+pub use self::redb::{DurabilityPolicy, OpenError, RedbStore, StoreOptions};
 pub use memory::MemoryStore;
 
 /// A reliable message as the hub and the store keep it: its position, its time, and its

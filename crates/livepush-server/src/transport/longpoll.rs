@@ -25,10 +25,10 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::api::ApiError;
-use crate::auth::{MAX_TERMINAL_LEN, Terminal, now_ms};
+use crate::auth::{Terminal, now_ms};
 use crate::outbox::Batch;
 use crate::server::App;
-use crate::session::{Session, authenticate};
+use crate::session::{Session, authenticate, dev_terminal};
 
 /// A room's entry in a poll: `{}` for a fresh join, `{epoch, seq}` to continue.
 #[derive(Debug, Default, Deserialize)]
@@ -60,18 +60,10 @@ fn unauthorized(message: String) -> ApiError {
 
 fn poll_terminal(app: &App, body: &PollBody) -> Result<Terminal, ApiError> {
     let dev = app.hub.config().dev;
-    if dev && body.token.as_deref().is_none_or(str::is_empty) {
-        if let Some(id) = body.terminal.as_deref() {
-            if id.is_empty() || id.len() > MAX_TERMINAL_LEN || id.chars().any(char::is_control) {
-                return Err(ApiError::bad_request(
-                    "`terminal` is not a valid terminal id",
-                ));
-            }
-            return Ok(Terminal {
-                id: Arc::from(id),
-                grants: crate::auth::Grants::everything(),
-            });
-        }
+    if let (true, None | Some(""), Some(id)) =
+        (dev, body.token.as_deref(), body.terminal.as_deref())
+    {
+        return dev_terminal(id).map_err(ApiError::bad_request);
     }
     authenticate(&app.keys, dev, body.token.as_deref()).map_err(|e| unauthorized(e.message))
 }

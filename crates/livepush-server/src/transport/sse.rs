@@ -20,10 +20,9 @@ use livepush_proto::{Position, Positions, Transport, validate_room};
 use serde::Deserialize;
 
 use crate::api::ApiError;
-use crate::auth::{Grants, MAX_TERMINAL_LEN, Terminal};
 use crate::outbox::{Batch, Outbox};
 use crate::server::App;
-use crate::session::{Session, authenticate};
+use crate::session::{Session, authenticate, dev_terminal};
 
 #[derive(Debug, Deserialize)]
 struct SseQuery {
@@ -101,17 +100,7 @@ fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
     };
     let dev = app.hub.config().dev;
     let terminal = match (&q.token, &q.terminal) {
-        (None, Some(id)) if dev => {
-            if id.is_empty() || id.len() > MAX_TERMINAL_LEN || id.chars().any(char::is_control) {
-                return Err(ApiError::bad_request(
-                    "`terminal` is not a valid terminal id",
-                ));
-            }
-            Terminal {
-                id: Arc::from(id.as_str()),
-                grants: Grants::everything(),
-            }
-        }
+        (None, Some(id)) if dev => dev_terminal(id).map_err(ApiError::bad_request)?,
         _ => authenticate(&app.keys, dev, q.token.as_deref())
             .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.message))?,
     };

@@ -1,0 +1,784 @@
+//! The embedded durable store: room histories, epochs and room state in one redb file
+//! (`<data dir>/livepush.redb`). The table layout is described in `tables.rs`.
+//!
+//! # Writes
+//!
+//! Every write (create, append, flags, trim, flush) goes through one channel to one writer
+//! thread, which owns all write transactions. Futures therefore resolve in submission order
+//! (the hub relies on it), and a slow disk never blocks the caller, only its answer. Reads
+//! ([`HistoryStore::load_room`]) are plain read transactions on the caller's thread and never
+//! wait for the writer.
+//!
+//! # Durability policies
+//!
+//! - [`DurabilityPolicy::Sync`]: each write is its own transaction, committed with an fsync
+//!   before its future resolves. A crash loses nothing that was answered.
+//! - [`DurabilityPolicy::Batch`] (default): group commit. The writer takes everything that
+//!   arrives within [`StoreOptions::batch_window`] (at most [`StoreOptions::max_batch`]
+//!   writes), writes it in one transaction with one fsync, then resolves those futures in
+//!   order. A crash loses nothing that was answered.
+//! - [`DurabilityPolicy::None`]: futures resolve at submission; the writer still writes in
+//!   batches, without fsync, and makes everything durable every
+//!   [`StoreOptions::checkpoint_interval`] (default 1 s) and on [`HistoryStore::flush`]. A
+//!   crash (kill -9, power loss) loses roughly the last checkpoint interval of answered, and
+//!   already delivered, writes. So that no `(epoch, seq)` is ever reused for a different
+//!   message, the file carries a "dirty" marker, made durable before the first write that is
+//!   answered early and cleared by a clean `flush`/`close`. If a run under `none` did not stop
+//!   cleanly, every room gets a new epoch at the next open (history and seq are kept), so
+//!   resuming clients are told `recovered:false` instead of being lied to. Under `sync` and
+//!   `batch` epochs never change across restarts.
+//!
+//! A write that fails (disk full, I/O error) resolves the futures of its batch with
+//! [`StoreError::Io`]; the writer reopens the file if redb asks for it and goes on with later
+//! writes. Seqs of failed appends and flags of failed updates are re-applied to the room record
+//! with the next successful batch, so a seq the hub already delivered is not handed out again
+//! after a restart.
+//!
+//! # Size
+//!
+//! `trim` deletes in the writer, batched with other writes. redb reuses freed pages, so a
+//! steady load with steady retention keeps the file at its high-water mark; the file is
+//! compacted at open and [`RedbStore::compact`] compacts it on demand (see
+//! [`RedbStore::trimmed_bytes_since_compaction`] for deciding when that is worthwhile).
+
+mod tables;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::fmt;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use ::redb::{
+    Database, DatabaseError, MultimapTableHandle, ReadableDatabase, ReadableTable, StorageError,
+    TableHandle,
+};
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::oneshot;
+
+use super::{Durable, HistoryStore, RoomFlags, RoomRecord, StoreError, StoredMessage, ready};
+pub use tables::FORMAT_VERSION;
+use tables::{
+    FORMAT_MAGIC, MESSAGES, META, META_DIRTY, META_FORMAT, META_VERSION, ROOMS, RoomRow,
+    decode_message,
+};
+
+/// The store's file inside the data directory.
+pub const FILE_NAME: &str = "livepush.redb";
+
+/// When a write counts as done. See the module documentation for what each can lose.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum DurabilityPolicy {
+    /// One transaction and one fsync per write.
+    Sync,
+    /// Group commit: one transaction and one fsync per batch.
+    #[default]
+    Batch,
+    /// Answer at once; fsync once per checkpoint interval.
+    None,
+}
+
+impl DurabilityPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DurabilityPolicy::Sync => "sync",
+            DurabilityPolicy::Batch => "batch",
+            DurabilityPolicy::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for DurabilityPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for DurabilityPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sync" => Ok(DurabilityPolicy::Sync),
+            "batch" => Ok(DurabilityPolicy::Batch),
+            "none" => Ok(DurabilityPolicy::None),
+            other => Err(format!(
+                "unknown durability policy {other:?} (expected sync, batch or none)"
+            )),
+        }
+    }
+}
+
+/// Tuning of a [`RedbStore`]. [`StoreOptions::new`] gives the defaults for a policy.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub policy: DurabilityPolicy,
+    /// `batch`/`none`: how long the writer keeps collecting writes after the first one of a
+    /// batch arrived. Zero takes only what is already queued.
+    pub batch_window: Duration,
+    /// `batch`/`none`: most writes in one transaction.
+    pub max_batch: usize,
+    /// `none`: how often pending non-durable commits are made durable.
+    pub checkpoint_interval: Duration,
+    /// redb's page cache, in bytes.
+    pub cache_size: usize,
+    /// Verify every page's checksum at open, so that a damaged file is refused with a clear
+    /// error instead of trusted (redb may panic on a damaged file it trusts). Reads the whole
+    /// file once.
+    pub verify_on_open: bool,
+    /// Compact the file at open.
+    pub compact_on_open: bool,
+}
+
+impl StoreOptions {
+    pub fn new(policy: DurabilityPolicy) -> StoreOptions {
+        StoreOptions {
+            policy,
+            batch_window: Duration::from_millis(2),
+            max_batch: 1024,
+            checkpoint_interval: Duration::from_secs(1),
+            cache_size: 64 * 1024 * 1024,
+            verify_on_open: true,
+            compact_on_open: true,
+        }
+    }
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions::new(DurabilityPolicy::default())
+    }
+}
+
+/// Why the store could not be opened. The server should stop with this message: the store
+/// never starts afresh over a file it cannot read.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create data directory {}: {source}", .path.display())]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open {}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{} is already in use (is another livepush server running on this data directory?)",
+        .path.display()
+    )]
+    Locked { path: PathBuf },
+    #[error("{} is corrupt or not a livepush store: {reason}", .path.display())]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "{} is a livepush store of format version {found}, but this build reads only version {}",
+        .path.display(),
+        FORMAT_VERSION
+    )]
+    UnknownVersion { path: PathBuf, found: u32 },
+    #[error("cannot open {}: {reason}", .path.display())]
+    Other { path: PathBuf, reason: String },
+}
+
+impl OpenError {
+    /// The file (or directory) the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            OpenError::CreateDir { path, .. }
+            | OpenError::Io { path, .. }
+            | OpenError::Locked { path }
+            | OpenError::Corrupt { path, .. }
+            | OpenError::UnknownVersion { path, .. }
+            | OpenError::Other { path, .. } => path,
+        }
+    }
+
+    /// An I/O error, or what redb reports as one when the file is not a redb file at all.
+    fn io(path: PathBuf, source: std::io::Error) -> OpenError {
+        if source.kind() == std::io::ErrorKind::InvalidData {
+            OpenError::Corrupt {
+                path,
+                reason: source.to_string(),
+            }
+        } else {
+            OpenError::Io { path, source }
+        }
+    }
+
+    fn from_database(path: &Path, e: DatabaseError) -> OpenError {
+        let path = path.to_path_buf();
+        match e {
+            DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
+                OpenError::Locked { path }
+            }
+            DatabaseError::Storage(StorageError::Io(source)) => OpenError::io(path, source),
+            DatabaseError::Storage(StorageError::Corrupted(reason)) => {
+                OpenError::Corrupt { path, reason }
+            }
+            DatabaseError::UpgradeRequired(v) => OpenError::Corrupt {
+                path,
+                reason: format!("it is a redb file of an older format ({v})"),
+            },
+            other => OpenError::Other {
+                path,
+                reason: other.to_string(),
+            },
+        }
+    }
+
+    fn from_redb(path: &Path, e: ::redb::Error) -> OpenError {
+        let path = path.to_path_buf();
+        match e {
+            ::redb::Error::Io(source) => OpenError::io(path, source),
+            ::redb::Error::DatabaseAlreadyOpen | ::redb::Error::LockProtocolMismatch => {
+                OpenError::Locked { path }
+            }
+            ::redb::Error::Corrupted(reason) => OpenError::Corrupt { path, reason },
+            e @ (::redb::Error::TableTypeMismatch { .. }
+            | ::redb::Error::TableIsMultimap(_)
+            | ::redb::Error::TableIsNotMultimap(_)
+            | ::redb::Error::TypeDefinitionChanged { .. }) => OpenError::Corrupt {
+                path,
+                reason: e.to_string(),
+            },
+            other => OpenError::Other {
+                path,
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+/// Opens (or reopens, after an I/O error) the database file.
+type Opener = Box<dyn Fn(&Path) -> Result<Database, DatabaseError> + Send + Sync>;
+
+/// One submitted write.
+pub(crate) struct Job {
+    op: Op,
+    reply: Option<oneshot::Sender<Result<(), StoreError>>>,
+}
+
+pub(crate) enum Op {
+    Create {
+        room: String,
+        epoch: String,
+    },
+    Append {
+        room: String,
+        seq: u64,
+        ts: u64,
+        frame: Bytes,
+    },
+    Flags {
+        room: String,
+        flags: RoomFlags,
+    },
+    Trim {
+        room: String,
+        keep_from: u64,
+    },
+    /// Make everything before it durable (and, under `none`, mark the file clean).
+    Flush,
+    /// Compact the file (ends a batch).
+    Compact(oneshot::Sender<Result<bool, StoreError>>),
+    /// Commit what is left, mark the file clean, release it and stop (ends a batch).
+    Close,
+    /// Tests: stop as a crash would, leaving the dirty marker as it is.
+    #[cfg(test)]
+    Crash,
+}
+
+impl Op {
+    /// Ops that change data (as opposed to flush/compact/close).
+    fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Op::Create { .. } | Op::Append { .. } | Op::Flags { .. } | Op::Trim { .. }
+        )
+    }
+
+    /// Ops after which the writer stops collecting a batch.
+    fn ends_batch(&self) -> bool {
+        match self {
+            Op::Compact(_) | Op::Close => true,
+            #[cfg(test)]
+            Op::Crash => true,
+            _ => false,
+        }
+    }
+}
+
+/// Who may submit, and whether writes under `none` may be answered at submission.
+struct Gate {
+    tx: Option<mpsc::Sender<Job>>,
+    /// `none` only: the dirty marker is durable, so a write may be answered at once.
+    early: bool,
+}
+
+/// What the store handle and the writer thread share.
+pub(crate) struct Shared {
+    path: PathBuf,
+    policy: DurabilityPolicy,
+    /// `None` once closed, or while the file could not be reopened after an I/O error. The
+    /// lock is taken exclusively only to compact or reopen.
+    db: RwLock<Option<Database>>,
+    gate: Mutex<Gate>,
+    closed: AtomicBool,
+    trimmed_bytes: AtomicU64,
+    opener: Opener,
+}
+
+impl Shared {
+    fn open_db(&self) -> Result<Database, OpenError> {
+        open_db(&self.path, &self.opener)
+    }
+}
+
+/// Run the opener, turning a panic inside redb (possible on a damaged file it trusts) into an
+/// error.
+fn open_db(path: &Path, opener: &Opener) -> Result<Database, OpenError> {
+    match catch_unwind(AssertUnwindSafe(|| opener(path))) {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(OpenError::from_database(path, e)),
+        Err(panic) => Err(OpenError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("reading it failed: {}", panic_message(&*panic)),
+        }),
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_owned()
+    }
+}
+
+/// The embedded durable [`HistoryStore`].
+///
+/// Dropping it closes it (see [`RedbStore::close`]). At graceful shutdown, await
+/// [`HistoryStore::flush`] (which marks the file clean) and then drop or close the store.
+pub struct RedbStore {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<thread::JoinHandle<Result<(), StoreError>>>>,
+}
+
+impl fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedbStore")
+            .field("path", &self.shared.path)
+            .field("policy", &self.shared.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedbStore {
+    /// Open (creating it if missing) the store in `dir`, with default options for `policy`.
+    pub fn open(dir: &Path, policy: DurabilityPolicy) -> Result<RedbStore, OpenError> {
+        RedbStore::open_with(dir, StoreOptions::new(policy))
+    }
+
+    /// Open (creating it if missing) the store in `dir`.
+    pub fn open_with(dir: &Path, options: StoreOptions) -> Result<RedbStore, OpenError> {
+        std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let cache_size = options.cache_size;
+        let verify = options.verify_on_open;
+        let opener: Opener = Box::new(move |path| {
+            let mut builder = Database::builder();
+            builder
+                .set_cache_size(cache_size)
+                .set_check_integrity_on_open(verify);
+            builder.create(path)
+        });
+        RedbStore::open_inner(dir.join(FILE_NAME), options, opener)
+    }
+
+    fn open_inner(
+        path: PathBuf,
+        options: StoreOptions,
+        opener: Opener,
+    ) -> Result<RedbStore, OpenError> {
+        let mut db = open_db(&path, &opener)?;
+        let renewed = match catch_unwind(AssertUnwindSafe(|| prepare(&db))) {
+            Ok(Ok(renewed)) => renewed,
+            Ok(Err(Prepare::Redb(e))) => return Err(OpenError::from_redb(&path, e)),
+            Ok(Err(Prepare::NotOurs(reason))) => return Err(OpenError::Corrupt { path, reason }),
+            Ok(Err(Prepare::Version(found))) => {
+                return Err(OpenError::UnknownVersion { path, found });
+            }
+            Err(panic) => {
+                return Err(OpenError::Corrupt {
+                    reason: format!("reading it failed: {}", panic_message(&*panic)),
+                    path,
+                });
+            }
+        };
+        if renewed > 0 {
+            tracing::warn!(
+                path = %path.display(),
+                rooms = renewed,
+                "the last run under durability policy `none` did not stop cleanly: \
+                 every room gets a new epoch"
+            );
+        }
+        if options.compact_on_open {
+            match catch_unwind(AssertUnwindSafe(|| db.compact())) {
+                Ok(Ok(_)) => {}
+                Ok(Err(::redb::CompactionError::Storage(e))) => {
+                    return Err(OpenError::from_redb(&path, e.into()));
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(path = %path.display(), error = %e, "compaction skipped");
+                }
+                Err(panic) => {
+                    return Err(OpenError::Corrupt {
+                        reason: format!("compacting it failed: {}", panic_message(&*panic)),
+                        path,
+                    });
+                }
+            }
+        }
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            path: path.clone(),
+            policy: options.policy,
+            db: RwLock::new(Some(db)),
+            gate: Mutex::new(Gate {
+                tx: Some(tx),
+                early: false,
+            }),
+            closed: AtomicBool::new(false),
+            trimmed_bytes: AtomicU64::new(0),
+            opener,
+        });
+        let writer = writer::Writer::new(shared.clone(), rx, &options);
+        let handle = thread::Builder::new()
+            .name("livepush-store".into())
+            .spawn(move || writer.run())
+            .map_err(|source| OpenError::Io { path, source })?;
+        Ok(RedbStore {
+            shared,
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// The store's file.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    pub fn policy(&self) -> DurabilityPolicy {
+        self.shared.policy
+    }
+
+    /// Current size of the file in bytes.
+    pub fn file_len(&self) -> u64 {
+        std::fs::metadata(&self.shared.path).map_or(0, |m| m.len())
+    }
+
+    /// Bytes of messages deleted by `trim` since the last compaction (or open). Freed space is
+    /// reused by later writes; compacting gives it back to the file system.
+    pub fn trimmed_bytes_since_compaction(&self) -> u64 {
+        self.shared.trimmed_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Compact the file, in the writer, after everything submitted before. Resolves to whether
+    /// anything was compacted. While it runs, writes queue up and `load_room` waits: call it
+    /// when it is worthwhile (e.g. [`RedbStore::trimmed_bytes_since_compaction`] is large
+    /// compared to [`RedbStore::file_len`]) and preferably when the server is quiet.
+    pub fn compact(&self) -> impl Future<Output = Result<bool, StoreError>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        let sent = {
+            let gate = self.shared.gate.lock();
+            gate.tx.as_ref().is_some_and(|sender| {
+                sender
+                    .send(Job {
+                        op: Op::Compact(tx),
+                        reply: None,
+                    })
+                    .is_ok()
+            })
+        };
+        async move {
+            if !sent {
+                return Err(StoreError::Closed);
+            }
+            rx.await.unwrap_or(Err(StoreError::Closed))
+        }
+    }
+
+    /// Make everything submitted durable, mark the file clean, release it and stop the writer
+    /// (blocking until it has). Later writes fail with [`StoreError::Closed`]. Idempotent;
+    /// dropping the store does the same.
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.stop(Op::Close)
+    }
+
+    /// Stop as a crash would: the writer stops without marking the file clean.
+    #[cfg(test)]
+    pub(crate) fn crash(&self) {
+        let _ = self.stop(Op::Crash);
+    }
+
+    fn stop(&self, op: Op) -> Result<(), StoreError> {
+        let Some(handle) = self.writer.lock().take() else {
+            return Ok(());
+        };
+        {
+            let mut gate = self.shared.gate.lock();
+            gate.early = false;
+            if let Some(sender) = gate.tx.take() {
+                let _ = sender.send(Job { op, reply: None });
+            }
+        }
+        let result = match handle.join() {
+            Ok(result) => result,
+            Err(panic) => Err(StoreError::Io(format!(
+                "store writer failed: {}",
+                panic_message(&*panic)
+            ))),
+        };
+        self.shared.closed.store(true, Ordering::SeqCst);
+        // The writer releases the file; make sure of it even if it died.
+        *self.shared.db.write() = None;
+        result
+    }
+
+    /// Hand a write to the writer. Under `none` the answer is immediate once the file is
+    /// marked dirty (unless `wait` asks for durability regardless).
+    fn submit(&self, op: Op, wait: bool) -> Durable {
+        let (tx, rx) = oneshot::channel();
+        let early = {
+            let gate = self.shared.gate.lock();
+            let Some(sender) = gate.tx.as_ref() else {
+                return closed();
+            };
+            if sender
+                .send(Job {
+                    op,
+                    reply: Some(tx),
+                })
+                .is_err()
+            {
+                return closed();
+            }
+            gate.early && !wait
+        };
+        if early {
+            return ready();
+        }
+        Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Closed)) })
+    }
+
+    fn read_room(&self, room: &str, keep: usize) -> Result<Option<RoomRecord>, ::redb::Error> {
+        let guard = self.shared.db.read();
+        let Some(db) = guard.as_ref() else {
+            return Err(::redb::Error::DatabaseClosed);
+        };
+        let txn = db.begin_read()?;
+        let rooms = txn.open_table(ROOMS)?;
+        let Some(row) = rooms.get(room)? else {
+            return Ok(None);
+        };
+        let row = RoomRow::decode(row.value()).map_err(::redb::Error::Corrupted)?;
+        let mut history = Vec::new();
+        if keep > 0 {
+            let messages = txn.open_table(MESSAGES)?;
+            for entry in messages.range((room, 0u64)..=(room, u64::MAX))?.rev() {
+                let (key, value) = entry?;
+                let (ts, frame) =
+                    decode_message(value.value()).map_err(::redb::Error::Corrupted)?;
+                history.push(StoredMessage {
+                    seq: key.value().1,
+                    ts,
+                    frame: Bytes::copy_from_slice(frame),
+                });
+                if history.len() == keep {
+                    break;
+                }
+            }
+            history.reverse();
+        }
+        Ok(Some(RoomRecord {
+            epoch: row.epoch,
+            seq: row.seq,
+            history,
+            flags: row.flags,
+        }))
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(path = %self.shared.path.display(), error = %e, "closing the store failed");
+        }
+    }
+}
+
+fn closed() -> Durable {
+    Box::pin(std::future::ready(Err(StoreError::Closed)))
+}
+
+impl HistoryStore for RedbStore {
+    fn load_room(&self, room: &str, keep: usize) -> Result<Option<RoomRecord>, StoreError> {
+        self.read_room(room, keep).map_err(|e| {
+            if self.shared.closed.load(Ordering::SeqCst) {
+                StoreError::Closed
+            } else if matches!(e, ::redb::Error::DatabaseClosed) {
+                StoreError::Io(format!(
+                    "{} is unavailable after an I/O error",
+                    self.shared.path.display()
+                ))
+            } else {
+                StoreError::Io(format!("reading {}: {e}", self.shared.path.display()))
+            }
+        })
+    }
+
+    fn create_room(&self, room: &str, epoch: &str) -> Durable {
+        self.submit(
+            Op::Create {
+                room: room.to_owned(),
+                epoch: epoch.to_owned(),
+            },
+            false,
+        )
+    }
+
+    fn append(&self, room: &str, message: &StoredMessage) -> Durable {
+        self.submit(
+            Op::Append {
+                room: room.to_owned(),
+                seq: message.seq,
+                ts: message.ts,
+                frame: message.frame.clone(),
+            },
+            false,
+        )
+    }
+
+    fn set_flags(&self, room: &str, flags: RoomFlags) -> Durable {
+        self.submit(
+            Op::Flags {
+                room: room.to_owned(),
+                flags,
+            },
+            false,
+        )
+    }
+
+    fn trim(&self, room: &str, keep_from: u64) -> Durable {
+        self.submit(
+            Op::Trim {
+                room: room.to_owned(),
+                keep_from,
+            },
+            false,
+        )
+    }
+
+    fn flush(&self) -> Durable {
+        self.submit(Op::Flush, true)
+    }
+}
+
+/// Why the file cannot be used, found while preparing it.
+enum Prepare {
+    Redb(::redb::Error),
+    NotOurs(String),
+    Version(u32),
+}
+
+macro_rules! prepare_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Prepare {
+            fn from(e: $t) -> Self {
+                Prepare::Redb(e.into())
+            }
+        }
+    )*};
+}
+prepare_from!(
+    ::redb::TransactionError,
+    ::redb::TableError,
+    ::redb::StorageError,
+    ::redb::CommitError
+);
+
+/// Check (or write) the format marker, create the tables, and give every room a new epoch if
+/// the last run answered writes before they were durable and did not stop cleanly. Returns how
+/// many rooms got a new epoch.
+fn prepare(db: &Database) -> Result<usize, Prepare> {
+    let txn = db.begin_write()?;
+    let ours = txn.list_tables()?.any(|t| t.name() == META.name());
+    let mut renewed = 0;
+    {
+        if !ours {
+            let mut others: Vec<String> = txn.list_tables()?.map(|t| t.name().to_owned()).collect();
+            others.extend(txn.list_multimap_tables()?.map(|t| t.name().to_owned()));
+            if !others.is_empty() {
+                return Err(Prepare::NotOurs(format!(
+                    "it is a redb file with other tables ({}) and no livepush format marker",
+                    others.join(", ")
+                )));
+            }
+        }
+        let mut meta = txn.open_table(META)?;
+        if ours {
+            let format = meta.get(META_FORMAT)?.map(|v| v.value().to_vec());
+            if format.as_deref() != Some(FORMAT_MAGIC) {
+                return Err(Prepare::NotOurs(
+                    "its format marker is missing or wrong".into(),
+                ));
+            }
+            let version = meta
+                .get(META_VERSION)?
+                .and_then(|v| <[u8; 4]>::try_from(v.value()).ok())
+                .map(u32::from_le_bytes)
+                .ok_or_else(|| Prepare::NotOurs("its format version is unreadable".into()))?;
+            if version != FORMAT_VERSION {
+                return Err(Prepare::Version(version));
+            }
+        } else {
+            meta.insert(META_FORMAT, FORMAT_MAGIC)?;
+            meta.insert(META_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())?;
+        }
+        let dirty = meta.get(META_DIRTY)?.is_some_and(|v| v.value() == [1]);
+        let mut rooms = txn.open_table(ROOMS)?;
+        txn.open_table(MESSAGES)?;
+        if dirty {
+            let mut renew = Vec::new();
+            for entry in rooms.iter()? {
+                let (key, value) = entry?;
+                let row = RoomRow::decode(value.value()).map_err(Prepare::NotOurs)?;
+                renew.push((key.value().to_owned(), row));
+            }
+            for (room, mut row) in renew {
+                row.epoch = crate::hub::new_epoch();
+                rooms.insert(room.as_str(), row.encode().as_slice())?;
+                renewed += 1;
+            }
+        }
+        // Under `none` the writer marks the file dirty again before it answers anything early.
+        meta.insert(META_DIRTY, [0u8].as_slice())?;
+    }
+    txn.commit()?;
+    Ok(renewed)
+}

@@ -1,0 +1,179 @@
+//! `livepush bench publish`: how fast reliable publishes are answered under each durability
+//! policy. One in-process server per policy, each on a fresh data directory, driven by the
+//! same HTTP load; the table gives absolute rates and ratios to `none`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use livepush_server::Config;
+use livepush_server::broker::LocalBroker;
+use livepush_server::store::{DurabilityPolicy, HistoryStore, MemoryStore, RedbStore};
+use serde_json::json;
+
+use super::percentile_ms;
+
+#[derive(Debug, Args)]
+pub struct PublishBench {
+    /// Publishes per policy.
+    #[arg(long, default_value_t = 20_000)]
+    messages: u64,
+    /// Concurrent publishers (HTTP connections).
+    #[arg(long, default_value_t = 64)]
+    concurrency: u64,
+    /// Rooms the publishes are spread over.
+    #[arg(long, default_value_t = 16)]
+    rooms: u64,
+    /// Payload size in bytes (the `data` object's string).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Where the data directories go (a fresh one per policy, removed afterwards).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    scratch: std::path::PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Row {
+    policy: String,
+    publishes: u64,
+    seconds: f64,
+    per_second: f64,
+    ratio_to_none: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+const KEY: &str = "bench-api-key";
+
+async fn one(
+    a: &PublishBench,
+    name: &str,
+    store: Arc<dyn HistoryStore>,
+) -> anyhow::Result<(f64, u64, Vec<Duration>, u64)> {
+    let running = livepush_server::start_with(
+        Config::for_tests(KEY, "bench-token-secret-0123456789"),
+        store.clone(),
+        Arc::new(LocalBroker),
+    )
+    .await?;
+    let url = running.url();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(a.concurrency as usize)
+        .build()?;
+    let data = "x".repeat(a.size);
+    let next = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..a.concurrency {
+        let (http, url, data, next, errors) = (
+            http.clone(),
+            url.clone(),
+            data.clone(),
+            next.clone(),
+            errors.clone(),
+        );
+        let (total, rooms) = (a.messages, a.rooms);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    return lat;
+                }
+                let t = Instant::now();
+                let ok = http
+                    .post(format!("{url}/v1/rooms/bench:{}/messages", n % rooms))
+                    .bearer_auth(KEY)
+                    .json(&json!({"type":"gift","data":{"n":n,"pad":data}}))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                if ok {
+                    lat.push(t.elapsed());
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let mut latencies = Vec::with_capacity(a.messages as usize);
+    for t in tasks {
+        latencies.extend(t.await.context("publisher")?);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    running.shutdown().await;
+    store.flush().await.ok();
+    latencies.sort();
+    let done = latencies.len() as u64;
+    eprintln!("  {name}: {done} publishes in {seconds:.2}s");
+    Ok((seconds, done, latencies, errors.load(Ordering::Relaxed)))
+}
+
+pub async fn run(a: PublishBench) -> anyhow::Result<()> {
+    let mut rows: Vec<Row> = Vec::new();
+    let policies = [
+        ("memory", None),
+        ("none", Some(DurabilityPolicy::None)),
+        ("batch", Some(DurabilityPolicy::Batch)),
+        ("sync", Some(DurabilityPolicy::Sync)),
+    ];
+    eprintln!(
+        "livepush bench publish: {} reliable publishes of {} B per policy, {} publishers, {} rooms",
+        a.messages, a.size, a.concurrency, a.rooms
+    );
+    for (name, policy) in policies {
+        let dir = a
+            .scratch
+            .join(format!("livepush-bench-{}-{name}", std::process::id()));
+        let (store, redb): (Arc<dyn HistoryStore>, Option<Arc<RedbStore>>) = match policy {
+            None => (Arc::new(MemoryStore), None),
+            Some(p) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                let s = Arc::new(RedbStore::open(&dir, p)?);
+                (s.clone(), Some(s))
+            }
+        };
+        let (seconds, done, lat, errors) = one(&a, name, store).await?;
+        if let Some(s) = redb {
+            s.close().ok();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        rows.push(Row {
+            policy: name.to_owned(),
+            publishes: done,
+            seconds,
+            per_second: done as f64 / seconds,
+            ratio_to_none: 0.0,
+            p50_ms: percentile_ms(&lat, 50.0),
+            p99_ms: percentile_ms(&lat, 99.0),
+            errors,
+        });
+    }
+    let none = rows
+        .iter()
+        .find(|r| r.policy == "none")
+        .map_or(1.0, |r| r.per_second);
+    for r in &mut rows {
+        r.ratio_to_none = r.per_second / none;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("| durability | publishes/s | ratio to none | p50 ms | p99 ms | errors |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for r in &rows {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+            r.policy, r.per_second, r.ratio_to_none, r.p50_ms, r.p99_ms, r.errors
+        );
+    }
+    Ok(())
+}
