@@ -12,6 +12,7 @@
 //! every room gets a new epoch (so resuming terminals are told `recovered:false`, never lied
 //! to). The embedded durable store implements the same trait.
 
+mod inbox;
 mod memory;
 mod redb;
 
@@ -21,6 +22,7 @@ use std::pin::Pin;
 use bytes::Bytes;
 
 pub use self::redb::{DurabilityPolicy, OpenError, RedbStore, StoreOptions};
+pub use inbox::{InboxMessage, InboxStore, TerminalRecord, WakeRegistration};
 pub use memory::MemoryStore;
 
 /// A reliable message as the hub and the store keep it: its position, its time, and its
@@ -91,3 +93,9 @@ pub trait HistoryStore: Send + Sync + std::fmt::Debug + 'static {
 pub fn ready() -> Durable {
     Box::pin(std::future::ready(Ok(())))
 }
+
+/// Everything the server persists: room histories and terminal inboxes. Implemented for any
+/// type that implements both.
+pub trait Store: HistoryStore + InboxStore {}
+
+impl<T: HistoryStore + InboxStore> Store for T {}
