@@ -64,6 +64,15 @@ impl WakeKey {
         Ok(WakeKey(bytes))
     }
 
+    /// Derive a terminal's key from a server secret: HMAC-SHA256(secret,
+    /// "livepush/wake-key/v1|" + terminal). Every server with the same secret derives the same
+    /// key, so keys need no storage and survive restarts.
+    pub fn derive(secret: &[u8], terminal: &str) -> WakeKey {
+        let mut m = WakeKey(secret.to_vec()).mac("livepush/wake-key/v1|");
+        m.update(terminal.as_bytes());
+        WakeKey(m.finalize().into_bytes().to_vec())
+    }
+
     pub fn to_base64(&self) -> String {
         STANDARD.encode(&self.0)
     }

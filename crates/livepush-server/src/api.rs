@@ -18,6 +18,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use crate::hub::PublishError;
+use crate::inbox::InboxView;
 use crate::server::App;
 
 /// A JSON error answer.
@@ -291,7 +292,11 @@ pub async fn terminals(
         .terminals
         .list(q.online)
         .into_iter()
-        .map(terminal_json)
+        .map(|v| {
+            let inbox = app.inboxes.view(&v.terminal).ok().flatten();
+            let id = v.terminal.clone();
+            terminal_json(&app, &id, Some(v), inbox)
+        })
         .collect();
     Ok(Json(json!({ "terminals": list })).into_response())
 }
@@ -301,22 +306,72 @@ pub async fn terminal(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let view = app
-        .terminals
-        .view(&id)
-        .ok_or_else(|| ApiError::not_found(format!("terminal {id:?} was never seen")))?;
-    Ok(Json(terminal_json(view)).into_response())
+    let view = app.terminals.view(&id);
+    let inbox = app.inboxes.view(&id).map_err(ApiError::internal)?;
+    if view.is_none() && inbox.is_none() {
+        return Err(ApiError::not_found(format!(
+            "terminal {id:?} was never seen"
+        )));
+    }
+    Ok(Json(terminal_json(&app, &id, view, inbox)).into_response())
 }
 
-fn terminal_json(v: crate::terminals::TerminalView) -> serde_json::Value {
+fn terminal_json(
+    app: &App,
+    id: &str,
+    v: Option<crate::terminals::TerminalView>,
+    inbox: Option<InboxView>,
+) -> serde_json::Value {
+    let inbox = inbox.unwrap_or_default();
+    let interruptions = v
+        .as_ref()
+        .map(|v| v.interruptions.clone())
+        .unwrap_or_else(|| app.terminals.empty_interruptions());
     json!({
-        "terminal": v.terminal,
-        "online": v.online,
-        "transports": v.transports,
-        "last_seen_ms": v.last_seen_ms,
-        // Inboxes and wake-up registrations arrive with the offline-terminal work.
-        "inbox": {"seq": 0, "acked": 0},
-        "wake": {"registered": false},
-        "interruptions": v.interruptions,
+        "terminal": id,
+        "online": v.as_ref().is_some_and(|v| v.online),
+        "transports": v.as_ref().map(|v| v.transports.clone()).unwrap_or_default(),
+        // Seen by this process, or else the last keepalive on record.
+        "last_seen_ms": v.as_ref().map(|v| v.last_seen_ms).or(inbox.last_keepalive_ms).unwrap_or(0),
+        "inbox": {"seq": inbox.position.seq, "acked": inbox.position.acked},
+        "wake": {
+            "registered": inbox.wake_registered,
+            "last_keepalive_ms": inbox.last_keepalive_ms,
+        },
+        "interruptions": interruptions,
     })
+}
+
+#[derive(Debug, Deserialize)]
+pub struct InboxPostBody {
+    #[serde(rename = "type")]
+    ty: String,
+    data: Box<RawValue>,
+}
+
+/// `POST /v1/terminals/{id}/messages`: a direct message to one terminal's inbox.
+pub async fn post_inbox(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<InboxPostBody>,
+) -> Result<Response, ApiError> {
+    if id.is_empty() || id.len() > crate::auth::MAX_TERMINAL_LEN || id.chars().any(char::is_control)
+    {
+        return Err(ApiError::bad_request(format!(
+            "terminal id must be 1 to {} printable characters",
+            crate::auth::MAX_TERMINAL_LEN
+        )));
+    }
+    livepush_proto::validate_type(&body.ty).map_err(ApiError::bad_request)?;
+    let posted = app
+        .inboxes
+        .post(&id, &body.ty, &body.data)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({
+        "seq": posted.seq,
+        "online": posted.online,
+        "wake": if posted.wake_sent { "sent" } else { "none" },
+    }))
+    .into_response())
 }

@@ -43,7 +43,48 @@ pub struct Config {
     pub poll_grace: Duration,
     /// How long an offline terminal stays on the service list.
     pub terminal_retention: Duration,
+    /// Where the UDP wake listener binds.
+    pub wake_listen: WakeListen,
+    /// How far a keepalive's `ts` may be from the server's clock.
+    pub wake_max_skew: Duration,
+    /// Wake datagrams repeated per episode after the first one.
+    pub wake_retries: u32,
+    /// Delay before the first repeat; it doubles up to `wake_retry_max`.
+    pub wake_retry_first: Duration,
+    pub wake_retry_max: Duration,
+    /// Wake datagrams per minute per terminal, and their burst.
+    pub wake_rate_per_minute: u32,
+    pub wake_burst: u32,
+    /// Unacknowledged inbox messages kept per terminal.
+    pub inbox_size: usize,
+    /// Age after which an unacknowledged inbox message is dropped.
+    pub inbox_ttl: Duration,
     pub limits: Limits,
+}
+
+/// Where the UDP wake listener binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeListen {
+    /// The HTTP listener's address and port, on UDP (the contract's default).
+    SameAsHttp,
+    Addr(SocketAddr),
+    /// No wake-up over UDP.
+    Off,
+}
+
+impl std::str::FromStr for WakeListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "" | "same" => Ok(WakeListen::SameAsHttp),
+            "off" => Ok(WakeListen::Off),
+            addr => addr
+                .parse()
+                .map(WakeListen::Addr)
+                .map_err(|_| format!("expected ADDR:PORT, `same` or `off`, got {addr:?}")),
+        }
+    }
 }
 
 /// The limits a terminal or the API can run into. Each is answered with a clear error.
@@ -134,6 +175,15 @@ impl Config {
             flap_longpoll_for: Duration::from_secs(120),
             poll_grace: Duration::from_secs(60),
             terminal_retention: Duration::from_secs(24 * 3600),
+            wake_listen: WakeListen::SameAsHttp,
+            wake_max_skew: Duration::from_secs(300),
+            wake_retries: 8,
+            wake_retry_first: Duration::from_secs(1),
+            wake_retry_max: Duration::from_secs(60),
+            wake_rate_per_minute: 20,
+            wake_burst: 5,
+            inbox_size: 100,
+            inbox_ttl: Duration::from_secs(24 * 3600),
             limits: Limits::default(),
         }
     }
@@ -163,6 +213,8 @@ impl Config {
             ("--outbox-frames", self.limits.outbox_frames),
             ("--max-pull", self.limits.max_pull as usize),
             ("--send-rate", self.limits.send_rate as usize),
+            ("--inbox-size", self.inbox_size),
+            ("--wake-rate", self.wake_rate_per_minute as usize),
             ("--frame-rate", self.limits.frame_rate as usize),
         ];
         for (name, v) in nonzero {

@@ -7,6 +7,8 @@
 //! - [`api`]: the HTTP API for the app's backend.
 //! - [`store`] and [`broker`]: the traits behind which durability and cross-node fan-out sit.
 //! - [`auth`]: terminal tokens.
+//! - [`terminals`], [`inbox`] and [`wake`]: the service list, per-terminal inboxes, and UDP
+//!   wake-up of terminals that hold no connection.
 //!
 //! Start one with [`start`] (in-memory store) or [`start_with`].
 
@@ -18,6 +20,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod hub;
+pub mod inbox;
 pub mod metrics;
 pub mod outbox;
 pub mod server;
@@ -25,7 +28,8 @@ pub mod session;
 pub mod store;
 pub mod terminals;
 pub mod transport;
+pub mod wake;
 
-pub use config::{ClassMap, Config, Limits};
+pub use config::{ClassMap, Config, Limits, WakeListen};
 pub use hub::Hub;
 pub use server::{App, Running, ServerError, start, start_with};

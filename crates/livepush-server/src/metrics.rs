@@ -10,7 +10,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::inbox::InboxStats;
 use crate::outbox::OutboxStats;
+use crate::wake::WakeStats;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabel {
@@ -39,6 +41,8 @@ pub struct Metrics {
     pub rooms: Gauge,
     pub client_errors: Counter,
     pub outbox: Arc<OutboxStats>,
+    pub inbox: InboxStats,
+    pub wake: WakeStats,
 }
 
 impl Default for Metrics {
@@ -60,6 +64,8 @@ impl Metrics {
             rooms: Gauge::default(),
             client_errors: Counter::default(),
             outbox: Arc::default(),
+            inbox: InboxStats::default(),
+            wake: WakeStats::default(),
         };
         registry.register(
             "connections_open",
@@ -102,6 +108,26 @@ impl Metrics {
             "slow_consumer_closes",
             "Connections closed because their outgoing queue passed its hard limit",
             m.outbox.slow_consumer_closes.clone(),
+        );
+        registry.register(
+            "inbox_posted",
+            "Direct messages posted to terminal inboxes",
+            m.inbox.posted.clone(),
+        );
+        registry.register(
+            "inbox_dropped",
+            "Inbox messages dropped unacknowledged, by reason",
+            m.inbox.dropped.clone(),
+        );
+        registry.register(
+            "wake_keepalives",
+            "UDP keepalives received, by result",
+            m.wake.keepalives.clone(),
+        );
+        registry.register(
+            "wake_datagrams",
+            "Wake datagrams, by result",
+            m.wake.wakes.clone(),
         );
         Metrics { registry, ..m }
     }

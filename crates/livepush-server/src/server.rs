@@ -8,7 +8,7 @@ use axum::extract::{FromRequestParts, Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -17,12 +17,15 @@ use crate::assets;
 use crate::auth::TokenKeys;
 use crate::broker::{Broker, LocalBroker};
 use crate::config::Config;
+use crate::config::WakeListen;
 use crate::hub::Hub;
+use crate::inbox::{InboxSettings, Inboxes};
 use crate::metrics::Metrics;
 use crate::session::Limiters;
-use crate::store::{HistoryStore, MemoryStore};
+use crate::store::{HistoryStore, MemoryStore, Store};
 use crate::terminals::{TerminalSettings, Terminals};
 use crate::transport;
+use crate::wake::{WakeKeys, WakeSocket};
 
 /// State shared by every request and connection.
 #[derive(Debug)]
@@ -32,6 +35,9 @@ pub struct App {
     pub limiters: Arc<Limiters>,
     /// The service list: terminals, online state, interruptions.
     pub terminals: Arc<Terminals>,
+    /// Per-terminal inboxes and wake-ups.
+    pub inboxes: Arc<Inboxes>,
+    pub wake_keys: WakeKeys,
     /// Flips to `true` when the server shuts down; long-lived sessions watch it.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -51,8 +57,9 @@ pub enum ServerError {
 #[derive(Debug)]
 pub struct Running {
     addr: SocketAddr,
+    wake_addr: Option<SocketAddr>,
     app: Arc<App>,
-    store: Arc<dyn HistoryStore>,
+    store: Arc<dyn Store>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -61,6 +68,11 @@ impl Running {
     /// The address actually bound (with the real port when 0 was asked for).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The UDP address of the wake listener, if it runs.
+    pub fn wake_addr(&self) -> Option<SocketAddr> {
+        self.wake_addr
     }
 
     /// `http://ADDR`.
@@ -96,7 +108,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
 /// Start a server with a given store and broker.
 pub async fn start_with(
     config: Config,
-    store: Arc<dyn HistoryStore>,
+    store: Arc<dyn Store>,
     broker: Arc<dyn Broker>,
 ) -> Result<Running, ServerError> {
     config.validate().map_err(ServerError::Config)?;
@@ -110,10 +122,26 @@ pub async fn start_with(
         addr: config.listen,
         source,
     })?;
+    let wake_bind = match config.wake_listen {
+        WakeListen::Off => None,
+        WakeListen::SameAsHttp => Some(addr),
+        WakeListen::Addr(a) => Some(a),
+    };
+    let udp = match wake_bind {
+        None => None,
+        Some(a) => Some(
+            UdpSocket::bind(a)
+                .await
+                .map_err(|source| ServerError::Bind { addr: a, source })?,
+        ),
+    };
+    let wake_addr = udp.as_ref().and_then(|u| u.local_addr().ok());
     let keys = TokenKeys::new(&config.token_secret);
+    let wake_keys = WakeKeys::new(&config.token_secret);
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
-    let hub = Arc::new(Hub::new(config.clone(), store.clone(), broker, metrics));
+    let history: Arc<dyn HistoryStore> = store.clone();
+    let hub = Arc::new(Hub::new(config.clone(), history, broker, metrics.clone()));
     let limiters = Arc::new(Limiters::new(&hub));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let terminals = Arc::new(Terminals::new(TerminalSettings {
@@ -123,15 +151,55 @@ pub async fn start_with(
         poll_grace: config.poll_grace,
         retention: config.terminal_retention,
     }));
+    let wake_socket = udp.map(|u| {
+        Arc::new(WakeSocket::new(
+            u,
+            wake_keys.clone(),
+            config.wake_max_skew.as_millis() as u64,
+            config.wake_rate_per_minute,
+            config.wake_burst,
+            metrics.wake.clone(),
+        ))
+    });
+    let inboxes = Arc::new(Inboxes::new(
+        store.clone(),
+        terminals.clone(),
+        wake_socket.clone(),
+        InboxSettings {
+            max_messages: config.inbox_size,
+            ttl: config.inbox_ttl,
+            wake_retries: config.wake_retries,
+            wake_retry_first: config.wake_retry_first,
+            wake_retry_max: config.wake_retry_max,
+        },
+        metrics.inbox.clone(),
+    ));
+    match inboxes.load_pending() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(terminals = n, "inboxes with waiting messages loaded"),
+        Err(e) => tracing::error!(error = %e, "cannot list inboxes with waiting messages"),
+    }
+    if let Some(socket) = wake_socket.clone() {
+        spawn_keepalives(socket, inboxes.clone(), shutdown_rx.clone());
+    }
     let app = Arc::new(App {
         hub: hub.clone(),
         keys,
         limiters: limiters.clone(),
         terminals: terminals.clone(),
+        inboxes: inboxes.clone(),
+        wake_keys,
         shutdown: shutdown_rx.clone(),
     });
 
-    spawn_upkeep(hub, limiters, terminals, shutdown_rx.clone());
+    spawn_upkeep(
+        hub,
+        limiters,
+        terminals,
+        inboxes,
+        wake_socket,
+        shutdown_rx.clone(),
+    );
 
     let router = router(app.clone());
     let mut stop = shutdown_rx;
@@ -147,6 +215,7 @@ pub async fn start_with(
     });
     Ok(Running {
         addr,
+        wake_addr,
         app,
         store,
         shutdown: shutdown_tx,
@@ -155,10 +224,37 @@ pub async fn start_with(
 }
 
 /// Online counts, history age and limiter cleanup, once per `online_interval`.
+/// Receive keepalives of sleeping terminals and record where they can be woken.
+fn spawn_keepalives(
+    socket: Arc<WakeSocket>,
+    inboxes: Arc<Inboxes>,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                r = socket.next_keepalive(|t| inboxes.last_keepalive_ts(t)) => r,
+            };
+            match next {
+                Ok(reg) => {
+                    if let Err(e) = inboxes.keepalive(&reg.terminal, reg.registration) {
+                        tracing::error!(error = %e, "cannot record a wake registration");
+                    }
+                }
+                // ICMP errors from earlier sends surface here on some systems: keep going.
+                Err(e) => tracing::debug!(error = %e, "wake socket receive error"),
+            }
+        }
+    });
+}
+
 fn spawn_upkeep(
     hub: Arc<Hub>,
     limiters: Arc<Limiters>,
     terminals: Arc<Terminals>,
+    inboxes: Arc<Inboxes>,
+    wake: Option<Arc<WakeSocket>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let every = hub.config().limits.online_interval;
@@ -172,10 +268,14 @@ fn spawn_upkeep(
                 _ = ticks.tick() => {}
             }
             hub.tick();
+            inboxes.tick().await;
             n += 1;
             if n.is_multiple_of(60) {
                 limiters.retain_recent();
                 terminals.sweep();
+                if let Some(w) = &wake {
+                    w.retain_recent();
+                }
             }
         }
     });
@@ -188,6 +288,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/rooms/{room}", get(api::room_info))
         .route("/v1/terminals", get(api::terminals))
         .route("/v1/terminals/{id}", get(api::terminal))
+        .route("/v1/terminals/{id}/messages", post(api::post_inbox))
         .route("/metrics", get(api::metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),

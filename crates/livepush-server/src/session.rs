@@ -19,7 +19,10 @@ use serde_json::value::RawValue;
 
 use crate::auth::{AuthError, Grants, Terminal, TokenKeys};
 use crate::hub::{Announce, ConnId, Hub, JoinError, Member, Room};
+use crate::inbox::{Inbox, Inboxes};
 use crate::outbox::{Kind, Outbox, OutboxLimits};
+use crate::server::App;
+use crate::wake::WakeKeys;
 
 /// Shared per-terminal limits (across all of a terminal's connections).
 #[derive(Debug)]
@@ -96,15 +99,21 @@ pub fn dev_terminal(id: &str) -> Result<Terminal, String> {
 pub struct Session {
     hub: Arc<Hub>,
     limiters: Arc<Limiters>,
+    inboxes: Arc<Inboxes>,
+    wake_keys: WakeKeys,
     conn: ConnId,
     terminal: Terminal,
     outbox: Arc<Outbox>,
     rooms: HashMap<Arc<str>, Arc<Room>>,
+    /// The terminal's inbox, once the session is open.
+    inbox: Option<Arc<Inbox>>,
     frames: DefaultDirectRateLimiter,
 }
 
 impl Session {
-    pub fn new(hub: Arc<Hub>, limiters: Arc<Limiters>, terminal: Terminal) -> Session {
+    pub fn new(app: &App, terminal: Terminal) -> Session {
+        let hub = app.hub.clone();
+        let limiters = app.limiters.clone();
         let limits = &hub.config().limits;
         let outbox = Arc::new(Outbox::new(
             OutboxLimits {
@@ -118,9 +127,12 @@ impl Session {
             conn: hub.next_conn_id(),
             hub,
             limiters,
+            inboxes: app.inboxes.clone(),
+            wake_keys: app.wake_keys.clone(),
             terminal,
             outbox,
             rooms: HashMap::new(),
+            inbox: None,
             frames,
         }
     }
@@ -133,16 +145,39 @@ impl Session {
         &self.outbox
     }
 
-    /// Queue the `connected` frame.
-    pub fn greet(&self, transport: Transport, id: Option<u64>) {
-        self.outbox.reply(&ServerFrame::Connected {
+    /// Open the session: queue `connected` (when `greet`), then the inbox messages after
+    /// `inbox_after` (default: the acknowledged position), and deliver later inbox messages
+    /// live.
+    pub fn open(
+        &mut self,
+        transport: Transport,
+        id: Option<u64>,
+        inbox_after: Option<u64>,
+        greet: bool,
+    ) {
+        let inbox = match self.inboxes.get(&self.terminal.id) {
+            Ok(i) => i,
+            Err(e) => {
+                self.error(internal(e).with_id(id));
+                return;
+            }
+        };
+        let terminal = self.terminal.id.to_string();
+        let heartbeat_ms = self.hub.config().heartbeat.as_millis() as u64;
+        let wake_key = self.wake_keys.key(&terminal).to_base64();
+        let connected = move |inbox: InboxPosition| ServerFrame::Connected {
             id,
-            terminal: self.terminal.id.to_string(),
+            terminal: terminal.clone(),
             transport,
-            heartbeat_ms: self.hub.config().heartbeat.as_millis() as u64,
-            inbox: InboxPosition::default(),
-            wake_key: String::new(),
-        });
+            heartbeat_ms,
+            inbox,
+            wake_key: wake_key.clone(),
+        };
+        let greet: Option<&dyn Fn(InboxPosition) -> ServerFrame> =
+            if greet { Some(&connected) } else { None };
+        self.inboxes
+            .attach(&inbox, self.conn, &self.outbox, inbox_after, greet);
+        self.inbox = Some(inbox);
     }
 
     /// Handle one transport message: one or more frames, newline-separated.
@@ -197,9 +232,12 @@ impl Session {
             }
             ClientFrame::Pull { room, since, limit } => self.pull(&room, since, limit, id),
             ClientFrame::Send { room, ty, data } => self.send(&room, &ty, &data),
-            // Inboxes arrive with the offline-terminal work; until then there is nothing to
-            // acknowledge and an ack is accepted as a no-op.
-            ClientFrame::Ack { .. } => Ok(()),
+            ClientFrame::Ack { inbox } => {
+                if let Some(i) = &self.inbox {
+                    self.inboxes.ack(i, inbox);
+                }
+                Ok(())
+            }
             ClientFrame::Ping => {
                 self.outbox.reply(&ServerFrame::Pong { id });
                 Ok(())
@@ -366,6 +404,9 @@ impl Drop for Session {
     fn drop(&mut self) {
         for r in self.rooms.values() {
             r.leave(self.conn);
+        }
+        if let Some(i) = &self.inbox {
+            self.inboxes.detach(i, self.conn);
         }
     }
 }

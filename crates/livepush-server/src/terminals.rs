@@ -160,11 +160,27 @@ impl Terminals {
         }
     }
 
+    /// Whether the terminal has a session open, or polled within the grace period.
+    pub fn is_online(&self, id: &str) -> bool {
+        let map = self.map.lock();
+        map.get(id).is_some_and(|e| e.online(Instant::now()))
+    }
+
     /// If the terminal should not use WebSocket now: how long until it may try again.
     pub fn longpoll_for(&self, id: &str) -> Option<Duration> {
         let map = self.map.lock();
         let until = map.get(id)?.longpoll_until?;
         until.checked_duration_since(Instant::now())
+    }
+
+    /// The interruption counters of a terminal never seen by this process.
+    pub fn empty_interruptions(&self) -> Interruptions {
+        Interruptions {
+            count: 0,
+            window_ms: self.settings.flap_window.as_millis() as u64,
+            threshold: self.settings.flap_threshold,
+            longpoll_for_ms: None,
+        }
     }
 
     pub fn view(&self, id: &str) -> Option<TerminalView> {

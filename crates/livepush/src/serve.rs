@@ -9,8 +9,8 @@ use clap::Args;
 use std::sync::Arc;
 
 use livepush_server::broker::LocalBroker;
-use livepush_server::store::{DurabilityPolicy, HistoryStore, MemoryStore, RedbStore};
-use livepush_server::{ClassMap, Config, Limits};
+use livepush_server::store::{DurabilityPolicy, MemoryStore, RedbStore, Store};
+use livepush_server::{ClassMap, Config, Limits, WakeListen};
 use rand::Rng;
 use rand::distr::Alphanumeric;
 
@@ -124,6 +124,34 @@ pub struct ServeArgs {
     /// How long an offline terminal stays on the service list.
     #[arg(long, env = "LIVEPUSH_TERMINAL_RETENTION", default_value = "24h", value_parser = duration)]
     terminal_retention: Duration,
+    /// UDP address of the wake listener: `same` (the HTTP address and port, on UDP), an
+    /// ADDR:PORT, or `off`.
+    #[arg(long, env = "LIVEPUSH_WAKE_LISTEN", default_value = "same")]
+    wake_listen: WakeListen,
+    /// How far a keepalive's timestamp may be from the server's clock.
+    #[arg(long, env = "LIVEPUSH_WAKE_MAX_SKEW", default_value = "5m", value_parser = duration)]
+    wake_max_skew: Duration,
+    /// Wake datagrams repeated after the first while the terminal stays away.
+    #[arg(long, env = "LIVEPUSH_WAKE_RETRIES", default_value_t = 8)]
+    wake_retries: u32,
+    /// Delay before the first repeat; it doubles each time up to --wake-retry-max.
+    #[arg(long, env = "LIVEPUSH_WAKE_RETRY_FIRST", default_value = "1s", value_parser = duration)]
+    wake_retry_first: Duration,
+    /// Longest delay between two wake datagrams.
+    #[arg(long, env = "LIVEPUSH_WAKE_RETRY_MAX", default_value = "60s", value_parser = duration)]
+    wake_retry_max: Duration,
+    /// Wake datagrams per minute per terminal.
+    #[arg(long, env = "LIVEPUSH_WAKE_RATE", default_value_t = 20)]
+    wake_rate: u32,
+    /// Burst of wake datagrams per terminal.
+    #[arg(long, env = "LIVEPUSH_WAKE_BURST", default_value_t = 5)]
+    wake_burst: u32,
+    /// Unacknowledged inbox messages kept per terminal (the oldest is dropped past it).
+    #[arg(long, env = "LIVEPUSH_INBOX_SIZE", default_value_t = 100)]
+    inbox_size: usize,
+    /// Age after which an unacknowledged inbox message is dropped.
+    #[arg(long, env = "LIVEPUSH_INBOX_TTL", default_value = "24h", value_parser = duration)]
+    inbox_ttl: Duration,
     /// WebSocket read buffer per connection (bytes).
     #[arg(long, env = "LIVEPUSH_WS_READ_BUFFER", default_value_t = Limits::default().ws_read_buffer)]
     ws_read_buffer: usize,
@@ -142,15 +170,15 @@ fn generated(what: &str, notes: &mut Vec<String>) -> String {
 }
 
 /// The store `--data-dir` names, opened before anything listens.
-enum Store {
+enum DataStore {
     Memory,
     Redb(Arc<RedbStore>),
 }
 
-impl Store {
-    async fn open(data_dir: &str, policy: DurabilityPolicy) -> anyhow::Result<Store> {
+impl DataStore {
+    async fn open(data_dir: &str, policy: DurabilityPolicy) -> anyhow::Result<DataStore> {
         if data_dir == ":memory:" {
-            return Ok(Store::Memory);
+            return Ok(DataStore::Memory);
         }
         let dir = std::path::PathBuf::from(data_dir);
         // Opening verifies checksums and compacts: blocking work.
@@ -158,13 +186,13 @@ impl Store {
             .await
             .context("opening the store")?
             .context("cannot start: the data directory is unusable")?;
-        Ok(Store::Redb(Arc::new(store)))
+        Ok(DataStore::Redb(Arc::new(store)))
     }
 
-    fn as_dyn(&self) -> Arc<dyn HistoryStore> {
+    fn as_dyn(&self) -> Arc<dyn Store> {
         match self {
-            Store::Memory => Arc::new(MemoryStore),
-            Store::Redb(s) => s.clone(),
+            DataStore::Memory => Arc::new(MemoryStore),
+            DataStore::Redb(s) => s.clone(),
         }
     }
 }
@@ -225,6 +253,15 @@ impl ServeArgs {
             flap_longpoll_for: self.flap_retry_ws_after,
             poll_grace: self.poll_grace.unwrap_or(self.poll_max_wait * 2),
             terminal_retention: self.terminal_retention,
+            wake_listen: self.wake_listen,
+            wake_max_skew: self.wake_max_skew,
+            wake_retries: self.wake_retries,
+            wake_retry_first: self.wake_retry_first,
+            wake_retry_max: self.wake_retry_max,
+            wake_rate_per_minute: self.wake_rate,
+            wake_burst: self.wake_burst,
+            inbox_size: self.inbox_size,
+            inbox_ttl: self.inbox_ttl,
             limits: Limits {
                 max_frame_bytes: self.max_frame_bytes,
                 max_publish_bytes: self.max_publish_bytes,
@@ -259,11 +296,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for n in notes {
         eprintln!("{n}");
     }
-    let store = Store::open(&data_dir, durability).await?;
+    let store = DataStore::open(&data_dir, durability).await?;
     let dev = config.dev;
     let running =
         livepush_server::start_with(config, store.as_dyn(), Arc::new(LocalBroker)).await?;
-    if let Store::Redb(s) = &store {
+    if let DataStore::Redb(s) = &store {
         spawn_compaction(s.clone());
     }
     if dev {
@@ -278,7 +315,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     eprintln!("livepush: shutting down");
     running.shutdown().await;
-    if let Store::Redb(s) = store {
+    if let DataStore::Redb(s) = store {
         s.close().context("closing the store")?;
     }
     Ok(())

@@ -414,3 +414,140 @@ async fn long_polls_continue_across_a_restart() {
     let seqs: Vec<u64> = got.iter().filter_map(|f| f["seq"].as_u64()).collect();
     assert_eq!(seqs, vec![4, 5]);
 }
+
+/// Connect once over WebSocket to learn the terminal's wake key.
+async fn wake_key(url: &str, sub: &str) -> livepush_proto::wake::WakeKey {
+    let ws_url = format!("{}/v1/connect", url.replacen("http", "ws", 1));
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.expect("ws");
+    let hello = json!({"op":"connect","token":token(sub)});
+    ws.send(Message::Text(hello.to_string().into()))
+        .await
+        .expect("send");
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("frame in time")
+            .expect("open")
+            .expect("ok");
+        let Message::Text(t) = m else { continue };
+        for line in split_frames(t.as_str()) {
+            if let ServerFrame::Connected { wake_key, .. } =
+                ServerFrame::parse(line).expect("frame")
+            {
+                let _ = ws.close(None).await;
+                return livepush_proto::wake::WakeKey::from_base64(&wake_key).expect("key");
+            }
+        }
+    }
+}
+
+fn udp_addr(url: &str) -> std::net::SocketAddr {
+    url.trim_start_matches("http://").parse().expect("addr")
+}
+
+async fn wait_wake(
+    udp: &tokio::net::UdpSocket,
+    key: &livepush_proto::wake::WakeKey,
+) -> livepush_proto::wake::Wake {
+    let mut buf = [0u8; 512];
+    loop {
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), udp.recv_from(&mut buf))
+            .await
+            .expect("a wake datagram in time")
+            .expect("recv");
+        if let Ok(w) = livepush_proto::wake::Wake::verify(&buf[..n], key) {
+            return w;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inboxes_and_wake_registrations_survive_kill_9() {
+    use livepush_proto::wake::{KEEPALIVE_PAD_TO, Keepalive};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = reqwest::Client::new();
+    let server = Server::spawn(dir.path(), &[]);
+    let key = wake_key(&server.url, "settop").await;
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("udp");
+    let ka = Keepalive::encode(
+        "settop",
+        livepush_server::auth::now_ms(),
+        &key,
+        KEEPALIVE_PAD_TO,
+    );
+    udp.send_to(&ka, udp_addr(&server.url))
+        .await
+        .expect("keepalive");
+    let mut registered = false;
+    for _ in 0..200 {
+        let t: Value = http
+            .get(format!("{}/v1/terminals/settop", server.url))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .expect("terminal")
+            .json()
+            .await
+            .expect("json");
+        if t["wake"]["registered"] == json!(true) {
+            registered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(registered);
+    let mut answered = Vec::new();
+    for n in 1..=5 {
+        let r: Value = http
+            .post(format!("{}/v1/terminals/settop/messages", server.url))
+            .bearer_auth(KEY)
+            .json(&json!({"type":"cmd","data":{"n":n}}))
+            .send()
+            .await
+            .expect("post")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(r["wake"], "sent", "{r}");
+        answered.push(r["seq"].as_u64().expect("seq"));
+    }
+    server.kill9();
+    // Forget the wakes the first server sent.
+    let mut buf = [0u8; 512];
+    while tokio::time::timeout(Duration::from_millis(200), udp.recv_from(&mut buf))
+        .await
+        .is_ok()
+    {}
+
+    // After the restart the server still knows where to wake the terminal, and does so for
+    // the messages waiting, without a new post.
+    let server = Server::spawn(dir.path(), &[]);
+    let w = wait_wake(&udp, &key).await;
+    assert_eq!((w.terminal.as_str(), w.inbox), ("settop", 5));
+    // The terminal connects and finds every answered message.
+    let ws_url = format!("{}/v1/connect", server.url.replacen("http", "ws", 1));
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.expect("ws");
+    let hello = json!({"op":"connect","token":token("settop")});
+    ws.send(Message::Text(hello.to_string().into()))
+        .await
+        .expect("send");
+    let mut got = Vec::new();
+    while got.len() < answered.len() {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("frame in time")
+            .expect("open")
+            .expect("ok");
+        let Message::Text(t) = m else { continue };
+        for line in split_frames(t.as_str()) {
+            if let ServerFrame::Inbox { seq, data, .. } = ServerFrame::parse(line).expect("frame") {
+                assert_eq!(data, json!({"n": seq}));
+                got.push(seq);
+            }
+        }
+    }
+    assert_eq!(got, answered);
+    server.stop();
+}

@@ -1,13 +1,16 @@
-//! The embedded durable store: room histories, epochs and room state in one redb file
-//! (`<data dir>/livepush.redb`). The table layout is described in `tables.rs`.
+//! The embedded durable store: room histories, epochs and room state, and terminal inboxes
+//! and wake registrations, in one redb file (`<data dir>/livepush.redb`). The table layout is
+//! described in `tables.rs`.
 //!
 //! # Writes
 //!
-//! Every write (create, append, flags, trim, flush) goes through one channel to one writer
-//! thread, which owns all write transactions. Futures therefore resolve in submission order
-//! (the hub relies on it), and a slow disk never blocks the caller, only its answer. Reads
-//! ([`HistoryStore::load_room`]) are plain read transactions on the caller's thread and never
-//! wait for the writer.
+//! Every write (room create, append, flags, trim; inbox append, ack, trim; wake registration;
+//! flush) goes through one channel to one writer thread, which owns all write transactions.
+//! Futures therefore resolve in submission order, room and inbox writes alike (the hub relies
+//! on it), and a slow disk never blocks the caller, only its answer. Reads
+//! ([`HistoryStore::load_room`], [`InboxStore::load_terminal`],
+//! [`InboxStore::terminals_with_pending_inbox`]) are plain read transactions on the caller's
+//! thread and never wait for the writer.
 //!
 //! # Durability policies
 //!
@@ -26,26 +29,65 @@
 //!   answered early and cleared by a clean `flush`/`close`. If a run under `none` did not stop
 //!   cleanly, every room gets a new epoch at the next open (history and seq are kept), so
 //!   resuming clients are told `recovered:false` instead of being lied to. Under `sync` and
-//!   `batch` epochs never change across restarts.
+//!   `batch` epochs never change across restarts. Inboxes have no epoch; see below.
+//!
+//! # Inboxes
+//!
+//! A terminal's inbox is its row in `livepush.terminals` (last seq handed out, last seq
+//! acknowledged) and its messages in `livepush.inbox`. [`InboxStore::append_inbox`] raises the
+//! row's seq to the message's and keeps the message (unless the terminal already acknowledged
+//! that seq); [`InboxStore::ack_inbox`] raises the acknowledged seq and deletes the messages up
+//! to it, and raises the row's seq to it too (a terminal can only acknowledge a seq that was
+//! handed out); [`InboxStore::trim_inbox`] deletes messages without acknowledging them. The
+//! first of these (or [`InboxStore::set_wake`]) creates the row; a trim alone does not.
+//! [`InboxStore::terminals_with_pending_inbox`] scans `livepush.terminals` and, for each
+//! terminal whose seq is past its acknowledged seq, looks for a kept message after it: one
+//! read transaction, O(terminals) small lookups, meant to be called once after a restart
+//! (thousands of terminals take milliseconds), so no index table is kept up to date for it.
+//!
+//! ## Inboxes under `none`
+//!
+//! After an unclean stop under `none`, the last answered (and delivered) inbox messages may be
+//! lost, and the hub would hand their seqs out again, for other messages. Rooms get a new epoch
+//! for that; an inbox has none, so its seq jumps instead. Each terminal row carries a
+//! `reserved` mark, and the rule is: **under `none`, an inbox append is answered at
+//! submission only if its seq is at most the terminal's durable `reserved` mark**. An append
+//! beyond it is not answered early: the writer raises `reserved` to the terminal's seq at the
+//! end of the append's own transaction plus [`INBOX_RESERVE_STEP`], commits that transaction
+//! durably (fsync), and only then answers it. Until then nothing submitted after it is
+//! answered either (submission order). So every answered inbox seq is at most a `reserved`
+//! mark that is on disk, and an open that finds the file dirty (`meta["dirty"]` or
+//! `meta["dirty.inbox"]`, see `tables.rs`) sets each terminal's seq to `max(seq, reserved)`:
+//! the next seq the hub hands out is beyond everything that was answered before the crash.
+//! The terminal sees a gap of about [`INBOX_RESERVE_STEP`] seqs at most, which it treats as
+//! dropped messages, like any gap. The cost is one durable commit per terminal per
+//! [`INBOX_RESERVE_STEP`] inbox messages (and one for a terminal's first message, and one per
+//! terminal after an unclean restart); reservations outlive clean restarts, and an open under
+//! `none` loads every terminal's reservation (one map entry per terminal) so that it need not
+//! be made durable again. Under `sync` and `batch` every answered append is already durable,
+//! no reservation is needed and inbox seqs never jump.
 //!
 //! A write that fails (disk full, I/O error) resolves the futures of its batch with
 //! [`StoreError::Io`]; the writer reopens the file if redb asks for it and goes on with later
 //! writes. Seqs of failed appends and flags of failed updates are re-applied to the room record
 //! with the next successful batch, so a seq the hub already delivered is not handed out again
-//! after a restart.
+//! after a restart; likewise the seq of a failed inbox append, the seq of a failed inbox ack
+//! and a failed wake registration are re-applied to the terminal's record.
 //!
 //! # Size
 //!
-//! `trim` deletes in the writer, batched with other writes. redb reuses freed pages, so a
-//! steady load with steady retention keeps the file at its high-water mark; the file is
-//! compacted at open and [`RedbStore::compact`] compacts it on demand (see
-//! [`RedbStore::trimmed_bytes_since_compaction`] for deciding when that is worthwhile).
+//! `trim` (and `trim_inbox`, `ack_inbox`) deletes in the writer, batched with other writes.
+//! redb reuses freed pages, so a steady load with steady retention keeps the file at its
+//! high-water mark; the file is compacted at open and [`RedbStore::compact`] compacts it on
+//! demand (see [`RedbStore::trimmed_bytes_since_compaction`] for deciding when that is
+//! worthwhile).
 
 mod tables;
 #[cfg(test)]
 mod tests;
 mod writer;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -65,15 +107,24 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
 
-use super::{Durable, HistoryStore, RoomFlags, RoomRecord, StoreError, StoredMessage, ready};
+use super::{
+    Durable, HistoryStore, InboxMessage, InboxStore, RoomFlags, RoomRecord, StoreError,
+    StoredMessage, TerminalRecord, WakeRegistration, ready,
+};
 pub use tables::FORMAT_VERSION;
 use tables::{
-    FORMAT_MAGIC, MESSAGES, META, META_DIRTY, META_FORMAT, META_VERSION, ROOMS, RoomRow,
-    decode_message,
+    FORMAT_MAGIC, INBOX, MESSAGES, META, META_DIRTY, META_FORMAT, META_INBOX_DIRTY, META_VERSION,
+    ROOMS, RoomRow, TERMINALS, TerminalRow, WAKE, WAKE_UDP, decode_message, decode_wake,
 };
 
 /// The store's file inside the data directory.
 pub const FILE_NAME: &str = "livepush.redb";
+
+/// Under [`DurabilityPolicy::None`], how far beyond an inbox append's seq the terminal's
+/// durable reservation is raised when the append goes past it (see "Inboxes under `none`" in
+/// the module documentation): the most inbox seqs a terminal skips after an unclean stop, and
+/// the number of inbox appends per terminal answered at submission per durable commit.
+pub const INBOX_RESERVE_STEP: u64 = 1024;
 
 /// When a write counts as done. See the module documentation for what each can lose.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -287,6 +338,24 @@ pub(crate) enum Op {
         room: String,
         keep_from: u64,
     },
+    AppendInbox {
+        terminal: String,
+        seq: u64,
+        ts: u64,
+        frame: Bytes,
+    },
+    AckInbox {
+        terminal: String,
+        seq: u64,
+    },
+    TrimInbox {
+        terminal: String,
+        keep_from: u64,
+    },
+    SetWake {
+        terminal: String,
+        registration: WakeRegistration,
+    },
     /// Make everything before it durable (and, under `none`, mark the file clean).
     Flush,
     /// Compact the file (ends a batch).
@@ -303,7 +372,14 @@ impl Op {
     fn is_write(&self) -> bool {
         matches!(
             self,
-            Op::Create { .. } | Op::Append { .. } | Op::Flags { .. } | Op::Trim { .. }
+            Op::Create { .. }
+                | Op::Append { .. }
+                | Op::Flags { .. }
+                | Op::Trim { .. }
+                | Op::AppendInbox { .. }
+                | Op::AckInbox { .. }
+                | Op::TrimInbox { .. }
+                | Op::SetWake { .. }
         )
     }
 
@@ -323,6 +399,23 @@ struct Gate {
     tx: Option<mpsc::Sender<Job>>,
     /// `none` only: the dirty marker is durable, so a write may be answered at once.
     early: bool,
+    /// `none` only: each terminal's inbox reservation known to be durable (a lower bound of
+    /// what the file holds; terminals missing here count as having none). Raised by the writer
+    /// after durable commits.
+    reserved: HashMap<String, u64>,
+}
+
+impl Gate {
+    /// Whether `op` may be answered before it is written, as far as inbox reservations go: an
+    /// inbox append only within the terminal's durable reservation.
+    fn may_answer(&self, op: &Op) -> bool {
+        match op {
+            Op::AppendInbox { terminal, seq, .. } => {
+                self.reserved.get(terminal).is_some_and(|r| seq <= r)
+            }
+            _ => true,
+        }
+    }
 }
 
 /// What the store handle and the writer thread share.
@@ -367,7 +460,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// The embedded durable [`HistoryStore`].
+/// The embedded durable [`HistoryStore`] and [`InboxStore`].
 ///
 /// Dropping it closes it (see [`RedbStore::close`]). At graceful shutdown, await
 /// [`HistoryStore::flush`] (which marks the file clean) and then drop or close the store.
@@ -415,8 +508,9 @@ impl RedbStore {
         opener: Opener,
     ) -> Result<RedbStore, OpenError> {
         let mut db = open_db(&path, &opener)?;
-        let renewed = match catch_unwind(AssertUnwindSafe(|| prepare(&db))) {
-            Ok(Ok(renewed)) => renewed,
+        let collect_reserved = options.policy == DurabilityPolicy::None;
+        let prepared = match catch_unwind(AssertUnwindSafe(|| prepare(&db, collect_reserved))) {
+            Ok(Ok(prepared)) => prepared,
             Ok(Err(Prepare::Redb(e))) => return Err(OpenError::from_redb(&path, e)),
             Ok(Err(Prepare::NotOurs(reason))) => return Err(OpenError::Corrupt { path, reason }),
             Ok(Err(Prepare::Version(found))) => {
@@ -429,12 +523,20 @@ impl RedbStore {
                 });
             }
         };
-        if renewed > 0 {
+        if prepared.renewed > 0 {
             tracing::warn!(
                 path = %path.display(),
-                rooms = renewed,
+                rooms = prepared.renewed,
                 "the last run under durability policy `none` did not stop cleanly: \
                  every room gets a new epoch"
+            );
+        }
+        if prepared.bumped > 0 {
+            tracing::warn!(
+                path = %path.display(),
+                terminals = prepared.bumped,
+                "the last run under durability policy `none` did not stop cleanly: \
+                 inbox seqs continue after their reserved marks"
             );
         }
         if options.compact_on_open {
@@ -462,6 +564,7 @@ impl RedbStore {
             gate: Mutex::new(Gate {
                 tx: Some(tx),
                 early: false,
+                reserved: prepared.reserved,
             }),
             closed: AtomicBool::new(false),
             trimmed_bytes: AtomicU64::new(0),
@@ -561,29 +664,119 @@ impl RedbStore {
     }
 
     /// Hand a write to the writer. Under `none` the answer is immediate once the file is
-    /// marked dirty (unless `wait` asks for durability regardless).
+    /// marked dirty (unless `wait` asks for durability regardless, or it is an inbox append
+    /// beyond the terminal's durable reservation: then it, and everything submitted after it,
+    /// waits for the writer).
     fn submit(&self, op: Op, wait: bool) -> Durable {
         let (tx, rx) = oneshot::channel();
         let early = {
-            let gate = self.shared.gate.lock();
-            let Some(sender) = gate.tx.as_ref() else {
+            let mut gate = self.shared.gate.lock();
+            if gate.tx.is_none() {
                 return closed();
+            }
+            let mut early = gate.early && !wait;
+            if early && !gate.may_answer(&op) {
+                // The writer opens the gate again once the reservation is durable.
+                gate.early = false;
+                early = false;
+            }
+            let job = Job {
+                op,
+                reply: (!early).then_some(tx),
             };
-            if sender
-                .send(Job {
-                    op,
-                    reply: Some(tx),
-                })
-                .is_err()
+            if gate
+                .tx
+                .as_ref()
+                .is_none_or(|sender| sender.send(job).is_err())
             {
                 return closed();
             }
-            gate.early && !wait
+            early
         };
         if early {
             return ready();
         }
         Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Closed)) })
+    }
+
+    /// A read error as the caller sees it.
+    fn read_error(&self, e: ::redb::Error) -> StoreError {
+        if self.shared.closed.load(Ordering::SeqCst) {
+            StoreError::Closed
+        } else if matches!(e, ::redb::Error::DatabaseClosed) {
+            StoreError::Io(format!(
+                "{} is unavailable after an I/O error",
+                self.shared.path.display()
+            ))
+        } else {
+            StoreError::Io(format!("reading {}: {e}", self.shared.path.display()))
+        }
+    }
+
+    fn read_terminal(&self, terminal: &str) -> Result<Option<TerminalRecord>, ::redb::Error> {
+        let guard = self.shared.db.read();
+        let Some(db) = guard.as_ref() else {
+            return Err(::redb::Error::DatabaseClosed);
+        };
+        let txn = db.begin_read()?;
+        let terminals = txn.open_table(TERMINALS)?;
+        let Some(row) = terminals.get(terminal)? else {
+            return Ok(None);
+        };
+        let row = TerminalRow::decode(row.value()).map_err(::redb::Error::Corrupted)?;
+        let mut inbox = Vec::new();
+        if let Some(first) = row.acked.checked_add(1) {
+            let messages = txn.open_table(INBOX)?;
+            for entry in messages.range((terminal, first)..=(terminal, u64::MAX))? {
+                let (key, value) = entry?;
+                let (ts, frame) =
+                    decode_message(value.value()).map_err(::redb::Error::Corrupted)?;
+                inbox.push(InboxMessage {
+                    seq: key.value().1,
+                    ts,
+                    frame: Bytes::copy_from_slice(frame),
+                });
+            }
+        }
+        let wake = match txn.open_table(WAKE)?.get((terminal, WAKE_UDP))? {
+            Some(value) => Some(decode_wake(value.value()).map_err(::redb::Error::Corrupted)?),
+            None => None,
+        };
+        Ok(Some(TerminalRecord {
+            seq: row.seq,
+            acked: row.acked,
+            inbox,
+            wake,
+        }))
+    }
+
+    /// Scan of `livepush.terminals`, see the module documentation.
+    fn read_pending(&self) -> Result<Vec<String>, ::redb::Error> {
+        let guard = self.shared.db.read();
+        let Some(db) = guard.as_ref() else {
+            return Err(::redb::Error::DatabaseClosed);
+        };
+        let txn = db.begin_read()?;
+        let terminals = txn.open_table(TERMINALS)?;
+        let messages = txn.open_table(INBOX)?;
+        let mut pending = Vec::new();
+        for entry in terminals.iter()? {
+            let (key, value) = entry?;
+            let row = TerminalRow::decode(value.value()).map_err(::redb::Error::Corrupted)?;
+            if row.seq <= row.acked {
+                continue;
+            }
+            let terminal = key.value();
+            if messages
+                .range((terminal, row.acked + 1)..=(terminal, u64::MAX))?
+                .next()
+                .transpose()?
+                .is_some()
+            {
+                pending.push(terminal.to_owned());
+            }
+        }
+        Ok(pending)
     }
 
     fn read_room(&self, room: &str, keep: usize) -> Result<Option<RoomRecord>, ::redb::Error> {
@@ -638,18 +831,7 @@ fn closed() -> Durable {
 
 impl HistoryStore for RedbStore {
     fn load_room(&self, room: &str, keep: usize) -> Result<Option<RoomRecord>, StoreError> {
-        self.read_room(room, keep).map_err(|e| {
-            if self.shared.closed.load(Ordering::SeqCst) {
-                StoreError::Closed
-            } else if matches!(e, ::redb::Error::DatabaseClosed) {
-                StoreError::Io(format!(
-                    "{} is unavailable after an I/O error",
-                    self.shared.path.display()
-                ))
-            } else {
-                StoreError::Io(format!("reading {}: {e}", self.shared.path.display()))
-            }
-        })
+        self.read_room(room, keep).map_err(|e| self.read_error(e))
     }
 
     fn create_room(&self, room: &str, epoch: &str) -> Durable {
@@ -699,6 +881,58 @@ impl HistoryStore for RedbStore {
     }
 }
 
+impl InboxStore for RedbStore {
+    fn load_terminal(&self, terminal: &str) -> Result<Option<TerminalRecord>, StoreError> {
+        self.read_terminal(terminal).map_err(|e| self.read_error(e))
+    }
+
+    fn append_inbox(&self, terminal: &str, message: &InboxMessage) -> Durable {
+        self.submit(
+            Op::AppendInbox {
+                terminal: terminal.to_owned(),
+                seq: message.seq,
+                ts: message.ts,
+                frame: message.frame.clone(),
+            },
+            false,
+        )
+    }
+
+    fn ack_inbox(&self, terminal: &str, seq: u64) -> Durable {
+        self.submit(
+            Op::AckInbox {
+                terminal: terminal.to_owned(),
+                seq,
+            },
+            false,
+        )
+    }
+
+    fn trim_inbox(&self, terminal: &str, keep_from: u64) -> Durable {
+        self.submit(
+            Op::TrimInbox {
+                terminal: terminal.to_owned(),
+                keep_from,
+            },
+            false,
+        )
+    }
+
+    fn set_wake(&self, terminal: &str, registration: &WakeRegistration) -> Durable {
+        self.submit(
+            Op::SetWake {
+                terminal: terminal.to_owned(),
+                registration: *registration,
+            },
+            false,
+        )
+    }
+
+    fn terminals_with_pending_inbox(&self) -> Result<Vec<String>, StoreError> {
+        self.read_pending().map_err(|e| self.read_error(e))
+    }
+}
+
 /// Why the file cannot be used, found while preparing it.
 enum Prepare {
     Redb(::redb::Error),
@@ -722,13 +956,25 @@ prepare_from!(
     ::redb::CommitError
 );
 
-/// Check (or write) the format marker, create the tables, and give every room a new epoch if
-/// the last run answered writes before they were durable and did not stop cleanly. Returns how
-/// many rooms got a new epoch.
-fn prepare(db: &Database) -> Result<usize, Prepare> {
+/// What [`prepare`] found and did.
+#[derive(Debug, Default)]
+struct Prepared {
+    /// Rooms that got a new epoch.
+    renewed: usize,
+    /// Terminals whose inbox seq was moved up to their reservation.
+    bumped: usize,
+    /// Each terminal's (durable) inbox reservation, if asked for.
+    reserved: HashMap<String, u64>,
+}
+
+/// Check (or write) the format marker, create the tables, and, if the last run answered writes
+/// before they were durable and did not stop cleanly, give every room a new epoch and move
+/// every terminal's inbox seq up to its reservation. With `collect_reserved`, also return each
+/// terminal's reservation.
+fn prepare(db: &Database, collect_reserved: bool) -> Result<Prepared, Prepare> {
     let txn = db.begin_write()?;
     let ours = txn.list_tables()?.any(|t| t.name() == META.name());
-    let mut renewed = 0;
+    let mut prepared = Prepared::default();
     {
         if !ours {
             let mut others: Vec<String> = txn.list_tables()?.map(|t| t.name().to_owned()).collect();
@@ -773,12 +1019,39 @@ fn prepare(db: &Database) -> Result<usize, Prepare> {
             for (room, mut row) in renew {
                 row.epoch = crate::hub::new_epoch();
                 rooms.insert(room.as_str(), row.encode().as_slice())?;
-                renewed += 1;
+                prepared.renewed += 1;
+            }
+        }
+        let inbox_dirty = dirty
+            || meta
+                .get(META_INBOX_DIRTY)?
+                .is_some_and(|v| v.value() == [1]);
+        let mut terminals = txn.open_table(TERMINALS)?;
+        txn.open_table(INBOX)?;
+        txn.open_table(WAKE)?;
+        if inbox_dirty || collect_reserved {
+            let mut bump = Vec::new();
+            for entry in terminals.iter()? {
+                let (key, value) = entry?;
+                let row = TerminalRow::decode(value.value()).map_err(Prepare::NotOurs)?;
+                let terminal = key.value().to_owned();
+                if inbox_dirty && row.reserved > row.seq {
+                    bump.push((terminal.clone(), row));
+                }
+                if collect_reserved {
+                    prepared.reserved.insert(terminal, row.reserved);
+                }
+            }
+            for (terminal, mut row) in bump {
+                row.seq = row.reserved;
+                terminals.insert(terminal.as_str(), row.encode().as_slice())?;
+                prepared.bumped += 1;
             }
         }
         // Under `none` the writer marks the file dirty again before it answers anything early.
         meta.insert(META_DIRTY, [0u8].as_slice())?;
+        meta.insert(META_INBOX_DIRTY, [0u8].as_slice())?;
     }
     txn.commit()?;
-    Ok(renewed)
+    Ok(prepared)
 }

@@ -46,8 +46,7 @@ struct PollBody {
     hello: bool,
     #[serde(default)]
     rooms: BTreeMap<String, RoomEntry>,
-    /// The inbox position (used once inboxes exist; accepted now).
-    #[allow(dead_code)]
+    /// Inbox messages after this seq are sent; absent: after the acknowledged position.
     inbox: Option<u64>,
     wait_ms: Option<u64>,
     #[serde(default)]
@@ -91,7 +90,7 @@ async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("invalid poll body: {e}")))?;
     let terminal = poll_terminal(&app, &body)?;
     let id = terminal.id.clone();
-    let mut session = Session::new(app.hub.clone(), app.limiters.clone(), terminal);
+    let mut session = Session::new(&app, terminal);
     app.terminals.opened(&id, Transport::Longpoll);
     let answer = exchange(&app, &mut session, body).await;
     let grace = app.hub.config().poll_grace;
@@ -102,9 +101,7 @@ async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
 
 async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response {
     let limits = &app.hub.config().limits;
-    if body.hello {
-        session.greet(Transport::Longpoll, None);
-    }
+    session.open(Transport::Longpoll, None, body.inbox, body.hello);
     for (room, entry) in &body.rooms {
         let since = match (&entry.epoch, entry.seq) {
             (None, None) => None,

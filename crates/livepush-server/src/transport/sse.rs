@@ -105,13 +105,13 @@ fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
             .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.message))?,
     };
     let id = terminal.id.clone();
-    let mut session = Session::new(app.hub.clone(), app.limiters.clone(), terminal);
+    let mut session = Session::new(&app, terminal);
     app.terminals.opened(&id, Transport::Sse);
     let presence = Presence {
         app: app.clone(),
         terminal: id,
     };
-    session.greet(Transport::Sse, None);
+    session.open(Transport::Sse, None, None, true);
     for room in &rooms {
         let since = positions
             .0

@@ -160,7 +160,7 @@ async fn handshake(app: &App, socket: &mut WebSocket) -> Result<Handshake, Endin
             return Err(Ending::Unauthorized);
         }
     };
-    let session = Session::new(app.hub.clone(), app.limiters.clone(), terminal);
+    let session = Session::new(app, terminal);
     Ok(Handshake {
         session,
         id: env.id,
@@ -205,7 +205,7 @@ pub async fn run(app: Arc<App>, mut socket: WebSocket) {
             } else {
                 app.terminals.opened(&terminal, Transport::Ws);
                 metrics.connections_open.get_or_create(&label).inc();
-                session.greet(Transport::Ws, id);
+                session.open(Transport::Ws, id, None, true);
                 for line in &rest {
                     session.handle_text(line);
                 }

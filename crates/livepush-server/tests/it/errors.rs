@@ -5,7 +5,8 @@ use std::sync::Arc;
 use livepush_proto::ServerFrame;
 use livepush_server::broker::LocalBroker;
 use livepush_server::store::{
-    Durable, HistoryStore, MemoryStore, RoomFlags, RoomRecord, StoreError, StoredMessage,
+    Durable, HistoryStore, InboxMessage, InboxStore, MemoryStore, RoomFlags, RoomRecord,
+    StoreError, StoredMessage, TerminalRecord, WakeRegistration,
 };
 use serde_json::json;
 
@@ -290,6 +291,27 @@ impl HistoryStore for FailingStore {
     }
     fn trim(&self, room: &str, k: u64) -> Durable {
         MemoryStore.trim(room, k)
+    }
+}
+
+impl InboxStore for FailingStore {
+    fn load_terminal(&self, t: &str) -> Result<Option<TerminalRecord>, StoreError> {
+        MemoryStore.load_terminal(t)
+    }
+    fn append_inbox(&self, t: &str, m: &InboxMessage) -> Durable {
+        MemoryStore.append_inbox(t, m)
+    }
+    fn ack_inbox(&self, t: &str, seq: u64) -> Durable {
+        MemoryStore.ack_inbox(t, seq)
+    }
+    fn trim_inbox(&self, t: &str, k: u64) -> Durable {
+        MemoryStore.trim_inbox(t, k)
+    }
+    fn set_wake(&self, t: &str, r: &WakeRegistration) -> Durable {
+        MemoryStore.set_wake(t, r)
+    }
+    fn terminals_with_pending_inbox(&self) -> Result<Vec<String>, StoreError> {
+        MemoryStore.terminals_with_pending_inbox()
     }
 }
 

@@ -3,6 +3,7 @@
 mod api;
 mod errors;
 mod heartbeat;
+mod inbox;
 mod resume;
 mod support;
 mod transports;

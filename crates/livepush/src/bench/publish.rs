@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use livepush_server::Config;
 use livepush_server::broker::LocalBroker;
-use livepush_server::store::{DurabilityPolicy, HistoryStore, MemoryStore, RedbStore};
+use livepush_server::store::{DurabilityPolicy, MemoryStore, RedbStore, Store};
 use serde_json::json;
 
 use super::percentile_ms;
@@ -54,7 +54,7 @@ const KEY: &str = "bench-api-key";
 async fn one(
     a: &PublishBench,
     name: &str,
-    store: Arc<dyn HistoryStore>,
+    store: Arc<dyn Store>,
 ) -> anyhow::Result<(f64, u64, Vec<Duration>, u64)> {
     let running = livepush_server::start_with(
         Config::for_tests(KEY, "bench-token-secret-0123456789"),
@@ -132,7 +132,7 @@ pub async fn run(a: PublishBench) -> anyhow::Result<()> {
         let dir = a
             .scratch
             .join(format!("livepush-bench-{}-{name}", std::process::id()));
-        let (store, redb): (Arc<dyn HistoryStore>, Option<Arc<RedbStore>>) = match policy {
+        let (store, redb): (Arc<dyn Store>, Option<Arc<RedbStore>>) = match policy {
             None => (Arc::new(MemoryStore), None),
             Some(p) => {
                 let _ = std::fs::remove_dir_all(&dir);

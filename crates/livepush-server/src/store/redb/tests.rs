@@ -15,6 +15,8 @@ use proptest::prelude::*;
 
 use super::*;
 
+mod inbox;
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,5 +1,6 @@
 //! The writer thread: the only place write transactions happen.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -9,9 +10,12 @@ use std::time::{Duration, Instant};
 
 use ::redb::{Durability, ReadableTable, Table};
 
-use super::super::{RoomFlags, StoreError};
-use super::tables::{MESSAGES, META, META_DIRTY, ROOMS, RoomRow, encode_message};
-use super::{DurabilityPolicy, Job, Op, Shared, StoreOptions};
+use super::super::{RoomFlags, StoreError, WakeRegistration};
+use super::tables::{
+    INBOX, MESSAGES, META, META_DIRTY, META_INBOX_DIRTY, ROOMS, RoomRow, TERMINALS, TerminalRow,
+    WAKE, WAKE_UDP, encode_message, encode_wake,
+};
+use super::{DurabilityPolicy, INBOX_RESERVE_STEP, Job, Op, Shared, StoreOptions};
 
 /// What to re-apply to a room record after a failed batch, so that the record never falls
 /// behind what the hub already handed out (and delivered).
@@ -23,6 +27,17 @@ struct Repair {
     seq: u64,
     /// Flags of a failed update.
     flags: Option<RoomFlags>,
+}
+
+/// What to re-apply to a terminal record after a failed batch.
+#[derive(Debug, Default)]
+struct InboxRepair {
+    /// Highest seq of a failed inbox append.
+    seq: u64,
+    /// Highest seq of a failed ack.
+    acked: u64,
+    /// The last failed wake registration.
+    wake: Option<WakeRegistration>,
 }
 
 pub(super) struct Writer {
@@ -41,6 +56,10 @@ pub(super) struct Writer {
     pending_nondurable: bool,
     last_durable: Instant,
     repairs: BTreeMap<String, Repair>,
+    inbox_repairs: BTreeMap<String, InboxRepair>,
+    /// `none`: inbox reservations written by commits since the last durable one; they are
+    /// handed to the gate once durable.
+    unpublished: HashMap<String, u64>,
 }
 
 type Outcome = Result<(), String>;
@@ -63,6 +82,8 @@ impl Writer {
             pending_nondurable: false,
             last_durable: Instant::now(),
             repairs: BTreeMap::new(),
+            inbox_repairs: BTreeMap::new(),
+            unpublished: HashMap::new(),
         }
     }
 
@@ -175,10 +196,25 @@ impl Writer {
         if durable {
             self.last_durable = Instant::now();
             self.pending_nondurable = false;
+            self.publish_reserved();
         } else {
             self.pending_nondurable = true;
         }
         self.repairs.clear();
+        self.inbox_repairs.clear();
+    }
+
+    /// `none`, after a durable commit: inbox appends within the reservations it made durable
+    /// may be answered at submission from now on.
+    fn publish_reserved(&mut self) {
+        if self.unpublished.is_empty() {
+            return;
+        }
+        let mut gate = self.shared.gate.lock();
+        for (terminal, reserved) in self.unpublished.drain() {
+            let known = gate.reserved.entry(terminal).or_default();
+            *known = (*known).max(reserved);
+        }
     }
 
     /// Write a batch in one transaction and resolve its futures in order. `closing` makes the
@@ -197,13 +233,20 @@ impl Writer {
                 marker = Some(true);
             }
         }
+        // An inbox append that was not answered at submission may wait for the durable
+        // reservation this batch makes for it (see "Inboxes under `none`").
+        let reserving = jobs
+            .iter()
+            .any(|j| j.reply.is_some() && matches!(j.op, Op::AppendInbox { .. }));
         let durable = !none
             || flush
             || marker.is_some()
+            || reserving
             || self.last_durable.elapsed() >= self.checkpoint_interval;
         let needed = writes
             || marker.is_some()
             || !self.repairs.is_empty()
+            || !self.inbox_repairs.is_empty()
             || (durable && self.pending_nondurable);
         let result = if needed {
             self.write(&jobs, durable, marker)
@@ -276,6 +319,8 @@ impl Writer {
 
     /// `none`, once the dirty marker is durable: answer what waited for it (in order, before
     /// anything submitted later can be answered at once) and answer at submission from now on.
+    /// An inbox append beyond its terminal's durable reservation stops this: it and what
+    /// follows it wait for the durable commit of their batch, and the gate stays closed.
     fn open_gate(&mut self) {
         let mut gate = self.shared.gate.lock();
         if gate.early || gate.tx.is_none() {
@@ -285,9 +330,13 @@ impl Writer {
             self.carry.push_back(job);
         }
         for job in &mut self.carry {
-            if job.op.is_write()
-                && let Some(reply) = job.reply.take()
-            {
+            if !job.op.is_write() {
+                continue;
+            }
+            if !gate.may_answer(&job.op) {
+                return;
+            }
+            if let Some(reply) = job.reply.take() {
                 let _ = reply.send(Ok(()));
             }
         }
@@ -313,6 +362,21 @@ impl Writer {
                 }
                 Op::Flags { room, flags } => {
                     self.repairs.entry(room.clone()).or_default().flags = Some(*flags);
+                }
+                Op::AppendInbox { terminal, seq, .. } => {
+                    let r = self.inbox_repairs.entry(terminal.clone()).or_default();
+                    r.seq = r.seq.max(*seq);
+                }
+                Op::AckInbox { terminal, seq } => {
+                    let r = self.inbox_repairs.entry(terminal.clone()).or_default();
+                    r.acked = r.acked.max(*seq);
+                }
+                Op::SetWake {
+                    terminal,
+                    registration,
+                } => {
+                    self.inbox_repairs.entry(terminal.clone()).or_default().wake =
+                        Some(*registration);
                 }
                 _ => {}
             }
@@ -342,6 +406,7 @@ impl Writer {
         }
         // A reopen recovers the last durable state.
         self.pending_nondurable = false;
+        self.unpublished.clear();
         self.last_durable = Instant::now();
     }
 
@@ -402,12 +467,23 @@ impl Writer {
         })?;
         let mut outcomes = Vec::with_capacity(jobs.len());
         let mut trimmed = 0;
+        let reserved;
         {
             let mut rooms = txn.open_table(ROOMS)?;
             let mut messages = txn.open_table(MESSAGES)?;
             // Room records touched by this transaction, written back at the end. `None`: the
             // room has no record.
             let mut rows: HashMap<String, Option<RoomRow>> = HashMap::new();
+            let mut terminals = InboxTxn {
+                terminals: txn.open_table(TERMINALS)?,
+                inbox: txn.open_table(INBOX)?,
+                wake: txn.open_table(WAKE)?,
+                rows: HashMap::new(),
+                trimmed: 0,
+            };
+            for (terminal, repair) in &self.inbox_repairs {
+                terminals.repair(terminal, repair)?;
+            }
             for (room, repair) in &self.repairs {
                 if let Some(epoch) = &repair.create {
                     delete_messages(&mut messages, room, u64::MAX)?;
@@ -454,7 +530,7 @@ impl Writer {
                         trimmed += delete_messages(&mut messages, room, *keep_from)?;
                         Ok(())
                     }
-                    _ => Ok(()),
+                    op => terminals.apply(op)?,
                 };
                 outcomes.push(outcome);
             }
@@ -463,16 +539,152 @@ impl Writer {
                     rooms.insert(room.as_str(), row.encode().as_slice())?;
                 }
             }
+            trimmed += terminals.trimmed;
+            reserved = terminals.finish(self.policy == DurabilityPolicy::None)?;
             if let Some(dirty) = marker {
                 let mut meta = txn.open_table(META)?;
                 meta.insert(META_DIRTY, [u8::from(dirty)].as_slice())?;
+                meta.insert(META_INBOX_DIRTY, [u8::from(dirty)].as_slice())?;
             }
         }
         txn.commit()?;
+        for (terminal, r) in reserved {
+            let known = self.unpublished.entry(terminal).or_default();
+            *known = (*known).max(r);
+        }
         self.shared
             .trimmed_bytes
             .fetch_add(trimmed, Ordering::Relaxed);
         Ok(outcomes)
+    }
+}
+
+/// The terminal tables of one write transaction, and the terminal records it touched (written
+/// back by [`InboxTxn::finish`]).
+struct InboxTxn<'t> {
+    terminals: Table<'t, &'static str, &'static [u8]>,
+    inbox: Table<'t, (&'static str, u64), &'static [u8]>,
+    wake: Table<'t, (&'static str, &'static str), &'static [u8]>,
+    rows: HashMap<String, TerminalRow>,
+    /// Bytes of inbox messages deleted.
+    trimmed: u64,
+}
+
+impl InboxTxn<'_> {
+    /// The terminal's record in this transaction, loaded on first use, created if missing.
+    /// The inner error is a record that cannot be decoded (the op fails, the batch goes on).
+    fn row(&mut self, terminal: &str) -> Result<Result<&mut TerminalRow, String>, ::redb::Error> {
+        let entry = match self.rows.entry(terminal.to_owned()) {
+            Entry::Occupied(entry) => return Ok(Ok(entry.into_mut())),
+            Entry::Vacant(entry) => entry,
+        };
+        let row = match self.terminals.get(terminal)? {
+            Some(value) => match TerminalRow::decode(value.value()) {
+                Ok(row) => row,
+                Err(e) => return Ok(Err(format!("terminal {terminal:?}: {e}"))),
+            },
+            None => TerminalRow::default(),
+        };
+        Ok(Ok(entry.insert(row)))
+    }
+
+    /// Delete the terminal's messages up to its acknowledged seq.
+    fn delete_acked(&mut self, terminal: &str, acked: u64) -> Result<(), ::redb::Error> {
+        self.trimmed += delete_messages(&mut self.inbox, terminal, acked.saturating_add(1))?;
+        Ok(())
+    }
+
+    /// Re-apply what a failed batch owed the terminal's record.
+    fn repair(&mut self, terminal: &str, repair: &InboxRepair) -> Result<(), ::redb::Error> {
+        let acked = match self.row(terminal)? {
+            Ok(row) => {
+                row.acked = row.acked.max(repair.acked);
+                row.seq = row.seq.max(repair.seq).max(row.acked);
+                row.acked
+            }
+            Err(_) => return Ok(()),
+        };
+        self.delete_acked(terminal, acked)?;
+        if let Some(registration) = &repair.wake {
+            let value = encode_wake(registration);
+            self.wake.insert((terminal, WAKE_UDP), value.as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// Apply an inbox op (anything else is left alone).
+    fn apply(&mut self, op: &Op) -> Result<Outcome, ::redb::Error> {
+        match op {
+            Op::AppendInbox {
+                terminal,
+                seq,
+                ts,
+                frame,
+            } => {
+                let acked = match self.row(terminal)? {
+                    Ok(row) => {
+                        row.seq = row.seq.max(*seq);
+                        row.acked
+                    }
+                    Err(e) => return Ok(Err(e)),
+                };
+                // A seq the terminal already acknowledged has nothing left to deliver.
+                if *seq > acked {
+                    let value = encode_message(*ts, frame);
+                    self.inbox
+                        .insert((terminal.as_str(), *seq), value.as_slice())?;
+                }
+            }
+            Op::AckInbox { terminal, seq } => {
+                let acked = match self.row(terminal)? {
+                    Ok(row) => {
+                        row.acked = row.acked.max(*seq);
+                        // Only a seq that was handed out can be acknowledged.
+                        row.seq = row.seq.max(row.acked);
+                        row.acked
+                    }
+                    Err(e) => return Ok(Err(e)),
+                };
+                self.delete_acked(terminal, acked)?;
+            }
+            Op::TrimInbox {
+                terminal,
+                keep_from,
+            } => {
+                self.trimmed += delete_messages(&mut self.inbox, terminal, *keep_from)?;
+            }
+            Op::SetWake {
+                terminal,
+                registration,
+            } => {
+                if let Err(e) = self.row(terminal)? {
+                    return Ok(Err(e));
+                }
+                let value = encode_wake(registration);
+                self.wake
+                    .insert((terminal.as_str(), WAKE_UDP), value.as_slice())?;
+            }
+            _ => {}
+        }
+        Ok(Ok(()))
+    }
+
+    /// Write back the touched records; under `none` (`reserve`), raise each reservation that
+    /// the record's seq went past (see "Inboxes under `none`" in `redb.rs`) and return every
+    /// touched terminal's reservation.
+    fn finish(mut self, reserve: bool) -> Result<Vec<(String, u64)>, ::redb::Error> {
+        let mut reserved = Vec::new();
+        for (terminal, mut row) in std::mem::take(&mut self.rows) {
+            if reserve && row.seq > row.reserved {
+                row.reserved = row.seq.saturating_add(INBOX_RESERVE_STEP);
+            }
+            self.terminals
+                .insert(terminal.as_str(), row.encode().as_slice())?;
+            if reserve {
+                reserved.push((terminal, row.reserved));
+            }
+        }
+        Ok(reserved)
     }
 }
 
