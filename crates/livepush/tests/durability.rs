@@ -88,6 +88,19 @@ async fn publish(http: &reqwest::Client, url: &str, room: &str, body: Value) -> 
     r.json().await.ok()
 }
 
+async fn publish_gifts(
+    http: &reqwest::Client,
+    url: &str,
+    room: &str,
+    ns: std::ops::RangeInclusive<u64>,
+) {
+    for n in ns {
+        publish(http, url, room, json!({"type":"gift","data":{"n":n}}))
+            .await
+            .expect("publish");
+    }
+}
+
 async fn history(http: &reqwest::Client, url: &str, room: &str) -> (String, u64, Vec<Value>) {
     let mut since = 0;
     let mut all = Vec::new();
@@ -370,16 +383,7 @@ async fn long_polls_continue_across_a_restart() {
     assert_eq!(hello[0]["op"], "connected");
     assert_eq!(hello[1]["op"], "joined");
     let epoch = hello[1]["epoch"].as_str().expect("epoch").to_owned();
-    for n in 1..=3 {
-        publish(
-            &http,
-            &server.url,
-            "live:lp",
-            json!({"type":"gift","data":{"n":n}}),
-        )
-        .await
-        .expect("publish");
-    }
+    publish_gifts(&http, &server.url, "live:lp", 1..=3).await;
     let got = poll(
         &http,
         &server.url,
@@ -391,16 +395,7 @@ async fn long_polls_continue_across_a_restart() {
     server.kill9();
 
     let server = Server::spawn(dir.path(), &[]);
-    for n in 4..=5 {
-        publish(
-            &http,
-            &server.url,
-            "live:lp",
-            json!({"type":"gift","data":{"n":n}}),
-        )
-        .await
-        .expect("publish");
-    }
+    publish_gifts(&http, &server.url, "live:lp", 4..=5).await;
     let got = poll(
         &http,
         &server.url,

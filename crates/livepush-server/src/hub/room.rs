@@ -509,6 +509,15 @@ mod tests {
         }
     }
 
+    fn resume(r: &Room, conn: ConnId, m: &Member, epoch: &str, seq: u64) -> Joined {
+        let since = Position {
+            epoch: epoch.into(),
+            seq,
+        };
+        r.join(conn, m.clone(), Some(&since), None, Announce::Always)
+            .unwrap()
+    }
+
     fn seqs(m: &Member) -> (Vec<u64>, Vec<ServerFrame>) {
         let Batch::Frames(frames) = m.outbox.take(usize::MAX) else {
             panic!("closed")
@@ -534,18 +543,7 @@ mod tests {
             publish(&r, ret, n);
         }
         let m = member(1000);
-        let j = r
-            .join(
-                1,
-                m.clone(),
-                Some(&Position {
-                    epoch: "ep".into(),
-                    seq: 4,
-                }),
-                None,
-                Announce::Always,
-            )
-            .unwrap();
+        let j = resume(&r, 1, &m, "ep", 4);
         assert!(j.recovered);
         publish(&r, ret, 10);
         let (s, _) = seqs(&m);
@@ -559,64 +557,20 @@ mod tests {
             publish(&r, ret, n);
         }
         let m = member(1000);
-        let j = r
-            .join(
-                1,
-                m.clone(),
-                Some(&Position {
-                    epoch: "ep".into(),
-                    seq: 2,
-                }),
-                None,
-                Announce::Always,
-            )
-            .unwrap();
+        let j = resume(&r, 1, &m, "ep", 2);
         assert!(!j.recovered);
         assert_eq!(seqs(&m).0, vec![6, 7, 8, 9, 10]);
         let m2 = member(1000);
-        let j = r
-            .join(
-                2,
-                m2.clone(),
-                Some(&Position {
-                    epoch: "old".into(),
-                    seq: 9,
-                }),
-                None,
-                Announce::Always,
-            )
-            .unwrap();
+        let j = resume(&r, 2, &m2, "old", 9);
         assert!(!j.recovered);
         assert_eq!(seqs(&m2).0, vec![6, 7, 8, 9, 10]);
         // Exactly at the edge of what is kept: recovered.
         let m3 = member(1000);
-        let j = r
-            .join(
-                3,
-                m3.clone(),
-                Some(&Position {
-                    epoch: "ep".into(),
-                    seq: 5,
-                }),
-                None,
-                Announce::Always,
-            )
-            .unwrap();
+        let j = resume(&r, 3, &m3, "ep", 5);
         assert!(j.recovered);
         // Ahead of the server: not recovered, no replay.
         let m4 = member(1000);
-        let j = r
-            .join(
-                4,
-                m4.clone(),
-                Some(&Position {
-                    epoch: "ep".into(),
-                    seq: 50,
-                }),
-                None,
-                Announce::Always,
-            )
-            .unwrap();
+        let j = resume(&r, 4, &m4, "ep", 50);
         assert!(!j.recovered);
         assert!(seqs(&m4).0.is_empty());
     }
@@ -628,18 +582,7 @@ mod tests {
             publish(&r, ret, n);
         }
         let m = member(5);
-        let j = r
-            .join(
-                1,
-                m.clone(),
-                Some(&Position {
-                    epoch: "ep".into(),
-                    seq: 0,
-                }),
-                None,
-                Announce::Always,
-            )
-            .unwrap();
+        let j = resume(&r, 1, &m, "ep", 0);
         assert!(j.prompted);
         let (s, frames) = seqs(&m);
         assert_eq!(s, vec![1, 2, 3, 4]);
@@ -713,7 +656,7 @@ mod tests {
             let (r, ret) = room(max);
             for i in 0..n { publish(&r, ret, i); }
             let m = member(10_000);
-            let j = r.join(1, m.clone(), Some(&Position { epoch: "ep".into(), seq: since }), None, Announce::Always).unwrap();
+            let j = resume(&r, 1, &m, "ep", since);
             let (s, _) = seqs(&m);
             let first_kept = n.saturating_sub(max as u64) + 1;
             let expected: Vec<u64> = if since > n { vec![] } else { (since.max(first_kept - 1) + 1..=n).collect() };
