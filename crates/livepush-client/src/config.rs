@@ -6,6 +6,31 @@ use std::time::Duration;
 /// The `client` name sent in the `connect` frame by default.
 pub const DEFAULT_CLIENT_NAME: &str = "livepush-rust/0.1";
 
+/// Which transports the client may use (see the crate documentation, "Transports").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum TransportMode {
+    /// WebSocket first. The client moves to long-polling when the WebSocket upgrade is
+    /// refused at the HTTP level (any non-`101` answer other than a `5xx`, or an answer
+    /// without the upgrade headers: a proxy that strips the upgrade) and then tries
+    /// WebSocket again after [`ClientConfig::ws_retry_after`]; or when the server answers
+    /// `connect` with `{"op":"transport","use":"longpoll","retry_ws_after_ms":X}`, and then
+    /// tries WebSocket again after `X`. Network errors (refused, reset, timeout) are not a
+    /// reason to switch: they take the usual reconnect path with back-off.
+    #[default]
+    Auto,
+    /// WebSocket only. A `transport` answer is honoured by waiting `retry_ws_after_ms`.
+    WebSocket,
+    /// Long-polling only (`POST /v1/poll`).
+    LongPoll,
+    /// Server-Sent Events only (`GET /v1/sse`): receive-only. [`Client::send`] and
+    /// [`Client::ack_inbox`] fail with [`ClientError::Unsupported`].
+    ///
+    /// [`Client::send`]: crate::Client::send
+    /// [`Client::ack_inbox`]: crate::Client::ack_inbox
+    /// [`ClientError::Unsupported`]: crate::ClientError::Unsupported
+    Sse,
+}
+
 /// Settings of a [`Client`](crate::Client). Build one with struct update syntax:
 ///
 /// ```
@@ -74,6 +99,19 @@ pub struct ClientConfig {
     /// Capacity of the command channel from [`Client`](crate::Client) handles to the
     /// connection task. Default 64.
     pub command_capacity: usize,
+    /// The transports the client may use. Default [`TransportMode::Auto`].
+    pub transport: TransportMode,
+    /// In [`TransportMode::Auto`], after the WebSocket upgrade was refused at the HTTP level:
+    /// how long to long-poll before trying WebSocket again. (After a server's `transport`
+    /// answer the client uses the `retry_ws_after_ms` it names instead.) Default 60 s.
+    pub ws_retry_after: Duration,
+    /// `wait_ms` of each long-poll: how long the server may park a poll when it has nothing
+    /// to send (the server caps it, by default at 30 s). A poll that has not been answered
+    /// `poll_wait` + [`connect_timeout`](Self::connect_timeout) after it was sent is given up
+    /// (the long-poll watchdog) and reported as
+    /// [`DisconnectReason::HeartbeatTimeout`](crate::DisconnectReason::HeartbeatTimeout).
+    /// Default 25 s.
+    pub poll_wait: Duration,
 }
 
 impl Default for ClientConfig {
@@ -94,6 +132,9 @@ impl Default for ClientConfig {
             max_buffered_per_room: 1024,
             event_capacity: 1024,
             command_capacity: 64,
+            transport: TransportMode::Auto,
+            ws_retry_after: Duration::from_secs(60),
+            poll_wait: Duration::from_secs(25),
         }
     }
 }
@@ -119,22 +160,40 @@ impl ClientConfig {
 
     /// The WebSocket URL derived from [`server`](Self::server).
     pub fn ws_url(&self) -> Result<url::Url, crate::ClientError> {
+        self.endpoint(true, "/v1/connect")
+    }
+
+    /// The long-poll URL (`POST`) derived from [`server`](Self::server):
+    /// `http://host:port/v1/poll` (a `ws://`/`wss://` server maps to `http`/`https`).
+    pub fn poll_url(&self) -> Result<url::Url, crate::ClientError> {
+        self.endpoint(false, "/v1/poll")
+    }
+
+    /// The Server-Sent Events URL derived from [`server`](Self::server), without its query:
+    /// `http://host:port/v1/sse`.
+    pub fn sse_url(&self) -> Result<url::Url, crate::ClientError> {
+        self.endpoint(false, "/v1/sse")
+    }
+
+    fn endpoint(&self, ws: bool, endpoint: &str) -> Result<url::Url, crate::ClientError> {
         let bad = |why: String| crate::ClientError::InvalidUrl(format!("{}: {why}", self.server));
         let mut url = url::Url::parse(self.server.trim()).map_err(|e| bad(e.to_string()))?;
-        let scheme = match url.scheme() {
-            "http" | "ws" => "ws",
-            "https" | "wss" => "wss",
-            other => return Err(bad(format!("unsupported scheme {other:?}"))),
+        let scheme = match (url.scheme(), ws) {
+            ("http" | "ws", true) => "ws",
+            ("https" | "wss", true) => "wss",
+            ("http" | "ws", false) => "http",
+            ("https" | "wss", false) => "https",
+            (other, _) => return Err(bad(format!("unsupported scheme {other:?}"))),
         };
         url.set_scheme(scheme)
             .map_err(|()| bad("cannot change the scheme".to_owned()))?;
         if url.host_str().is_none() {
             return Err(bad("no host".to_owned()));
         }
-        let path = url.path().trim_end_matches('/').to_owned();
-        if !path.ends_with("/v1/connect") {
-            url.set_path(&format!("{path}/v1/connect"));
-        }
+        // A server URL may name the WebSocket endpoint itself: its base is what precedes it.
+        let path = url.path().trim_end_matches('/');
+        let base = path.strip_suffix("/v1/connect").unwrap_or(path).to_owned();
+        url.set_path(&format!("{base}{endpoint}"));
         url.set_query(None);
         url.set_fragment(None);
         Ok(url)
@@ -171,6 +230,32 @@ mod tests {
         assert_eq!(url("ws://h:1/v1/connect").unwrap(), "ws://h:1/v1/connect");
         assert!(url("ftp://h").is_err());
         assert!(url("not a url").is_err());
+    }
+
+    #[test]
+    fn derives_the_http_urls() {
+        let urls = |server: &str| {
+            let c = ClientConfig {
+                server: server.to_owned(),
+                ..ClientConfig::default()
+            };
+            (
+                c.poll_url().unwrap().to_string(),
+                c.sse_url().unwrap().to_string(),
+            )
+        };
+        assert_eq!(
+            urls("http://127.0.0.1:8080"),
+            (
+                "http://127.0.0.1:8080/v1/poll".to_owned(),
+                "http://127.0.0.1:8080/v1/sse".to_owned()
+            )
+        );
+        assert_eq!(
+            urls("wss://push.example/p/v1/connect").0,
+            "https://push.example/p/v1/poll"
+        );
+        assert_eq!(urls("ws://h:1/x/").1, "http://h:1/x/v1/sse");
     }
 
     #[test]

@@ -1,18 +1,28 @@
-//! The connection task: an explicit state machine around one WebSocket session at a time.
+//! The connection task: an explicit state machine around one session at a time, over
+//! WebSocket (here), long-polling ([`longpoll`]) or Server-Sent Events ([`sse`]).
 //!
 //! ```text
 //!            ┌──────────── set_token ─────────────┐
 //!            v                                    │
-//!   ┌──> Connecting ──ok──> Connected ──ends──> Waiting ──delay──┐
-//!   │        │                                    ^              │
-//!   │        ├──refused / failed / timeout ───────┘              │
-//!   │        └──auth refused `auth_failure_limit` times──> Parked│
-//!   └────────────────────────────────────────────────────────────┘
+//!   ┌──> Connecting ──ok──> (session) ──ends───> Waiting ──delay──┐
+//!   │     │  ^  │                                 ^               │
+//!   │     │  │  ├──refused / failed / timeout ────┘               │
+//!   │     │  │  └──auth refused `auth_failure_limit` times──> Parked
+//!   │     │  └── Auto: WebSocket refused over HTTP / `transport` ──> long-poll
+//!   └─────┴──────────────────────────────────────────────────────────┘
 //!   any state ──close / every handle dropped──> Closed
 //! ```
 //!
+//! `Connecting` picks the transport ([`Worker::pick`]): the configured one, or in
+//! [`TransportMode::Auto`] WebSocket unless the client is in a long-poll period
+//! (`Worker::lp_until`). A long-poll session tries WebSocket again when that period ends and
+//! goes straight to a WebSocket session once the server said `connected` on it.
+//!
 //! Per-room ordering lives in [`RoomTracker`]; this module does the IO, the watchdog and the
 //! bookkeeping of request ids.
+
+mod longpoll;
+mod sse;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -35,8 +45,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, TransportMode};
 use crate::tracker::{Effect, RoomTracker};
+use crate::wire;
 use crate::{ClientError, Command, DisconnectReason, Event, InboxMessage, Shared};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -48,11 +59,19 @@ const MAX_PENDING_REQUESTS: usize = 1024;
 /// How long a clean close waits for the server's close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
+/// Where the transports live.
+#[derive(Debug, Clone)]
+pub(crate) struct Urls {
+    pub ws: url::Url,
+    pub poll: url::Url,
+    pub sse: url::Url,
+}
+
 /// The states of the connection task.
 enum State {
-    /// A connection attempt is due now.
+    /// A connection attempt is due now, over the transport [`Worker::pick`] chooses.
     Connecting,
-    /// A session is up.
+    /// A WebSocket session is up.
     Connected(Box<Handshake>),
     /// Waiting before the next attempt.
     Waiting { until: Instant },
@@ -82,6 +101,8 @@ enum ConnectError {
     Refused { code: ErrorCode, message: String },
     /// `transport`: use long-poll for a while.
     TransportSwitch { retry_ws_after: Duration },
+    /// The WebSocket upgrade was refused at the HTTP level (see [`wire::ws_refusal`]).
+    WsRefused(String),
     /// Network, handshake, or the server closed before `connected`.
     Failed(String),
 }
@@ -139,27 +160,63 @@ impl Watch {
     }
 }
 
-/// Per-connection state.
-struct Session {
+/// The transport of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Ws,
+    Longpoll,
+    Sse,
+}
+
+/// The WebSocket of a session and its watchdog.
+struct WsConn {
     ws: Ws,
     idle: Duration,
     watch: Watch,
+}
+
+impl WsConn {
+    fn traffic(&mut self) {
+        self.watch = Watch::Idle {
+            deadline: Instant::now() + self.idle,
+        };
+    }
+}
+
+/// Per-session state, whatever the transport.
+struct Session {
+    link: Link,
     /// Requests awaiting an answer, by id.
     requests: BTreeMap<u64, Request>,
     /// Rooms with a `leave` in flight, counted, so that its `left` answer is not taken for
     /// the server closing the room.
     leaving: HashMap<String, u32>,
-    /// Frames to write at the next flush.
+    /// Frames to write at the next flush (long-poll: the ops of the next short poll).
     out: Vec<ClientEnvelope>,
     /// Callers waiting for the next flush to succeed.
     replies: Vec<Reply>,
+    /// SSE: the stream must be reopened (the room set changed, or a gap or `prompt` that
+    /// only a new stream from the current positions can fill).
+    reopen: bool,
 }
 
 impl Session {
-    fn traffic(&mut self) {
-        self.watch = Watch::Idle {
-            deadline: Instant::now() + self.idle,
-        };
+    fn new(link: Link) -> Session {
+        Session {
+            link,
+            requests: BTreeMap::new(),
+            leaving: HashMap::new(),
+            out: Vec::new(),
+            replies: Vec::new(),
+            reopen: false,
+        }
+    }
+
+    /// Tell every caller still waiting that its command did not go out.
+    fn fail_replies(&mut self) {
+        for r in self.replies.drain(..) {
+            let _ = r.send(Err(ClientError::NotConnected));
+        }
     }
 
     fn request(&mut self, id: u64, req: Request) {
@@ -213,8 +270,15 @@ impl Outbox {
 
 pub(crate) struct Worker {
     config: ClientConfig,
-    url: url::Url,
+    urls: Urls,
+    /// For long-polling and SSE.
+    http: reqwest::Client,
     token: Option<String>,
+    /// The terminal id of the last `connected`; sent back in polls and SSE requests when
+    /// there is no token (a dev-mode server's anonymous terminal).
+    terminal: Option<String>,
+    /// [`TransportMode::Auto`]: long-poll until then, then try WebSocket again.
+    lp_until: Option<Instant>,
     cmds: mpsc::Receiver<Command>,
     outbox: Outbox,
     shared: Arc<Shared>,
@@ -230,12 +294,23 @@ pub(crate) struct Worker {
 impl Worker {
     pub(crate) fn new(
         config: ClientConfig,
-        url: url::Url,
+        urls: Urls,
         cmds: mpsc::Receiver<Command>,
         events: mpsc::Sender<Event>,
         shared: Arc<Shared>,
     ) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .user_agent(config.client_name.clone())
+            .build()
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "livepush: HTTP client settings refused; using the defaults");
+                reqwest::Client::new()
+            });
         Worker {
+            http,
+            terminal: None,
+            lp_until: None,
             token: config.token.clone(),
             backoff: Backoff::new(config.backoff_base, config.backoff_max),
             outbox: Outbox {
@@ -245,7 +320,7 @@ impl Worker {
                 closed: false,
             },
             config,
-            url,
+            urls,
             cmds,
             shared,
             rooms: BTreeMap::new(),
@@ -260,14 +335,18 @@ impl Worker {
         let mut state = State::Connecting;
         loop {
             state = match state {
-                State::Connecting => self.connecting().await,
+                State::Connecting => match self.pick() {
+                    Transport::Ws => self.connecting().await,
+                    Transport::Longpoll => self.longpoll().await,
+                    Transport::Sse => self.sse().await,
+                },
                 State::Connected(hs) => self.connected(*hs).await,
                 State::Waiting { until } => self.waiting(Some(until)).await,
                 State::Parked => self.waiting(None).await,
                 State::Closed => break,
             };
         }
-        self.shared.set_connected(false);
+        self.shared.set_transport(None);
         // Best effort: hand over what is queued without waiting for the application.
         self.outbox.flush();
         debug!("livepush client task ended");
@@ -284,25 +363,52 @@ impl Worker {
 
     // ---- states without a session ----------------------------------------------------
 
-    async fn connecting(&mut self) -> State {
+    /// The transport of the next connection attempt.
+    fn pick(&mut self) -> Transport {
+        match self.config.transport {
+            TransportMode::WebSocket => Transport::Ws,
+            TransportMode::LongPoll => Transport::Longpoll,
+            TransportMode::Sse => Transport::Sse,
+            TransportMode::Auto => {
+                if self.lp_until.is_some_and(|t| t > Instant::now()) {
+                    Transport::Longpoll
+                } else {
+                    self.lp_until = None;
+                    Transport::Ws
+                }
+            }
+        }
+    }
+
+    /// A WebSocket handshake (TCP, upgrade, `connect`, `connected`) within the connect
+    /// timeout; owns what it needs, so it can run beside a long-poll session.
+    fn ws_attempt(&self) -> impl Future<Output = Result<Handshake, ConnectError>> + Send + use<> {
         let attempt = timeout(
             self.config.connect_timeout,
             handshake(
-                self.url.clone(),
+                self.urls.ws.clone(),
                 self.token.clone(),
                 self.config.client_name.clone(),
             ),
         );
+        async move {
+            match attempt.await {
+                Ok(res) => res,
+                Err(_) => Err(ConnectError::Failed("connect timeout".to_owned())),
+            }
+        }
+    }
+
+    async fn connecting(&mut self) -> State {
+        let attempt = self.ws_attempt();
         tokio::pin!(attempt);
         loop {
             tokio::select! {
                 res = &mut attempt => {
-                    let err = match res {
-                        Ok(Ok(hs)) => return State::Connected(Box::new(hs)),
-                        Ok(Err(e)) => e,
-                        Err(_) => ConnectError::Failed("connect timeout".to_owned()),
+                    return match res {
+                        Ok(hs) => State::Connected(Box::new(hs)),
+                        Err(e) => self.connect_failed(e),
                     };
-                    return self.connect_failed(err);
                 }
                 cmd = self.cmds.recv() => {
                     if let Flow::Go(next) = self.offline_command(cmd) {
@@ -317,6 +423,30 @@ impl Worker {
     }
 
     fn connect_failed(&mut self, err: ConnectError) -> State {
+        if self.config.transport == TransportMode::Auto {
+            // Reasons to long-poll for a while rather than to wait.
+            let now = Instant::now();
+            match err {
+                ConnectError::TransportSwitch { retry_ws_after } => {
+                    info!(
+                        ?retry_ws_after,
+                        "livepush server asked for long-poll; switching now, WebSocket again later"
+                    );
+                    self.lp_until = Some(now + retry_ws_after);
+                    return State::Connecting;
+                }
+                ConnectError::WsRefused(why) => {
+                    info!(
+                        %why,
+                        retry_ws_after = ?self.config.ws_retry_after,
+                        "livepush: WebSocket refused; continuing on long-polling"
+                    );
+                    self.lp_until = Some(now + self.config.ws_retry_after);
+                    return State::Connecting;
+                }
+                _ => {}
+            }
+        }
         let mut delay = self.backoff.next_delay(&mut self.rng);
         match err {
             ConnectError::Auth { code, message } => {
@@ -352,7 +482,7 @@ impl Worker {
                 );
                 delay = delay.max(retry_ws_after);
             }
-            ConnectError::Failed(why) => {
+            ConnectError::WsRefused(why) | ConnectError::Failed(why) => {
                 debug!(%why, ?delay, "livepush connect failed");
             }
         }
@@ -446,68 +576,35 @@ impl Worker {
 
     // ---- the session -----------------------------------------------------------------
 
-    async fn connected(&mut self, hs: Handshake) -> State {
-        let Handshake {
-            ws,
-            terminal,
-            transport,
-            heartbeat_ms,
-            inbox,
-            leftover,
-        } = hs;
-        info!(%terminal, "livepush connected");
+    /// The server said `connected`: the session is up.
+    fn on_connected(&mut self, terminal: String, transport: Transport, inbox: InboxPosition) {
+        info!(%terminal, ?transport, "livepush connected");
         self.backoff.reset();
         self.auth_failures = 0;
         if inbox.seq < self.inbox_delivered {
             // The server's inbox restarted: follow it.
             self.inbox_delivered = inbox.acked;
         }
-        self.shared.set_connected(true);
+        self.terminal = Some(terminal.clone());
+        self.shared.set_transport(Some(transport));
         self.emit(Event::Connected {
             terminal,
             transport,
         });
-        let idle = self.config.effective_idle_timeout(heartbeat_ms);
-        let mut s = Session {
-            ws,
-            idle,
-            watch: Watch::Idle {
-                deadline: Instant::now() + idle,
-            },
-            requests: BTreeMap::new(),
-            leaving: HashMap::new(),
-            out: Vec::new(),
-            replies: Vec::new(),
-        };
-        let rooms: Vec<String> = self.rooms.keys().cloned().collect();
-        for room in rooms {
-            self.queue_join(&mut s, &room);
-        }
-        let mut ended = self.flush_out(&mut s).await.err();
-        if ended.is_none() {
-            for text in leftover {
-                if let Err(reason) = self.on_text(&mut s, &text) {
-                    ended = Some(reason);
-                    break;
-                }
-            }
-        }
-        let reason = match ended {
-            Some(r) => r,
-            None => match self.session_loop(&mut s).await {
-                Ok(next) => {
-                    // Closed on purpose: close cleanly.
-                    close_cleanly(&mut s.ws, self.config.write_timeout).await;
-                    self.end_session();
-                    return next;
-                }
-                Err(reason) => reason,
-            },
-        };
+    }
+
+    /// A session that was up ended: report it and wait before the next attempt (in
+    /// [`TransportMode::Auto`], a `transport` answer moves to long-polling at once).
+    fn disconnected(&mut self, reason: DisconnectReason) -> State {
         self.end_session();
         let mut delay = self.backoff.next_delay(&mut self.rng);
         if let DisconnectReason::TransportSwitch { retry_ws_after } = &reason {
-            delay = delay.max(*retry_ws_after);
+            if self.config.transport == TransportMode::Auto {
+                self.lp_until = Some(Instant::now() + *retry_ws_after);
+                delay = Duration::ZERO;
+            } else {
+                delay = delay.max(*retry_ws_after);
+            }
         }
         info!(%reason, ?delay, "livepush disconnected");
         self.emit(Event::Disconnected {
@@ -519,8 +616,55 @@ impl Worker {
         }
     }
 
+    async fn connected(&mut self, hs: Handshake) -> State {
+        let Handshake {
+            ws,
+            terminal,
+            transport,
+            heartbeat_ms,
+            inbox,
+            leftover,
+        } = hs;
+        self.on_connected(terminal, transport, inbox);
+        let idle = self.config.effective_idle_timeout(heartbeat_ms);
+        let mut conn = WsConn {
+            ws,
+            idle,
+            watch: Watch::Idle {
+                deadline: Instant::now() + idle,
+            },
+        };
+        let mut s = Session::new(Link::Ws);
+        let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        for room in rooms {
+            self.queue_join(&mut s, &room);
+        }
+        let mut ended = self.flush_out(&mut s, &mut conn).await.err();
+        if ended.is_none() {
+            for text in leftover {
+                if let Err(reason) = self.on_text(&mut s, &text) {
+                    ended = Some(reason);
+                    break;
+                }
+            }
+        }
+        let reason = match ended {
+            Some(r) => r,
+            None => match self.session_loop(&mut s, &mut conn).await {
+                Ok(next) => {
+                    // Closed on purpose: close cleanly.
+                    close_cleanly(&mut conn.ws, self.config.write_timeout).await;
+                    self.end_session();
+                    return next;
+                }
+                Err(reason) => reason,
+            },
+        };
+        self.disconnected(reason)
+    }
+
     fn end_session(&mut self) {
-        self.shared.set_connected(false);
+        self.shared.set_transport(None);
         for room in self.rooms.values_mut() {
             room.tracker.on_disconnect();
             room.join_id = None;
@@ -531,16 +675,20 @@ impl Worker {
 
     /// Runs until the session ends: `Ok(state)` when the application closed the client,
     /// `Err(reason)` when the connection was lost.
-    async fn session_loop(&mut self, s: &mut Session) -> Result<State, DisconnectReason> {
+    async fn session_loop(
+        &mut self,
+        s: &mut Session,
+        c: &mut WsConn,
+    ) -> Result<State, DisconnectReason> {
         let mut reading = true;
         loop {
             let was_reading = reading;
             reading = !self.outbox.backlogged();
             if reading && !was_reading {
                 // We could not observe the socket while the application was behind.
-                s.traffic();
+                c.traffic();
             }
-            let deadline = s.watch.deadline();
+            let deadline = c.watch.deadline();
             let retry_at = self.rooms.values().filter_map(|r| r.retry_at).min();
             tokio::select! {
                 open = has_room(&self.outbox.tx), if !self.outbox.queue.is_empty() => {
@@ -551,8 +699,8 @@ impl Worker {
                         return Ok(next);
                     }
                 }
-                frame = s.ws.next(), if reading => {
-                    s.traffic();
+                frame = c.ws.next(), if reading => {
+                    c.traffic();
                     match frame {
                         Some(Ok(WsMessage::Text(text))) => self.on_text(s, text.as_str())?,
                         Some(Ok(WsMessage::Binary(_))) => debug!("livepush: binary frame ignored"),
@@ -569,11 +717,11 @@ impl Worker {
                     }
                 }
                 () = sleep_until(deadline), if reading => {
-                    match s.watch {
+                    match c.watch {
                         Watch::Idle { .. } => {
                             debug!("livepush: idle, probing with ping");
                             s.out.push(ClientEnvelope::new(ClientFrame::Ping));
-                            s.watch = Watch::Probing {
+                            c.watch = Watch::Probing {
                                 deadline: Instant::now() + self.config.ping_timeout,
                             };
                         }
@@ -593,12 +741,12 @@ impl Worker {
                     }
                 }
             }
-            self.flush_out(s).await?;
+            self.flush_out(s, c).await?;
         }
     }
 
     /// Write the queued frames, all in one flush.
-    async fn flush_out(&mut self, s: &mut Session) -> Result<(), DisconnectReason> {
+    async fn flush_out(&mut self, s: &mut Session, c: &mut WsConn) -> Result<(), DisconnectReason> {
         let frames = std::mem::take(&mut s.out);
         let replies = std::mem::take(&mut s.replies);
         if frames.is_empty() {
@@ -607,7 +755,7 @@ impl Worker {
             }
             return Ok(());
         }
-        let ws = &mut s.ws;
+        let ws = &mut c.ws;
         let write = async move {
             for f in frames {
                 ws.feed(WsMessage::text(f.to_json())).await?;
@@ -629,7 +777,11 @@ impl Worker {
         res
     }
 
+    /// Send `join` for `room` (WebSocket; the HTTP transports attach rooms otherwise).
     fn queue_join(&mut self, s: &mut Session, room: &str) {
+        if s.link != Link::Ws {
+            return;
+        }
         let id = self.id();
         let Some(r) = self.rooms.get_mut(room) else {
             return;
@@ -655,12 +807,21 @@ impl Worker {
         match cmd {
             Command::Join { room, since, reply } => {
                 if self.register(room.clone(), since) {
-                    self.queue_join(s, &room);
+                    match s.link {
+                        Link::Ws => self.queue_join(s, &room),
+                        // The next poll (a short one, if one is parked) attaches it.
+                        Link::Longpoll => {}
+                        Link::Sse => s.reopen = true,
+                    }
                 }
                 let _ = reply.send(Ok(()));
             }
             Command::Leave { room, reply } => {
-                if self.unregister(&room) {
+                if !self.unregister(&room) {
+                    // Not registered: nothing to do.
+                } else if s.link == Link::Sse {
+                    s.reopen = true;
+                } else {
                     let id = self.id();
                     s.out.push(ClientEnvelope::with_id(
                         ClientFrame::Leave { room: room.clone() },
@@ -670,6 +831,11 @@ impl Worker {
                     *s.leaving.entry(room).or_insert(0) += 1;
                 }
                 let _ = reply.send(Ok(()));
+            }
+            Command::Send { reply, .. } | Command::Ack { reply, .. } if s.link == Link::Sse => {
+                let _ = reply.send(Err(ClientError::Unsupported(
+                    "Server-Sent Events are receive-only".to_owned(),
+                )));
             }
             Command::Send {
                 room,
@@ -900,6 +1066,24 @@ impl Worker {
         });
     }
 
+    /// A room the server refused to attach (an `error` without `id` that names it, from a
+    /// long-poll room entry or an SSE stream's room list). `forbidden`, `room_closed`, … are
+    /// final: the room is unregistered, as for a refused `join`. Returns whether it was;
+    /// `rate_limited` and `internal` are not (the caller tries again later).
+    fn on_room_refused(&mut self, room: &str, code: ErrorCode, message: String) -> bool {
+        warn!(%room, %code, %message, "livepush: room refused");
+        let last = !matches!(code, ErrorCode::RateLimited | ErrorCode::Internal);
+        if last {
+            self.unregister(room);
+        }
+        self.emit(Event::Error {
+            code,
+            message,
+            room: Some(room.to_owned()),
+        });
+        last
+    }
+
     fn apply(&mut self, s: &mut Session, room: &str, effects: Vec<Effect>) {
         for e in effects {
             match e {
@@ -915,6 +1099,13 @@ impl Worker {
                         last,
                     });
                 }
+                Effect::Pull { .. } if s.link == Link::Longpoll => {
+                    // The next poll replays from the position: no pull needed.
+                }
+                Effect::Pull { .. } if s.link == Link::Sse => {
+                    // SSE cannot pull: a new stream from the position replays the gap.
+                    s.reopen = true;
+                }
                 Effect::Pull { since } => {
                     let id = self.id();
                     s.out.push(ClientEnvelope::with_id(
@@ -929,7 +1120,12 @@ impl Worker {
                 }
                 Effect::Rejoin => {
                     warn!(%room, "livepush: history changed under the subscription; rejoining");
-                    self.queue_join(s, room);
+                    match s.link {
+                        Link::Ws => self.queue_join(s, room),
+                        // The next poll attaches the room at its position again.
+                        Link::Longpoll => {}
+                        Link::Sse => s.reopen = true,
+                    }
                 }
             }
         }
@@ -952,7 +1148,10 @@ async fn handshake(
     let (mut ws, _response) =
         tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
             .await
-            .map_err(|e| ConnectError::Failed(e.to_string()))?;
+            .map_err(|e| match wire::ws_refusal(&e) {
+                Some(why) => ConnectError::WsRefused(why),
+                None => ConnectError::Failed(e.to_string()),
+            })?;
     let connect = ClientEnvelope::new(ClientFrame::Connect {
         token,
         client: Some(client_name),

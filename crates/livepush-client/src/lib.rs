@@ -1,14 +1,16 @@
 //! Rust client SDK for livepush, the real-time push gateway for live-streaming rooms.
 //!
-//! [`Client::connect`] starts a background task that holds one WebSocket session to the server
-//! and returns at once with a cheap [`Client`] handle and the [`Events`] stream. The task:
+//! [`Client::connect`] starts a background task that holds one session to the server (over
+//! WebSocket, long-polling or Server-Sent Events, see below) and returns at once with a cheap
+//! [`Client`] handle and the [`Events`] stream. The task:
 //!
 //! - joins every room registered with [`Client::join`], and re-joins each one after every
 //!   reconnect with `since` = the last reliable message it handed to the event stream, so the
 //!   server replays what was missed;
 //! - delivers each reliable message of a room exactly once and in `seq` order, whatever the
 //!   server sends (duplicates from a replay, a gap while connected, which it fills with a
-//!   `pull`, a `prompt` to pull a replay that did not fit);
+//!   `pull`, a `prompt` to pull a replay that did not fit), and whatever transport it uses:
+//!   one event stream and one position per room across transport switches;
 //! - watches the connection: any incoming traffic (frames, and the server's WebSocket pings)
 //!   resets an idle timer; when it expires the client probes with `{"op":"ping"}`, and a
 //!   connection that stays silent for [`ClientConfig::ping_timeout`] after that is dropped;
@@ -39,9 +41,37 @@
 //! # }
 //! ```
 //!
-//! Transports: this SDK speaks WebSocket only. A server that answers `connect` with
-//! `{"op":"transport","use":"longpoll"}` is retried over WebSocket after the delay it names
-//! (see [`DisconnectReason::TransportSwitch`]).
+//! # Transports
+//!
+//! [`ClientConfig::transport`] picks them ([`TransportMode`]). In the default
+//! [`TransportMode::Auto`] the client tries WebSocket; when the upgrade is refused at the
+//! HTTP level (a server or proxy answering `400`/`404`/`426`…, or stripping the upgrade) it
+//! continues on long-polling and tries WebSocket again after [`ClientConfig::ws_retry_after`];
+//! when the server answers `connect` with `{"op":"transport","use":"longpoll",
+//! "retry_ws_after_ms":X}` (a terminal whose WebSocket keeps breaking) it long-polls and
+//! tries WebSocket again after `X`. The attempt to return to WebSocket runs while the polls
+//! go on; only once the server has said `connected` on the WebSocket are the polls stopped.
+//! Each session start, including every switch, is reported as [`Event::Connected`] with the
+//! transport in use. Switching never loses or doubles a reliable message: every transport
+//! resumes each room from the position of the last message handed to the application.
+//!
+//! Long-polling (`POST /v1/poll`) keeps one poll parked at the server (`wait_ms` =
+//! [`ClientConfig::poll_wait`]); each poll carries every room with its position, so the
+//! server's answer holds exactly what is new. A command ([`Client::send`],
+//! [`Client::ack_inbox`], [`Client::leave`], or a [`Client::join`] of a room the parked poll
+//! does not carry) does not wait for the parked poll: it goes out at once in a second, short
+//! poll (`wait_ms: 0`) that carries the ops and the rooms they need, while the parked poll
+//! stays in place. (A transient message published during the few milliseconds that short
+//! poll is attached to a room the parked poll also carries can therefore arrive twice;
+//! reliable messages never do.) The watchdog of a poll is its HTTP timeout, `poll_wait` +
+//! [`ClientConfig::connect_timeout`]. A `prompt` needs no `pull`: the next poll replays from
+//! the updated position.
+//!
+//! Server-Sent Events (`GET /v1/sse`, [`TransportMode::Sse`]) are receive-only:
+//! [`Client::send`] and [`Client::ack_inbox`] fail with [`ClientError::Unsupported`]. The
+//! stream names its rooms, so joining or leaving a room reopens it; a stream the server ends
+//! after a `prompt`, or a gap the client cannot `pull`, reopens it too, from the positions
+//! of the last delivered messages (sent as `since` and as `Last-Event-ID`).
 
 #![forbid(unsafe_code)]
 
@@ -49,10 +79,11 @@ mod backoff;
 mod config;
 mod connection;
 mod tracker;
+mod wire;
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -60,7 +91,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 pub use backoff::{Backoff, jitter};
-pub use config::{ClientConfig, DEFAULT_CLIENT_NAME};
+pub use config::{ClientConfig, DEFAULT_CLIENT_NAME, TransportMode};
 pub use livepush_proto::{ErrorCode, InboxPosition, Message, Position, Transport};
 pub use tracker::{Effect, RoomMessage, RoomTracker};
 
@@ -89,6 +120,10 @@ pub enum ClientError {
     /// The operation needs a live connection and there is none right now (it is not queued).
     #[error("not connected")]
     NotConnected,
+    /// The operation is not possible over the configured transport (sending or acking over
+    /// Server-Sent Events, which are receive-only).
+    #[error("{0}")]
+    Unsupported(String),
     /// The client was closed.
     #[error("client closed")]
     Closed,
@@ -104,9 +139,13 @@ pub enum DisconnectReason {
     /// The connection broke (TCP reset or end without a close frame, read or write error,
     /// write timeout).
     ConnectionLost(String),
-    /// The server asked this terminal to use long-polling for a while; this SDK waits and
-    /// retries WebSocket after the given delay.
+    /// The server asked this terminal to use long-polling for a while. In
+    /// [`TransportMode::Auto`] the client continues on long-polling at once and retries
+    /// WebSocket after the given delay; in [`TransportMode::WebSocket`] it waits that long.
     TransportSwitch { retry_ws_after: Duration },
+    /// A long-poll or SSE request was answered with an HTTP error status (`401` also comes
+    /// as [`Event::Error`] with `unauthorized`).
+    HttpStatus { status: u16, message: String },
 }
 
 impl std::fmt::Display for DisconnectReason {
@@ -120,8 +159,11 @@ impl std::fmt::Display for DisconnectReason {
             DisconnectReason::TransportSwitch { retry_ws_after } => {
                 write!(
                     f,
-                    "server asked for long-poll, retrying in {retry_ws_after:?}"
+                    "server asked for long-poll, WebSocket again in {retry_ws_after:?}"
                 )
+            }
+            DisconnectReason::HttpStatus { status, message } => {
+                write!(f, "HTTP {status}: {message}")
             }
         }
     }
@@ -139,7 +181,10 @@ pub struct InboxMessage {
 /// What the client reports to the application, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// A session is established (after the first connect and after every reconnect).
+    /// A session is established (after the first connect and after every reconnect), over
+    /// `transport`. Also after every transport switch: a move from long-polling back to
+    /// WebSocket (and an SSE stream reopened by the client) is seamless and comes without a
+    /// [`Event::Disconnected`] before it.
     Connected {
         terminal: String,
         transport: Transport,
@@ -150,7 +195,10 @@ pub enum Event {
         retry_in: Duration,
     },
     /// The server confirmed a join (again after every reconnect). `resumed`: the join carried
-    /// a `since` position. `recovered: false`: messages after that position were lost
+    /// a `since` position. Over long-polling a complete resume is confirmed by the server
+    /// without a `joined` frame; the client then reports it once per session with
+    /// `recovered: true`, `seq` = the resume position and `online` = the count if the same
+    /// answer carried one, else 0 (unknown; an [`Event::Online`] follows). `recovered: false`: messages after that position were lost
     /// (history window exceeded, or the room's history changed: then `epoch` is new and the
     /// room's position restarts in it); the replay that follows holds what is still kept.
     Joined {
@@ -224,7 +272,17 @@ pub(crate) enum Command {
 pub(crate) struct Shared {
     /// Per room: the position the client resumes from.
     positions: Mutex<HashMap<String, Position>>,
-    connected: AtomicBool,
+    /// The transport of the current session: 0 none, then [`transport_code`].
+    transport: AtomicU8,
+}
+
+fn transport_code(t: Option<Transport>) -> u8 {
+    match t {
+        None => 0,
+        Some(Transport::Ws) => 1,
+        Some(Transport::Longpoll) => 2,
+        Some(Transport::Sse) => 3,
+    }
 }
 
 impl Shared {
@@ -240,8 +298,8 @@ impl Shared {
         }
     }
 
-    pub(crate) fn set_connected(&self, up: bool) {
-        self.connected.store(up, Ordering::Relaxed);
+    pub(crate) fn set_transport(&self, t: Option<Transport>) {
+        self.transport.store(transport_code(t), Ordering::Relaxed);
     }
 }
 
@@ -251,23 +309,30 @@ impl Shared {
 pub struct Client {
     cmds: mpsc::Sender<Command>,
     shared: Arc<Shared>,
+    mode: TransportMode,
 }
 
 impl Client {
     /// Validate `config`, start the connection task and return at once. Must be called
     /// inside a Tokio runtime. Connection progress arrives as [`Event`]s.
     pub fn connect(config: ClientConfig) -> Result<(Client, Events), ClientError> {
-        let url = config.ws_url()?;
+        let urls = connection::Urls {
+            ws: config.ws_url()?,
+            poll: config.poll_url()?,
+            sse: config.sse_url()?,
+        };
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ClientError::NoRuntime)?;
         let (cmd_tx, cmd_rx) = mpsc::channel(config.command_capacity.max(1));
         let (ev_tx, ev_rx) = mpsc::channel(config.event_capacity.max(1));
         let shared = Arc::new(Shared::default());
-        let worker = connection::Worker::new(config, url, cmd_rx, ev_tx, Arc::clone(&shared));
+        let mode = config.transport;
+        let worker = connection::Worker::new(config, urls, cmd_rx, ev_tx, Arc::clone(&shared));
         runtime.spawn(worker.run());
         Ok((
             Client {
                 cmds: cmd_tx,
                 shared,
+                mode,
             },
             Events { rx: ev_rx },
         ))
@@ -307,16 +372,18 @@ impl Client {
         self.request(|reply| Command::Leave { room, reply }).await
     }
 
-    /// Send a transient message (chat) to `room`. Returns once the frame is written; a
-    /// refusal by the server (`muted`, `forbidden`, `rate_limited`, …) arrives as
-    /// [`Event::Error`] with the room. Fails with [`ClientError::NotConnected`] while
-    /// disconnected: chat is not queued.
+    /// Send a transient message (chat) to `room`. Returns once the frame is written (over
+    /// long-polling: once the poll that carried it was answered); a refusal by the server
+    /// (`muted`, `forbidden`, `rate_limited`, …) arrives as [`Event::Error`] with the room.
+    /// Fails with [`ClientError::NotConnected`] while disconnected: chat is not queued; and
+    /// with [`ClientError::Unsupported`] over [`TransportMode::Sse`].
     pub async fn send(
         &self,
         room: &str,
         ty: &str,
         data: serde_json::Value,
     ) -> Result<(), ClientError> {
+        self.can_send("send")?;
         livepush_proto::validate_room(room).map_err(ClientError::InvalidRoom)?;
         livepush_proto::validate_type(ty).map_err(ClientError::InvalidType)?;
         let data = serde_json::value::to_raw_value(&data)
@@ -332,10 +399,21 @@ impl Client {
     }
 
     /// Acknowledge inbox messages up to `seq`. Fails with [`ClientError::NotConnected`]
-    /// while disconnected (unacked messages are delivered again on the next connect).
+    /// while disconnected (unacked messages are delivered again on the next connect), and
+    /// with [`ClientError::Unsupported`] over [`TransportMode::Sse`].
     pub async fn ack_inbox(&self, seq: u64) -> Result<(), ClientError> {
+        self.can_send("ack")?;
         self.request(|reply| Command::Ack { inbox: seq, reply })
             .await
+    }
+
+    fn can_send(&self, what: &str) -> Result<(), ClientError> {
+        if self.mode == TransportMode::Sse {
+            return Err(ClientError::Unsupported(format!(
+                "{what} is not possible over Server-Sent Events, which are receive-only"
+            )));
+        }
+        Ok(())
     }
 
     /// Replace the token used by the next connects. When the client is waiting to
@@ -360,11 +438,22 @@ impl Client {
 
     /// Whether a session is established right now.
     pub fn is_connected(&self) -> bool {
-        self.shared.connected.load(Ordering::Relaxed)
+        self.transport().is_some()
+    }
+
+    /// The transport of the current session; `None` while there is none.
+    pub fn transport(&self) -> Option<Transport> {
+        match self.shared.transport.load(Ordering::Relaxed) {
+            1 => Some(Transport::Ws),
+            2 => Some(Transport::Longpoll),
+            3 => Some(Transport::Sse),
+            _ => None,
+        }
     }
 
     /// Close the connection cleanly (a WebSocket close frame, which the server does not
-    /// count as an interruption) and stop the task, for every handle. Events already queued
+    /// count as an interruption; an HTTP transport just stops) and stop the task, for every
+    /// handle. Events already queued
     /// stay readable; then the stream ends.
     pub async fn close(self) {
         let _ = self.request(|reply| Command::Close { reply }).await;

@@ -134,6 +134,11 @@ impl RoomTracker {
         self.pull_in_flight
     }
 
+    /// The epoch of the history followed, once known.
+    pub fn epoch(&self) -> Option<&str> {
+        self.epoch.as_deref()
+    }
+
     /// Messages currently held in the out-of-order buffer.
     pub fn buffered(&self) -> usize {
         self.buffer.len()
@@ -146,6 +151,35 @@ impl RoomTracker {
         self.pull_in_flight = false;
         self.pull_target = 0;
         self.buffer.clear();
+    }
+
+    /// Long-poll: the room is attached again at [`resume_from`](Self::resume_from) by a new
+    /// poll. A server answers a complete resume in the same epoch without `joined`, with
+    /// only the messages after the position, so the tracker goes live at once; a `joined`
+    /// in the answer (another epoch, messages lost) is still applied with
+    /// [`on_joined`](Self::on_joined). The per-poll state (a held gap, an outstanding pull)
+    /// is forgotten: the poll's replay from the position covers it. Does nothing while no
+    /// epoch is known (a fresh join waits for its `joined`).
+    pub fn on_attached(&mut self) {
+        if self.epoch.is_some() {
+            self.on_disconnect();
+            self.live = true;
+        }
+    }
+
+    /// Long-poll: the answer that carried `joined{seq: latest}` has been read to its end and
+    /// held no `prompt` for the room, so the whole replay has been seen. When the join said
+    /// `recovered: false` and no message followed it, the server keeps nothing after the
+    /// position: `last+1..=latest` are reported lost and the room continues from `latest`
+    /// (otherwise every poll would be answered with the same `joined` again).
+    pub fn on_replay_complete(&mut self, latest: u64) -> Vec<Effect> {
+        let mut out = Vec::new();
+        if self.live && self.resync && !self.pull_in_flight {
+            self.resync = false;
+            self.skip_to(latest, &mut out);
+            self.drain(&mut out);
+        }
+        out
     }
 
     /// A `joined{epoch, seq, recovered}` answer. The replay (if any) follows as messages.
@@ -619,6 +653,48 @@ mod tests {
             vec![0],
             "pulls again on the next gap"
         );
+    }
+
+    #[test]
+    fn long_poll_attach_goes_live_without_joined() {
+        let mut t = RoomTracker::new(ROOM, None, 16);
+        t.on_attached();
+        assert!(!t.is_live(), "a fresh join waits for its joined");
+        t.on_joined("e", 4, true);
+        assert_eq!(delivered(&t.on_message(msg(5))), vec![5]);
+        // A held gap and its pull are forgotten by the next poll, whose replay covers them.
+        assert_eq!(pulls(&t.on_message(msg(7))), vec![5]);
+        t.on_attached();
+        assert!(t.is_live());
+        assert_eq!(t.buffered(), 0);
+        assert!(!t.pull_in_flight());
+        assert_eq!(t.resume_from(), pos("e", 5));
+        assert_eq!(delivered(&t.on_message(msg(5))), Vec::<u64>::new());
+        assert_eq!(delivered(&t.on_message(msg(6))), vec![6]);
+    }
+
+    #[test]
+    fn replay_complete_after_recovered_false_skips_what_is_gone() {
+        // The history expired entirely: joined{recovered:false} with no replay at all.
+        let mut t = RoomTracker::new(ROOM, pos("e", 3), 16);
+        t.on_attached();
+        t.on_joined("e", 9, false);
+        assert_eq!(
+            t.on_replay_complete(9),
+            vec![Effect::Lost { first: 4, last: 9 }]
+        );
+        assert_eq!(t.resume_from(), pos("e", 9));
+        assert_eq!(delivered(&t.on_message(msg(10))), vec![10]);
+        // With a replay the first message already re-based: nothing more to do.
+        let mut t = RoomTracker::new(ROOM, pos("e", 3), 16);
+        t.on_joined("e", 9, false);
+        assert_eq!(delivered(&t.on_message(msg(8))), vec![8]);
+        assert!(t.on_replay_complete(9).is_empty());
+        // A complete resume never skips.
+        let mut t = RoomTracker::new(ROOM, pos("e", 3), 16);
+        t.on_joined("e", 9, true);
+        assert!(t.on_replay_complete(9).is_empty());
+        assert_eq!(t.resume_from(), pos("e", 3));
     }
 
     /// What the harness can do to a tracker. The server's history is `1..=n` of one epoch and
