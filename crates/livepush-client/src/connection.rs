@@ -1004,7 +1004,9 @@ impl Worker {
                 }
             }
             ServerFrame::Connected { .. } => debug!("livepush: extra connected frame ignored"),
-            ServerFrame::Error { id, code, message } => self.on_error(s, id, code, message),
+            ServerFrame::Error {
+                id, code, message, ..
+            } => self.on_error(s, id, code, message),
         }
         Ok(())
     }

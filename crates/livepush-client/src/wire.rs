@@ -137,6 +137,22 @@ pub(crate) fn error_text(status: u16, body: &[u8]) -> String {
     }
 }
 
+/// The room a refused request was about: the frame's `room` field when the server names it
+/// (and it is one of `rooms`), else read from the message as [`error_room`] does.
+pub(crate) fn refused_room<'a>(
+    field: Option<&str>,
+    message: &str,
+    rooms: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let rooms: Vec<&'a str> = rooms.into_iter().collect();
+    if let Some(f) = field {
+        if let Some(r) = rooms.iter().find(|r| **r == f) {
+            return Some(r);
+        }
+    }
+    error_room(message, rooms)
+}
+
 /// The room an `error` frame without `id` is about, when its message names one of `rooms`.
 ///
 /// Room entries of a poll have no request id, so the server's refusals of them (`forbidden`,

@@ -54,6 +54,8 @@ pub struct FrameError {
     pub id: Option<u64>,
     pub code: ErrorCode,
     pub message: String,
+    /// The room the refused request named, if any.
+    pub room: Option<String>,
 }
 
 impl FrameError {
@@ -62,6 +64,7 @@ impl FrameError {
             id: None,
             code,
             message: message.into(),
+            room: None,
         }
     }
 
@@ -73,5 +76,21 @@ impl FrameError {
     pub fn with_id(mut self, id: Option<u64>) -> Self {
         self.id = id;
         self
+    }
+
+    /// Name the room the refused request was about.
+    pub fn with_room(mut self, room: &str) -> Self {
+        self.room = Some(room.to_owned());
+        self
+    }
+
+    /// The `error` frame that answers this.
+    pub fn to_frame(&self) -> crate::ServerFrame {
+        crate::ServerFrame::Error {
+            id: self.id,
+            code: self.code,
+            message: self.message.clone(),
+            room: self.room.clone(),
+        }
     }
 }

@@ -107,6 +107,10 @@ pub enum ServerFrame {
         id: Option<u64>,
         code: ErrorCode,
         message: String,
+        /// The room the refused request named, when there is one (a livepush addition: a
+        /// long-poll answer can refuse several rooms at once, none with a request id).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        room: Option<String>,
     },
 }
 
@@ -121,6 +125,7 @@ impl ServerFrame {
             id,
             code,
             message: message.into(),
+            room: None,
         }
     }
 }

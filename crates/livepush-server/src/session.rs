@@ -220,9 +220,9 @@ impl Session {
         let id = env.id;
         match env.frame {
             ClientFrame::Connect { .. } => Err(FrameError::bad_frame("already connected")),
-            ClientFrame::Join { room, since } => {
-                self.join(&room, since.as_ref(), id, Announce::Always)
-            }
+            ClientFrame::Join { room, since } => self
+                .join(&room, since.as_ref(), id, Announce::Always)
+                .map_err(|e| e.with_room(&room)),
             ClientFrame::Leave { room } => {
                 if let Some(r) = self.rooms.remove(room.as_str()) {
                     r.leave(self.conn);
@@ -230,8 +230,12 @@ impl Session {
                 self.outbox.reply(&ServerFrame::Left { id, room });
                 Ok(())
             }
-            ClientFrame::Pull { room, since, limit } => self.pull(&room, since, limit, id),
-            ClientFrame::Send { room, ty, data } => self.send(&room, &ty, &data),
+            ClientFrame::Pull { room, since, limit } => self
+                .pull(&room, since, limit, id)
+                .map_err(|e| e.with_room(&room)),
+            ClientFrame::Send { room, ty, data } => {
+                self.send(&room, &ty, &data).map_err(|e| e.with_room(&room))
+            }
             ClientFrame::Ack { inbox } => {
                 if let Some(i) = &self.inbox {
                     self.inboxes.ack(i, inbox);
@@ -259,7 +263,7 @@ impl Session {
     /// Join a room, answering refusals with `error` frames (used by SSE, which has no ops).
     pub fn join_room(&mut self, room: &str, since: Option<&Position>) {
         if let Err(e) = self.join(room, since, None, Announce::Always) {
-            self.error(e);
+            self.error(e.with_room(room));
         }
     }
 
@@ -270,7 +274,7 @@ impl Session {
             .map_err(FrameError::bad_frame)
             .and_then(|()| self.join(room, since, None, Announce::UnlessResumed))
         {
-            self.error(e);
+            self.error(e.with_room(room));
         }
     }
 
@@ -390,8 +394,7 @@ impl Session {
     /// Queue an `error` frame.
     pub fn error(&self, e: FrameError) {
         self.hub.metrics().client_errors.inc();
-        self.outbox
-            .reply(&ServerFrame::error(e.id, e.code, e.message));
+        self.outbox.reply(&e.to_frame());
     }
 }
 

@@ -410,11 +410,16 @@ impl Worker {
                     online.insert(room.clone(), *count);
                 }
                 ServerFrame::Error {
-                    id: None, message, ..
+                    id: None,
+                    message,
+                    room,
+                    ..
                 } => {
-                    if let Some(room) =
-                        wire::error_room(message, poll.rooms.keys().map(String::as_str))
-                    {
+                    if let Some(room) = wire::refused_room(
+                        room.as_deref(),
+                        message,
+                        poll.rooms.keys().map(String::as_str),
+                    ) {
                         refused.insert(room.to_owned());
                     }
                 }
@@ -489,9 +494,14 @@ impl Worker {
                     id: None,
                     code,
                     message,
+                    room,
                 } => {
-                    let room = wire::error_room(&message, poll.rooms.keys().map(String::as_str))
-                        .map(str::to_owned);
+                    let room = wire::refused_room(
+                        room.as_deref(),
+                        &message,
+                        poll.rooms.keys().map(String::as_str),
+                    )
+                    .map(str::to_owned);
                     match room {
                         Some(room) => {
                             lp.announced.remove(&room);

@@ -162,8 +162,17 @@ impl Worker {
                                     deadline = Instant::now() + idle;
                                     self.on_connected(terminal, transport, inbox);
                                 }
-                                ServerFrame::Error { id: None, code, message } => {
-                                    match wire::error_room(&message, names.iter().copied()) {
+                                ServerFrame::Error {
+                                    id: None,
+                                    code,
+                                    message,
+                                    room,
+                                } => {
+                                    match wire::refused_room(
+                                        room.as_deref(),
+                                        &message,
+                                        names.iter().copied(),
+                                    ) {
                                         Some(room) => {
                                             let room = room.to_owned();
                                             self.on_room_refused(&room, code, message);

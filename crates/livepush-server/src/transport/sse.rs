@@ -1,9 +1,10 @@
 //! The Server-Sent Events transport: `GET /v1/sse?token=…&rooms=R1,R2&since=POSITIONS`.
 //!
 //! Receive-only. Each event carries one or more frames, one per `data:` line. An event that
-//! carries a reliable message gets `id:` = the positions of every room of the stream after
-//! it, so a browser's `EventSource` resumes all rooms by itself with `Last-Event-ID` (which
-//! wins over `since`). An SSE client cannot `pull`, so when its queue overflows the server
+//! carries a reliable message (or a `joined`) gets `id:` = the positions of every room of the
+//! stream after it, so a browser's `EventSource` resumes all rooms by itself with
+//! `Last-Event-ID` (which wins over `since`). A position never runs ahead of what the stream
+//! sent: after a replay cut short by a `prompt` it is the last replayed seq, not the latest. An SSE client cannot `pull`, so when its queue overflows the server
 //! sends the `prompt` and ends the stream; `EventSource` reconnects with `Last-Event-ID` and
 //! the join replays the rest from history.
 
@@ -52,7 +53,10 @@ struct StreamState {
     _session: Session,
     _presence: Presence,
     outbox: Arc<Outbox>,
+    /// Where each room of the stream stands after the events sent so far.
     positions: BTreeMap<String, Position>,
+    /// The positions the stream was opened from (`Last-Event-ID` or `since`).
+    resumed_from: BTreeMap<String, Position>,
     shutdown: tokio::sync::watch::Receiver<bool>,
     done: bool,
 }
@@ -64,6 +68,7 @@ struct Peek {
     room: Option<String>,
     epoch: Option<String>,
     seq: Option<u64>,
+    recovered: Option<bool>,
 }
 
 pub async fn sse(app: Arc<App>, req: Request) -> Response {
@@ -125,6 +130,7 @@ fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         _session: session,
         _presence: presence,
         positions: BTreeMap::new(),
+        resumed_from: positions.0.into_iter().collect(),
         shutdown: app.shutdown.clone(),
         done: false,
     };
@@ -162,14 +168,32 @@ fn events(state: StreamState) -> impl Stream<Item = Result<Event, Infallible>> {
         };
         let mut data = String::new();
         let mut reliable = false;
+        // Rooms joined in this batch: (room, latest seq at the join), and rooms prompted.
+        let mut joined: Vec<(String, u64)> = Vec::new();
+        let mut prompted: Vec<String> = Vec::new();
         for f in &frames {
             let Ok(text) = std::str::from_utf8(f) else {
                 continue;
             };
             if let Ok(p) = serde_json::from_str::<Peek>(text) {
                 match (p.op.as_str(), p.room, p.epoch, p.seq) {
-                    ("joined", Some(room), Some(epoch), Some(seq)) => {
-                        st.positions.insert(room, Position { epoch, seq });
+                    ("joined", Some(room), Some(epoch), Some(latest)) => {
+                        // A position must never run ahead of what was sent: start from where
+                        // the stream resumed (when that history is complete), or from before
+                        // the replay, and let the replayed messages move it.
+                        let start = match st.resumed_from.get(&room) {
+                            Some(from) if from.epoch == epoch && p.recovered == Some(true) => {
+                                from.seq
+                            }
+                            Some(_) => 0,
+                            None => latest,
+                        };
+                        st.positions
+                            .insert(room.clone(), Position { epoch, seq: start });
+                        joined.push((room, latest));
+                        // Positions changed: the event gets an id, so that a reconnect
+                        // resumes from here rather than joining afresh.
+                        reliable = true;
                     }
                     ("msg", Some(room), _, Some(seq)) => {
                         if let Some(pos) = st.positions.get_mut(&room) {
@@ -178,7 +202,10 @@ fn events(state: StreamState) -> impl Stream<Item = Result<Event, Infallible>> {
                         reliable = true;
                     }
                     // The client cannot pull: end the stream so it reconnects and resumes.
-                    ("prompt", _, _, _) => st.done = true,
+                    ("prompt", Some(room), _, _) => {
+                        prompted.push(room);
+                        st.done = true;
+                    }
                     _ => {}
                 }
             }
@@ -186,6 +213,14 @@ fn events(state: StreamState) -> impl Stream<Item = Result<Event, Infallible>> {
                 data.push('\n');
             }
             data.push_str(text);
+        }
+        // A join whose replay was sent whole stands at the latest seq of its join.
+        for (room, latest) in joined {
+            if !prompted.contains(&room) {
+                if let Some(pos) = st.positions.get_mut(&room) {
+                    pos.seq = pos.seq.max(latest);
+                }
+            }
         }
         let mut event = Event::default().data(data);
         if reliable {

@@ -20,7 +20,9 @@ async fn bad_frame() {
     t.expect_error("bad_frame").await;
     t.send(json!({"op":"teleport","id":3})).await;
     match t.next().await {
-        ServerFrame::Error { id, code, message } => {
+        ServerFrame::Error {
+            id, code, message, ..
+        } => {
             assert_eq!(id, Some(3));
             assert_eq!(code.as_str(), "bad_frame");
             assert!(message.contains("unknown op"), "{message}");
@@ -328,7 +330,9 @@ async fn internal() {
     let mut t = s.terminal("t", &["*"], false).await;
     t.send(json!({"op":"join","room":"broken","id":1})).await;
     match t.next().await {
-        ServerFrame::Error { id, code, message } => {
+        ServerFrame::Error {
+            id, code, message, ..
+        } => {
             assert_eq!((id, code.as_str()), (Some(1), "internal"));
             assert!(
                 !message.contains("fire"),

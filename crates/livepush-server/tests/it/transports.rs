@@ -212,6 +212,18 @@ async fn long_poll_errors_are_json() {
         })
         .collect();
     assert_eq!(codes, vec!["bad_frame", "forbidden"]);
+    let rooms: Vec<Option<&str>> = frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Error { room, .. } => Some(room.as_deref()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        rooms,
+        vec![Some("bad room"), Some("other")],
+        "errors name their room"
+    );
 }
 
 /// Read SSE events from a streaming response: (id, frames).
@@ -414,4 +426,61 @@ async fn a_flapping_terminal_is_moved_to_long_polling() {
         .await;
     assert!(matches!(frames[0], ServerFrame::Connected { .. }));
     let _ = t.inner.next().await;
+}
+
+#[tokio::test]
+async fn sse_resumes_a_replay_cut_short_from_where_it_stopped() {
+    let mut c = config();
+    c.limits.outbox_frames = 10;
+    let s = TestServer::with(c).await;
+    for n in 1..=50 {
+        s.publish("cut", "gift", json!({"n": n})).await;
+    }
+    let epoch = s.room("cut").await["epoch"].as_str().unwrap().to_owned();
+    let token = s.token("sse", &["cut"], false);
+    let mut since = format!("cut:{epoch}:0");
+    let mut got: Vec<u64> = Vec::new();
+    for _ in 0..20 {
+        if got.len() == 50 {
+            break;
+        }
+        // Each stream replays what fits, then a prompt, then ends; EventSource reconnects
+        // with the last id it saw.
+        let mut resp = s
+            .http
+            .get(format!("{}/v1/sse?token={token}&rooms=cut", s.url()))
+            .header("Last-Event-ID", &since)
+            .send()
+            .await
+            .unwrap();
+        // Read whole events until the stream ends (after a prompt) or all have arrived.
+        let mut buf = String::new();
+        while got.len() < 50 {
+            let Some(chunk) = tokio::time::timeout(WAIT, resp.chunk())
+                .await
+                .unwrap()
+                .unwrap()
+            else {
+                break;
+            };
+            buf.push_str(std::str::from_utf8(&chunk).unwrap());
+            while let Some(i) = buf.find("\n\n") {
+                let event: String = buf.drain(..i + 2).collect();
+                for line in event.lines() {
+                    if let Some(id) = line.strip_prefix("id:") {
+                        since = id.trim().to_owned();
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        if let ServerFrame::Msg(m) = ServerFrame::parse(d.trim()).unwrap() {
+                            got.push(m.seq.unwrap());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(
+        got,
+        (1..=50).collect::<Vec<_>>(),
+        "each once, in order, none skipped"
+    );
 }
