@@ -145,10 +145,8 @@ pub(crate) fn refused_room<'a>(
     rooms: impl IntoIterator<Item = &'a str>,
 ) -> Option<&'a str> {
     let rooms: Vec<&'a str> = rooms.into_iter().collect();
-    if let Some(f) = field {
-        if let Some(r) = rooms.iter().find(|r| **r == f) {
-            return Some(r);
-        }
+    if let Some(r) = field.and_then(|f| rooms.iter().find(|r| **r == f)) {
+        return Some(r);
     }
     error_room(message, rooms)
 }

@@ -216,10 +216,12 @@ fn events(state: StreamState) -> impl Stream<Item = Result<Event, Infallible>> {
         }
         // A join whose replay was sent whole stands at the latest seq of its join.
         for (room, latest) in joined {
-            if !prompted.contains(&room) {
-                if let Some(pos) = st.positions.get_mut(&room) {
-                    pos.seq = pos.seq.max(latest);
-                }
+            if let Some(pos) = st
+                .positions
+                .get_mut(&room)
+                .filter(|_| !prompted.contains(&room))
+            {
+                pos.seq = pos.seq.max(latest);
             }
         }
         let mut event = Event::default().data(data);
