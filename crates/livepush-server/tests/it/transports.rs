@@ -469,10 +469,11 @@ async fn sse_resumes_a_replay_cut_short_from_where_it_stopped() {
                 for line in event.lines() {
                     if let Some(id) = line.strip_prefix("id:") {
                         since = id.trim().to_owned();
-                    } else if let Some(d) = line.strip_prefix("data:") {
-                        if let ServerFrame::Msg(m) = ServerFrame::parse(d.trim()).unwrap() {
-                            got.push(m.seq.unwrap());
-                        }
+                    } else if let Some(ServerFrame::Msg(m)) = line
+                        .strip_prefix("data:")
+                        .map(|d| ServerFrame::parse(d.trim()).unwrap())
+                    {
+                        got.push(m.seq.unwrap());
                     }
                 }
             }
