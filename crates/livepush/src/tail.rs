@@ -2,7 +2,7 @@
 
 use anyhow::{Context, bail};
 use clap::Args;
-use livepush_client::{Client, ClientConfig, Event};
+use livepush_client::{Client, ClientConfig, Event, TransportMode};
 use livepush_proto::{Position, Positions};
 use serde_json::{Value, json};
 
@@ -21,6 +21,21 @@ pub struct TailArgs {
     /// Resume from a position: `EPOCH:SEQ` for every room, or `ROOM:EPOCH:SEQ[,…]` per room.
     #[arg(long)]
     since: Option<String>,
+    /// Transport: `auto` (WebSocket, falling back to long-polling), `ws`, `longpoll`, `sse`.
+    #[arg(long, default_value = "auto", value_parser = transport_mode)]
+    transport: TransportMode,
+}
+
+fn transport_mode(s: &str) -> Result<TransportMode, String> {
+    match s {
+        "auto" => Ok(TransportMode::Auto),
+        "ws" | "websocket" => Ok(TransportMode::WebSocket),
+        "longpoll" | "long-polling" => Ok(TransportMode::LongPoll),
+        "sse" => Ok(TransportMode::Sse),
+        other => Err(format!(
+            "unknown transport {other:?} (auto, ws, longpoll, sse)"
+        )),
+    }
 }
 
 /// Parse `--since`: one colon means EPOCH:SEQ for all rooms, more means per-room positions.
@@ -104,6 +119,7 @@ pub async fn run(a: TailArgs) -> anyhow::Result<()> {
         server: a.server.server.clone(),
         token: a.token.clone(),
         client_name: format!("livepush-tail/{}", env!("CARGO_PKG_VERSION")),
+        transport: a.transport,
         ..ClientConfig::default()
     })?;
     for room in &a.rooms {

@@ -198,11 +198,18 @@ async fn sdk_survives_a_proxy_that_keeps_cutting_it() {
 
 #[tokio::test]
 async fn tail_prints_events_as_json_lines() {
+    for transport in ["ws", "longpoll", "sse"] {
+        tail_over(transport).await;
+    }
+}
+
+async fn tail_over(transport: &str) {
     let server = livepush_server::start(Config::for_tests(KEY, SECRET))
         .await
         .expect("server");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_livepush"))
         .args(["tail", "--server", &server.url(), "--room", "live:tail"])
+        .args(["--transport", transport])
         .env("LIVEPUSH_TOKEN", token("tailer"))
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -219,7 +226,15 @@ async fn tail_prints_events_as_json_lines() {
             .expect("a line");
         serde_json::from_str(&line).expect("one JSON object per line")
     };
-    assert_eq!(next().await["event"], "connected");
+    let connected = next().await;
+    assert_eq!(connected["event"], "connected");
+    assert_eq!(
+        connected["transport"],
+        match transport {
+            "ws" => "ws",
+            other => other,
+        }
+    );
     let joined = next().await;
     assert_eq!(
         (joined["event"].as_str(), joined["room"].as_str()),
