@@ -239,6 +239,8 @@ impl Inboxes {
             outbox.push(m.frame.clone(), Kind::Reply);
         }
         st.sessions.insert(conn, outbox.clone());
+        // The terminal came: if it leaves again without acknowledging, wake it again.
+        st.woken_for = st.acked;
     }
 
     /// A session closed.

@@ -194,18 +194,27 @@ impl Session {
             return;
         }
         for line in split_frames(text) {
-            if self.frames.check().is_err() {
-                self.error(FrameError::new(
-                    ErrorCode::RateLimited,
-                    "too many frames; slow down",
-                ));
+            if !self.handle_frame(line) {
                 return;
             }
-            match ClientEnvelope::parse(line) {
-                Ok(env) => self.handle(env),
-                Err(e) => self.error(e),
-            }
         }
+    }
+
+    /// Handle exactly one frame (one JSON value, which may span lines: long-poll `ops`).
+    /// Returns false when the frame rate limit refused it.
+    pub fn handle_frame(&mut self, text: &str) -> bool {
+        if self.frames.check().is_err() {
+            self.error(FrameError::new(
+                ErrorCode::RateLimited,
+                "too many frames; slow down",
+            ));
+            return false;
+        }
+        match ClientEnvelope::parse(text) {
+            Ok(env) => self.handle(env),
+            Err(e) => self.error(e),
+        }
+        true
     }
 
     /// Handle one parsed frame; replies and errors go to the outbox.

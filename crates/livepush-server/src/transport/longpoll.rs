@@ -118,10 +118,13 @@ async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response 
                 })
             }
             _ => {
-                session.error(livepush_proto::FrameError::new(
-                    ErrorCode::BadFrame,
-                    format!("room {room:?}: give both `epoch` and `seq`, or neither"),
-                ));
+                session.error(
+                    livepush_proto::FrameError::new(
+                        ErrorCode::BadFrame,
+                        format!("room {room:?}: give both `epoch` and `seq`, or neither"),
+                    )
+                    .with_room(room),
+                );
                 continue;
             }
         };
@@ -129,7 +132,8 @@ async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response 
     }
     // Ops after the rooms: a `send` needs the room joined, a `leave` undoes its attach.
     for op in &body.ops {
-        session.handle_text(op.get());
+        // One JSON value each (possibly pretty-printed): not newline-separated batches.
+        session.handle_frame(op.get());
     }
     let wait = Duration::from_millis(body.wait_ms.unwrap_or(25_000)).min(limits.poll_max_wait);
     let outbox = session.outbox().clone();
@@ -141,7 +145,15 @@ async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response 
     }
     let frames = match outbox.take(usize::MAX) {
         Batch::Frames(f) => f,
-        Batch::Closed(_) => Vec::new(),
+        // The answer grew past --outbox-max-bytes (several large pulls in one poll): say so
+        // rather than answering with nothing.
+        Batch::Closed(_) => vec![livepush_proto::encode_frame(
+            &livepush_proto::ServerFrame::error(
+                None,
+                ErrorCode::TooLarge,
+                "this poll's answer exceeds outbox_max_bytes; pull less per poll",
+            ),
+        )],
     };
     let mut out = BytesMut::with_capacity(frames.iter().map(|f| f.len() + 1).sum::<usize>() + 16);
     out.put_slice(b"{\"frames\":[");

@@ -382,3 +382,27 @@ async fn inbox_api_errors() {
         .await;
     assert_eq!(st, 400);
 }
+
+#[tokio::test]
+async fn a_woken_terminal_that_leaves_without_acking_is_woken_again() {
+    let mut c = config();
+    c.limits.online_interval = Duration::from_millis(50);
+    c.wake_retries = 0;
+    let s = TestServer::with(c).await;
+    let sleeper = Sleeper::new(&s, "flaky").await;
+    sleeper.keepalive().await;
+    s.eventually("registered", || async {
+        s.get("/v1/terminals/flaky").await.1["wake"]["registered"] == json!(true)
+    })
+    .await;
+    s.post_inbox("flaky", json!({})).await;
+    assert!(sleeper.wake(Duration::from_secs(2)).await.is_some());
+    let (mut ws, _, _, _) = connect(&s, "flaky").await;
+    next_inbox(&mut ws).await;
+    ws.inner.close(None).await.unwrap();
+    let w = sleeper
+        .wake(Duration::from_secs(3))
+        .await
+        .expect("woken again for the unacknowledged message");
+    assert_eq!(w.inbox, 1);
+}

@@ -485,3 +485,42 @@ async fn sse_resumes_a_replay_cut_short_from_where_it_stopped() {
         "each once, in order, none skipped"
     );
 }
+
+#[tokio::test]
+async fn long_poll_ops_may_be_pretty_printed_and_oversized_answers_say_so() {
+    let mut c = config();
+    c.limits.outbox_max_bytes = 64 * 1024;
+    c.limits.max_publish_bytes = 32 * 1024;
+    let s = TestServer::with(c).await;
+    let token = s.token("p", &["r"], false);
+    let body = "{\n  \"token\": \"TOKEN\",\n  \"rooms\": {},\n  \"wait_ms\": 0,\n  \"ops\": [\n    {\n      \"op\": \"ping\",\n      \"id\": 1\n    }\n  ]\n}"
+        .replace("TOKEN", &token);
+    let r = s
+        .http
+        .post(format!("{}/v1/poll", s.url()))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["frames"], json!([{"op":"pong","id":1}]));
+    // Eight pulls of a quarter of the budget each cannot fit in one answer.
+    let big = "x".repeat(15 * 1024);
+    for n in 1..=8 {
+        s.publish("r", "gift", json!({"n": n, "pad": big})).await;
+    }
+    let pulls: Vec<Value> = (0..8)
+        .map(|_| json!({"op":"pull","room":"r","since":0}))
+        .collect();
+    let frames = s
+        .poll(
+            "/v1/poll",
+            json!({"token":token,"rooms":{},"wait_ms":0,"ops":pulls}),
+        )
+        .await;
+    assert!(
+        matches!(&frames[..], [ServerFrame::Error { code, .. }] if code.as_str() == "too_large"),
+        "{frames:?}"
+    );
+}
