@@ -164,9 +164,13 @@ impl Outbox {
             self.ready.notify_one();
             return Pushed::Closed;
         }
+        // Wake the writer when the queue becomes non-empty, and a parked long-poll when the
+        // first significant frame arrives behind ambient ones (its waiter may have been woken
+        // by the ambient frame already and gone back to sleep).
         let was_empty = st.frames.len() == 1 && st.prompts.is_empty();
+        let first_significant = !matches!(kind, Kind::Ambient) && st.significant == 1;
         drop(st);
-        if was_empty {
+        if was_empty || first_significant {
             self.ready.notify_one();
         }
         outcome
@@ -420,6 +424,25 @@ mod tests {
             o.push(Bytes::from_static(b"x"), Kind::Transient),
             Pushed::Closed
         );
+    }
+
+    #[tokio::test]
+    async fn a_significant_frame_behind_an_ambient_one_wakes_a_parked_poll() {
+        let o = Arc::new(outbox(10, 1000));
+        let o2 = o.clone();
+        let waiter = tokio::spawn(async move { o2.significant().await });
+        tokio::task::yield_now().await;
+        o.push(Bytes::from_static(b"online"), Kind::Ambient);
+        // Let the waiter see the ambient frame, find nothing significant, and sleep again.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished());
+        o.push(Bytes::from_static(b"msg"), Kind::Transient);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the significant frame")
+            .unwrap();
     }
 
     #[tokio::test]
