@@ -1,0 +1,283 @@
+// End-to-end: the demo live room (clients/demo, served by the real server) in headless
+// Chromium. Each test starts its own `livepush serve --dev`.
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+
+import { launch, listedSeqs, openDemo, sleep, waitForCount, waitForJoined } from '../lib/browser.js';
+import { startProxy } from '../lib/proxy.js';
+import { mintToken, startServer } from '../lib/server.js';
+
+/** @type {import('playwright-core').Browser} */
+let browser;
+before(async () => {
+  browser = await launch();
+});
+after(async () => {
+  await browser?.close();
+});
+
+/** @param {number} a @param {number} b */
+const range = (a, b) => Array.from({ length: b - a + 1 }, (_, i) => a + i);
+
+/**
+ * Run a scenario with a fresh server; on failure, show what the server and the page said.
+ * @param {{args?: string[]}} serverOptions
+ * @param {(ctx: {server: Awaited<ReturnType<typeof startServer>>, track: (lines: string[]) => void, cleanup: (fn: () => Promise<void>|void) => void}) => Promise<void>} body
+ */
+async function scenario(serverOptions, body) {
+  const server = await startServer(serverOptions);
+  /** @type {string[][]} */
+  const consoles = [];
+  /** @type {Array<() => Promise<void>|void>} */
+  const cleanups = [];
+  try {
+    await body({ server, track: (lines) => consoles.push(lines), cleanup: (fn) => cleanups.push(fn) });
+  } catch (e) {
+    console.error('--- page console ---');
+    for (const lines of consoles) console.error(lines.join('\n'));
+    console.error('--- server log (tail) ---');
+    console.error(server.logs().slice(-6000));
+    throw e;
+  } finally {
+    for (const fn of cleanups.reverse()) await fn();
+    await server.stop();
+  }
+}
+
+/** Page errors (not resource loads, e.g. the favicon) the page reported. @param {string[]} lines */
+function pageErrors(lines) {
+  return lines.filter((l) => l.startsWith('[pageerror]'));
+}
+
+/**
+ * Publish gifts `from..to` one after the other.
+ * @param {{publish: Function}} server @param {string} room @param {number} from @param {number} to
+ */
+async function publishGifts(server, room, from, to) {
+  for (let i = from; i <= to; i++) {
+    const r = await server.publish(room, 'gift', { from: `fan${i}`, gift: 'rose', n: i });
+    assert.equal(r.seq, i, 'the room is fresh, so seqs follow the test numbering');
+  }
+}
+
+/**
+ * Every seq of 1..n listed exactly once, in order; waits a little to catch late duplicates.
+ * @param {import('playwright-core').Page} page @param {number} n
+ */
+async function expectExactly(page, n) {
+  await waitForCount(page, n, 20_000);
+  await sleep(400);
+  assert.deepEqual(await listedSeqs(page), range(1, n));
+}
+
+describe('demo live room', { concurrency: false }, () => {
+  test('(a) receives gifts over WebSocket, shows the transport, chats', { timeout: 60_000 }, async () => {
+    await scenario({}, async ({ server, track, cleanup }) => {
+      const room = 'live:a';
+      const { page, consoleLines, context } = await openDemo(browser, `${server.url}/?room=${room}`);
+      track(consoleLines);
+      cleanup(() => context.close());
+      await waitForJoined(page, room, 'websocket');
+      assert.equal(await page.textContent('[data-testid="transport"]'), 'websocket');
+      assert.equal(await page.getAttribute('[data-testid="state"]', 'data-state'), 'connected');
+      assert.equal(await page.textContent('[data-testid="room-name"]'), room);
+
+      await publishGifts(server, room, 1, 5);
+      await expectExactly(page, 5);
+      const first = await page.textContent('[data-testid="reliable-item"][data-seq="1"]');
+      assert.match(first ?? '', /fan1 sent rose/);
+
+      // A transient message from the backend and one from this page.
+      await server.publish(room, 'chat', { from: 'host', text: 'welcome!' });
+      await page.fill('[data-testid="chat-input"]', 'hello from the browser');
+      await page.click('[data-testid="chat-send"]');
+      await page.waitForFunction(() => {
+        const items = [...document.querySelectorAll('[data-testid="chat-item"]')].map((e) => e.textContent);
+        return items.some((t) => t?.includes('welcome!')) && items.some((t) => t?.includes('hello from the browser'));
+      }, null, { timeout: 10_000 });
+      // Chat is transient: it never shows up among the reliable messages.
+      assert.deepEqual(await listedSeqs(page), range(1, 5));
+
+      await page.waitForFunction(() => document.querySelector('[data-testid="online"]')?.textContent === '1', null, {
+        timeout: 10_000,
+      });
+      assert.deepEqual(pageErrors(consoleLines), []);
+    });
+  });
+
+  test('(b) without window.WebSocket it long-polls and receives every reliable message', { timeout: 60_000 }, async () => {
+    await scenario({}, async ({ server, track, cleanup }) => {
+      const room = 'live:b';
+      const { page, consoleLines, context } = await openDemo(browser, `${server.url}/?room=${room}`, {
+        noWebSocket: true,
+      });
+      track(consoleLines);
+      cleanup(() => context.close());
+      assert.equal(await page.evaluate(() => typeof WebSocket), 'undefined');
+      await waitForJoined(page, room, 'long-polling');
+      assert.equal(await page.textContent('[data-testid="transport"]'), 'long-polling');
+
+      // One at a time, then a burst of concurrent publishes (seqs are still 1..n).
+      await publishGifts(server, room, 1, 10);
+      await Promise.all(range(11, 30).map((i) => server.publish(room, 'gift', { from: `fan${i}`, gift: 'heart' })));
+      await expectExactly(page, 30);
+
+      // Sending goes out as a long-poll op.
+      await page.fill('[data-testid="chat-input"]', 'long-polled hello');
+      await page.click('[data-testid="chat-send"]');
+      await page.waitForSelector('[data-testid="chat-item"]:has-text("long-polled hello")', { timeout: 10_000 });
+      assert.equal(await page.textContent('[data-testid="transport"]'), 'long-polling');
+      assert.deepEqual(pageErrors(consoleLines), []);
+    });
+  });
+
+  for (const variant of [
+    { name: 'WebSocket', transport: 'websocket', query: '', noWebSocket: false },
+    { name: 'long-polling', transport: 'long-polling', query: '', noWebSocket: true },
+    { name: 'SSE', transport: 'sse', query: '&transport=sse', noWebSocket: false },
+  ]) {
+    test(`(c) ${variant.name}: after the connection is killed, messages published meanwhile appear once, in order`, {
+      timeout: 90_000,
+    }, async () => {
+      await scenario({}, async ({ server, track, cleanup }) => {
+        const proxy = await startProxy(server.url);
+        cleanup(() => proxy.close());
+        const room = 'live:c';
+        const knobs = 'backoff_ms=100&backoff_max_ms=400&retry_ws_ms=1500';
+        const { page, consoleLines, context } = await openDemo(
+          browser,
+          `${proxy.url}/?room=${room}&${knobs}${variant.query}`,
+          { noWebSocket: variant.noWebSocket },
+        );
+        track(consoleLines);
+        cleanup(() => context.close());
+        await waitForJoined(page, room, variant.transport);
+        await publishGifts(server, room, 1, 3);
+        await waitForCount(page, 3);
+
+        // Kill every connection of the page (TCP reset) and refuse new ones for a while.
+        proxy.cut();
+        await page.waitForFunction(() => /** @type {any} */ (window).livepush.state !== 'connected', null, {
+          timeout: 10_000,
+        });
+        await publishGifts(server, room, 4, 12);
+        await server.publish(room, 'chat', { from: 'host', text: 'said while you were away' });
+        await sleep(600); // a few refused reconnect attempts
+        proxy.restore();
+
+        await expectExactly(page, 12);
+        await page.waitForFunction(() => /** @type {any} */ (window).livepush.state === 'connected', null, {
+          timeout: 10_000,
+        });
+        // Live again: new messages keep coming, still once each.
+        await publishGifts(server, room, 13, 14);
+        await expectExactly(page, 14);
+        const chat = await page.$$eval('[data-testid="chat-item"]', (els) => els.map((e) => e.textContent));
+        assert.ok(!chat.some((t) => t?.includes('while you were away')), 'transient messages are not replayed');
+        if (variant.transport === 'websocket') {
+          // Refused attempts may have made `auto` try long-polling; it comes back to WebSocket.
+          await waitForJoined(page, room, 'websocket', 15_000);
+        }
+        assert.deepEqual(pageErrors(consoleLines), []);
+      });
+    });
+  }
+
+  test('(d) a silent dead connection is caught by the ping probe, then resumed', { timeout: 60_000 }, async () => {
+    await scenario({}, async ({ server, track, cleanup }) => {
+      const proxy = await startProxy(server.url);
+      cleanup(() => proxy.close());
+      const room = 'live:d';
+      const { page, consoleLines, context } = await openDemo(
+        browser,
+        `${proxy.url}/?room=${room}&idle_ms=800&ping_ms=800&backoff_ms=100`,
+      );
+      track(consoleLines);
+      cleanup(() => context.close());
+      await waitForJoined(page, room, 'websocket');
+      await publishGifts(server, room, 1, 2);
+      await waitForCount(page, 2);
+
+      // The network path dies silently: nothing is forwarded, nothing is closed.
+      proxy.freeze();
+      await publishGifts(server, room, 3, 6);
+      await expectExactly(page, 6);
+      const log = await page.textContent('[data-testid="log"]');
+      assert.match(log ?? '', /heartbeat timeout/);
+      await waitForJoined(page, room, 'websocket');
+      assert.deepEqual(pageErrors(consoleLines), []);
+    });
+  });
+
+  test('(e) a flapping terminal is moved to long-polling by the server, then back to WebSocket', {
+    timeout: 60_000,
+  }, async () => {
+    await scenario(
+      { args: ['--flap-threshold', '0', '--flap-window', '60s', '--flap-retry-ws-after', '3s'] },
+      async ({ server, track, cleanup }) => {
+        const proxy = await startProxy(server.url);
+        cleanup(() => proxy.close());
+        const room = 'live:e';
+        const token = mintToken({ sub: 'flapper', rooms: ['live:*'] });
+        const { page, consoleLines, context } = await openDemo(
+          browser,
+          `${proxy.url}/?room=${room}&token=${token}&backoff_ms=100`,
+        );
+        track(consoleLines);
+        cleanup(() => context.close());
+        await waitForJoined(page, room, 'websocket');
+        assert.equal(await page.textContent('[data-testid="terminal"]'), 'flapper');
+        await page.evaluate(() => {
+          const w = /** @type {any} */ (window);
+          w.seen = [];
+          w.livepush.on('connected', (/** @type {any} */ e) => w.seen.push(e.transport));
+        });
+        await publishGifts(server, room, 1, 2);
+        await waitForCount(page, 2);
+
+        proxy.cut(); // one interruption: more than the threshold of 0
+        await publishGifts(server, room, 3, 4);
+        proxy.restore();
+        await waitForJoined(page, room, 'long-polling');
+        await publishGifts(server, room, 5, 6);
+        await expectExactly(page, 6);
+        // After --flap-retry-ws-after the client tries WebSocket again, and gets it.
+        await waitForJoined(page, room, 'websocket', 20_000);
+        await publishGifts(server, room, 7, 8);
+        await expectExactly(page, 8);
+        const seen = await page.evaluate(() => /** @type {any} */ (window).seen);
+        assert.deepEqual(seen, ['long-polling', 'websocket']);
+        assert.deepEqual(pageErrors(consoleLines), []);
+      },
+    );
+  });
+
+  test('room picker and control messages (quiz, mute, unmute)', { timeout: 60_000 }, async () => {
+    await scenario({}, async ({ server, track, cleanup }) => {
+      const { page, consoleLines, context } = await openDemo(browser, `${server.url}/?room=live:one`);
+      track(consoleLines);
+      cleanup(() => context.close());
+      await waitForJoined(page, 'live:one', 'websocket');
+      await server.publish('live:one', 'gift', { from: 'a', gift: 'rose' });
+      await waitForCount(page, 1);
+
+      await page.fill('[data-testid="room-input"]', 'live:two');
+      await page.click('[data-testid="room-join"]');
+      await waitForJoined(page, 'live:two', 'websocket');
+      assert.equal(await page.textContent('[data-testid="room-name"]'), 'live:two');
+      assert.deepEqual(await listedSeqs(page), [], 'the list starts over in the new room');
+      assert.match(page.url(), /room=live%3Atwo|room=live:two/);
+
+      await server.publish('live:one', 'gift', { from: 'a', gift: 'rose' }); // not followed any more
+      await server.publish('live:two', 'quiz', { q: '2+2?', options: ['3', '4'] });
+      await server.publish('live:two', 'control', { action: 'mute' });
+      await expectExactly(page, 2);
+      await page.waitForSelector('[data-testid="quiz"]:not([hidden])');
+      assert.equal(await page.textContent('[data-testid="quiz-question"]'), '2+2?');
+      assert.equal(await page.isDisabled('[data-testid="chat-input"]'), true, 'mute disables the chat box');
+      await server.publish('live:two', 'control', { action: 'unmute' });
+      await page.waitForSelector('[data-testid="chat-input"]:not([disabled])');
+      assert.deepEqual(pageErrors(consoleLines), []);
+    });
+  });
+});
