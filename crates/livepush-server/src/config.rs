@@ -129,6 +129,8 @@ pub struct Limits {
     pub poll_max_wait: Duration,
     /// Largest long-poll request body (bytes).
     pub max_poll_bytes: usize,
+    /// Accept queue of the HTTP listener (the kernel caps it at `net.core.somaxconn`).
+    pub listen_backlog: u32,
 }
 
 impl Default for Limits {
@@ -152,6 +154,7 @@ impl Default for Limits {
             ws_read_buffer: 4 * 1024,
             poll_max_wait: Duration::from_secs(30),
             max_poll_bytes: 256 * 1024,
+            listen_backlog: 4096,
         }
     }
 }

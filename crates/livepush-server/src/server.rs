@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::serve::ListenerExt;
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -112,12 +113,12 @@ pub async fn start_with(
     broker: Arc<dyn Broker>,
 ) -> Result<Running, ServerError> {
     config.validate().map_err(ServerError::Config)?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
+    let listener = listen(config.listen, config.limits.listen_backlog).map_err(|source| {
+        ServerError::Bind {
             addr: config.listen,
             source,
-        })?;
+        }
+    })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Bind {
         addr: config.listen,
         source,
@@ -204,6 +205,12 @@ pub async fn start_with(
     let router = router(app.clone());
     let mut stop = shutdown_rx;
     let task = tokio::spawn(async move {
+        // Nagle would only delay pushes: the outbox already coalesces them into few writes.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let served = axum::serve(listener, router)
             .with_graceful_shutdown(async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -224,6 +231,19 @@ pub async fn start_with(
 }
 
 /// Online counts, history age and limiter cleanup, once per `online_interval`.
+/// Bind the HTTP listener with an explicit accept backlog: a resume storm (thousands of
+/// terminals reconnecting at once) must not find the kernel's queue full.
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// Receive keepalives of sleeping terminals and record where they can be woken.
 fn spawn_keepalives(
     socket: Arc<WakeSocket>,

@@ -152,6 +152,9 @@ pub struct ServeArgs {
     /// Age after which an unacknowledged inbox message is dropped.
     #[arg(long, env = "LIVEPUSH_INBOX_TTL", default_value = "24h", value_parser = duration)]
     inbox_ttl: Duration,
+    /// Accept queue of the HTTP listener (capped by the kernel's net.core.somaxconn).
+    #[arg(long, env = "LIVEPUSH_LISTEN_BACKLOG", default_value_t = Limits::default().listen_backlog)]
+    listen_backlog: u32,
     /// WebSocket read buffer per connection (bytes).
     #[arg(long, env = "LIVEPUSH_WS_READ_BUFFER", default_value_t = Limits::default().ws_read_buffer)]
     ws_read_buffer: usize,
@@ -280,6 +283,7 @@ impl ServeArgs {
                 ws_read_buffer: self.ws_read_buffer,
                 poll_max_wait: self.poll_max_wait,
                 max_poll_bytes: self.max_poll_bytes,
+                listen_backlog: self.listen_backlog,
                 ..Limits::default()
             },
         };

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use livepush_server::Config;
 use livepush_server::broker::LocalBroker;
-use livepush_server::store::{DurabilityPolicy, MemoryStore, RedbStore, Store};
+use livepush_server::store::{DurabilityPolicy, MemoryStore, RedbStore, Store, StoreOptions};
 use serde_json::json;
 
 use super::percentile_ms;
@@ -118,25 +118,33 @@ async fn one(
 
 pub async fn run(a: PublishBench) -> anyhow::Result<()> {
     let mut rows: Vec<Row> = Vec::new();
+    let batch_window = |ms: u64| {
+        let mut o = StoreOptions::new(DurabilityPolicy::Batch);
+        o.batch_window = Duration::from_millis(ms);
+        o
+    };
     let policies = [
         ("memory", None),
-        ("none", Some(DurabilityPolicy::None)),
-        ("batch", Some(DurabilityPolicy::Batch)),
-        ("sync", Some(DurabilityPolicy::Sync)),
+        ("none", Some(StoreOptions::new(DurabilityPolicy::None))),
+        ("batch (window 0)", Some(batch_window(0))),
+        ("batch (window 2 ms)", Some(batch_window(2))),
+        ("sync", Some(StoreOptions::new(DurabilityPolicy::Sync))),
     ];
     eprintln!(
         "livepush bench publish: {} reliable publishes of {} B per policy, {} publishers, {} rooms",
         a.messages, a.size, a.concurrency, a.rooms
     );
     for (name, policy) in policies {
-        let dir = a
-            .scratch
-            .join(format!("livepush-bench-{}-{name}", std::process::id()));
+        let dir = a.scratch.join(format!(
+            "livepush-bench-{}-{}",
+            std::process::id(),
+            rows.len()
+        ));
         let (store, redb): (Arc<dyn Store>, Option<Arc<RedbStore>>) = match policy {
             None => (Arc::new(MemoryStore), None),
             Some(p) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                let s = Arc::new(RedbStore::open(&dir, p)?);
+                let s = Arc::new(RedbStore::open_with(&dir, p)?);
                 (s.clone(), Some(s))
             }
         };
