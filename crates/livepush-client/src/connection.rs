@@ -48,7 +48,7 @@ use crate::backoff::Backoff;
 use crate::config::{ClientConfig, TransportMode};
 use crate::tracker::{Effect, RoomTracker};
 use crate::wire;
-use crate::{ClientError, Command, DisconnectReason, Event, InboxMessage, Shared};
+use crate::{ClientError, Command, DisconnectReason, Event, InboxMessage, SessionInfo, Shared};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -88,6 +88,7 @@ struct Handshake {
     transport: Transport,
     heartbeat_ms: u64,
     inbox: InboxPosition,
+    wake_key: String,
     /// Frames that arrived in the same WebSocket message after `connected`.
     leftover: Vec<String>,
 }
@@ -577,8 +578,20 @@ impl Worker {
     // ---- the session -----------------------------------------------------------------
 
     /// The server said `connected`: the session is up.
-    fn on_connected(&mut self, terminal: String, transport: Transport, inbox: InboxPosition) {
+    fn on_connected(
+        &mut self,
+        terminal: String,
+        transport: Transport,
+        inbox: InboxPosition,
+        wake_key: String,
+    ) {
         info!(%terminal, ?transport, "livepush connected");
+        self.shared.set_session(SessionInfo {
+            terminal: terminal.clone(),
+            transport,
+            inbox,
+            wake_key,
+        });
         self.backoff.reset();
         self.auth_failures = 0;
         if inbox.seq < self.inbox_delivered {
@@ -623,9 +636,10 @@ impl Worker {
             transport,
             heartbeat_ms,
             inbox,
+            wake_key,
             leftover,
         } = hs;
-        self.on_connected(terminal, transport, inbox);
+        self.on_connected(terminal, transport, inbox, wake_key);
         let idle = self.config.effective_idle_timeout(heartbeat_ms);
         let mut conn = WsConn {
             ws,
@@ -1193,6 +1207,7 @@ async fn handshake(
                     transport,
                     heartbeat_ms,
                     inbox,
+                    wake_key,
                     ..
                 } => {
                     return Ok(Handshake {
@@ -1201,6 +1216,7 @@ async fn handshake(
                         transport,
                         heartbeat_ms,
                         inbox,
+                        wake_key,
                         leftover: lines.map(str::to_owned).collect(),
                     });
                 }

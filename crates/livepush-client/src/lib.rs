@@ -73,8 +73,17 @@
 //! after a `prompt`, or a gap the client cannot `pull`, reopens it too, from the positions
 //! of the last delivered messages (sent as `since` and as `Last-Event-ID`).
 
+//!
+//! # Terminals that sleep
+//!
+//! [`WakeAgent`] runs a terminal that holds no connection while idle, only a UDP socket that
+//! sends signed keepalives; a wake datagram from the server makes it connect briefly (with a
+//! [`Client`]), take and acknowledge its inbox, and leave again. See the [`WakeAgent`]
+//! documentation for its states.
+
 #![forbid(unsafe_code)]
 
+mod agent;
 mod backoff;
 mod config;
 mod connection;
@@ -90,6 +99,10 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+pub use agent::{
+    AgentError, AgentEvent, AgentEvents, AgentState, AgentStats, ConnectReason, IgnoreReason,
+    WakeAgent, WakeAgentConfig, WakeCredentials,
+};
 pub use backoff::{Backoff, jitter};
 pub use config::{ClientConfig, DEFAULT_CLIENT_NAME, TransportMode};
 pub use livepush_proto::{ErrorCode, InboxPosition, Message, Position, Transport};
@@ -274,6 +287,22 @@ pub(crate) struct Shared {
     positions: Mutex<HashMap<String, Position>>,
     /// The transport of the current session: 0 none, then [`transport_code`].
     transport: AtomicU8,
+    /// What the server said in the last `connected` frame.
+    session: Mutex<Option<SessionInfo>>,
+}
+
+/// What the server said in its last `connected` frame (see [`Client::session`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// The terminal id (the token's `sub`).
+    pub terminal: String,
+    pub transport: Transport,
+    /// The inbox position at connect: `seq` = the newest inbox message, `acked` = the
+    /// acknowledged position. The messages after `acked` follow the `connected` frame.
+    pub inbox: InboxPosition,
+    /// The terminal's wake key (standard base64) for UDP wake-up keepalives (see
+    /// [`WakeAgent`]); empty if the server sent none.
+    pub wake_key: String,
 }
 
 fn transport_code(t: Option<Transport>) -> u8 {
@@ -296,6 +325,10 @@ impl Shared {
                 map.remove(room);
             }
         }
+    }
+
+    pub(crate) fn set_session(&self, info: SessionInfo) {
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
     }
 
     pub(crate) fn set_transport(&self, t: Option<Transport>) {
@@ -434,6 +467,18 @@ impl Client {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         map.get(room).cloned()
+    }
+
+    /// What the server said in the last `connected` frame (kept after the session ends):
+    /// the terminal id, the inbox position at that connect, and the terminal's wake key.
+    /// `None` before the first session. Read it on [`Event::Connected`]: it is updated just
+    /// before that event is queued.
+    pub fn session(&self) -> Option<SessionInfo> {
+        self.shared
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Whether a session is established right now.

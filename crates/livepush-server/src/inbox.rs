@@ -89,8 +89,12 @@ struct State {
     wake_persisted_ms: u64,
     /// A wake episode is running.
     waking: bool,
-    /// The newest seq a finished episode tried to wake for: not retried until a newer one.
+    /// The newest seq a finished episode tried to wake for: not retried until a newer one,
+    /// or until the terminal came and left again, or moved.
     woken_for: u64,
+    /// Sessions attached so far; an episode that saw the terminal come does not mark its
+    /// messages as woken for.
+    attaches: u64,
     /// Last activity (ms), for eviction.
     touched_ms: u64,
 }
@@ -241,6 +245,7 @@ impl Inboxes {
         st.sessions.insert(conn, outbox.clone());
         // The terminal came: if it leaves again without acknowledging, wake it again.
         st.woken_for = st.acked;
+        st.attaches += 1;
     }
 
     /// A session closed.
@@ -341,7 +346,7 @@ impl Inboxes {
         let Some(socket) = self.wake.clone() else {
             return false;
         };
-        let (target, reg) = {
+        let (target, reg, attaches) = {
             let mut st = inbox.state.lock();
             let Some(reg) = st.wake else {
                 return false;
@@ -351,7 +356,7 @@ impl Inboxes {
                 return true;
             }
             st.waking = true;
-            (st.delivered, reg)
+            (st.delivered, reg, st.attaches)
         };
         let sent = socket.wake(&inbox.id, target, &reg).await;
         let inbox = inbox.clone();
@@ -380,7 +385,11 @@ impl Inboxes {
             }
             let mut st = inbox.state.lock();
             st.waking = false;
-            st.woken_for = st.woken_for.max(last_target);
+            if st.attaches == attaches {
+                // The terminal never came during this episode: do not wake it again for the
+                // same messages (only for newer ones, or once it has come and left).
+                st.woken_for = st.woken_for.max(last_target);
+            }
         });
         sent
     }

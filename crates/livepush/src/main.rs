@@ -4,9 +4,11 @@
 //! - `publish`: publish a message to a room through the HTTP API.
 //! - `token`: mint a terminal token.
 //! - `tail`: connect as a terminal and print every event as one JSON line.
+//! - `agent`: a terminal that sleeps (UDP only) until woken, then prints its inbox.
 
 #![forbid(unsafe_code)]
 
+mod agent;
 mod bench;
 mod publish;
 mod serve;
@@ -36,6 +38,9 @@ enum Command {
     Token(token::TokenArgs),
     /// Connect as a terminal, join rooms, and print every event as one JSON line.
     Tail(tail::TailArgs),
+    /// Run a terminal that holds no connection while idle, is woken over UDP, and prints
+    /// every inbox message as one JSON line.
+    Agent(agent::AgentArgs),
     /// Load generator: measure livepush (see `livepush bench --help`).
     Bench(bench::BenchArgs),
 }
@@ -68,6 +73,7 @@ fn main() {
                     Command::Publish(a) => publish::run(a).await,
                     Command::Token(a) => token::run(a),
                     Command::Tail(a) => tail::run(a).await,
+                    Command::Agent(a) => agent::run(a).await,
                     Command::Bench(a) => bench::run(a).await,
                 }
             })

@@ -456,10 +456,11 @@ impl Worker {
                     terminal,
                     transport,
                     inbox,
+                    wake_key,
                     ..
                 } => {
                     if poll.hello && !*connected {
-                        self.on_connected(terminal, transport, inbox);
+                        self.on_connected(terminal, transport, inbox, wake_key);
                         *connected = true;
                     } else {
                         debug!("livepush: extra connected frame ignored");

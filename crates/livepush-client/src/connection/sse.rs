@@ -151,7 +151,7 @@ impl Worker {
                                 }
                             };
                             match frame {
-                                ServerFrame::Connected { terminal, transport, heartbeat_ms, inbox, .. } if !connected => {
+                                ServerFrame::Connected { terminal, transport, heartbeat_ms, inbox, wake_key, .. } if !connected => {
                                     connected = true;
                                     // No probe is possible: silence past the idle timeout and
                                     // the ping timeout ends the stream.
@@ -160,7 +160,7 @@ impl Worker {
                                         .effective_idle_timeout(heartbeat_ms)
                                         .saturating_add(self.config.ping_timeout);
                                     deadline = Instant::now() + idle;
-                                    self.on_connected(terminal, transport, inbox);
+                                    self.on_connected(terminal, transport, inbox, wake_key);
                                 }
                                 ServerFrame::Error {
                                     id: None,

@@ -22,6 +22,7 @@ use parking_lot::Mutex;
 use serde_json::value::RawValue;
 
 use super::control::Action;
+use crate::auth::now_ms;
 use crate::outbox::{Kind, Outbox, Pushed};
 use crate::store::{Durable, HistoryStore, RoomFlags, RoomRecord, StoredMessage};
 
@@ -439,10 +440,11 @@ pub enum Announce {
 impl State {
     /// Unique terminals: members, plus those lingering after their last poll.
     fn online(&self) -> u64 {
+        let now = now_ms();
         let lingering = self
             .lingering
-            .keys()
-            .filter(|t| !self.terminals.contains_key(*t))
+            .iter()
+            .filter(|(t, until)| **until > now && !self.terminals.contains_key(*t))
             .count();
         (self.terminals.len() + lingering) as u64
     }

@@ -90,13 +90,33 @@ async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("invalid poll body: {e}")))?;
     let terminal = poll_terminal(&app, &body)?;
     let id = terminal.id.clone();
-    let mut session = Session::new(&app, terminal);
-    app.terminals.opened(&id, Transport::Longpoll);
-    let answer = exchange(&app, &mut session, body).await;
-    let grace = app.hub.config().poll_grace;
-    session.leave_all_until(now_ms() + grace.as_millis() as u64);
-    app.terminals.closed(&id, Transport::Longpoll, false);
-    Ok(answer)
+    let mut poll = Poll {
+        session: Session::new(&app, terminal),
+        app: app.clone(),
+        terminal: id,
+    };
+    app.terminals.opened(&poll.terminal, Transport::Longpoll);
+    Ok(exchange(&app, &mut poll.session, body).await)
+}
+
+/// One poll in progress. Its end is handled on drop, because a client that goes away while
+/// its poll is parked makes the server drop the poll's future mid-way.
+struct Poll {
+    session: Session,
+    app: Arc<App>,
+    terminal: Arc<str>,
+}
+
+impl Drop for Poll {
+    fn drop(&mut self) {
+        // The terminal stays in its rooms' online counts for the grace period.
+        let grace = self.app.hub.config().poll_grace;
+        self.session
+            .leave_all_until(now_ms() + grace.as_millis() as u64);
+        self.app
+            .terminals
+            .closed(&self.terminal, Transport::Longpoll, false);
+    }
 }
 
 async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response {

@@ -524,3 +524,34 @@ async fn long_poll_ops_may_be_pretty_printed_and_oversized_answers_say_so() {
         "{frames:?}"
     );
 }
+
+#[tokio::test]
+async fn a_parked_poll_dropped_by_its_client_ends_its_presence() {
+    let mut c = config();
+    c.poll_grace = Duration::from_millis(200);
+    let s = TestServer::with(c).await;
+    let token = s.token("gone", &["r"], false);
+    // The client gives up on a poll parked for 10 s after 300 ms (its connection closes).
+    let r = s
+        .http
+        .post(format!("{}/v1/poll", s.url()))
+        .timeout(Duration::from_millis(300))
+        .json(&json!({"token":token,"rooms":{"r":{}},"wait_ms":100,"hello":true}))
+        .send()
+        .await;
+    assert!(r.is_ok(), "a fresh join answers at once");
+    let epoch = s.room("r").await["epoch"].as_str().unwrap().to_owned();
+    let r = s
+        .http
+        .post(format!("{}/v1/poll", s.url()))
+        .timeout(Duration::from_millis(300))
+        .json(&json!({"token":token,"rooms":{"r":{"epoch":epoch,"seq":0}},"wait_ms":10_000}))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client timed out");
+    s.eventually("the terminal to go offline", || async {
+        s.get("/v1/terminals/gone").await.1["online"] == json!(false)
+    })
+    .await;
+    assert_eq!(s.room("r").await["online"], 0);
+}

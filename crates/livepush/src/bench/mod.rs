@@ -20,6 +20,7 @@ mod report;
 mod resume;
 mod server;
 mod targets;
+mod wake;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +47,9 @@ enum BenchCommand {
     Fanout(fanout::FanoutBench),
     /// N terminals drop at once, K messages are published, all resume: time to recover.
     Resume(resume::ResumeBench),
+    /// N idle terminals registered over UDP, a message to each: time until all delivered,
+    /// and the server's open TCP connections while they sleep (should be 0).
+    Wake(wake::WakeBench),
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -63,6 +67,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             raise_nofile();
             resume::run(r).await
         }
+        BenchCommand::Wake(w) => wake::run(w).await,
     }
 }
 
