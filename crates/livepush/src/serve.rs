@@ -9,7 +9,7 @@ use clap::Args;
 use std::sync::Arc;
 
 use livepush_server::broker::LocalBroker;
-use livepush_server::store::{DurabilityPolicy, MemoryStore, RedbStore, Store};
+use livepush_server::store::{DurabilityPolicy, MemoryStore, RedbStore, Store, StoreOptions};
 use livepush_server::{ClassMap, Config, Limits, WakeListen};
 use rand::Rng;
 use rand::distr::Alphanumeric;
@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// durability" for what each can lose.
     #[arg(long, env = "LIVEPUSH_DURABILITY", default_value = "batch")]
     durability: DurabilityPolicy,
+    /// `batch`: how long the store keeps collecting writes into one commit after the first
+    /// arrived. 0 commits what arrived while the previous fsync ran.
+    #[arg(long, env = "LIVEPUSH_BATCH_WINDOW", default_value = "0s", value_parser = duration)]
+    batch_window: Duration,
     /// Interval of WebSocket pings to terminals, in milliseconds.
     #[arg(long, env = "LIVEPUSH_HEARTBEAT_MS", default_value_t = 25_000)]
     heartbeat_ms: u64,
@@ -179,13 +183,13 @@ enum DataStore {
 }
 
 impl DataStore {
-    async fn open(data_dir: &str, policy: DurabilityPolicy) -> anyhow::Result<DataStore> {
+    async fn open(data_dir: &str, options: StoreOptions) -> anyhow::Result<DataStore> {
         if data_dir == ":memory:" {
             return Ok(DataStore::Memory);
         }
         let dir = std::path::PathBuf::from(data_dir);
         // Opening verifies checksums and compacts: blocking work.
-        let store = tokio::task::spawn_blocking(move || RedbStore::open(&dir, policy))
+        let store = tokio::task::spawn_blocking(move || RedbStore::open_with(&dir, options))
             .await
             .context("opening the store")?
             .context("cannot start: the data directory is unusable")?;
@@ -292,7 +296,9 @@ impl ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let (data_dir, durability) = (args.data_dir.clone(), args.durability);
+    let mut store_options = StoreOptions::new(args.durability);
+    store_options.batch_window = args.batch_window;
+    let data_dir = args.data_dir.clone();
     let (config, notes) = args.into_config()?;
     config
         .validate()
@@ -300,7 +306,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for n in notes {
         eprintln!("{n}");
     }
-    let store = DataStore::open(&data_dir, durability).await?;
+    let store = DataStore::open(&data_dir, store_options).await?;
     let dev = config.dev;
     let running =
         livepush_server::start_with(config, store.as_dyn(), Arc::new(LocalBroker)).await?;

@@ -126,8 +126,8 @@ pub async fn run(a: PublishBench) -> anyhow::Result<()> {
     let policies = [
         ("memory", None),
         ("none", Some(StoreOptions::new(DurabilityPolicy::None))),
-        ("batch (window 0)", Some(batch_window(0))),
-        ("batch (window 2 ms)", Some(batch_window(2))),
+        ("batch", Some(batch_window(0))),
+        ("batch, 2 ms window", Some(batch_window(2))),
         ("sync", Some(StoreOptions::new(DurabilityPolicy::Sync))),
     ];
     eprintln!(
