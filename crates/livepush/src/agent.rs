@@ -159,9 +159,11 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<()> {
                    "wake_addr":agent.wake_addr().to_string()})
         );
     }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
             e = events.recv() => match e {
                 Some(AgentEvent::Inbox(m)) => println!(
                     "{}",

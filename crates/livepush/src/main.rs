@@ -57,8 +57,9 @@ fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LIVEPUSH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,livepush=info")),
+            tracing_subscriber::EnvFilter::try_from_env("LIVEPUSH_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,livepush=info,livepush_client=warn")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -129,9 +129,13 @@ pub async fn run(a: TailArgs) -> anyhow::Result<()> {
             .map(|(_, p)| p.clone());
         client.join(room, since).await?;
     }
+    // SIGINT and SIGTERM close the session cleanly (a killed terminal would count as an
+    // interruption of its terminal on the server).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
             e = events.recv() => match e {
                 Some(e) => println!("{}", event_json(&e)),
                 None => break,
