@@ -279,38 +279,27 @@ impl Sut {
     }
 }
 
-/// Start `livepush serve` on a free loopback port and wait for its "listening on" line.
-async fn spawn(o: &ServerOpts, history: usize) -> anyhow::Result<(Child, String)> {
-    let bin = match &o.server_bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe().context("locating this binary")?,
-    };
-    let mut args: Vec<String> = vec![
-        "serve".into(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--data-dir".into(),
-        ":memory:".into(),
-        "--api-key".into(),
-        SPAWN_KEY.into(),
-        "--token-secret".into(),
-        SPAWN_SECRET.into(),
-        "--history-size".into(),
-        history.max(1000).to_string(),
-    ];
-    args.extend(o.server_args.iter().cloned());
-    let mut cmd = match &o.server_cpus {
+/// Run `BIN serve ARGS` (pinned with taskset to `cpus` if given), its stderr to a log file in
+/// the temp directory, and wait for its `livepush listening on URL` line. Returns the child,
+/// the URL and the log's path. The child is killed when dropped.
+pub async fn start_serve(
+    bin: &std::path::Path,
+    cpus: Option<&str>,
+    args: &[String],
+    name: &str,
+) -> anyhow::Result<(Child, String, std::path::PathBuf)> {
+    let mut cmd = match cpus {
         Some(cpus) => {
             let mut c = Command::new("taskset");
-            c.arg("-c").arg(cpus).arg(&bin);
+            c.arg("-c").arg(cpus).arg(bin);
             c
         }
-        None => Command::new(&bin),
+        None => Command::new(bin),
     };
     let log =
-        std::env::temp_dir().join(format!("livepush-bench-server-{}.log", std::process::id()));
+        std::env::temp_dir().join(format!("livepush-bench-{name}-{}.log", std::process::id()));
     let log_file = std::fs::File::create(&log).with_context(|| format!("creating {log:?}"))?;
-    cmd.args(&args)
+    cmd.args(args)
         .env_remove("LIVEPUSH_API_KEY")
         .env_remove("LIVEPUSH_TOKEN_SECRET")
         .env("LIVEPUSH_LOG", "warn")
@@ -338,6 +327,30 @@ async fn spawn(o: &ServerOpts, history: usize) -> anyhow::Result<(Child, String)
     .context("the server did not start listening within 20 s")??;
     // Keep reading stdout so that the server never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, url, log))
+}
+
+/// Start `livepush serve` on a free loopback port and wait for its "listening on" line.
+async fn spawn(o: &ServerOpts, history: usize) -> anyhow::Result<(Child, String)> {
+    let bin = match &o.server_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe().context("locating this binary")?,
+    };
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        ":memory:".into(),
+        "--api-key".into(),
+        SPAWN_KEY.into(),
+        "--token-secret".into(),
+        SPAWN_SECRET.into(),
+        "--history-size".into(),
+        history.max(1000).to_string(),
+    ];
+    args.extend(o.server_args.iter().cloned());
+    let (child, url, log) = start_serve(&bin, o.server_cpus.as_deref(), &args, "server").await?;
     eprintln!(
         "spawned {} (pid {}){} on {url}; log in {}",
         bin.display(),

@@ -16,7 +16,6 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -29,7 +28,6 @@ use livepush_client::{
 };
 use livepush_server::auth::{Claims, TokenKeys, now_secs};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -276,49 +274,21 @@ async fn spawn(a: &WakeBench) -> anyhow::Result<(Child, String)> {
         Some(b) => b.clone(),
         None => std::env::current_exe().context("locating this binary")?,
     };
-    let log = std::env::temp_dir().join(format!(
-        "livepush-bench-wake-server-{}.log",
-        std::process::id()
-    ));
-    let log_file = std::fs::File::create(&log).with_context(|| format!("creating {log:?}"))?;
-    let mut child = Command::new(&bin)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            ":memory:",
-            "--api-key",
-            SPAWN_KEY,
-            "--token-secret",
-            SPAWN_SECRET,
-        ])
-        .args(&a.server_args)
-        .env_remove("LIVEPUSH_API_KEY")
-        .env_remove("LIVEPUSH_TOKEN_SECRET")
-        .env("LIVEPUSH_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log_file))
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {} serve", bin.display()))?;
-    let stdout = child.stdout.take().context("server stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let url = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(url) = line.strip_prefix("livepush listening on ") {
-                return Ok(url.trim().to_owned());
-            }
-        }
-        bail!(
-            "the server exited before listening (log: {})",
-            log.display()
-        )
-    })
-    .await
-    .context("the server did not start listening within 20 s")??;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let mut args: Vec<String> = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        ":memory:",
+        "--api-key",
+        SPAWN_KEY,
+        "--token-secret",
+        SPAWN_SECRET,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend(a.server_args.iter().cloned());
+    let (child, url, log) = super::server::start_serve(&bin, None, &args, "wake-server").await?;
     eprintln!(
         "started {} serve (pid {}) on {url}; log in {}",
         bin.display(),
