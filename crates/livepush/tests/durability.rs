@@ -241,7 +241,10 @@ async fn kill_9_during_a_publish_storm_loses_no_answered_message() {
         t.await.expect("publisher");
     }
     let answered = answered.lock().expect("lock").clone();
-    eprintln!("storm: {} publishes answered before kill -9", answered.len());
+    eprintln!(
+        "storm: {} publishes answered before kill -9",
+        answered.len()
+    );
     assert!(
         answered.len() > 50,
         "the storm published something: {}",
