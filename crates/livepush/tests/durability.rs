@@ -88,6 +88,18 @@ async fn publish(http: &reqwest::Client, url: &str, room: &str, body: Value) -> 
     r.json().await.ok()
 }
 
+/// `GET url` with the API key, as JSON.
+async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url)
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json")
+}
+
 async fn publish_gifts(
     http: &reqwest::Client,
     url: &str,
@@ -105,17 +117,11 @@ async fn history(http: &reqwest::Client, url: &str, room: &str) -> (String, u64,
     let mut since = 0;
     let mut all = Vec::new();
     loop {
-        let h: Value = http
-            .get(format!(
-                "{url}/v1/rooms/{room}/history?since={since}&limit=1000"
-            ))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .expect("history")
-            .json()
-            .await
-            .expect("json");
+        let h: Value = get_json(
+            http,
+            &format!("{url}/v1/rooms/{room}/history?since={since}&limit=1000"),
+        )
+        .await;
         let msgs = h["messages"].as_array().cloned().unwrap_or_default();
         let latest = h["seq"].as_u64().expect("seq");
         if msgs.is_empty() {
@@ -311,27 +317,11 @@ async fn restart_keeps_seq_epoch_history_and_room_state() {
     server.stop();
 
     let server = Server::spawn(dir.path(), &[]);
-    let info: Value = http
-        .get(format!("{}/v1/rooms/keep", server.url))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .expect("info")
-        .json()
-        .await
-        .expect("json");
+    let info: Value = get_json(&http, &format!("{}/v1/rooms/keep", server.url)).await;
     assert_eq!(info["epoch"], first["epoch"]);
     assert_eq!(info["seq"], 2);
     assert_eq!(info["muted"], true);
-    let shut: Value = http
-        .get(format!("{}/v1/rooms/shut", server.url))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .expect("info")
-        .json()
-        .await
-        .expect("json");
+    let shut: Value = get_json(&http, &format!("{}/v1/rooms/shut", server.url)).await;
     assert_eq!(shut["closed"], true);
     let next = publish(
         &http,
@@ -504,15 +494,7 @@ async fn inboxes_and_wake_registrations_survive_kill_9() {
         .expect("keepalive");
     let mut registered = false;
     for _ in 0..200 {
-        let t: Value = http
-            .get(format!("{}/v1/terminals/settop", server.url))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .expect("terminal")
-            .json()
-            .await
-            .expect("json");
+        let t: Value = get_json(&http, &format!("{}/v1/terminals/settop", server.url)).await;
         if t["wake"]["registered"] == json!(true) {
             registered = true;
             break;

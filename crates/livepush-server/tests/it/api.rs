@@ -39,12 +39,7 @@ async fn api_key_is_required() {
         .unwrap();
     assert_eq!(r.status(), 401);
     // Health needs no key.
-    let r = s
-        .http
-        .get(format!("{}/healthz", s.url()))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get_raw("/healthz").await;
     assert_eq!(r.status(), 200);
 }
 

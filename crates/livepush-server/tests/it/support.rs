@@ -107,6 +107,15 @@ impl TestServer {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// `GET path` without the API key, as a raw response.
+    pub async fn get_raw(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.url()))
+            .send()
+            .await
+            .expect("http")
+    }
+
     pub async fn room(&self, room: &str) -> Value {
         let (status, body) = self.get(&format!("/v1/rooms/{room}")).await;
         assert_eq!(status, 200, "{body}");

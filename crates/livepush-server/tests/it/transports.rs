@@ -336,29 +336,13 @@ async fn sse_resumes_with_last_event_id() {
 async fn sse_rejects_bad_requests() {
     let s = TestServer::start().await;
     let token = s.token("sse", &["a"], false);
-    let r = s
-        .http
-        .get(format!("{}/v1/sse?token={token}", s.url()))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get_raw(&format!("/v1/sse?token={token}")).await;
     assert_eq!(r.status(), 400);
-    let r = s
-        .http
-        .get(format!("{}/v1/sse?token=x&rooms=a", s.url()))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get_raw("/v1/sse?token=x&rooms=a").await;
     assert_eq!(r.status(), 401);
     let r = s
-        .http
-        .get(format!(
-            "{}/v1/sse?token={token}&rooms=a&since=a:ep",
-            s.url()
-        ))
-        .send()
-        .await
-        .unwrap();
+        .get_raw(&format!("/v1/sse?token={token}&rooms=a&since=a:ep"))
+        .await;
     assert_eq!(r.status(), 400);
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "bad_request");
 }

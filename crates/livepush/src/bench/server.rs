@@ -261,21 +261,25 @@ impl Sut {
 
     /// Stop a spawned server (SIGTERM, then SIGKILL after 5 s).
     pub async fn stop(mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Some(pid) = child.id() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .await;
+        if let Some(child) = self.child.take() {
+            stop_child(child).await;
         }
-        if tokio::time::timeout(Duration::from_secs(5), child.wait())
-            .await
-            .is_err()
-        {
-            let _ = child.kill().await;
-        }
+    }
+}
+
+/// Stop a server started by [`start_serve`]: SIGTERM, then SIGKILL after 5 s.
+pub async fn stop_child(mut child: Child) {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+    }
+    if tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
     }
 }
 

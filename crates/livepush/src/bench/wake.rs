@@ -28,7 +28,7 @@ use livepush_client::{
 };
 use livepush_server::auth::{Claims, TokenKeys, now_secs};
 use serde_json::json;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -180,20 +180,8 @@ impl Target {
     }
 
     async fn stop(mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Some(pid) = child.id() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .await;
-        }
-        if tokio::time::timeout(Duration::from_secs(5), child.wait())
-            .await
-            .is_err()
-        {
-            let _ = child.kill().await;
+        if let Some(child) = self.child.take() {
+            super::server::stop_child(child).await;
         }
     }
 }

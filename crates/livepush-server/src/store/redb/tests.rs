@@ -756,18 +756,24 @@ fn storm_child() {
     }
 }
 
-fn storm(policy: DurabilityPolicy) -> (RoomRecord, u64) {
-    let dir = tempfile::tempdir().unwrap();
+/// The seq in a child's `acked N` line.
+fn acked_in(line: &str) -> Option<u64> {
+    line.strip_prefix("acked ").and_then(|s| s.parse().ok())
+}
+
+/// Run the ignored child test `test` in a new process of this test binary with `env`, let it
+/// write until it has reported `acked N` for `at_least` writes, kill it with SIGKILL, and
+/// return the highest seq it reported answered (including lines printed before the kill).
+pub(super) fn kill_9_after(test: &str, env: &[(&str, &str)], at_least: u64) -> u64 {
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
-            "store::redb::tests::storm_child",
+            test,
             "--exact",
             "--ignored",
             "--nocapture",
             "--test-threads=1",
         ])
-        .env(STORM_DIR, dir.path())
-        .env(STORM_POLICY, policy.as_str())
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -784,23 +790,32 @@ fn storm(policy: DurabilityPolicy) -> (RoomRecord, u64) {
     });
     let mut acked = 0u64;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while acked < 2_000 {
+    while acked < at_least {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("the storm child stopped answering");
-        if let Some(s) = line.strip_prefix("acked ") {
-            acked = acked.max(s.parse().unwrap());
-        }
+        acked = acked.max(acked_in(&line).unwrap_or(0));
     }
     child.kill().unwrap();
     child.wait().unwrap();
     // Whatever was printed before the kill was answered too.
     while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
-        if let Some(s) = line.strip_prefix("acked ") {
-            acked = acked.max(s.parse().unwrap());
-        }
+        acked = acked.max(acked_in(&line).unwrap_or(0));
     }
     reader.join().unwrap();
+    acked
+}
+
+fn storm(policy: DurabilityPolicy) -> (RoomRecord, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let acked = kill_9_after(
+        "store::redb::tests::storm_child",
+        &[
+            (STORM_DIR, dir.path().to_str().unwrap()),
+            (STORM_POLICY, policy.as_str()),
+        ],
+        2_000,
+    );
     let store = open(dir.path(), policy);
     let record = store.load_room("storm", usize::MAX).unwrap().unwrap();
     // No seq lost inside what is kept, none duplicated, each message is the one sent.

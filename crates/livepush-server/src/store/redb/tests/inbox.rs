@@ -676,48 +676,12 @@ fn inbox_storm_child() {
 #[test]
 fn kill_9_during_an_inbox_storm_under_none() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "store::redb::tests::inbox::inbox_storm_child",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(INBOX_STORM_DIR, dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut acked = 0u64;
-    let deadline = Instant::now() + Duration::from_secs(60);
     // Past a few reservations.
-    while acked < 3 * INBOX_RESERVE_STEP + 100 {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the storm child stopped answering");
-        if let Some(s) = line.strip_prefix("acked ") {
-            acked = acked.max(s.parse().unwrap());
-        }
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
-        if let Some(s) = line.strip_prefix("acked ") {
-            acked = acked.max(s.parse().unwrap());
-        }
-    }
-    reader.join().unwrap();
+    let acked = super::kill_9_after(
+        "store::redb::tests::inbox::inbox_storm_child",
+        &[(INBOX_STORM_DIR, dir.path().to_str().unwrap())],
+        3 * INBOX_RESERVE_STEP + 100,
+    );
     let store = open(dir.path(), DurabilityPolicy::None);
     let record = terminal(&store, "storm");
     // Every answered seq is behind the inbox's seq now: none is handed out again.
