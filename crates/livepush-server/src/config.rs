@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use livepush_proto::Class;
 
+/// Longest merge window accepted (`Limits::merge_window`).
+pub const MAX_MERGE_WINDOW: Duration = Duration::from_secs(1);
+
 /// Everything `livepush serve` can be told.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -115,6 +118,13 @@ pub struct Limits {
     pub write_batch_bytes: usize,
     /// A write that does not complete in this time closes the connection (`slow_consumer`).
     pub write_timeout: Duration,
+    /// A room's merge window. Zero (the default): every message a room delivers is queued to
+    /// each member at once. Otherwise the messages a room delivers within this window are
+    /// joined (frames separated by `\n`, at most `write_batch_bytes` per chunk) and queued to
+    /// each member as one shared chunk: one outbox push per member per window instead of one
+    /// per message, for very busy rooms. Trades up to this much added latency for fewer
+    /// pushes and writes. At most one second.
+    pub merge_window: Duration,
     /// Largest `limit` of a `pull` and of the history API; callers page with `since`.
     pub max_pull: u32,
     /// Rooms one connection may be joined to at once.
@@ -123,11 +133,6 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// Interval of the online-count broadcast (the contract allows at most one per second).
     pub online_interval: Duration,
-    /// WebSocket read buffer per connection (bytes). tungstenite allocates and touches all of
-    /// it at upgrade, so it is most of an idle connection's cost: 256 instead of 4096 took an
-    /// idle connection from 10.2 to 6.7 KB (`livepush bench connections --conns 5000`) with
-    /// no change in fan-out cost. Terminals send little; larger frames take several reads.
-    pub ws_read_buffer: usize,
     /// Longest a long-poll request is parked (its `wait_ms` is capped to this).
     pub poll_max_wait: Duration,
     /// Largest long-poll request body (bytes).
@@ -150,11 +155,11 @@ impl Default for Limits {
             outbox_max_bytes: 8 * 1024 * 1024,
             write_batch_bytes: 64 * 1024,
             write_timeout: Duration::from_secs(30),
+            merge_window: Duration::ZERO,
             max_pull: 1000,
             max_rooms_per_connection: 64,
             connect_timeout: Duration::from_secs(10),
             online_interval: Duration::from_secs(1),
-            ws_read_buffer: 256,
             poll_max_wait: Duration::from_secs(30),
             max_poll_bytes: 256 * 1024,
             listen_backlog: 4096,
@@ -230,6 +235,13 @@ impl Config {
         }
         if self.limits.outbox_max_bytes < self.limits.write_batch_bytes {
             return Err("--outbox-max-bytes must be at least --write-batch-bytes".into());
+        }
+        if self.limits.merge_window > MAX_MERGE_WINDOW {
+            return Err(format!(
+                "--merge-ms must be at most {} (a merge window adds its length to every \
+                 message's latency)",
+                MAX_MERGE_WINDOW.as_millis()
+            ));
         }
         Ok(())
     }
@@ -316,5 +328,15 @@ mod tests {
         assert!(c.validate().is_ok());
         c.listen = "0.0.0.0:8080".parse().unwrap();
         assert!(c.validate().unwrap_err().contains("loopback"));
+    }
+
+    #[test]
+    fn merge_window_is_off_by_default_and_bounded() {
+        let mut c = Config::for_tests("key-key-key", "secret-secret-secret");
+        assert_eq!(c.limits.merge_window, Duration::ZERO);
+        c.limits.merge_window = Duration::from_millis(20);
+        assert!(c.validate().is_ok());
+        c.limits.merge_window = MAX_MERGE_WINDOW + Duration::from_millis(1);
+        assert!(c.validate().unwrap_err().contains("--merge-ms"));
     }
 }

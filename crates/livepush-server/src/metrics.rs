@@ -10,6 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::hub::MergeStats;
 use crate::inbox::InboxStats;
 use crate::outbox::OutboxStats;
 use crate::wake::WakeStats;
@@ -41,6 +42,7 @@ pub struct Metrics {
     pub rooms: Gauge,
     pub client_errors: Counter,
     pub outbox: Arc<OutboxStats>,
+    pub merge: MergeStats,
     pub inbox: InboxStats,
     pub wake: WakeStats,
 }
@@ -64,6 +66,7 @@ impl Metrics {
             rooms: Gauge::default(),
             client_errors: Counter::default(),
             outbox: Arc::default(),
+            merge: MergeStats::default(),
             inbox: InboxStats::default(),
             wake: WakeStats::default(),
         };
@@ -108,6 +111,16 @@ impl Metrics {
             "slow_consumer_closes",
             "Connections closed because their outgoing queue passed its hard limit",
             m.outbox.slow_consumer_closes.clone(),
+        );
+        registry.register(
+            "merge_flushes",
+            "Merged chunks rooms pushed to their members (--merge-ms), one push per member each",
+            m.merge.flushes.clone(),
+        );
+        registry.register(
+            "merged_frames",
+            "Messages carried in merged chunks (--merge-ms)",
+            m.merge.frames.clone(),
         );
         registry.register(
             "inbox_posted",

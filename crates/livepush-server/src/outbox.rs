@@ -15,13 +15,16 @@
 //!   [`CloseReason::SlowConsumer`]; the terminal reconnects and resumes from its last seq.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use livepush_proto::{ServerFrame, encode_frame};
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::Notify;
 
 /// What kind of frame is being queued; decides what the soft limit does to it.
 #[derive(Debug, Clone, Copy)]
@@ -94,12 +97,87 @@ struct State {
 }
 
 /// A connection's bounded outgoing queue.
+///
+/// It is also the connection's whole shared state: the one writer (a WebSocket driver, an SSE
+/// stream or a parked long-poll) registers its waker here, and the WebSocket heartbeat
+/// sweeper leaves [`Signals`] here. No per-connection `Notify` or timer: an idle connection
+/// should cost a few hundred bytes.
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
-    ready: Notify,
+    /// The writer's waker. Exactly one task waits on an outbox.
+    waker: AtomicWaker,
+    signals: Signals,
     limits: OutboxLimits,
     stats: Arc<OutboxStats>,
+}
+
+/// Requests from the heartbeat sweeper to a connection's driver, and the two times the
+/// sweeper needs to decide them. Times are [`clock_ms`] values.
+#[derive(Debug, Default)]
+pub struct Signals {
+    bits: AtomicU8,
+    /// When the peer was last heard from.
+    last_heard: AtomicU64,
+    /// When the write now blocked started blocking; 0 when no write is blocked.
+    blocked_since: AtomicU64,
+}
+
+/// Send a WebSocket ping.
+pub const SIGNAL_PING: u8 = 1;
+/// Nothing heard for longer than the heartbeat allows: close with 4000.
+pub const SIGNAL_DEAD: u8 = 2;
+/// A write has been blocked for longer than `write_timeout`: close as a slow consumer.
+pub const SIGNAL_STALLED: u8 = 4;
+/// The server is shutting down: close with 1001.
+pub const SIGNAL_SHUTDOWN: u8 = 8;
+
+impl Signals {
+    pub fn heard(&self, now_ms: u64) {
+        self.last_heard.store(now_ms, Ordering::Relaxed);
+    }
+
+    pub fn last_heard(&self) -> u64 {
+        self.last_heard.load(Ordering::Relaxed)
+    }
+
+    /// Record that a write blocked (keeps the first time) or that nothing is blocked (`None`).
+    pub fn blocked(&self, since_ms: Option<u64>) {
+        match since_ms {
+            Some(t) => {
+                let _ = self.blocked_since.compare_exchange(
+                    0,
+                    t.max(1),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+            None => self.blocked_since.store(0, Ordering::Relaxed),
+        }
+    }
+
+    pub fn blocked_since(&self) -> Option<u64> {
+        Some(self.blocked_since.load(Ordering::Relaxed)).filter(|t| *t != 0)
+    }
+
+    /// Take every raised signal.
+    pub fn take(&self) -> u8 {
+        if self.bits.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        self.bits.swap(0, Ordering::AcqRel)
+    }
+}
+
+/// Milliseconds since the first call in this process: a cheap monotonic clock for the
+/// timestamps kept in [`Signals`].
+pub fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
 }
 
 /// What the writer takes from the outbox in one go.
@@ -113,7 +191,8 @@ impl Outbox {
     pub fn new(limits: OutboxLimits, stats: Arc<OutboxStats>) -> Outbox {
         Outbox {
             state: Mutex::new(State::default()),
-            ready: Notify::new(),
+            waker: AtomicWaker::new(),
+            signals: Signals::default(),
             limits,
             stats,
         }
@@ -161,7 +240,7 @@ impl Outbox {
             st.significant = 0;
             self.stats.slow_consumer_closes.inc();
             drop(st);
-            self.ready.notify_one();
+            self.waker.wake();
             return Pushed::Closed;
         }
         // Wake the writer when the queue becomes non-empty, and a parked long-poll when the
@@ -171,7 +250,7 @@ impl Outbox {
         let first_significant = !matches!(kind, Kind::Ambient) && st.significant == 1;
         drop(st);
         if was_empty || first_significant {
-            self.ready.notify_one();
+            self.waker.wake();
         }
         outcome
     }
@@ -208,7 +287,7 @@ impl Outbox {
             }
         }
         drop(st);
-        self.ready.notify_one();
+        self.waker.wake();
     }
 
     /// Close the outbox; the writer sends what reason it was given and ends the connection.
@@ -221,7 +300,7 @@ impl Outbox {
             }
         }
         drop(st);
-        self.ready.notify_one();
+        self.waker.wake();
     }
 
     pub fn is_closed(&self) -> bool {
@@ -256,17 +335,44 @@ impl Outbox {
             st.significant.min(st.frames.len())
         };
         if st.frames.is_empty() {
-            for (room, seq) in st.prompts.drain(..) {
+            // Give the queue's memory back: most connections are idle between bursts.
+            st.frames = VecDeque::new();
+            for (room, seq) in std::mem::take(&mut st.prompts) {
                 out.push(encode_frame(&ServerFrame::Prompt {
                     room: room.to_string(),
                     seq,
                 }));
             }
-        } else {
-            // More to send: make sure the writer comes back without waiting for a new push.
-            self.ready.notify_one();
         }
+        // Frames left over stay queued: writers check the queue again before they sleep.
         Batch::Frames(out)
+    }
+
+    /// The sweeper's side of the connection.
+    pub fn signals(&self) -> &Signals {
+        &self.signals
+    }
+
+    /// Raise signals and wake the writer.
+    pub fn signal(&self, bits: u8) {
+        self.signals.bits.fetch_or(bits, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    /// Register the writer's waker without looking for work (a writer whose socket is
+    /// backed up still wants to hear of a close).
+    pub fn register(&self, cx: &mut Context<'_>) {
+        self.waker.register(cx.waker());
+    }
+
+    /// Register the writer's waker, then say whether there is work: queued frames, prompts,
+    /// a close or a signal. Registering first means a push racing this check still wakes.
+    pub fn poll_work(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.waker.register(cx.waker());
+        if self.signals.bits.load(Ordering::Acquire) != 0 {
+            return Poll::Ready(());
+        }
+        self.poll_state(false)
     }
 
     /// Wait until there is something to take (or the outbox is closed).
@@ -281,19 +387,24 @@ impl Outbox {
     }
 
     async fn wait(&self, significant_only: bool) {
-        loop {
-            {
-                let st = self.state.lock();
-                let queued = if significant_only {
-                    st.significant > 0
-                } else {
-                    !st.frames.is_empty()
-                };
-                if st.closed.is_some() || queued || !st.prompts.is_empty() {
-                    return;
-                }
-            }
-            self.ready.notified().await;
+        poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            self.poll_state(significant_only)
+        })
+        .await
+    }
+
+    fn poll_state(&self, significant_only: bool) -> Poll<()> {
+        let st = self.state.lock();
+        let queued = if significant_only {
+            st.significant > 0
+        } else {
+            !st.frames.is_empty()
+        };
+        if st.closed.is_some() || queued || !st.prompts.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 }

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -41,6 +41,8 @@ pub struct App {
     pub wake_keys: WakeKeys,
     /// Flips to `true` when the server shuts down; long-lived sessions watch it.
     pub shutdown: watch::Receiver<bool>,
+    /// Heartbeats, dead peers and stalled writes of every WebSocket connection.
+    pub ws: Arc<transport::ws::Sweeper>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +185,14 @@ pub async fn start_with(
     if let Some(socket) = wake_socket.clone() {
         spawn_keepalives(socket, inboxes.clone(), shutdown_rx.clone());
     }
+    let sweeper = Arc::new(transport::ws::Sweeper::new(
+        config.heartbeat,
+        config.heartbeat_timeout,
+        config.limits.write_timeout,
+    ));
+    tokio::spawn(sweeper.clone().run(shutdown_rx.clone()));
     let app = Arc::new(App {
+        ws: sweeper,
         hub: hub.clone(),
         keys,
         limiters: limiters.clone(),
@@ -346,11 +355,7 @@ async fn connect(State(app): State<Arc<App>>, req: Request) -> Response {
         )
         .into_response();
     }
-    let (mut parts, _body) = req.into_parts();
-    match axum::extract::ws::WebSocketUpgrade::from_request_parts(&mut parts, &app).await {
-        Ok(ws) => transport::ws::upgrade(app, ws),
-        Err(rejection) => ApiError::bad_request(rejection.body_text()).into_response(),
-    }
+    transport::ws::upgrade(app, req)
 }
 
 /// `POST /v1/poll`: a long-poll exchange.

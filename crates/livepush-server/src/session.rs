@@ -141,6 +141,10 @@ impl Session {
         &self.terminal
     }
 
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
     pub fn outbox(&self) -> &Arc<Outbox> {
         &self.outbox
     }

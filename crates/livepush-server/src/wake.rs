@@ -29,10 +29,11 @@ use crate::auth::now_ms;
 use crate::metrics::ReasonLabel;
 use crate::store::WakeRegistration;
 
-/// Derives terminals' wake keys from the server secret.
+/// Derives terminals' wake keys from the server secret. Cheap to clone (every session holds
+/// one): the secret is shared.
 #[derive(Clone)]
 pub struct WakeKeys {
-    secret: Vec<u8>,
+    secret: Arc<[u8]>,
 }
 
 impl std::fmt::Debug for WakeKeys {
@@ -44,7 +45,7 @@ impl std::fmt::Debug for WakeKeys {
 impl WakeKeys {
     pub fn new(secret: &str) -> WakeKeys {
         WakeKeys {
-            secret: secret.as_bytes().to_vec(),
+            secret: Arc::from(secret.as_bytes()),
         }
     }
 

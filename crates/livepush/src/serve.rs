@@ -96,6 +96,11 @@ pub struct ServeArgs {
     /// A write that takes longer closes the connection as a slow consumer.
     #[arg(long, env = "LIVEPUSH_WRITE_TIMEOUT", default_value = "30s", value_parser = duration)]
     write_timeout: Duration,
+    /// Merge window of a room (ms): the messages a room delivers within it go to each member
+    /// as one chunk (frames joined by newlines). Adds up to this much latency for far fewer
+    /// pushes and writes in very busy rooms. 0 = off: every message goes out at once.
+    #[arg(long, env = "LIVEPUSH_MERGE_MS", default_value_t = Limits::default().merge_window.as_millis() as u64)]
+    merge_ms: u64,
     /// Largest `limit` of a pull or history request.
     #[arg(long, env = "LIVEPUSH_MAX_PULL", default_value_t = Limits::default().max_pull)]
     max_pull: u32,
@@ -159,9 +164,6 @@ pub struct ServeArgs {
     /// Accept queue of the HTTP listener (capped by the kernel's net.core.somaxconn).
     #[arg(long, env = "LIVEPUSH_LISTEN_BACKLOG", default_value_t = Limits::default().listen_backlog)]
     listen_backlog: u32,
-    /// WebSocket read buffer per connection (bytes).
-    #[arg(long, env = "LIVEPUSH_WS_READ_BUFFER", default_value_t = Limits::default().ws_read_buffer)]
-    ws_read_buffer: usize,
 }
 
 fn generated(what: &str, notes: &mut Vec<String>) -> String {
@@ -281,10 +283,10 @@ impl ServeArgs {
                 outbox_max_bytes: self.outbox_max_bytes,
                 write_batch_bytes: self.write_batch_bytes,
                 write_timeout: self.write_timeout,
+                merge_window: Duration::from_millis(self.merge_ms),
                 max_pull: self.max_pull,
                 max_rooms_per_connection: self.max_rooms_per_connection,
                 connect_timeout: self.connect_timeout,
-                ws_read_buffer: self.ws_read_buffer,
                 poll_max_wait: self.poll_max_wait,
                 max_poll_bytes: self.max_poll_bytes,
                 listen_backlog: self.listen_backlog,

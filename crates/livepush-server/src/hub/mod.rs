@@ -13,7 +13,10 @@ use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde_json::value::RawValue;
 
-pub use room::{Announce, ConnId, JoinError, Joined, Member, Page, Retention, Room, RoomInfo};
+pub use room::{
+    Announce, ConnId, JoinError, Joined, Member, MergeStats, MergeWindow, Page, Retention, Room,
+    RoomInfo,
+};
 
 use crate::auth::now_ms;
 use crate::broker::{Broker, Envelope};
@@ -96,6 +99,15 @@ impl Hub {
         }
     }
 
+    /// Every room's merge window: `--merge-ms`, chunks capped at one WebSocket write.
+    fn merge_window(&self) -> MergeWindow {
+        MergeWindow {
+            window: self.config.limits.merge_window,
+            max_bytes: self.config.limits.write_batch_bytes,
+            stats: self.metrics.merge.clone(),
+        }
+    }
+
     /// The room, created (or loaded from the store) on first use.
     pub fn room(&self, id: &str) -> Result<Arc<Room>, StoreError> {
         if let Some(r) = self.rooms.read().get(id) {
@@ -119,7 +131,7 @@ impl Hub {
             }
         };
         let key: Arc<str> = Arc::from(id);
-        let room = Arc::new(Room::new(key.clone(), record));
+        let room = Arc::new(Room::with_merge(key.clone(), record, self.merge_window()));
         rooms.insert(key, room.clone());
         self.metrics.rooms.set(rooms.len() as i64);
         Ok(room)

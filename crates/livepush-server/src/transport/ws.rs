@@ -1,20 +1,41 @@
 //! The WebSocket transport: framing only. Everything a frame means lives in the session.
 //!
-//! One task per connection runs a loop over three sources: frames from the peer, the outbox
-//! becoming non-empty, and the heartbeat timer. Whatever the outbox holds when the writer
-//! wakes goes out as one WebSocket text frame (frames joined by `\n`), so a burst costs one
-//! write per connection.
+//! livepush does its own RFC 6455 framing ([`super::wsframe`]) instead of using a WebSocket
+//! library, because every library measured keeps a read buffer and a large task per
+//! connection (bench/wslib/README.md: 3.3–6 KiB per idle connection against ~1 KiB without).
+//! An idle connection here is: the socket, a small [`Driver`] in its task, the session and
+//! its [`Outbox`]. There is no read buffer (reads go to a stack buffer, and the decoder holds
+//! bytes only while a frame is split across reads), no write buffer (a batch is built when
+//! there is something to write, and kept only while the socket cannot take it), and no timer
+//! (one [`Sweeper`] per server raises heartbeat, dead-peer and stalled-write signals).
+//!
+//! Whatever the outbox holds when the driver runs goes out as one WebSocket text frame
+//! (frames joined by `\n`) and one write, so a burst costs one write per connection.
 
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::response::Response;
-use futures_util::{SinkExt, StreamExt};
-use livepush_proto::{ClientEnvelope, ClientFrame, ErrorCode, ServerFrame, Transport, join_frames};
-use tokio::time::{Instant, timeout};
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use livepush_proto::{ClientEnvelope, ClientFrame, ErrorCode, ServerFrame, Transport};
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::watch;
 
+use super::wsframe::{self, DecodeError, Decoder, Event, OpCode};
+use crate::api::ApiError;
+use crate::hub::ConnId;
 use crate::metrics::{ReasonLabel, TransportLabel};
-use crate::outbox::{Batch, CloseReason};
+use crate::outbox::{
+    Batch, CloseReason, Outbox, SIGNAL_DEAD, SIGNAL_PING, SIGNAL_SHUTDOWN, SIGNAL_STALLED, clock_ms,
+};
 use crate::server::App;
 use crate::session::{Session, authenticate};
 
@@ -30,12 +51,16 @@ pub mod close_code {
     pub const NORMAL: u16 = 1000;
     /// The server is shutting down.
     pub const GOING_AWAY: u16 = 1001;
-    /// A message too large to read.
-    pub const TOO_BIG: u16 = 1009;
 }
 
-/// How a session ended. Interruptions (no close frame from the client) will feed the
-/// flapping detector of the transport work.
+/// Bytes read from the socket per read call, into a buffer on the stack.
+const READ_CHUNK: usize = 4096;
+
+/// Rounds of read/write work a driver does before it yields to other tasks.
+const ROUNDS_PER_POLL: u32 = 64;
+
+/// How a session ended. Interruptions (no close frame from the client) feed the flapping
+/// detector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
     /// The client sent a close frame.
@@ -46,6 +71,8 @@ pub enum Ending {
     SlowConsumer,
     Unauthorized,
     TooLarge,
+    /// The client broke RFC 6455 (unmasked frame, bad opcode, invalid UTF-8, ...).
+    ProtocolError,
     Shutdown,
     /// Told to use long-polling (a flapping terminal).
     MovedToLongpoll,
@@ -60,6 +87,7 @@ impl Ending {
             Ending::SlowConsumer => "slow_consumer",
             Ending::Unauthorized => "unauthorized",
             Ending::TooLarge => "too_large",
+            Ending::ProtocolError => "protocol_error",
             Ending::Shutdown => "shutdown",
             Ending::MovedToLongpoll => "moved_to_longpoll",
         }
@@ -72,149 +100,100 @@ impl Ending {
     }
 }
 
-/// Configure the upgrade (small buffers: an idle connection should cost little) and hand the
-/// socket to [`run`].
-pub fn upgrade(app: Arc<App>, ws: WebSocketUpgrade) -> Response {
-    let l = &app.hub.config().limits;
-    ws.read_buffer_size(l.ws_read_buffer)
-        .write_buffer_size(0)
-        .max_write_buffer_size(l.outbox_max_bytes + l.write_batch_bytes)
-        .max_message_size(l.max_frame_bytes.saturating_mul(4))
-        .max_frame_size(l.max_frame_bytes.saturating_mul(4))
-        .on_upgrade(move |socket| run(app, socket))
+type Io = TokioIo<Upgraded>;
+
+/// Answer a WebSocket upgrade request (RFC 6455 §4.2) and run the connection once hyper
+/// hands over the socket.
+pub fn upgrade(app: Arc<App>, mut req: Request) -> Response {
+    let key = match check_upgrade(req.method(), req.headers()) {
+        Ok(key) => key,
+        Err(e) => {
+            let version_refused = e.status == StatusCode::UPGRADE_REQUIRED;
+            let mut res = e.into_response();
+            if version_refused {
+                res.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+            }
+            return res;
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    drop(req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => run(app, TokioIo::new(upgraded)).await,
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+    });
+    let mut res = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h = res.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&tungstenite::handshake::derive_accept_key(&key)) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    res
 }
 
-fn text(b: bytes::Bytes) -> Message {
-    match Utf8Bytes::try_from(b) {
-        Ok(t) => Message::Text(t),
-        // Frames are produced by serde_json and are UTF-8; never reached.
-        Err(_) => Message::Text(Utf8Bytes::from_static(
-            r#"{"op":"error","code":"internal","message":"bad frame encoding"}"#,
+/// Check the handshake headers; the `Sec-WebSocket-Key` on success, a clear error otherwise.
+fn check_upgrade(method: &axum::http::Method, h: &HeaderMap) -> Result<Vec<u8>, ApiError> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        h.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if method != axum::http::Method::GET {
+        return Err(ApiError::bad_request("a WebSocket upgrade must be a GET"));
+    }
+    if !has_token(header::CONNECTION, "upgrade") {
+        return Err(ApiError::bad_request(
+            "a WebSocket upgrade needs `Connection: upgrade`",
+        ));
+    }
+    if h.get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return Err(ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "bad_request",
+            "only WebSocket version 13 is supported (`Sec-WebSocket-Version: 13`)",
+        ));
+    }
+    match h.get(header::SEC_WEBSOCKET_KEY) {
+        Some(k) if !k.is_empty() && k.len() <= 64 => Ok(k.as_bytes().to_vec()),
+        _ => Err(ApiError::bad_request(
+            "a WebSocket upgrade needs a `Sec-WebSocket-Key`",
         )),
     }
 }
 
-fn close(code: u16, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    }))
-}
-
-/// Wait for the `connect` frame and check its token.
-/// What a successful handshake yields: the session, the `connect` frame's id, and any frames
-/// the client batched after `connect` in the same WebSocket message.
-struct Handshake {
-    session: Session,
-    id: Option<u64>,
-    rest: Vec<String>,
-}
-
-async fn handshake(app: &App, socket: &mut WebSocket) -> Result<Handshake, Ending> {
-    let limits = &app.hub.config().limits;
-    let first = match timeout(limits.connect_timeout, socket.recv()).await {
-        Err(_) => {
-            refuse(socket, None, "no connect frame in time (connect_timeout)").await;
-            return Err(Ending::Unauthorized);
-        }
-        Ok(None | Some(Err(_))) => return Err(Ending::Reset),
-        Ok(Some(Ok(Message::Text(t)))) => t,
-        Ok(Some(Ok(Message::Close(_)))) => return Err(Ending::ClientClose),
-        Ok(Some(Ok(_))) => {
-            refuse(
-                socket,
-                None,
-                "the first frame must be a text `connect` frame",
-            )
-            .await;
-            return Err(Ending::Unauthorized);
-        }
-    };
-    if first.len() > limits.max_frame_bytes {
-        refuse(socket, None, "connect frame too large").await;
-        return Err(Ending::TooLarge);
-    }
-    let mut lines = livepush_proto::split_frames(&first);
-    let line = lines.next().unwrap_or("");
-    let rest: Vec<String> = lines.map(str::to_owned).collect();
-    let env = match ClientEnvelope::parse(line) {
-        Ok(env) => env,
-        Err(e) => {
-            refuse(
-                socket,
-                e.id,
-                &format!("expected a connect frame: {}", e.message),
-            )
-            .await;
-            return Err(Ending::Unauthorized);
-        }
-    };
-    let ClientFrame::Connect { token, .. } = env.frame else {
-        refuse(socket, env.id, "the first frame must be `connect`").await;
-        return Err(Ending::Unauthorized);
-    };
-    let terminal = match authenticate(&app.keys, app.hub.config().dev, token.as_deref()) {
-        Ok(t) => t,
-        Err(e) => {
-            refuse(socket, env.id, &e.message).await;
-            return Err(Ending::Unauthorized);
-        }
-    };
-    let session = Session::new(app, terminal);
-    Ok(Handshake {
-        session,
-        id: env.id,
-        rest,
-    })
-}
-
-/// Answer `connect` with `transport` instead of `connected`, then close cleanly.
-async fn move_to_longpoll(socket: &mut WebSocket, wait: std::time::Duration) {
-    let frame = livepush_proto::encode_frame(&ServerFrame::Transport {
-        use_: Transport::Longpoll,
-        retry_ws_after_ms: wait.as_millis() as u64,
-    });
-    let _ = socket.send(text(frame)).await;
-    let _ = socket.send(close(close_code::NORMAL, "use longpoll")).await;
-}
-
-async fn refuse(socket: &mut WebSocket, id: Option<u64>, message: &str) {
-    let frame =
-        livepush_proto::encode_frame(&ServerFrame::error(id, ErrorCode::Unauthorized, message));
-    let _ = socket.send(text(frame)).await;
-    let _ = socket
-        .send(close(close_code::UNAUTHORIZED, "unauthorized"))
-        .await;
-}
-
 /// Serve one WebSocket connection until it ends.
-pub async fn run(app: Arc<App>, mut socket: WebSocket) {
+///
+/// This future is what every open connection keeps in its task, so it stays small: the
+/// handshake runs in its own boxed future (freed once done) and the connection's state is one
+/// boxed [`Driver`]. (An `async fn` keeps every local of every state side by side; before this
+/// split the task was ~2 KB per connection, now it is a few words.)
+async fn run(app: Arc<App>, io: Io) {
     let label = TransportLabel { transport: "ws" };
     let metrics = app.hub.metrics();
     metrics.connections_total.get_or_create(&label).inc();
-    let ending = match handshake(&app, &mut socket).await {
-        Ok(Handshake {
-            mut session,
-            id,
-            rest,
-        }) => {
-            let terminal = session.terminal().id.clone();
-            if let Some(wait) = app.terminals.longpoll_for(&terminal) {
-                move_to_longpoll(&mut socket, wait).await;
-                Ending::MovedToLongpoll
-            } else {
-                app.terminals.opened(&terminal, Transport::Ws);
-                metrics.connections_open.get_or_create(&label).inc();
-                session.open(Transport::Ws, id, None, true);
-                for line in &rest {
-                    session.handle_text(line);
-                }
-                let ending = serve(&app, socket, session).await;
-                metrics.connections_open.get_or_create(&label).dec();
-                app.terminals
-                    .closed(&terminal, Transport::Ws, ending.is_interruption());
-                ending
-            }
+    let ending = match Box::pin(start(&app, io)).await {
+        Ok(mut driver) => {
+            let terminal = driver.session.terminal().id.clone();
+            app.terminals.opened(&terminal, Transport::Ws);
+            metrics.connections_open.get_or_create(&label).inc();
+            driver.register(&app.ws);
+            let ending = poll_fn(|cx| driver.poll(cx)).await;
+            // Leave rooms and unregister before the terminal counts as gone.
+            drop(driver);
+            metrics.connections_open.get_or_create(&label).dec();
+            app.terminals
+                .closed(&terminal, Transport::Ws, ending.is_interruption());
+            ending
         }
         Err(ending) => ending,
     };
@@ -227,106 +206,582 @@ pub async fn run(app: Arc<App>, mut socket: WebSocket) {
     tracing::debug!(ending = ending.as_str(), "websocket session ended");
 }
 
-async fn serve(app: &App, socket: WebSocket, mut session: Session) -> Ending {
-    let config = app.hub.config();
-    let heartbeat = config.heartbeat;
-    let dead_after = heartbeat + config.heartbeat_timeout;
-    let batch_bytes = config.limits.write_batch_bytes;
-    let write_timeout = config.limits.write_timeout;
-    let outbox = session.outbox().clone();
-    let (mut sink, mut stream) = socket.split();
-    let mut ticks = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
-    let mut shutdown = app.shutdown.clone();
-
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.changed() => {
-                let _ = send_within(&mut sink, write_timeout, close(close_code::GOING_AWAY, "shutdown")).await;
-                return Ending::Shutdown;
-            }
-            incoming = stream.next() => {
-                last_heard = Instant::now();
-                match incoming {
-                    Some(Ok(Message::Text(t))) => session.handle_text(&t),
-                    Some(Ok(Message::Binary(_))) => session.error(livepush_proto::FrameError::bad_frame(
-                        "binary frames are not part of the protocol; send JSON text",
-                    )),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    Some(Ok(Message::Close(_))) => return Ending::ClientClose,
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "websocket read error");
-                        if is_capacity(&e) {
-                            let frame = livepush_proto::encode_frame(&ServerFrame::error(
-                                None,
-                                ErrorCode::TooLarge,
-                                "message exceeds the readable size; closing",
-                            ));
-                            let _ = send_within(&mut sink, write_timeout, text(frame)).await;
-                            let _ = send_within(&mut sink, write_timeout, close(close_code::TOO_BIG, "too_large")).await;
-                            return Ending::TooLarge;
-                        }
-                        return Ending::Reset;
-                    }
-                    None => return Ending::Reset,
-                }
-            }
-            _ = outbox.ready() => {
-                match outbox.take(batch_bytes) {
-                    Batch::Frames(frames) if frames.is_empty() => {}
-                    Batch::Frames(frames) => {
-                        if let Err(ending) = send_within(&mut sink, write_timeout, text(join_frames(&frames))).await {
-                            if ending == Ending::SlowConsumer {
-                                outbox.close(CloseReason::SlowConsumer);
-                            }
-                            return ending;
-                        }
-                    }
-                    Batch::Closed(reason) => {
-                        let code = match reason {
-                            CloseReason::SlowConsumer => close_code::SLOW_CONSUMER,
-                            CloseReason::Shutdown => close_code::GOING_AWAY,
-                        };
-                        let _ = send_within(&mut sink, write_timeout, close(code, reason.as_str())).await;
-                        return match reason {
-                            CloseReason::SlowConsumer => Ending::SlowConsumer,
-                            CloseReason::Shutdown => Ending::Shutdown,
-                        };
-                    }
-                }
-            }
-            _ = ticks.tick() => {
-                if last_heard.elapsed() >= dead_after {
-                    let _ = send_within(&mut sink, write_timeout, close(close_code::HEARTBEAT_TIMEOUT, "heartbeat_timeout")).await;
-                    return Ending::HeartbeatTimeout;
-                }
-                if let Err(ending) = send_within(&mut sink, write_timeout, Message::Ping(bytes::Bytes::new())).await {
-                    return ending;
-                }
-            }
-        }
+/// Handshake, open the session, and handle what the client sent along with `connect`.
+async fn start(app: &App, io: Io) -> Result<Box<Driver>, Ending> {
+    let Handshake {
+        io,
+        mut session,
+        rest,
+    } = handshake(app, io).await?;
+    let AfterConnect {
+        connect_id,
+        texts,
+        pings,
+        decoder,
+    } = rest;
+    session.open(Transport::Ws, connect_id, None, true);
+    for line in texts {
+        session.handle_text(&line);
     }
+    let decoder = decoder.unwrap_or_else(|| Decoder::new(max_message(app)));
+    Ok(Box::new(Driver::new(io, decoder, session, pings)))
 }
 
-type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
+/// What a successful handshake yields.
+struct Handshake {
+    io: Io,
+    session: Session,
+    rest: AfterConnect,
+}
 
-/// Send one message, or say how the connection ended if it cannot be sent in time.
-async fn send_within(
-    sink: &mut Sink,
-    limit: std::time::Duration,
-    m: Message,
-) -> Result<(), Ending> {
-    match timeout(limit, sink.send(m)).await {
+/// What came in the same read as the `connect` frame.
+#[derive(Default)]
+struct AfterConnect {
+    connect_id: Option<u64>,
+    /// Frames the client batched after `connect`, in the same or later messages.
+    texts: Vec<String>,
+    /// Pings to answer.
+    pings: Vec<Vec<u8>>,
+    /// The decoder, which may hold the start of a frame cut by the read.
+    decoder: Option<Decoder>,
+}
+
+/// Wait for the `connect` frame (within `connect_timeout`), check its token, and tell a
+/// flapping terminal to use long-polling.
+async fn handshake(app: &App, mut io: Io) -> Result<Handshake, Ending> {
+    let limits = &app.hub.config().limits;
+    let write_timeout = limits.write_timeout;
+    let mut decoder = Decoder::new(max_message(app));
+    let mut first: Option<String> = None;
+    let mut rest = AfterConnect::default();
+    let mut closed = false;
+    let mut protocol_error = None;
+    let mut buf = vec![0u8; READ_CHUNK];
+    let deadline = tokio::time::Instant::now() + limits.connect_timeout;
+    while first.is_none() {
+        let n = match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
+            Err(_) => {
+                refuse(
+                    &mut io,
+                    None,
+                    "no connect frame in time (connect_timeout)",
+                    write_timeout,
+                )
+                .await;
+                return Err(Ending::Unauthorized);
+            }
+            Ok(Ok(0) | Err(_)) => return Err(Ending::Reset),
+            Ok(Ok(n)) => n,
+        };
+        let fed = decoder.feed(&mut buf[..n], |event| {
+            match event {
+                Event::Text(t) if first.is_none() => first = Some(t.to_owned()),
+                Event::Text(t) => rest.texts.push(t.to_owned()),
+                Event::Binary(_) if first.is_none() => {
+                    protocol_error = Some("the first frame must be a text `connect` frame")
+                }
+                Event::Binary(_) | Event::Pong => {}
+                Event::Ping(p) => rest.pings.push(p.to_vec()),
+                Event::Close { .. } => {
+                    closed = true;
+                    return std::ops::ControlFlow::Break(());
+                }
+            }
+            std::ops::ControlFlow::Continue(())
+        });
+        if let Err(e) = fed {
+            let _ = write_within(&mut io, write_timeout, &close_for(&e)).await;
+            return Err(ending_for(&e));
+        }
+        if let Some(message) = protocol_error {
+            refuse(&mut io, None, message, write_timeout).await;
+            return Err(Ending::Unauthorized);
+        }
+        if closed && first.is_none() {
+            return Err(Ending::ClientClose);
+        }
+    }
+    let first = first.unwrap_or_default();
+    if first.len() > limits.max_frame_bytes {
+        refuse(&mut io, None, "connect frame too large", write_timeout).await;
+        return Err(Ending::TooLarge);
+    }
+    let mut lines = livepush_proto::split_frames(&first);
+    let line = lines.next().unwrap_or("");
+    let batched: Vec<String> = lines.map(str::to_owned).collect();
+    rest.texts.splice(0..0, batched);
+    let env = match ClientEnvelope::parse(line) {
+        Ok(env) => env,
+        Err(e) => {
+            let message = format!("expected a connect frame: {}", e.message);
+            refuse(&mut io, e.id, &message, write_timeout).await;
+            return Err(Ending::Unauthorized);
+        }
+    };
+    let ClientFrame::Connect { token, .. } = env.frame else {
+        refuse(
+            &mut io,
+            env.id,
+            "the first frame must be `connect`",
+            write_timeout,
+        )
+        .await;
+        return Err(Ending::Unauthorized);
+    };
+    let terminal = match authenticate(&app.keys, app.hub.config().dev, token.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            refuse(&mut io, env.id, &e.message, write_timeout).await;
+            return Err(Ending::Unauthorized);
+        }
+    };
+    if let Some(wait) = app.terminals.longpoll_for(&terminal.id) {
+        let frame = livepush_proto::encode_frame(&ServerFrame::Transport {
+            use_: Transport::Longpoll,
+            retry_ws_after_ms: wait.as_millis() as u64,
+        });
+        let mut out = wsframe::text_frame(&frame);
+        out.extend_from_slice(&wsframe::close_frame(close_code::NORMAL, "use longpoll"));
+        let _ = write_within(&mut io, write_timeout, &out).await;
+        return Err(Ending::MovedToLongpoll);
+    }
+    if closed {
+        // `connect` then close in one read: nothing to serve.
+        return Err(Ending::ClientClose);
+    }
+    rest.connect_id = env.id;
+    rest.decoder = Some(decoder);
+    Ok(Handshake {
+        io,
+        session: Session::new(app, terminal),
+        rest,
+    })
+}
+
+/// Send an `unauthorized` error and close with 4003.
+async fn refuse(io: &mut Io, id: Option<u64>, message: &str, limit: Duration) {
+    let frame =
+        livepush_proto::encode_frame(&ServerFrame::error(id, ErrorCode::Unauthorized, message));
+    let mut out = wsframe::text_frame(&frame);
+    out.extend_from_slice(&wsframe::close_frame(
+        close_code::UNAUTHORIZED,
+        "unauthorized",
+    ));
+    let _ = write_within(io, limit, &out).await;
+}
+
+/// Write and flush within a time limit; errors only matter as "it did not go out".
+async fn write_within(io: &mut Io, limit: Duration, bytes: &[u8]) -> Result<(), Ending> {
+    let write = async {
+        io.write_all(bytes).await?;
+        io.flush().await
+    };
+    match tokio::time::timeout(limit, write).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(Ending::Reset),
         Err(_) => Err(Ending::SlowConsumer),
     }
 }
 
-fn is_capacity(e: &axum::Error) -> bool {
-    // axum wraps tungstenite's error; its message is the only stable thing we can look at.
-    let s = e.to_string();
-    s.contains("Space limit exceeded") || s.contains("capacity") || s.contains("too long")
+fn max_message(app: &App) -> usize {
+    // Messages up to 4× the frame limit are read and answered with a `too_large` error frame
+    // by the session; beyond that the connection is closed with 1009.
+    app.hub.config().limits.max_frame_bytes.saturating_mul(4)
+}
+
+fn close_for(e: &DecodeError) -> Vec<u8> {
+    let reason = match e {
+        DecodeError::TooBig { .. } => "too_large",
+        DecodeError::BadUtf8 => "invalid utf-8",
+        DecodeError::Protocol(_) => "protocol error",
+    };
+    wsframe::close_frame(e.close_code(), reason)
+}
+
+fn ending_for(e: &DecodeError) -> Ending {
+    match e {
+        DecodeError::TooBig { .. } => Ending::TooLarge,
+        DecodeError::BadUtf8 | DecodeError::Protocol(_) => Ending::ProtocolError,
+    }
+}
+
+/// A connection's state between wake-ups: everything an idle connection costs, besides the
+/// socket and the session's outbox.
+struct Driver {
+    io: Io,
+    decoder: Decoder,
+    session: Session,
+    /// Bytes taken from the outbox (or control frames) that the socket has not accepted yet.
+    /// Empty, without capacity, whenever the socket keeps up.
+    out: Vec<u8>,
+    written: usize,
+    /// Set once a close frame is queued: finish writing, then end like this.
+    closing: Option<Ending>,
+    /// Registration with the sweeper, removed on drop.
+    registration: Option<(Arc<Sweeper>, ConnId)>,
+    /// Most bytes of queued frames written as one WebSocket message (`write_batch_bytes`).
+    batch_bytes: usize,
+}
+
+impl Driver {
+    fn new(io: Io, decoder: Decoder, session: Session, pings: Vec<Vec<u8>>) -> Driver {
+        let mut out = Vec::new();
+        for p in pings {
+            out.extend_from_slice(&wsframe::control_frame(OpCode::Pong, &p));
+        }
+        session.outbox().signals().heard(clock_ms());
+        let batch_bytes = session.hub().config().limits.write_batch_bytes;
+        Driver {
+            batch_bytes,
+            io,
+            decoder,
+            session,
+            out,
+            written: 0,
+            closing: None,
+            registration: None,
+        }
+    }
+
+    fn register(&mut self, sweeper: &Arc<Sweeper>) {
+        let conn = sweeper.register(self.session.outbox());
+        self.registration = Some((sweeper.clone(), conn));
+    }
+
+    /// Do everything that can be done without waiting: act on signals, write what is
+    /// pending, read and handle what arrived, take the next batch from the outbox.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Ending> {
+        for _ in 0..ROUNDS_PER_POLL {
+            let outbox = self.session.outbox().clone();
+            let signals = outbox.signals().take();
+            if signals & SIGNAL_STALLED != 0 {
+                outbox.close(CloseReason::SlowConsumer);
+                return Poll::Ready(Ending::SlowConsumer);
+            }
+            if signals & SIGNAL_SHUTDOWN != 0 {
+                self.close(close_code::GOING_AWAY, "shutdown", Ending::Shutdown);
+            } else if signals & SIGNAL_DEAD != 0 {
+                self.close(
+                    close_code::HEARTBEAT_TIMEOUT,
+                    "heartbeat_timeout",
+                    Ending::HeartbeatTimeout,
+                );
+            } else if signals & SIGNAL_PING != 0 && self.closing.is_none() {
+                self.out
+                    .extend_from_slice(&wsframe::control_frame(OpCode::Ping, b""));
+            }
+
+            // 1. Write what is pending.
+            let write_blocked = match self.poll_flush(cx) {
+                Poll::Ready(Ok(())) => false,
+                Poll::Ready(Err(_)) => return Poll::Ready(self.closing.unwrap_or(Ending::Reset)),
+                Poll::Pending => true,
+            };
+            if !write_blocked {
+                if let Some(ending) = self.closing {
+                    // Best effort FIN after the close frame; the peer may already be gone.
+                    let _ = Pin::new(&mut self.io).poll_shutdown(cx);
+                    return Poll::Ready(ending);
+                }
+                // 2. Take the next batch.
+                match outbox.take(self.batch_bytes) {
+                    Batch::Frames(frames) if frames.is_empty() => {}
+                    Batch::Frames(frames) => {
+                        let len = frames.iter().map(|f| f.len() + 1).sum::<usize>() - 1;
+                        self.out.reserve_exact(len + wsframe::MAX_HEADER);
+                        wsframe::write_header(&mut self.out, OpCode::Text, len);
+                        for (i, f) in frames.iter().enumerate() {
+                            if i > 0 {
+                                self.out.push(b'\n');
+                            }
+                            self.out.extend_from_slice(f);
+                        }
+                        continue;
+                    }
+                    Batch::Closed(reason) => {
+                        let (code, ending) = match reason {
+                            CloseReason::SlowConsumer => {
+                                (close_code::SLOW_CONSUMER, Ending::SlowConsumer)
+                            }
+                            CloseReason::Shutdown => (close_code::GOING_AWAY, Ending::Shutdown),
+                        };
+                        self.close(code, reason.as_str(), ending);
+                        continue;
+                    }
+                }
+            }
+
+            // 3. Read and handle whatever arrived.
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut rb = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                    return Poll::Ready(self.closing.unwrap_or(Ending::Reset));
+                }
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if let Some(ending) = self.received(&mut chunk[..n]) {
+                        return Poll::Ready(ending);
+                    }
+                    continue;
+                }
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(error = %e, "websocket read error");
+                    return Poll::Ready(Ending::Reset);
+                }
+                Poll::Pending => {}
+            }
+
+            // 4. Nothing readable. Sleep unless the outbox has work (registering first, so
+            // a push racing this check still wakes us). While a write is blocked the
+            // socket's writability wakes us; the outbox must wait.
+            if write_blocked {
+                // The queue passed its hard limit while the socket was backed up: there is no
+                // getting a close frame through, so end now rather than at `write_timeout`.
+                outbox.register(cx);
+                if self.closing.is_none() && outbox.is_closed() {
+                    return Poll::Ready(Ending::SlowConsumer);
+                }
+                return Poll::Pending;
+            }
+            if outbox.poll_work(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        // A busy connection: let other tasks run, and come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Write pending bytes until done or the socket is full. Tells the sweeper when a write
+    /// starts and stops blocking (it closes connections whose writes stay blocked).
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let signals = self.session.outbox().signals();
+        while self.written < self.out.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.out[self.written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => self.written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    signals.blocked(Some(clock_ms()));
+                    return Poll::Pending;
+                }
+            }
+        }
+        if !self.out.is_empty() {
+            // Give the batch's memory back: an idle connection holds no write buffer.
+            self.out = Vec::new();
+            self.written = 0;
+            signals.blocked(None);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Queue a close frame; the connection ends once it is written.
+    fn close(&mut self, code: u16, reason: &str, ending: Ending) {
+        if self.closing.is_none() {
+            self.out
+                .extend_from_slice(&wsframe::close_frame(code, reason));
+            self.closing = Some(ending);
+        }
+    }
+
+    /// Decode and handle bytes just read. Returns how the connection ends, if it does.
+    fn received(&mut self, bytes: &mut [u8]) -> Option<Ending> {
+        self.session.outbox().signals().heard(clock_ms());
+        if self.closing.is_some() {
+            // Waiting for our close frame to go out; the client's frames no longer matter.
+            return None;
+        }
+        let Driver {
+            decoder,
+            session,
+            out,
+            ..
+        } = self;
+        let mut peer_closed = false;
+        let fed = decoder.feed(bytes, |event| {
+            match event {
+                Event::Text(t) => session.handle_text(t),
+                Event::Binary(_) => session.error(livepush_proto::FrameError::bad_frame(
+                    "binary frames are not part of the protocol; send JSON text",
+                )),
+                Event::Ping(p) => out.extend_from_slice(&wsframe::control_frame(OpCode::Pong, p)),
+                Event::Pong => {}
+                Event::Close { .. } => {
+                    peer_closed = true;
+                    return std::ops::ControlFlow::Break(());
+                }
+            }
+            std::ops::ControlFlow::Continue(())
+        });
+        match fed {
+            Err(e) => {
+                tracing::debug!(error = %e, "websocket protocol error");
+                if matches!(e, DecodeError::TooBig { .. }) {
+                    let frame = livepush_proto::encode_frame(&ServerFrame::error(
+                        None,
+                        ErrorCode::TooLarge,
+                        "message exceeds the readable size; closing",
+                    ));
+                    self.out.extend_from_slice(&wsframe::text_frame(&frame));
+                }
+                self.out.extend_from_slice(&close_for(&e));
+                self.closing = Some(ending_for(&e));
+                None
+            }
+            Ok(()) if peer_closed => {
+                // Answer the close handshake; the connection ends once it is written.
+                self.close(close_code::NORMAL, "", Ending::ClientClose);
+                None
+            }
+            Ok(()) => None,
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some((sweeper, conn)) = self.registration.take() {
+            sweeper.unregister(conn);
+        }
+    }
+}
+
+/// The one timer of every WebSocket connection on this server.
+///
+/// Instead of a heartbeat interval per connection (a timer entry and a task wake-up each),
+/// one task sweeps the registered connections every [`Sweeper::period`]: it raises
+/// `SIGNAL_PING` every `heartbeat` per connection, `SIGNAL_DEAD` when nothing was heard for
+/// `heartbeat + heartbeat_timeout`, and `SIGNAL_STALLED` when a write has been blocked for
+/// `write_timeout`. Only connections with something to do are woken. A sweep reads two
+/// atomics per connection: ~20k connections cost well under a millisecond.
+#[derive(Debug)]
+pub struct Sweeper {
+    conns: Mutex<HashMap<ConnId, Swept>>,
+    heartbeat_ms: u64,
+    dead_after_ms: u64,
+    write_timeout_ms: u64,
+}
+
+#[derive(Debug)]
+struct Swept {
+    outbox: Arc<Outbox>,
+    next_ping: u64,
+}
+
+impl Sweeper {
+    pub fn new(heartbeat: Duration, heartbeat_timeout: Duration, write_timeout: Duration) -> Self {
+        Sweeper {
+            conns: Mutex::new(HashMap::new()),
+            heartbeat_ms: heartbeat.as_millis() as u64,
+            dead_after_ms: (heartbeat + heartbeat_timeout).as_millis() as u64,
+            write_timeout_ms: write_timeout.as_millis() as u64,
+        }
+    }
+
+    /// How often to sweep: a quarter of the shortest deadline, between 10 ms and 1 s.
+    pub fn period(&self) -> Duration {
+        let shortest = self
+            .heartbeat_ms
+            .min(self.dead_after_ms)
+            .min(self.write_timeout_ms);
+        Duration::from_millis((shortest / 4).clamp(10, 1000))
+    }
+
+    fn register(&self, outbox: &Arc<Outbox>) -> ConnId {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.conns.lock().insert(
+            id,
+            Swept {
+                outbox: outbox.clone(),
+                next_ping: clock_ms() + self.heartbeat_ms,
+            },
+        );
+        id
+    }
+
+    fn unregister(&self, id: ConnId) {
+        let mut conns = self.conns.lock();
+        conns.remove(&id);
+        // Give back the table's memory after a mass disconnect.
+        if conns.capacity() > 64 && conns.len() < conns.capacity() / 4 {
+            conns.shrink_to_fit();
+        }
+    }
+
+    /// Number of registered connections.
+    pub fn len(&self) -> usize {
+        self.conns.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One sweep: raise the signals that are due.
+    pub fn sweep(&self) {
+        let now = clock_ms();
+        let mut conns = self.conns.lock();
+        for s in conns.values_mut() {
+            let signals = s.outbox.signals();
+            let mut bits = 0;
+            if now.saturating_sub(signals.last_heard()) >= self.dead_after_ms {
+                bits |= SIGNAL_DEAD;
+            } else if now >= s.next_ping {
+                bits |= SIGNAL_PING;
+                s.next_ping = now + self.heartbeat_ms;
+            }
+            if signals
+                .blocked_since()
+                .is_some_and(|t| now.saturating_sub(t) >= self.write_timeout_ms)
+            {
+                bits |= SIGNAL_STALLED;
+            }
+            if bits != 0 {
+                s.outbox.signal(bits);
+            }
+        }
+    }
+
+    /// Ask every connection to close with "going away".
+    pub fn shutdown(&self) {
+        for s in self.conns.lock().values() {
+            s.outbox.signal(SIGNAL_SHUTDOWN);
+        }
+    }
+
+    /// Sweep until the server shuts down, then close every connection.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut ticks = tokio::time::interval(self.period());
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                _ = ticks.tick() => self.sweep(),
+            }
+        }
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What an idle connection costs is mostly these; keep an eye on them.
+    #[test]
+    fn idle_state_is_small() {
+        let driver = std::mem::size_of::<Driver>();
+        let io = std::mem::size_of::<Io>();
+        let session = std::mem::size_of::<Session>();
+        eprintln!(
+            "Driver {driver} B (Io {io}, Session {session}, Decoder {})",
+            std::mem::size_of::<Decoder>()
+        );
+        assert!(driver <= 640, "Driver grew to {driver} bytes");
+    }
 }

@@ -4,6 +4,7 @@ mod api;
 mod errors;
 mod heartbeat;
 mod inbox;
+mod merge;
 mod resume;
 mod support;
 mod transports;
