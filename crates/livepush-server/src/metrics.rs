@@ -109,7 +109,7 @@ impl Metrics {
         );
         registry.register(
             "slow_consumer_closes",
-            "Connections closed because their outgoing queue passed its hard limit",
+            "Connections closed as slow consumers: outgoing queue past its hard limit, or a write blocked for write_timeout",
             m.outbox.slow_consumer_closes.clone(),
         );
         registry.register(

@@ -163,10 +163,17 @@ fn check_upgrade(method: &axum::http::Method, h: &HeaderMap) -> Result<Vec<u8>, 
             "only WebSocket version 13 is supported (`Sec-WebSocket-Version: 13`)",
         ));
     }
+    // The key is 16 random bytes in base64 (RFC 6455 §4.1).
+    let decodes_to_16 = |k: &HeaderValue| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(k.as_bytes())
+            .is_ok_and(|b| b.len() == 16)
+    };
     match h.get(header::SEC_WEBSOCKET_KEY) {
-        Some(k) if !k.is_empty() && k.len() <= 64 => Ok(k.as_bytes().to_vec()),
+        Some(k) if decodes_to_16(k) => Ok(k.as_bytes().to_vec()),
         _ => Err(ApiError::bad_request(
-            "a WebSocket upgrade needs a `Sec-WebSocket-Key`",
+            "a WebSocket upgrade needs a `Sec-WebSocket-Key` (16 bytes in base64)",
         )),
     }
 }
@@ -298,7 +305,17 @@ async fn handshake(app: &App, mut io: Io) -> Result<Handshake, Ending> {
             return Err(Ending::Unauthorized);
         }
         if closed && first.is_none() {
+            answer_close(&mut io, write_timeout).await;
             return Err(Ending::ClientClose);
+        }
+        // Pings are answered as soon as they arrive, `connect` or not.
+        if !rest.pings.is_empty() {
+            let pongs: Vec<u8> = rest
+                .pings
+                .drain(..)
+                .flat_map(|p| wsframe::control_frame(OpCode::Pong, &p))
+                .collect();
+            write_within(&mut io, write_timeout, &pongs).await?;
         }
     }
     let first = first.unwrap_or_default();
@@ -347,6 +364,7 @@ async fn handshake(app: &App, mut io: Io) -> Result<Handshake, Ending> {
     }
     if closed {
         // `connect` then close in one read: nothing to serve.
+        answer_close(&mut io, write_timeout).await;
         return Err(Ending::ClientClose);
     }
     rest.connect_id = env.id;
@@ -356,6 +374,12 @@ async fn handshake(app: &App, mut io: Io) -> Result<Handshake, Ending> {
         session: Session::new(app, terminal),
         rest,
     })
+}
+
+/// Answer the client's close frame (RFC 6455 §5.5.1) and end the TCP connection.
+async fn answer_close(io: &mut Io, limit: Duration) {
+    let _ = write_within(io, limit, &wsframe::close_frame(close_code::NORMAL, "")).await;
+    let _ = io.shutdown().await;
 }
 
 /// Send an `unauthorized` error and close with 4003.
@@ -473,6 +497,10 @@ impl Driver {
 
             // 1. Write what is pending.
             let write_blocked = match self.poll_flush(cx) {
+                // Shutting down behind a backed-up socket: the close frame cannot get through.
+                Poll::Pending if self.closing == Some(Ending::Shutdown) => {
+                    return Poll::Ready(Ending::Shutdown);
+                }
                 Poll::Ready(Ok(())) => false,
                 Poll::Ready(Err(_)) => return Poll::Ready(self.closing.unwrap_or(Ending::Reset)),
                 Poll::Pending => true,
@@ -661,6 +689,8 @@ impl Drop for Driver {
 #[derive(Debug)]
 pub struct Sweeper {
     conns: Mutex<HashMap<ConnId, Swept>>,
+    /// The server is shutting down: connections registering now are closed at once.
+    stopping: std::sync::atomic::AtomicBool,
     heartbeat_ms: u64,
     dead_after_ms: u64,
     write_timeout_ms: u64,
@@ -676,6 +706,7 @@ impl Sweeper {
     pub fn new(heartbeat: Duration, heartbeat_timeout: Duration, write_timeout: Duration) -> Self {
         Sweeper {
             conns: Mutex::new(HashMap::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             heartbeat_ms: heartbeat.as_millis() as u64,
             dead_after_ms: (heartbeat + heartbeat_timeout).as_millis() as u64,
             write_timeout_ms: write_timeout.as_millis() as u64,
@@ -701,6 +732,10 @@ impl Sweeper {
                 next_ping: clock_ms() + self.heartbeat_ms,
             },
         );
+        // A handshake that finished after the shutdown sweep still gets its "going away".
+        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            outbox.signal(SIGNAL_SHUTDOWN);
+        }
         id
     }
 
@@ -747,14 +782,19 @@ impl Sweeper {
         }
     }
 
-    /// Ask every connection to close with "going away".
+    /// Ask every connection, and every one that registers from now on, to close with
+    /// "going away".
     pub fn shutdown(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
         for s in self.conns.lock().values() {
             s.outbox.signal(SIGNAL_SHUTDOWN);
         }
     }
 
-    /// Sweep until the server shuts down, then close every connection.
+    /// Sweep until the server shuts down, then close every connection, and keep sweeping
+    /// until they are all gone: a connection whose socket is backed up cannot send its close
+    /// frame, and only the stalled-write check ends it.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut ticks = tokio::time::interval(self.period());
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -765,6 +805,10 @@ impl Sweeper {
             }
         }
         self.shutdown();
+        while !self.is_empty() {
+            ticks.tick().await;
+            self.sweep();
+        }
     }
 }
 

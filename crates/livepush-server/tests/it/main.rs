@@ -8,3 +8,4 @@ mod merge;
 mod resume;
 mod support;
 mod transports;
+mod websocket;
