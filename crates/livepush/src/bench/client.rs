@@ -1,18 +1,24 @@
 //! Light subscribers: one tokio task per connection, a TCP socket bound to one of several
 //! loopback source addresses (so that more connections than one address has ephemeral ports
-//! can be opened), tokio-tungstenite with a small read buffer, and a [`Proto`] that speaks the
-//! target's protocol.
+//! can be opened), a minimal client-side WebSocket (RFC 6455) over it, and a [`Proto`] that
+//! speaks the target's protocol.
+//!
+//! The WebSocket is written here rather than taken from a library because the bench must
+//! cost far less per delivery than the servers it measures: a read lands in one buffer per
+//! thread that is never zero-filled again, every complete frame of a read is handled at
+//! once, and a connection keeps only the bytes of a frame cut short by a read (nothing while
+//! idle). Server frames are unmasked; the frames the bench sends are masked.
 
+use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use futures_util::{SinkExt, StreamExt};
+use anyhow::{Context as _, bail};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::targets::{Delivery, Event, Proto, Since, Target};
 
@@ -66,24 +72,364 @@ impl Dialer {
             .with_context(|| format!("connect to {}", self.addr))?;
         tcp.set_nodelay(true).ok();
         let url = self.target.ws_url(&self.host, room);
-        let (ws, _) =
-            tokio_tungstenite::client_async_with_config(url.as_str(), tcp, Some(ws_config()))
-                .await
-                .with_context(|| format!("WebSocket handshake with {url}"))?;
-        Ok(ws)
+        Ws::handshake(tcp, &url)
+            .await
+            .with_context(|| format!("WebSocket handshake with {url}"))
     }
 }
 
-/// Small buffers: a subscriber holds little while idle.
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
-        .max_message_size(Some(16 << 20))
-        .max_frame_size(Some(16 << 20))
+/// The largest frame, and the largest reassembled message, a subscriber accepts.
+const MAX_MESSAGE: usize = 16 << 20;
+/// The largest HTTP answer to the upgrade request.
+const MAX_HEADER: usize = 16 << 10;
+/// Bytes asked of one read (into the buffer all connections of a thread share).
+const READ_CHUNK: usize = 64 << 10;
+
+const OP_CONTINUATION: u8 = 0x0;
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xa;
+
+thread_local! {
+    /// Where every connection of this thread reads into: zero-filled once, then reused (a
+    /// read only overwrites what it returns).
+    static READ_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
 }
 
-pub type Ws = WebSocketStream<TcpStream>;
+/// A client WebSocket over TCP.
+#[derive(Debug)]
+pub struct Ws {
+    tcp: TcpStream,
+    /// Received bytes not decoded yet: the start of a frame cut short by a read, or what
+    /// came right after the handshake answer.
+    rbuf: Vec<u8>,
+    /// `rbuf` may hold complete frames (what came with the handshake answer).
+    rbuf_unread: bool,
+    codec: Codec,
+    /// How much of `codec.out` is sent.
+    sent: usize,
+}
+
+impl Ws {
+    /// The opening handshake over `tcp` for `url` (`ws://HOST[:PORT]/PATH`).
+    pub async fn handshake(mut tcp: TcpStream, url: &str) -> anyhow::Result<Ws> {
+        let (host, path) = split_url(url)?;
+        let key = base64(&rand::random::<[u8; 16]>());
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n"
+        );
+        tcp.write_all(request.as_bytes())
+            .await
+            .context("send the upgrade request")?;
+        let mut buf = Vec::with_capacity(1024);
+        let end = loop {
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            if buf.len() > MAX_HEADER {
+                bail!("the answer to the upgrade request is too long");
+            }
+            buf.reserve(1024);
+            if tcp.read_buf(&mut buf).await? == 0 {
+                bail!("closed before answering the upgrade request");
+            }
+        };
+        check_upgrade(&buf[..end])?;
+        // What follows the header is the start of the frame stream (a server may send its
+        // first frames in the same segment).
+        buf.drain(..end);
+        let rbuf_unread = !buf.is_empty();
+        if rbuf_unread {
+            buf.shrink_to_fit();
+        } else {
+            buf = Vec::new();
+        }
+        Ok(Ws {
+            tcp,
+            rbuf: buf,
+            rbuf_unread,
+            codec: Codec::default(),
+            sent: 0,
+        })
+    }
+
+    /// Queue a text frame.
+    pub fn queue_text(&mut self, text: &str) {
+        self.codec.queue(OP_TEXT, text.as_bytes());
+    }
+
+    /// Send what is queued. Cancel-safe: what was sent is remembered.
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        while self.sent < self.codec.out.len() {
+            let n = self.tcp.write(&self.codec.out[self.sent..]).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.sent += n;
+        }
+        if self.sent > 0 {
+            // Frames to send are rare (handshakes, pongs, pulls): keep no buffer for them.
+            self.codec.out = Vec::new();
+            self.sent = 0;
+        }
+        Ok(())
+    }
+
+    /// Whether the server closed.
+    pub fn closed(&self) -> bool {
+        self.codec.closed
+    }
+
+    /// Read what has arrived and decode every complete frame in it: each data message goes
+    /// to `on_msg`, pings are answered with pongs and a close with a close (queued, see
+    /// [`Ws::flush`]); returns how many messages there were (0: only control frames or part
+    /// of a frame; see [`Ws::closed`] for the end). Pending until something was read. Once
+    /// ready, nothing else is awaited, so dropping this between polls loses nothing.
+    fn poll_frames(
+        &mut self,
+        cx: &mut Context<'_>,
+        on_msg: &mut dyn FnMut(&[u8]),
+    ) -> Poll<anyhow::Result<usize>> {
+        if self.codec.closed {
+            return Poll::Ready(Ok(0));
+        }
+        if std::mem::take(&mut self.rbuf_unread) {
+            let buf = std::mem::take(&mut self.rbuf);
+            let n = self.decode_kept(buf, on_msg)?;
+            if n > 0 || self.codec.closed {
+                return Poll::Ready(Ok(n));
+            }
+        }
+        READ_BUF.with_borrow_mut(|chunk| {
+            let mut rb = ReadBuf::new(chunk);
+            ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut rb))?;
+            let got = rb.filled();
+            if got.is_empty() {
+                self.codec.closed = true;
+                return Poll::Ready(Ok(0));
+            }
+            if self.rbuf.is_empty() {
+                let (used, n) = self.codec.decode(got, on_msg)?;
+                self.rbuf.extend_from_slice(&got[used..]);
+                Poll::Ready(Ok(n))
+            } else {
+                // Completes the frame that was cut short.
+                let mut buf = std::mem::take(&mut self.rbuf);
+                buf.extend_from_slice(got);
+                Poll::Ready(self.decode_kept(buf, on_msg))
+            }
+        })
+    }
+
+    /// Decode `buf` (the connection's own buffer), keeping what is left of it.
+    fn decode_kept(
+        &mut self,
+        mut buf: Vec<u8>,
+        on_msg: &mut dyn FnMut(&[u8]),
+    ) -> anyhow::Result<usize> {
+        let (used, n) = self.codec.decode(&buf, on_msg)?;
+        if used == buf.len() {
+            // Idle connections hold no read buffer.
+            buf = Vec::new();
+        } else {
+            buf.drain(..used);
+        }
+        self.rbuf = buf;
+        Ok(n)
+    }
+}
+
+/// The frame layer without IO: server frames in (with fragmented messages reassembled),
+/// masked client frames out.
+#[derive(Debug, Default)]
+struct Codec {
+    /// A fragmented message so far.
+    partial: Vec<u8>,
+    /// A fragmented message is being reassembled.
+    in_message: bool,
+    /// Encoded frames to send.
+    out: Vec<u8>,
+    /// A close frame came (or the stream ended).
+    closed: bool,
+}
+
+/// A frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Head {
+    fin: bool,
+    op: u8,
+    /// Length of the header.
+    head: usize,
+    /// Length of the payload.
+    len: usize,
+}
+
+/// The header of the server frame at the start of `b`, if all of the frame is there.
+fn parse_head(b: &[u8]) -> anyhow::Result<Option<Head>> {
+    let [b0, b1, ..] = *b else {
+        return Ok(None);
+    };
+    if b0 & 0x70 != 0 {
+        bail!("a frame with reserved bits set (no extension was negotiated)");
+    }
+    if b1 & 0x80 != 0 {
+        bail!("a masked frame from the server");
+    }
+    let (fin, op) = (b0 & 0x80 != 0, b0 & 0x0f);
+    let (len, head) = match b1 & 0x7f {
+        126 => match b.get(2..4) {
+            Some(&[x, y]) => (u64::from(u16::from_be_bytes([x, y])), 4),
+            _ => return Ok(None),
+        },
+        127 => match b.get(2..10).and_then(|s| <[u8; 8]>::try_from(s).ok()) {
+            Some(n) => (u64::from_be_bytes(n), 10),
+            None => return Ok(None),
+        },
+        n => (u64::from(n), 2),
+    };
+    if op >= OP_CLOSE && (!fin || len > 125) {
+        bail!("a fragmented or long control frame");
+    }
+    if len > MAX_MESSAGE as u64 {
+        bail!("a frame of {len} bytes");
+    }
+    let len = len as usize;
+    if b.len() < head + len {
+        return Ok(None);
+    }
+    Ok(Some(Head { fin, op, head, len }))
+}
+
+impl Codec {
+    /// Decode the complete frames at the start of `data`; returns how many bytes they took
+    /// and how many data messages they completed. Stops at a close frame.
+    fn decode(
+        &mut self,
+        data: &[u8],
+        on_msg: &mut dyn FnMut(&[u8]),
+    ) -> anyhow::Result<(usize, usize)> {
+        let mut at = 0;
+        let mut messages = 0;
+        while let Some(h) = parse_head(&data[at..])? {
+            let payload = &data[at + h.head..at + h.head + h.len];
+            at += h.head + h.len;
+            match h.op {
+                OP_TEXT | OP_BINARY => {
+                    if self.in_message {
+                        bail!("a new message inside a fragmented one");
+                    }
+                    if h.fin {
+                        on_msg(payload);
+                        messages += 1;
+                    } else {
+                        self.in_message = true;
+                        self.partial.extend_from_slice(payload);
+                    }
+                }
+                OP_CONTINUATION => {
+                    if !self.in_message {
+                        bail!("a continuation frame outside a message");
+                    }
+                    if self.partial.len() + payload.len() > MAX_MESSAGE {
+                        bail!("a message over {MAX_MESSAGE} bytes");
+                    }
+                    self.partial.extend_from_slice(payload);
+                    if h.fin {
+                        on_msg(&self.partial);
+                        messages += 1;
+                        self.partial = Vec::new();
+                        self.in_message = false;
+                    }
+                }
+                OP_PING => self.queue(OP_PONG, payload),
+                OP_PONG => {}
+                OP_CLOSE => {
+                    // Answer with the same status code (RFC 6455 §5.5.1).
+                    self.queue(OP_CLOSE, payload.get(..2).unwrap_or_default());
+                    self.closed = true;
+                    break;
+                }
+                op => bail!("a frame with opcode {op:#x}"),
+            }
+        }
+        Ok((at, messages))
+    }
+
+    /// Queue a masked frame (with a fresh mask key).
+    fn queue(&mut self, op: u8, payload: &[u8]) {
+        encode_frame(&mut self.out, op, payload, rand::random());
+    }
+}
+
+/// Append a client frame (masked with `key`) to `out`.
+fn encode_frame(out: &mut Vec<u8>, op: u8, payload: &[u8], key: [u8; 4]) {
+    let len = payload.len();
+    out.reserve(14 + len);
+    out.push(0x80 | op);
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if let Ok(n) = u16::try_from(len) {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&n.to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&key);
+    out.extend(payload.iter().zip(key.iter().cycle()).map(|(b, k)| b ^ k));
+}
+
+/// `ws://HOST[:PORT]/PATH` as the `Host` header and the request target.
+fn split_url(url: &str) -> anyhow::Result<(&str, &str)> {
+    let Some(rest) = url.strip_prefix("ws://") else {
+        bail!("not a ws:// URL: {url}");
+    };
+    Ok(match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    })
+}
+
+/// The answer to the upgrade request must be `101 Switching Protocols` to a WebSocket.
+fn check_upgrade(header: &[u8]) -> anyhow::Result<()> {
+    let text = String::from_utf8_lossy(header);
+    let mut lines = text.split("\r\n");
+    let status = lines.next().unwrap_or_default();
+    let mut parts = status.split(' ');
+    let (version, code) = (parts.next().unwrap_or_default(), parts.next());
+    if !version.starts_with("HTTP/1.") || code != Some("101") {
+        bail!("HTTP answer {status:?} to the upgrade request");
+    }
+    let upgrade = lines.filter_map(|l| l.split_once(':')).any(|(k, v)| {
+        k.trim().eq_ignore_ascii_case("upgrade") && v.trim().eq_ignore_ascii_case("websocket")
+    });
+    if !upgrade {
+        bail!("the 101 answer does not upgrade to websocket");
+    }
+    Ok(())
+}
+
+/// Standard base64 with padding (for `Sec-WebSocket-Key`).
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let byte = |i: usize| u32::from(c.get(i).copied().unwrap_or(0));
+        let n = (byte(0) << 16) | (byte(1) << 8) | byte(2);
+        for k in 0..4 {
+            if k <= c.len() {
+                s.push(char::from(ABC[(n >> (18 - 6 * k)) as usize & 63]));
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
 
 /// One subscriber connection and its protocol state.
 #[derive(Debug)]
@@ -92,6 +438,11 @@ pub struct Session {
     proto: Proto,
     events: Vec<Event>,
     replies: Vec<String>,
+    /// `events` were handed out (by the last step, or by `open`): the next step clears them.
+    handed_out: bool,
+    /// Messages were read and fed (their events are in `events`) by a step that was dropped
+    /// before it returned (while sending replies): the next step returns them.
+    gathered: bool,
 }
 
 /// What `joined` said (or what a target without rooms implies).
@@ -120,47 +471,55 @@ impl Session {
             proto,
             events,
             replies: opening,
+            handed_out: true,
+            gathered: false,
         };
-        s.flush().await?;
+        s.queue_replies();
+        s.ws.flush().await?;
         Ok(s)
     }
 
-    async fn flush(&mut self) -> anyhow::Result<()> {
+    fn queue_replies(&mut self) {
         for r in self.replies.drain(..) {
-            self.ws.feed(Message::text(r)).await?;
+            self.ws.queue_text(&r);
         }
-        self.ws.flush().await?;
-        Ok(())
     }
 
-    /// Wait for the next WebSocket message, feed it to the protocol and answer what it asks.
-    /// Returns `false` when the connection has ended. Events are in [`Session::events`].
+    /// Wait for WebSocket messages, feed every one that has arrived to the protocol and
+    /// answer what it asks. Returns `false` when the connection has ended. Events are in
+    /// [`Session::events`]. Cancel-safe: messages read by a step that is dropped are the
+    /// next step's.
     pub async fn step(&mut self) -> anyhow::Result<bool> {
-        self.events.clear();
+        if std::mem::take(&mut self.handed_out) {
+            self.events.clear();
+        }
         loop {
-            let m = match self.ws.next().await {
-                None => return Ok(false),
-                Some(m) => m?,
+            // Replies first (also those of a step that was dropped while sending them).
+            let flushed = self.ws.flush().await;
+            if std::mem::take(&mut self.gathered) {
+                self.handed_out = true;
+                return Ok(true);
+            }
+            if self.ws.closed() {
+                return Ok(false);
+            }
+            flushed?;
+            let Session {
+                ws,
+                proto,
+                events,
+                replies,
+                ..
+            } = self;
+            let mut feed = |m: &[u8]| match std::str::from_utf8(m) {
+                Ok(text) => proto.feed(text, events, replies),
+                // Not UTF-8 (a binary frame): read lossily, as before.
+                Err(_) => proto.feed(&String::from_utf8_lossy(m), events, replies),
             };
-            match m {
-                Message::Text(t) => {
-                    self.proto.feed(&t, &mut self.events, &mut self.replies);
-                    if !self.replies.is_empty() {
-                        self.flush().await?;
-                    }
-                    return Ok(true);
-                }
-                Message::Binary(b) => {
-                    let t = String::from_utf8_lossy(&b);
-                    self.proto.feed(&t, &mut self.events, &mut self.replies);
-                    if !self.replies.is_empty() {
-                        self.flush().await?;
-                    }
-                    return Ok(true);
-                }
-                Message::Close(_) => return Ok(false),
-                // Pings are answered by tungstenite itself.
-                _ => {}
+            let n = std::future::poll_fn(|cx| ws.poll_frames(cx, &mut feed)).await?;
+            self.queue_replies();
+            if n > 0 {
+                self.gathered = true;
             }
         }
     }
@@ -215,12 +574,15 @@ impl Session {
 
     /// End with a close frame (a clean end, not an interruption).
     pub async fn close(mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(None)).await;
+        if !self.ws.closed() {
+            self.ws.codec.queue(OP_CLOSE, &1000u16.to_be_bytes());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.flush()).await;
     }
 
     /// End abruptly: a TCP reset, no close frame.
     pub fn abort(self) {
-        let _ = self.ws.get_ref().set_zero_linger();
+        let _ = self.ws.tcp.set_zero_linger();
         drop(self);
     }
 }
@@ -382,5 +744,241 @@ mod tests {
         assert_eq!(remote.source_for(0), None);
         let off = Dialer { source_ips: 0, ..d };
         assert_eq!(off.source_for(0), None);
+    }
+
+    #[test]
+    fn base64_and_urls() {
+        assert_eq!(base64(b"the sample nonce"), "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(&[0xfb, 0xff]), "+/8=");
+        assert_eq!(
+            split_url("ws://h:1/socket.io/?EIO=4&transport=websocket").unwrap(),
+            ("h:1", "/socket.io/?EIO=4&transport=websocket")
+        );
+        assert_eq!(split_url("ws://h:1").unwrap(), ("h:1", "/"));
+        assert!(split_url("wss://h/").is_err());
+    }
+
+    #[test]
+    fn upgrade_answers() {
+        let ok = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: WebSocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n";
+        check_upgrade(ok).unwrap();
+        let refused = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n";
+        let e = check_upgrade(refused).unwrap_err().to_string();
+        assert!(e.contains("403"), "{e}");
+        assert!(check_upgrade(b"HTTP/1.1 101 Switching Protocols\r\n\r\n").is_err());
+    }
+
+    /// A server frame (unmasked).
+    fn server_frame(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![u8::from(fin) << 7 | op];
+        match payload.len() {
+            n if n < 126 => f.push(n as u8),
+            n if n <= 0xffff => {
+                f.push(126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Decode one masked client frame at the start of `b`: (opcode, payload, bytes taken).
+    fn client_frame(b: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
+        assert_eq!(b.get(1)? & 0x80, 0x80, "client frames are masked");
+        let (len, at) = match b[1] & 0x7f {
+            126 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+            127 => (
+                u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        let key = b.get(at..at + 4)?;
+        let body = b.get(at + 4..at + 4 + len)?;
+        let payload = body
+            .iter()
+            .zip(key.iter().cycle())
+            .map(|(x, k)| x ^ k)
+            .collect();
+        Some((b[0] & 0x0f, payload, at + 4 + len))
+    }
+
+    #[test]
+    fn client_frames_are_masked_with_every_length_form() {
+        for len in [0, 5, 125, 126, 65535, 65536, 70000] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut out = Vec::new();
+            encode_frame(&mut out, OP_TEXT, &payload, [1, 2, 3, 4]);
+            assert_eq!(out[0], 0x81);
+            let (op, back, used) = client_frame(&out).unwrap();
+            assert_eq!((op, used), (OP_TEXT, out.len()));
+            assert_eq!(back, payload, "len {len}");
+            if len > 3 {
+                assert_ne!(&out[out.len() - len..], &payload[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn server_frames_decode_with_fragments_pings_and_partial_reads() {
+        let big = "y".repeat(70_000);
+        let mid = "z".repeat(300);
+        let mut stream = Vec::new();
+        stream.extend(server_frame(true, OP_TEXT, b"one"));
+        stream.extend(server_frame(false, OP_TEXT, b"tw"));
+        stream.extend(server_frame(true, OP_PING, b"p!"));
+        stream.extend(server_frame(false, OP_CONTINUATION, b"o"));
+        stream.extend(server_frame(true, OP_CONTINUATION, b""));
+        stream.extend(server_frame(true, OP_BINARY, mid.as_bytes()));
+        stream.extend(server_frame(true, OP_PONG, b""));
+        stream.extend(server_frame(true, OP_TEXT, big.as_bytes()));
+        stream.extend(server_frame(
+            true,
+            OP_CLOSE,
+            &[0x03, 0xe8, b'b', b'y', b'e'],
+        ));
+        stream.extend(server_frame(true, OP_TEXT, b"after the close"));
+        // Fed in every cut: the result is the same.
+        for cut in [1, 2, 3, 7, 100, 4096, stream.len()] {
+            let mut c = Codec::default();
+            let mut got: Vec<Vec<u8>> = Vec::new();
+            let mut kept: Vec<u8> = Vec::new();
+            let mut closed = false;
+            for piece in stream.chunks(cut) {
+                kept.extend_from_slice(piece);
+                let (used, _) = c.decode(&kept, &mut |m| got.push(m.to_vec())).unwrap();
+                kept.drain(..used);
+                if c.closed {
+                    closed = true;
+                    break;
+                }
+            }
+            assert!(closed, "cut {cut}");
+            // What follows the close stays undecoded.
+            assert!(server_frame(true, OP_TEXT, b"after the close").starts_with(&kept));
+            let want: Vec<&[u8]> = vec![b"one", b"two", mid.as_bytes(), big.as_bytes()];
+            assert_eq!(got, want, "cut {cut}");
+            // A pong with the ping's payload, then a close with the status code.
+            let (op, p, n) = client_frame(&c.out).unwrap();
+            assert_eq!((op, &p[..]), (OP_PONG, &b"p!"[..]));
+            let (op, p, m) = client_frame(&c.out[n..]).unwrap();
+            assert_eq!((op, &p[..]), (OP_CLOSE, &[0x03, 0xe8][..]));
+            assert_eq!(n + m, c.out.len());
+        }
+    }
+
+    #[test]
+    fn bad_server_frames_are_errors() {
+        let decode = |b: &[u8]| Codec::default().decode(b, &mut |_| {});
+        assert!(decode(&[0x81, 0x81, 0, 0, 0, 0, b'a']).is_err(), "masked");
+        assert!(decode(&[0xc1, 0x01, b'a']).is_err(), "rsv1");
+        assert!(decode(&[0x80, 0x01, b'a']).is_err(), "continuation first");
+        assert!(decode(&[0x09, 0x00]).is_err(), "fragmented ping");
+        assert!(decode(&[0x83, 0x00]).is_err(), "opcode 3");
+        let mut huge = vec![0x81, 127];
+        huge.extend_from_slice(&(1u64 << 40).to_be_bytes());
+        assert!(decode(&huge).is_err(), "too large");
+        assert_eq!(decode(&[0x81, 126, 1]).unwrap(), (0, 0));
+        assert_eq!(decode(&[0x81, 1, b'a', 0x81]).unwrap(), (3, 1));
+    }
+
+    /// A fake `ws` target: checks the upgrade request, answers with frames in the same
+    /// segment as the 101, fragments, pings, and closes.
+    #[tokio::test]
+    async fn session_against_a_fake_server() {
+        use crate::bench::targets::payload;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut req = Vec::new();
+            while !req.ends_with(b"\r\n\r\n") {
+                let mut b = [0u8; 1];
+                tcp.read_exact(&mut b).await.unwrap();
+                req.push(b[0]);
+            }
+            let req = String::from_utf8(req).unwrap();
+            assert!(req.starts_with("GET / HTTP/1.1\r\n"), "{req}");
+            assert!(req.contains(&format!("Host: {addr}\r\n")), "{req}");
+            assert!(req.contains("Sec-WebSocket-Version: 13\r\n"), "{req}");
+            assert!(req.contains("Upgrade: websocket\r\n"), "{req}");
+            let key = req
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .unwrap();
+            assert_eq!(key.len(), 24);
+            let mut out = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n".to_vec();
+            out.extend(server_frame(true, OP_TEXT, payload(1, 0, 64).as_bytes()));
+            tcp.write_all(&out).await.unwrap();
+            let p1 = payload(2, 1, 64);
+            let (a, b) = p1.split_at(10);
+            let mut out = server_frame(false, OP_TEXT, a.as_bytes());
+            out.extend(server_frame(true, OP_PING, b"hi"));
+            out.extend(server_frame(true, OP_CONTINUATION, b.as_bytes()));
+            tcp.write_all(&out).await.unwrap();
+            // The pong comes back masked.
+            let mut got = Vec::new();
+            let pong = loop {
+                if let Some(f) = client_frame(&got) {
+                    break f;
+                }
+                let mut b = [0u8; 64];
+                let n = tcp.read(&mut b).await.unwrap();
+                assert!(n > 0);
+                got.extend_from_slice(&b[..n]);
+            };
+            assert_eq!((pong.0, &pong.1[..]), (OP_PONG, &b"hi"[..]));
+            let mut out = server_frame(true, OP_TEXT, payload(3, 2, 300).as_bytes());
+            out.extend(server_frame(
+                true,
+                OP_TEXT,
+                payload(4, 3, 70_000).as_bytes(),
+            ));
+            // Cut inside a frame: the rest comes later.
+            let (a, b) = out.split_at(out.len() - 1000);
+            tcp.write_all(a).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tcp.write_all(b).await.unwrap();
+            tcp.write_all(&server_frame(true, OP_CLOSE, &1000u16.to_be_bytes()))
+                .await
+                .unwrap();
+            let mut rest = Vec::new();
+            tcp.read_to_end(&mut rest).await.unwrap();
+            let (op, p, _) = client_frame(&rest).unwrap();
+            assert_eq!((op, &p[..]), (OP_CLOSE, &1000u16.to_be_bytes()[..]));
+        });
+        let dialer = Dialer {
+            target: Target::Ws,
+            host: addr.to_string(),
+            addr,
+            source_ips: 0,
+            source_offset: 0,
+        };
+        let mut s = Session::open(&dialer, 0, "r", None, None).await.unwrap();
+        let (_, early) = s.until_ready(Duration::from_secs(5)).await.unwrap();
+        assert!(early.is_empty());
+        let mut seen = Vec::new();
+        while s.step().await.unwrap() {
+            for e in s.events() {
+                match e {
+                    Event::Msg(d) => seen.push((d.stamp.t, d.stamp.n)),
+                    e => panic!("{e:?}"),
+                }
+            }
+        }
+        assert_eq!(seen, vec![(1, 0), (2, 1), (3, 2), (4, 3)]);
+        assert!(!s.step().await.unwrap());
+        drop(s);
+        server.await.unwrap();
     }
 }

@@ -4,7 +4,7 @@
 //! CPU time per delivery.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -113,6 +113,8 @@ struct Shared {
     stray: AtomicU64,
     errors: AtomicU64,
     dropped: AtomicU64,
+    /// Set just before the stop signal: subscriber loops check it after every read.
+    stopping: AtomicBool,
     /// Time of the latest delivery, µs since the epoch.
     last_us: AtomicU64,
     latency: Histogram,
@@ -255,6 +257,7 @@ pub async fn run(a: FanoutBench) -> anyhow::Result<()> {
     if let (Some(a), Some(full)) = (after, sut.sample()) {
         after = Some(a.with_memory_of(&full));
     }
+    sh.stopping.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     let mut missing = 0;
     let mut short = 0;
@@ -378,33 +381,42 @@ async fn subscriber(
     for d in &early {
         take(&mut t, d, now);
     }
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.changed() => break,
-            step = s.step() => match step {
-                Ok(true) => {
-                    let now = now_micros();
-                    let mut new = 0;
-                    for e in s.events() {
-                        match e {
-                            Event::Msg(d) => new += take(&mut t, d, now),
-                            Event::Error(_) => {
-                                sh.errors.fetch_add(1, Ordering::Relaxed);
+    {
+        // One wait for the stop signal for the whole loop (not a new one per message); the
+        // socket goes first, and the flag ends the loop even if messages keep coming.
+        let stopped = stop.changed();
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                biased;
+                step = s.step() => match step {
+                    Ok(true) => {
+                        let now = now_micros();
+                        let mut new = 0;
+                        for e in s.events() {
+                            match e {
+                                Event::Msg(d) => new += take(&mut t, d, now),
+                                Event::Error(_) => {
+                                    sh.errors.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Event::Ready { .. } => {}
                             }
-                            Event::Ready { .. } => {}
+                        }
+                        if new > 0 {
+                            sh.distinct.fetch_add(new, Ordering::Relaxed);
+                            sh.last_us.fetch_max(now, Ordering::Relaxed);
                         }
                     }
-                    if new > 0 {
-                        sh.distinct.fetch_add(new, Ordering::Relaxed);
-                        sh.last_us.fetch_max(now, Ordering::Relaxed);
+                    _ => {
+                        sh.dropped.fetch_add(1, Ordering::Relaxed);
+                        break;
                     }
-                }
-                _ => {
-                    sh.dropped.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-            },
+                },
+                _ = &mut stopped => break,
+            }
+            if sh.stopping.load(Ordering::Relaxed) {
+                break;
+            }
         }
     }
     sh.duplicates.fetch_add(t.duplicates, Ordering::Relaxed);
