@@ -1,5 +1,5 @@
 //! Server settings. Every limit the server enforces is a named field here, documented with its
-//! default; the `livepush serve` flags map onto these one to one (see `docs/configuration.md`
+//! default; the `livepush serve` flags map onto these one to one (see `docs/protocol.md` §15
 //! and `livepush serve --help`).
 
 use std::collections::HashMap;
