@@ -169,6 +169,16 @@ impl Signals {
     }
 }
 
+/// Every frame of a taken batch, one JSON object each: an entry may be a room's merged chunk
+/// (`--merge-ms`, frames joined by `\n`). Transports that frame each object on its own
+/// (long-poll's array, SSE's positions) read batches through this.
+pub fn frames_of(batch: &[Bytes]) -> impl Iterator<Item = &str> {
+    batch
+        .iter()
+        .filter_map(|f| std::str::from_utf8(f).ok())
+        .flat_map(livepush_proto::split_frames)
+}
+
 /// Milliseconds since the first call in this process: a cheap monotonic clock for the
 /// timestamps kept in [`Signals`].
 pub fn clock_ms() -> u64 {

@@ -177,19 +177,13 @@ async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response 
     };
     let mut out = BytesMut::with_capacity(frames.iter().map(|f| f.len() + 1).sum::<usize>() + 16);
     out.put_slice(b"{\"frames\":[");
-    // An outbox entry may be a room's merged chunk (`--merge-ms`): several frames joined by
-    // `\n`. Each frame is its own array element.
     let mut first = true;
-    for frame in frames
-        .iter()
-        .flat_map(|f| f.split(|b| *b == b'\n'))
-        .filter(|f| !f.is_empty())
-    {
+    for frame in crate::outbox::frames_of(&frames) {
         if !first {
             out.put_u8(b',');
         }
         first = false;
-        out.put_slice(frame);
+        out.put_slice(frame.as_bytes());
     }
     out.put_slice(b"]}");
     (

@@ -17,7 +17,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream};
-use livepush_proto::{Position, Positions, Transport, split_frames, validate_room};
+use livepush_proto::{Position, Positions, Transport, validate_room};
 use serde::Deserialize;
 
 use crate::api::ApiError;
@@ -171,12 +171,7 @@ fn events(state: StreamState) -> impl Stream<Item = Result<Event, Infallible>> {
         // Rooms joined in this batch: (room, latest seq at the join), and rooms prompted.
         let mut joined: Vec<(String, u64)> = Vec::new();
         let mut prompted: Vec<String> = Vec::new();
-        // An outbox entry may be a room's merged chunk (`--merge-ms`): several frames joined
-        // by `\n`. Positions are read from each frame.
-        let lines = frames
-            .iter()
-            .filter_map(|f| std::str::from_utf8(f).ok())
-            .flat_map(split_frames);
+        let lines = crate::outbox::frames_of(&frames);
         for text in lines {
             if let Ok(p) = serde_json::from_str::<Peek>(text) {
                 match (p.op.as_str(), p.room, p.epoch, p.seq) {

@@ -218,39 +218,26 @@ async fn start(app: &App, io: Io) -> Result<Box<Driver>, Ending> {
     let Handshake {
         io,
         mut session,
-        rest,
-    } = handshake(app, io).await?;
-    let AfterConnect {
         connect_id,
         texts,
-        pings,
         decoder,
-    } = rest;
+    } = handshake(app, io).await?;
     session.open(Transport::Ws, connect_id, None, true);
     for line in texts {
         session.handle_text(&line);
     }
-    let decoder = decoder.unwrap_or_else(|| Decoder::new(max_message(app)));
-    Ok(Box::new(Driver::new(io, decoder, session, pings)))
+    Ok(Box::new(Driver::new(io, decoder, session)))
 }
 
 /// What a successful handshake yields.
 struct Handshake {
     io: Io,
     session: Session,
-    rest: AfterConnect,
-}
-
-/// What came in the same read as the `connect` frame.
-#[derive(Default)]
-struct AfterConnect {
     connect_id: Option<u64>,
-    /// Frames the client batched after `connect`, in the same or later messages.
+    /// Frames the client sent after `connect`, in the same or later messages.
     texts: Vec<String>,
-    /// Pings to answer.
-    pings: Vec<Vec<u8>>,
     /// The decoder, which may hold the start of a frame cut by the read.
-    decoder: Option<Decoder>,
+    decoder: Decoder,
 }
 
 /// Wait for the `connect` frame (within `connect_timeout`), check its token, and tell a
@@ -260,7 +247,8 @@ async fn handshake(app: &App, mut io: Io) -> Result<Handshake, Ending> {
     let write_timeout = limits.write_timeout;
     let mut decoder = Decoder::new(max_message(app));
     let mut first: Option<String> = None;
-    let mut rest = AfterConnect::default();
+    let mut texts: Vec<String> = Vec::new();
+    let mut pings: Vec<Vec<u8>> = Vec::new();
     let mut closed = false;
     let mut protocol_error = None;
     let mut buf = vec![0u8; READ_CHUNK];
@@ -283,12 +271,12 @@ async fn handshake(app: &App, mut io: Io) -> Result<Handshake, Ending> {
         let fed = decoder.feed(&mut buf[..n], |event| {
             match event {
                 Event::Text(t) if first.is_none() => first = Some(t.to_owned()),
-                Event::Text(t) => rest.texts.push(t.to_owned()),
+                Event::Text(t) => texts.push(t.to_owned()),
                 Event::Binary(_) if first.is_none() => {
                     protocol_error = Some("the first frame must be a text `connect` frame")
                 }
                 Event::Binary(_) | Event::Pong => {}
-                Event::Ping(p) => rest.pings.push(p.to_vec()),
+                Event::Ping(p) => pings.push(p.to_vec()),
                 Event::Close { .. } => {
                     closed = true;
                     return std::ops::ControlFlow::Break(());
@@ -309,9 +297,8 @@ async fn handshake(app: &App, mut io: Io) -> Result<Handshake, Ending> {
             return Err(Ending::ClientClose);
         }
         // Pings are answered as soon as they arrive, `connect` or not.
-        if !rest.pings.is_empty() {
-            let pongs: Vec<u8> = rest
-                .pings
+        if !pings.is_empty() {
+            let pongs: Vec<u8> = pings
                 .drain(..)
                 .flat_map(|p| wsframe::control_frame(OpCode::Pong, &p))
                 .collect();
@@ -326,7 +313,7 @@ async fn handshake(app: &App, mut io: Io) -> Result<Handshake, Ending> {
     let mut lines = livepush_proto::split_frames(&first);
     let line = lines.next().unwrap_or("");
     let batched: Vec<String> = lines.map(str::to_owned).collect();
-    rest.texts.splice(0..0, batched);
+    texts.splice(0..0, batched);
     let env = match ClientEnvelope::parse(line) {
         Ok(env) => env,
         Err(e) => {
@@ -367,12 +354,12 @@ async fn handshake(app: &App, mut io: Io) -> Result<Handshake, Ending> {
         answer_close(&mut io, write_timeout).await;
         return Err(Ending::ClientClose);
     }
-    rest.connect_id = env.id;
-    rest.decoder = Some(decoder);
     Ok(Handshake {
         io,
         session: Session::new(app, terminal),
-        rest,
+        connect_id: env.id,
+        texts,
+        decoder,
     })
 }
 
@@ -448,11 +435,7 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(io: Io, decoder: Decoder, session: Session, pings: Vec<Vec<u8>>) -> Driver {
-        let mut out = Vec::new();
-        for p in pings {
-            out.extend_from_slice(&wsframe::control_frame(OpCode::Pong, &p));
-        }
+    fn new(io: Io, decoder: Decoder, session: Session) -> Driver {
         session.outbox().signals().heard(clock_ms());
         let batch_bytes = session.hub().config().limits.write_batch_bytes;
         Driver {
@@ -460,7 +443,7 @@ impl Driver {
             io,
             decoder,
             session,
-            out,
+            out: Vec::new(),
             written: 0,
             closing: None,
             registration: None,
@@ -475,8 +458,8 @@ impl Driver {
     /// Do everything that can be done without waiting: act on signals, write what is
     /// pending, read and handle what arrived, take the next batch from the outbox.
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Ending> {
+        let outbox = self.session.outbox().clone();
         for _ in 0..ROUNDS_PER_POLL {
-            let outbox = self.session.outbox().clone();
             let signals = outbox.signals().take();
             if signals & SIGNAL_STALLED != 0 {
                 outbox.close(CloseReason::SlowConsumer);
