@@ -25,15 +25,21 @@ pub struct Claims {
 }
 
 /// What a terminal may do, read from its token.
+///
+/// Kept by every session for its whole life, so the room patterns are stored exactly
+/// (one boxed slice, no spare capacity).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grants {
-    rooms: Vec<String>,
+    rooms: Box<[Box<str>]>,
     send: bool,
 }
 
 impl Grants {
     pub fn new(rooms: Vec<String>, send: bool) -> Grants {
-        Grants { rooms, send }
+        Grants {
+            rooms: rooms.into_iter().map(String::into_boxed_str).collect(),
+            send,
+        }
     }
 
     /// Every room, may send: what dev mode gives an anonymous terminal.
@@ -44,7 +50,7 @@ impl Grants {
     pub fn may_join(&self, room: &str) -> bool {
         self.rooms.iter().any(|g| match g.strip_suffix('*') {
             Some(prefix) => room.starts_with(prefix),
-            None => g == room,
+            None => &**g == room,
         })
     }
 

@@ -131,6 +131,10 @@ pub struct Limits {
     pub max_rooms_per_connection: usize,
     /// Time a new WebSocket has to send its `connect` frame.
     pub connect_timeout: Duration,
+    /// Time a client has to send a whole HTTP request head (request line and headers), on a
+    /// new connection or between keep-alive requests: a client trickling headers cannot
+    /// hold a connection forever.
+    pub header_timeout: Duration,
     /// Interval of the online-count broadcast (the contract allows at most one per second).
     pub online_interval: Duration,
     /// Longest a long-poll request is parked (its `wait_ms` is capped to this).
@@ -159,6 +163,7 @@ impl Default for Limits {
             max_pull: 1000,
             max_rooms_per_connection: 64,
             connect_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(30),
             online_interval: Duration::from_secs(1),
             poll_max_wait: Duration::from_secs(30),
             max_poll_bytes: 256 * 1024,

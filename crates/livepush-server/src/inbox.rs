@@ -13,7 +13,9 @@
 //! and repeats it with back-off until the terminal connects, acknowledges, or the messages
 //! expire.
 
-use std::collections::{HashMap, VecDeque};
+use std::borrow::Borrow;
+use std::collections::{HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,33 +77,160 @@ struct Pending {
     message: InboxMessage,
 }
 
+/// An inbox's state, under its lock.
+///
+/// Every connected terminal has an inbox (attached on connect, whether or not it ever gets a
+/// message), so this is memory per connected terminal: what every terminal needs is inline
+/// (48 bytes), and what only a terminal with waiting messages or a wake registration needs is
+/// in [`Cold`], allocated only while it holds something.
 #[derive(Debug, Default)]
 struct State {
-    assigned: u64,
     delivered: u64,
     acked: u64,
+    /// Last activity (ms), for eviction.
+    touched_ms: u64,
+    sessions: Sessions,
+    /// `None` while there is nothing in it (see [`Cold::is_empty`]).
+    cold: Option<Box<Cold>>,
+}
+
+/// The parts of an inbox's state that an idle terminal does not use, out of line so that it
+/// does not pay for them (about 140 bytes).
+#[derive(Debug, Default)]
+struct Cold {
+    /// Sequenced, not yet durable and delivered, in seq order.
     pending: VecDeque<Pending>,
     /// Delivered, unacknowledged, kept: contiguous or with gaps where messages were dropped.
     messages: VecDeque<InboxMessage>,
-    sessions: HashMap<ConnId, Arc<Outbox>>,
     wake: Option<WakeRegistration>,
     /// When the registration was last written to the store (ms).
     wake_persisted_ms: u64,
+    /// The newest seq a finished episode tried to wake for: not retried until a newer one,
+    /// or until the terminal came and left again, or moved. Only read together with `wake`,
+    /// which keeps this struct alive, so it is never lost while it matters.
+    woken_for: u64,
     /// A wake episode is running.
     waking: bool,
-    /// The newest seq a finished episode tried to wake for: not retried until a newer one,
-    /// or until the terminal came and left again, or moved.
-    woken_for: u64,
-    /// Sessions attached so far; an episode that saw the terminal come does not mark its
-    /// messages as woken for.
-    attaches: u64,
-    /// Last activity (ms), for eviction.
-    touched_ms: u64,
+    /// A session attached since the running episode started: the episode does not mark its
+    /// messages as woken for. (At most one episode runs at a time, see `waking`.)
+    came: bool,
+}
+
+impl Cold {
+    /// Nothing in it that must outlive it: no messages, no registration, no episode.
+    /// (`woken_for` and `came` only matter while there is a registration or an episode.)
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty() && self.messages.is_empty() && self.wake.is_none() && !self.waking
+    }
 }
 
 impl State {
+    fn wake(&self) -> Option<WakeRegistration> {
+        self.cold.as_ref().and_then(|c| c.wake)
+    }
+
+    fn waking(&self) -> bool {
+        self.cold.as_ref().is_some_and(|c| c.waking)
+    }
+
+    fn has_pending(&self) -> bool {
+        self.cold.as_ref().is_some_and(|c| !c.pending.is_empty())
+    }
+
     fn unacked(&self) -> bool {
-        self.messages.iter().any(|m| m.seq > self.acked)
+        self.cold
+            .as_ref()
+            .is_some_and(|c| c.messages.iter().any(|m| m.seq > self.acked))
+    }
+
+    /// The last seq handed out: that of the newest pending message, or the last delivered
+    /// one (seqs are handed out in order and delivered in order), so not stored.
+    fn assigned(&self) -> u64 {
+        self.cold
+            .as_ref()
+            .and_then(|c| c.pending.back())
+            .map_or(self.delivered, |p| p.message.seq)
+    }
+
+    /// The out-of-line part, allocated if absent. Call [`State::settle`] after anything that
+    /// may empty it.
+    fn cold_mut(&mut self) -> &mut Cold {
+        self.cold.get_or_insert_default()
+    }
+
+    /// Free the out-of-line part once empty, and buffers it no longer needs.
+    fn settle(&mut self) {
+        let Some(c) = self.cold.as_deref_mut() else {
+            return;
+        };
+        if c.is_empty() {
+            self.cold = None;
+            return;
+        }
+        if c.pending.is_empty() {
+            c.pending = VecDeque::new();
+        }
+        if c.messages.is_empty() {
+            c.messages = VecDeque::new();
+        }
+    }
+
+    /// Acknowledge everything up to `seq` (capped at the delivered position). Returns the
+    /// new acknowledged position if it moved.
+    fn ack(&mut self, seq: u64) -> Option<u64> {
+        let seq = seq.min(self.delivered);
+        if seq <= self.acked {
+            return None;
+        }
+        self.acked = seq;
+        if let Some(c) = self.cold.as_deref_mut() {
+            while c.messages.front().is_some_and(|m| m.seq <= seq) {
+                c.messages.pop_front();
+            }
+        }
+        self.settle();
+        Some(seq)
+    }
+}
+
+/// The sessions a terminal has open: nearly always one, at most a handful, so a boxed slice of
+/// exactly that many, searched linearly. For one session that is 16 bytes inline and one
+/// 16-byte allocation, where a hash map took 48 inline and about 90 allocated.
+#[derive(Debug, Default)]
+struct Sessions(Box<[(ConnId, Arc<Outbox>)]>);
+
+impl Sessions {
+    /// Add `conn`, or replace its outbox if it is there.
+    fn insert(&mut self, conn: ConnId, outbox: Arc<Outbox>) {
+        if let Some(slot) = self.0.iter_mut().find(|(c, _)| *c == conn) {
+            slot.1 = outbox;
+            return;
+        }
+        let mut v = Vec::with_capacity(self.0.len() + 1);
+        v.extend(std::mem::take(&mut self.0));
+        v.push((conn, outbox));
+        self.0 = v.into_boxed_slice();
+    }
+
+    fn remove(&mut self, conn: ConnId) {
+        if let Some(i) = self.0.iter().position(|(c, _)| *c == conn) {
+            let mut v = std::mem::take(&mut self.0).into_vec();
+            v.swap_remove(i);
+            // Shrinks to the new length (frees when empty).
+            self.0 = v.into_boxed_slice();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn outboxes(&self) -> impl Iterator<Item = &Arc<Outbox>> {
+        self.0.iter().map(|(_, o)| o)
     }
 }
 
@@ -112,10 +241,36 @@ pub struct Inbox {
     state: Mutex<State>,
 }
 
+/// An inbox as a set member, keyed by its terminal id: one pointer per terminal in the map
+/// instead of a copy of the id's fat pointer beside the inbox pointer (memory per terminal).
+#[derive(Debug)]
+struct ById(Arc<Inbox>);
+
+impl Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        &self.0.id
+    }
+}
+
+/// As `str` hashes, which `Borrow<str>` requires.
+impl Hash for ById {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        str::hash(&self.0.id, state);
+    }
+}
+
+impl PartialEq for ById {
+    fn eq(&self, other: &ById) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for ById {}
+
 /// All inboxes of this node (loaded on demand).
 #[derive(Debug)]
 pub struct Inboxes {
-    map: Mutex<HashMap<Arc<str>, Arc<Inbox>>>,
+    map: Mutex<HashSet<ById>>,
     store: Arc<dyn Store>,
     terminals: Arc<Terminals>,
     wake: Option<Arc<WakeSocket>>,
@@ -140,7 +295,7 @@ impl Inboxes {
         stats: InboxStats,
     ) -> Inboxes {
         Inboxes {
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(HashSet::new()),
             store,
             terminals,
             wake,
@@ -152,16 +307,15 @@ impl Inboxes {
     /// The inbox of `id`, loaded from the store on first use.
     pub fn get(&self, id: &str) -> Result<Arc<Inbox>, StoreError> {
         if let Some(i) = self.map.lock().get(id) {
-            return Ok(i.clone());
+            return Ok(i.0.clone());
         }
         let record = self.store.load_terminal(id)?.unwrap_or_default();
         let mut map = self.map.lock();
         if let Some(i) = map.get(id) {
-            return Ok(i.clone());
+            return Ok(i.0.clone());
         }
-        let key: Arc<str> = Arc::from(id);
-        let inbox = Arc::new(Inbox::new(key.clone(), record));
-        map.insert(key, inbox.clone());
+        let inbox = Arc::new(Inbox::new(Arc::from(id), record));
+        map.insert(ById(inbox.clone()));
         Ok(inbox)
     }
 
@@ -177,7 +331,7 @@ impl Inboxes {
 
     /// What the terminals API shows (loads from the store; `None` if never seen there).
     pub fn view(&self, id: &str) -> Result<Option<InboxView>, StoreError> {
-        if let Some(i) = self.map.lock().get(id).cloned() {
+        if let Some(i) = self.map.lock().get(id).map(|i| i.0.clone()) {
             return Ok(Some(i.view()));
         }
         Ok(self.store.load_terminal(id)?.map(|r| InboxView {
@@ -239,33 +393,33 @@ impl Inboxes {
             }));
         }
         let after = after.unwrap_or(st.acked);
-        for m in st.messages.iter().filter(|m| m.seq > after) {
-            outbox.push(m.frame.clone(), Kind::Reply);
+        if let Some(c) = &st.cold {
+            for m in c.messages.iter().filter(|m| m.seq > after) {
+                outbox.push(m.frame.clone(), Kind::Reply);
+            }
         }
         st.sessions.insert(conn, outbox.clone());
-        // The terminal came: if it leaves again without acknowledging, wake it again.
-        st.woken_for = st.acked;
-        st.attaches += 1;
+        let acked = st.acked;
+        if let Some(c) = st.cold.as_deref_mut() {
+            // The terminal came: if it leaves again without acknowledging, wake it again.
+            c.woken_for = acked;
+            c.came = true;
+        }
     }
 
     /// A session closed.
     pub fn detach(&self, inbox: &Inbox, conn: ConnId) {
         let mut st = inbox.state.lock();
-        st.sessions.remove(&conn);
+        st.sessions.remove(conn);
         st.touched_ms = now_ms();
     }
 
     /// The terminal handled everything up to `seq`.
     pub fn ack(&self, inbox: &Inbox, seq: u64) {
         let mut st = inbox.state.lock();
-        let seq = seq.min(st.delivered);
-        if seq <= st.acked {
+        let Some(seq) = st.ack(seq) else {
             return;
-        }
-        st.acked = seq;
-        while st.messages.front().is_some_and(|m| m.seq <= seq) {
-            st.messages.pop_front();
-        }
+        };
         st.touched_ms = now_ms();
         drop(st);
         spawn_write(self.store.ack_inbox(&inbox.id, seq), "inbox ack");
@@ -275,13 +429,14 @@ impl Inboxes {
     pub fn keepalive(&self, id: &str, reg: WakeRegistration) -> Result<(), StoreError> {
         let inbox = self.get(id)?;
         let mut st = inbox.state.lock();
-        let changed = st
+        st.touched_ms = now_ms();
+        let c = st.cold_mut();
+        let changed = c
             .wake
             .is_none_or(|w| w.addr != reg.addr || w.size != reg.size);
-        st.wake = Some(reg);
-        st.touched_ms = now_ms();
-        if changed || reg.ts.saturating_sub(st.wake_persisted_ms) > 600_000 {
-            st.wake_persisted_ms = reg.ts;
+        c.wake = Some(reg);
+        if changed || reg.ts.saturating_sub(c.wake_persisted_ms) > 600_000 {
+            c.wake_persisted_ms = reg.ts;
             drop(st);
             spawn_write(self.store.set_wake(id, &reg), "wake registration");
         }
@@ -293,7 +448,7 @@ impl Inboxes {
     pub fn last_keepalive_ts(&self, id: &str) -> Option<u64> {
         let inbox = self.get(id).ok()?;
         let st = inbox.state.lock();
-        st.wake.map(|w| w.ts)
+        st.wake().map(|w| w.ts)
     }
 
     /// Upkeep: expire old messages, start wake episodes for offline terminals with waiting
@@ -301,21 +456,25 @@ impl Inboxes {
     pub async fn tick(&self) {
         let now = now_ms();
         let ttl = self.settings.ttl.as_millis() as u64;
-        let inboxes: Vec<Arc<Inbox>> = self.map.lock().values().cloned().collect();
+        let inboxes: Vec<Arc<Inbox>> = self.map.lock().iter().map(|i| i.0.clone()).collect();
         for inbox in inboxes {
             let (expired, keep_from, wake) = {
                 let mut st = inbox.state.lock();
                 let mut expired = 0;
-                while st.messages.front().is_some_and(|m| m.ts + ttl < now) {
-                    st.messages.pop_front();
-                    expired += 1;
+                let mut keep_from = st.delivered + 1;
+                if let Some(c) = st.cold.as_deref_mut() {
+                    while c.messages.front().is_some_and(|m| m.ts + ttl < now) {
+                        c.messages.pop_front();
+                        expired += 1;
+                    }
+                    keep_from = c.messages.front().map_or(keep_from, |m| m.seq);
                 }
-                let keep_from = st.messages.front().map_or(st.delivered + 1, |m| m.seq);
+                st.settle();
                 let wake = st.sessions.is_empty()
-                    && !st.waking
-                    && st.wake.is_some()
+                    && !st.waking()
+                    && st.wake().is_some()
                     && st.unacked()
-                    && st.delivered > st.woken_for;
+                    && st.cold.as_ref().is_some_and(|c| st.delivered > c.woken_for);
                 (expired, keep_from, wake)
             };
             if expired > 0 {
@@ -329,12 +488,12 @@ impl Inboxes {
                 self.start_wake(&inbox).await;
             }
         }
-        self.map.lock().retain(|_, i| {
-            let st = i.state.lock();
+        self.map.lock().retain(|i| {
+            let st = i.0.state.lock();
             !(st.sessions.is_empty()
-                && !st.waking
+                && !st.waking()
                 && !st.unacked()
-                && st.pending.is_empty()
+                && !st.has_pending()
                 && now.saturating_sub(st.touched_ms) > 300_000)
         });
     }
@@ -346,19 +505,29 @@ impl Inboxes {
         let Some(socket) = self.wake.clone() else {
             return false;
         };
-        let (target, reg, attaches) = {
+        let (target, reg) = {
             let mut st = inbox.state.lock();
-            let Some(reg) = st.wake else {
+            let delivered = st.delivered;
+            let Some(c) = st.cold.as_deref_mut() else {
                 return false;
             };
-            if st.waking {
+            let Some(reg) = c.wake else {
+                return false;
+            };
+            if c.waking {
                 // An episode is running; it will see the newer seq on its next attempt.
                 return true;
             }
-            st.waking = true;
-            (st.delivered, reg, st.attaches)
+            c.waking = true;
+            c.came = false;
+            (delivered, reg)
         };
+        // If the caller's future is dropped while the first wake is being sent (its HTTP
+        // client went away), the episode never starts: clear `waking`, or this terminal
+        // would never be woken again.
+        let episode = NotStarted(inbox);
         let sent = socket.wake(&inbox.id, target, &reg).await;
+        std::mem::forget(episode);
         let inbox = inbox.clone();
         let terminals = self.terminals.clone();
         let settings = self.settings;
@@ -373,7 +542,7 @@ impl Inboxes {
                     if !st.sessions.is_empty() || !st.unacked() {
                         None
                     } else {
-                        st.wake.map(|w| (st.delivered, w))
+                        st.wake().map(|w| (st.delivered, w))
                     }
                 };
                 let Some((target, reg)) = next else { break };
@@ -384,12 +553,15 @@ impl Inboxes {
                 socket.wake(&inbox.id, target, &reg).await;
             }
             let mut st = inbox.state.lock();
-            st.waking = false;
-            if st.attaches == attaches {
-                // The terminal never came during this episode: do not wake it again for the
-                // same messages (only for newer ones, or once it has come and left).
-                st.woken_for = st.woken_for.max(last_target);
+            if let Some(c) = st.cold.as_deref_mut() {
+                c.waking = false;
+                if !c.came {
+                    // The terminal never came during this episode: do not wake it again for
+                    // the same messages (only for newer ones, or once it has come and left).
+                    c.woken_for = c.woken_for.max(last_target);
+                }
             }
+            st.settle();
         });
         sent
     }
@@ -405,18 +577,22 @@ struct Delivery {
 
 impl Inbox {
     fn new(id: Arc<str>, r: TerminalRecord) -> Inbox {
-        Inbox {
-            id,
-            state: Mutex::new(State {
-                assigned: r.seq,
-                delivered: r.seq,
-                acked: r.acked,
+        let mut state = State {
+            delivered: r.seq,
+            acked: r.acked,
+            touched_ms: now_ms(),
+            sessions: Sessions::default(),
+            cold: Some(Box::new(Cold {
                 messages: r.inbox.into(),
                 wake: r.wake,
                 wake_persisted_ms: r.wake.map_or(0, |w| w.ts),
-                touched_ms: now_ms(),
-                ..State::default()
-            }),
+                ..Cold::default()
+            })),
+        };
+        state.settle();
+        Inbox {
+            id,
+            state: Mutex::new(state),
         }
     }
 
@@ -431,46 +607,49 @@ impl Inbox {
                 seq: st.delivered,
                 acked: st.acked,
             },
-            wake_registered: st.wake.is_some(),
-            last_keepalive_ms: st.wake.map(|w| w.ts),
+            wake_registered: st.wake().is_some(),
+            last_keepalive_ms: st.wake().map(|w| w.ts),
         }
     }
 
     fn sequence(&self, ty: &str, data: &RawValue, ts: u64, store: &dyn Store) -> (u64, Durable) {
         let mut st = self.state.lock();
-        st.assigned += 1;
-        let seq = st.assigned;
+        let seq = st.assigned() + 1;
         let frame = encode_inbox(seq, ty, data, ts);
         let message = InboxMessage { seq, ts, frame };
         let durable = store.append_inbox(&self.id, &message);
-        st.pending.push_back(Pending { message });
+        st.cold_mut().pending.push_back(Pending { message });
         st.touched_ms = ts;
         (seq, durable)
     }
 
     fn deliver_through(&self, through: u64, max_messages: usize) -> Delivery {
-        let mut st = self.state.lock();
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
         let mut out = Delivery {
             sessions: st.sessions.len(),
             ..Delivery::default()
         };
-        while st.pending.front().is_some_and(|p| p.message.seq <= through) {
-            let Some(p) = st.pending.pop_front() else {
-                break;
-            };
-            st.delivered = p.message.seq;
-            for o in st.sessions.values() {
-                o.push(p.message.frame.clone(), Kind::Reply);
+        if let Some(c) = st.cold.as_deref_mut() {
+            while c.pending.front().is_some_and(|p| p.message.seq <= through) {
+                let Some(p) = c.pending.pop_front() else {
+                    break;
+                };
+                st.delivered = p.message.seq;
+                for o in st.sessions.outboxes() {
+                    o.push(p.message.frame.clone(), Kind::Reply);
+                }
+                c.messages.push_back(p.message);
+                while c.messages.len() > max_messages {
+                    c.messages.pop_front();
+                    out.dropped += 1;
+                }
             }
-            st.messages.push_back(p.message);
-            while st.messages.len() > max_messages {
-                st.messages.pop_front();
-                out.dropped += 1;
+            if out.dropped > 0 {
+                out.trimmed_to = c.messages.front().map(|m| m.seq);
             }
         }
-        if out.dropped > 0 {
-            out.trimmed_to = st.messages.front().map(|m| m.seq);
-        }
+        st.settle();
         out
     }
 }
@@ -499,5 +678,151 @@ fn encode_inbox(seq: u64, ty: &str, data: &RawValue, ts: u64) -> Bytes {
             livepush_proto::ErrorCode::Internal,
             "frame encoding failed",
         )),
+    }
+}
+
+/// Clears an inbox's `waking` flag when dropped: see [`Inboxes::start_wake`].
+struct NotStarted<'a>(&'a Inbox);
+
+impl Drop for NotStarted<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.state.lock().cold.as_deref_mut() {
+            c.waking = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::OutboxLimits;
+    use crate::store::MemoryStore;
+
+    fn outbox() -> Arc<Outbox> {
+        Arc::new(Outbox::new(
+            OutboxLimits {
+                soft_frames: 16,
+                hard_bytes: 1 << 16,
+            },
+            Arc::default(),
+        ))
+    }
+
+    fn registration() -> WakeRegistration {
+        WakeRegistration {
+            addr: "192.0.2.1:4000".parse().unwrap(),
+            size: 64,
+            ts: 1,
+        }
+    }
+
+    /// Every connected terminal has an inbox, so these are bytes per connected terminal (they
+    /// were 224 and 248, plus a ~90-byte hash map allocation for its one session).
+    #[test]
+    fn an_idle_inbox_is_small() {
+        assert!(size_of::<State>() <= 48, "{}", size_of::<State>());
+        assert!(size_of::<Inbox>() <= 72, "{}", size_of::<Inbox>());
+        assert!(size_of::<Sessions>() <= 16);
+        // One pointer per terminal in the map.
+        assert_eq!(size_of::<ById>(), size_of::<usize>());
+
+        let inbox = Inbox::new(Arc::from("t"), TerminalRecord::default());
+        let mut st = inbox.state.lock();
+        st.sessions.insert(1, outbox());
+        assert_eq!(st.sessions.len(), 1);
+        assert!(
+            st.cold.is_none(),
+            "nothing out of line for an idle terminal"
+        );
+        st.sessions.insert(1, outbox());
+        assert_eq!(st.sessions.len(), 1, "same connection: replaced");
+        st.sessions.insert(2, outbox());
+        st.sessions.remove(1);
+        assert_eq!(
+            st.sessions.0.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+            [2]
+        );
+        st.sessions.remove(2);
+        assert!(st.sessions.is_empty());
+    }
+
+    #[test]
+    fn the_out_of_line_part_lives_while_it_holds_something() {
+        let inbox = Inbox::new(Arc::from("t"), TerminalRecord::default());
+        let data = RawValue::from_string("1".into()).unwrap();
+        let (seq, _durable) = inbox.sequence("n", &data, 5, &MemoryStore);
+        assert_eq!(seq, 1);
+        let (seq, _durable) = inbox.sequence("n", &data, 5, &MemoryStore);
+        assert_eq!(seq, 2);
+        assert_eq!(inbox.state.lock().assigned(), 2);
+        let d = inbox.deliver_through(1, 10);
+        assert_eq!((d.sessions, d.dropped), (0, 0));
+        {
+            let st = inbox.state.lock();
+            assert_eq!((st.delivered, st.assigned()), (1, 2));
+            assert!(st.has_pending() && st.unacked());
+        }
+        inbox.deliver_through(2, 10);
+        let mut st = inbox.state.lock();
+        assert_eq!((st.delivered, st.assigned()), (2, 2));
+        assert_eq!(st.ack(1), Some(1));
+        assert!(st.cold.is_some(), "message 2 is unacknowledged");
+        assert_eq!(st.ack(1), None);
+        assert_eq!(st.ack(9), Some(2), "capped at the delivered position");
+        assert!(st.cold.is_none(), "freed once empty");
+        assert_eq!(st.assigned(), 2);
+
+        // A wake registration keeps it, with no message buffers.
+        st.cold_mut().wake = Some(registration());
+        st.settle();
+        assert!(st.cold.as_ref().is_some_and(|c| c.messages.capacity() == 0));
+        drop(st);
+        let (seq, _durable) = inbox.sequence("n", &data, 5, &MemoryStore);
+        assert_eq!(seq, 3);
+        inbox.deliver_through(3, 10);
+        let mut st = inbox.state.lock();
+        st.ack(3);
+        let c = st.cold.as_ref().unwrap();
+        assert!(c.wake.is_some() && c.messages.capacity() == 0 && c.pending.capacity() == 0);
+        st.cold_mut().wake = None;
+        st.settle();
+        assert!(st.cold.is_none());
+    }
+
+    #[test]
+    fn a_loaded_inbox_keeps_what_the_store_had() {
+        let empty = Inbox::new(
+            Arc::from("a"),
+            TerminalRecord {
+                seq: 4,
+                acked: 4,
+                ..TerminalRecord::default()
+            },
+        );
+        let st = empty.state.lock();
+        assert!(st.cold.is_none());
+        assert_eq!((st.delivered, st.assigned(), st.acked), (4, 4, 4));
+        drop(st);
+
+        let reg = registration();
+        let loaded = Inbox::new(
+            Arc::from("b"),
+            TerminalRecord {
+                seq: 4,
+                acked: 3,
+                inbox: vec![InboxMessage {
+                    seq: 4,
+                    ts: 1,
+                    frame: Bytes::from_static(b"{}"),
+                }],
+                wake: Some(reg),
+            },
+        );
+        let view = loaded.view();
+        assert!(view.wake_registered);
+        assert_eq!(view.last_keepalive_ms, Some(reg.ts));
+        let st = loaded.state.lock();
+        assert!(st.unacked());
+        assert_eq!(st.cold.as_ref().map(|c| c.wake_persisted_ms), Some(reg.ts));
     }
 }

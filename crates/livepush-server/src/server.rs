@@ -2,13 +2,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
-use axum::serve::ListenerExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -54,6 +56,92 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// Accept connections and serve HTTP/1.1 on them until `stop`, then wait for the requests in
+/// flight.
+///
+/// This is `axum::serve` without one layer. axum serves through hyper-util's automatic
+/// HTTP/1-or-2 connection, which wraps the socket in a private type, so a WebSocket upgrade
+/// comes out as a boxed socket behind two indirections (~180 bytes per connection for the
+/// box and the wrapper). Serving HTTP/1.1 with hyper directly lets the WebSocket transport
+/// take the `TcpStream` itself back ([`transport::ws`] downcasts the upgrade). livepush
+/// speaks HTTP/1.1 only (WebSocket, long-poll and SSE all work over it).
+async fn serve(
+    listener: TcpListener,
+    router: Router,
+    header_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    // Every connection task holds a receiver; `closed()` resolves once they are all gone.
+    let (all_done, done) = watch::channel(());
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // The timer is what makes hyper enforce the header timeout.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let http = http;
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => break,
+        };
+        // Nagle would only delay pushes: the outbox already coalesces them into few writes.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let service = TowerToHyperService::new(router.clone());
+        let conn = http
+            .serve_connection(TokioIo::new(tcp), service)
+            .with_upgrades();
+        let mut stop = stop.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                () = stopped(&mut stop) => {
+                    // Finish the request in flight, then close (long-polls answer at once on
+                    // shutdown; upgraded connections are no longer hyper's).
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::trace!(error = %e, "http connection ended with an error");
+            }
+            drop(done);
+        });
+    }
+    drop(listener);
+    drop(done);
+    all_done.closed().await;
+}
+
+/// Resolves once the server is shutting down (or its shutdown sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The `Ref` from `wait_for` is dropped here, not held across the caller's awaits.
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// An accept error. A peer that gave up before we accepted is nothing; anything else (most
+/// likely the open-files limit) is logged, and accepting pauses for a second so that a full
+/// table does not turn into a busy loop.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accept failed; pausing accepts for 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 /// A started server.
@@ -211,24 +299,13 @@ pub async fn start_with(
         shutdown_rx.clone(),
     );
 
-    let router = router(app.clone());
-    let mut stop = shutdown_rx;
-    let task = tokio::spawn(async move {
-        // Nagle would only delay pushes: the outbox already coalesces them into few writes.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "server stopped");
-        }
-    });
+    let header_timeout = config.limits.header_timeout;
+    let task = tokio::spawn(serve(
+        listener,
+        router(app.clone()),
+        header_timeout,
+        shutdown_rx,
+    ));
     Ok(Running {
         addr,
         wake_addr,

@@ -4,11 +4,13 @@
 //! bytes: they authenticate the first frame with [`authenticate`], feed text to
 //! [`Session::handle_text`], and write out what the session's [`Outbox`] holds.
 
-use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::clock::MonotonicClock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use livepush_proto::{
     Class, ClientEnvelope, ClientFrame, ErrorCode, FrameError, InboxPosition, Position,
     ServerFrame, Transport, split_frames,
@@ -19,10 +21,9 @@ use serde_json::value::RawValue;
 
 use crate::auth::{AuthError, Grants, Terminal, TokenKeys};
 use crate::hub::{Announce, ConnId, Hub, JoinError, Member, Room};
-use crate::inbox::{Inbox, Inboxes};
+use crate::inbox::Inbox;
 use crate::outbox::{Kind, Outbox, OutboxLimits};
 use crate::server::App;
-use crate::wake::WakeKeys;
 
 /// Shared per-terminal limits (across all of a terminal's connections).
 #[derive(Debug)]
@@ -94,26 +95,31 @@ pub fn dev_terminal(id: &str) -> Result<Terminal, String> {
     })
 }
 
+/// A connection's frame-rate limiter. The std monotonic clock keeps it at 40 bytes (the
+/// default quanta clock carries its calibration in every limiter: 72 bytes).
+type FrameLimiter =
+    RateLimiter<NotKeyed, InMemoryState, MonotonicClock, NoOpMiddleware<std::time::Instant>>;
+
 /// One connected terminal.
+///
+/// Every open connection keeps one of these for its whole life, so it holds only what
+/// differs per connection (the server's shared parts are one `Arc<App>`), and the joined
+/// rooms are a plain list: a connection joins a handful of rooms at most.
 #[derive(Debug)]
 pub struct Session {
-    hub: Arc<Hub>,
-    limiters: Arc<Limiters>,
-    inboxes: Arc<Inboxes>,
-    wake_keys: WakeKeys,
+    app: Arc<App>,
     conn: ConnId,
     terminal: Terminal,
     outbox: Arc<Outbox>,
-    rooms: HashMap<Arc<str>, Arc<Room>>,
+    rooms: Vec<Arc<Room>>,
     /// The terminal's inbox, once the session is open.
     inbox: Option<Arc<Inbox>>,
-    frames: DefaultDirectRateLimiter,
+    frames: FrameLimiter,
 }
 
 impl Session {
-    pub fn new(app: &App, terminal: Terminal) -> Session {
-        let hub = app.hub.clone();
-        let limiters = app.limiters.clone();
+    pub fn new(app: &Arc<App>, terminal: Terminal) -> Session {
+        let hub = &app.hub;
         let limits = &hub.config().limits;
         let outbox = Arc::new(Outbox::new(
             OutboxLimits {
@@ -122,19 +128,52 @@ impl Session {
             },
             hub.metrics().outbox.clone(),
         ));
-        let frames = RateLimiter::direct(limiters.frame_quota);
+        let frames = RateLimiter::direct_with_clock(app.limiters.frame_quota, MonotonicClock);
         Session {
             conn: hub.next_conn_id(),
-            hub,
-            limiters,
-            inboxes: app.inboxes.clone(),
-            wake_keys: app.wake_keys.clone(),
+            app: app.clone(),
             terminal,
             outbox,
-            rooms: HashMap::new(),
+            rooms: Vec::new(),
             inbox: None,
             frames,
         }
+    }
+
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    pub fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    /// Leave every room and detach from the inbox: after this nothing reaches the session.
+    /// Dropping the session does the same; call it when the order matters (before the
+    /// terminal is counted offline).
+    pub fn close(&mut self) {
+        for r in std::mem::take(&mut self.rooms) {
+            r.leave(self.conn);
+        }
+        if let Some(i) = self.inbox.take() {
+            self.app.inboxes.detach(&i, self.conn);
+        }
+    }
+
+    fn room_index(&self, room: &str) -> Option<usize> {
+        self.rooms.iter().position(|r| &*r.id == room)
+    }
+
+    fn joined(&self, room: &str) -> Option<&Arc<Room>> {
+        self.room_index(room).map(|i| &self.rooms[i])
+    }
+
+    fn forget_room(&mut self, room: &str) -> Option<Arc<Room>> {
+        let r = self.rooms.swap_remove(self.room_index(room)?);
+        if self.rooms.is_empty() {
+            self.rooms = Vec::new();
+        }
+        Some(r)
     }
 
     pub fn terminal(&self) -> &Terminal {
@@ -142,7 +181,7 @@ impl Session {
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
-        &self.hub
+        &self.app.hub
     }
 
     pub fn outbox(&self) -> &Arc<Outbox> {
@@ -159,7 +198,7 @@ impl Session {
         inbox_after: Option<u64>,
         greet: bool,
     ) {
-        let inbox = match self.inboxes.get(&self.terminal.id) {
+        let inbox = match self.app.inboxes.get(&self.terminal.id) {
             Ok(i) => i,
             Err(e) => {
                 self.error(internal(e).with_id(id));
@@ -167,8 +206,8 @@ impl Session {
             }
         };
         let terminal = self.terminal.id.to_string();
-        let heartbeat_ms = self.hub.config().heartbeat.as_millis() as u64;
-        let wake_key = self.wake_keys.key(&terminal).to_base64();
+        let heartbeat_ms = self.app.hub.config().heartbeat.as_millis() as u64;
+        let wake_key = self.app.wake_keys.key(&terminal).to_base64();
         let connected = move |inbox: InboxPosition| ServerFrame::Connected {
             id,
             terminal: terminal.clone(),
@@ -179,14 +218,15 @@ impl Session {
         };
         let greet: Option<&dyn Fn(InboxPosition) -> ServerFrame> =
             if greet { Some(&connected) } else { None };
-        self.inboxes
+        self.app
+            .inboxes
             .attach(&inbox, self.conn, &self.outbox, inbox_after, greet);
         self.inbox = Some(inbox);
     }
 
     /// Handle one transport message: one or more frames, newline-separated.
     pub fn handle_text(&mut self, text: &str) {
-        let max = self.hub.config().limits.max_frame_bytes;
+        let max = self.app.hub.config().limits.max_frame_bytes;
         if text.len() > max {
             self.error(FrameError::new(
                 ErrorCode::TooLarge,
@@ -237,7 +277,7 @@ impl Session {
                 .join(&room, since.as_ref(), id, Announce::Always)
                 .map_err(|e| e.with_room(&room)),
             ClientFrame::Leave { room } => {
-                if let Some(r) = self.rooms.remove(room.as_str()) {
+                if let Some(r) = self.forget_room(&room) {
                     r.leave(self.conn);
                 }
                 self.outbox.reply(&ServerFrame::Left { id, room });
@@ -251,7 +291,7 @@ impl Session {
             }
             ClientFrame::Ack { inbox } => {
                 if let Some(i) = &self.inbox {
-                    self.inboxes.ack(i, inbox);
+                    self.app.inboxes.ack(i, inbox);
                 }
                 Ok(())
             }
@@ -293,7 +333,7 @@ impl Session {
 
     /// Leave every room, keeping the terminal in their online counts until `until_ms`.
     pub fn leave_all_until(&mut self, until_ms: u64) {
-        for (_, r) in self.rooms.drain() {
+        for r in std::mem::take(&mut self.rooms) {
             r.leave_until(self.conn, Some(until_ms));
         }
     }
@@ -306,10 +346,11 @@ impl Session {
         announce: Announce,
     ) -> Result<(), FrameError> {
         self.granted(room)?;
-        let max = self.hub.config().limits.max_rooms_per_connection;
-        if !self.rooms.contains_key(room) {
+        let max = self.app.hub.config().limits.max_rooms_per_connection;
+        if self.joined(room).is_none() {
             // Rooms closed under us are no longer joined; do not count them.
-            self.rooms.retain(|_, r| r.is_member(self.conn));
+            let conn = self.conn;
+            self.rooms.retain(|r| r.is_member(conn));
             if self.rooms.len() >= max {
                 return Err(FrameError::new(
                     ErrorCode::Forbidden,
@@ -317,18 +358,25 @@ impl Session {
                 ));
             }
         }
-        let r = self.hub.room(room).map_err(internal)?;
+        let r = self.app.hub.room(room).map_err(internal)?;
         let member = Member {
             terminal: self.terminal.id.clone(),
             outbox: self.outbox.clone(),
         };
         match r.join(self.conn, member, since, id, announce) {
             Ok(_) => {
-                self.rooms.insert(r.id.clone(), r);
+                match self.room_index(room) {
+                    Some(i) => self.rooms[i] = r,
+                    None => {
+                        // Exactly as long as needed: most connections stay in one room.
+                        self.rooms.reserve_exact(1);
+                        self.rooms.push(r);
+                    }
+                }
                 Ok(())
             }
             Err(JoinError::Closed) => {
-                self.rooms.remove(room);
+                self.forget_room(room);
                 Err(FrameError::new(
                     ErrorCode::RoomClosed,
                     format!("room {room:?} is closed"),
@@ -345,15 +393,15 @@ impl Session {
         id: Option<u64>,
     ) -> Result<(), FrameError> {
         self.granted(room)?;
-        let cap = self.hub.config().limits.max_pull;
+        let cap = self.app.hub.config().limits.max_pull;
         let limit = limit.unwrap_or(cap).min(cap) as usize;
-        let r = match self.rooms.get(room) {
+        let r = match self.joined(room) {
             Some(r) => r.clone(),
-            None => self.hub.room(room).map_err(internal)?,
+            None => self.app.hub.room(room).map_err(internal)?,
         };
         // A pull answer takes at most a quarter of the outbox's byte budget; the caller
         // pages on from the last seq it got.
-        let max_bytes = self.hub.config().limits.outbox_max_bytes / 4;
+        let max_bytes = self.app.hub.config().limits.outbox_max_bytes / 4;
         self.outbox
             .push(r.pulled(since, limit, max_bytes, id), Kind::Reply);
         Ok(())
@@ -366,19 +414,19 @@ impl Session {
                 "the token does not allow sending (claim `send`)",
             ));
         }
-        let Some(r) = self.rooms.get(room).filter(|r| r.is_member(self.conn)) else {
+        let Some(r) = self.joined(room).filter(|r| r.is_member(self.conn)) else {
             return Err(FrameError::new(
                 ErrorCode::Forbidden,
                 format!("join room {room:?} before sending to it"),
             ));
         };
-        if self.hub.config().classes.class_of(ty) != Class::Transient {
+        if self.app.hub.config().classes.class_of(ty) != Class::Transient {
             return Err(FrameError::new(
                 ErrorCode::Forbidden,
                 format!("terminals may only send transient types; {ty:?} is reliable"),
             ));
         }
-        let max = self.hub.config().limits.max_send_bytes;
+        let max = self.app.hub.config().limits.max_send_bytes;
         if data.get().len() > max {
             return Err(FrameError::new(
                 ErrorCode::TooLarge,
@@ -394,19 +442,19 @@ impl Session {
                 format!("room {room:?} is muted"),
             ));
         }
-        if self.limiters.send.check_key(&self.terminal.id).is_err() {
+        if self.app.limiters.send.check_key(&self.terminal.id).is_err() {
             return Err(FrameError::new(
                 ErrorCode::RateLimited,
                 "sending too fast (send_rate)",
             ));
         }
-        self.hub.send_transient(r, ty, data);
+        self.app.hub.send_transient(r, ty, data);
         Ok(())
     }
 
     /// Queue an `error` frame.
     pub fn error(&self, e: FrameError) {
-        self.hub.metrics().client_errors.inc();
+        self.app.hub.metrics().client_errors.inc();
         self.outbox.reply(&e.to_frame());
     }
 }
@@ -418,11 +466,6 @@ fn internal(e: impl std::fmt::Display) -> FrameError {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        for r in self.rooms.values() {
-            r.leave(self.conn);
-        }
-        if let Some(i) = &self.inbox {
-            self.inboxes.detach(i, self.conn);
-        }
+        self.close();
     }
 }

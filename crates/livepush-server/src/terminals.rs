@@ -30,33 +30,58 @@ pub struct TerminalSettings {
     pub retention: Duration,
 }
 
+/// One terminal on the list. There is one per connected terminal (and per recently seen
+/// one), so it is kept small: times are [`Terminals::clock`] milliseconds (`u64`, 0 for
+/// never) instead of `Option<Instant>`, and the flap detector's state is out of line and
+/// only there while it has something to say, since almost no terminal is ever interrupted.
 #[derive(Debug, Default)]
 struct Entry {
     ws: u32,
     sse: u32,
     polls: u32,
     /// A long-poll terminal stays online until then after its last poll.
-    poll_grace_until: Option<Instant>,
+    poll_grace_until: u64,
+    /// Wall clock, for the API.
     last_seen_ms: u64,
-    last_seen: Option<Instant>,
-    interruptions: VecDeque<Instant>,
-    longpoll_until: Option<Instant>,
+    /// Monotonic, for the retention.
+    last_seen: u64,
+    /// `None` while the terminal has no interruption within the window and is not held on
+    /// long-polling: saves the (empty) queue in every entry.
+    flaps: Option<Box<Flaps>>,
+}
+
+/// The flap detector's state of one terminal.
+#[derive(Debug, Default)]
+struct Flaps {
+    /// When WebSocket sessions ended without a close frame, oldest first.
+    interruptions: VecDeque<u64>,
+    /// WebSocket connects are answered with long-polling until then (0: never).
+    longpoll_until: u64,
+}
+
+impl Flaps {
+    fn prune(&mut self, now: u64, window: u64) {
+        while self
+            .interruptions
+            .front()
+            .is_some_and(|t| now.saturating_sub(*t) > window)
+        {
+            self.interruptions.pop_front();
+        }
+    }
 }
 
 impl Entry {
-    fn online(&self, now: Instant) -> bool {
-        self.ws > 0
-            || self.sse > 0
-            || self.polls > 0
-            || self.poll_grace_until.is_some_and(|t| t > now)
+    fn online(&self, now: u64) -> bool {
+        self.ws > 0 || self.sse > 0 || self.polls > 0 || self.poll_grace_until > now
     }
 
-    fn transports(&self, now: Instant) -> Vec<Transport> {
+    fn transports(&self, now: u64) -> Vec<Transport> {
         let mut t = Vec::new();
         if self.ws > 0 {
             t.push(Transport::Ws);
         }
-        if self.polls > 0 || self.poll_grace_until.is_some_and(|t| t > now) {
+        if self.polls > 0 || self.poll_grace_until > now {
             t.push(Transport::Longpoll);
         }
         if self.sse > 0 {
@@ -65,15 +90,27 @@ impl Entry {
         t
     }
 
-    fn prune(&mut self, now: Instant, window: Duration) {
-        while self
-            .interruptions
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > window)
-        {
-            self.interruptions.pop_front();
+    /// Drops interruptions older than the window, and the flap state with them once it is
+    /// empty and the terminal is no longer held on long-polling.
+    fn prune(&mut self, now: u64, window: u64) {
+        if let Some(f) = &mut self.flaps {
+            f.prune(now, window);
+            if f.interruptions.is_empty() && f.longpoll_until < now {
+                self.flaps = None;
+            }
         }
     }
+
+    /// How long WebSocket connects are still answered with long-polling.
+    fn longpoll_for(&self, now: u64) -> Option<u64> {
+        let until = self.flaps.as_ref()?.longpoll_until;
+        (until >= now).then(|| until - now)
+    }
+}
+
+/// A duration in milliseconds, saturating.
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// What the terminals API shows of one terminal.
@@ -103,6 +140,8 @@ pub struct Interruptions {
 pub struct Terminals {
     map: Mutex<HashMap<Arc<str>, Entry>>,
     settings: TerminalSettings,
+    /// Where [`Terminals::clock`] counts from.
+    origin: Instant,
 }
 
 impl Terminals {
@@ -110,26 +149,34 @@ impl Terminals {
         Terminals {
             map: Mutex::new(HashMap::new()),
             settings,
+            origin: Instant::now(),
         }
     }
 
-    fn touch<'a>(map: &'a mut HashMap<Arc<str>, Entry>, id: &Arc<str>) -> &'a mut Entry {
+    /// Monotonic milliseconds since `origin`, plus one so that 0 is free to mean "never".
+    /// Entries store these rather than `Instant`s to stay small.
+    fn clock(&self) -> u64 {
+        ms(self.origin.elapsed()).saturating_add(1)
+    }
+
+    fn touch<'a>(map: &'a mut HashMap<Arc<str>, Entry>, id: &Arc<str>, now: u64) -> &'a mut Entry {
         let e = map.entry(id.clone()).or_default();
         e.last_seen_ms = now_ms();
-        e.last_seen = Some(Instant::now());
+        e.last_seen = now;
         e
     }
 
     /// A session opened.
     pub fn opened(&self, id: &Arc<str>, transport: Transport) {
         let mut map = self.map.lock();
-        let e = Self::touch(&mut map, id);
+        let now = self.clock();
+        let e = Self::touch(&mut map, id, now);
         match transport {
             Transport::Ws => e.ws += 1,
             Transport::Sse => e.sse += 1,
             Transport::Longpoll => {
                 e.polls += 1;
-                e.poll_grace_until = None;
+                e.poll_grace_until = 0;
             }
         }
     }
@@ -138,16 +185,17 @@ impl Terminals {
     pub fn closed(&self, id: &Arc<str>, transport: Transport, interrupted: bool) {
         let mut map = self.map.lock();
         let settings = self.settings;
-        let e = Self::touch(&mut map, id);
-        let now = Instant::now();
+        let now = self.clock();
+        let e = Self::touch(&mut map, id, now);
         match transport {
             Transport::Ws => {
                 e.ws = e.ws.saturating_sub(1);
                 if interrupted {
-                    e.interruptions.push_back(now);
-                    e.prune(now, settings.flap_window);
-                    if e.interruptions.len() as u32 > settings.flap_threshold {
-                        e.longpoll_until = Some(now + settings.flap_longpoll_for);
+                    let f = e.flaps.get_or_insert_default();
+                    f.interruptions.push_back(now);
+                    f.prune(now, ms(settings.flap_window));
+                    if f.interruptions.len() as u32 > settings.flap_threshold {
+                        f.longpoll_until = now.saturating_add(ms(settings.flap_longpoll_for));
                         tracing::info!(terminal = %id, "moving a flapping terminal to long-polling");
                     }
                 }
@@ -155,7 +203,7 @@ impl Terminals {
             Transport::Sse => e.sse = e.sse.saturating_sub(1),
             Transport::Longpoll => {
                 e.polls = e.polls.saturating_sub(1);
-                e.poll_grace_until = Some(now + settings.poll_grace);
+                e.poll_grace_until = now.saturating_add(ms(settings.poll_grace));
             }
         }
     }
@@ -163,21 +211,22 @@ impl Terminals {
     /// Whether the terminal has a session open, or polled within the grace period.
     pub fn is_online(&self, id: &str) -> bool {
         let map = self.map.lock();
-        map.get(id).is_some_and(|e| e.online(Instant::now()))
+        map.get(id).is_some_and(|e| e.online(self.clock()))
     }
 
     /// If the terminal should not use WebSocket now: how long until it may try again.
     pub fn longpoll_for(&self, id: &str) -> Option<Duration> {
         let map = self.map.lock();
-        let until = map.get(id)?.longpoll_until?;
-        until.checked_duration_since(Instant::now())
+        map.get(id)?
+            .longpoll_for(self.clock())
+            .map(Duration::from_millis)
     }
 
     /// The interruption counters of a terminal never seen by this process.
     pub fn empty_interruptions(&self) -> Interruptions {
         Interruptions {
             count: 0,
-            window_ms: self.settings.flap_window.as_millis() as u64,
+            window_ms: ms(self.settings.flap_window),
             threshold: self.settings.flap_threshold,
             longpoll_for_ms: None,
         }
@@ -185,16 +234,15 @@ impl Terminals {
 
     pub fn view(&self, id: &str) -> Option<TerminalView> {
         let mut map = self.map.lock();
-        let now = Instant::now();
-        let window = self.settings.flap_window;
+        let now = self.clock();
         let e = map.get_mut(id)?;
-        e.prune(now, window);
+        e.prune(now, ms(self.settings.flap_window));
         Some(self.render(id, e, now))
     }
 
     pub fn list(&self, online_only: bool) -> Vec<TerminalView> {
         let map = self.map.lock();
-        let now = Instant::now();
+        let now = self.clock();
         let mut out: Vec<TerminalView> = map
             .iter()
             .filter(|(_, e)| !online_only || e.online(now))
@@ -204,37 +252,36 @@ impl Terminals {
         out
     }
 
-    fn render(&self, id: &str, e: &Entry, now: Instant) -> TerminalView {
-        let window = self.settings.flap_window;
+    fn render(&self, id: &str, e: &Entry, now: u64) -> TerminalView {
+        let window = ms(self.settings.flap_window);
         TerminalView {
             terminal: id.to_owned(),
             online: e.online(now),
             transports: e.transports(now),
             last_seen_ms: e.last_seen_ms,
             interruptions: Interruptions {
-                count: e
-                    .interruptions
-                    .iter()
-                    .filter(|t| now.duration_since(**t) <= window)
-                    .count() as u32,
-                window_ms: window.as_millis() as u64,
+                count: e.flaps.as_ref().map_or(0, |f| {
+                    f.interruptions
+                        .iter()
+                        .filter(|t| now.saturating_sub(**t) <= window)
+                        .count() as u32
+                }),
+                window_ms: window,
                 threshold: self.settings.flap_threshold,
-                longpoll_for_ms: e
-                    .longpoll_until
-                    .and_then(|t| t.checked_duration_since(now))
-                    .map(|d| d.as_millis() as u64),
+                longpoll_for_ms: e.longpoll_for(now),
             },
         }
     }
 
-    /// Forget terminals offline for longer than the retention.
+    /// Forget terminals offline for longer than the retention, and release the flap state
+    /// of those no longer flapping.
     pub fn sweep(&self) {
-        let now = Instant::now();
-        let retention = self.settings.retention;
+        let now = self.clock();
+        let retention = ms(self.settings.retention);
+        let window = ms(self.settings.flap_window);
         self.map.lock().retain(|_, e| {
-            e.online(now)
-                || e.last_seen
-                    .is_some_and(|t| now.duration_since(t) < retention)
+            e.prune(now, window);
+            e.online(now) || (e.last_seen != 0 && now.saturating_sub(e.last_seen) < retention)
         });
     }
 }
@@ -287,5 +334,47 @@ mod tests {
         assert!(!t.view("p").unwrap().online);
         assert!(t.list(true).is_empty());
         assert_eq!(t.list(false).len(), 1);
+    }
+
+    /// There is one entry per terminal on the list; it was 104 bytes with `Instant`s and an
+    /// inline `VecDeque`. Keep it from growing back.
+    #[test]
+    fn an_entry_stays_small() {
+        let size = std::mem::size_of::<Entry>();
+        assert!(size <= 48, "Entry is {size} bytes");
+    }
+
+    fn flaps(t: &Terminals, id: &str) -> bool {
+        t.map.lock().get(id).unwrap().flaps.is_some()
+    }
+
+    #[test]
+    fn flap_state_is_released_once_pruned_empty_and_not_held_on_long_polling() {
+        let t = Terminals::new(TerminalSettings {
+            flap_threshold: 0,
+            flap_window: Duration::from_millis(20),
+            flap_longpoll_for: Duration::from_millis(500),
+            ..settings()
+        });
+        let id: Arc<str> = Arc::from("f");
+        t.opened(&id, Transport::Ws);
+        t.closed(&id, Transport::Ws, false);
+        assert!(!flaps(&t, "f"), "clean closes allocate nothing");
+        t.opened(&id, Transport::Ws);
+        t.closed(&id, Transport::Ws, true);
+        assert!(flaps(&t, "f"));
+        assert!(t.longpoll_for("f").is_some());
+
+        std::thread::sleep(Duration::from_millis(40));
+        let v = t.view("f").unwrap();
+        assert_eq!(v.interruptions.count, 0);
+        assert!(v.interruptions.longpoll_for_ms.is_some());
+        assert!(flaps(&t, "f"), "kept while held on long-polling");
+
+        std::thread::sleep(Duration::from_millis(500));
+        t.sweep();
+        assert!(!flaps(&t, "f"));
+        assert!(t.longpoll_for("f").is_none());
+        assert_eq!(t.view("f").unwrap().interruptions.count, 0);
     }
 }

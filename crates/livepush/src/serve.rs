@@ -110,6 +110,9 @@ pub struct ServeArgs {
     /// Time a new WebSocket has to send `connect`.
     #[arg(long, env = "LIVEPUSH_CONNECT_TIMEOUT", default_value = "10s", value_parser = duration)]
     connect_timeout: Duration,
+    /// Time a client has to send a whole HTTP request head.
+    #[arg(long, env = "LIVEPUSH_HEADER_TIMEOUT", default_value = "30s", value_parser = duration)]
+    header_timeout: Duration,
     /// WebSocket interruptions tolerated within --flap-window before a terminal is moved to
     /// long-polling.
     #[arg(long, env = "LIVEPUSH_FLAP_THRESHOLD", default_value_t = 3)]
@@ -287,6 +290,7 @@ impl ServeArgs {
                 max_pull: self.max_pull,
                 max_rooms_per_connection: self.max_rooms_per_connection,
                 connect_timeout: self.connect_timeout,
+                header_timeout: self.header_timeout,
                 poll_max_wait: self.poll_max_wait,
                 max_poll_bytes: self.max_poll_bytes,
                 listen_backlog: self.listen_backlog,

@@ -124,9 +124,9 @@ struct Frame {
     fin: bool,
     mask: [u8; 4],
     /// Declared payload length (≤ max_message for data, ≤ 125 for control frames).
-    len: usize,
+    len: u32,
     /// Payload bytes not yet seen.
-    remaining: usize,
+    remaining: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -153,21 +153,25 @@ const NEXT_FRAME: Stage = Stage::Header {
 /// fragmented or its frame straddles reads), followed by the bytes of a control frame that
 /// straddles reads. Its capacity never exceeds `max_message + 125`, and it is freed when the
 /// message / control frame completes.
+///
+/// Every connection keeps one, so lengths are `u32` (messages are capped far below 4 GiB):
+/// 56 bytes instead of 72.
 #[derive(Debug)]
 pub struct Decoder {
-    max_message: usize,
+    max_message: u32,
+    /// Declared bytes of the open data message so far (including the frame in progress).
+    msg_len: u32,
     buf: Vec<u8>,
     open: Open,
-    /// Declared bytes of the open data message so far (including the frame in progress).
-    msg_len: usize,
     stage: Stage,
 }
 
 impl Decoder {
     /// `max_message`: the largest frame payload and the largest assembled message accepted.
+    /// Limits above `u32::MAX` are taken as `u32::MAX`.
     pub fn new(max_message: usize) -> Decoder {
         Decoder {
-            max_message,
+            max_message: u32::try_from(max_message).unwrap_or(u32::MAX),
             buf: Vec::new(),
             open: Open::None,
             msg_len: 0,
@@ -251,23 +255,25 @@ impl Decoder {
                 }
             };
 
-            let n = frame.remaining.min(input.len() - pos);
+            let remaining = frame.remaining as usize;
+            let n = remaining.min(input.len() - pos);
             let chunk = &mut input[pos..pos + n];
             pos += n;
-            unmask(chunk, frame.mask, frame.len - frame.remaining);
-            if n < frame.remaining {
+            unmask(chunk, frame.mask, (frame.len - frame.remaining) as usize);
+            if n < remaining {
                 // The frame straddles this read: keep what the rest of it will need.
                 if n > 0 && self.keeps_payload(frame.op) {
-                    self.append(chunk, frame.remaining);
+                    self.append(chunk, remaining);
                 }
                 self.stage = Stage::Payload(Frame {
-                    remaining: frame.remaining - n,
+                    // n < remaining, which is a u32.
+                    remaining: frame.remaining - n as u32,
                     ..frame
                 });
                 return Ok(());
             }
             self.stage = NEXT_FRAME;
-            let whole = n == frame.len;
+            let whole = n == frame.len as usize;
             if self.complete(frame, chunk, whole, on_event)?.is_break() {
                 return Ok(());
             }
@@ -344,14 +350,14 @@ impl Decoder {
         mask.copy_from_slice(mask_bytes);
         let len = match op {
             // check_start bounded these to 125.
-            Op::Close | Op::Ping | Op::Pong => usize::from(head[1] & 0x7F),
+            Op::Close | Op::Ping | Op::Pong => u32::from(head[1] & 0x7F),
             Op::Continuation | Op::Text | Op::Binary => {
-                let limit = self.max_message;
-                let room = limit - self.msg_len;
-                let len = usize::try_from(len)
-                    .ok()
-                    .filter(|&len| len <= room)
-                    .ok_or(DecodeError::TooBig { limit })?;
+                let room = self.max_message - self.msg_len;
+                let len = u32::try_from(len).ok().filter(|&len| len <= room).ok_or(
+                    DecodeError::TooBig {
+                        limit: self.max_message as usize,
+                    },
+                )?;
                 match op {
                     Op::Text => self.open = Open::Text,
                     Op::Binary => self.open = Open::Binary,
@@ -385,7 +391,7 @@ impl Decoder {
     fn append(&mut self, chunk: &[u8], frame_rest: usize) {
         let need = self.buf.len() + frame_rest;
         if need > self.buf.capacity() {
-            let doubled = self.buf.capacity().saturating_mul(2).min(self.max_message);
+            let doubled = (self.buf.capacity().saturating_mul(2)).min(self.max_message as usize);
             self.buf.reserve_exact(need.max(doubled) - self.buf.len());
         }
         self.buf.extend_from_slice(chunk);
@@ -417,7 +423,7 @@ impl Decoder {
                 }
                 // The open text message's bytes come first in `buf`, then this frame's.
                 let start = if self.open == Open::Text {
-                    self.msg_len
+                    self.msg_len as usize
                 } else {
                     0
                 };
@@ -435,7 +441,7 @@ impl Decoder {
                     if !frame.fin {
                         return Ok(ControlFlow::Continue(()));
                     }
-                    let len = self.msg_len;
+                    let len = self.msg_len as usize;
                     self.end_message();
                     Ok(on_event(Event::Binary(len)))
                 }

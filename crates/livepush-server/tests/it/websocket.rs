@@ -174,6 +174,17 @@ async fn request(
     method: &str,
     headers: &[(&str, &str)],
 ) -> (Answer, Vec<u8>) {
+    request_then(tcp, s, method, headers, &[]).await
+}
+
+/// [`request`], with `then` written in the same TCP write right behind the request.
+async fn request_then(
+    tcp: &mut TcpStream,
+    s: &TestServer,
+    method: &str,
+    headers: &[(&str, &str)],
+    then: &[u8],
+) -> (Answer, Vec<u8>) {
     let mut req = format!(
         "{method} /v1/connect HTTP/1.1\r\nHost: {}\r\n",
         s.running.addr()
@@ -182,7 +193,9 @@ async fn request(
         req.push_str(&format!("{n}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    tcp.write_all(req.as_bytes()).await.expect("write request");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(then);
+    tcp.write_all(&bytes).await.expect("write request");
     let mut buf = Vec::new();
     let end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -648,6 +661,41 @@ async fn connect_and_join_in_one_tcp_write() {
     if !pong {
         assert_eq!(raw.got().await, Got::Pong(b"p".to_vec()));
     }
+}
+
+/// A client that does not wait for the 101 (RFC 6455 says it must, some do not): frames
+/// behind the upgrade request reach the server in hyper's read buffer, and none is lost.
+#[tokio::test]
+async fn frames_sent_with_the_upgrade_request_are_not_lost() {
+    let s = TestServer::start().await;
+    let mut tcp = TcpStream::connect(s.running.addr()).await.expect("tcp");
+    let mut then = text(&connect_op(&s, "t", &["r", "r2"]));
+    then.extend_from_slice(&text(&join_op("r", 7)));
+    // Bigger than one read chunk of the server, so the frames behind it are in a later part
+    // of what hyper hands over.
+    let big = format!("[{}]", vec!["1"; 3000].join(","));
+    let pull = format!(r#"{{"op":"ping","id":8,"pad":{big}}}"#);
+    then.extend_from_slice(&text(&pull));
+    then.extend_from_slice(&text(&join_op("r2", 9)));
+    let (answer, rest) = request_then(&mut tcp, &s, "GET", &good_headers(), &then).await;
+    assert_eq!(answer.status, 101, "{answer:?}");
+    let mut raw = Raw {
+        tcp,
+        buf: rest,
+        frames: VecDeque::new(),
+    };
+    raw.expect_connected("t").await;
+    raw.expect_joined("r", 7).await;
+    let mut ids = Vec::new();
+    while ids.len() < 2 {
+        match raw.frame().await {
+            ServerFrame::Pong { id } => ids.push(id),
+            ServerFrame::Joined { id, .. } => ids.push(id),
+            ServerFrame::Online { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(ids, vec![Some(8), Some(9)]);
 }
 
 #[tokio::test]
