@@ -1442,3 +1442,28 @@ async fn the_connection_works_after_a_burst() {
     }
     assert_eq!(s.running.app().ws.len(), 1);
 }
+
+/// A client that trickles its request head is cut off at `header_timeout`; one that sends
+/// it whole in time is served.
+#[tokio::test]
+async fn a_request_head_not_finished_in_time_is_cut_off() {
+    let mut config = crate::support::config();
+    config.limits.header_timeout = Duration::from_millis(300);
+    let s = TestServer::with(config).await;
+    let mut slow = TcpStream::connect(s.running.addr()).await.expect("tcp");
+    slow.write_all(b"GET /v1/connect HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(WAIT, slow.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "expected the connection closed, got {read:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // Within the limit: a normal upgrade still works.
+    let mut raw = Raw::open(&s).await;
+    raw.write(&text(&connect_op(&s, "t", &["r"]))).await;
+    raw.expect_connected("t").await;
+}
