@@ -560,16 +560,17 @@ impl Driver {
                 }
             }
 
-            // 3. Read and handle whatever arrived.
-            let mut chunk = [0u8; READ_CHUNK];
-            let mut rb = ReadBuf::new(&mut chunk);
+            // 3. Read and handle whatever arrived. The buffer is left uninitialized: this step
+            // runs after every write (mostly to find nothing readable), and zeroing 4 KiB
+            // each time would cost more than the check.
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut rb = ReadBuf::uninit(&mut chunk);
             match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) if rb.filled().is_empty() => {
                     return Poll::Ready(self.closing.unwrap_or(Ending::Reset));
                 }
                 Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    if let Some(ending) = self.received(&mut chunk[..n]) {
+                    if let Some(ending) = self.received(rb.filled_mut()) {
                         return Poll::Ready(ending);
                     }
                     continue;
