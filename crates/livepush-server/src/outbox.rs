@@ -17,7 +17,7 @@
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -89,8 +89,8 @@ pub struct OutboxStats {
 struct State {
     frames: VecDeque<Bytes>,
     bytes: usize,
-    /// Queued frames that are not `Ambient`.
-    significant: usize,
+    /// Queued frames that are not `Ambient` (u32: fewer than the soft limit plus replies).
+    significant: u32,
     /// Rooms whose newest reliable messages were folded into a prompt not yet sent.
     prompts: Vec<(Arc<str>, u64)>,
     closed: Option<CloseReason>,
@@ -99,8 +99,8 @@ struct State {
 /// A connection's bounded outgoing queue.
 ///
 /// It is also the connection's whole shared state: the one writer (a WebSocket driver, an SSE
-/// stream or a parked long-poll) registers its waker here, and the WebSocket heartbeat
-/// sweeper leaves [`Signals`] here. No per-connection `Notify` or timer: an idle connection
+/// stream or a parked long-poll) registers its waker here, and the WebSocket reactor's
+/// timer leaves [`Signals`] here. No per-connection `Notify` or timer: an idle connection
 /// should cost a few hundred bytes.
 #[derive(Debug)]
 pub struct Outbox {
@@ -108,8 +108,26 @@ pub struct Outbox {
     /// The writer's waker. Exactly one task waits on an outbox.
     waker: AtomicWaker,
     signals: Signals,
-    limits: OutboxLimits,
+    limits: Caps,
     stats: Arc<OutboxStats>,
+}
+
+/// [`OutboxLimits`] as stored: every connection has one, so 8 bytes rather than 16 (limits
+/// past `u32::MAX` are taken as `u32::MAX`).
+#[derive(Debug, Clone, Copy)]
+struct Caps {
+    soft_frames: u32,
+    hard_bytes: u32,
+}
+
+impl Caps {
+    fn soft_frames(self) -> usize {
+        self.soft_frames as usize
+    }
+
+    fn hard_bytes(self) -> usize {
+        self.hard_bytes as usize
+    }
 }
 
 /// Requests from the heartbeat sweeper to a connection's driver, and the two times the
@@ -121,6 +139,10 @@ pub struct Signals {
     last_heard: AtomicU64,
     /// When the write now blocked started blocking; 0 when no write is blocked.
     blocked_since: AtomicU64,
+    /// When the next heartbeat ping is due: the low 32 bits of the time, compared with
+    /// wrapping arithmetic (heartbeats up to 24 days, whatever the uptime). 32 bits fit in
+    /// the padding next to `bits`, so the outbox does not grow.
+    next_ping: AtomicU32,
 }
 
 /// Send a WebSocket ping.
@@ -158,6 +180,27 @@ impl Signals {
 
     pub fn blocked_since(&self) -> Option<u64> {
         Some(self.blocked_since.load(Ordering::Relaxed)).filter(|t| *t != 0)
+    }
+
+    /// Schedule the next heartbeat ping.
+    pub fn ping_at(&self, at_ms: u64) {
+        self.next_ping.store(at_ms as u32, Ordering::Relaxed);
+    }
+
+    /// Whether a heartbeat ping is due at `now_ms`; if so, the next one is due `every_ms`
+    /// later.
+    pub fn ping_due(&self, now_ms: u64, every_ms: u64) -> bool {
+        let next = self.next_ping.load(Ordering::Relaxed);
+        if ((now_ms as u32).wrapping_sub(next) as i32) < 0 {
+            return false;
+        }
+        self.ping_at(now_ms + every_ms);
+        true
+    }
+
+    /// Raise signals without waking the writer (the caller polls it).
+    pub fn raise(&self, bits: u8) {
+        self.bits.fetch_or(bits, Ordering::AcqRel);
     }
 
     /// Take every raised signal.
@@ -203,7 +246,10 @@ impl Outbox {
             state: Mutex::new(State::default()),
             waker: AtomicWaker::new(),
             signals: Signals::default(),
-            limits,
+            limits: Caps {
+                soft_frames: u32::try_from(limits.soft_frames).unwrap_or(u32::MAX),
+                hard_bytes: u32::try_from(limits.hard_bytes).unwrap_or(u32::MAX),
+            },
             stats,
         }
     }
@@ -214,7 +260,7 @@ impl Outbox {
         if st.closed.is_some() {
             return Pushed::Closed;
         }
-        let full = st.frames.len() >= self.limits.soft_frames;
+        let full = st.frames.len() >= self.limits.soft_frames();
         let outcome = match kind {
             Kind::Reply => Pushed::Queued,
             Kind::Transient | Kind::Ambient if full => {
@@ -243,7 +289,7 @@ impl Outbox {
         if !matches!(kind, Kind::Ambient) {
             st.significant += 1;
         }
-        if st.bytes > self.limits.hard_bytes {
+        if st.bytes > self.limits.hard_bytes() {
             st.closed = Some(CloseReason::SlowConsumer);
             st.frames.clear();
             st.bytes = 0;
@@ -273,13 +319,13 @@ impl Outbox {
     /// Make room for at most `n` more frames before the soft limit; used by join replays.
     pub fn free_slots(&self) -> usize {
         let st = self.state.lock();
-        self.limits.soft_frames.saturating_sub(st.frames.len())
+        self.limits.soft_frames().saturating_sub(st.frames.len())
     }
 
     /// Bytes that may still be queued before the hard limit.
     pub fn free_bytes(&self) -> usize {
         let st = self.state.lock();
-        self.limits.hard_bytes.saturating_sub(st.bytes)
+        self.limits.hard_bytes().saturating_sub(st.bytes)
     }
 
     /// Fold reliable messages of `room` up to `seq` into a prompt (used when a replay does not
@@ -342,7 +388,7 @@ impl Outbox {
         st.significant = if st.frames.is_empty() {
             0
         } else {
-            st.significant.min(st.frames.len())
+            st.significant.min(st.frames.len() as u32)
         };
         if st.frames.is_empty() {
             // Give the queue's memory back: most connections are idle between bursts.
@@ -422,6 +468,24 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pings come every `heartbeat` from the scheduled start, also where the 32-bit time
+    /// wraps around.
+    #[test]
+    fn heartbeat_pings_are_due_every_interval_across_the_wrap() {
+        let s = Signals::default();
+        for start in [5_000u64, u64::from(u32::MAX) - 50] {
+            s.ping_at(start + 100);
+            assert!(!s.ping_due(start, 100));
+            assert!(!s.ping_due(start + 99, 100));
+            assert!(s.ping_due(start + 100, 100));
+            assert!(
+                !s.ping_due(start + 150, 100),
+                "the next one is 100 ms later"
+            );
+            assert!(s.ping_due(start + 210, 100));
+        }
+    }
 
     fn outbox(soft: usize, hard: usize) -> Outbox {
         Outbox::new(

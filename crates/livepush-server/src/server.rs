@@ -43,14 +43,17 @@ pub struct App {
     pub wake_keys: WakeKeys,
     /// Flips to `true` when the server shuts down; long-lived sessions watch it.
     pub shutdown: watch::Receiver<bool>,
-    /// Heartbeats, dead peers and stalled writes of every WebSocket connection.
-    pub ws: Arc<transport::ws::Sweeper>,
+    /// The open WebSocket connections, driven (and their heartbeats, dead peers and stalled
+    /// writes checked) by one task per tokio worker.
+    pub connections: transport::ws::Connections,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("cannot create the WebSocket reactor's epoll set: {0}")]
+    Reactor(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -273,14 +276,16 @@ pub async fn start_with(
     if let Some(socket) = wake_socket.clone() {
         spawn_keepalives(socket, inboxes.clone(), shutdown_rx.clone());
     }
-    let sweeper = Arc::new(transport::ws::Sweeper::new(
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    let sweep = transport::reactor::Sweep::new(&[
         config.heartbeat,
-        config.heartbeat_timeout,
+        config.heartbeat + config.heartbeat_timeout,
         config.limits.write_timeout,
-    ));
-    tokio::spawn(sweeper.clone().run(shutdown_rx.clone()));
+    ]);
+    let connections = transport::ws::Connections::start(workers, sweep, shutdown_rx.clone())
+        .map_err(|e| ServerError::Reactor(e.to_string()))?;
     let app = Arc::new(App {
-        ws: sweeper,
+        connections,
         hub: hub.clone(),
         keys,
         limiters: limiters.clone(),

@@ -53,6 +53,12 @@ pub struct ServerArg {
     pub server: String,
 }
 
+/// jemalloc, not glibc's malloc: an idle connection is a dozen small allocations, which
+/// jemalloc packs in size classes without a header each (docs/performance.md measures it).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
