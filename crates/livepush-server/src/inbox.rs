@@ -306,6 +306,20 @@ impl Inboxes {
 
     /// The inbox of `id`, loaded from the store on first use.
     pub fn get(&self, id: &str) -> Result<Arc<Inbox>, StoreError> {
+        self.get_or_load(id, || Arc::from(id))
+    }
+
+    /// [`Inboxes::get`] for a terminal whose id is already shared: a new inbox keeps that
+    /// `Arc` rather than a copy of the id (one allocation less per connected terminal).
+    pub fn get_shared(&self, id: &Arc<str>) -> Result<Arc<Inbox>, StoreError> {
+        self.get_or_load(id, || id.clone())
+    }
+
+    fn get_or_load(
+        &self,
+        id: &str,
+        shared_id: impl FnOnce() -> Arc<str>,
+    ) -> Result<Arc<Inbox>, StoreError> {
         if let Some(i) = self.map.lock().get(id) {
             return Ok(i.0.clone());
         }
@@ -314,7 +328,7 @@ impl Inboxes {
         if let Some(i) = map.get(id) {
             return Ok(i.0.clone());
         }
-        let inbox = Arc::new(Inbox::new(Arc::from(id), record));
+        let inbox = Arc::new(Inbox::new(shared_id(), record));
         map.insert(ById(inbox.clone()));
         Ok(inbox)
     }

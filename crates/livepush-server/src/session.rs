@@ -198,7 +198,7 @@ impl Session {
         inbox_after: Option<u64>,
         greet: bool,
     ) {
-        let inbox = match self.app.inboxes.get(&self.terminal.id) {
+        let inbox = match self.app.inboxes.get_shared(&self.terminal.id) {
             Ok(i) => i,
             Err(e) => {
                 self.error(internal(e).with_id(id));
