@@ -130,8 +130,9 @@ impl Caps {
     }
 }
 
-/// Requests from the heartbeat sweeper to a connection's driver, and the two times the
-/// sweeper needs to decide them. Times are [`clock_ms`] values.
+/// Requests to a connection's driver raised by its reactor's tick (`Driver::tick` in
+/// `transport/ws.rs`: ping, dead peer, stalled write, shutdown), and the times the tick
+/// decides them from. Times are [`clock_ms`] values.
 #[derive(Debug, Default)]
 pub struct Signals {
     bits: AtomicU8,
@@ -404,7 +405,7 @@ impl Outbox {
         Batch::Frames(out)
     }
 
-    /// The sweeper's side of the connection.
+    /// The heartbeat's side of the connection: what the tick reads and raises.
     pub fn signals(&self) -> &Signals {
         &self.signals
     }

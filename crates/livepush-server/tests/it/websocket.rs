@@ -1162,7 +1162,7 @@ async fn a_reader_whose_writes_stall_is_dropped_while_the_room_goes_on() {
             .await;
         assert_eq!(reader.reliable(1).await, vec![published]);
         if published > 64 {
-            // Past the socket buffers: give the sweeper its write_timeout.
+            // Past the socket buffers: give the reactor's tick its write_timeout.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
