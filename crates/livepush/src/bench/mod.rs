@@ -7,6 +7,9 @@
 //! - `fanout`: N subscribers in one room, M messages; deliveries per second, latency, loss,
 //!   server CPU per delivery.
 //! - `resume`: N terminals drop at once, K messages later they all resume; time to recover.
+//! - `wake`: N idle terminals without a connection, woken over UDP; time until delivered.
+//! - `floor`: no server: what a round of one write per loopback connection costs on this
+//!   machine, the floor under any server's paced fan-out.
 //!
 //! The last three speak to livepush or to a peer server (`--target ws|socketio|nchan`) and
 //! measure a local server from /proc. See `bench/README.md` for how to run them.
@@ -14,6 +17,7 @@
 mod client;
 mod connections;
 mod fanout;
+mod floor;
 mod proc;
 mod publish;
 mod report;
@@ -50,6 +54,9 @@ enum BenchCommand {
     /// N idle terminals registered over UDP, a message to each: time until all delivered,
     /// and the server's open TCP connections while they sleep (should be 0).
     Wake(wake::WakeBench),
+    /// No server: N loopback connections written to round after round (blocking writes, a
+    /// busy-polling reader on another core). The floor under any server's paced fan-out here.
+    Floor(floor::FloorBench),
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -68,6 +75,10 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             resume::run(r).await
         }
         BenchCommand::Wake(w) => wake::run(w).await,
+        BenchCommand::Floor(f) => {
+            raise_nofile();
+            floor::run(f).await
+        }
     }
 }
 
