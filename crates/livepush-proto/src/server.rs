@@ -20,11 +20,15 @@ pub enum Transport {
     Sse,
 }
 
-/// A terminal's inbox: the newest inbox `seq` and the newest one it acked.
+/// A terminal's inbox: the newest inbox `seq`, the newest one it acked, and how many
+/// unacknowledged messages are still kept (contract v1.1, decision 6: a woken terminal knows it
+/// has drained its inbox when `pending` is 0, even across gaps left by expired messages).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InboxPosition {
     pub seq: u64,
     pub acked: u64,
+    #[serde(default)]
+    pub pending: u64,
 }
 
 /// A room message as a client sees it. `seq` is present exactly for reliable messages.

@@ -333,7 +333,11 @@ fn terminal_json(
         "transports": v.as_ref().map(|v| v.transports.clone()).unwrap_or_default(),
         // Seen by this process, or else the last keepalive on record.
         "last_seen_ms": v.as_ref().map(|v| v.last_seen_ms).or(inbox.last_keepalive_ms).unwrap_or(0),
-        "inbox": {"seq": inbox.position.seq, "acked": inbox.position.acked},
+        "inbox": {
+            "seq": inbox.position.seq,
+            "acked": inbox.position.acked,
+            "pending": inbox.position.pending,
+        },
         "wake": {
             "registered": inbox.wake_registered,
             "last_keepalive_ms": inbox.last_keepalive_ms,

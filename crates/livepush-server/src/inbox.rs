@@ -137,6 +137,17 @@ impl State {
         self.cold.as_ref().is_some_and(|c| !c.pending.is_empty())
     }
 
+    /// Where the inbox stands: newest seq, acknowledged seq, unacknowledged messages kept.
+    fn position(&self) -> InboxPosition {
+        InboxPosition {
+            seq: self.delivered,
+            acked: self.acked,
+            pending: self.cold.as_ref().map_or(0, |c| {
+                c.messages.iter().filter(|m| m.seq > self.acked).count() as u64
+            }),
+        }
+    }
+
     fn unacked(&self) -> bool {
         self.cold
             .as_ref()
@@ -352,6 +363,7 @@ impl Inboxes {
             position: InboxPosition {
                 seq: r.seq,
                 acked: r.acked,
+                pending: r.inbox.iter().filter(|m| m.seq > r.acked).count() as u64,
             },
             wake_registered: r.wake.is_some(),
             last_keepalive_ms: r.wake.map(|w| w.ts),
@@ -401,10 +413,7 @@ impl Inboxes {
         let mut st = inbox.state.lock();
         st.touched_ms = now_ms();
         if let Some(greet) = greet {
-            outbox.reply(&greet(InboxPosition {
-                seq: st.delivered,
-                acked: st.acked,
-            }));
+            outbox.reply(&greet(st.position()));
         }
         let after = after.unwrap_or(st.acked);
         if let Some(c) = &st.cold {
@@ -614,13 +623,15 @@ impl Inbox {
         &self.id
     }
 
+    /// Where the inbox stands now (see [`InboxPosition`]).
+    pub fn position(&self) -> InboxPosition {
+        self.state.lock().position()
+    }
+
     fn view(&self) -> InboxView {
         let st = self.state.lock();
         InboxView {
-            position: InboxPosition {
-                seq: st.delivered,
-                acked: st.acked,
-            },
+            position: st.position(),
             wake_registered: st.wake().is_some(),
             last_keepalive_ms: st.wake().map(|w| w.ts),
         }

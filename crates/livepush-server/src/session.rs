@@ -290,9 +290,16 @@ impl Session {
                 self.send(&room, &ty, &data).map_err(|e| e.with_room(&room))
             }
             ClientFrame::Ack { inbox } => {
-                if let Some(i) = &self.inbox {
-                    self.app.inboxes.ack(i, inbox);
-                }
+                // A session that did not open the inbox (a `bye` poll) may still acknowledge.
+                let i = match &self.inbox {
+                    Some(i) => i.clone(),
+                    None => self
+                        .app
+                        .inboxes
+                        .get_shared(&self.terminal.id)
+                        .map_err(internal)?,
+                };
+                self.app.inboxes.ack(&i, inbox);
                 Ok(())
             }
             ClientFrame::Ping => {
@@ -329,6 +336,22 @@ impl Session {
         {
             self.error(e.with_room(room));
         }
+    }
+
+    /// Where the terminal's inbox stands, once the session has opened it.
+    pub fn inbox_position(&self) -> Option<InboxPosition> {
+        self.inbox.as_ref().map(|i| i.position())
+    }
+
+    /// Leave every room now; the names of the rooms left.
+    pub fn leave_all(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.rooms)
+            .into_iter()
+            .map(|r| {
+                r.leave(self.conn);
+                r.id.to_string()
+            })
+            .collect()
     }
 
     /// Leave every room, keeping the terminal in their online counts until `until_ms`.

@@ -208,6 +208,15 @@ impl Terminals {
         }
     }
 
+    /// A long-poll terminal said `bye`: its presence over long-polling ends now, without the
+    /// grace period (other open sessions still count).
+    pub fn bye(&self, id: &Arc<str>) {
+        let mut map = self.map.lock();
+        let now = self.clock();
+        let e = Self::touch(&mut map, id, now);
+        e.poll_grace_until = 0;
+    }
+
     /// Whether the terminal has a session open, or polled within the grace period.
     pub fn is_online(&self, id: &str) -> bool {
         let map = self.map.lock();

@@ -462,6 +462,12 @@ impl Room {
         true
     }
 
+    /// The terminal said `bye` over long-polling: it no longer lingers in the online count
+    /// (it still counts while another connection of it is a member).
+    pub fn stop_lingering(&self, terminal: &str) {
+        self.state.lock().lingering.remove(terminal);
+    }
+
     pub fn is_member(&self, conn: ConnId) -> bool {
         self.state.lock().members.contains_key(&conn)
     }

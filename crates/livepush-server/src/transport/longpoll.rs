@@ -51,6 +51,10 @@ struct PollBody {
     wait_ms: Option<u64>,
     #[serde(default)]
     ops: Vec<Box<RawValue>>,
+    /// The terminal is leaving (contract v1.1, decision 5): run the ops, leave the rooms, end
+    /// its long-poll presence at once (no grace period), answer at once.
+    #[serde(default)]
+    bye: bool,
 }
 
 fn unauthorized(message: String) -> ApiError {
@@ -94,6 +98,7 @@ async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         session: Session::new(&app, terminal),
         app: app.clone(),
         terminal: id,
+        bye: body.bye,
     };
     app.terminals.opened(&poll.terminal, Transport::Longpoll);
     Ok(exchange(&app, &mut poll.session, body).await)
@@ -105,22 +110,100 @@ struct Poll {
     session: Session,
     app: Arc<App>,
     terminal: Arc<str>,
+    /// The poll said `bye`: no grace period.
+    bye: bool,
 }
 
 impl Drop for Poll {
     fn drop(&mut self) {
-        // The terminal stays in its rooms' online counts for the grace period.
-        let grace = self.app.hub.config().poll_grace;
-        self.session
-            .leave_all_until(now_ms() + grace.as_millis() as u64);
+        if self.bye {
+            self.session.close();
+        } else {
+            // The terminal stays in its rooms' online counts for the grace period.
+            let grace = self.app.hub.config().poll_grace;
+            self.session
+                .leave_all_until(now_ms() + grace.as_millis() as u64);
+        }
         self.app
             .terminals
             .closed(&self.terminal, Transport::Longpoll, false);
+        if self.bye {
+            self.app.terminals.bye(&self.terminal);
+        }
     }
+}
+
+/// A `bye` poll: run the ops, leave every room the poll names (and any its ops joined),
+/// stop lingering in their online counts, and answer at once with the replies and `left`s.
+fn bye(app: &App, session: &mut Session, body: &PollBody) -> Response {
+    for op in &body.ops {
+        session.handle_frame(op.get());
+    }
+    let mut rooms: Vec<String> = body.rooms.keys().cloned().collect();
+    for room in session.leave_all() {
+        if !rooms.contains(&room) {
+            rooms.push(room);
+        }
+    }
+    let mut left = Vec::new();
+    for room in rooms {
+        if let Err(e) = livepush_proto::validate_room(&room) {
+            session.error(livepush_proto::FrameError::bad_frame(e).with_room(&room));
+            continue;
+        }
+        match app.hub.existing_room(&room) {
+            Ok(Some(r)) => r.stop_lingering(&session.terminal().id),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "bye: cannot load a room"),
+        }
+        left.push(livepush_proto::encode_frame(
+            &livepush_proto::ServerFrame::Left { id: None, room },
+        ));
+    }
+    let mut frames = match session.outbox().take(usize::MAX) {
+        Batch::Frames(f) => f,
+        Batch::Closed(_) => Vec::new(),
+    };
+    frames.extend(left.iter().cloned());
+    let mut out = BytesMut::new();
+    out.put_slice(b"{\"frames\":");
+    put_array(&mut out, &frames);
+    // The contract writes this answer as `{"ops":[left, ...]}`; every other answer is
+    // `{"frames":[...]}`. Both keys are sent (docs/protocol.md §16.2).
+    out.put_slice(b",\"ops\":");
+    put_array(&mut out, &left);
+    out.put_u8(b'}');
+    json_answer(out)
+}
+
+/// A JSON array of the frames of `batch`.
+fn put_array(out: &mut BytesMut, batch: &[bytes::Bytes]) {
+    out.put_u8(b'[');
+    for (i, frame) in crate::outbox::frames_of(batch).enumerate() {
+        if i > 0 {
+            out.put_u8(b',');
+        }
+        out.put_slice(frame.as_bytes());
+    }
+    out.put_u8(b']');
+}
+
+fn json_answer(out: BytesMut) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        out.freeze(),
+    )
+        .into_response()
 }
 
 async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response {
     let limits = &app.hub.config().limits;
+    if body.bye {
+        return bye(app, session, &body);
+    }
     session.open(Transport::Longpoll, None, body.inbox, body.hello);
     for (room, entry) in &body.rooms {
         let since = match (&entry.epoch, entry.seq) {
@@ -175,23 +258,20 @@ async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response 
             ),
         )],
     };
-    let mut out = BytesMut::with_capacity(frames.iter().map(|f| f.len() + 1).sum::<usize>() + 16);
-    out.put_slice(b"{\"frames\":[");
-    let mut first = true;
-    for frame in crate::outbox::frames_of(&frames) {
-        if !first {
-            out.put_u8(b',');
-        }
-        first = false;
-        out.put_slice(frame.as_bytes());
+    let mut out = BytesMut::with_capacity(frames.iter().map(|f| f.len() + 1).sum::<usize>() + 96);
+    out.put_slice(b"{\"frames\":");
+    put_array(&mut out, &frames);
+    // Where the inbox stands after this answer (contract v1.1, decision 6): a woken terminal
+    // that acknowledged everything sees `pending: 0`.
+    if let Some(p) = session.inbox_position() {
+        out.put_slice(
+            format!(
+                r#","inbox":{{"seq":{},"acked":{},"pending":{}}}"#,
+                p.seq, p.acked, p.pending
+            )
+            .as_bytes(),
+        );
     }
-    out.put_slice(b"]}");
-    (
-        [
-            (header::CONTENT_TYPE, "application/json"),
-            (header::CACHE_CONTROL, "no-store"),
-        ],
-        out.freeze(),
-    )
-        .into_response()
+    out.put_u8(b'}');
+    json_answer(out)
 }

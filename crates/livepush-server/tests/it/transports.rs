@@ -540,3 +540,112 @@ async fn a_parked_poll_dropped_by_its_client_ends_its_presence() {
     .await;
     assert_eq!(s.room("r").await["online"], 0);
 }
+
+/// Contract v1.1, decision 5: a poll with `"bye":true` ends the terminal's presence at once,
+/// without the grace period, and answers `left` for its rooms.
+#[tokio::test]
+async fn a_bye_poll_ends_presence_at_once_and_answers_left() {
+    let mut c = config();
+    // A grace far longer than the test: only `bye` can end the presence in time.
+    c.poll_grace = Duration::from_secs(600);
+    let s = TestServer::with(c).await;
+    let token = s.token("leaver", &["b1", "b2"], false);
+    s.poll(
+        "/v1/poll",
+        json!({"token":token,"hello":true,"rooms":{"b1":{},"b2":{}},"wait_ms":0}),
+    )
+    .await;
+    assert_eq!(s.room("b1").await["online"], 1);
+    assert_eq!(s.get("/v1/terminals/leaver").await.1["online"], json!(true));
+
+    let r = s
+        .http
+        .post(format!("{}/v1/poll", s.url()))
+        .json(&json!({"token":token,"bye":true,"rooms":{"b1":{},"b2":{}},"wait_ms":25000}))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("a bye poll is answered at once");
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    for key in ["frames", "ops"] {
+        let mut left: Vec<&str> = v[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key} in {v}"))
+            .iter()
+            .filter(|f| f["op"] == "left")
+            .map(|f| f["room"].as_str().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["b1", "b2"], "{key}: {v}");
+    }
+    assert_eq!(
+        s.get("/v1/terminals/leaver").await.1["online"],
+        json!(false),
+        "offline at once, not after the grace period"
+    );
+    s.eventually("the rooms' online counts to drop", || async {
+        s.room("b1").await["online"] == 0 && s.room("b2").await["online"] == 0
+    })
+    .await;
+}
+
+/// Contract v1.1, decision 6: `connected.inbox` and every long-poll answer carry `pending`,
+/// the number of unacknowledged inbox messages still kept.
+#[tokio::test]
+async fn inbox_positions_carry_the_pending_count() {
+    let s = TestServer::start().await;
+    for n in 0..3 {
+        let (status, body) = s
+            .post("/v1/terminals/woken/messages", json!({"type":"n","data":n}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let token = s.token("woken", &[], false);
+    let post = |body: Value| {
+        let s = &s;
+        async move {
+            let r = s
+                .http
+                .post(format!("{}/v1/poll", s.url()))
+                .json(&body)
+                .send()
+                .await
+                .expect("poll");
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let hello = post(json!({"token":token,"hello":true,"wait_ms":0})).await;
+    assert_eq!(
+        hello["frames"][0]["inbox"],
+        json!({"seq":3,"acked":0,"pending":3}),
+        "{hello}"
+    );
+    assert_eq!(hello["inbox"], json!({"seq":3,"acked":0,"pending":3}));
+    let acked =
+        post(json!({"token":token,"inbox":3,"ops":[{"op":"ack","inbox":2}],"wait_ms":0})).await;
+    assert_eq!(
+        acked["inbox"],
+        json!({"seq":3,"acked":2,"pending":1}),
+        "{acked}"
+    );
+    let (_, t) = s.get("/v1/terminals/woken").await;
+    assert_eq!(t["inbox"], json!({"seq":3,"acked":2,"pending":1}), "{t}");
+    // A bye poll may acknowledge the rest on its way out.
+    post(json!({"token":token,"bye":true,"ops":[{"op":"ack","inbox":3}]})).await;
+    let (_, t) = s.get("/v1/terminals/woken").await;
+    assert_eq!(t["inbox"]["pending"], 0, "{t}");
+
+    // Over WebSocket, `connected` carries it too.
+    s.post("/v1/terminals/woken/messages", json!({"type":"n","data":4}))
+        .await;
+    let mut ws = Ws::open(&s.ws_url()).await;
+    ws.send(json!({"op":"connect","token":token})).await;
+    match ws.next().await {
+        ServerFrame::Connected { inbox, .. } => {
+            assert_eq!((inbox.seq, inbox.acked, inbox.pending), (4, 3, 1));
+        }
+        other => panic!("{other:?}"),
+    }
+}
