@@ -17,54 +17,10 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
+use crate::app::App;
+use crate::error::ApiError;
 use crate::hub::PublishError;
 use crate::inbox::InboxView;
-use crate::server::App;
-
-/// A JSON error answer.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    pub fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
-    }
-
-    pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
-    }
-
-    pub fn internal(e: impl std::fmt::Display) -> ApiError {
-        tracing::error!(error = %e, "internal error");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error; retry later",
-        )
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"error": self.code, "message": self.message})),
-        )
-            .into_response()
-    }
-}
 
 impl From<PublishError> for ApiError {
     fn from(e: PublishError) -> Self {
@@ -83,7 +39,7 @@ impl<T: serde::de::DeserializeOwned> FromRequest<Arc<App>> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &Arc<App>) -> Result<Self, ApiError> {
-        let limit = state.hub.config().limits.max_publish_bytes;
+        let limit = state.config.limits.max_publish_bytes;
         let body = axum::body::to_bytes(req.into_body(), limit)
             .await
             .map_err(|_| {
@@ -105,7 +61,7 @@ pub async fn require_api_key(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    if let Some(key) = app.hub.config().api_key.as_deref() {
+    if let Some(key) = app.config.api_key.as_deref() {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -193,8 +149,8 @@ pub async fn history(
         .existing_room(&room)
         .map_err(ApiError::internal)?
         .ok_or_else(|| unknown_room(&room))?;
-    let cap = app.hub.config().limits.max_pull;
-    let max_bytes = app.hub.config().limits.outbox_max_bytes / 4;
+    let cap = app.config.limits.max_pull;
+    let max_bytes = app.config.limits.outbox_max_bytes / 4;
     let page = r.page(q.since, q.limit.unwrap_or(cap).min(cap) as usize, max_bytes);
     let mut out = BytesMut::new();
     out.put_slice(
@@ -257,7 +213,7 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        app.hub.metrics().encode(),
+        app.metrics.encode(),
     )
         .into_response()
 }

@@ -5,10 +5,12 @@
 //! key is a different secret with a different use; it is never accepted as a token.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+
+// Token expiry is in these units; re-exported for callers that mint tokens.
+pub use crate::clock::{now_ms, now_secs};
 
 /// Longest terminal id accepted in `sub`.
 pub const MAX_TERMINAL_LEN: usize = 128;
@@ -127,19 +129,6 @@ impl TokenKeys {
             grants: Grants::new(c.rooms, c.send),
         })
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Seconds since the Unix epoch.
-pub fn now_secs() -> u64 {
-    now_ms() / 1000
 }
 
 #[cfg(test)]

@@ -22,14 +22,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use livepush_proto::{InboxPosition, ServerFrame, encode_frame};
 use parking_lot::Mutex;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use serde_json::value::RawValue;
 
-use crate::auth::now_ms;
-use crate::hub::ConnId;
+use crate::clock::now_ms;
+use crate::metrics::InboxStats;
 use crate::metrics::ReasonLabel;
-use crate::outbox::{Kind, Outbox};
+use crate::outbox::{ConnId, Kind, Outbox};
 use crate::store::{Durable, InboxMessage, Store, StoreError, TerminalRecord, WakeRegistration};
 use crate::terminals::Terminals;
 use crate::wake::WakeSocket;
@@ -46,14 +44,6 @@ pub struct InboxSettings {
     /// Delay before the first repeat; doubles up to `wake_retry_max`.
     pub wake_retry_first: Duration,
     pub wake_retry_max: Duration,
-}
-
-/// Counters of the inbox path.
-#[derive(Debug, Default, Clone)]
-pub struct InboxStats {
-    pub posted: Counter,
-    /// Messages dropped unacknowledged, by reason: overflow, expired.
-    pub dropped: Family<ReasonLabel, Counter>,
 }
 
 /// The answer to a post.

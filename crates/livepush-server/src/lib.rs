@@ -15,14 +15,19 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod app;
 pub mod assets;
 pub mod auth;
 pub mod broker;
+pub mod clock;
 pub mod config;
+pub mod error;
 pub mod hub;
 pub mod inbox;
 pub mod metrics;
 pub mod outbox;
+pub mod ratelimit;
+pub mod reactor;
 pub mod server;
 pub mod session;
 pub mod store;
@@ -30,6 +35,7 @@ pub mod terminals;
 pub mod transport;
 pub mod wake;
 
+pub use app::App;
 pub use config::{ClassMap, Config, Limits, WakeListen};
 pub use hub::Hub;
-pub use server::{App, Running, ServerError, start, start_with};
+pub use server::{Running, ServerError, start, start_with};

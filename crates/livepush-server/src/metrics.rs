@@ -1,4 +1,8 @@
 //! Prometheus metrics, served at `/metrics`.
+//!
+//! A leaf module: it defines every counter the server keeps (the per-path stats structs the
+//! hub, outboxes, inboxes and the wake socket update) and their labels, and imports nothing
+//! else of the crate, so any module can count without importing the modules it counts for.
 
 use std::sync::Arc;
 
@@ -9,11 +13,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-
-use crate::hub::MergeStats;
-use crate::inbox::InboxStats;
-use crate::outbox::OutboxStats;
-use crate::wake::WakeStats;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabel {
@@ -28,6 +27,50 @@ pub struct TransportLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
+}
+
+/// Counters shared by all outboxes (exported as metrics).
+#[derive(Debug, Default, Clone)]
+pub struct OutboxStats {
+    pub dropped_transient: Counter,
+    pub prompted: Counter,
+    pub slow_consumer_closes: Counter,
+}
+
+/// Counters of merged pushes (exported as metrics).
+#[derive(Debug, Default, Clone)]
+pub struct MergeStats {
+    /// Chunks pushed, each to every member.
+    pub flushes: Counter,
+    /// Frames those chunks carried.
+    pub frames: Counter,
+}
+
+/// Counters of the inbox path.
+#[derive(Debug, Default, Clone)]
+pub struct InboxStats {
+    pub posted: Counter,
+    /// Messages dropped unacknowledged, by reason: overflow, expired.
+    pub dropped: Family<ReasonLabel, Counter>,
+}
+
+/// Counters of the wake path (exported as metrics).
+#[derive(Debug, Default, Clone)]
+pub struct WakeStats {
+    /// Keepalives, by result: accepted, bad_mac, stale, replayed, malformed.
+    pub keepalives: Family<ReasonLabel, Counter>,
+    /// Wake datagrams, by result: sent, rate_limited, too_large, send_failed.
+    pub wakes: Family<ReasonLabel, Counter>,
+}
+
+impl WakeStats {
+    pub fn keepalive(&self, reason: &'static str) {
+        self.keepalives.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn wake(&self, reason: &'static str) {
+        self.wakes.get_or_create(&ReasonLabel { reason }).inc();
+    }
 }
 
 /// Every metric the server exports.

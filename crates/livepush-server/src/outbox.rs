@@ -24,7 +24,11 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use livepush_proto::{ServerFrame, encode_frame};
 use parking_lot::Mutex;
-use prometheus_client::metrics::counter::Counter;
+
+use crate::metrics::OutboxStats;
+
+/// Identifies one connection (one session) within this process.
+pub type ConnId = u64;
 
 /// What kind of frame is being queued; decides what the soft limit does to it.
 #[derive(Debug, Clone, Copy)]
@@ -77,14 +81,6 @@ pub struct OutboxLimits {
     pub hard_bytes: usize,
 }
 
-/// Counters shared by all outboxes (exported as metrics).
-#[derive(Debug, Default, Clone)]
-pub struct OutboxStats {
-    pub dropped_transient: Counter,
-    pub prompted: Counter,
-    pub slow_consumer_closes: Counter,
-}
-
 #[derive(Debug, Default)]
 struct State {
     frames: VecDeque<Bytes>,
@@ -132,7 +128,7 @@ impl Caps {
 
 /// Requests to a connection's driver raised by its reactor's tick (`Driver::tick` in
 /// `transport/ws.rs`: ping, dead peer, stalled write, shutdown), and the times the tick
-/// decides them from. Times are [`clock_ms`] values.
+/// decides them from. Times are [`crate::clock::clock_ms`] values.
 #[derive(Debug, Default)]
 pub struct Signals {
     bits: AtomicU8,
@@ -221,17 +217,6 @@ pub fn frames_of(batch: &[Bytes]) -> impl Iterator<Item = &str> {
         .iter()
         .filter_map(|f| std::str::from_utf8(f).ok())
         .flat_map(livepush_proto::split_frames)
-}
-
-/// Milliseconds since the first call in this process: a cheap monotonic clock for the
-/// timestamps kept in [`Signals`].
-pub fn clock_ms() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
-        + 1
 }
 
 /// What the writer takes from the outbox in one go.

@@ -15,38 +15,22 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::api::{self, ApiError};
+use crate::api;
+use crate::app::App;
 use crate::assets;
 use crate::auth::TokenKeys;
 use crate::broker::{Broker, LocalBroker};
 use crate::config::Config;
 use crate::config::WakeListen;
+use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::inbox::{InboxSettings, Inboxes};
 use crate::metrics::Metrics;
-use crate::session::Limiters;
+use crate::ratelimit::Limiters;
 use crate::store::{HistoryStore, MemoryStore, Store};
 use crate::terminals::{TerminalSettings, Terminals};
 use crate::transport;
 use crate::wake::{WakeKeys, WakeSocket};
-
-/// State shared by every request and connection.
-#[derive(Debug)]
-pub struct App {
-    pub hub: Arc<Hub>,
-    pub keys: TokenKeys,
-    pub limiters: Arc<Limiters>,
-    /// The service list: terminals, online state, interruptions.
-    pub terminals: Arc<Terminals>,
-    /// Per-terminal inboxes and wake-ups.
-    pub inboxes: Arc<Inboxes>,
-    pub wake_keys: WakeKeys,
-    /// Flips to `true` when the server shuts down; long-lived sessions watch it.
-    pub shutdown: watch::Receiver<bool>,
-    /// The open WebSocket connections, driven (and their heartbeats, dead peers and stalled
-    /// writes checked) by one task per tokio worker.
-    pub connections: transport::ws::Connections,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -154,6 +138,8 @@ pub struct Running {
     wake_addr: Option<SocketAddr>,
     app: Arc<App>,
     store: Arc<dyn Store>,
+    /// The open WebSocket connections, driven by one task per tokio worker.
+    connections: Arc<transport::ws::Connections>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -176,6 +162,11 @@ impl Running {
 
     pub fn app(&self) -> &Arc<App> {
         &self.app
+    }
+
+    /// The open WebSocket connections.
+    pub fn connections(&self) -> &Arc<transport::ws::Connections> {
+        &self.connections
     }
 
     /// Stop accepting, close every session with "going away", wait for the server task, and
@@ -236,7 +227,7 @@ pub async fn start_with(
     let metrics = Arc::new(Metrics::new());
     let history: Arc<dyn HistoryStore> = store.clone();
     let hub = Arc::new(Hub::new(config.clone(), history, broker, metrics.clone()));
-    let limiters = Arc::new(Limiters::new(&hub));
+    let limiters = Arc::new(Limiters::new(&config.limits));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let terminals = Arc::new(Terminals::new(TerminalSettings {
         flap_threshold: config.flap_threshold,
@@ -277,15 +268,18 @@ pub async fn start_with(
         spawn_keepalives(socket, inboxes.clone(), shutdown_rx.clone());
     }
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    let sweep = transport::reactor::Sweep::new(&[
+    let sweep = crate::reactor::Sweep::new(&[
         config.heartbeat,
         config.heartbeat + config.heartbeat_timeout,
         config.limits.write_timeout,
     ]);
-    let connections = transport::ws::Connections::start(workers, sweep, shutdown_rx.clone())
-        .map_err(|e| ServerError::Reactor(e.to_string()))?;
+    let connections = Arc::new(
+        transport::ws::Connections::start(workers, sweep, shutdown_rx.clone())
+            .map_err(|e| ServerError::Reactor(e.to_string()))?,
+    );
     let app = Arc::new(App {
-        connections,
+        config: config.clone(),
+        metrics: metrics.clone(),
         hub: hub.clone(),
         keys,
         limiters: limiters.clone(),
@@ -307,7 +301,7 @@ pub async fn start_with(
     let header_timeout = config.limits.header_timeout;
     let task = tokio::spawn(serve(
         listener,
-        router(app.clone()),
+        router(app.clone(), connections.clone()),
         header_timeout,
         shutdown_rx,
     ));
@@ -316,6 +310,7 @@ pub async fn start_with(
         wake_addr,
         app,
         store,
+        connections,
         shutdown: shutdown_tx,
         task,
     })
@@ -392,7 +387,7 @@ fn spawn_upkeep(
     });
 }
 
-fn router(app: Arc<App>) -> Router {
+fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router {
     let api = Router::new()
         .route("/v1/rooms/{room}/messages", post(api::publish))
         .route("/v1/rooms/{room}/history", get(api::history))
@@ -412,7 +407,13 @@ fn router(app: Arc<App>) -> Router {
         .route("/livepush.js", get(assets::client_js))
         .route("/demo/app.js", get(assets::demo_js))
         .route("/demo/style.css", get(assets::demo_css))
-        .route("/v1/connect", any(connect))
+        .route(
+            "/v1/connect",
+            any(move |State(app): State<Arc<App>>, req: Request| {
+                let connections = connections.clone();
+                async move { connect(app, connections, req).await }
+            }),
+        )
         .route("/v1/poll", post(poll))
         .route("/v1/sse", get(sse))
         .fallback(api::not_found)
@@ -422,7 +423,11 @@ fn router(app: Arc<App>) -> Router {
 
 /// `/v1/connect`: the one endpoint. A WebSocket upgrade gets a WebSocket session; a `POST`
 /// without one is a long-poll exchange.
-async fn connect(State(app): State<Arc<App>>, req: Request) -> Response {
+async fn connect(
+    app: Arc<App>,
+    connections: Arc<transport::ws::Connections>,
+    req: Request,
+) -> Response {
     let wants_ws = req
         .headers()
         .get(header::UPGRADE)
@@ -437,7 +442,7 @@ async fn connect(State(app): State<Arc<App>>, req: Request) -> Response {
         )
         .into_response();
     }
-    transport::ws::upgrade(app, req)
+    transport::ws::upgrade(app, connections, req)
 }
 
 /// `POST /v1/poll`: a long-poll exchange.

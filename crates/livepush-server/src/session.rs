@@ -4,13 +4,12 @@
 //! bytes: they authenticate the first frame with [`authenticate`], feed text to
 //! [`Session::handle_text`], and write out what the session's [`Outbox`] holds.
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 
+use governor::RateLimiter;
 use governor::clock::MonotonicClock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use livepush_proto::{
     Class, ClientEnvelope, ClientFrame, ErrorCode, FrameError, InboxPosition, Position,
     ServerFrame, Transport, split_frames,
@@ -19,40 +18,11 @@ use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde_json::value::RawValue;
 
+use crate::app::App;
 use crate::auth::{AuthError, Grants, Terminal, TokenKeys};
-use crate::hub::{Announce, ConnId, Hub, JoinError, Member, Room};
+use crate::hub::{Announce, Hub, JoinError, Member, Room};
 use crate::inbox::Inbox;
-use crate::outbox::{Kind, Outbox, OutboxLimits};
-use crate::server::App;
-
-/// Shared per-terminal limits (across all of a terminal's connections).
-#[derive(Debug)]
-pub struct Limiters {
-    send: DefaultKeyedRateLimiter<Arc<str>>,
-    frame_quota: Quota,
-}
-
-fn quota(rate: u32, burst: u32) -> Quota {
-    let rate = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
-    let burst = NonZeroU32::new(burst).unwrap_or(rate);
-    Quota::per_second(rate).allow_burst(burst)
-}
-
-impl Limiters {
-    pub fn new(hub: &Hub) -> Limiters {
-        let l = &hub.config().limits;
-        Limiters {
-            send: RateLimiter::keyed(quota(l.send_rate, l.send_burst)),
-            frame_quota: quota(l.frame_rate, l.frame_burst),
-        }
-    }
-
-    /// Forget terminals that have not sent for a while (called periodically).
-    pub fn retain_recent(&self) {
-        self.send.retain_recent();
-        self.send.shrink_to_fit();
-    }
-}
+use crate::outbox::{ConnId, Kind, Outbox, OutboxLimits};
 
 /// Check a `connect` frame's token. Dev mode accepts no token and makes up a terminal id.
 pub fn authenticate(
@@ -206,7 +176,7 @@ impl Session {
             }
         };
         let terminal = self.terminal.id.to_string();
-        let heartbeat_ms = self.app.hub.config().heartbeat.as_millis() as u64;
+        let heartbeat_ms = self.app.config.heartbeat.as_millis() as u64;
         let wake_key = self.app.wake_keys.key(&terminal).to_base64();
         let connected = move |inbox: InboxPosition| ServerFrame::Connected {
             id,
@@ -226,7 +196,7 @@ impl Session {
 
     /// Handle one transport message: one or more frames, newline-separated.
     pub fn handle_text(&mut self, text: &str) {
-        let max = self.app.hub.config().limits.max_frame_bytes;
+        let max = self.app.config.limits.max_frame_bytes;
         if text.len() > max {
             self.error(FrameError::new(
                 ErrorCode::TooLarge,
@@ -369,7 +339,7 @@ impl Session {
         announce: Announce,
     ) -> Result<(), FrameError> {
         self.granted(room)?;
-        let max = self.app.hub.config().limits.max_rooms_per_connection;
+        let max = self.app.config.limits.max_rooms_per_connection;
         if self.joined(room).is_none() {
             // Rooms closed under us are no longer joined; do not count them.
             let conn = self.conn;
@@ -416,7 +386,7 @@ impl Session {
         id: Option<u64>,
     ) -> Result<(), FrameError> {
         self.granted(room)?;
-        let cap = self.app.hub.config().limits.max_pull;
+        let cap = self.app.config.limits.max_pull;
         let limit = limit.unwrap_or(cap).min(cap) as usize;
         let r = match self.joined(room) {
             Some(r) => r.clone(),
@@ -424,7 +394,7 @@ impl Session {
         };
         // A pull answer takes at most a quarter of the outbox's byte budget; the caller
         // pages on from the last seq it got.
-        let max_bytes = self.app.hub.config().limits.outbox_max_bytes / 4;
+        let max_bytes = self.app.config.limits.outbox_max_bytes / 4;
         self.outbox
             .push(r.pulled(since, limit, max_bytes, id), Kind::Reply);
         Ok(())
@@ -443,13 +413,13 @@ impl Session {
                 format!("join room {room:?} before sending to it"),
             ));
         };
-        if self.app.hub.config().classes.class_of(ty) != Class::Transient {
+        if self.app.config.classes.class_of(ty) != Class::Transient {
             return Err(FrameError::new(
                 ErrorCode::Forbidden,
                 format!("terminals may only send transient types; {ty:?} is reliable"),
             ));
         }
-        let max = self.app.hub.config().limits.max_send_bytes;
+        let max = self.app.config.limits.max_send_bytes;
         if data.get().len() > max {
             return Err(FrameError::new(
                 ErrorCode::TooLarge,
@@ -477,7 +447,7 @@ impl Session {
 
     /// Queue an `error` frame.
     pub fn error(&self, e: FrameError) {
-        self.app.hub.metrics().client_errors.inc();
+        self.app.metrics.client_errors.inc();
         self.outbox.reply(&e.to_frame());
     }
 }

@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::auth::now_ms;
+use crate::clock::now_ms;
 
 /// Settings of the flap detector and of long-poll presence.
 #[derive(Debug, Clone, Copy)]

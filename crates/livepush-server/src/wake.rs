@@ -21,12 +21,10 @@ use std::sync::Arc;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use livepush_proto::wake::{Keepalive, MAX_WAKE_BYTES, Wake, WakeError, WakeKey};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use tokio::net::UdpSocket;
 
-use crate::auth::now_ms;
-use crate::metrics::ReasonLabel;
+use crate::clock::now_ms;
+use crate::metrics::WakeStats;
 use crate::store::WakeRegistration;
 
 /// Derives terminals' wake keys from the server secret. Cheap to clone (every session holds
@@ -51,25 +49,6 @@ impl WakeKeys {
 
     pub fn key(&self, terminal: &str) -> WakeKey {
         WakeKey::derive(&self.secret, terminal)
-    }
-}
-
-/// Counters of the wake path (exported as metrics).
-#[derive(Debug, Default, Clone)]
-pub struct WakeStats {
-    /// Keepalives, by result: accepted, bad_mac, stale, replayed, malformed.
-    pub keepalives: Family<ReasonLabel, Counter>,
-    /// Wake datagrams, by result: sent, rate_limited, too_large, send_failed.
-    pub wakes: Family<ReasonLabel, Counter>,
-}
-
-impl WakeStats {
-    fn keepalive(&self, reason: &'static str) {
-        self.keepalives.get_or_create(&ReasonLabel { reason }).inc();
-    }
-
-    fn wake(&self, reason: &'static str) {
-        self.wakes.get_or_create(&ReasonLabel { reason }).inc();
     }
 }
 
@@ -204,6 +183,7 @@ impl WakeSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::ReasonLabel;
 
     #[test]
     fn keys_are_per_terminal_and_per_secret() {

@@ -293,7 +293,7 @@ async fn an_idle_agent_holds_no_connection_and_is_woken_within_a_second() {
     );
     s.eventually("the ack to land, and the terminal to leave", || async {
         let t = s.terminal(&id).await;
-        t["inbox"] == json!({"seq":1,"acked":1}) && t["online"] == json!(false)
+        t["inbox"] == json!({"seq":1,"acked":1,"pending":0}) && t["online"] == json!(false)
     })
     .await;
     assert_eq!(s.ws_connections_open().await, 0);
@@ -342,7 +342,7 @@ async fn a_lingering_agent_takes_new_messages_without_a_wake_then_leaves() {
     assert_eq!(agent.stats().wakes, 1);
     s.eventually("the terminal to leave, everything acked", || async {
         let t = s.terminal(&id).await;
-        t["online"] == json!(false) && t["inbox"] == json!({"seq":2,"acked":2})
+        t["online"] == json!(false) && t["inbox"] == json!({"seq":2,"acked":2,"pending":0})
     })
     .await;
     assert_eq!(s.ws_connections_open().await, 0);
@@ -364,7 +364,7 @@ async fn a_long_polling_agent_is_woken_too() {
     assert_eq!(inbox_seqs(&seen), vec![1]);
     assert!(seen.contains(&AgentEvent::Acked { seq: 1 }), "{seen:?}");
     s.eventually("the ack to land", || async {
-        s.terminal(&id).await["inbox"] == json!({"seq":1,"acked":1})
+        s.terminal(&id).await["inbox"] == json!({"seq":1,"acked":1,"pending":0})
     })
     .await;
     agent.shutdown().await;
@@ -502,7 +502,7 @@ async fn messages_a_terminal_received_but_did_not_ack_come_again() {
     assert_eq!(inbox_seqs(&seen), vec![1, 2]);
     assert!(seen.contains(&AgentEvent::Acked { seq: 2 }), "{seen:?}");
     s.eventually("the ack to land", || async {
-        s.terminal(&id).await["inbox"] == json!({"seq":2,"acked":2})
+        s.terminal(&id).await["inbox"] == json!({"seq":2,"acked":2,"pending":0})
     })
     .await;
     agent.shutdown().await;

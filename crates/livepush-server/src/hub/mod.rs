@@ -13,15 +13,13 @@ use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde_json::value::RawValue;
 
-pub use room::{
-    Announce, ConnId, JoinError, Joined, Member, MergeStats, MergeWindow, Page, Retention, Room,
-    RoomInfo,
-};
+pub use room::{Announce, JoinError, Joined, Member, MergeWindow, Page, Retention, Room, RoomInfo};
 
-use crate::auth::now_ms;
 use crate::broker::{Broker, Envelope};
+use crate::clock::now_ms;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::outbox::ConnId;
 use crate::store::{Durable, HistoryStore, RoomFlags, RoomRecord, StoreError};
 use control::{Action, CONTROL_TYPE};
 

@@ -31,16 +31,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use livepush_proto::{Position, ServerFrame, encode_frame, encode_msg, encode_pulled, join_frames};
 use parking_lot::Mutex;
-use prometheus_client::metrics::counter::Counter;
 use serde_json::value::RawValue;
 
 use super::control::Action;
-use crate::auth::now_ms;
-use crate::outbox::{Kind, Outbox, Pushed};
+use crate::clock::now_ms;
+use crate::metrics::MergeStats;
+use crate::outbox::{ConnId, Kind, Outbox, Pushed};
 use crate::store::{Durable, HistoryStore, RoomFlags, RoomRecord, StoredMessage};
-
-/// Identifies one connection (one session) within this process.
-pub type ConnId = u64;
 
 /// A connection that joined the room.
 #[derive(Debug, Clone)]
@@ -93,15 +90,6 @@ pub struct MergeWindow {
     /// outbox's hard limit). A single larger frame goes alone.
     pub max_bytes: usize,
     pub stats: MergeStats,
-}
-
-/// Counters of merged pushes (exported as metrics).
-#[derive(Debug, Default, Clone)]
-pub struct MergeStats {
-    /// Chunks pushed, each to every member.
-    pub flushes: Counter,
-    /// Frames those chunks carried.
-    pub frames: Counter,
 }
 
 #[derive(Debug, Default)]

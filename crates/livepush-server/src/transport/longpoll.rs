@@ -24,10 +24,11 @@ use livepush_proto::{ErrorCode, Position, Transport, validate_epoch};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::api::ApiError;
-use crate::auth::{Terminal, now_ms};
+use crate::app::App;
+use crate::auth::Terminal;
+use crate::clock::now_ms;
+use crate::error::ApiError;
 use crate::outbox::Batch;
-use crate::server::App;
 use crate::session::{Session, authenticate, dev_terminal};
 
 /// A room's entry in a poll: `{}` for a fresh join, `{epoch, seq}` to continue.
@@ -62,7 +63,7 @@ fn unauthorized(message: String) -> ApiError {
 }
 
 fn poll_terminal(app: &App, body: &PollBody) -> Result<Terminal, ApiError> {
-    let dev = app.hub.config().dev;
+    let dev = app.config.dev;
     if let (true, None | Some(""), Some(id)) =
         (dev, body.token.as_deref(), body.terminal.as_deref())
     {
@@ -80,7 +81,7 @@ pub async fn poll(app: Arc<App>, req: Request) -> Response {
 }
 
 async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
-    let limits = &app.hub.config().limits;
+    let limits = &app.config.limits;
     let bytes = axum::body::to_bytes(req.into_body(), limits.max_poll_bytes)
         .await
         .map_err(|_| {
@@ -120,7 +121,7 @@ impl Drop for Poll {
             self.session.close();
         } else {
             // The terminal stays in its rooms' online counts for the grace period.
-            let grace = self.app.hub.config().poll_grace;
+            let grace = self.app.config.poll_grace;
             self.session
                 .leave_all_until(now_ms() + grace.as_millis() as u64);
         }
@@ -200,7 +201,7 @@ fn json_answer(out: BytesMut) -> Response {
 }
 
 async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response {
-    let limits = &app.hub.config().limits;
+    let limits = &app.config.limits;
     if body.bye {
         return bye(app, session, &body);
     }

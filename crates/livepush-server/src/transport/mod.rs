@@ -2,7 +2,6 @@
 //! framing; the session (`crate::session`) decides what every frame means.
 
 pub mod longpoll;
-pub mod reactor;
 pub mod sse;
 pub mod ws;
 pub mod wsframe;

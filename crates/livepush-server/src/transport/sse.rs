@@ -20,9 +20,9 @@ use futures_util::stream::{self, Stream};
 use livepush_proto::{Position, Positions, Transport, validate_room};
 use serde::Deserialize;
 
-use crate::api::ApiError;
+use crate::app::App;
+use crate::error::ApiError;
 use crate::outbox::{Batch, Outbox};
-use crate::server::App;
 use crate::session::{Session, authenticate, dev_terminal};
 
 #[derive(Debug, Deserialize)]
@@ -103,7 +103,7 @@ fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         Some(p) => Positions::parse(p).map_err(|e| ApiError::bad_request(e.to_string()))?,
         None => Positions::default(),
     };
-    let dev = app.hub.config().dev;
+    let dev = app.config.dev;
     let terminal = match (&q.token, &q.terminal) {
         (None, Some(id)) if dev => dev_terminal(id).map_err(ApiError::bad_request)?,
         _ => authenticate(&app.keys, dev, q.token.as_deref())
@@ -134,7 +134,7 @@ fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         shutdown: app.shutdown.clone(),
         done: false,
     };
-    let heartbeat = app.hub.config().heartbeat;
+    let heartbeat = app.config.heartbeat;
     Ok(Sse::new(events(state))
         .keep_alive(KeepAlive::new().interval(heartbeat).text("keepalive"))
         .into_response())

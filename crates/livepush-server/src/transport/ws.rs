@@ -28,14 +28,15 @@ use livepush_proto::{ClientEnvelope, ClientFrame, ErrorCode, ServerFrame, Transp
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::reactor::{Conn, Reactor, Socket, Tick};
 use super::wsframe::{self, DecodeError, Decoder, Event, OpCode};
-use crate::api::ApiError;
+use crate::app::App;
+use crate::clock::clock_ms;
+use crate::error::ApiError;
 use crate::metrics::{ReasonLabel, TransportLabel};
 use crate::outbox::{
-    Batch, CloseReason, SIGNAL_DEAD, SIGNAL_PING, SIGNAL_SHUTDOWN, SIGNAL_STALLED, clock_ms,
+    Batch, CloseReason, SIGNAL_DEAD, SIGNAL_PING, SIGNAL_SHUTDOWN, SIGNAL_STALLED,
 };
-use crate::server::App;
+use crate::reactor::{Conn, Reactor, Socket, Tick};
 use crate::session::{Session, authenticate};
 
 /// WebSocket close codes livepush uses (4000-4999 is the application range).
@@ -110,7 +111,7 @@ pub type Connections = Reactor<Driver>;
 
 /// Answer a WebSocket upgrade request (RFC 6455 §4.2) and run the connection once hyper
 /// hands over the socket.
-pub fn upgrade(app: Arc<App>, mut req: Request) -> Response {
+pub fn upgrade(app: Arc<App>, connections: Arc<Connections>, mut req: Request) -> Response {
     let key = match check_upgrade(req.method(), req.headers()) {
         Ok(key) => key,
         Err(e) => {
@@ -132,7 +133,7 @@ pub fn upgrade(app: Arc<App>, mut req: Request) -> Response {
             .await
             .map(Upgraded::downcast::<TokioIo<TcpStream>>)
         {
-            Ok(Ok(parts)) => start(app, parts.io.into_inner(), parts.read_buf).await,
+            Ok(Ok(parts)) => start(app, &connections, parts.io.into_inner(), parts.read_buf).await,
             Ok(Err(_)) => tracing::error!("websocket upgrade of a connection that is not TCP"),
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
@@ -194,11 +195,11 @@ fn check_upgrade(method: &axum::http::Method, h: &HeaderMap) -> Result<Vec<u8>, 
 /// The handshake's state (read buffer, timeout, the frames that came with `connect`) lives
 /// in this task and is freed when it ends; what every open connection keeps is exactly a
 /// `Driver` in a reactor slot.
-async fn start(app: Arc<App>, io: Io, early: Bytes) {
-    let metrics = app.hub.metrics();
+async fn start(app: Arc<App>, connections: &Connections, io: Io, early: Bytes) {
+    let metrics = &app.metrics;
     metrics.connections_total.get_or_create(&LABEL).inc();
     match open(&app, io, early).await {
-        Ok(driver) => app.connections.adopt(driver),
+        Ok(driver) => connections.adopt(driver),
         Err(ending) => record_ending(&app, ending),
     }
 }
@@ -237,7 +238,7 @@ async fn open(app: &Arc<App>, io: Io, early: Bytes) -> Result<Driver, Ending> {
     let now = clock_ms();
     let signals = session.outbox().signals();
     signals.heard(now);
-    signals.ping_at(now + app.hub.config().heartbeat.as_millis() as u64);
+    signals.ping_at(now + app.config.heartbeat.as_millis() as u64);
     app.terminals.opened(&session.terminal().id, Transport::Ws);
     app.hub
         .metrics()
@@ -268,7 +269,7 @@ struct Handshake {
 /// flapping terminal to use long-polling. `early`: bytes the client sent right behind its
 /// upgrade request, which hyper had already read.
 async fn handshake(app: &Arc<App>, mut io: Io, early: Bytes) -> Result<Handshake, Ending> {
-    let limits = &app.hub.config().limits;
+    let limits = &app.config.limits;
     let write_timeout = limits.write_timeout;
     let mut decoder = Decoder::new(max_message(app));
     let mut first: Option<String> = None;
@@ -369,7 +370,7 @@ async fn handshake(app: &Arc<App>, mut io: Io, early: Bytes) -> Result<Handshake
         .await;
         return Err(Ending::Unauthorized);
     };
-    let terminal = match authenticate(&app.keys, app.hub.config().dev, token.as_deref()) {
+    let terminal = match authenticate(&app.keys, app.config.dev, token.as_deref()) {
         Ok(t) => t,
         Err(e) => {
             refuse(&mut io, env.id, &e.message, write_timeout).await;
@@ -434,7 +435,7 @@ async fn write_within(io: &mut Io, limit: Duration, bytes: &[u8]) -> Result<(), 
 fn max_message(app: &App) -> usize {
     // Messages up to 4× the frame limit are read and answered with a `too_large` error frame
     // by the session; beyond that the connection is closed with 1009.
-    app.hub.config().limits.max_frame_bytes.saturating_mul(4)
+    app.config.limits.max_frame_bytes.saturating_mul(4)
 }
 
 fn close_for(e: &DecodeError) -> Vec<u8> {
@@ -483,7 +484,7 @@ impl Conn for Driver {
     /// `heartbeat + heartbeat_timeout`, "stalled" when a write has been blocked for
     /// `write_timeout`, and the shutdown. Two atomic reads when nothing is due.
     fn tick(&mut self, tick: &Tick) -> bool {
-        let config = self.session.hub().config();
+        let config = &self.session.app().config;
         let signals = self.session.outbox().signals();
         let mut bits = 0;
         if tick.stopping {
@@ -544,7 +545,7 @@ impl Driver {
     /// pending, read and handle what arrived, take the next batch from the outbox.
     fn drive(&mut self, cx: &mut Context<'_>) -> Poll<Ending> {
         let outbox = self.session.outbox().clone();
-        let batch_bytes = self.session.hub().config().limits.write_batch_bytes;
+        let batch_bytes = self.session.app().config.limits.write_batch_bytes;
         for _ in 0..ROUNDS_PER_POLL {
             let signals = outbox.signals().take();
             if signals & SIGNAL_STALLED != 0 {

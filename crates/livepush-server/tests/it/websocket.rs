@@ -1045,7 +1045,7 @@ async fn a_client_close_is_answered_and_the_connection_ends() {
     let mut raw = Raw::connect(&s, "t", &["r"]).await;
     raw.write(&text(&join_op("r", 1))).await;
     raw.expect_joined("r", 1).await;
-    assert_eq!(s.running.app().connections.len(), 1);
+    assert_eq!(s.running.connections().len(), 1);
     raw.write(&frame(true, CLOSE, &close_payload(1000, "bye")))
         .await;
     let (code, _) = raw.close().await;
@@ -1053,7 +1053,7 @@ async fn a_client_close_is_answered_and_the_connection_ends() {
     raw.ends().await;
     let s2 = &s;
     s2.eventually("the session to end as a client close", || async {
-        disconnects(s2, "client_close") == 1 && s2.running.app().connections.is_empty()
+        disconnects(s2, "client_close") == 1 && s2.running.connections().is_empty()
     })
     .await;
     assert_eq!(s.room("r").await["online"], 0);
@@ -1149,13 +1149,13 @@ async fn a_reader_whose_writes_stall_is_dropped_while_the_room_goes_on() {
     let mut slow = small_window_terminal(&s, "slow", "sc").await;
     let mut reader = s.terminal("reader", &["sc"], false).await;
     reader.join("sc", None).await;
-    assert_eq!(s.running.app().connections.len(), 2);
+    assert_eq!(s.running.connections().len(), 2);
 
     // `slow` stops reading. Publish in lockstep with `reader` (so the reader never lags)
     // until the server has dropped `slow`.
     let pad = "x".repeat(32 * 1024);
     let mut published = 0u64;
-    while s.running.app().connections.len() == 2 {
+    while s.running.connections().len() == 2 {
         assert!(published < 300, "slow consumer still connected");
         published += 1;
         s.publish("sc", "gift", json!({"i": published, "pad": pad}))
@@ -1172,7 +1172,7 @@ async fn a_reader_whose_writes_stall_is_dropped_while_the_room_goes_on() {
     published += 1;
     s.publish("sc", "gift", json!({"i": published})).await;
     assert_eq!(reader.reliable(1).await, vec![published]);
-    assert_eq!(s.running.app().connections.len(), 1);
+    assert_eq!(s.running.connections().len(), 1);
 
     // `slow` reads again: a prefix of the messages, then the end of the connection (the
     // close frame could not be written), or close 4001 if it could.
@@ -1231,7 +1231,7 @@ async fn an_outbox_past_its_hard_limit_ends_the_connection_at_once() {
     // The server ends it without waiting for the socket to drain (or for write_timeout).
     let s2 = &s;
     s2.eventually("the slow consumer to be gone", || async {
-        s2.running.app().connections.len() == 1 && disconnects(s2, "slow_consumer") == 1
+        s2.running.connections().len() == 1 && disconnects(s2, "slow_consumer") == 1
     })
     .await;
 
@@ -1313,7 +1313,7 @@ async fn a_blocked_session_is_ended_at_shutdown() {
     let mut c = config();
     c.limits.write_timeout = Duration::from_secs(2);
     let s = TestServer::with(c).await;
-    let app = s.running.app().clone();
+    let connections = s.running.connections().clone();
     let mut slow = small_window_terminal(&s, "slow", "sd").await;
     // ~4 MB to a client that does not read: more than the socket buffers hold, less than
     // the outbox's hard limit, and published faster than write_timeout.
@@ -1322,11 +1322,7 @@ async fn a_blocked_session_is_ended_at_shutdown() {
     for i in 0..128 {
         s.publish("sd", "gift", json!({"i": i, "pad": pad})).await;
     }
-    assert_eq!(
-        app.connections.len(),
-        1,
-        "still connected before the shutdown"
-    );
+    assert_eq!(connections.len(), 1, "still connected before the shutdown");
     assert!(started.elapsed() < Duration::from_secs(2));
     let TestServer { running, .. } = s;
     tokio::time::timeout(WAIT, running.shutdown())
@@ -1335,7 +1331,7 @@ async fn a_blocked_session_is_ended_at_shutdown() {
     // Not reading: the server must give up on it by itself, at the latest once write_timeout
     // has passed.
     let deadline = started + Duration::from_secs(4);
-    while !app.connections.is_empty() {
+    while !connections.is_empty() {
         assert!(
             Instant::now() < deadline,
             "a blocked session outlived the shutdown and write_timeout"
@@ -1405,7 +1401,7 @@ async fn heartbeat_closes_only_silent_peers() {
             }
         }
     }
-    assert_eq!(s.running.app().connections.len(), 3);
+    assert_eq!(s.running.connections().len(), 3);
     assert_eq!(disconnects(&s, "heartbeat_timeout"), 1);
     // The silent peer got pings it never answered, then 4000.
     assert_eq!(
@@ -1444,7 +1440,7 @@ async fn the_connection_works_after_a_burst() {
             ServerFrame::Pong { id: Some(round) }
         );
     }
-    assert_eq!(s.running.app().connections.len(), 1);
+    assert_eq!(s.running.connections().len(), 1);
 }
 
 /// A client that trickles its request head is cut off at `header_timeout`; one that sends

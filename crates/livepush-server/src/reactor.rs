@@ -68,7 +68,7 @@ pub trait Conn: Send + 'static {
 /// What a shard's timer tells each connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Tick {
-    /// [`crate::outbox::clock_ms`] at this tick.
+    /// [`crate::clock::clock_ms`] at this tick.
     pub now_ms: u64,
     /// The server is shutting down.
     pub stopping: bool,
@@ -446,7 +446,7 @@ impl<C: Conn> Shard<C> {
     /// Offer every connection a tick; queue those with something due.
     fn sweep(&mut self) {
         let tick = Tick {
-            now_ms: crate::outbox::clock_ms(),
+            now_ms: crate::clock::clock_ms(),
             stopping: self.stopping,
         };
         for (slot, entry) in self.slots.iter_mut().enumerate() {
@@ -484,7 +484,7 @@ impl<C: Conn> Shard<C> {
         if self.stopping {
             // Handed over after the shutdown sweep: it still gets its "going away".
             entry.conn.tick(&Tick {
-                now_ms: crate::outbox::clock_ms(),
+                now_ms: crate::clock::clock_ms(),
                 stopping: true,
             });
         }

@@ -1,0 +1,32 @@
+//! What every request and connection shares: the node's state, built once by
+//! [`crate::server`] and handed to the HTTP API, the transports and their sessions.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::auth::TokenKeys;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::inbox::Inboxes;
+use crate::metrics::Metrics;
+use crate::ratelimit::Limiters;
+use crate::terminals::Terminals;
+use crate::wake::WakeKeys;
+
+/// State shared by every request and connection.
+#[derive(Debug)]
+pub struct App {
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub hub: Arc<Hub>,
+    pub keys: TokenKeys,
+    pub limiters: Arc<Limiters>,
+    /// The service list: terminals, online state, interruptions.
+    pub terminals: Arc<Terminals>,
+    /// Per-terminal inboxes and wake-ups.
+    pub inboxes: Arc<Inboxes>,
+    pub wake_keys: WakeKeys,
+    /// Flips to `true` when the server shuts down; long-lived sessions watch it.
+    pub shutdown: watch::Receiver<bool>,
+}
