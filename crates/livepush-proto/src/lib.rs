@@ -23,5 +23,6 @@ pub use ids::{
     validate_epoch, validate_room, validate_type,
 };
 pub use server::{
-    InboxPosition, Message, ServerFrame, Transport, encode_frame, encode_msg, encode_pulled,
+    InboxPosition, Message, SeqTemplate, ServerFrame, Transport, encode_frame, encode_msg,
+    encode_pulled,
 };

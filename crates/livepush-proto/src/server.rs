@@ -176,6 +176,64 @@ pub fn encode_msg(room: &str, ty: &str, data: &RawValue, seq: Option<u64>, ts: u
     }
 }
 
+/// A frame encoded once up to its `seq`, which whoever sequences it fills in: the bytes before
+/// the seq's digits and the bytes after them. The hub encodes a reliable message (or an inbox
+/// message) before it has a seq; the engine that sequences it, in memory or in a Redis script,
+/// only concatenates. `with_seq(n)` is byte for byte what [`encode_msg`] gives with `Some(n)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqTemplate {
+    pub head: Bytes,
+    pub tail: Bytes,
+}
+
+impl SeqTemplate {
+    /// A reliable `msg` frame of `room`.
+    pub fn msg(room: &str, ty: &str, data: &RawValue, ts: u64) -> SeqTemplate {
+        // `{"op":"msg","room":R,"type":T,"data":D,"seq":` + N + `,"ts":MS}`
+        let head = encode_msg(room, ty, data, Some(0), ts);
+        let cut = format!(r#","ts":{ts}}}"#);
+        SeqTemplate::split(&head, b"0".len() + cut.len())
+    }
+
+    /// An `inbox` frame: `{"op":"inbox","seq":` + N + `,"type":T,"data":D,"ts":MS}`.
+    pub fn inbox(ty: &str, data: &RawValue, ts: u64) -> SeqTemplate {
+        #[derive(Serialize)]
+        struct Rest<'a> {
+            #[serde(rename = "type")]
+            ty: &'a str,
+            data: &'a RawValue,
+            ts: u64,
+        }
+        let rest = serde_json::to_vec(&Rest { ty, data, ts }).unwrap_or_else(|_| b"{}".to_vec());
+        let mut tail = BytesMut::with_capacity(rest.len());
+        tail.put_u8(b',');
+        tail.put_slice(rest.get(1..).unwrap_or(b"}"));
+        SeqTemplate {
+            head: Bytes::from_static(br#"{"op":"inbox","seq":"#),
+            tail: tail.freeze(),
+        }
+    }
+
+    /// `encoded` ends with the digit `0` (the placeholder seq) and then `tail_len - 1` bytes.
+    fn split(encoded: &[u8], tail_len: usize) -> SeqTemplate {
+        let at = encoded.len().saturating_sub(tail_len);
+        SeqTemplate {
+            head: Bytes::copy_from_slice(&encoded[..at]),
+            tail: Bytes::copy_from_slice(&encoded[(at + 1).min(encoded.len())..]),
+        }
+    }
+
+    /// The frame with its seq.
+    pub fn with_seq(&self, seq: u64) -> Bytes {
+        let digits = seq.to_string();
+        let mut out = BytesMut::with_capacity(self.head.len() + digits.len() + self.tail.len());
+        out.put_slice(&self.head);
+        out.put_slice(digits.as_bytes());
+        out.put_slice(&self.tail);
+        out.freeze()
+    }
+}
+
 /// Encode a `pulled` frame around already-encoded `msg` frames, without re-serializing them.
 pub fn encode_pulled(
     id: Option<u64>,
@@ -183,7 +241,7 @@ pub fn encode_pulled(
     epoch: &str,
     latest: u64,
     recovered: bool,
-    messages: &[Bytes],
+    messages: &[&[u8]],
 ) -> Bytes {
     let body: usize = messages.iter().map(|m| m.len() + 1).sum();
     let mut out = BytesMut::with_capacity(body + room.len() + epoch.len() + 96);
@@ -239,7 +297,7 @@ mod tests {
         let data = RawValue::from_string("[1]".to_owned()).unwrap();
         let m1 = encode_msg("r", "gift", &data, Some(1), 1);
         let m2 = encode_msg("r", "gift", &data, Some(2), 2);
-        let b = encode_pulled(Some(4), "r", "ep", 2, true, &[m1, m2]);
+        let b = encode_pulled(Some(4), "r", "ep", 2, true, &[&m1, &m2]);
         match ServerFrame::parse(std::str::from_utf8(&b).unwrap()).unwrap() {
             ServerFrame::Pulled {
                 id,
@@ -257,6 +315,25 @@ mod tests {
         }
         let empty = encode_pulled(None, "r", "ep", 0, true, &[]);
         assert!(ServerFrame::parse(std::str::from_utf8(&empty).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn templates_are_the_encoded_frames_with_their_seq() {
+        let data = RawValue::from_string(r#"{"n":"x\"y","seq":1}"#.to_owned()).unwrap();
+        for seq in [0, 1, 9, 10, 12345, u64::MAX] {
+            let t = SeqTemplate::msg("live:1", "gift", &data, 1_700_000_000_000);
+            assert_eq!(
+                t.with_seq(seq),
+                encode_msg("live:1", "gift", &data, Some(seq), 1_700_000_000_000)
+            );
+            let i = SeqTemplate::inbox("notice", &data, 42).with_seq(seq);
+            match ServerFrame::parse(std::str::from_utf8(&i).unwrap()).unwrap() {
+                ServerFrame::Inbox { seq: s, ty, ts, .. } => {
+                    assert_eq!((s, ty.as_str(), ts), (seq, "notice", 42));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use crate::app::App;
+use crate::engine::EngineError;
 use crate::error::ApiError;
 use crate::hub::PublishError;
 use crate::inbox::InboxView;
@@ -26,7 +27,23 @@ impl From<PublishError> for ApiError {
     fn from(e: PublishError) -> Self {
         match e {
             PublishError::BadRequest(m) => ApiError::bad_request(m),
-            PublishError::Store(e) => ApiError::internal(e),
+            PublishError::Engine(e) => e.into(),
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Unavailable(_) => {
+                tracing::warn!(error = %e, "engine unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the shared store is unreachable; retry later",
+                )
+            }
+            EngineError::Store(e) => ApiError::internal(e),
         }
     }
 }
@@ -144,14 +161,14 @@ pub async fn history(
 ) -> Result<Response, ApiError> {
     room_param(&room)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let r = app
-        .hub
-        .existing_room(&room)
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| unknown_room(&room))?;
     let cap = app.config.limits.max_pull;
     let max_bytes = app.config.limits.outbox_max_bytes / 4;
-    let page = r.page(q.since, q.limit.unwrap_or(cap).min(cap) as usize, max_bytes);
+    let limit = q.limit.unwrap_or(cap).min(cap) as usize;
+    let page = app
+        .hub
+        .history(&room, q.since, limit, max_bytes)
+        .await?
+        .ok_or_else(|| unknown_room(&room))?;
     let mut out = BytesMut::new();
     out.put_slice(
         json!({"epoch": &*page.epoch, "seq": page.latest, "recovered": page.recovered})
@@ -170,6 +187,22 @@ pub async fn history(
     Ok(([(header::CONTENT_TYPE, "application/json")], out.freeze()).into_response())
 }
 
+/// `DELETE /v1/rooms/{room}/history`: start a new history of the room (a new epoch, seq 0,
+/// nothing kept). Its members are told `joined{recovered:false}` with the new epoch (contract
+/// v1.1, decision 8), as after a lost history. For a room that begins a new show under the
+/// same id, or an operator clearing what a room would replay.
+pub async fn reset_history(
+    State(app): State<Arc<App>>,
+    Path(room): Path<String>,
+) -> Result<Response, ApiError> {
+    room_param(&room)?;
+    if app.hub.info(&room).await?.is_none() {
+        return Err(unknown_room(&room));
+    }
+    let epoch = app.hub.reset(&room).await?;
+    Ok(Json(json!({"epoch": &*epoch, "seq": 0})).into_response())
+}
+
 fn unknown_room(room: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -184,12 +217,11 @@ pub async fn room_info(
     Path(room): Path<String>,
 ) -> Result<Response, ApiError> {
     room_param(&room)?;
-    let r = app
+    let info = app
         .hub
-        .existing_room(&room)
-        .map_err(ApiError::internal)?
+        .info(&room)
+        .await?
         .ok_or_else(|| unknown_room(&room))?;
-    let info = r.info();
     Ok(Json(json!({
         "room": room,
         "epoch": &*info.epoch,
@@ -263,7 +295,7 @@ pub async fn terminal(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let view = app.terminals.view(&id);
-    let inbox = app.inboxes.view(&id).map_err(ApiError::internal)?;
+    let inbox = app.inboxes.view(&id)?;
     if view.is_none() && inbox.is_none() {
         return Err(ApiError::not_found(format!(
             "terminal {id:?} was never seen"
@@ -315,19 +347,14 @@ pub async fn post_inbox(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<InboxPostBody>,
 ) -> Result<Response, ApiError> {
-    if id.is_empty() || id.len() > crate::auth::MAX_TERMINAL_LEN || id.chars().any(char::is_control)
-    {
+    if !crate::auth::valid_terminal_id(&id) {
         return Err(ApiError::bad_request(format!(
             "terminal id must be 1 to {} printable characters",
             crate::auth::MAX_TERMINAL_LEN
         )));
     }
     livepush_proto::validate_type(&body.ty).map_err(ApiError::bad_request)?;
-    let posted = app
-        .inboxes
-        .post(&id, &body.ty, &body.data)
-        .await
-        .map_err(ApiError::internal)?;
+    let posted = app.inboxes.post(&id, &body.ty, &body.data).await?;
     Ok(Json(json!({
         "seq": posted.seq,
         "online": posted.online,

@@ -7,6 +7,7 @@ use tokio::sync::watch;
 
 use crate::auth::TokenKeys;
 use crate::config::Config;
+use crate::engine::{Event, Node};
 use crate::hub::Hub;
 use crate::inbox::Inboxes;
 use crate::metrics::Metrics;
@@ -29,4 +30,15 @@ pub struct App {
     pub wake_keys: WakeKeys,
     /// Flips to `true` when the server shuts down; long-lived sessions watch it.
     pub shutdown: watch::Receiver<bool>,
+}
+
+/// The node the engine hands its events to: room events to the hub, inbox messages to the
+/// inboxes.
+impl Node for App {
+    fn on_event(&self, event: Event<'_>) {
+        match event {
+            Event::Inbox { terminal, message } => self.inboxes.on_inbox(terminal, message),
+            other => self.hub.on_event(other),
+        }
+    }
 }

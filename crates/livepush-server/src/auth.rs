@@ -76,6 +76,49 @@ pub enum AuthError {
     Expired,
     #[error("invalid token: {0}")]
     Invalid(String),
+    /// Dev mode: the anonymous terminal id a client gave back is not a terminal id.
+    #[error("`terminal` is not a valid terminal id (1 to {MAX_TERMINAL_LEN} printable characters)")]
+    BadTerminalId,
+}
+
+/// Whether `id` may be a terminal id: 1 to [`MAX_TERMINAL_LEN`] bytes, no control characters.
+pub fn valid_terminal_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_TERMINAL_LEN && !id.chars().any(char::is_control)
+}
+
+/// Who a connecting terminal is, the same way on every transport: the `sub` of a valid token
+/// (an empty token counts as none). Dev mode (`dev`) accepts no token: the anonymous id the
+/// client was given before (`dev_id`, long-poll and SSE reconnect as the same terminal), or a
+/// new one, with every room and `send`.
+pub fn identify(
+    keys: &TokenKeys,
+    dev: bool,
+    token: Option<&str>,
+    dev_id: Option<&str>,
+) -> Result<Terminal, AuthError> {
+    match token.filter(|t| !t.is_empty()) {
+        Some(t) => keys.verify(t),
+        None if dev => {
+            let id = match dev_id {
+                Some(id) if valid_terminal_id(id) => Arc::from(id),
+                Some(_) => return Err(AuthError::BadTerminalId),
+                None => {
+                    use rand::Rng;
+                    let id: String = rand::rng()
+                        .sample_iter(&rand::distr::Alphanumeric)
+                        .take(12)
+                        .map(char::from)
+                        .collect();
+                    Arc::from(format!("anon-{id}"))
+                }
+            };
+            Ok(Terminal {
+                id,
+                grants: Grants::everything(),
+            })
+        }
+        None => Err(AuthError::Missing),
+    }
 }
 
 /// Signs and verifies terminal tokens with the server's token secret.
@@ -118,8 +161,7 @@ impl TokenKeys {
                 _ => AuthError::Invalid(e.to_string()),
             })?;
         let c = data.claims;
-        if c.sub.is_empty() || c.sub.len() > MAX_TERMINAL_LEN || c.sub.chars().any(char::is_control)
-        {
+        if !valid_terminal_id(&c.sub) {
             return Err(AuthError::Invalid(format!(
                 "`sub` must be 1 to {MAX_TERMINAL_LEN} printable characters"
             )));
@@ -167,6 +209,35 @@ mod tests {
         assert!(matches!(k.verify(&t), Err(AuthError::Invalid(_))));
         assert!(k.verify("not.a.jwt").is_err());
         assert!(k.verify("").is_err());
+    }
+
+    /// Every transport identifies terminals through `identify`: an empty token is no token.
+    #[test]
+    fn identify_treats_an_empty_token_as_none() {
+        let k = TokenKeys::new("0123456789abcdef");
+        assert!(matches!(
+            identify(&k, false, Some(""), None),
+            Err(AuthError::Missing)
+        ));
+        assert!(matches!(
+            identify(&k, false, None, Some("x")),
+            Err(AuthError::Missing)
+        ));
+        let anon = identify(&k, true, Some(""), None).unwrap();
+        assert!(anon.id.starts_with("anon-"));
+        assert_eq!(
+            &*identify(&k, true, Some(""), Some("anon-1")).unwrap().id,
+            "anon-1"
+        );
+        assert!(matches!(
+            identify(&k, true, None, Some("bad\nid")),
+            Err(AuthError::BadTerminalId)
+        ));
+        let t = k.mint(&claims(now_secs() + 60)).unwrap();
+        assert_eq!(
+            &*identify(&k, true, Some(&t), Some("ignored")).unwrap().id,
+            "t1"
+        );
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Per-terminal inboxes: direct messages that wait until the terminal acknowledges them, and
 //! the wake-ups that bring a sleeping terminal back for them.
 //!
-//! An inbox works like a room with one member. A post takes the terminal's next inbox `seq`,
-//! goes to the store, and once durable is pushed to every session the terminal has open (as
-//! an `inbox` frame). On every connect the server sends what is after the acknowledged
+//! An inbox works like a room with one member. A post goes to the engine
+//! ([`InboxEngine`]), which gives it the terminal's next inbox `seq`, stores it, and hands it
+//! to the node that holds the terminal's sessions, which pushes it to every session the
+//! terminal has open (as an `inbox` frame). On every connect the server sends what is after the acknowledged
 //! position (or after the position a long-poll names). `ack` advances the position. Inboxes
 //! are bounded in count and age; a message dropped for either is counted, and the terminal
 //! sees the gap in inbox seqs.
@@ -19,16 +20,17 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use livepush_proto::{InboxPosition, ServerFrame, encode_frame};
+use livepush_proto::{InboxPosition, ServerFrame};
 use parking_lot::Mutex;
 use serde_json::value::RawValue;
 
 use crate::clock::now_ms;
+use crate::engine::{EngineError, InboxEngine};
+use crate::frame::Frame;
 use crate::metrics::InboxStats;
 use crate::metrics::ReasonLabel;
-use crate::outbox::{ConnId, Kind, Outbox};
-use crate::store::{Durable, InboxMessage, Store, StoreError, TerminalRecord, WakeRegistration};
+use crate::outbox::{ConnId, Outbox};
+use crate::store::{InboxMessage, TerminalRecord, WakeRegistration};
 use crate::terminals::Terminals;
 use crate::wake::WakeSocket;
 
@@ -62,11 +64,6 @@ pub struct InboxView {
     pub last_keepalive_ms: Option<u64>,
 }
 
-#[derive(Debug)]
-struct Pending {
-    message: InboxMessage,
-}
-
 /// An inbox's state, under its lock.
 ///
 /// Every connected terminal has an inbox (attached on connect, whether or not it ever gets a
@@ -88,8 +85,6 @@ struct State {
 /// does not pay for them (about 140 bytes).
 #[derive(Debug, Default)]
 struct Cold {
-    /// Sequenced, not yet durable and delivered, in seq order.
-    pending: VecDeque<Pending>,
     /// Delivered, unacknowledged, kept: contiguous or with gaps where messages were dropped.
     messages: VecDeque<InboxMessage>,
     wake: Option<WakeRegistration>,
@@ -110,7 +105,7 @@ impl Cold {
     /// Nothing in it that must outlive it: no messages, no registration, no episode.
     /// (`woken_for` and `came` only matter while there is a registration or an episode.)
     fn is_empty(&self) -> bool {
-        self.pending.is_empty() && self.messages.is_empty() && self.wake.is_none() && !self.waking
+        self.messages.is_empty() && self.wake.is_none() && !self.waking
     }
 }
 
@@ -121,10 +116,6 @@ impl State {
 
     fn waking(&self) -> bool {
         self.cold.as_ref().is_some_and(|c| c.waking)
-    }
-
-    fn has_pending(&self) -> bool {
-        self.cold.as_ref().is_some_and(|c| !c.pending.is_empty())
     }
 
     /// Where the inbox stands: newest seq, acknowledged seq, unacknowledged messages kept.
@@ -144,15 +135,6 @@ impl State {
             .is_some_and(|c| c.messages.iter().any(|m| m.seq > self.acked))
     }
 
-    /// The last seq handed out: that of the newest pending message, or the last delivered
-    /// one (seqs are handed out in order and delivered in order), so not stored.
-    fn assigned(&self) -> u64 {
-        self.cold
-            .as_ref()
-            .and_then(|c| c.pending.back())
-            .map_or(self.delivered, |p| p.message.seq)
-    }
-
     /// The out-of-line part, allocated if absent. Call [`State::settle`] after anything that
     /// may empty it.
     fn cold_mut(&mut self) -> &mut Cold {
@@ -167,9 +149,6 @@ impl State {
         if c.is_empty() {
             self.cold = None;
             return;
-        }
-        if c.pending.is_empty() {
-            c.pending = VecDeque::new();
         }
         if c.messages.is_empty() {
             c.messages = VecDeque::new();
@@ -222,6 +201,7 @@ impl Sessions {
         }
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.0.len()
     }
@@ -272,24 +252,16 @@ impl Eq for ById {}
 #[derive(Debug)]
 pub struct Inboxes {
     map: Mutex<HashSet<ById>>,
-    store: Arc<dyn Store>,
+    engine: Arc<dyn InboxEngine>,
     terminals: Arc<Terminals>,
     wake: Option<Arc<WakeSocket>>,
     settings: InboxSettings,
     pub stats: InboxStats,
 }
 
-fn spawn_write(w: Durable, what: &'static str) {
-    tokio::spawn(async move {
-        if let Err(e) = w.await {
-            tracing::error!(error = %e, "store write failed: {what}");
-        }
-    });
-}
-
 impl Inboxes {
     pub fn new(
-        store: Arc<dyn Store>,
+        engine: Arc<dyn InboxEngine>,
         terminals: Arc<Terminals>,
         wake: Option<Arc<WakeSocket>>,
         settings: InboxSettings,
@@ -297,7 +269,7 @@ impl Inboxes {
     ) -> Inboxes {
         Inboxes {
             map: Mutex::new(HashSet::new()),
-            store,
+            engine,
             terminals,
             wake,
             settings,
@@ -306,13 +278,13 @@ impl Inboxes {
     }
 
     /// The inbox of `id`, loaded from the store on first use.
-    pub fn get(&self, id: &str) -> Result<Arc<Inbox>, StoreError> {
+    pub fn get(&self, id: &str) -> Result<Arc<Inbox>, EngineError> {
         self.get_or_load(id, || Arc::from(id))
     }
 
     /// [`Inboxes::get`] for a terminal whose id is already shared: a new inbox keeps that
     /// `Arc` rather than a copy of the id (one allocation less per connected terminal).
-    pub fn get_shared(&self, id: &Arc<str>) -> Result<Arc<Inbox>, StoreError> {
+    pub fn get_shared(&self, id: &Arc<str>) -> Result<Arc<Inbox>, EngineError> {
         self.get_or_load(id, || id.clone())
     }
 
@@ -320,11 +292,11 @@ impl Inboxes {
         &self,
         id: &str,
         shared_id: impl FnOnce() -> Arc<str>,
-    ) -> Result<Arc<Inbox>, StoreError> {
+    ) -> Result<Arc<Inbox>, EngineError> {
         if let Some(i) = self.map.lock().get(id) {
             return Ok(i.0.clone());
         }
-        let record = self.store.load_terminal(id)?.unwrap_or_default();
+        let record = self.engine.load_terminal(id)?.unwrap_or_default();
         let mut map = self.map.lock();
         if let Some(i) = map.get(id) {
             return Ok(i.0.clone());
@@ -336,8 +308,8 @@ impl Inboxes {
 
     /// Load every terminal the store says has unacknowledged messages, so that the wake scan
     /// goes on waking them after a restart.
-    pub fn load_pending(&self) -> Result<usize, StoreError> {
-        let ids = self.store.terminals_with_pending_inbox()?;
+    pub fn load_pending(&self) -> Result<usize, EngineError> {
+        let ids = self.engine.pending_terminals()?;
         for id in &ids {
             self.get(id)?;
         }
@@ -345,11 +317,11 @@ impl Inboxes {
     }
 
     /// What the terminals API shows (loads from the store; `None` if never seen there).
-    pub fn view(&self, id: &str) -> Result<Option<InboxView>, StoreError> {
+    pub fn view(&self, id: &str) -> Result<Option<InboxView>, EngineError> {
         if let Some(i) = self.map.lock().get(id).map(|i| i.0.clone()) {
             return Ok(Some(i.view()));
         }
-        Ok(self.store.load_terminal(id)?.map(|r| InboxView {
+        Ok(self.engine.load_terminal(id)?.map(|r| InboxView {
             position: InboxPosition {
                 seq: r.seq,
                 acked: r.acked,
@@ -360,33 +332,44 @@ impl Inboxes {
         }))
     }
 
-    /// Post a direct message. Answered once durable; delivered to open sessions, or a wake
-    /// datagram goes out if the terminal is offline and registered.
-    pub async fn post(&self, id: &str, ty: &str, data: &RawValue) -> Result<Posted, StoreError> {
+    /// Post a direct message. Answered once durable; delivered to open sessions (when the
+    /// engine hands it back), or a wake datagram goes out if the terminal is offline and
+    /// registered.
+    pub async fn post(&self, id: &str, ty: &str, data: &RawValue) -> Result<Posted, EngineError> {
         let inbox = self.get(id)?;
-        let (seq, durable) = inbox.sequence(ty, data, now_ms(), self.store.as_ref());
-        let stored = durable.await;
-        let delivery = inbox.deliver_through(seq, self.settings.max_messages);
+        let ts = now_ms();
+        let frame = livepush_proto::SeqTemplate::inbox(ty, data, ts);
+        let posted = self.engine.post(id, &frame, ts).await;
         self.stats.posted.inc();
-        if let Some(keep_from) = delivery.trimmed_to {
-            self.stats
-                .dropped
-                .get_or_create(&ReasonLabel { reason: "overflow" })
-                .inc_by(delivery.dropped);
-            spawn_write(self.store.trim_inbox(id, keep_from), "inbox trim");
-        }
-        stored?;
-        let online = delivery.sessions > 0 || self.terminals.is_online(id);
+        let message = posted?;
+        let online = inbox.has_sessions() || self.terminals.is_online(id);
         let wake_sent = if online {
             false
         } else {
             self.start_wake(&inbox).await
         };
         Ok(Posted {
-            seq,
+            seq: message.seq,
             online,
             wake_sent,
         })
+    }
+
+    /// A direct message the engine handed over: pushed to the terminal's sessions here and
+    /// kept until acknowledged (bounded). Terminals this node does not hold are not its
+    /// business.
+    pub fn on_inbox(&self, terminal: &str, message: &InboxMessage) {
+        let Some(inbox) = self.map.lock().get(terminal).map(|i| i.0.clone()) else {
+            return;
+        };
+        let delivery = inbox.deliver(message, self.settings.max_messages);
+        if let Some(keep_from) = delivery.trimmed_to {
+            self.stats
+                .dropped
+                .get_or_create(&ReasonLabel { reason: "overflow" })
+                .inc_by(delivery.dropped);
+            self.engine.trim(terminal, keep_from);
+        }
     }
 
     /// Open a session's view of the inbox: queue `connected` (when `greet` is given) with the
@@ -408,7 +391,7 @@ impl Inboxes {
         let after = after.unwrap_or(st.acked);
         if let Some(c) = &st.cold {
             for m in c.messages.iter().filter(|m| m.seq > after) {
-                outbox.push(m.frame.clone(), Kind::Reply);
+                outbox.push(Frame::reply(m.frame.clone()));
             }
         }
         st.sessions.insert(conn, outbox.clone());
@@ -435,11 +418,11 @@ impl Inboxes {
         };
         st.touched_ms = now_ms();
         drop(st);
-        spawn_write(self.store.ack_inbox(&inbox.id, seq), "inbox ack");
+        self.engine.ack(&inbox.id, seq);
     }
 
     /// Record a verified keepalive. Persisted when the address changes, and every ten minutes.
-    pub fn keepalive(&self, id: &str, reg: WakeRegistration) -> Result<(), StoreError> {
+    pub fn keepalive(&self, id: &str, reg: WakeRegistration) -> Result<(), EngineError> {
         let inbox = self.get(id)?;
         let mut st = inbox.state.lock();
         st.touched_ms = now_ms();
@@ -451,7 +434,7 @@ impl Inboxes {
         if changed || reg.ts.saturating_sub(c.wake_persisted_ms) > 600_000 {
             c.wake_persisted_ms = reg.ts;
             drop(st);
-            spawn_write(self.store.set_wake(id, &reg), "wake registration");
+            self.engine.set_wake(id, &reg);
         }
         Ok(())
     }
@@ -495,7 +478,7 @@ impl Inboxes {
                     .dropped
                     .get_or_create(&ReasonLabel { reason: "expired" })
                     .inc_by(expired);
-                spawn_write(self.store.trim_inbox(&inbox.id, keep_from), "inbox expiry");
+                self.engine.trim(&inbox.id, keep_from);
             }
             if wake && !self.terminals.is_online(&inbox.id) {
                 self.start_wake(&inbox).await;
@@ -503,11 +486,10 @@ impl Inboxes {
         }
         self.map.lock().retain(|i| {
             let st = i.0.state.lock();
-            !(st.sessions.is_empty()
-                && !st.waking()
-                && !st.unacked()
-                && !st.has_pending()
-                && now.saturating_sub(st.touched_ms) > 300_000)
+            !st.sessions.is_empty()
+                || st.waking()
+                || st.unacked()
+                || now.saturating_sub(st.touched_ms) <= 300_000
         });
     }
 
@@ -583,7 +565,6 @@ impl Inboxes {
 /// What a delivery did.
 #[derive(Debug, Default)]
 struct Delivery {
-    sessions: usize,
     trimmed_to: Option<u64>,
     dropped: u64,
 }
@@ -627,38 +608,32 @@ impl Inbox {
         }
     }
 
-    fn sequence(&self, ty: &str, data: &RawValue, ts: u64, store: &dyn Store) -> (u64, Durable) {
-        let mut st = self.state.lock();
-        let seq = st.assigned() + 1;
-        let frame = encode_inbox(seq, ty, data, ts);
-        let message = InboxMessage { seq, ts, frame };
-        let durable = store.append_inbox(&self.id, &message);
-        st.cold_mut().pending.push_back(Pending { message });
-        st.touched_ms = ts;
-        (seq, durable)
+    fn has_sessions(&self) -> bool {
+        !self.state.lock().sessions.is_empty()
     }
 
-    fn deliver_through(&self, through: u64, max_messages: usize) -> Delivery {
+    /// Deliver a message handed over by the engine: push it to every session, keep it until
+    /// acknowledged, drop the oldest past `max_messages`. Inbox seqs come in order; a seq
+    /// already delivered (the record loaded from the engine had it) is not delivered twice.
+    fn deliver(&self, message: &InboxMessage, max_messages: usize) -> Delivery {
         let mut guard = self.state.lock();
         let st = &mut *guard;
-        let mut out = Delivery {
-            sessions: st.sessions.len(),
-            ..Delivery::default()
-        };
-        if let Some(c) = st.cold.as_deref_mut() {
-            while c.pending.front().is_some_and(|p| p.message.seq <= through) {
-                let Some(p) = c.pending.pop_front() else {
-                    break;
-                };
-                st.delivered = p.message.seq;
-                for o in st.sessions.outboxes() {
-                    o.push(p.message.frame.clone(), Kind::Reply);
-                }
-                c.messages.push_back(p.message);
-                while c.messages.len() > max_messages {
-                    c.messages.pop_front();
-                    out.dropped += 1;
-                }
+        let mut out = Delivery::default();
+        if message.seq <= st.delivered {
+            return out;
+        }
+        st.delivered = message.seq;
+        st.touched_ms = now_ms();
+        let frame = Frame::reply(message.frame.clone());
+        for o in st.sessions.outboxes() {
+            o.push(frame.clone());
+        }
+        if message.seq > st.acked {
+            let c = st.cold_mut();
+            c.messages.push_back(message.clone());
+            while c.messages.len() > max_messages {
+                c.messages.pop_front();
+                out.dropped += 1;
             }
             if out.dropped > 0 {
                 out.trimmed_to = c.messages.front().map(|m| m.seq);
@@ -666,33 +641,6 @@ impl Inbox {
         }
         st.settle();
         out
-    }
-}
-
-/// Encode an `inbox` frame once; `data` is copied through as raw JSON.
-fn encode_inbox(seq: u64, ty: &str, data: &RawValue, ts: u64) -> Bytes {
-    #[derive(serde::Serialize)]
-    struct InboxRef<'a> {
-        op: &'static str,
-        seq: u64,
-        #[serde(rename = "type")]
-        ty: &'a str,
-        data: &'a RawValue,
-        ts: u64,
-    }
-    match serde_json::to_vec(&InboxRef {
-        op: "inbox",
-        seq,
-        ty,
-        data,
-        ts,
-    }) {
-        Ok(v) => Bytes::from(v),
-        Err(_) => encode_frame(&ServerFrame::error(
-            None,
-            livepush_proto::ErrorCode::Internal,
-            "frame encoding failed",
-        )),
     }
 }
 
@@ -711,7 +659,7 @@ impl Drop for NotStarted<'_> {
 mod tests {
     use super::*;
     use crate::outbox::OutboxLimits;
-    use crate::store::MemoryStore;
+    use bytes::Bytes;
 
     fn outbox() -> Arc<Outbox> {
         Arc::new(Outbox::new(
@@ -761,47 +709,63 @@ mod tests {
         assert!(st.sessions.is_empty());
     }
 
+    fn message(seq: u64) -> InboxMessage {
+        InboxMessage {
+            seq,
+            ts: 5,
+            frame: Bytes::from_static(b"{}"),
+        }
+    }
+
     #[test]
     fn the_out_of_line_part_lives_while_it_holds_something() {
         let inbox = Inbox::new(Arc::from("t"), TerminalRecord::default());
-        let data = RawValue::from_string("1".into()).unwrap();
-        let (seq, _durable) = inbox.sequence("n", &data, 5, &MemoryStore);
-        assert_eq!(seq, 1);
-        let (seq, _durable) = inbox.sequence("n", &data, 5, &MemoryStore);
-        assert_eq!(seq, 2);
-        assert_eq!(inbox.state.lock().assigned(), 2);
-        let d = inbox.deliver_through(1, 10);
-        assert_eq!((d.sessions, d.dropped), (0, 0));
+        let d = inbox.deliver(&message(1), 10);
+        assert_eq!(d.dropped, 0);
         {
             let st = inbox.state.lock();
-            assert_eq!((st.delivered, st.assigned()), (1, 2));
-            assert!(st.has_pending() && st.unacked());
+            assert_eq!(st.delivered, 1);
+            assert!(st.unacked());
         }
-        inbox.deliver_through(2, 10);
+        assert_eq!(
+            inbox.deliver(&message(1), 10).dropped,
+            0,
+            "a repeat is ignored"
+        );
+        inbox.deliver(&message(2), 10);
         let mut st = inbox.state.lock();
-        assert_eq!((st.delivered, st.assigned()), (2, 2));
+        assert_eq!(st.delivered, 2);
         assert_eq!(st.ack(1), Some(1));
         assert!(st.cold.is_some(), "message 2 is unacknowledged");
         assert_eq!(st.ack(1), None);
         assert_eq!(st.ack(9), Some(2), "capped at the delivered position");
         assert!(st.cold.is_none(), "freed once empty");
-        assert_eq!(st.assigned(), 2);
 
         // A wake registration keeps it, with no message buffers.
         st.cold_mut().wake = Some(registration());
         st.settle();
         assert!(st.cold.as_ref().is_some_and(|c| c.messages.capacity() == 0));
         drop(st);
-        let (seq, _durable) = inbox.sequence("n", &data, 5, &MemoryStore);
-        assert_eq!(seq, 3);
-        inbox.deliver_through(3, 10);
+        inbox.deliver(&message(3), 10);
         let mut st = inbox.state.lock();
         st.ack(3);
         let c = st.cold.as_ref().unwrap();
-        assert!(c.wake.is_some() && c.messages.capacity() == 0 && c.pending.capacity() == 0);
+        assert!(c.wake.is_some() && c.messages.capacity() == 0);
         st.cold_mut().wake = None;
         st.settle();
         assert!(st.cold.is_none());
+    }
+
+    #[test]
+    fn delivery_keeps_at_most_max_messages() {
+        let inbox = Inbox::new(Arc::from("t"), TerminalRecord::default());
+        for seq in 1..=3 {
+            assert_eq!(
+                inbox.deliver(&message(seq), 2).trimmed_to,
+                None.or((seq == 3).then_some(2))
+            );
+        }
+        assert_eq!(inbox.position().pending, 2);
     }
 
     #[test]
@@ -816,7 +780,7 @@ mod tests {
         );
         let st = empty.state.lock();
         assert!(st.cold.is_none());
-        assert_eq!((st.delivered, st.assigned(), st.acked), (4, 4, 4));
+        assert_eq!((st.delivered, st.acked), (4, 4));
         drop(st);
 
         let reg = registration();

@@ -1,6 +1,7 @@
 //! A connection's outgoing queue, and what happens when the terminal cannot keep up.
 //!
-//! Room fan-out pushes encoded frames (shared `Bytes`) into each member's outbox; the
+//! Room fan-out pushes encoded [`Frame`]s (shared, one pointer each) into each member's
+//! outbox; the
 //! connection's writer drains everything queued at once and sends it as one batch, so a burst
 //! costs one write per connection rather than one per message.
 //!
@@ -20,29 +21,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use livepush_proto::{ServerFrame, encode_frame};
+use livepush_proto::ServerFrame;
 use parking_lot::Mutex;
 
+use crate::frame::{Frame, What};
 use crate::metrics::OutboxStats;
 
 /// Identifies one connection (one session) within this process.
 pub type ConnId = u64;
-
-/// What kind of frame is being queued; decides what the soft limit does to it.
-#[derive(Debug, Clone, Copy)]
-pub enum Kind<'a> {
-    /// A reply or control frame (`joined`, `pulled`, `left`, `error`, ...): always queued.
-    Reply,
-    /// A reliable room message: queued, or folded into a `prompt` past the soft limit.
-    Reliable { room: &'a Arc<str>, seq: u64 },
-    /// A transient room message: dropped past the soft limit.
-    Transient,
-    /// Like `Transient`, but not worth answering a parked long-poll for by itself (online
-    /// counts): it rides along with the next answer.
-    Ambient,
-}
 
 /// What became of a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +70,7 @@ pub struct OutboxLimits {
 
 #[derive(Debug, Default)]
 struct State {
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<Frame>,
     bytes: usize,
     /// Queued frames that are not `Ambient` (u32: fewer than the soft limit plus replies).
     significant: u32,
@@ -209,20 +196,10 @@ impl Signals {
     }
 }
 
-/// Every frame of a taken batch, one JSON object each: an entry may be a room's merged chunk
-/// (`--merge-ms`, frames joined by `\n`). Transports that frame each object on its own
-/// (long-poll's array, SSE's positions) read batches through this.
-pub fn frames_of(batch: &[Bytes]) -> impl Iterator<Item = &str> {
-    batch
-        .iter()
-        .filter_map(|f| std::str::from_utf8(f).ok())
-        .flat_map(livepush_proto::split_frames)
-}
-
 /// What the writer takes from the outbox in one go.
 #[derive(Debug)]
 pub enum Batch {
-    Frames(Vec<Bytes>),
+    Frames(Vec<Frame>),
     Closed(CloseReason),
 }
 
@@ -240,29 +217,30 @@ impl Outbox {
         }
     }
 
-    /// Queue an encoded frame.
-    pub fn push(&self, frame: Bytes, kind: Kind<'_>) -> Pushed {
+    /// Queue a frame; what it is ([`Frame::what`]) decides what the soft limit does to it.
+    pub fn push(&self, frame: Frame) -> Pushed {
         let mut st = self.state.lock();
         if st.closed.is_some() {
             return Pushed::Closed;
         }
         let full = st.frames.len() >= self.limits.soft_frames();
-        let outcome = match kind {
-            Kind::Reply => Pushed::Queued,
-            Kind::Transient | Kind::Ambient if full => {
+        let ambient = matches!(frame.what(), What::Ambient);
+        let outcome = match frame.what() {
+            What::Reply | What::Joined { .. } | What::Prompt { .. } => Pushed::Queued,
+            What::Transient | What::Ambient if full => {
                 self.stats.dropped_transient.inc();
                 return Pushed::Dropped;
             }
-            Kind::Transient | Kind::Ambient => Pushed::Queued,
-            Kind::Reliable { room, seq } => {
+            What::Transient | What::Ambient => Pushed::Queued,
+            What::Reliable { room, seq } => {
                 let pending = st.prompts.iter_mut().find(|(r, _)| r == room);
                 match pending {
                     Some((_, s)) => {
-                        *s = (*s).max(seq);
+                        *s = (*s).max(*seq);
                         return Pushed::Prompted;
                     }
                     None if full => {
-                        st.prompts.push((room.clone(), seq));
+                        st.prompts.push((room.clone(), *seq));
                         self.stats.prompted.inc();
                         return Pushed::Prompted;
                     }
@@ -272,7 +250,7 @@ impl Outbox {
         };
         st.bytes += frame.len();
         st.frames.push_back(frame);
-        if !matches!(kind, Kind::Ambient) {
+        if !ambient {
             st.significant += 1;
         }
         if st.bytes > self.limits.hard_bytes() {
@@ -289,7 +267,7 @@ impl Outbox {
         // first significant frame arrives behind ambient ones (its waiter may have been woken
         // by the ambient frame already and gone back to sleep).
         let was_empty = st.frames.len() == 1 && st.prompts.is_empty();
-        let first_significant = !matches!(kind, Kind::Ambient) && st.significant == 1;
+        let first_significant = !ambient && st.significant == 1;
         drop(st);
         if was_empty || first_significant {
             self.waker.wake();
@@ -299,7 +277,7 @@ impl Outbox {
 
     /// Queue a typed reply frame.
     pub fn reply(&self, frame: &ServerFrame) -> Pushed {
-        self.push(encode_frame(frame), Kind::Reply)
+        self.push(Frame::of(frame))
     }
 
     /// Make room for at most `n` more frames before the soft limit; used by join replays.
@@ -380,10 +358,7 @@ impl Outbox {
             // Give the queue's memory back: most connections are idle between bursts.
             st.frames = VecDeque::new();
             for (room, seq) in std::mem::take(&mut st.prompts) {
-                out.push(encode_frame(&ServerFrame::Prompt {
-                    room: room.to_string(),
-                    seq,
-                }));
+                out.push(Frame::prompt(&room, seq));
             }
         }
         // Frames left over stay queued: writers check the queue again before they sleep.
@@ -454,6 +429,7 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     /// Pings come every `heartbeat` from the scheduled start, also where the 32-bit time
     /// wraps around.
@@ -487,7 +463,11 @@ mod tests {
         match b {
             Batch::Frames(v) => v
                 .into_iter()
-                .map(|f| String::from_utf8(f.to_vec()).unwrap())
+                .map(|f| {
+                    let mut out = Vec::new();
+                    crate::frame::join_into(&[f], b'\n', &mut out);
+                    String::from_utf8(out).unwrap()
+                })
                 .collect(),
             Batch::Closed(r) => panic!("closed: {r:?}"),
         }
@@ -498,46 +478,28 @@ mod tests {
         let o = outbox(2, 1 << 20);
         let room: Arc<str> = Arc::from("r");
         assert_eq!(
-            o.push(Bytes::from_static(b"a"), Kind::Transient),
+            o.push(Frame::transient(Bytes::from_static(b"a"))),
             Pushed::Queued
         );
         assert_eq!(
-            o.push(
-                Bytes::from_static(b"m1"),
-                Kind::Reliable {
-                    room: &room,
-                    seq: 1
-                }
-            ),
+            o.push(Frame::reliable(room.clone(), 1, Bytes::from_static(b"m1"))),
             Pushed::Queued
         );
         assert_eq!(
-            o.push(Bytes::from_static(b"b"), Kind::Transient),
+            o.push(Frame::transient(Bytes::from_static(b"b"))),
             Pushed::Dropped
         );
         assert_eq!(
-            o.push(
-                Bytes::from_static(b"m2"),
-                Kind::Reliable {
-                    room: &room,
-                    seq: 2
-                }
-            ),
+            o.push(Frame::reliable(room.clone(), 2, Bytes::from_static(b"m2"))),
             Pushed::Prompted
         );
         assert_eq!(
-            o.push(
-                Bytes::from_static(b"m3"),
-                Kind::Reliable {
-                    room: &room,
-                    seq: 3
-                }
-            ),
+            o.push(Frame::reliable(room.clone(), 3, Bytes::from_static(b"m3"))),
             Pushed::Prompted
         );
         // Replies always fit.
         assert_eq!(
-            o.push(Bytes::from_static(b"pong"), Kind::Reply),
+            o.push(Frame::reply(Bytes::from_static(b"pong"))),
             Pushed::Queued
         );
         let got = frames(o.take(1 << 20));
@@ -546,13 +508,7 @@ mod tests {
         assert_eq!(got.len(), 4);
         // After the prompt went out, reliable messages queue normally again.
         assert_eq!(
-            o.push(
-                Bytes::from_static(b"m4"),
-                Kind::Reliable {
-                    room: &room,
-                    seq: 4
-                }
-            ),
+            o.push(Frame::reliable(room.clone(), 4, Bytes::from_static(b"m4"))),
             Pushed::Queued
         );
     }
@@ -561,15 +517,9 @@ mod tests {
     fn prompt_waits_until_queue_drained() {
         let o = outbox(1, 1 << 20);
         let room: Arc<str> = Arc::from("r");
-        o.push(Bytes::from_static(b"aaaa"), Kind::Reply);
-        o.push(Bytes::from_static(b"bbbb"), Kind::Reply);
-        o.push(
-            Bytes::from_static(b"m9"),
-            Kind::Reliable {
-                room: &room,
-                seq: 9,
-            },
-        );
+        o.push(Frame::reply(Bytes::from_static(b"aaaa")));
+        o.push(Frame::reply(Bytes::from_static(b"bbbb")));
+        o.push(Frame::reliable(room.clone(), 9, Bytes::from_static(b"m9")));
         assert_eq!(frames(o.take(5)), ["aaaa"]);
         let rest = frames(o.take(100));
         assert_eq!(rest[0], "bbbb");
@@ -580,11 +530,11 @@ mod tests {
     fn hard_limit_closes() {
         let o = outbox(100, 10);
         assert_eq!(
-            o.push(Bytes::from_static(b"12345"), Kind::Reply),
+            o.push(Frame::reply(Bytes::from_static(b"12345"))),
             Pushed::Queued
         );
         assert_eq!(
-            o.push(Bytes::from_static(b"123456"), Kind::Reply),
+            o.push(Frame::reply(Bytes::from_static(b"123456"))),
             Pushed::Closed
         );
         assert!(matches!(
@@ -592,7 +542,7 @@ mod tests {
             Batch::Closed(CloseReason::SlowConsumer)
         ));
         assert_eq!(
-            o.push(Bytes::from_static(b"x"), Kind::Transient),
+            o.push(Frame::transient(Bytes::from_static(b"x"))),
             Pushed::Closed
         );
     }
@@ -603,13 +553,13 @@ mod tests {
         let o2 = o.clone();
         let waiter = tokio::spawn(async move { o2.significant().await });
         tokio::task::yield_now().await;
-        o.push(Bytes::from_static(b"online"), Kind::Ambient);
+        o.push(Frame::ambient(Bytes::from_static(b"online")));
         // Let the waiter see the ambient frame, find nothing significant, and sleep again.
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
         assert!(!waiter.is_finished());
-        o.push(Bytes::from_static(b"msg"), Kind::Transient);
+        o.push(Frame::transient(Bytes::from_static(b"msg")));
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
             .await
             .expect("woken by the significant frame")
@@ -622,7 +572,7 @@ mod tests {
         let o2 = o.clone();
         let waiter = tokio::spawn(async move { o2.ready().await });
         tokio::task::yield_now().await;
-        o.push(Bytes::from_static(b"x"), Kind::Transient);
+        o.push(Frame::transient(Bytes::from_static(b"x")));
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
             .await
             .unwrap()

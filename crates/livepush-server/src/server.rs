@@ -19,15 +19,16 @@ use crate::api;
 use crate::app::App;
 use crate::assets;
 use crate::auth::TokenKeys;
-use crate::broker::{Broker, LocalBroker};
 use crate::config::Config;
 use crate::config::WakeListen;
+use crate::engine::local::LocalEngine;
+use crate::engine::{Engine, InboxEngine, Node, Retention};
 use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::inbox::{InboxSettings, Inboxes};
 use crate::metrics::Metrics;
 use crate::ratelimit::Limiters;
-use crate::store::{HistoryStore, MemoryStore, Store};
+use crate::store::{MemoryStore, Store};
 use crate::terminals::{TerminalSettings, Terminals};
 use crate::transport;
 use crate::wake::{WakeKeys, WakeSocket};
@@ -137,7 +138,7 @@ pub struct Running {
     addr: SocketAddr,
     wake_addr: Option<SocketAddr>,
     app: Arc<App>,
-    store: Arc<dyn Store>,
+    engine: Arc<dyn Engine>,
     /// The open WebSocket connections, driven by one task per tokio worker.
     connections: Arc<transport::ws::Connections>,
     shutdown: watch::Sender<bool>,
@@ -170,11 +171,11 @@ impl Running {
     }
 
     /// Stop accepting, close every session with "going away", wait for the server task, and
-    /// make everything the store was given durable.
+    /// make everything the engine was given durable.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
-        if let Err(e) = self.store.flush().await {
+        if let Err(e) = self.engine.flush().await {
             tracing::error!(error = %e, "store flush at shutdown failed");
         }
     }
@@ -185,17 +186,31 @@ impl Running {
     }
 }
 
-/// Start a server with the in-memory store on a single node.
+/// Start a single-node server that keeps everything in memory.
 pub async fn start(config: Config) -> Result<Running, ServerError> {
-    start_with(config, Arc::new(MemoryStore), Arc::new(LocalBroker)).await
+    start_with(config, Arc::new(MemoryStore::default())).await
 }
 
-/// Start a server with a given store and broker.
-pub async fn start_with(
+/// Start a single-node server on a given store (the single-node engine over it).
+pub async fn start_with(config: Config, store: Arc<dyn Store>) -> Result<Running, ServerError> {
+    let engine = Arc::new(LocalEngine::new(
+        store,
+        Retention {
+            max_messages: config.history_size,
+            ttl: config.history_ttl,
+        },
+    ));
+    start_with_engine(config, engine).await
+}
+
+/// Start a server on an engine: what the nodes of a deployment share (rooms, and terminals'
+/// inboxes through the sibling seam). The engine hands this node its events once it runs.
+pub async fn start_with_engine<E: Engine + InboxEngine>(
     config: Config,
-    store: Arc<dyn Store>,
-    broker: Arc<dyn Broker>,
+    engine: Arc<E>,
 ) -> Result<Running, ServerError> {
+    let rooms: Arc<dyn Engine> = engine.clone();
+    let inboxes: Arc<dyn InboxEngine> = engine;
     config.validate().map_err(ServerError::Config)?;
     let listener = listen(config.listen, config.limits.listen_backlog).map_err(|source| {
         ServerError::Bind {
@@ -225,8 +240,7 @@ pub async fn start_with(
     let wake_keys = WakeKeys::new(&config.token_secret);
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
-    let history: Arc<dyn HistoryStore> = store.clone();
-    let hub = Arc::new(Hub::new(config.clone(), history, broker, metrics.clone()));
+    let hub = Hub::new(config.clone(), rooms.clone(), metrics.clone());
     let limiters = Arc::new(Limiters::new(&config.limits));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let terminals = Arc::new(Terminals::new(TerminalSettings {
@@ -247,7 +261,7 @@ pub async fn start_with(
         ))
     });
     let inboxes = Arc::new(Inboxes::new(
-        store.clone(),
+        inboxes,
         terminals.clone(),
         wake_socket.clone(),
         InboxSettings {
@@ -288,8 +302,11 @@ pub async fn start_with(
         wake_keys,
         shutdown: shutdown_rx.clone(),
     });
+    let node: Arc<dyn Node> = app.clone();
+    rooms.attach(Arc::downgrade(&node));
 
     spawn_upkeep(
+        config.limits.online_interval,
         hub,
         limiters,
         terminals,
@@ -309,7 +326,7 @@ pub async fn start_with(
         addr,
         wake_addr,
         app,
-        store,
+        engine: rooms,
         connections,
         shutdown: shutdown_tx,
         task,
@@ -356,6 +373,7 @@ fn spawn_keepalives(
 }
 
 fn spawn_upkeep(
+    online_interval: Duration,
     hub: Arc<Hub>,
     limiters: Arc<Limiters>,
     terminals: Arc<Terminals>,
@@ -363,7 +381,7 @@ fn spawn_upkeep(
     wake: Option<Arc<WakeSocket>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let every = hub.config().limits.online_interval;
+    let every = online_interval;
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -390,7 +408,10 @@ fn spawn_upkeep(
 fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router {
     let api = Router::new()
         .route("/v1/rooms/{room}/messages", post(api::publish))
-        .route("/v1/rooms/{room}/history", get(api::history))
+        .route(
+            "/v1/rooms/{room}/history",
+            get(api::history).delete(api::reset_history),
+        )
         .route("/v1/rooms/{room}", get(api::room_info))
         .route("/v1/terminals", get(api::terminals))
         .route("/v1/terminals/{id}", get(api::terminal))

@@ -1,11 +1,18 @@
-//! A terminal's session: what it may do and what each client frame does.
+//! A terminal's session: its lifecycle, what it may do, and what each client frame does.
 //!
-//! This is the one place where client frames turn into hub operations. Transports only move
-//! bytes: they authenticate the first frame with [`authenticate`], feed text to
-//! [`Session::handle_text`], and write out what the session's [`Outbox`] holds.
+//! This is the one place where client frames turn into hub operations, and the one place a
+//! session opens and ends. Transports only move bytes: they identify the terminal with
+//! [`crate::auth::identify`], [`start`](Session::start) a session (which counts it on the
+//! service list and in the connection metrics), feed text to [`Session::handle_text`], write
+//! out what the session's [`Outbox`] holds, and [`end`](Session::end) it saying how it ended
+//! (leaving its rooms, detaching its inbox, and counting it offline, in that order: a terminal
+//! seen offline has no live session anywhere). A long-poll session is one poll: when it ends,
+//! its terminal lingers in its rooms' online counts for the poll grace period, unless it
+//! said `bye`.
 
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use governor::RateLimiter;
 use governor::clock::MonotonicClock;
 use governor::middleware::NoOpMiddleware;
@@ -14,55 +21,98 @@ use livepush_proto::{
     Class, ClientEnvelope, ClientFrame, ErrorCode, FrameError, InboxPosition, Position,
     ServerFrame, Transport, split_frames,
 };
-use rand::Rng;
-use rand::distr::Alphanumeric;
 use serde_json::value::RawValue;
 
 use crate::app::App;
-use crate::auth::{AuthError, Grants, Terminal, TokenKeys};
-use crate::hub::{Announce, Hub, JoinError, Member, Room};
+use crate::auth::Terminal;
+use crate::clock::now_ms;
+use crate::hub::{Announce, JoinError, Member, Room};
 use crate::inbox::Inbox;
-use crate::outbox::{ConnId, Kind, Outbox, OutboxLimits};
+use crate::metrics::{ReasonLabel, TransportLabel};
+use crate::outbox::{CloseReason, ConnId, Outbox, OutboxLimits};
 
-/// Check a `connect` frame's token. Dev mode accepts no token and makes up a terminal id.
-pub fn authenticate(
-    keys: &TokenKeys,
-    dev: bool,
-    token: Option<&str>,
-) -> Result<Terminal, FrameError> {
-    match token.filter(|t| !t.is_empty()) {
-        None if dev => {
-            let id: String = rand::rng()
-                .sample_iter(&Alphanumeric)
-                .take(12)
-                .map(char::from)
-                .collect();
-            Ok(Terminal {
-                id: Arc::from(format!("anon-{id}")),
-                grants: Grants::everything(),
-            })
+/// How a session ended. Interruptions (a WebSocket without a close frame from the client)
+/// feed the flapping detector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The client closed (a WebSocket close frame, an SSE stream it dropped).
+    ClientClose,
+    /// The TCP connection ended or failed without a close frame.
+    Reset,
+    HeartbeatTimeout,
+    SlowConsumer,
+    Unauthorized,
+    TooLarge,
+    /// The client broke RFC 6455 (unmasked frame, bad opcode, invalid UTF-8, ...).
+    ProtocolError,
+    Shutdown,
+    /// Told to use long-polling (a flapping terminal).
+    MovedToLongpoll,
+    /// A poll was answered (or its client went away): the terminal lingers for the grace.
+    Answered,
+    /// A poll said `bye`: the terminal leaves at once.
+    Bye,
+    /// An SSE stream ended after a `prompt` (the client cannot pull; it reconnects).
+    Prompted,
+}
+
+impl Ending {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ending::ClientClose => "client_close",
+            Ending::Reset => "reset",
+            Ending::HeartbeatTimeout => "heartbeat_timeout",
+            Ending::SlowConsumer => "slow_consumer",
+            Ending::Unauthorized => "unauthorized",
+            Ending::TooLarge => "too_large",
+            Ending::ProtocolError => "protocol_error",
+            Ending::Shutdown => "shutdown",
+            Ending::MovedToLongpoll => "moved_to_longpoll",
+            Ending::Answered => "answered",
+            Ending::Bye => "bye",
+            Ending::Prompted => "prompted",
         }
-        None => Err(FrameError::new(
-            ErrorCode::Unauthorized,
-            AuthError::Missing.to_string(),
-        )),
-        Some(t) => keys
-            .verify(t)
-            .map_err(|e| FrameError::new(ErrorCode::Unauthorized, e.to_string())),
+    }
+
+    /// Whether this ending is an interruption of the terminal: the connection ended without
+    /// a close frame (TCP reset or end) or stopped answering. These feed the flap detector.
+    pub fn is_interruption(self) -> bool {
+        matches!(self, Ending::Reset | Ending::HeartbeatTimeout)
     }
 }
 
-/// Dev mode only: take back the anonymous terminal id a client was given in `connected`
-/// (long-poll and SSE reconnect as the same terminal).
-pub fn dev_terminal(id: &str) -> Result<Terminal, String> {
-    if id.is_empty() || id.len() > crate::auth::MAX_TERMINAL_LEN || id.chars().any(char::is_control)
-    {
-        return Err("`terminal` is not a valid terminal id".into());
+fn label(transport: Transport) -> TransportLabel {
+    TransportLabel {
+        transport: match transport {
+            Transport::Ws => "ws",
+            Transport::Longpoll => "longpoll",
+            Transport::Sse => "sse",
+        },
     }
-    Ok(Terminal {
-        id: Arc::from(id),
-        grants: Grants::everything(),
-    })
+}
+
+/// A connection refused before it became a session (a failed WebSocket handshake): counted
+/// like a session that opened and ended at once.
+pub fn refused(app: &App, transport: Transport, ending: Ending) {
+    app.metrics
+        .connections_total
+        .get_or_create(&label(transport))
+        .inc();
+    record_ending(app, transport, ending);
+}
+
+fn record_ending(app: &App, transport: Transport, ending: Ending) {
+    app.metrics
+        .disconnects
+        .get_or_create(&ReasonLabel {
+            reason: ending.as_str(),
+        })
+        .inc();
+    tracing::debug!(
+        transport = label(transport).transport,
+        ending = ending.as_str(),
+        "session ended"
+    );
 }
 
 /// A connection's frame-rate limiter. The std monotonic clock keeps it at 40 bytes (the
@@ -81,33 +131,80 @@ pub struct Session {
     conn: ConnId,
     terminal: Terminal,
     outbox: Arc<Outbox>,
-    rooms: Vec<Arc<Room>>,
+    /// The joined rooms: a boxed slice of exactly as many as there are (most connections
+    /// join one room; a `Vec` would cost 8 bytes more in every connection).
+    rooms: Box<[Arc<Room>]>,
     /// The terminal's inbox, once the session is open.
     inbox: Option<Arc<Inbox>>,
     frames: FrameLimiter,
+    transport: Transport,
+    /// [`Session::end`] ran.
+    ended: bool,
 }
 
 impl Session {
-    pub fn new(app: &Arc<App>, terminal: Terminal) -> Session {
-        let hub = &app.hub;
-        let limits = &hub.config().limits;
+    /// A session of `terminal` over `transport` begins: it is counted on the service list and
+    /// in the connection metrics until [`Session::end`].
+    pub fn start(app: &Arc<App>, terminal: Terminal, transport: Transport) -> Session {
+        let limits = &app.config.limits;
         let outbox = Arc::new(Outbox::new(
             OutboxLimits {
                 soft_frames: limits.outbox_frames,
                 hard_bytes: limits.outbox_max_bytes,
             },
-            hub.metrics().outbox.clone(),
+            app.metrics.outbox.clone(),
         ));
         let frames = RateLimiter::direct_with_clock(app.limiters.frame_quota, MonotonicClock);
+        let l = label(transport);
+        app.metrics.connections_total.get_or_create(&l).inc();
+        app.metrics.connections_open.get_or_create(&l).inc();
+        app.terminals.opened(&terminal.id, transport);
         Session {
-            conn: hub.next_conn_id(),
+            conn: app.hub.next_conn_id(),
             app: app.clone(),
             terminal,
             outbox,
-            rooms: Vec::new(),
+            rooms: Box::default(),
             inbox: None,
             frames,
+            transport,
+            ended: false,
         }
+    }
+
+    /// The session ends: it leaves its rooms (a long-poll session lingers in them for the
+    /// poll grace period, unless it said `bye`), detaches from the inbox, and then its
+    /// terminal is counted offline on this transport. Nothing reaches the session after
+    /// this. Dropping a session ends it as [`Ending::Reset`] (long-poll: [`Ending::Answered`],
+    /// SSE: [`Ending::ClientClose`]).
+    pub fn end(&mut self, ending: Ending) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        let rooms = std::mem::take(&mut self.rooms);
+        let linger = self.transport == Transport::Longpoll && ending != Ending::Bye;
+        let until = now_ms() + self.app.config.poll_grace.as_millis() as u64;
+        for r in rooms {
+            r.leave_until(self.conn, linger.then_some(until));
+        }
+        if let Some(i) = self.inbox.take() {
+            self.app.inboxes.detach(&i, self.conn);
+        }
+        // Whatever is still queued will not be written: free it, and let a join racing the
+        // end see that the session is gone.
+        self.outbox.close(CloseReason::Shutdown);
+        self.app
+            .terminals
+            .closed(&self.terminal.id, self.transport, ending.is_interruption());
+        if ending == Ending::Bye {
+            self.app.terminals.bye(&self.terminal.id);
+        }
+        self.app
+            .metrics
+            .connections_open
+            .get_or_create(&label(self.transport))
+            .dec();
+        record_ending(&self.app, self.transport, ending);
     }
 
     pub fn app(&self) -> &Arc<App> {
@@ -118,16 +215,12 @@ impl Session {
         self.conn
     }
 
-    /// Leave every room and detach from the inbox: after this nothing reaches the session.
-    /// Dropping the session does the same; call it when the order matters (before the
-    /// terminal is counted offline).
-    pub fn close(&mut self) {
-        for r in std::mem::take(&mut self.rooms) {
-            r.leave(self.conn);
-        }
-        if let Some(i) = self.inbox.take() {
-            self.app.inboxes.detach(&i, self.conn);
-        }
+    pub fn terminal(&self) -> &Terminal {
+        &self.terminal
+    }
+
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
     }
 
     fn room_index(&self, room: &str) -> Option<usize> {
@@ -139,35 +232,17 @@ impl Session {
     }
 
     fn forget_room(&mut self, room: &str) -> Option<Arc<Room>> {
-        let r = self.rooms.swap_remove(self.room_index(room)?);
-        if self.rooms.is_empty() {
-            self.rooms = Vec::new();
-        }
+        let i = self.room_index(room)?;
+        let mut rooms = std::mem::take(&mut self.rooms).into_vec();
+        let r = rooms.swap_remove(i);
+        self.rooms = rooms.into_boxed_slice();
         Some(r)
-    }
-
-    pub fn terminal(&self) -> &Terminal {
-        &self.terminal
-    }
-
-    pub fn hub(&self) -> &Arc<Hub> {
-        &self.app.hub
-    }
-
-    pub fn outbox(&self) -> &Arc<Outbox> {
-        &self.outbox
     }
 
     /// Open the session: queue `connected` (when `greet`), then the inbox messages after
     /// `inbox_after` (default: the acknowledged position), and deliver later inbox messages
     /// live.
-    pub fn open(
-        &mut self,
-        transport: Transport,
-        id: Option<u64>,
-        inbox_after: Option<u64>,
-        greet: bool,
-    ) {
+    pub fn open(&mut self, id: Option<u64>, inbox_after: Option<u64>, greet: bool) {
         let inbox = match self.app.inboxes.get_shared(&self.terminal.id) {
             Ok(i) => i,
             Err(e) => {
@@ -178,6 +253,7 @@ impl Session {
         let terminal = self.terminal.id.to_string();
         let heartbeat_ms = self.app.config.heartbeat.as_millis() as u64;
         let wake_key = self.app.wake_keys.key(&terminal).to_base64();
+        let transport = self.transport;
         let connected = move |inbox: InboxPosition| ServerFrame::Connected {
             id,
             terminal: terminal.clone(),
@@ -244,7 +320,7 @@ impl Session {
         match env.frame {
             ClientFrame::Connect { .. } => Err(FrameError::bad_frame("already connected")),
             ClientFrame::Join { room, since } => self
-                .join(&room, since.as_ref(), id, Announce::Always)
+                .join_now(&room, since.as_ref(), id, Announce::Always)
                 .map_err(|e| e.with_room(&room)),
             ClientFrame::Leave { room } => {
                 if let Some(r) = self.forget_room(&room) {
@@ -290,32 +366,29 @@ impl Session {
         }
     }
 
-    /// Join a room, answering refusals with `error` frames (used by SSE, which has no ops).
-    pub fn join_room(&mut self, room: &str, since: Option<&Position>) {
-        if let Err(e) = self.join(room, since, None, Announce::Always) {
+    /// Join a room, answering refusals with `error` frames (SSE, which has no ops).
+    pub async fn join_room(&mut self, room: &str, since: Option<&Position>) {
+        if let Err(e) = self.join(room, since, None, Announce::Always).await {
             self.error(e.with_room(room));
         }
     }
 
     /// Re-attach a long-poll terminal to a room at its position: a fresh join for `None`,
     /// and for a complete resume in the same epoch only the messages after it (no `joined`).
-    pub fn attach(&mut self, room: &str, since: Option<&Position>) {
-        if let Err(e) = livepush_proto::validate_room(room)
-            .map_err(FrameError::bad_frame)
-            .and_then(|()| self.join(room, since, None, Announce::UnlessResumed))
-        {
+    pub async fn attach(&mut self, room: &str, since: Option<&Position>) {
+        let joined = match livepush_proto::validate_room(room) {
+            Ok(()) => self.join(room, since, None, Announce::UnlessResumed).await,
+            Err(e) => Err(FrameError::bad_frame(e)),
+        };
+        if let Err(e) = joined {
             self.error(e.with_room(room));
         }
-    }
-
-    /// Where the terminal's inbox stands, once the session has opened it.
-    pub fn inbox_position(&self) -> Option<InboxPosition> {
-        self.inbox.as_ref().map(|i| i.position())
     }
 
     /// Leave every room now; the names of the rooms left.
     pub fn leave_all(&mut self) -> Vec<String> {
         std::mem::take(&mut self.rooms)
+            .into_vec()
             .into_iter()
             .map(|r| {
                 r.leave(self.conn);
@@ -324,26 +397,23 @@ impl Session {
             .collect()
     }
 
-    /// Leave every room, keeping the terminal in their online counts until `until_ms`.
-    pub fn leave_all_until(&mut self, until_ms: u64) {
-        for r in std::mem::take(&mut self.rooms) {
-            r.leave_until(self.conn, Some(until_ms));
-        }
+    /// Where the terminal's inbox stands, once the session has opened it.
+    pub fn inbox_position(&self) -> Option<InboxPosition> {
+        self.inbox.as_ref().map(|i| i.position())
     }
 
-    fn join(
-        &mut self,
-        room: &str,
-        since: Option<&Position>,
-        id: Option<u64>,
-        announce: Announce,
-    ) -> Result<(), FrameError> {
+    /// Check a join before the room is needed: granted, and within the rooms limit.
+    fn may_join(&mut self, room: &str) -> Result<(), FrameError> {
         self.granted(room)?;
         let max = self.app.config.limits.max_rooms_per_connection;
         if self.joined(room).is_none() {
             // Rooms closed under us are no longer joined; do not count them.
             let conn = self.conn;
-            self.rooms.retain(|r| r.is_member(conn));
+            if self.rooms.iter().any(|r| !r.is_member(conn)) {
+                let mut rooms = std::mem::take(&mut self.rooms).into_vec();
+                rooms.retain(|r| r.is_member(conn));
+                self.rooms = rooms.into_boxed_slice();
+            }
             if self.rooms.len() >= max {
                 return Err(FrameError::new(
                     ErrorCode::Forbidden,
@@ -351,25 +421,72 @@ impl Session {
                 ));
             }
         }
-        let r = self.app.hub.room(room).map_err(internal)?;
+        Ok(())
+    }
+
+    /// Join (transports that can wait for a room to open).
+    async fn join(
+        &mut self,
+        room: &str,
+        since: Option<&Position>,
+        id: Option<u64>,
+        announce: Announce,
+    ) -> Result<(), FrameError> {
+        self.may_join(room)?;
+        let r = self.app.hub.room(room).await.map_err(internal)?;
+        self.join_opened(r, since, id, announce)
+    }
+
+    /// Join from a client frame, which is handled where waiting is not possible (inside the
+    /// WebSocket reactor): the room must open without waiting, as it does on the single-node
+    /// engine.
+    fn join_now(
+        &mut self,
+        room: &str,
+        since: Option<&Position>,
+        id: Option<u64>,
+        announce: Announce,
+    ) -> Result<(), FrameError> {
+        self.may_join(room)?;
+        let r = match self.app.hub.room(room).now_or_never() {
+            Some(r) => r.map_err(internal)?,
+            None => {
+                return Err(FrameError::new(
+                    ErrorCode::Internal,
+                    format!("room {room:?} is not ready yet; retry the join"),
+                ));
+            }
+        };
+        self.join_opened(r, since, id, announce)
+    }
+
+    fn join_opened(
+        &mut self,
+        r: Arc<Room>,
+        since: Option<&Position>,
+        id: Option<u64>,
+        announce: Announce,
+    ) -> Result<(), FrameError> {
         let member = Member {
             terminal: self.terminal.id.clone(),
             outbox: self.outbox.clone(),
         };
+        let room = r.id.clone();
         match r.join(self.conn, member, since, id, announce) {
             Ok(_) => {
-                match self.room_index(room) {
+                match self.room_index(&room) {
                     Some(i) => self.rooms[i] = r,
                     None => {
-                        // Exactly as long as needed: most connections stay in one room.
-                        self.rooms.reserve_exact(1);
-                        self.rooms.push(r);
+                        let mut rooms = std::mem::take(&mut self.rooms).into_vec();
+                        rooms.reserve_exact(1);
+                        rooms.push(r);
+                        self.rooms = rooms.into_boxed_slice();
                     }
                 }
                 Ok(())
             }
             Err(JoinError::Closed) => {
-                self.forget_room(room);
+                self.forget_room(&room);
                 Err(FrameError::new(
                     ErrorCode::RoomClosed,
                     format!("room {room:?} is closed"),
@@ -390,13 +507,20 @@ impl Session {
         let limit = limit.unwrap_or(cap).min(cap) as usize;
         let r = match self.joined(room) {
             Some(r) => r.clone(),
-            None => self.app.hub.room(room).map_err(internal)?,
+            None => match self.app.hub.room(room).now_or_never() {
+                Some(r) => r.map_err(internal)?,
+                None => {
+                    return Err(FrameError::new(
+                        ErrorCode::Internal,
+                        format!("room {room:?} is not ready yet; retry the pull"),
+                    ));
+                }
+            },
         };
         // A pull answer takes at most a quarter of the outbox's byte budget; the caller
         // pages on from the last seq it got.
         let max_bytes = self.app.config.limits.outbox_max_bytes / 4;
-        self.outbox
-            .push(r.pulled(since, limit, max_bytes, id), Kind::Reply);
+        self.outbox.push(r.pulled(since, limit, max_bytes, id));
         Ok(())
     }
 
@@ -459,6 +583,11 @@ fn internal(e: impl std::fmt::Display) -> FrameError {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.close();
+        let ending = match self.transport {
+            Transport::Longpoll => Ending::Answered,
+            Transport::Sse => Ending::ClientClose,
+            Transport::Ws => Ending::Reset,
+        };
+        self.end(ending);
     }
 }

@@ -39,6 +39,10 @@ struct Entry {
     ws: u32,
     sse: u32,
     polls: u32,
+    /// When the terminal last said `bye` over long-polling: the low 32 bits of
+    /// [`Terminals::clock`] (0: never), compared with wrapping arithmetic. In the padding
+    /// beside the counters, so the entry does not grow.
+    bye_at: u32,
     /// A long-poll terminal stays online until then after its last poll.
     poll_grace_until: u64,
     /// Wall clock, for the API.
@@ -215,6 +219,20 @@ impl Terminals {
         let now = self.clock();
         let e = Self::touch(&mut map, id, now);
         e.poll_grace_until = 0;
+        e.bye_at = (now as u32).max(1);
+    }
+
+    /// A stamp of now, to ask [`Terminals::said_bye_since`] later (a poll's start).
+    pub fn stamp(&self) -> u32 {
+        self.clock() as u32
+    }
+
+    /// Whether the terminal said `bye` since `stamp`: a poll it abandoned before saying bye
+    /// must not bring it back for the grace period when the server notices the poll ended.
+    pub fn said_bye_since(&self, id: &str, stamp: u32) -> bool {
+        let map = self.map.lock();
+        map.get(id)
+            .is_some_and(|e| e.bye_at != 0 && (e.bye_at.wrapping_sub(stamp) as i32) >= 0)
     }
 
     /// Whether the terminal has a session open, or polled within the grace period.

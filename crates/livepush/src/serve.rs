@@ -8,7 +8,6 @@ use anyhow::Context;
 use clap::Args;
 use std::sync::Arc;
 
-use livepush_server::broker::LocalBroker;
 use livepush_server::store::{DurabilityPolicy, MemoryStore, RedbStore, Store, StoreOptions};
 use livepush_server::{ClassMap, Config, Limits, WakeListen};
 use rand::Rng;
@@ -203,7 +202,7 @@ impl DataStore {
 
     fn as_dyn(&self) -> Arc<dyn Store> {
         match self {
-            DataStore::Memory => Arc::new(MemoryStore),
+            DataStore::Memory => Arc::new(MemoryStore::default()),
             DataStore::Redb(s) => s.clone(),
         }
     }
@@ -314,8 +313,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let store = DataStore::open(&data_dir, store_options).await?;
     let dev = config.dev;
-    let running =
-        livepush_server::start_with(config, store.as_dyn(), Arc::new(LocalBroker)).await?;
+    let running = livepush_server::start_with(config, store.as_dyn()).await?;
     if let DataStore::Redb(s) = &store {
         spawn_compaction(s.clone());
     }

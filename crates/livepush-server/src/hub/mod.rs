@@ -1,27 +1,36 @@
-//! The hub: every room of this node, the publish path, and periodic upkeep.
+//! The hub: this node's rooms.
+//!
+//! The hub opens a room through the [`Engine`] the first time a terminal of this node needs
+//! it (a join, a pull), delivers to the room's members exactly what the engine hands the node
+//! (reliable messages in order, through each room's [`feed`]), and carries publishes to the
+//! engine. A reliable publish is never delivered here before the engine stored it: on one
+//! node the engine hands it back before the publish is answered, on several nodes it arrives
+//! from whichever node published it. Transient messages are not stored and have no order to
+//! keep: the hub delivers this node's own ones at once and hands them to the engine for the
+//! other nodes.
 
-pub mod control;
+pub mod feed;
 mod room;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
-use livepush_proto::{Class, encode_msg, validate_room, validate_type};
+use bytes::Bytes;
+use livepush_proto::{Class, SeqTemplate, encode_msg, validate_room, validate_type};
 use parking_lot::RwLock;
-use rand::Rng;
-use rand::distr::Alphanumeric;
 use serde_json::value::RawValue;
 
-pub use room::{Announce, JoinError, Joined, Member, MergeWindow, Page, Retention, Room, RoomInfo};
+pub use room::{Announce, JoinError, Joined, Member, MergeWindow, Page, Room, RoomInfo};
 
-use crate::broker::{Broker, Envelope};
 use crate::clock::now_ms;
 use crate::config::Config;
+use crate::control::{Action, CONTROL_TYPE};
+use crate::engine::{Engine, EngineError, Event, Publish, Retention};
+use crate::frame::Frame;
 use crate::metrics::Metrics;
 use crate::outbox::ConnId;
-use crate::store::{Durable, HistoryStore, RoomFlags, RoomRecord, StoreError};
-use control::{Action, CONTROL_TYPE};
+use feed::Ask;
 
 /// Why a publish was refused.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +38,7 @@ pub enum PublishError {
     #[error("{0}")]
     BadRequest(String),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Engine(#[from] EngineError),
 }
 
 /// The answer to a publish.
@@ -43,47 +52,49 @@ pub struct Published {
     pub delivered: Option<usize>,
 }
 
-/// All rooms of this node.
+/// A page of a room's history, read from the engine (`GET /v1/rooms/{room}/history`).
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    pub epoch: Arc<str>,
+    pub latest: u64,
+    pub recovered: bool,
+    pub messages: Vec<Bytes>,
+}
+
+/// This node's rooms. See the module documentation.
 pub struct Hub {
     rooms: RwLock<HashMap<Arc<str>, Arc<Room>>>,
-    store: Arc<dyn HistoryStore>,
-    broker: Arc<dyn Broker>,
+    engine: Arc<dyn Engine>,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     next_conn: AtomicU64,
+    /// The hub itself, for the tasks that carry a room's asks to the engine.
+    me: Weak<Hub>,
 }
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
             .field("rooms", &self.rooms.read().len())
+            .field("engine", &self.engine)
             .finish_non_exhaustive()
     }
 }
 
 impl Hub {
-    pub fn new(
-        config: Arc<Config>,
-        store: Arc<dyn HistoryStore>,
-        broker: Arc<dyn Broker>,
-        metrics: Arc<Metrics>,
-    ) -> Hub {
-        Hub {
+    pub fn new(config: Arc<Config>, engine: Arc<dyn Engine>, metrics: Arc<Metrics>) -> Arc<Hub> {
+        Arc::new_cyclic(|me| Hub {
             rooms: RwLock::new(HashMap::new()),
-            store,
-            broker,
+            engine,
             config,
             metrics,
             next_conn: AtomicU64::new(1),
-        }
+            me: me.clone(),
+        })
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
     }
 
     pub fn next_conn_id(&self) -> ConnId {
@@ -106,45 +117,41 @@ impl Hub {
         }
     }
 
-    /// The room, created (or loaded from the store) on first use.
-    pub fn room(&self, id: &str) -> Result<Arc<Room>, StoreError> {
-        if let Some(r) = self.rooms.read().get(id) {
-            return Ok(r.clone());
-        }
-        let mut rooms = self.rooms.write();
-        if let Some(r) = rooms.get(id) {
-            return Ok(r.clone());
-        }
-        let record = match self.store.load_room(id, self.config.history_size)? {
-            Some(record) => record,
-            None => {
-                let epoch = new_epoch();
-                spawn_write(self.store.create_room(id, &epoch), "create room");
-                RoomRecord {
-                    epoch,
-                    seq: 0,
-                    history: Vec::new(),
-                    flags: RoomFlags::default(),
-                }
-            }
-        };
-        let key: Arc<str> = Arc::from(id);
-        let room = Arc::new(Room::with_merge(key.clone(), record, self.merge_window()));
-        rooms.insert(key, room.clone());
-        self.metrics.rooms.set(rooms.len() as i64);
-        Ok(room)
+    /// The room if this node has it open.
+    pub fn open_room(&self, id: &str) -> Option<Arc<Room>> {
+        self.rooms.read().get(id).filter(|r| r.is_open()).cloned()
     }
 
-    /// The room if it was ever published to or joined (here or, with a durable store, before
-    /// a restart); never creates one.
-    pub fn existing_room(&self, id: &str) -> Result<Option<Arc<Room>>, StoreError> {
-        if let Some(r) = self.rooms.read().get(id) {
-            return Ok(Some(r.clone()));
+    /// The room, opened through the engine on first use (and created there if it never
+    /// existed). With the single-node engine this completes without waiting.
+    pub async fn room(&self, id: &str) -> Result<Arc<Room>, EngineError> {
+        if let Some(r) = self.open_room(id) {
+            return Ok(r);
         }
-        if self.store.load_room(id, 0)?.is_some() {
-            return self.room(id).map(Some);
+        let room = {
+            let mut rooms = self.rooms.write();
+            let len = rooms.len();
+            let room = rooms
+                .entry(Arc::from(id))
+                .or_insert_with(|| Arc::new(Room::loading(Arc::from(id), self.merge_window())))
+                .clone();
+            if rooms.len() != len {
+                self.metrics.rooms.set(rooms.len() as i64);
+            }
+            room
+        };
+        // One opener per room; the others wait for it (and then find the room open).
+        {
+            let _opening = room.opening.lock().await;
+            if !room.is_open() {
+                let snapshot = self.engine.open(id, self.config.history_size).await?;
+                let shared = self.engine.shares_presence();
+                if let Some(ask) = room.open(snapshot, shared, self.retention()) {
+                    self.ask(&room, ask);
+                }
+            }
         }
-        Ok(None)
+        Ok(room)
     }
 
     /// The class a publish of `ty` gets, with an optional override.
@@ -155,9 +162,9 @@ impl Hub {
         Ok(requested.unwrap_or_else(|| self.config.classes.class_of(ty)))
     }
 
-    /// Publish a message to a room. Reliable messages are answered once durable under the
-    /// store's policy and delivered to local members in seq order; transient ones are
-    /// delivered live at once.
+    /// Publish a message to a room. A reliable message is answered once the engine stored it
+    /// (and, on one node, once it was delivered here); a transient one is delivered to this
+    /// node's members at once and handed to the engine for the other nodes.
     pub async fn publish(
         &self,
         room: &str,
@@ -175,88 +182,192 @@ impl Hub {
         } else {
             None
         };
-        let room = self.room(room)?;
         let ts = now_ms();
         match class {
             Class::Transient => {
-                let frame = encode_msg(&room.id, ty, data, None, ts);
-                let delivered = room.broadcast_transient(&frame);
-                self.metrics.record_publish(Class::Transient, delivered);
-                self.broker.announce(&Envelope::Transient {
-                    room: room.id.clone(),
-                    frame,
-                });
+                // A transient publish creates the room like any other use of it.
+                let r = self.room(room).await?;
+                let delivered = self.send_transient(&r, ty, data);
                 Ok(Published {
-                    epoch: room.info().epoch,
+                    epoch: r.info().epoch,
                     seq: None,
                     delivered: Some(delivered),
                 })
             }
             Class::Reliable => {
-                let (seq, epoch, durable) =
-                    room.sequence(ty, data, ts, action, self.store.as_ref());
-                let stored = durable.await;
-                // Deliver even if the write failed: later messages are queued behind this
-                // one and a room must never stall. The publisher is told it failed.
-                if let Some(w) = room.deliver_through(seq, self.retention(), self.store.as_ref()) {
-                    spawn_write(w, "room flags");
-                }
+                let frame = SeqTemplate::msg(room, ty, data, ts);
+                let sequenced = self
+                    .engine
+                    .publish(Publish {
+                        room,
+                        frame: &frame,
+                        ts,
+                        action,
+                    })
+                    .await;
                 self.metrics.record_publish(Class::Reliable, 0);
-                stored?;
+                let sequenced = sequenced?;
                 Ok(Published {
-                    epoch,
-                    seq: Some(seq),
+                    epoch: sequenced.epoch,
+                    seq: Some(sequenced.seq),
                     delivered: None,
                 })
             }
         }
     }
 
-    /// A terminal-sent transient message.
+    /// A transient message (published, or sent by a terminal): delivered to this node's
+    /// members at once, and handed to the engine for the other nodes. Returns how many local
+    /// connections queued it.
     pub fn send_transient(&self, room: &Room, ty: &str, data: &RawValue) -> usize {
-        let frame = encode_msg(&room.id, ty, data, None, now_ms());
-        let delivered = room.broadcast_transient(&frame);
+        let bytes = encode_msg(&room.id, ty, data, None, now_ms());
+        let delivered = room.broadcast_transient(&Frame::transient(bytes.clone()));
         self.metrics.record_publish(Class::Transient, delivered);
-        self.broker.announce(&Envelope::Transient {
-            room: room.id.clone(),
-            frame,
-        });
+        self.engine.broadcast(&room.id, &bytes);
         delivered
     }
 
-    /// Periodic upkeep of every room: online counts, history age, store trimming.
+    /// A page of the room's history as the engine keeps it; `None` for a room that never
+    /// existed.
+    pub async fn history(
+        &self,
+        room: &str,
+        since: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Option<HistoryPage>, EngineError> {
+        Ok(self
+            .engine
+            .history(room, since, limit, max_bytes)
+            .await?
+            .map(|h| HistoryPage {
+                recovered: h.recovered(since),
+                epoch: h.epoch,
+                latest: h.latest,
+                messages: h.messages.into_iter().map(|m| m.frame).collect(),
+            }))
+    }
+
+    /// The room's public state; `None` for a room that never existed.
+    pub async fn info(&self, room: &str) -> Result<Option<RoomInfo>, EngineError> {
+        let Some(s) = self.engine.info(room).await? else {
+            return Ok(None);
+        };
+        let online = if self.engine.shares_presence() {
+            s.online
+        } else {
+            self.open_room(room).map_or(0, |r| r.info().online)
+        };
+        Ok(Some(RoomInfo {
+            epoch: s.epoch,
+            seq: s.seq,
+            online,
+            flags: s.flags,
+        }))
+    }
+
+    /// Start a new history of the room (its members are told `joined{recovered:false}`).
+    pub async fn reset(&self, room: &str) -> Result<Arc<str>, EngineError> {
+        Ok(self.engine.reset(room).await?.epoch)
+    }
+
+    /// Carry a room's ask to the engine, in the background, and its answer back to the room.
+    fn ask(&self, room: &Arc<Room>, ask: Ask) {
+        let Some(hub) = self.me.upgrade() else {
+            return;
+        };
+        let room = room.clone();
+        tokio::spawn(async move {
+            let retention = hub.retention();
+            let next = match ask {
+                Ask::Read { since } => {
+                    let max_bytes = hub.config.limits.outbox_max_bytes / 4;
+                    let limit = hub.config.limits.max_pull as usize;
+                    match hub.engine.history(&room.id, since, limit, max_bytes).await {
+                        Ok(Some(h)) => room.on_history(h, retention),
+                        Ok(None) => {
+                            tracing::warn!(room = %room.id, "the engine no longer knows a room this node holds");
+                            room.on_failed();
+                            None
+                        }
+                        Err(e) => {
+                            tracing::warn!(room = %room.id, error = %e, "cannot read a room's history to fill a gap; retrying");
+                            room.on_failed();
+                            None
+                        }
+                    }
+                }
+                Ask::Snapshot => match hub.engine.open(&room.id, hub.config.history_size).await {
+                    Ok(s) => room.on_snapshot(s, retention),
+                    Err(e) => {
+                        tracing::warn!(room = %room.id, error = %e, "cannot read a room's state; retrying");
+                        room.on_failed();
+                        None
+                    }
+                },
+            };
+            if let Some(next) = next {
+                hub.ask(&room, next);
+            }
+        });
+    }
+
+    /// What the engine hands the node for rooms (inbox events go to the inboxes).
+    pub fn on_event(&self, event: Event<'_>) {
+        let retention = self.retention();
+        match event {
+            Event::Reliable {
+                room,
+                epoch,
+                message,
+                action,
+            } => {
+                // Loading rooms too: their feed keeps what arrives until the snapshot.
+                let r = self.rooms.read().get(room).cloned();
+                if let Some(r) = r
+                    && let Some(ask) = r.on_reliable(epoch, message.clone(), action, retention)
+                {
+                    self.ask(&r, ask);
+                }
+            }
+            Event::Transient { room, frame } => {
+                if let Some(r) = self.open_room(room) {
+                    let delivered = r.broadcast_transient(&Frame::transient(frame.clone()));
+                    self.metrics.record_publish(Class::Transient, delivered);
+                }
+            }
+            Event::Online { room, count } => {
+                if let Some(r) = self.open_room(room) {
+                    r.on_online(count);
+                }
+            }
+            Event::Epoch { room, epoch, seq } => {
+                let r = self.rooms.read().get(room).cloned();
+                if let Some(r) = r
+                    && let Some(ask) = r.on_epoch(epoch, seq)
+                {
+                    self.ask(&r, ask);
+                }
+            }
+            Event::Inbox { .. } => {}
+        }
+    }
+
+    /// Periodic upkeep of every room (online counts, history age, asks to retry) and of the
+    /// engine.
     pub fn tick(&self) {
         let rooms: Vec<Arc<Room>> = self.rooms.read().values().cloned().collect();
         let now = now_ms();
         let retention = self.retention();
         for room in rooms {
-            let t = room.tick(now, retention);
-            if let Some(keep_from) = t.trim_to {
-                spawn_write(self.store.trim(&room.id, keep_from), "trim");
+            if let Some(ask) = room.tick(now, retention).ask {
+                self.ask(&room, ask);
             }
         }
+        self.engine.tick();
     }
 
     pub fn room_count(&self) -> usize {
         self.rooms.read().len()
     }
-}
-
-/// Run a store write in the background, logging a failure.
-fn spawn_write(w: Durable, what: &'static str) {
-    tokio::spawn(async move {
-        if let Err(e) = w.await {
-            tracing::error!(error = %e, "store write failed: {what}");
-        }
-    });
-}
-
-/// A fresh epoch: 16 random alphanumerics (95 bits), so two histories of one room never share
-/// an epoch.
-pub fn new_epoch() -> String {
-    rand::rng()
-        .sample_iter(&Alphanumeric)
-        .take(16)
-        .map(char::from)
-        .collect()
 }

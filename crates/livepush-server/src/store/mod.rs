@@ -1,16 +1,15 @@
-//! Where room histories and room state are kept.
+//! Where the single-node engine keeps room histories, room state and terminal inboxes.
 //!
-//! The hub keeps each room's recent history in memory and serves replays and pulls from there;
-//! a [`HistoryStore`] is what makes that history outlive the process. The hub sequences
-//! messages itself (one writer per room per node) and hands them to the store in order; the
-//! store answers each append with a [`Durable`] future that resolves once the message is as
-//! durable as the store's policy promises. Futures resolve in the order they were submitted,
-//! which is what lets the hub deliver messages strictly in `seq` order as soon as they are
-//! durable, without waiting on the disk any longer than the publish answer does.
+//! The single-node engine ([`crate::engine::local`]) sequences messages itself (one writer
+//! per room) and hands them to a store in order; the store answers each write with a
+//! [`Durable`] future that resolves once the write is as durable as the store's policy
+//! promises. Futures resolve in the order they were submitted, which is what lets the engine
+//! hand messages to the node strictly in `seq` order as soon as they are durable, without
+//! waiting on the disk any longer than the publish answer does.
 //!
-//! [`MemoryStore`] keeps nothing beyond the hub's memory: a restart loses every history and
-//! every room gets a new epoch (so resuming terminals are told `recovered:false`, never lied
-//! to). The embedded durable store implements the same trait.
+//! [`MemoryStore`] keeps everything in the process's memory (a restart loses every history,
+//! and every room gets a new epoch, so resuming terminals are told `recovered:false`, never
+//! lied to); [`RedbStore`] keeps it in one file that survives restarts and `kill -9`.
 
 mod inbox;
 mod memory;
@@ -18,6 +17,7 @@ mod redb;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -52,41 +52,85 @@ pub struct RoomRecord {
     pub flags: RoomFlags,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    #[error("storage error: {0}")]
-    Io(String),
+    /// A read or write failed; `source` says why.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// The store's file could not be reopened after an I/O error; it is retried on the next
+    /// write.
+    #[error("{0} is unavailable after an I/O error")]
+    Unavailable(String),
     #[error("storage is shut down")]
     Closed,
+}
+
+impl StoreError {
+    /// An I/O failure while doing `context`.
+    pub fn io(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> StoreError {
+        StoreError::Io {
+            context: context.into(),
+            source: Arc::new(source),
+        }
+    }
 }
 
 /// Resolves when a submitted write is durable under the store's policy.
 pub type Durable = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
-/// A durable home for room histories. Implementations: [`MemoryStore`] (nothing survives a
-/// restart), the embedded store, and later a Redis store for several nodes.
+/// A home for room histories. Implementations: [`MemoryStore`] (nothing survives a restart)
+/// and [`RedbStore`] (the embedded durable store).
 pub trait HistoryStore: Send + Sync + std::fmt::Debug + 'static {
     /// What is known about `room`, or `None` if the store has never seen it. `history`
     /// holds at most the newest `keep` messages.
     fn load_room(&self, room: &str, keep: usize) -> Result<Option<RoomRecord>, StoreError>;
 
-    /// Record that `room` now exists with `epoch` (called once, when the hub creates it).
+    /// Messages of `room` with `since < seq <= upto`, oldest first: at most `limit`, and no
+    /// more than `max_bytes` of frames (but at least one when there is one).
+    fn read(
+        &self,
+        room: &str,
+        since: u64,
+        upto: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Record that `room` now exists with `epoch` (called once, when the engine creates it).
     fn create_room(&self, room: &str, epoch: &str) -> Durable;
 
-    /// Append a sequenced message. Futures of one store resolve in submission order.
-    fn append(&self, room: &str, message: &StoredMessage) -> Durable;
+    /// Append a sequenced message and, for a control message that changed them, the room's
+    /// new flags, in one write. Futures of one store resolve in submission order.
+    fn append(&self, room: &str, message: &StoredMessage, flags: Option<RoomFlags>) -> Durable;
 
-    /// Persist the room's flags (closed, muted).
-    fn set_flags(&self, room: &str, flags: RoomFlags) -> Durable;
+    /// Start a new history of `room`: `epoch`, seq 0, no messages; its flags stay.
+    fn reset(&self, room: &str, epoch: &str) -> Durable;
 
-    /// Forget messages of `room` with `seq < keep_from`. Called in the background; the hub
-    /// has already dropped them from memory.
+    /// Forget messages of `room` with `seq < keep_from` (out of the retention).
     fn trim(&self, room: &str, keep_from: u64) -> Durable;
 
     /// Resolves once everything submitted so far is durable (called at shutdown).
     fn flush(&self) -> Durable {
         ready()
     }
+}
+
+/// A fresh epoch: 16 random alphanumerics (95 bits), so two histories of one room never share
+/// an epoch.
+pub fn new_epoch() -> String {
+    use rand::Rng;
+    rand::rng()
+        .sample_iter(&rand::distr::Alphanumeric)
+        .take(16)
+        .map(char::from)
+        .collect()
 }
 
 /// A write that is durable at once (for stores that have nothing to wait for).

@@ -114,7 +114,8 @@ use super::{
 pub use tables::FORMAT_VERSION;
 use tables::{
     FORMAT_MAGIC, INBOX, MESSAGES, META, META_DIRTY, META_FORMAT, META_INBOX_DIRTY, META_VERSION,
-    ROOMS, RoomRow, TERMINALS, TerminalRow, WAKE, WAKE_UDP, decode_message, decode_wake,
+    ROOMS, RoomRow, TERMINALS, TerminalRow, Unreadable, WAKE, WAKE_UDP, decode_message,
+    decode_wake,
 };
 
 /// The store's file inside the data directory.
@@ -326,15 +327,22 @@ pub(crate) enum Op {
         room: String,
         epoch: String,
     },
+    /// A message and, for a control message that changed them, the room's new flags.
     Append {
         room: String,
         seq: u64,
         ts: u64,
         frame: Bytes,
+        flags: Option<RoomFlags>,
     },
     Flags {
         room: String,
         flags: RoomFlags,
+    },
+    /// A new history: epoch, seq 0, no messages; the flags stay.
+    Reset {
+        room: String,
+        epoch: String,
     },
     Trim {
         room: String,
@@ -377,6 +385,7 @@ impl Op {
             Op::Create { .. }
                 | Op::Append { .. }
                 | Op::Flags { .. }
+                | Op::Reset { .. }
                 | Op::Trim { .. }
                 | Op::AppendInbox { .. }
                 | Op::AckInbox { .. }
@@ -452,7 +461,12 @@ fn open_db(path: &Path, opener: &Opener) -> Result<Database, OpenError> {
     }
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+/// A panic caught in redb or in the writer thread, as an error.
+#[derive(Debug, thiserror::Error)]
+#[error("panicked: {0}")]
+pub(crate) struct Panicked(pub String);
+
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = panic.downcast_ref::<String>() {
@@ -654,10 +668,10 @@ impl RedbStore {
         }
         let result = match handle.join() {
             Ok(result) => result,
-            Err(panic) => Err(StoreError::Io(format!(
-                "store writer failed: {}",
-                panic_message(&*panic)
-            ))),
+            Err(panic) => Err(StoreError::io(
+                "the store's writer thread failed",
+                Panicked(panic_message(&*panic)),
+            )),
         };
         self.shared.closed.store(true, Ordering::SeqCst);
         // The writer releases the file; make sure of it even if it died.
@@ -706,12 +720,9 @@ impl RedbStore {
         if self.shared.closed.load(Ordering::SeqCst) {
             StoreError::Closed
         } else if matches!(e, ::redb::Error::DatabaseClosed) {
-            StoreError::Io(format!(
-                "{} is unavailable after an I/O error",
-                self.shared.path.display()
-            ))
+            StoreError::Unavailable(self.shared.path.display().to_string())
         } else {
-            StoreError::Io(format!("reading {}: {e}", self.shared.path.display()))
+            StoreError::io(format!("reading {}", self.shared.path.display()), e)
         }
     }
 
@@ -725,14 +736,13 @@ impl RedbStore {
         let Some(row) = terminals.get(terminal)? else {
             return Ok(None);
         };
-        let row = TerminalRow::decode(row.value()).map_err(::redb::Error::Corrupted)?;
+        let row = TerminalRow::decode(row.value()).map_err(corrupted)?;
         let mut inbox = Vec::new();
         if let Some(first) = row.acked.checked_add(1) {
             let messages = txn.open_table(INBOX)?;
             for entry in messages.range((terminal, first)..=(terminal, u64::MAX))? {
                 let (key, value) = entry?;
-                let (ts, frame) =
-                    decode_message(value.value()).map_err(::redb::Error::Corrupted)?;
+                let (ts, frame) = decode_message(value.value()).map_err(corrupted)?;
                 inbox.push(InboxMessage {
                     seq: key.value().1,
                     ts,
@@ -741,7 +751,7 @@ impl RedbStore {
             }
         }
         let wake = match txn.open_table(WAKE)?.get((terminal, WAKE_UDP))? {
-            Some(value) => Some(decode_wake(value.value()).map_err(::redb::Error::Corrupted)?),
+            Some(value) => Some(decode_wake(value.value()).map_err(corrupted)?),
             None => None,
         };
         Ok(Some(TerminalRecord {
@@ -764,7 +774,7 @@ impl RedbStore {
         let mut pending = Vec::new();
         for entry in terminals.iter()? {
             let (key, value) = entry?;
-            let row = TerminalRow::decode(value.value()).map_err(::redb::Error::Corrupted)?;
+            let row = TerminalRow::decode(value.value()).map_err(corrupted)?;
             if row.seq <= row.acked {
                 continue;
             }
@@ -781,6 +791,56 @@ impl RedbStore {
         Ok(pending)
     }
 
+    /// Set a room's flags on their own (the engine writes them with the control message that
+    /// changes them; see [`HistoryStore::append`]).
+    pub fn set_flags(&self, room: &str, flags: RoomFlags) -> Durable {
+        self.submit(
+            Op::Flags {
+                room: room.to_owned(),
+                flags,
+            },
+            false,
+        )
+    }
+
+    fn read_range(
+        &self,
+        room: &str,
+        since: u64,
+        upto: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>, ::redb::Error> {
+        let mut out = Vec::new();
+        if since >= upto || limit == 0 {
+            return Ok(out);
+        }
+        let guard = self.shared.db.read();
+        let Some(db) = guard.as_ref() else {
+            return Err(::redb::Error::DatabaseClosed);
+        };
+        let txn = db.begin_read()?;
+        let messages = txn.open_table(MESSAGES)?;
+        let mut bytes = 0;
+        for entry in messages.range((room, since + 1)..=(room, upto))? {
+            let (key, value) = entry?;
+            let (ts, frame) = decode_message(value.value()).map_err(corrupted)?;
+            bytes += frame.len();
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
+            out.push(StoredMessage {
+                seq: key.value().1,
+                ts,
+                frame: Bytes::copy_from_slice(frame),
+            });
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     fn read_room(&self, room: &str, keep: usize) -> Result<Option<RoomRecord>, ::redb::Error> {
         let guard = self.shared.db.read();
         let Some(db) = guard.as_ref() else {
@@ -791,14 +851,13 @@ impl RedbStore {
         let Some(row) = rooms.get(room)? else {
             return Ok(None);
         };
-        let row = RoomRow::decode(row.value()).map_err(::redb::Error::Corrupted)?;
+        let row = RoomRow::decode(row.value()).map_err(corrupted)?;
         let mut history = Vec::new();
         if keep > 0 {
             let messages = txn.open_table(MESSAGES)?;
             for entry in messages.range((room, 0u64)..=(room, u64::MAX))?.rev() {
                 let (key, value) = entry?;
-                let (ts, frame) =
-                    decode_message(value.value()).map_err(::redb::Error::Corrupted)?;
+                let (ts, frame) = decode_message(value.value()).map_err(corrupted)?;
                 history.push(StoredMessage {
                     seq: key.value().1,
                     ts,
@@ -846,23 +905,36 @@ impl HistoryStore for RedbStore {
         )
     }
 
-    fn append(&self, room: &str, message: &StoredMessage) -> Durable {
+    fn read(
+        &self,
+        room: &str,
+        since: u64,
+        upto: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.read_range(room, since, upto, limit, max_bytes)
+            .map_err(|e| self.read_error(e))
+    }
+
+    fn append(&self, room: &str, message: &StoredMessage, flags: Option<RoomFlags>) -> Durable {
         self.submit(
             Op::Append {
                 room: room.to_owned(),
                 seq: message.seq,
                 ts: message.ts,
                 frame: message.frame.clone(),
+                flags,
             },
             false,
         )
     }
 
-    fn set_flags(&self, room: &str, flags: RoomFlags) -> Durable {
+    fn reset(&self, room: &str, epoch: &str) -> Durable {
         self.submit(
-            Op::Flags {
+            Op::Reset {
                 room: room.to_owned(),
-                flags,
+                epoch: epoch.to_owned(),
             },
             false,
         )
@@ -933,6 +1005,11 @@ impl InboxStore for RedbStore {
     fn terminals_with_pending_inbox(&self) -> Result<Vec<String>, StoreError> {
         self.read_pending().map_err(|e| self.read_error(e))
     }
+}
+
+/// A record redb read but livepush cannot: reported as redb reports damage.
+fn corrupted(e: Unreadable) -> ::redb::Error {
+    ::redb::Error::Corrupted(e.to_string())
 }
 
 /// Why the file cannot be used, found while preparing it.
@@ -1015,11 +1092,12 @@ fn prepare(db: &Database, collect_reserved: bool) -> Result<Prepared, Prepare> {
             let mut renew = Vec::new();
             for entry in rooms.iter()? {
                 let (key, value) = entry?;
-                let row = RoomRow::decode(value.value()).map_err(Prepare::NotOurs)?;
+                let row =
+                    RoomRow::decode(value.value()).map_err(|e| Prepare::NotOurs(e.to_string()))?;
                 renew.push((key.value().to_owned(), row));
             }
             for (room, mut row) in renew {
-                row.epoch = crate::hub::new_epoch();
+                row.epoch = super::new_epoch();
                 rooms.insert(room.as_str(), row.encode().as_slice())?;
                 prepared.renewed += 1;
             }
@@ -1035,7 +1113,8 @@ fn prepare(db: &Database, collect_reserved: bool) -> Result<Prepared, Prepare> {
             let mut bump = Vec::new();
             for entry in terminals.iter()? {
                 let (key, value) = entry?;
-                let row = TerminalRow::decode(value.value()).map_err(Prepare::NotOurs)?;
+                let row = TerminalRow::decode(value.value())
+                    .map_err(|e| Prepare::NotOurs(e.to_string()))?;
                 let terminal = key.value().to_owned();
                 if inbox_dirty && row.reserved > row.seq {
                     bump.push((terminal.clone(), row));

@@ -19,17 +19,16 @@ use std::time::Duration;
 use axum::extract::Request;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::{BufMut, BytesMut};
-use livepush_proto::{ErrorCode, Position, Transport, validate_epoch};
+use livepush_proto::{ErrorCode, FrameError, Position, ServerFrame, Transport, validate_epoch};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::app::App;
-use crate::auth::Terminal;
-use crate::clock::now_ms;
+use crate::auth::{AuthError, identify};
 use crate::error::ApiError;
+use crate::frame::{self, Frame};
 use crate::outbox::Batch;
-use crate::session::{Session, authenticate, dev_terminal};
+use crate::session::{Ending, Session};
 
 /// A room's entry in a poll: `{}` for a fresh join, `{epoch, seq}` to continue.
 #[derive(Debug, Default, Deserialize)]
@@ -58,20 +57,6 @@ struct PollBody {
     bye: bool,
 }
 
-fn unauthorized(message: String) -> ApiError {
-    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
-}
-
-fn poll_terminal(app: &App, body: &PollBody) -> Result<Terminal, ApiError> {
-    let dev = app.config.dev;
-    if let (true, None | Some(""), Some(id)) =
-        (dev, body.token.as_deref(), body.terminal.as_deref())
-    {
-        return dev_terminal(id).map_err(ApiError::bad_request);
-    }
-    authenticate(&app.keys, dev, body.token.as_deref()).map_err(|e| unauthorized(e.message))
-}
-
 /// Handle one poll.
 pub async fn poll(app: Arc<App>, req: Request) -> Response {
     match run(app, req).await {
@@ -93,44 +78,49 @@ async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         })?;
     let body: PollBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid poll body: {e}")))?;
-    let terminal = poll_terminal(&app, &body)?;
-    let id = terminal.id.clone();
+    let terminal = identify(
+        &app.keys,
+        app.config.dev,
+        body.token.as_deref(),
+        body.terminal.as_deref(),
+    )
+    .map_err(|e| match e {
+        AuthError::BadTerminalId => ApiError::bad_request(e.to_string()),
+        _ => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
+    })?;
     let mut poll = Poll {
-        session: Session::new(&app, terminal),
-        app: app.clone(),
-        terminal: id,
-        bye: body.bye,
+        started: app.terminals.stamp(),
+        session: Session::start(&app, terminal, Transport::Longpoll),
     };
-    app.terminals.opened(&poll.terminal, Transport::Longpoll);
+    if body.bye {
+        let answer = bye(&app, &mut poll.session, &body);
+        poll.session.end(Ending::Bye);
+        return Ok(answer);
+    }
     Ok(exchange(&app, &mut poll.session, body).await)
 }
 
-/// One poll in progress. Its end is handled on drop, because a client that goes away while
-/// its poll is parked makes the server drop the poll's future mid-way.
+/// One poll in progress. It ends on drop, because a client that goes away while its poll is
+/// parked makes the server drop the poll's future mid-way: the terminal lingers in its
+/// rooms' online counts for the grace period either way, unless it said `bye` meanwhile (a
+/// client that leaves abandons its parked poll and says bye at once; the server may notice
+/// the abandoned poll only after the bye).
 struct Poll {
     session: Session,
-    app: Arc<App>,
-    terminal: Arc<str>,
-    /// The poll said `bye`: no grace period.
-    bye: bool,
+    /// When the poll began ([`crate::terminals::Terminals::stamp`]).
+    started: u32,
 }
 
 impl Drop for Poll {
     fn drop(&mut self) {
-        if self.bye {
-            self.session.close();
+        let app = self.session.app().clone();
+        let id = self.session.terminal().id.clone();
+        let ending = if app.terminals.said_bye_since(&id, self.started) {
+            Ending::Bye
         } else {
-            // The terminal stays in its rooms' online counts for the grace period.
-            let grace = self.app.config.poll_grace;
-            self.session
-                .leave_all_until(now_ms() + grace.as_millis() as u64);
-        }
-        self.app
-            .terminals
-            .closed(&self.terminal, Transport::Longpoll, false);
-        if self.bye {
-            self.app.terminals.bye(&self.terminal);
-        }
+            Ending::Answered
+        };
+        self.session.end(ending);
     }
 }
 
@@ -149,71 +139,57 @@ fn bye(app: &App, session: &mut Session, body: &PollBody) -> Response {
     let mut left = Vec::new();
     for room in rooms {
         if let Err(e) = livepush_proto::validate_room(&room) {
-            session.error(livepush_proto::FrameError::bad_frame(e).with_room(&room));
+            session.error(FrameError::bad_frame(e).with_room(&room));
             continue;
         }
-        match app.hub.existing_room(&room) {
-            Ok(Some(r)) => r.stop_lingering(&session.terminal().id),
-            Ok(None) => {}
-            Err(e) => tracing::error!(error = %e, "bye: cannot load a room"),
+        if let Some(r) = app.hub.open_room(&room) {
+            r.stop_lingering(&session.terminal().id);
         }
-        left.push(livepush_proto::encode_frame(
-            &livepush_proto::ServerFrame::Left { id: None, room },
-        ));
+        left.push(Frame::of(&ServerFrame::Left { id: None, room }));
     }
     let mut frames = match session.outbox().take(usize::MAX) {
         Batch::Frames(f) => f,
         Batch::Closed(_) => Vec::new(),
     };
     frames.extend(left.iter().cloned());
-    let mut out = BytesMut::new();
-    out.put_slice(b"{\"frames\":");
+    let mut out = Vec::new();
+    out.extend_from_slice(b"{\"frames\":");
     put_array(&mut out, &frames);
     // The contract writes this answer as `{"ops":[left, ...]}`; every other answer is
     // `{"frames":[...]}`. Both keys are sent (docs/protocol.md §16.2).
-    out.put_slice(b",\"ops\":");
+    out.extend_from_slice(b",\"ops\":");
     put_array(&mut out, &left);
-    out.put_u8(b'}');
+    out.push(b'}');
     json_answer(out)
 }
 
-/// A JSON array of the frames of `batch`.
-fn put_array(out: &mut BytesMut, batch: &[bytes::Bytes]) {
-    out.put_u8(b'[');
-    for (i, frame) in crate::outbox::frames_of(batch).enumerate() {
-        if i > 0 {
-            out.put_u8(b',');
-        }
-        out.put_slice(frame.as_bytes());
-    }
-    out.put_u8(b']');
+/// A JSON array of the frames of a batch.
+fn put_array(out: &mut Vec<u8>, batch: &[Frame]) {
+    out.push(b'[');
+    frame::join_into(batch, b',', out);
+    out.push(b']');
 }
 
-fn json_answer(out: BytesMut) -> Response {
+fn json_answer(out: Vec<u8>) -> Response {
     (
         [
             (header::CONTENT_TYPE, "application/json"),
             (header::CACHE_CONTROL, "no-store"),
         ],
-        out.freeze(),
+        out,
     )
         .into_response()
 }
 
 async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response {
     let limits = &app.config.limits;
-    if body.bye {
-        return bye(app, session, &body);
-    }
-    session.open(Transport::Longpoll, None, body.inbox, body.hello);
+    session.open(None, body.inbox, body.hello);
     for (room, entry) in &body.rooms {
         let since = match (&entry.epoch, entry.seq) {
             (None, None) => None,
             (Some(epoch), Some(seq)) => {
                 if let Err(e) = validate_epoch(epoch) {
-                    session.error(livepush_proto::FrameError::bad_frame(format!(
-                        "{room}: {e}"
-                    )));
+                    session.error(FrameError::bad_frame(format!("{room}: {e}")));
                     continue;
                 }
                 Some(Position {
@@ -223,7 +199,7 @@ async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response 
             }
             _ => {
                 session.error(
-                    livepush_proto::FrameError::new(
+                    FrameError::new(
                         ErrorCode::BadFrame,
                         format!("room {room:?}: give both `epoch` and `seq`, or neither"),
                     )
@@ -232,7 +208,7 @@ async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response 
                 continue;
             }
         };
-        session.attach(room, since.as_ref());
+        session.attach(room, since.as_ref()).await;
     }
     // Ops after the rooms: a `send` needs the room joined, a `leave` undoes its attach.
     for op in &body.ops {
@@ -251,21 +227,19 @@ async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response 
         Batch::Frames(f) => f,
         // The answer grew past --outbox-max-bytes (several large pulls in one poll): say so
         // rather than answering with nothing.
-        Batch::Closed(_) => vec![livepush_proto::encode_frame(
-            &livepush_proto::ServerFrame::error(
-                None,
-                ErrorCode::TooLarge,
-                "this poll's answer exceeds outbox_max_bytes; pull less per poll",
-            ),
-        )],
+        Batch::Closed(_) => vec![Frame::of(&ServerFrame::error(
+            None,
+            ErrorCode::TooLarge,
+            "this poll's answer exceeds outbox_max_bytes; pull less per poll",
+        ))],
     };
-    let mut out = BytesMut::with_capacity(frames.iter().map(|f| f.len() + 1).sum::<usize>() + 96);
-    out.put_slice(b"{\"frames\":");
+    let mut out = Vec::with_capacity(frame::joined_len(&frames) + 96);
+    out.extend_from_slice(b"{\"frames\":");
     put_array(&mut out, &frames);
     // Where the inbox stands after this answer (contract v1.1, decision 6): a woken terminal
     // that acknowledged everything sees `pending: 0`.
     if let Some(p) = session.inbox_position() {
-        out.put_slice(
+        out.extend_from_slice(
             format!(
                 r#","inbox":{{"seq":{},"acked":{},"pending":{}}}"#,
                 p.seq, p.acked, p.pending
@@ -273,6 +247,6 @@ async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response 
             .as_bytes(),
         );
     }
-    out.put_u8(b'}');
+    out.push(b'}');
     json_answer(out)
 }

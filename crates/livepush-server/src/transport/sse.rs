@@ -21,9 +21,11 @@ use livepush_proto::{Position, Positions, Transport, validate_room};
 use serde::Deserialize;
 
 use crate::app::App;
+use crate::auth::{AuthError, identify};
 use crate::error::ApiError;
+use crate::frame::{self, What};
 use crate::outbox::{Batch, Outbox};
-use crate::session::{Session, authenticate, dev_terminal};
+use crate::session::{Ending, Session};
 
 #[derive(Debug, Deserialize)]
 struct SseQuery {
@@ -34,24 +36,9 @@ struct SseQuery {
     since: Option<String>,
 }
 
-/// Marks the terminal offline on the service list when the stream ends.
-struct Presence {
-    app: Arc<App>,
-    terminal: Arc<str>,
-}
-
-impl Drop for Presence {
-    fn drop(&mut self) {
-        self.app
-            .terminals
-            .closed(&self.terminal, Transport::Sse, false);
-    }
-}
-
 struct StreamState {
-    // Dropped with the stream: leaves the rooms, then marks the terminal offline.
-    _session: Session,
-    _presence: Presence,
+    // Ended when the stream ends (or dropped with it: the client went away).
+    session: Session,
     outbox: Arc<Outbox>,
     /// Where each room of the stream stands after the events sent so far.
     positions: BTreeMap<String, Position>,
@@ -61,24 +48,14 @@ struct StreamState {
     done: bool,
 }
 
-/// What the stream needs to know of a frame to keep positions.
-#[derive(Deserialize)]
-struct Peek {
-    op: String,
-    room: Option<String>,
-    epoch: Option<String>,
-    seq: Option<u64>,
-    recovered: Option<bool>,
-}
-
 pub async fn sse(app: Arc<App>, req: Request) -> Response {
-    match open(app, req) {
+    match open(app, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
+async fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
     let q: SseQuery = serde_urlencoded_query(req.uri().query().unwrap_or(""))?;
     let rooms: Vec<String> = q
         .rooms
@@ -103,32 +80,29 @@ fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         Some(p) => Positions::parse(p).map_err(|e| ApiError::bad_request(e.to_string()))?,
         None => Positions::default(),
     };
-    let dev = app.config.dev;
-    let terminal = match (&q.token, &q.terminal) {
-        (None, Some(id)) if dev => dev_terminal(id).map_err(ApiError::bad_request)?,
-        _ => authenticate(&app.keys, dev, q.token.as_deref())
-            .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.message))?,
-    };
-    let id = terminal.id.clone();
-    let mut session = Session::new(&app, terminal);
-    app.terminals.opened(&id, Transport::Sse);
-    let presence = Presence {
-        app: app.clone(),
-        terminal: id,
-    };
-    session.open(Transport::Sse, None, None, true);
+    let terminal = identify(
+        &app.keys,
+        app.config.dev,
+        q.token.as_deref(),
+        q.terminal.as_deref(),
+    )
+    .map_err(|e| match e {
+        AuthError::BadTerminalId => ApiError::bad_request(e.to_string()),
+        _ => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
+    })?;
+    let mut session = Session::start(&app, terminal, Transport::Sse);
+    session.open(None, None, true);
     for room in &rooms {
         let since = positions
             .0
             .iter()
             .find(|(r, _)| r == room)
             .map(|(_, p)| p.clone());
-        session.join_room(room, since.as_ref());
+        session.join_room(room, since.as_ref()).await;
     }
     let state = StreamState {
         outbox: session.outbox().clone(),
-        _session: session,
-        _presence: presence,
+        session,
         positions: BTreeMap::new(),
         resumed_from: positions.0.into_iter().collect(),
         shutdown: app.shutdown.clone(),
@@ -153,76 +127,86 @@ fn serde_urlencoded_query(q: &str) -> Result<SseQuery, ApiError> {
 fn events(state: StreamState) -> impl Stream<Item = Result<Event, Infallible>> {
     stream::unfold(state, |mut st| async move {
         if st.done {
+            st.session.end(Ending::Prompted);
             return None;
         }
         let frames = loop {
             tokio::select! {
                 _ = st.outbox.ready() => {}
-                _ = st.shutdown.wait_for(|s| *s) => return None,
+                _ = st.shutdown.wait_for(|s| *s) => {
+                    st.session.end(Ending::Shutdown);
+                    return None;
+                }
             }
             match st.outbox.take(usize::MAX) {
                 Batch::Frames(f) if f.is_empty() => continue,
                 Batch::Frames(f) => break f,
-                Batch::Closed(_) => return None,
-            }
-        };
-        let mut data = String::new();
-        let mut reliable = false;
-        // Rooms joined in this batch: (room, latest seq at the join), and rooms prompted.
-        let mut joined: Vec<(String, u64)> = Vec::new();
-        let mut prompted: Vec<String> = Vec::new();
-        let lines = crate::outbox::frames_of(&frames);
-        for text in lines {
-            if let Ok(p) = serde_json::from_str::<Peek>(text) {
-                match (p.op.as_str(), p.room, p.epoch, p.seq) {
-                    ("joined", Some(room), Some(epoch), Some(latest)) => {
-                        // A position must never run ahead of what was sent: start from where
-                        // the stream resumed (when that history is complete), or from before
-                        // the replay, and let the replayed messages move it.
-                        let start = match st.resumed_from.get(&room) {
-                            Some(from) if from.epoch == epoch && p.recovered == Some(true) => {
-                                from.seq
-                            }
-                            Some(_) => 0,
-                            None => latest,
-                        };
-                        st.positions
-                            .insert(room.clone(), Position { epoch, seq: start });
-                        joined.push((room, latest));
-                        // Positions changed: the event gets an id, so that a reconnect
-                        // resumes from here rather than joining afresh.
-                        reliable = true;
-                    }
-                    ("msg", Some(room), _, Some(seq)) => {
-                        if let Some(pos) = st.positions.get_mut(&room) {
-                            pos.seq = pos.seq.max(seq);
-                        }
-                        reliable = true;
-                    }
-                    // The client cannot pull: end the stream so it reconnects and resumes.
-                    ("prompt", Some(room), _, _) => {
-                        prompted.push(room);
-                        st.done = true;
-                    }
-                    _ => {}
+                Batch::Closed(_) => {
+                    st.session.end(Ending::SlowConsumer);
+                    return None;
                 }
             }
-            if !data.is_empty() {
-                data.push('\n');
+        };
+        let mut reliable = false;
+        // Rooms joined in this batch: (room, latest seq at the join), and rooms prompted.
+        let mut joined: Vec<(Arc<str>, u64)> = Vec::new();
+        let mut prompted: Vec<Arc<str>> = Vec::new();
+        // Each frame says what it is: positions are kept without reading the JSON back.
+        for f in &frames {
+            match f.what() {
+                What::Joined {
+                    room,
+                    epoch,
+                    seq: latest,
+                    recovered,
+                } => {
+                    // A position must never run ahead of what was sent: start from where
+                    // the stream resumed (when that history is complete), or from before
+                    // the replay, and let the replayed messages move it.
+                    let start = match st.resumed_from.get(&**room) {
+                        Some(from) if *from.epoch == **epoch && *recovered => from.seq,
+                        Some(_) => 0,
+                        None => *latest,
+                    };
+                    st.positions.insert(
+                        room.to_string(),
+                        Position {
+                            epoch: epoch.to_string(),
+                            seq: start,
+                        },
+                    );
+                    joined.push((room.clone(), *latest));
+                    // Positions changed: the event gets an id, so that a reconnect
+                    // resumes from here rather than joining afresh.
+                    reliable = true;
+                }
+                What::Reliable { room, seq } => {
+                    if let Some(pos) = st.positions.get_mut(&**room) {
+                        pos.seq = pos.seq.max(*seq);
+                    }
+                    reliable = true;
+                }
+                // The client cannot pull: end the stream so it reconnects and resumes.
+                What::Prompt { room, .. } => {
+                    prompted.push(room.clone());
+                    st.done = true;
+                }
+                What::Reply | What::Transient | What::Ambient => {}
             }
-            data.push_str(text);
         }
+        let mut data = Vec::with_capacity(frame::joined_len(&frames));
+        frame::join_into(&frames, b'\n', &mut data);
         // A join whose replay was sent whole stands at the latest seq of its join.
         for (room, latest) in joined {
             if let Some(pos) = st
                 .positions
-                .get_mut(&room)
+                .get_mut(&*room)
                 .filter(|_| !prompted.contains(&room))
             {
                 pos.seq = pos.seq.max(latest);
             }
         }
-        let mut event = Event::default().data(data);
+        let mut event = Event::default().data(String::from_utf8_lossy(&data));
         if reliable {
             let id = Positions(
                 st.positions

@@ -30,14 +30,15 @@ use tokio::net::TcpStream;
 
 use super::wsframe::{self, DecodeError, Decoder, Event, OpCode};
 use crate::app::App;
+use crate::auth::identify;
 use crate::clock::clock_ms;
 use crate::error::ApiError;
-use crate::metrics::{ReasonLabel, TransportLabel};
+use crate::frame;
 use crate::outbox::{
     Batch, CloseReason, SIGNAL_DEAD, SIGNAL_PING, SIGNAL_SHUTDOWN, SIGNAL_STALLED,
 };
 use crate::reactor::{Conn, Reactor, Socket, Tick};
-use crate::session::{Session, authenticate};
+use crate::session::{self, Ending, Session};
 
 /// WebSocket close codes livepush uses (4000-4999 is the application range).
 pub mod close_code {
@@ -60,47 +61,6 @@ const READ_CHUNK: usize = 4096;
 
 /// Rounds of read/write work a driver does before it yields to other tasks.
 const ROUNDS_PER_POLL: u32 = 64;
-
-/// How a session ended. Interruptions (no close frame from the client) feed the flapping
-/// detector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
-    /// The client sent a close frame.
-    ClientClose,
-    /// The TCP connection ended or failed without a close frame.
-    Reset,
-    HeartbeatTimeout,
-    SlowConsumer,
-    Unauthorized,
-    TooLarge,
-    /// The client broke RFC 6455 (unmasked frame, bad opcode, invalid UTF-8, ...).
-    ProtocolError,
-    Shutdown,
-    /// Told to use long-polling (a flapping terminal).
-    MovedToLongpoll,
-}
-
-impl Ending {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Ending::ClientClose => "client_close",
-            Ending::Reset => "reset",
-            Ending::HeartbeatTimeout => "heartbeat_timeout",
-            Ending::SlowConsumer => "slow_consumer",
-            Ending::Unauthorized => "unauthorized",
-            Ending::TooLarge => "too_large",
-            Ending::ProtocolError => "protocol_error",
-            Ending::Shutdown => "shutdown",
-            Ending::MovedToLongpoll => "moved_to_longpoll",
-        }
-    }
-
-    /// Whether this ending is an interruption of the terminal: the connection ended without
-    /// a close frame (TCP reset or end) or stopped answering. These feed the flap detector.
-    pub fn is_interruption(self) -> bool {
-        matches!(self, Ending::Reset | Ending::HeartbeatTimeout)
-    }
-}
 
 /// The socket during the handshake: taken back from hyper after the upgrade (see
 /// `server::serve`), still tokio's. The open connection moves it into the [`Reactor`].
@@ -196,25 +156,10 @@ fn check_upgrade(method: &axum::http::Method, h: &HeaderMap) -> Result<Vec<u8>, 
 /// in this task and is freed when it ends; what every open connection keeps is exactly a
 /// `Driver` in a reactor slot.
 async fn start(app: Arc<App>, connections: &Connections, io: Io, early: Bytes) {
-    let metrics = &app.metrics;
-    metrics.connections_total.get_or_create(&LABEL).inc();
     match open(&app, io, early).await {
         Ok(driver) => connections.adopt(driver),
-        Err(ending) => record_ending(&app, ending),
+        Err(ending) => session::refused(&app, Transport::Ws, ending),
     }
-}
-
-const LABEL: TransportLabel = TransportLabel { transport: "ws" };
-
-fn record_ending(app: &App, ending: Ending) {
-    app.hub
-        .metrics()
-        .disconnects
-        .get_or_create(&ReasonLabel {
-            reason: ending.as_str(),
-        })
-        .inc();
-    tracing::debug!(ending = ending.as_str(), "websocket session ended");
 }
 
 /// Handshake, open the session, handle what the client sent along with `connect`, and count
@@ -231,7 +176,7 @@ async fn open(app: &Arc<App>, io: Io, early: Bytes) -> Result<Driver, Ending> {
         tracing::debug!(error = %e, "cannot take the websocket's socket from tokio");
         Ending::Reset
     })?;
-    session.open(Transport::Ws, connect_id, None, true);
+    session.open(connect_id, None, true);
     for line in texts {
         session.handle_text(&line);
     }
@@ -239,12 +184,6 @@ async fn open(app: &Arc<App>, io: Io, early: Bytes) -> Result<Driver, Ending> {
     let signals = session.outbox().signals();
     signals.heard(now);
     signals.ping_at(now + app.config.heartbeat.as_millis() as u64);
-    app.terminals.opened(&session.terminal().id, Transport::Ws);
-    app.hub
-        .metrics()
-        .connections_open
-        .get_or_create(&LABEL)
-        .inc();
     Ok(Driver {
         io,
         decoder,
@@ -370,10 +309,10 @@ async fn handshake(app: &Arc<App>, mut io: Io, early: Bytes) -> Result<Handshake
         .await;
         return Err(Ending::Unauthorized);
     };
-    let terminal = match authenticate(&app.keys, app.config.dev, token.as_deref()) {
+    let terminal = match identify(&app.keys, app.config.dev, token.as_deref(), None) {
         Ok(t) => t,
         Err(e) => {
-            refuse(&mut io, env.id, &e.message, write_timeout).await;
+            refuse(&mut io, env.id, &e.to_string(), write_timeout).await;
             return Err(Ending::Unauthorized);
         }
     };
@@ -394,7 +333,7 @@ async fn handshake(app: &Arc<App>, mut io: Io, early: Bytes) -> Result<Handshake
     }
     Ok(Handshake {
         io,
-        session: Session::new(app, terminal),
+        session: Session::start(app, terminal, Transport::Ws),
         connect_id: env.id,
         texts,
         decoder,
@@ -526,19 +465,7 @@ impl Driver {
     /// The connection ended: leave rooms and detach from the inbox before the terminal
     /// counts as gone (a terminal seen offline has no live session anywhere).
     fn finish(&mut self, ending: Ending) {
-        let app = self.session.app().clone();
-        self.session.close();
-        app.hub
-            .metrics()
-            .connections_open
-            .get_or_create(&LABEL)
-            .dec();
-        app.terminals.closed(
-            &self.session.terminal().id,
-            Transport::Ws,
-            ending.is_interruption(),
-        );
-        record_ending(&app, ending);
+        self.session.end(ending);
     }
 
     /// Do everything that can be done without waiting: act on signals, write what is
@@ -586,16 +513,11 @@ impl Driver {
                 match outbox.take(batch_bytes) {
                     Batch::Frames(frames) if frames.is_empty() => {}
                     Batch::Frames(frames) => {
-                        let len = frames.iter().map(|f| f.len() + 1).sum::<usize>() - 1;
+                        let len = frame::joined_len(&frames);
                         let out = self.out.buf();
                         out.reserve_exact(len + wsframe::MAX_HEADER);
                         wsframe::write_header(out, OpCode::Text, len);
-                        for (i, f) in frames.iter().enumerate() {
-                            if i > 0 {
-                                out.push(b'\n');
-                            }
-                            out.extend_from_slice(f);
-                        }
+                        frame::join_into(&frames, b'\n', out);
                         continue;
                     }
                     Batch::Closed(reason) => {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use livepush_proto::ServerFrame;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::support::*;
 
@@ -326,4 +326,135 @@ async fn pull_from_beyond_the_latest_seq_is_not_recovered() {
             ..
         }
     ));
+}
+
+/// Contract v1.1, decision 8: when a room's history is lost or reset while terminals are
+/// connected, every member is pushed `joined{recovered:false}` with the new epoch and goes on
+/// from its seq, over WebSocket, long-poll and SSE. `DELETE /v1/rooms/{room}/history` resets.
+#[tokio::test]
+async fn an_epoch_change_is_pushed_to_every_member() {
+    let s = TestServer::start().await;
+    s.publish("ep8", "gift", json!({"n": 1})).await;
+    let old = s.room("ep8").await["epoch"].as_str().unwrap().to_owned();
+    let mut ws = s.terminal("w", &["ep8"], false).await;
+    let (_, seq, _) = joined(&ws.join("ep8", None).await);
+    assert_eq!(seq, 1);
+    // SSE, joined at the live edge.
+    let token = s.token("s", &["ep8"], false);
+    let mut sse = s
+        .http
+        .get(format!("{}/v1/sse?token={token}&rooms=ep8", s.url()))
+        .send()
+        .await
+        .unwrap();
+    let mut sse_buf = String::new();
+    let mut sse_id = None;
+    while sse_id.is_none() {
+        let chunk = tokio::time::timeout(WAIT, sse.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        sse_buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        sse_id = sse_buf
+            .lines()
+            .find_map(|l| l.strip_prefix("id:").map(|i| i.trim().to_owned()));
+    }
+    assert_eq!(sse_id.unwrap(), format!("ep8:{old}:1"));
+    sse_buf.clear();
+    // A long-poll terminal parked at the latest position.
+    let lp_token = s.token("p", &["ep8"], false);
+    let parked = {
+        let http = s.http.clone();
+        let url = format!("{}/v1/poll", s.url());
+        let body = json!({"token":lp_token,"rooms":{"ep8":{"epoch":old,"seq":1}},"wait_ms":20_000});
+        tokio::spawn(async move {
+            http.post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    s.eventually("the poll to park", || async {
+        s.room("ep8").await["online"] == 3
+    })
+    .await;
+
+    let (status, body) = {
+        let r = s
+            .http
+            .delete(format!("{}/v1/rooms/ep8/history", s.url()))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(status, 200, "{body}");
+    let new = body["epoch"].as_str().unwrap().to_owned();
+    assert_ne!(new, old);
+    assert_eq!(body["seq"], 0);
+    s.publish("ep8", "gift", json!({"n": 2})).await;
+
+    // WebSocket: the push, then the new epoch's first message.
+    match ws.next_significant().await {
+        ServerFrame::Joined {
+            epoch,
+            seq,
+            recovered,
+            id,
+            ..
+        } => assert_eq!(
+            (epoch.as_str(), seq, recovered, id),
+            (new.as_str(), 0, false, None)
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(ws.reliable(1).await, [1]);
+    // Long-poll: the parked poll is answered with it.
+    let answer = parked.await.unwrap();
+    let frames = answer["frames"].as_array().unwrap();
+    assert!(
+        frames
+            .iter()
+            .any(|f| f["op"] == "joined" && f["epoch"] == new.as_str() && f["recovered"] == false),
+        "{answer}"
+    );
+    // SSE: the event carries the new position in its id.
+    let mut id = None;
+    while id.as_deref() != Some(format!("ep8:{new}:1").as_str()) {
+        let chunk = tokio::time::timeout(WAIT, sse.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        sse_buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        if let Some(last) = sse_buf
+            .lines()
+            .filter_map(|l| l.strip_prefix("id:"))
+            .next_back()
+        {
+            id = Some(last.trim().to_owned());
+        }
+    }
+    assert!(sse_buf.contains(r#""recovered":false"#), "{sse_buf}");
+    // A resume from the old epoch is told it lost messages; the history starts again.
+    let (_, h) = s.get("/v1/rooms/ep8/history?since=0").await;
+    assert_eq!(
+        (h["epoch"].as_str(), h["seq"].as_u64()),
+        (Some(new.as_str()), Some(1))
+    );
+    let (status, _) = s
+        .http
+        .delete(format!("{}/v1/rooms/nope/history", s.url()))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), ()))
+        .unwrap();
+    assert_eq!(status, 404, "unknown rooms are not created by a reset");
 }

@@ -116,6 +116,19 @@ impl TestServer {
             .expect("http")
     }
 
+    /// `GET path` with the API key, as text (`/metrics`).
+    pub async fn get_raw_with_key(&self, path: &str) -> String {
+        self.http
+            .get(format!("{}{path}", self.url()))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .expect("http")
+            .text()
+            .await
+            .expect("text")
+    }
+
     pub async fn room(&self, room: &str) -> Value {
         let (status, body) = self.get(&format!("/v1/rooms/{room}")).await;
         assert_eq!(status, 200, "{body}");

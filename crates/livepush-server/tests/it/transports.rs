@@ -649,3 +649,112 @@ async fn inbox_positions_carry_the_pending_count() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A client that leaves abandons its parked poll and says bye at once; the server may notice
+/// the abandoned poll ending only after the bye. That must not bring the terminal back for
+/// the grace period (found by the browser client's tests).
+#[tokio::test]
+async fn a_poll_abandoned_before_a_bye_does_not_bring_the_terminal_back() {
+    let mut c = config();
+    c.poll_grace = Duration::from_secs(600);
+    let s = TestServer::with(c).await;
+    let token = s.token("quitter", &["q"], false);
+    s.poll(
+        "/v1/poll",
+        json!({"token":token,"hello":true,"rooms":{"q":{}},"wait_ms":0}),
+    )
+    .await;
+    let epoch = s.room("q").await["epoch"].as_str().unwrap().to_owned();
+    // A parked poll whose client goes away only after the bye was answered.
+    let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<()>();
+    let parked = {
+        let http = s.http.clone();
+        let url = format!("{}/v1/poll", s.url());
+        let body = json!({"token":token,"rooms":{"q":{"epoch":epoch,"seq":0}},"wait_ms":20_000});
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = http.post(url).json(&body).send() => {}
+                _ = gone_rx => {}
+            }
+        })
+    };
+    s.eventually("the poll to park", || async {
+        s.get("/v1/terminals/quitter").await.1["online"] == json!(true)
+            && s.room("q").await["online"] == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, _) = {
+        let r = s
+            .http
+            .post(format!("{}/v1/poll", s.url()))
+            .json(&json!({"token":token,"bye":true,"rooms":{"q":{}}}))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), ())
+    };
+    assert_eq!(status, 200);
+    let _ = gone_tx.send(());
+    parked.await.unwrap();
+    s.eventually("the terminal to be offline and out of the room", || async {
+        s.get("/v1/terminals/quitter").await.1["online"] == json!(false)
+            && s.room("q").await["online"] == 0
+    })
+    .await;
+}
+
+/// One session lifecycle: `/metrics` counts the sessions of every transport, not only
+/// WebSocket, and how each ended.
+#[tokio::test]
+async fn metrics_count_sessions_of_every_transport() {
+    let s = TestServer::start().await;
+    let metric = |text: &str, name: &str, label: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let metrics = || async { s.get_raw_with_key("/metrics").await };
+    let token = s.token("m", &["m"], false);
+    let _ws = s.terminal("m", &["m"], false).await;
+    let mut sse = s
+        .http
+        .get(format!("{}/v1/sse?token={token}&rooms=m", s.url()))
+        .send()
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, sse.chunk())
+        .await
+        .unwrap()
+        .unwrap();
+    let epoch = s.room("m").await["epoch"].as_str().unwrap().to_owned();
+    let parked = {
+        let http = s.http.clone();
+        let url = format!("{}/v1/poll", s.url());
+        let body = json!({"token":token,"rooms":{"m":{"epoch":epoch,"seq":0}},"wait_ms":1500});
+        tokio::spawn(async move { http.post(url).json(&body).send().await.unwrap() })
+    };
+    s.eventually("a poll, a stream and a websocket to be counted", || async {
+        let t = metrics().await;
+        ["ws", "sse", "longpoll"].iter().all(|tr| {
+            metric(
+                &t,
+                "livepush_connections_open",
+                &format!("transport=\"{tr}\""),
+            ) == 1
+        })
+    })
+    .await;
+    parked.await.unwrap();
+    drop(sse);
+    s.eventually("the poll and the stream to end", || async {
+        let t = metrics().await;
+        metric(&t, "livepush_connections_open", "transport=\"longpoll\"") == 0
+            && metric(&t, "livepush_connections_open", "transport=\"sse\"") == 0
+            && metric(&t, "livepush_disconnects_total", "reason=\"answered\"") >= 1
+            && metric(&t, "livepush_connections_total", "transport=\"sse\"") == 1
+    })
+    .await;
+}

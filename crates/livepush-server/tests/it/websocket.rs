@@ -421,8 +421,7 @@ impl Raw {
 fn disconnects(s: &TestServer, reason: &'static str) -> u64 {
     s.running
         .app()
-        .hub
-        .metrics()
+        .metrics
         .disconnects
         .get_or_create(&ReasonLabel { reason })
         .get()
@@ -1204,15 +1203,7 @@ async fn an_outbox_past_its_hard_limit_ends_the_connection_at_once() {
     let mut slow = small_window_terminal(&s, "slow", "sc").await;
     let mut reader = s.terminal("reader", &["sc"], false).await;
     reader.join("sc", None).await;
-    let closes = || {
-        s.running
-            .app()
-            .hub
-            .metrics()
-            .outbox
-            .slow_consumer_closes
-            .get()
-    };
+    let closes = || s.running.app().metrics.outbox.slow_consumer_closes.get();
 
     // `slow` stops reading; publish in lockstep with `reader` until `slow`'s queue overflows.
     let pad = "x".repeat(32 * 1024);

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use livepush_server::Config;
-use livepush_server::broker::LocalBroker;
 use livepush_server::store::{DurabilityPolicy, MemoryStore, RedbStore, Store, StoreOptions};
 use serde_json::json;
 
@@ -59,7 +58,6 @@ async fn one(
     let running = livepush_server::start_with(
         Config::for_tests(KEY, "bench-token-secret-0123456789"),
         store.clone(),
-        Arc::new(LocalBroker),
     )
     .await?;
     let url = running.url();
@@ -141,7 +139,7 @@ pub async fn run(a: PublishBench) -> anyhow::Result<()> {
             rows.len()
         ));
         let (store, redb): (Arc<dyn Store>, Option<Arc<RedbStore>>) = match policy {
-            None => (Arc::new(MemoryStore), None),
+            None => (Arc::new(MemoryStore::default()), None),
             Some(p) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 let s = Arc::new(RedbStore::open_with(&dir, p)?);

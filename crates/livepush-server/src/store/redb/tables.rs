@@ -77,6 +77,11 @@ pub(super) const META_DIRTY: &str = "dirty";
 pub(super) const META_INBOX_DIRTY: &str = "dirty.inbox";
 
 const ROW_VERSION: u8 = 1;
+/// A record that cannot be read back (written by another version, or damaged).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("unreadable {0}")]
+pub(super) struct Unreadable(pub &'static str);
+
 const FLAG_MUTED: u8 = 1;
 const FLAG_CLOSED: u8 = 2;
 
@@ -106,14 +111,18 @@ impl RoomRow {
         out
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<RoomRow, String> {
+    pub fn decode(bytes: &[u8]) -> Result<RoomRow, Unreadable> {
         if bytes.len() < 10 || bytes[0] != ROW_VERSION {
-            return Err("unreadable room record".into());
+            return Err(Unreadable("room record"));
         }
-        let seq = u64::from_le_bytes(bytes[1..9].try_into().map_err(|_| "short room record")?);
+        let seq = u64::from_le_bytes(
+            bytes[1..9]
+                .try_into()
+                .map_err(|_| Unreadable("room record"))?,
+        );
         let flags = bytes[9];
         let epoch = std::str::from_utf8(&bytes[10..])
-            .map_err(|_| "room record with a non-utf-8 epoch".to_string())?
+            .map_err(|_| Unreadable("room record (epoch not utf-8)"))?
             .to_owned();
         Ok(RoomRow {
             epoch,
@@ -152,15 +161,15 @@ impl TerminalRow {
         out
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<TerminalRow, String> {
+    pub fn decode(bytes: &[u8]) -> Result<TerminalRow, Unreadable> {
         if bytes.len() != TERMINAL_ROW_LEN || bytes[0] != TERMINAL_ROW_VERSION {
-            return Err("unreadable terminal record".into());
+            return Err(Unreadable("terminal record"));
         }
         let u64_at = |at: usize| {
             bytes[at..at + 8]
                 .try_into()
                 .map(u64::from_le_bytes)
-                .map_err(|_| "short terminal record".to_string())
+                .map_err(|_| Unreadable("terminal record"))
         };
         Ok(TerminalRow {
             seq: u64_at(1)?,
@@ -198,8 +207,8 @@ pub(super) fn encode_wake(registration: &WakeRegistration) -> Vec<u8> {
     out
 }
 
-pub(super) fn decode_wake(bytes: &[u8]) -> Result<WakeRegistration, String> {
-    let bad = || "unreadable wake registration".to_string();
+pub(super) fn decode_wake(bytes: &[u8]) -> Result<WakeRegistration, Unreadable> {
+    let bad = || Unreadable("wake registration");
     let field = |from: usize, len: usize| bytes.get(from..from + len).ok_or_else(bad);
     if bytes.first() != Some(&WAKE_VERSION) {
         return Err(bad());
@@ -236,12 +245,12 @@ pub(super) fn encode_message(ts: u64, frame: &[u8]) -> Vec<u8> {
     out
 }
 
-pub(super) fn decode_message(bytes: &[u8]) -> Result<(u64, &[u8]), String> {
+pub(super) fn decode_message(bytes: &[u8]) -> Result<(u64, &[u8]), Unreadable> {
     if bytes.len() < 8 {
-        return Err("unreadable message record".into());
+        return Err(Unreadable("message record"));
     }
     let (ts, frame) = bytes.split_at(8);
-    let ts = u64::from_le_bytes(ts.try_into().map_err(|_| "short message record")?);
+    let ts = u64::from_le_bytes(ts.try_into().map_err(|_| Unreadable("message record"))?);
     Ok((ts, frame))
 }
 

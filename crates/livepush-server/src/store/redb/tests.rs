@@ -50,7 +50,7 @@ fn open(dir: &Path, policy: DurabilityPolicy) -> RedbStore {
 fn append_all(store: &RedbStore, room: &str, seqs: impl IntoIterator<Item = u64>) {
     let pending: Vec<Durable> = seqs
         .into_iter()
-        .map(|s| store.append(room, &msg(s)))
+        .map(|s| store.append(room, &msg(s), None))
         .collect();
     block(async {
         for p in pending {
@@ -180,8 +180,8 @@ fn create_room_starts_a_fresh_history() {
     assert!(record.history.is_empty());
     // Writes to a room that was never created are refused, not invented.
     assert!(matches!(
-        block(store.append("nope", &msg(1))),
-        Err(StoreError::Io(_))
+        block(store.append("nope", &msg(1), None)),
+        Err(StoreError::Io { .. })
     ));
     assert_eq!(store.load_room("nope", 10).unwrap(), None);
 }
@@ -211,7 +211,7 @@ fn futures_resolve_in_submission_order() {
                 let seq = (i / 3 + 1) as u64;
                 match i % 50 {
                     49 => store.trim(room, seq / 2),
-                    _ => store.append(room, &msg(seq)),
+                    _ => store.append(room, &msg(seq), None),
                 }
             })
             .collect();
@@ -443,7 +443,7 @@ fn closed_store_refuses_writes() {
     store.close().unwrap();
     store.close().unwrap();
     assert!(matches!(
-        block(store.append("r", &msg(1))),
+        block(store.append("r", &msg(1), None)),
         Err(StoreError::Closed)
     ));
     assert!(matches!(block(store.flush()), Err(StoreError::Closed)));
@@ -540,8 +540,8 @@ fn write_failures_are_reported_and_the_writer_recovers() {
         block(store.create_room("r", "E")).unwrap();
         append_all(&store, "r", 1..=2);
         fail.store(true, Ordering::SeqCst);
-        let failed = block(store.append("r", &msg(3)));
-        assert!(matches!(failed, Err(StoreError::Io(_))), "{failed:?}");
+        let failed = block(store.append("r", &msg(3), None));
+        assert!(matches!(failed, Err(StoreError::Io { .. })), "{failed:?}");
         let failed = block(store.set_flags(
             "r",
             RoomFlags {
@@ -549,7 +549,7 @@ fn write_failures_are_reported_and_the_writer_recovers() {
                 closed: false,
             },
         ));
-        assert!(matches!(failed, Err(StoreError::Io(_))), "{failed:?}");
+        assert!(matches!(failed, Err(StoreError::Io { .. })), "{failed:?}");
         fail.store(false, Ordering::SeqCst);
         append_all(&store, "r", 4..=5);
         let record = store.load_room("r", 10).unwrap().unwrap();
@@ -574,7 +574,7 @@ fn failed_last_append_still_advances_the_seq() {
         block(store.create_room("r", "E")).unwrap();
         append_all(&store, "r", 1..=2);
         fail.store(true, Ordering::SeqCst);
-        assert!(block(store.append("r", &msg(3))).is_err());
+        assert!(block(store.append("r", &msg(3), None)).is_err());
         fail.store(false, Ordering::SeqCst);
         // Closing applies what the failed batch owed the room record.
         store.close().unwrap();
@@ -600,6 +600,7 @@ fn compaction_gives_trimmed_space_back() {
                     ts: seq,
                     frame: big.clone(),
                 },
+                None,
             )
         })
         .collect();
@@ -686,7 +687,7 @@ proptest! {
                         m.seq += 1;
                         let message = msg(m.seq);
                         m.messages.insert(m.seq, message.clone());
-                        store.append(ROOMS[r], &message)
+                        store.append(ROOMS[r], &message, None)
                     }).collect();
                     for p in pending {
                         rt.block_on(p).unwrap();
@@ -745,7 +746,7 @@ fn storm_child() {
         let pending: Vec<(u64, Durable)> = (0..64)
             .map(|_| {
                 seq += 1;
-                (seq, store.append("storm", &msg(seq)))
+                (seq, store.append("storm", &msg(seq), None))
             })
             .collect();
         for (s, p) in pending {
@@ -867,7 +868,7 @@ fn bench_store() {
                 ts: i,
                 frame: frame.clone(),
             };
-            pending.push_back(store.append(&rooms[(i % 8) as usize], &message));
+            pending.push_back(store.append(&rooms[(i % 8) as usize], &message, None));
             if pending.len() >= in_flight {
                 rt.block_on(pending.pop_front().unwrap()).unwrap();
             }
@@ -897,6 +898,7 @@ fn bench_store() {
                 ts: seq,
                 frame: frame.clone(),
             },
+            None,
         ));
         if pending.len() >= 256 {
             rt.block_on(pending.pop_front().unwrap()).unwrap();

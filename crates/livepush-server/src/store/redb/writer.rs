@@ -13,16 +13,18 @@ use ::redb::{Durability, ReadableTable, Table};
 use super::super::{RoomFlags, StoreError, WakeRegistration};
 use super::tables::{
     INBOX, MESSAGES, META, META_DIRTY, META_INBOX_DIRTY, ROOMS, RoomRow, TERMINALS, TerminalRow,
-    WAKE, WAKE_UDP, encode_message, encode_wake,
+    Unreadable, WAKE, WAKE_UDP, encode_message, encode_wake,
 };
-use super::{DurabilityPolicy, INBOX_RESERVE_STEP, Job, Op, Shared, StoreOptions};
+use super::{DurabilityPolicy, INBOX_RESERVE_STEP, Job, Op, Panicked, Shared, StoreOptions};
 
 /// What to re-apply to a room record after a failed batch, so that the record never falls
 /// behind what the hub already handed out (and delivered).
 #[derive(Debug, Default)]
 struct Repair {
-    /// A `create_room` that failed: the room's epoch.
+    /// A `create_room` (or `reset`) that failed: the room's epoch.
     create: Option<String>,
+    /// It was a `reset`: the room's flags stay.
+    keep_flags: bool,
     /// Highest seq of a failed append.
     seq: u64,
     /// Flags of a failed update.
@@ -62,7 +64,20 @@ pub(super) struct Writer {
     unpublished: HashMap<String, u64>,
 }
 
-type Outcome = Result<(), String>;
+/// Why one write of a batch was refused while the others went on.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(super) enum Refused {
+    #[error("room {0:?} has no record")]
+    NoRecord(String),
+    #[error("{what} {key:?}: {reason}")]
+    Unreadable {
+        what: &'static str,
+        key: String,
+        reason: Unreadable,
+    },
+}
+
+type Outcome = Result<(), Refused>;
 
 impl Writer {
     pub(super) fn new(
@@ -264,7 +279,7 @@ impl Writer {
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
                     let outcome = outcome.map_err(|e| {
                         tracing::warn!(path = %self.shared.path.display(), error = %e, "store write refused");
-                        StoreError::Io(e)
+                        StoreError::io(format!("writing {}", self.shared.path.display()), e)
                     });
                     if let Some(reply) = job.reply {
                         let _ = reply.send(outcome);
@@ -279,15 +294,15 @@ impl Writer {
                     writes = jobs.len(),
                     "store write failed"
                 );
-                let message = format!("writing {}: {e}", self.shared.path.display());
                 self.note_failure(&jobs);
+                self.after_failure(&e);
+                let error = StoreError::io(format!("writing {}", self.shared.path.display()), e);
                 for job in jobs {
                     if let Some(reply) = job.reply {
-                        let _ = reply.send(Err(StoreError::Io(message.clone())));
+                        let _ = reply.send(Err(error.clone()));
                     }
                 }
-                self.after_failure(&e);
-                Err(StoreError::Io(message))
+                Err(error)
             }
         };
         if none && self.dirty_on_disk && !closing {
@@ -356,9 +371,24 @@ impl Writer {
                         },
                     );
                 }
-                Op::Append { room, seq, .. } => {
+                Op::Append {
+                    room, seq, flags, ..
+                } => {
                     let r = self.repairs.entry(room.clone()).or_default();
                     r.seq = r.seq.max(*seq);
+                    if flags.is_some() {
+                        r.flags = *flags;
+                    }
+                }
+                Op::Reset { room, epoch } => {
+                    self.repairs.insert(
+                        room.clone(),
+                        Repair {
+                            create: Some(epoch.clone()),
+                            keep_flags: true,
+                            ..Repair::default()
+                        },
+                    );
                 }
                 Op::Flags { room, flags } => {
                     self.repairs.entry(room.clone()).or_default().flags = Some(*flags);
@@ -413,10 +443,9 @@ impl Writer {
     fn compact(&mut self) -> Result<bool, StoreError> {
         let mut guard = self.shared.db.write();
         let Some(db) = guard.as_mut() else {
-            return Err(StoreError::Io(format!(
-                "{} is unavailable",
-                self.shared.path.display()
-            )));
+            return Err(StoreError::Unavailable(
+                self.shared.path.display().to_string(),
+            ));
         };
         let result = catch_unwind(AssertUnwindSafe(|| db.compact()));
         drop(guard);
@@ -430,16 +459,18 @@ impl Writer {
             }
             Ok(Err(e)) => {
                 let e: ::redb::Error = e.into();
-                let message = format!("compacting {}: {e}", self.shared.path.display());
                 self.after_failure(&e);
-                Err(StoreError::Io(message))
+                Err(StoreError::io(
+                    format!("compacting {}", self.shared.path.display()),
+                    e,
+                ))
             }
-            Err(_) => {
+            Err(panic) => {
                 self.reopen();
-                Err(StoreError::Io(format!(
-                    "compacting {} failed",
-                    self.shared.path.display()
-                )))
+                Err(StoreError::io(
+                    format!("compacting {}", self.shared.path.display()),
+                    Panicked(super::panic_message(&*panic)),
+                ))
             }
         }
     }
@@ -486,8 +517,18 @@ impl Writer {
             }
             for (room, repair) in &self.repairs {
                 if let Some(epoch) = &repair.create {
+                    let flags = match (repair.keep_flags, row_mut(&mut rows, &rooms, room)?) {
+                        (true, Ok(Some(row))) => row.flags,
+                        _ => RoomFlags::default(),
+                    };
                     delete_messages(&mut messages, room, u64::MAX)?;
-                    rows.insert(room.clone(), Some(fresh_row(epoch)));
+                    rows.insert(
+                        room.clone(),
+                        Some(RoomRow {
+                            flags,
+                            ..fresh_row(epoch)
+                        }),
+                    );
                 }
                 if let Ok(Some(row)) = row_mut(&mut rows, &rooms, room)? {
                     row.seq = row.seq.max(repair.seq);
@@ -508,14 +549,18 @@ impl Writer {
                         seq,
                         ts,
                         frame,
+                        flags,
                     } => match row_mut(&mut rows, &rooms, room)? {
                         Ok(Some(row)) => {
                             row.seq = row.seq.max(*seq);
+                            if let Some(flags) = flags {
+                                row.flags = *flags;
+                            }
                             let value = encode_message(*ts, frame);
                             messages.insert((room.as_str(), *seq), value.as_slice())?;
                             Ok(())
                         }
-                        Ok(None) => Err(format!("room {room:?} has no record")),
+                        Ok(None) => Err(Refused::NoRecord(room.clone())),
                         Err(e) => Err(e),
                     },
                     Op::Flags { room, flags } => match row_mut(&mut rows, &rooms, room)? {
@@ -523,9 +568,24 @@ impl Writer {
                             row.flags = *flags;
                             Ok(())
                         }
-                        Ok(None) => Err(format!("room {room:?} has no record")),
+                        Ok(None) => Err(Refused::NoRecord(room.clone())),
                         Err(e) => Err(e),
                     },
+                    Op::Reset { room, epoch } => {
+                        let flags = match row_mut(&mut rows, &rooms, room)? {
+                            Ok(Some(row)) => row.flags,
+                            _ => RoomFlags::default(),
+                        };
+                        delete_messages(&mut messages, room, u64::MAX)?;
+                        rows.insert(
+                            room.clone(),
+                            Some(RoomRow {
+                                flags,
+                                ..fresh_row(epoch)
+                            }),
+                        );
+                        Ok(())
+                    }
                     Op::Trim { room, keep_from } => {
                         trimmed += delete_messages(&mut messages, room, *keep_from)?;
                         Ok(())
@@ -573,7 +633,7 @@ struct InboxTxn<'t> {
 impl InboxTxn<'_> {
     /// The terminal's record in this transaction, loaded on first use, created if missing.
     /// The inner error is a record that cannot be decoded (the op fails, the batch goes on).
-    fn row(&mut self, terminal: &str) -> Result<Result<&mut TerminalRow, String>, ::redb::Error> {
+    fn row(&mut self, terminal: &str) -> Result<Result<&mut TerminalRow, Refused>, ::redb::Error> {
         let entry = match self.rows.entry(terminal.to_owned()) {
             Entry::Occupied(entry) => return Ok(Ok(entry.into_mut())),
             Entry::Vacant(entry) => entry,
@@ -581,7 +641,13 @@ impl InboxTxn<'_> {
         let row = match self.terminals.get(terminal)? {
             Some(value) => match TerminalRow::decode(value.value()) {
                 Ok(row) => row,
-                Err(e) => return Ok(Err(format!("terminal {terminal:?}: {e}"))),
+                Err(reason) => {
+                    return Ok(Err(Refused::Unreadable {
+                        what: "terminal",
+                        key: terminal.to_owned(),
+                        reason,
+                    }));
+                }
             },
             None => TerminalRow::default(),
         };
@@ -702,12 +768,18 @@ fn row_mut<'r>(
     rows: &'r mut HashMap<String, Option<RoomRow>>,
     rooms: &Table<'_, &'static str, &'static [u8]>,
     room: &str,
-) -> Result<Result<Option<&'r mut RoomRow>, String>, ::redb::Error> {
+) -> Result<Result<Option<&'r mut RoomRow>, Refused>, ::redb::Error> {
     if !rows.contains_key(room) {
         let row = match rooms.get(room)? {
             Some(v) => match RoomRow::decode(v.value()) {
                 Ok(row) => Some(row),
-                Err(e) => return Ok(Err(format!("room {room:?}: {e}"))),
+                Err(reason) => {
+                    return Ok(Err(Refused::Unreadable {
+                        what: "room",
+                        key: room.to_owned(),
+                        reason,
+                    }));
+                }
             },
             None => None,
         };

@@ -247,9 +247,9 @@ fn room_and_inbox_futures_resolve_in_submission_order() {
             .map(|i| {
                 let round = (i / 8 + 1) as u64;
                 match i % 8 {
-                    0 => store.append("a", &msg(round)),
+                    0 => store.append("a", &msg(round), None),
                     1 => store.append_inbox("t", &imsg(round)),
-                    2 => store.append("b", &msg(round)),
+                    2 => store.append("b", &msg(round), None),
                     // Seqs far apart: under `none` each goes past the reservation and waits
                     // for a durable commit, amid writes answered at once.
                     3 => store.append_inbox("jumpy", &imsg(round * 3 * INBOX_RESERVE_STEP)),
@@ -288,12 +288,12 @@ fn inbox_write_failures_are_reported_and_repaired() {
         append_inbox_all(&store, "t", 1..=2);
         fail.store(true, Ordering::SeqCst);
         let failed = block(store.append_inbox("t", &imsg(3)));
-        assert!(matches!(failed, Err(StoreError::Io(_))), "{failed:?}");
+        assert!(matches!(failed, Err(StoreError::Io { .. })), "{failed:?}");
         let failed = block(store.ack_inbox("t", 1));
-        assert!(matches!(failed, Err(StoreError::Io(_))), "{failed:?}");
+        assert!(matches!(failed, Err(StoreError::Io { .. })), "{failed:?}");
         let registration = wake("192.0.2.5:5", 5);
         let failed = block(store.set_wake("t", &registration));
-        assert!(matches!(failed, Err(StoreError::Io(_))), "{failed:?}");
+        assert!(matches!(failed, Err(StoreError::Io { .. })), "{failed:?}");
         fail.store(false, Ordering::SeqCst);
         append_inbox_all(&store, "t", [4]);
         let expected = TerminalRecord {

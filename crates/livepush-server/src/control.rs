@@ -3,6 +3,8 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::store::RoomFlags;
+
 /// The type name of control messages.
 pub const CONTROL_TYPE: &str = "control";
 
@@ -20,6 +22,46 @@ pub enum Action {
 }
 
 impl Action {
+    /// The room's flags after this action.
+    pub fn apply(self, flags: RoomFlags) -> RoomFlags {
+        match self {
+            Action::Close => RoomFlags {
+                closed: true,
+                ..flags
+            },
+            Action::Open => RoomFlags {
+                closed: false,
+                ..flags
+            },
+            Action::Mute => RoomFlags {
+                muted: true,
+                ..flags
+            },
+            Action::Unmute => RoomFlags {
+                muted: false,
+                ..flags
+            },
+            Action::StreamSwitch => flags,
+        }
+    }
+
+    /// The action of an encoded `msg` frame, if it is a control message (used for messages
+    /// read back from a history, which do not carry it beside the frame).
+    pub fn of_frame(frame: &[u8]) -> Option<Action> {
+        #[derive(Deserialize)]
+        struct Msg<'a> {
+            #[serde(rename = "type", borrow)]
+            ty: &'a str,
+            #[serde(borrow)]
+            data: &'a RawValue,
+        }
+        let m: Msg<'_> = serde_json::from_slice(frame).ok()?;
+        if m.ty != CONTROL_TYPE {
+            return None;
+        }
+        Action::parse(m.data).ok()
+    }
+
     /// Read `data.action`. Unknown actions are refused so that a typo does not go out as a
     /// message that silently does nothing.
     pub fn parse(data: &RawValue) -> Result<Action, String> {
@@ -65,5 +107,16 @@ mod tests {
         assert!(Action::parse(&raw(r#"{"action":"explode"}"#)).is_err());
         assert!(Action::parse(&raw(r#"{}"#)).is_err());
         assert!(Action::parse(&raw(r#"[1]"#)).is_err());
+    }
+
+    #[test]
+    fn actions_are_read_back_from_encoded_frames() {
+        let close =
+            livepush_proto::encode_msg("r", "control", &raw(r#"{"action":"close"}"#), Some(3), 1);
+        assert_eq!(Action::of_frame(&close), Some(Action::Close));
+        let gift =
+            livepush_proto::encode_msg("r", "gift", &raw(r#"{"action":"close"}"#), Some(4), 1);
+        assert_eq!(Action::of_frame(&gift), None);
+        assert_eq!(Action::of_frame(b"not json"), None);
     }
 }

@@ -1,0 +1,541 @@
+//! The single-node engine: rooms sequenced in this process, their histories and terminals'
+//! inboxes kept by a [`Store`] (in memory, or the embedded redb file).
+//!
+//! # Publishing
+//!
+//! A reliable publish takes the room's lock twice. First to take the next `seq`, apply a
+//! control message's action to the room's flags, and hand the message (with the new flags,
+//! one write) to the store, in `seq` order; then, once the store says the write is durable,
+//! to hand every pending message up to it to the node, in order. Whoever's write completes
+//! first hands over those before it, so the node gets each message once and strictly in
+//! order, and never waits on the disk longer than the publish answer does. The node has the
+//! message before its publish is answered: on one node a publisher that reads the history
+//! right after sees what it published.
+//!
+//! A reset ([`Engine::reset`]) goes through the same queue: the messages published before it
+//! are handed over in the old epoch, then an [`Event::Epoch`], then the new epoch's messages.
+//!
+//! # What is shown
+//!
+//! The engine keeps each room's recent history in memory (bounded by the retention), and
+//! serves snapshots and history reads from there, so what it shows never depends on whether
+//! the store has committed a write yet (under `--durability none` a write is answered before
+//! it is committed). Only messages already handed to the node are shown. The store is read
+//! when a room is first used after a start, and trimmed to the retention by [`Engine::tick`].
+//!
+//! If a write fails, the message is still handed over (later messages are queued behind it,
+//! and a room must never stall) and the publisher is told it failed.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, OnceLock, Weak};
+
+use bytes::Bytes;
+use livepush_proto::SeqTemplate;
+use parking_lot::{Mutex, RwLock};
+
+use super::{
+    Engine, EngineError, EngineFuture, Event, History, InboxEngine, Node, Publish, Retention,
+    Sequenced, Snapshot, spawn_logged,
+};
+use crate::clock::now_ms;
+use crate::control::Action;
+use crate::store::{
+    InboxMessage, RoomFlags, RoomRecord, Store, StoredMessage, TerminalRecord, WakeRegistration,
+    new_epoch,
+};
+
+/// See the module documentation.
+pub struct LocalEngine {
+    store: Arc<dyn Store>,
+    retention: Retention,
+    /// Every room used since the start.
+    rooms: RwLock<HashMap<Arc<str>, Arc<Room>>>,
+    /// Inbox sequencing state of terminals posted to recently.
+    inboxes: Mutex<HashMap<Arc<str>, Arc<Inbox>>>,
+    node: OnceLock<Weak<dyn Node>>,
+}
+
+impl std::fmt::Debug for LocalEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalEngine")
+            .field("store", &self.store)
+            .field("rooms", &self.rooms.read().len())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Room {
+    id: Arc<str>,
+    state: Mutex<RoomState>,
+}
+
+struct RoomState {
+    /// The history being written: its epoch, the last seq handed out, and the flags as of it.
+    epoch: Arc<str>,
+    assigned: u64,
+    flags: RoomFlags,
+    /// What the node has been handed: the epoch, the last seq, and the flags as of it.
+    shown: Shown,
+    /// Sequenced entries waiting for the store, in order.
+    pending: VecDeque<Pending>,
+    next_ticket: u64,
+    /// Messages handed over and still kept, oldest first, contiguous seqs (of `shown.epoch`).
+    history: VecDeque<StoredMessage>,
+    /// The oldest seq the store was last asked to keep.
+    store_keep_from: u64,
+}
+
+#[derive(Clone)]
+struct Shown {
+    epoch: Arc<str>,
+    seq: u64,
+    flags: RoomFlags,
+}
+
+struct Pending {
+    /// Order of submission (seqs restart in a new epoch; tickets do not).
+    ticket: u64,
+    item: Item,
+}
+
+enum Item {
+    Message {
+        message: StoredMessage,
+        action: Option<Action>,
+        /// The room's flags once this message applied.
+        flags: RoomFlags,
+    },
+    Reset {
+        epoch: Arc<str>,
+    },
+}
+
+impl RoomState {
+    fn from_record(record: RoomRecord, retention: Retention, now: u64) -> RoomState {
+        let epoch: Arc<str> = Arc::from(record.epoch);
+        let mut history: VecDeque<StoredMessage> = record.history.into();
+        trim(&mut history, retention, now);
+        let store_keep_from = history.front().map_or(record.seq + 1, |m| m.seq);
+        RoomState {
+            shown: Shown {
+                epoch: epoch.clone(),
+                seq: record.seq,
+                flags: record.flags,
+            },
+            epoch,
+            assigned: record.seq,
+            flags: record.flags,
+            pending: VecDeque::new(),
+            next_ticket: 0,
+            history,
+            store_keep_from,
+        }
+    }
+
+    fn ticket(&mut self) -> u64 {
+        let t = self.next_ticket;
+        self.next_ticket += 1;
+        t
+    }
+
+    fn first_kept(&self) -> u64 {
+        self.history.front().map_or(self.shown.seq + 1, |m| m.seq)
+    }
+
+    fn snapshot(&self, keep: usize) -> Snapshot {
+        Snapshot {
+            epoch: self.shown.epoch.clone(),
+            seq: self.shown.seq,
+            flags: self.shown.flags,
+            online: 0,
+            history: self
+                .history
+                .iter()
+                .skip(self.history.len().saturating_sub(keep))
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+/// Drop messages beyond the retention's count, and older than its age.
+fn trim(history: &mut VecDeque<StoredMessage>, retention: Retention, now: u64) {
+    while history.len() > retention.max_messages {
+        history.pop_front();
+    }
+    let cutoff = now.saturating_sub(retention.ttl.as_millis() as u64);
+    while history.front().is_some_and(|m| m.ts < cutoff) {
+        history.pop_front();
+    }
+}
+
+/// A terminal's inbox sequencing state.
+struct Inbox {
+    state: Mutex<InboxState>,
+}
+
+struct InboxState {
+    /// The last inbox seq handed out.
+    assigned: u64,
+    /// Sequenced messages waiting for the store, in seq order.
+    pending: VecDeque<InboxMessage>,
+    /// When the last message was posted (ms), for forgetting idle terminals.
+    touched_ms: u64,
+}
+
+/// How long a terminal's inbox sequencing state is kept after its last post. Long enough for
+/// every write to have been committed, so that the seq read back from the store on the next
+/// post is the last one handed out, also under `--durability none` (which commits within a
+/// second).
+const INBOX_IDLE_MS: u64 = 300_000;
+
+impl LocalEngine {
+    pub fn new(store: Arc<dyn Store>, retention: Retention) -> LocalEngine {
+        LocalEngine {
+            store,
+            retention,
+            rooms: RwLock::new(HashMap::new()),
+            inboxes: Mutex::new(HashMap::new()),
+            node: OnceLock::new(),
+        }
+    }
+
+    fn node(&self) -> Option<Arc<dyn Node>> {
+        self.node.get().and_then(Weak::upgrade)
+    }
+
+    /// The room, loaded from the store on first use; created (a new epoch) if the store never
+    /// had it and `create` says so.
+    fn room(&self, id: &str, create: bool) -> Result<Option<Arc<Room>>, EngineError> {
+        if let Some(r) = self.rooms.read().get(id) {
+            return Ok(Some(r.clone()));
+        }
+        let record = self.store.load_room(id, self.retention.max_messages)?;
+        let mut rooms = self.rooms.write();
+        if let Some(r) = rooms.get(id) {
+            return Ok(Some(r.clone()));
+        }
+        let record = match record {
+            Some(record) => record,
+            None if create => {
+                let epoch = new_epoch();
+                spawn_logged("create room", self.store.create_room(id, &epoch));
+                RoomRecord {
+                    epoch,
+                    seq: 0,
+                    history: Vec::new(),
+                    flags: RoomFlags::default(),
+                }
+            }
+            None => return Ok(None),
+        };
+        let key: Arc<str> = Arc::from(id);
+        let room = Arc::new(Room {
+            id: key.clone(),
+            state: Mutex::new(RoomState::from_record(record, self.retention, now_ms())),
+        });
+        rooms.insert(key, room.clone());
+        Ok(Some(room))
+    }
+
+    fn created(&self, id: &str) -> Result<Arc<Room>, EngineError> {
+        self.room(id, true)?
+            .ok_or_else(|| EngineError::Unavailable("room creation failed".into()))
+    }
+
+    /// Hand every pending entry up to `ticket` to the node, in order.
+    fn show_through(&self, room: &Room, ticket: u64) {
+        let node = self.node();
+        let retention = self.retention;
+        let mut st = room.state.lock();
+        while st.pending.front().is_some_and(|p| p.ticket <= ticket) {
+            let Some(p) = st.pending.pop_front() else {
+                break;
+            };
+            match p.item {
+                Item::Message {
+                    message,
+                    action,
+                    flags,
+                } => {
+                    st.shown.seq = message.seq;
+                    st.shown.flags = flags;
+                    if let Some(node) = &node {
+                        node.on_event(Event::Reliable {
+                            room: &room.id,
+                            epoch: &st.shown.epoch,
+                            message: &message,
+                            action,
+                        });
+                    }
+                    st.history.push_back(message);
+                    while st.history.len() > retention.max_messages {
+                        st.history.pop_front();
+                    }
+                }
+                Item::Reset { epoch } => {
+                    st.shown.epoch = epoch;
+                    st.shown.seq = 0;
+                    st.history = VecDeque::new();
+                    if let Some(node) = &node {
+                        node.on_event(Event::Epoch {
+                            room: &room.id,
+                            epoch: &st.shown.epoch,
+                            seq: 0,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn inbox(&self, terminal: &str) -> Result<Arc<Inbox>, EngineError> {
+        if let Some(i) = self.inboxes.lock().get(terminal) {
+            return Ok(i.clone());
+        }
+        let assigned = self.store.load_terminal(terminal)?.map_or(0, |r| r.seq);
+        let mut inboxes = self.inboxes.lock();
+        Ok(inboxes
+            .entry(Arc::from(terminal))
+            .or_insert_with(|| {
+                Arc::new(Inbox {
+                    state: Mutex::new(InboxState {
+                        assigned,
+                        pending: VecDeque::new(),
+                        touched_ms: now_ms(),
+                    }),
+                })
+            })
+            .clone())
+    }
+}
+
+impl Engine for LocalEngine {
+    fn attach(&self, node: Weak<dyn Node>) {
+        if self.node.set(node).is_err() {
+            tracing::warn!("an engine can serve one node; a second attach was ignored");
+        }
+    }
+
+    fn open(&self, room: &str, keep: usize) -> EngineFuture<'_, Snapshot> {
+        let snapshot = self.created(room).map(|r| r.state.lock().snapshot(keep));
+        Box::pin(std::future::ready(snapshot))
+    }
+
+    fn close(&self, _room: &str) {
+        // Every room's events are handed to the one node; it ignores rooms it does not hold.
+    }
+
+    fn info(&self, room: &str) -> EngineFuture<'_, Option<Snapshot>> {
+        let info = self
+            .room(room, false)
+            .map(|r| r.map(|r| r.state.lock().snapshot(0)));
+        Box::pin(std::future::ready(info))
+    }
+
+    fn publish<'a>(&'a self, p: Publish<'a>) -> EngineFuture<'a, Sequenced> {
+        Box::pin(async move {
+            let room = self.created(p.room)?;
+            let (ticket, sequenced, durable) = {
+                let mut st = room.state.lock();
+                st.assigned += 1;
+                let seq = st.assigned;
+                let message = StoredMessage {
+                    seq,
+                    ts: p.ts,
+                    frame: p.frame.with_seq(seq),
+                };
+                let before = st.flags;
+                if let Some(action) = p.action {
+                    st.flags = action.apply(before);
+                }
+                let changed = (st.flags != before).then_some(st.flags);
+                let durable = self.store.append(&room.id, &message, changed);
+                let ticket = st.ticket();
+                let flags = st.flags;
+                st.pending.push_back(Pending {
+                    ticket,
+                    item: Item::Message {
+                        message,
+                        action: p.action,
+                        flags,
+                    },
+                });
+                let sequenced = Sequenced {
+                    epoch: st.epoch.clone(),
+                    seq,
+                };
+                (ticket, sequenced, durable)
+            };
+            let stored = durable.await;
+            // Hand it over even if the write failed: later messages are queued behind it.
+            self.show_through(&room, ticket);
+            stored?;
+            Ok(sequenced)
+        })
+    }
+
+    fn broadcast(&self, _room: &str, _frame: &Bytes) {
+        // No other node to tell.
+    }
+
+    fn history(
+        &self,
+        room: &str,
+        since: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> EngineFuture<'_, Option<History>> {
+        let page = self.room(room, false).map(|r| {
+            r.map(|r| {
+                let st = r.state.lock();
+                let mut bytes = 0;
+                History {
+                    epoch: st.shown.epoch.clone(),
+                    latest: st.shown.seq,
+                    first: st.first_kept(),
+                    messages: st
+                        .history
+                        .iter()
+                        .filter(|m| m.seq > since)
+                        .take(limit)
+                        .take_while(|m| {
+                            bytes += m.frame.len();
+                            bytes == m.frame.len() || bytes <= max_bytes
+                        })
+                        .cloned()
+                        .collect(),
+                }
+            })
+        });
+        Box::pin(std::future::ready(page))
+    }
+
+    fn reset(&self, room: &str) -> EngineFuture<'_, Sequenced> {
+        let room = self.created(room);
+        Box::pin(async move {
+            let room = room?;
+            let (ticket, epoch, durable) = {
+                let mut st = room.state.lock();
+                let epoch: Arc<str> = Arc::from(new_epoch());
+                let durable = self.store.reset(&room.id, &epoch);
+                st.epoch = epoch.clone();
+                st.assigned = 0;
+                st.store_keep_from = 1;
+                let ticket = st.ticket();
+                st.pending.push_back(Pending {
+                    ticket,
+                    item: Item::Reset {
+                        epoch: epoch.clone(),
+                    },
+                });
+                (ticket, epoch, durable)
+            };
+            let stored = durable.await;
+            self.show_through(&room, ticket);
+            stored?;
+            Ok(Sequenced { epoch, seq: 0 })
+        })
+    }
+
+    fn tick(&self) {
+        let now = now_ms();
+        let rooms: Vec<Arc<Room>> = self.rooms.read().values().cloned().collect();
+        for room in rooms {
+            let keep_from = {
+                let mut st = room.state.lock();
+                trim(&mut st.history, self.retention, now);
+                let keep_from = st.first_kept();
+                // Not while a reset is pending: the store already holds the new epoch, whose
+                // seqs start again below what the old one keeps.
+                let resetting = st.epoch != st.shown.epoch;
+                (keep_from > st.store_keep_from && !resetting).then(|| {
+                    st.store_keep_from = keep_from;
+                    keep_from
+                })
+            };
+            if let Some(keep_from) = keep_from {
+                spawn_logged("trim", self.store.trim(&room.id, keep_from));
+            }
+        }
+        self.inboxes.lock().retain(|_, i| {
+            let st = i.state.lock();
+            !st.pending.is_empty() || now.saturating_sub(st.touched_ms) < INBOX_IDLE_MS
+        });
+    }
+
+    fn flush(&self) -> EngineFuture<'_, ()> {
+        let flush = self.store.flush();
+        Box::pin(async move { Ok(flush.await?) })
+    }
+}
+
+impl InboxEngine for LocalEngine {
+    fn load_terminal(&self, terminal: &str) -> Result<Option<TerminalRecord>, EngineError> {
+        Ok(self.store.load_terminal(terminal)?)
+    }
+
+    fn post<'a>(
+        &'a self,
+        terminal: &'a str,
+        frame: &'a SeqTemplate,
+        ts: u64,
+    ) -> EngineFuture<'a, InboxMessage> {
+        Box::pin(async move {
+            let inbox = self.inbox(terminal)?;
+            let (message, durable) = {
+                let mut st = inbox.state.lock();
+                st.assigned += 1;
+                st.touched_ms = ts;
+                let message = InboxMessage {
+                    seq: st.assigned,
+                    ts,
+                    frame: frame.with_seq(st.assigned),
+                };
+                let durable = self.store.append_inbox(terminal, &message);
+                st.pending.push_back(message.clone());
+                (message, durable)
+            };
+            let stored = durable.await;
+            // Handed over in seq order, written or not (as rooms do).
+            let node = self.node();
+            let mut st = inbox.state.lock();
+            while st.pending.front().is_some_and(|m| m.seq <= message.seq) {
+                let Some(m) = st.pending.pop_front() else {
+                    break;
+                };
+                if let Some(node) = &node {
+                    node.on_event(Event::Inbox {
+                        terminal,
+                        message: &m,
+                    });
+                }
+            }
+            drop(st);
+            stored?;
+            Ok(message)
+        })
+    }
+
+    fn ack(&self, terminal: &str, seq: u64) {
+        spawn_logged("inbox ack", self.store.ack_inbox(terminal, seq));
+    }
+
+    fn trim(&self, terminal: &str, keep_from: u64) {
+        spawn_logged("inbox trim", self.store.trim_inbox(terminal, keep_from));
+    }
+
+    fn set_wake(&self, terminal: &str, registration: &WakeRegistration) {
+        spawn_logged(
+            "wake registration",
+            self.store.set_wake(terminal, registration),
+        );
+    }
+
+    fn pending_terminals(&self) -> Result<Vec<String>, EngineError> {
+        Ok(self.store.terminals_with_pending_inbox()?)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,237 @@
+use std::time::Duration;
+
+use parking_lot::Mutex as PlMutex;
+use serde_json::value::RawValue;
+
+use super::*;
+use crate::store::{HistoryStore, InboxStore, MemoryStore, StoreError};
+
+/// A node that records what the engine hands it.
+#[derive(Default)]
+struct Recorder(PlMutex<Vec<String>>);
+
+impl Node for Recorder {
+    fn on_event(&self, event: Event<'_>) {
+        let line = match event {
+            Event::Reliable {
+                epoch,
+                message,
+                action,
+                ..
+            } => format!(
+                "{epoch}:{}{}",
+                message.seq,
+                if action.is_some() { "!" } else { "" }
+            ),
+            Event::Epoch { epoch, seq, .. } => format!("epoch {epoch}:{seq}"),
+            Event::Inbox { terminal, message } => format!("inbox {terminal}:{}", message.seq),
+            Event::Transient { .. } | Event::Online { .. } => "other".into(),
+        };
+        self.0.lock().push(line);
+    }
+}
+
+fn engine(max: usize) -> (Arc<LocalEngine>, Arc<Recorder>, Arc<MemoryStore>) {
+    let store = Arc::new(MemoryStore::default());
+    let engine = Arc::new(LocalEngine::new(
+        store.clone(),
+        Retention {
+            max_messages: max,
+            ttl: Duration::from_secs(3600),
+        },
+    ));
+    let recorder = Arc::new(Recorder::default());
+    let node: Arc<dyn Node> = recorder.clone();
+    engine.attach(Arc::downgrade(&node));
+    (engine, recorder, store)
+}
+
+fn template(n: u64) -> &'static SeqTemplate {
+    let data = RawValue::from_string(format!("{n}")).unwrap();
+    // The template outlives the publish future: leaked, in tests only.
+    Box::leak(Box::new(SeqTemplate::msg("r", "gift", &data, 1)))
+}
+
+fn publish(e: &LocalEngine, n: u64, action: Option<Action>) -> EngineFuture<'_, Sequenced> {
+    e.publish(Publish {
+        room: "r",
+        frame: template(n),
+        ts: 1,
+        action,
+    })
+}
+
+/// A store whose appends are durable only when the test says so (in submission order, as
+/// every store's are).
+#[derive(Debug, Default)]
+struct Gated {
+    inner: MemoryStore,
+    gates: PlMutex<Vec<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl Gated {
+    fn open_all(&self) {
+        for gate in self.gates.lock().drain(..) {
+            let _ = gate.send(());
+        }
+    }
+}
+
+impl HistoryStore for Gated {
+    fn load_room(&self, room: &str, keep: usize) -> Result<Option<RoomRecord>, StoreError> {
+        self.inner.load_room(room, keep)
+    }
+    fn read(
+        &self,
+        room: &str,
+        since: u64,
+        upto: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.inner.read(room, since, upto, limit, max_bytes)
+    }
+    fn create_room(&self, room: &str, epoch: &str) -> crate::store::Durable {
+        self.inner.create_room(room, epoch)
+    }
+    fn append(
+        &self,
+        room: &str,
+        message: &StoredMessage,
+        flags: Option<RoomFlags>,
+    ) -> crate::store::Durable {
+        drop(self.inner.append(room, message, flags));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.gates.lock().push(tx);
+        Box::pin(async move {
+            let _ = rx.await;
+            Ok(())
+        })
+    }
+    fn reset(&self, room: &str, epoch: &str) -> crate::store::Durable {
+        self.inner.reset(room, epoch)
+    }
+    fn trim(&self, room: &str, keep_from: u64) -> crate::store::Durable {
+        self.inner.trim(room, keep_from)
+    }
+}
+
+impl InboxStore for Gated {
+    fn load_terminal(&self, t: &str) -> Result<Option<TerminalRecord>, StoreError> {
+        self.inner.load_terminal(t)
+    }
+    fn append_inbox(&self, t: &str, m: &InboxMessage) -> crate::store::Durable {
+        self.inner.append_inbox(t, m)
+    }
+    fn ack_inbox(&self, t: &str, seq: u64) -> crate::store::Durable {
+        self.inner.ack_inbox(t, seq)
+    }
+    fn trim_inbox(&self, t: &str, keep_from: u64) -> crate::store::Durable {
+        self.inner.trim_inbox(t, keep_from)
+    }
+    fn set_wake(&self, t: &str, r: &WakeRegistration) -> crate::store::Durable {
+        self.inner.set_wake(t, r)
+    }
+    fn terminals_with_pending_inbox(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.terminals_with_pending_inbox()
+    }
+}
+
+#[tokio::test]
+async fn messages_are_handed_over_once_in_order_before_their_publish_is_answered() {
+    use futures_util::FutureExt;
+    let store = Arc::new(Gated::default());
+    let e = LocalEngine::new(
+        store.clone(),
+        Retention {
+            max_messages: 100,
+            ttl: Duration::from_secs(3600),
+        },
+    );
+    let rec = Arc::new(Recorder::default());
+    let node: Arc<dyn Node> = rec.clone();
+    e.attach(Arc::downgrade(&node));
+    // Sequenced in this order (each polled once), both waiting for the store.
+    let mut a = publish(&e, 1, None);
+    let mut b = publish(&e, 2, None);
+    assert!((&mut a).now_or_never().is_none() && (&mut b).now_or_never().is_none());
+    assert!(rec.0.lock().is_empty(), "nothing before it is stored");
+    store.open_all();
+    // The later publish completes first: it hands over the earlier message first.
+    let sb = b.await.unwrap();
+    assert_eq!(sb.seq, 2);
+    let epoch = sb.epoch.to_string();
+    assert_eq!(*rec.0.lock(), [format!("{epoch}:1"), format!("{epoch}:2")]);
+    assert_eq!(a.await.unwrap().seq, 1);
+    assert_eq!(rec.0.lock().len(), 2, "nothing twice");
+}
+
+#[tokio::test]
+async fn control_flags_are_stored_with_their_message() {
+    let (e, rec, store) = engine(100);
+    publish(&e, 1, Some(Action::Mute)).await.unwrap();
+    let record = store.load_room("r", 10).unwrap().unwrap();
+    assert!(record.flags.muted);
+    assert_eq!(record.seq, 1);
+    assert!(rec.0.lock()[0].ends_with(":1!"), "{:?}", rec.0.lock());
+    let info = e.info("r").await.unwrap().unwrap();
+    assert!(info.flags.muted);
+}
+
+#[tokio::test]
+async fn a_reset_comes_after_the_messages_before_it_and_starts_a_new_epoch() {
+    let (e, rec, store) = engine(100);
+    let first = publish(&e, 1, None).await.unwrap();
+    let reset = e.reset("r").await.unwrap();
+    assert_ne!(reset.epoch, first.epoch);
+    let after = publish(&e, 2, None).await.unwrap();
+    assert_eq!((after.epoch.clone(), after.seq), (reset.epoch.clone(), 1));
+    assert_eq!(
+        *rec.0.lock(),
+        [
+            format!("{}:1", first.epoch),
+            format!("epoch {}:0", reset.epoch),
+            format!("{}:1", reset.epoch)
+        ]
+    );
+    let h = e.history("r", 0, 100, usize::MAX).await.unwrap().unwrap();
+    assert_eq!(
+        (h.epoch, h.latest, h.messages.len()),
+        (reset.epoch.clone(), 1, 1)
+    );
+    assert_eq!(
+        &*store.load_room("r", 10).unwrap().unwrap().epoch,
+        &*reset.epoch
+    );
+}
+
+#[tokio::test]
+async fn history_and_snapshots_show_only_what_was_handed_over_and_kept() {
+    let (e, _, _) = engine(3);
+    for n in 1..=5 {
+        publish(&e, n, None).await.unwrap();
+    }
+    let h = e.history("r", 0, 100, usize::MAX).await.unwrap().unwrap();
+    assert_eq!((h.latest, h.first), (5, 3));
+    assert!(!h.recovered(1) && h.recovered(2) && h.recovered(5) && !h.recovered(6));
+    let s = e.open("r", 2).await.unwrap();
+    assert_eq!(s.seq, 5);
+    assert_eq!(s.history.iter().map(|m| m.seq).collect::<Vec<_>>(), [4, 5]);
+    assert!(e.info("never").await.unwrap().is_none());
+    assert!(e.history("never", 0, 1, 1).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn inbox_posts_get_consecutive_seqs_and_are_handed_over() {
+    let (e, rec, store) = engine(10);
+    let data = RawValue::from_string("1".into()).unwrap();
+    let t = SeqTemplate::inbox("n", &data, 1);
+    let a = e.post("t", &t, 1).await.unwrap();
+    let b = e.post("t", &t, 2).await.unwrap();
+    assert_eq!((a.seq, b.seq), (1, 2));
+    assert_eq!(*rec.0.lock(), ["inbox t:1", "inbox t:2"]);
+    assert_eq!(store.load_terminal("t").unwrap().unwrap().seq, 2);
+    // A terminal forgotten and posted to again goes on from the stored seq.
+    e.inboxes.lock().clear();
+    assert_eq!(e.post("t", &t, 3).await.unwrap().seq, 3);
+}

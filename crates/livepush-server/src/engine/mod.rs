@@ -1,0 +1,245 @@
+//! The engine: everything the nodes of one deployment share.
+//!
+//! A node (one `livepush serve` process) keeps its connections, each room's members and a
+//! cache of each room's recent history. Everything that must be the same whichever node a
+//! terminal or the backend reaches lives behind the [`Engine`] trait:
+//!
+//! - **Sequencing and history.** [`Engine::publish`] gives a reliable message the room's next
+//!   `seq` (contiguous `u64`s within an epoch; epochs are opaque strings), stores it in the
+//!   room's history together with the room's flags when it is a control message, all in one
+//!   atomic step, and resolves once that step is durable. [`Engine::history`] reads a range
+//!   of it; [`Engine::reset`] starts a new epoch.
+//! - **Fan-out between nodes.** A node [`opens`](Engine::open) a room when it first needs it
+//!   (a first member joins, a pull) and [`closes`](Engine::close) it when it no longer does;
+//!   the engine hands the node one ordered stream of [`Event`]s for the rooms it has open:
+//!   reliable messages, transient messages of other nodes, online counts, epoch changes.
+//!   **No node delivers a reliable message before the engine handed it over**, and the engine
+//!   hands it over only once it is stored: that is what makes a message cross nodes before
+//!   anyone delivers it.
+//! - **Presence** across nodes, when the engine shares it ([`Engine::shares_presence`]).
+//!
+//! The stream's promise is order per room and nothing before it is stored. It does not
+//! promise that nothing is skipped or repeated (a pub/sub link to other nodes may drop and
+//! come back): the node detects a skipped `seq`, a repeated one, or another epoch, and repairs
+//! from [`Engine::history`] (see `hub::feed`). On one node ([`local::LocalEngine`]) the stream
+//! is exact: each reliable message is handed over once, in order, before its publish is
+//! answered.
+//!
+//! Inboxes, acknowledgements and wake registrations sit behind the sibling seam
+//! [`InboxEngine`]: sequenced and stored by the engine, delivered by the node that holds the
+//! terminal's session.
+
+pub mod local;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use livepush_proto::SeqTemplate;
+
+use crate::control::Action;
+use crate::store::{
+    InboxMessage, RoomFlags, StoreError, StoredMessage, TerminalRecord, WakeRegistration,
+};
+
+/// A pending engine operation.
+pub type EngineFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, EngineError>> + Send + 'a>>;
+
+/// Why the engine could not do what it was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// The store behind the engine failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The shared backend cannot be reached; the caller may retry later (HTTP 503).
+    #[error("the engine is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// How much of a room's history is kept: at most `max_messages`, none older than `ttl`.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub max_messages: usize,
+    pub ttl: Duration,
+}
+
+/// A room as the engine knows it.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub epoch: Arc<str>,
+    /// The last seq handed over to nodes (every message up to it is stored).
+    pub seq: u64,
+    pub flags: RoomFlags,
+    /// Terminals in the room across every node, when the engine shares presence.
+    pub online: u64,
+    /// The newest kept messages, oldest first (as many as asked for).
+    pub history: Vec<StoredMessage>,
+}
+
+/// Reliable messages read from a room's history.
+#[derive(Debug, Clone)]
+pub struct History {
+    pub epoch: Arc<str>,
+    /// The last seq handed over to nodes.
+    pub latest: u64,
+    /// The oldest seq still kept (`latest + 1` when nothing is kept).
+    pub first: u64,
+    pub messages: Vec<StoredMessage>,
+}
+
+impl History {
+    /// Whether a reader at `since` misses nothing: nothing between `since` and the first
+    /// returned message is gone, and `since` is not beyond what the history ever had.
+    pub fn recovered(&self, since: u64) -> bool {
+        since <= self.latest && (since == self.latest || since + 1 >= self.first)
+    }
+}
+
+/// A reliable message to publish.
+#[derive(Debug, Clone, Copy)]
+pub struct Publish<'a> {
+    pub room: &'a str,
+    /// The `msg` frame, encoded but for its seq.
+    pub frame: &'a SeqTemplate,
+    pub ts: u64,
+    /// What a control message does to the room (applied with the append, atomically).
+    pub action: Option<Action>,
+}
+
+/// Where a published message landed.
+#[derive(Debug, Clone)]
+pub struct Sequenced {
+    pub epoch: Arc<str>,
+    pub seq: u64,
+}
+
+/// What an engine hands its node, in order per room.
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    /// A stored reliable message (and what it does to the room, for a control message).
+    Reliable {
+        room: &'a str,
+        epoch: &'a str,
+        message: &'a StoredMessage,
+        action: Option<Action>,
+    },
+    /// A transient message published on another node (this node's members got its own
+    /// transient messages from the hub directly: they are neither stored nor ordered).
+    Transient { room: &'a str, frame: &'a Bytes },
+    /// The room's online count across nodes changed (engines that share presence).
+    Online { room: &'a str, count: u64 },
+    /// The room's history was lost or reset: it goes on in `epoch` after `seq`.
+    Epoch {
+        room: &'a str,
+        epoch: &'a str,
+        seq: u64,
+    },
+    /// A direct message to a terminal (see [`InboxEngine`]).
+    Inbox {
+        terminal: &'a str,
+        message: &'a InboxMessage,
+    },
+}
+
+/// What receives an engine's events: the node's hub.
+pub trait Node: Send + Sync + 'static {
+    fn on_event(&self, event: Event<'_>);
+}
+
+/// Rooms shared between nodes. See the module documentation.
+pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
+    /// Hand this node's events to `node` from now on. Called once, before anything else.
+    fn attach(&self, node: Weak<dyn Node>);
+
+    /// What is known of `room` (created with a new epoch if it never existed), with its newest
+    /// `keep` messages, and start handing this node the room's events: the events that follow
+    /// continue after the returned `seq`.
+    fn open(&self, room: &str, keep: usize) -> EngineFuture<'_, Snapshot>;
+
+    /// This node no longer needs `room`'s events.
+    fn close(&self, room: &str);
+
+    /// What is known of `room` without creating it or opening it (`None`: never published to
+    /// or joined). No history.
+    fn info(&self, room: &str) -> EngineFuture<'_, Option<Snapshot>>;
+
+    /// Sequence, store and hand over a reliable message; see the module documentation.
+    fn publish<'a>(&'a self, message: Publish<'a>) -> EngineFuture<'a, Sequenced>;
+
+    /// Tell the other nodes that have `room` open about a transient message.
+    fn broadcast(&self, room: &str, frame: &Bytes);
+
+    /// Reliable messages of `room` with `seq > since`, up to the last one handed over: at
+    /// most `limit`, and no more than `max_bytes` of frames (but at least one). `None` for a
+    /// room that never existed.
+    fn history(
+        &self,
+        room: &str,
+        since: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> EngineFuture<'_, Option<History>>;
+
+    /// Start a new history of `room` (a new epoch, seq 0, nothing kept; its flags stay). Nodes
+    /// get an [`Event::Epoch`] after the messages published before it.
+    fn reset(&self, room: &str) -> EngineFuture<'_, Sequenced>;
+
+    /// Whether the engine counts a room's terminals across nodes. When it does not, a node's
+    /// own count is the count.
+    fn shares_presence(&self) -> bool {
+        false
+    }
+
+    /// A terminal became present in (or left) `room` on this node.
+    fn presence(&self, _room: &str, _terminal: &str, _present: bool) {}
+
+    /// Periodic upkeep (history retention).
+    fn tick(&self);
+
+    /// Resolves once everything submitted so far is durable (called at shutdown).
+    fn flush(&self) -> EngineFuture<'_, ()>;
+}
+
+/// Inboxes shared between nodes: per-terminal direct messages sequenced and stored by the
+/// engine, acknowledgements, and wake registrations. The node holding a session of the
+/// terminal delivers what the engine hands it ([`Event::Inbox`]).
+pub trait InboxEngine: Send + Sync + std::fmt::Debug + 'static {
+    /// What is known of `terminal` (its inbox position, unacknowledged messages and wake
+    /// registration), or `None` if it was never stored.
+    fn load_terminal(&self, terminal: &str) -> Result<Option<TerminalRecord>, EngineError>;
+
+    /// Sequence and store a direct message (its `inbox` frame encoded but for its seq);
+    /// resolves once durable, after the message was handed over as an [`Event::Inbox`].
+    fn post<'a>(
+        &'a self,
+        terminal: &'a str,
+        frame: &'a SeqTemplate,
+        ts: u64,
+    ) -> EngineFuture<'a, InboxMessage>;
+
+    /// The terminal handled everything up to `seq`.
+    fn ack(&self, terminal: &str, seq: u64);
+
+    /// Messages before `keep_from` are dropped unacknowledged (expired, over the bound).
+    fn trim(&self, terminal: &str, keep_from: u64);
+
+    /// Record where the terminal can be woken.
+    fn set_wake(&self, terminal: &str, registration: &WakeRegistration);
+
+    /// Terminals with unacknowledged messages (to go on waking them after a restart).
+    fn pending_terminals(&self) -> Result<Vec<String>, EngineError>;
+}
+
+/// Run an engine write in the background, logging a failure.
+pub(crate) fn spawn_logged(
+    what: &'static str,
+    w: impl Future<Output = Result<(), StoreError>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        if let Err(e) = w.await {
+            tracing::error!(error = %e, "store write failed: {what}");
+        }
+    });
+}
