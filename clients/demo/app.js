@@ -67,6 +67,7 @@ const positionEl = $('position');
 const streamEl = $('stream');
 const logEl = $('log');
 const hintEl = $('devtools-hint');
+const reloadHintEl = $('reload-hint');
 
 // ---- the client -------------------------------------------------------------------------------
 
@@ -132,6 +133,19 @@ function showNotice(text) {
   noticeEl.textContent = text || '';
 }
 
+/**
+ * The room could not be resumed in full (messages were lost, or its history was replaced on
+ * the server): what the page shows may be incomplete, so offer a reload.
+ * @param {string|null} text
+ */
+function showReloadHint(text) {
+  reloadHintEl.hidden = !text;
+  $('reload-hint-text').textContent = text || '';
+}
+
+/** Epoch of the room's last `joined`, to tell a replaced history from a lossy resume. */
+let joinedEpoch = /** @type {string|null} */ (null);
+
 let muted = false;
 let closed = false;
 function updateChatForm() {
@@ -160,6 +174,14 @@ client.on('joined', (j) => {
   if (j.room !== room) return;
   if (j.online !== null) onlineEl.textContent = String(j.online);
   log(`joined ${j.room} at ${j.epoch}:${j.seq}${j.resumed ? (j.recovered ? ', resumed' : ', NOT recovered') : ''}`);
+  if (j.resumed && !j.recovered) {
+    showReloadHint(
+      joinedEpoch !== null && joinedEpoch !== j.epoch
+        ? "This room's history was reset on the server."
+        : 'Some messages of this room could not be recovered.',
+    );
+  }
+  joinedEpoch = j.epoch;
   showPosition();
 });
 
@@ -353,7 +375,9 @@ function enterRoom(next) {
   quizEl.hidden = true;
   muted = false;
   closed = false;
+  joinedEpoch = null;
   showNotice(null);
+  showReloadHint(null);
   updateChatForm();
   onlineEl.textContent = '0';
   roomNameEl.textContent = room;
@@ -364,6 +388,8 @@ function enterRoom(next) {
   client.join(room);
   showPosition();
 }
+
+$('reload').addEventListener('click', () => location.reload());
 
 $('room-form').addEventListener('submit', (ev) => {
   ev.preventDefault();

@@ -38,6 +38,11 @@
  *   answers `{"op":"transport","use":"longpoll","retry_ws_after_ms":X}`; WebSocket is tried
  *   again after X (or `retryWebSocketAfterMs`).
  * - Server-Sent Events (`GET /v1/sse`) on request with `transport: 'sse'`.
+ * - Contract v1.1: `close()` (and `pagehide`, with a beacon) ends a long-polling terminal's
+ *   presence at once with a `"bye":true` poll; `pending` (unacknowledged inbox messages) comes
+ *   with `connected`, long-poll answers and the `pending` event; a `joined` the server pushes
+ *   for a live room (its history was replaced) moves the room to the new epoch without a
+ *   rejoin, announced as `joined` with `recovered: false`.
  *
  * @module livepush
  */
@@ -90,11 +95,15 @@ export const VERSION = '0.1.0';
 /**
  * What a {@link RoomTracker} asks the connection to do:
  * `deliver` a message to the application, report seqs `first..last` as `lost`, send a `pull`
- * for messages after `since`, or `rejoin` the room (the history changed under it).
+ * for messages after `since`, `rejoin` the room (the history changed under it), or `rewind`:
+ * the server's history ends at `seq`, below the position (it lost messages we had), so the
+ * position moves back to `seq` and `first..last`, the seqs it no longer has, are reported
+ * `lost`.
  * @typedef {{kind: 'deliver', message: RoomMessage}
  *   | {kind: 'lost', first: number, last: number}
  *   | {kind: 'pull', since: number}
- *   | {kind: 'rejoin'}} Effect
+ *   | {kind: 'rejoin'}
+ *   | {kind: 'rewind', seq: number, first: number, last: number}} Effect
  */
 
 /** Display names of the transports. @typedef {'websocket'|'long-polling'|'sse'} TransportName */
@@ -120,7 +129,18 @@ export const VERSION = '0.1.0';
  * @property {TransportName} transport
  * @property {string|null} terminal  The terminal id the server knows us by.
  * @property {number} heartbeatMs
- * @property {{seq: number, acked: number}} inbox
+ * @property {InboxState} inbox
+ */
+
+/**
+ * Where the terminal's inbox stands on the server: `seq` is the newest inbox seq handed out,
+ * `acked` the newest acknowledged, and `pending` the number of unacknowledged messages still
+ * kept (null when the server does not say; contract v1.1 servers do). `pending: 0` means the
+ * inbox is drained, even when expired messages left gaps between `acked` and `seq`.
+ * @typedef {object} InboxState
+ * @property {number} seq
+ * @property {number} acked
+ * @property {number|null} pending
  */
 
 /**
@@ -135,8 +155,11 @@ export const VERSION = '0.1.0';
  * @property {string} room
  * @property {string} epoch
  * @property {number} seq  Latest seq of the room when joined.
- * @property {boolean} recovered  False: messages after the resume position were lost (see `lost`).
- * @property {boolean} resumed  The join resumed from a position.
+ * @property {boolean} recovered  False: messages after the resume position were lost (see
+ *   `lost`), or the room's history was replaced while we were in it (its epoch changed): the
+ *   app may offer to reload what it shows of the room.
+ * @property {boolean} resumed  The join resumed from a position (always true when the epoch
+ *   changed under a live room).
  * @property {number|null} online  Online count, when the server said it.
  */
 
@@ -165,6 +188,8 @@ export const VERSION = '0.1.0';
  * @property {LostEvent} lost
  * @property {LeftEvent} left
  * @property {InboxMessage} inbox
+ * @property {InboxState} pending  The inbox state changed (from `connected`, or from the
+ *   `inbox` block of a long-poll answer).
  * @property {ErrorEvent} error
  * @property {StateEvent} state
  */
@@ -199,6 +224,8 @@ export const VERSION = '0.1.0';
  * @property {number} [maxBufferedPerRoom]  Out-of-order messages held per room. Default 1024.
  * @property {number} [longPollWaitMs]  `wait_ms` of each poll. Default 25000.
  * @property {number} [longPollGraceMs]  A poll unanswered after `wait_ms` + this failed. Default 10000.
+ * @property {number} [byeTimeoutMs]  How long `close()` waits for the answer to its goodbye
+ *   poll (`"bye":true`) before it gives up on it. Default 3000.
  * @property {number} [wsFailuresBeforeFallback]  WebSocket attempts failing before they open,
  *   in a row, after which `auto` tries long-polling. Default 2.
  * @property {number} [retryWebSocketAfterMs]  After falling back on its own, `auto` tries
@@ -353,9 +380,17 @@ function isSeq(v) {
  *   further pulls wait for its `pulled` answer;
  * - `prompt{seq}`: messages up to `seq` exist; pull until they are delivered;
  * - `joined{recovered:false}` / `pulled{recovered:false}`: the first message the server still
- *   has becomes the new base and the skipped seqs are reported `lost`;
+ *   has becomes the new base and the skipped seqs are reported `lost`; with no message at all,
+ *   the room continues from the latest seq the server named (contract v1.1, decision 4);
  * - a `pulled` with nothing past the pull's `since` ends the pulling; held messages beyond the
- *   gap are then delivered after a `lost`.
+ *   gap are then delivered after a `lost`;
+ * - `pulled{recovered:false}` whose latest seq is below the pull's `since` (the server lost
+ *   messages we had): the position moves back to that seq, what it no longer has is reported
+ *   `lost`, and nothing is pulled again (decision 7);
+ * - an epoch change pushed while the room is live ({@link RoomTracker#onEpochChange},
+ *   decision 8): the new position is adopted as it is, without replay or pull;
+ * - a `pulled` answer from the history the room just left (an epoch change overtook the
+ *   pull) is ignored.
  */
 export class RoomTracker {
   /**
@@ -379,6 +414,8 @@ export class RoomTracker {
     this._pullInFlight = false;
     this._pullTarget = 0;
     this._pullSince = 0;
+    /** @type {string|null} the epoch followed before the last epoch change */
+    this._leftEpoch = null;
   }
 
   /** The `since` of the next join: epoch and last delivered seq, once an epoch is known. @returns {Position|null} */
@@ -475,10 +512,35 @@ export class RoomTracker {
       this._resync = !recovered;
     } else {
       // Another history: our position means nothing in it; its first message is the base.
+      this._leftEpoch = this._epoch;
       this._epoch = epoch;
       this._last = 0;
       this._resync = true;
     }
+  }
+
+  /**
+   * The server pushed `joined{epoch, seq}` for the room while it was live and no join was
+   * asked for: the room's history was replaced (its store lost it; contract v1.1, decision
+   * 8). The position becomes `(epoch, seq)` and the room continues live from there: no
+   * replay is expected and nothing is pulled. Messages held or pulled for the old history
+   * are dropped. In the same epoch, seqs skipped forward are reported `lost`.
+   * @param {string} epoch
+   * @param {number} seq
+   * @returns {Effect[]}
+   */
+  onEpochChange(epoch, seq) {
+    /** @type {Effect[]} */
+    const out = [];
+    if (typeof epoch !== 'string' || !isSeq(seq)) return out;
+    const sameEpoch = this._epoch === epoch;
+    if (!sameEpoch && this._epoch !== null) this._leftEpoch = this._epoch;
+    this.onDisconnect();
+    this._live = true;
+    this._epoch = epoch;
+    if (sameEpoch && seq > this._last) this._skipTo(seq, out);
+    this._last = seq;
+    return out;
   }
 
   /**
@@ -539,11 +601,25 @@ export class RoomTracker {
     /** @type {Effect[]} */
     const out = [];
     if (!this._live) return out;
+    // An answer to a pull sent before the epoch changed: the new history has its own position.
+    if (this._epoch !== epoch && this._leftEpoch !== null && epoch === this._leftEpoch) return out;
     this._pullInFlight = false;
     if (this._epoch !== epoch) {
       // Not the history we follow: re-establish the position with a fresh `joined`.
       this.onDisconnect();
       out.push({ kind: 'rejoin' });
+      return out;
+    }
+    if (!recovered && isSeq(latest) && latest < this._pullSince) {
+      // We asked from beyond the server's latest seq: it lost messages we had (decision 7).
+      // Follow it back to its latest seq; whatever we had or were promised beyond it is gone.
+      let to = Math.max(this._last, this._pullTarget);
+      if (this._keys.length > 0) to = Math.max(to, this._keys[this._keys.length - 1]);
+      this.onDisconnect();
+      this._live = true;
+      this._last = latest;
+      this._pullSince = latest;
+      out.push({ kind: 'rewind', seq: latest, first: latest + 1, last: to });
       return out;
     }
     const list = Array.isArray(messages) ? messages.filter((m) => m && isSeq(m.seq)) : [];
@@ -681,12 +757,21 @@ const DEFAULTS = {
   maxBufferedPerRoom: 1024,
   longPollWaitMs: 25000,
   longPollGraceMs: 10000,
+  byeTimeoutMs: 3000,
   wsFailuresBeforeFallback: 2,
   retryWebSocketAfterMs: 30000,
 };
 
 /** Used when the server announces `heartbeat_ms: 0`. */
 const FALLBACK_HEARTBEAT_MS = 25000;
+
+/**
+ * `close()` sends its goodbye poll this long after giving up the parked poll, so that the
+ * server sees that poll end first: a browser may send the goodbye at once on another, idle
+ * keep-alive connection, and a parked poll that the server sees end after the goodbye makes the
+ * terminal linger for the whole grace period again.
+ */
+const BYE_SETTLE_MS = 50;
 
 
 
@@ -759,6 +844,14 @@ export class LivepushClient {
     this._anonTerminal = null;
     this._heartbeatMs = 0;
     this._inboxDelivered = 0;
+    /** @type {InboxState|null} */
+    this._inbox = null;
+    /** A poll went out since the last goodbye: the terminal may be present through long-polling. */
+    this._byeOwed = false;
+    /** `pagehide` ended the session (the page may come back from the back/forward cache). */
+    this._suspended = false;
+    /** @type {(() => void)|null} sends the goodbye of `close()` now, if it is still waiting */
+    this._flushBye = null;
     this._nextId = 0;
     this._closed = false;
     this._onNetworkOnline = () => {
@@ -767,6 +860,10 @@ export class LivepushClient {
         this._timer = null;
         this._attempt();
       }
+    };
+    this._onPageHide = () => this._pageHidden();
+    this._onPageShow = () => {
+      if (this._suspended && !this._closed) this._attempt();
     };
     for (const r of options.rooms || []) {
       if (typeof r === 'string') this.join(r);
@@ -802,6 +899,15 @@ export class LivepushClient {
   /** Rooms followed. @returns {string[]} */
   get rooms() {
     return [...this._rooms.keys()];
+  }
+
+  /**
+   * Where the terminal's inbox stood when the server last said (see the `pending` event), or
+   * null before the first `connected`.
+   * @returns {InboxState|null}
+   */
+  get inbox() {
+    return this._inbox ? { ...this._inbox } : null;
   }
 
   /**
@@ -849,6 +955,8 @@ export class LivepushClient {
     if (this._closed || this._link || this._timer !== null || this._state === 'parked') return;
     if (typeof globalThis.addEventListener === 'function') {
       globalThis.addEventListener('online', this._onNetworkOnline);
+      globalThis.addEventListener('pagehide', this._onPageHide);
+      globalThis.addEventListener('pageshow', this._onPageShow);
     }
     this._attempt();
   }
@@ -960,9 +1068,17 @@ export class LivepushClient {
     this._attempt();
   }
 
-  /** Close for good: the session ends cleanly and nothing reconnects. */
+  /**
+   * Close for good: the session ends cleanly and nothing reconnects. A client that has
+   * long-polled says goodbye with one more poll (`"bye":true`, with an `ack` not sent yet), so
+   * that the server ends its presence at once instead of after its grace period. The
+   * goodbye goes out 50 ms after the parked poll is given up (at once, as a beacon, if the
+   * page is hidden meanwhile). The promise settles when it is answered or `byeTimeoutMs`
+   * later (at once when there is none); it never rejects.
+   * @returns {Promise<void>}
+   */
   close() {
-    if (this._closed) return;
+    if (this._closed) return Promise.resolve();
     this._closed = true;
     if (this._timer !== null) clearTimeout(this._timer);
     this._timer = null;
@@ -972,11 +1088,33 @@ export class LivepushClient {
     }
     const link = this._link;
     this._link = null;
+    const bye = this._byeBody(link);
+    // The parked poll is given up first: a poll that ends on the server after the goodbye
+    // would make the terminal linger for the grace period again.
     link?.close();
     if (typeof globalThis.removeEventListener === 'function') {
       globalThis.removeEventListener('online', this._onNetworkOnline);
+      globalThis.removeEventListener('pageshow', this._onPageShow);
     }
     this._setState('closed');
+    if (!bye) {
+      this._stopPageHide();
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => {
+      /** @param {boolean} unloading */
+      const send = (unloading) => {
+        clearTimeout(timer);
+        this._flushBye = null;
+        this._stopPageHide();
+        this._sendBye(bye, unloading).then(resolve);
+      };
+      // Give the server a moment to see the given-up poll end before the goodbye arrives
+      // (it may come on another, idle connection); if the page goes away meanwhile (close()
+      // called from a pagehide listener), the goodbye goes at once, as a beacon.
+      const timer = setTimeout(() => send(false), BYE_SETTLE_MS);
+      this._flushBye = () => send(true);
+    });
   }
 
   // ---- internals: events ------------------------------------------------------------------
@@ -1038,6 +1176,7 @@ export class LivepushClient {
   _attempt() {
     this._timer = null;
     if (this._closed || this._link) return;
+    this._suspended = false;
     const kind = this._pickTransport();
     const link =
       kind === 'websocket' ? new WsLink(this) : kind === 'sse' ? new SseLink(this) : new LongPollLink(this);
@@ -1078,13 +1217,26 @@ export class LivepushClient {
     this._heartbeatMs = isSeq(f.heartbeat_ms) ? f.heartbeat_ms : 0;
     this._connectedTransport = link.kind;
     this._setState('connected');
-    const inbox = f.inbox && typeof f.inbox === 'object' ? f.inbox : {};
+    const inbox = readInboxState(f.inbox) ?? { seq: 0, acked: 0, pending: null };
     this._emit('connected', {
       transport: link.kind,
       terminal: this._terminal,
       heartbeatMs: this._heartbeatMs,
-      inbox: { seq: Number(inbox.seq) || 0, acked: Number(inbox.acked) || 0 },
+      inbox: { ...inbox },
     });
+    if (link === this._link && !this._closed) this._inboxState(inbox);
+  }
+
+  /**
+   * Where the server says the inbox stands (`connected.inbox`, a long-poll answer's `inbox`
+   * block): remember it, and emit `pending` when it changed.
+   * @param {InboxState|null} state
+   */
+  _inboxState(state) {
+    const was = this._inbox;
+    if (!state || (was && was.seq === state.seq && was.acked === state.acked && was.pending === state.pending)) return;
+    this._inbox = state;
+    this._emit('pending', { ...state });
   }
 
   /**
@@ -1171,22 +1323,21 @@ export class LivepushClient {
         const r = this._rooms.get(f.room);
         if (!r || typeof f.epoch !== 'string' || !isSeq(f.seq)) return;
         if (f.id != null && f.id !== r.joinId) return; // stale
+        // A `joined` nobody asked for (no id; long-poll answers are always asked for): the
+        // server says where the room is now. While our join is in flight its answer will.
+        const pushed = f.id == null && !(link instanceof LongPollLink);
+        if (pushed && r.joinId !== null) return;
+        if (pushed && r.tracker.live) {
+          this._epochChanged(link, r, f);
+          return;
+        }
         const resumed = r.tracker.resumeFrom() !== null;
         r.tracker.onJoined(f.epoch, f.seq, f.recovered !== false);
         r.joinId = null;
         if (r.retryTimer !== null) clearTimeout(r.retryTimer);
         r.retryTimer = null;
         r.retry.reset();
-        r.displayed = r.tracker.resumeFrom();
-        if (isSeq(f.online)) r.online = f.online;
-        this._emit('joined', {
-          room: r.name,
-          epoch: f.epoch,
-          seq: f.seq,
-          recovered: f.recovered !== false,
-          resumed,
-          online: isSeq(f.online) ? f.online : null,
-        });
+        this._joined(r, f, f.recovered !== false, resumed);
         return;
       }
       case 'msg': {
@@ -1259,6 +1410,40 @@ export class LivepushClient {
       default:
         return; // unknown ops are ignored (the contract may add some)
     }
+  }
+
+  /**
+   * A room live on this connection got a `joined` it did not ask for: its history was
+   * replaced (contract v1.1, decision 8). Continue live from the new position, and tell the
+   * app (`joined` with `recovered: false`) so that it can offer to reload what it shows.
+   * @param {WsLink|LongPollLink|SseLink} link
+   * @param {RoomEntry} r
+   * @param {Record<string, any>} f  The `joined` frame.
+   */
+  _epochChanged(link, r, f) {
+    const effects = r.tracker.onEpochChange(f.epoch, f.seq);
+    this._joined(r, f, false, true);
+    this._apply(link, r, effects);
+  }
+
+  /**
+   * The tracker took a `joined`: the room's position is where it says; tell the app.
+   * @param {RoomEntry} r
+   * @param {Record<string, any>} f  The `joined` frame.
+   * @param {boolean} recovered
+   * @param {boolean} resumed
+   */
+  _joined(r, f, recovered, resumed) {
+    r.displayed = r.tracker.resumeFrom();
+    if (isSeq(f.online)) r.online = f.online;
+    this._emit('joined', {
+      room: r.name,
+      epoch: f.epoch,
+      seq: f.seq,
+      recovered,
+      resumed,
+      online: isSeq(f.online) ? f.online : null,
+    });
   }
 
   /**
@@ -1353,6 +1538,10 @@ export class LivepushClient {
           r.displayed = { epoch: r.tracker.epoch ?? '', seq: e.last };
           this._emit('lost', { room: r.name, first: e.first, last: e.last });
           break;
+        case 'rewind':
+          r.displayed = { epoch: r.tracker.epoch ?? '', seq: e.seq };
+          if (e.first <= e.last) this._emit('lost', { room: r.name, first: e.first, last: e.last });
+          break;
         case 'pull':
           if (link === this._link && !link.ended) {
             link.op(
@@ -1409,6 +1598,99 @@ export class LivepushClient {
     }
   }
 
+  /**
+   * The page is going away, or into the back/forward cache (`pagehide`). Over long-polling
+   * (or SSE, whose ops are polls) the session ends here with a goodbye that the browser
+   * delivers after the page is gone (a beacon); `pageshow` from the cache connects again.
+   * WebSocket is left to the browser, which closes it.
+   */
+  _pageHidden() {
+    if (this._flushBye) {
+      this._flushBye();
+      return;
+    }
+    const link = this._link;
+    if (this._closed || this._suspended || link instanceof WsLink) return;
+    if (this._state === 'parked' || this._state === 'idle') return;
+    const bye = this._byeBody(link);
+    if (!bye) return;
+    this._suspended = true;
+    if (this._timer !== null) clearTimeout(this._timer);
+    this._timer = null;
+    if (link) {
+      link.close();
+      this._detach(link);
+    }
+    this._setState('reconnecting');
+    this._sendBye(bye, true);
+  }
+
+  _stopPageHide() {
+    if (typeof globalThis.removeEventListener === 'function') {
+      globalThis.removeEventListener('pagehide', this._onPageHide);
+    }
+  }
+
+  /**
+   * The body of a goodbye poll (contract v1.1, decision 5): every room (so that the server
+   * stops counting the terminal in them), rooms whose `leave` was not sent yet, and the
+   * highest `ack` not sent yet. Null when no poll went out since the last goodbye, or when
+   * the server could not tell who we are.
+   * @param {WsLink|LongPollLink|SseLink|null} link
+   * @returns {Record<string, any>|null}
+   */
+  _byeBody(link) {
+    if (!this._byeOwed) return null;
+    const body = this._identity();
+    if (!body.token && !body.terminal) return null;
+    const { rooms } = this._pollRooms();
+    let ack = 0;
+    for (const o of link instanceof LongPollLink ? link.unsentOps() : []) {
+      if (o.op === 'ack' && isSeq(o.inbox)) ack = Math.max(ack, o.inbox);
+      else if (o.op === 'leave' && typeof o.room === 'string' && !(o.room in rooms)) rooms[o.room] = {};
+    }
+    body.bye = true;
+    body.rooms = rooms;
+    body.wait_ms = 0;
+    if (ack > 0) body.ops = [{ op: 'ack', inbox: ack }];
+    return body;
+  }
+
+  /**
+   * Send a goodbye poll. On page unload it goes as a beacon when the browser has
+   * `navigator.sendBeacon`, else as a `keepalive` fetch; otherwise as a `keepalive` fetch given
+   * up after `byeTimeoutMs`. The body goes as text/plain (the server reads JSON whatever the
+   * type), which needs no CORS preflight. Never rejects.
+   * @param {Record<string, any>} body
+   * @param {boolean} unloading
+   * @returns {Promise<void>}
+   */
+  _sendBye(body, unloading) {
+    this._byeOwed = false;
+    const url = this._httpUrl('/v1/poll');
+    const text = JSON.stringify(body);
+    if (unloading) {
+      try {
+        const nav = /** @type {any} */ (globalThis).navigator;
+        if (nav && typeof nav.sendBeacon === 'function' && nav.sendBeacon(url, text)) return Promise.resolve();
+      } catch {
+        // a keepalive fetch instead
+      }
+    }
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(), Math.max(0, this._opts.byeTimeoutMs));
+    return (async () => {
+      try {
+        const res = await this._fetch(url, { method: 'POST', body: text, keepalive: true, signal: controller.signal });
+        await res.text();
+      } catch {
+        // Best effort: without it the server's grace period ends the presence.
+      } finally {
+        clearTimeout(timer);
+      }
+    })();
+  }
+
   /** Fields every HTTP request carries: token, or the terminal a dev server gave us. */
   _identity() {
     /** @type {Record<string, any>} */
@@ -1451,6 +1733,18 @@ async function httpError(res) {
     // not JSON
   }
   return { code, message };
+}
+
+/**
+ * An inbox position from the wire (`{seq, acked, pending?}`), or null when it is not one.
+ * @param {unknown} v
+ * @returns {InboxState|null}
+ */
+function readInboxState(v) {
+  if (!v || typeof v !== 'object') return null;
+  const o = /** @type {Record<string, unknown>} */ (v);
+  if (!isSeq(o.seq) || !isSeq(o.acked)) return null;
+  return { seq: o.seq, acked: o.acked, pending: isSeq(o.pending) ? o.pending : null };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1687,6 +1981,7 @@ class WsLink extends BaseLink {
  * @property {AbortController} controller
  * @property {boolean} hello
  * @property {Array<[RoomEntry, Position|null]>} sent  The rooms it carries, at the positions sent.
+ * @property {Array<Record<string, any>>} ops  The ops it carries.
  * @property {boolean} aborted  Given up on purpose (rooms changed, or the link ended).
  * @property {boolean} timedOut
  */
@@ -1737,13 +2032,14 @@ class LongPollLink extends BaseLink {
   }
 
   /**
-   * Send one poll; resolves with its frames.
+   * Send one poll; resolves with its frames and its `inbox` block.
    * @param {Record<string, any>} body
    * @param {Poll} poll
-   * @returns {Promise<Array<Record<string, any>>>}
+   * @returns {Promise<{frames: Array<Record<string, any>>, inbox: InboxState|null}>}
    */
   async _exchange(body, poll) {
     const c = this.client;
+    c._byeOwed = true;
     const timer = setTimeout(() => {
       poll.timedOut = true;
       poll.controller.abort();
@@ -1778,7 +2074,10 @@ class LongPollLink extends BaseLink {
         json = null;
       }
       if (!json || !Array.isArray(json.frames)) throw linkError({ reason: 'unreadable poll answer' });
-      return json.frames.filter((/** @type {any} */ f) => f && typeof f === 'object' && typeof f.op === 'string');
+      return {
+        frames: json.frames.filter((/** @type {any} */ f) => f && typeof f === 'object' && typeof f.op === 'string'),
+        inbox: readInboxState(json.inbox),
+      };
     } finally {
       clearTimeout(timer);
     }
@@ -1804,13 +2103,15 @@ class LongPollLink extends BaseLink {
     if (c._inboxDelivered > 0) body.inbox = c._inboxDelivered;
     body.wait_ms = c._opts.longPollWaitMs;
     /** @type {Poll} */
-    const poll = { controller: new AbortController(), hello: this._hello, sent, aborted: false, timedOut: false };
+    const poll = { controller: new AbortController(), hello: this._hello, sent, ops: [], aborted: false, timedOut: false };
     this._main = poll;
     const started = Date.now();
     /** @type {Array<Record<string, any>>} */
     let frames;
+    /** @type {InboxState|null} */
+    let inbox;
     try {
-      frames = await this._exchange(body, poll);
+      ({ frames, inbox } = await this._exchange(body, poll));
     } catch (e) {
       if (this._main === poll) this._main = null;
       if (this.ended) return;
@@ -1844,7 +2145,7 @@ class LongPollLink extends BaseLink {
       this._armWsRetry();
       this._queueSide();
     }
-    const retryLater = this._onAnswer(poll, frames, true);
+    const retryLater = this._onAnswer(poll, frames, true, inbox);
     if (this.ended || c._link !== this) return;
     // Pace a server that answers at once with errors or with nothing (instead of parking).
     const early = frames.length === 0 && Date.now() - started < Math.min(1000, c._opts.longPollWaitMs / 2);
@@ -1881,12 +2182,14 @@ class LongPollLink extends BaseLink {
     body.wait_ms = 0;
     body.ops = ops;
     /** @type {Poll} */
-    const poll = { controller: new AbortController(), hello: false, sent, aborted: false, timedOut: false };
+    const poll = { controller: new AbortController(), hello: false, sent, ops, aborted: false, timedOut: false };
     this._side = poll;
     /** @type {Array<Record<string, any>>} */
     let frames;
+    /** @type {InboxState|null} */
+    let inbox;
     try {
-      frames = await this._exchange(body, poll);
+      ({ frames, inbox } = await this._exchange(body, poll));
     } catch (e) {
       if (this._side === poll) this._side = null;
       if (this.ended) return;
@@ -1896,20 +2199,21 @@ class LongPollLink extends BaseLink {
     }
     if (this._side === poll) this._side = null;
     if (this.ended) return;
-    this._onAnswer(poll, frames, false);
+    this._onAnswer(poll, frames, false, inbox);
     if (this.ended || c._link !== this) return;
     this._pollSide();
   }
 
   /**
-   * Handle the frames of an answer. Returns whether the next main poll should wait (an
-   * error the server may repeat at once).
+   * Handle the frames of an answer, then its `inbox` block. Returns whether the next main
+   * poll should wait (an error the server may repeat at once).
    * @param {Poll} poll
    * @param {Array<Record<string, any>>} frames
    * @param {boolean} main
+   * @param {InboxState|null} inbox
    * @returns {boolean}
    */
-  _onAnswer(poll, frames, main) {
+  _onAnswer(poll, frames, main, inbox) {
     const c = this.client;
     const names = poll.sent.map(([r]) => r.name);
     let retryLater = false;
@@ -1967,7 +2271,13 @@ class LongPollLink extends BaseLink {
         if (r) c._apply(this, r, r.tracker.onReplayComplete(seq));
       }
     }
+    if (!c._closed && !this.ended && c._link === this) c._inboxState(inbox);
     return retryLater;
+  }
+
+  /** Ops queued or riding in the short poll in flight (whose answer is not in yet). @returns {Array<Record<string, any>>} */
+  unsentOps() {
+    return [...(this._side ? this._side.ops : []), ...this._ops];
   }
 
   /** In `auto` mode, go back to WebSocket when its time has come. */
@@ -2200,6 +2510,7 @@ class SseLink extends BaseLink {
     }
     body.wait_ms = 0;
     body.ops = [{ ...frame, id }];
+    c._byeOwed = true;
     c._fetch(c._httpUrl('/v1/poll'), {
       method: 'POST',
       headers: { 'content-type': 'application/json' },

@@ -10,6 +10,8 @@ import net from 'node:net';
  * @property {() => void} freeze  Stop forwarding on every open connection without closing it
  *   (a dead network path); new connections are forwarded normally.
  * @property {() => number} open  Connections currently forwarded.
+ * @property {() => string} sent  What the browser sent through the proxy (the last 256 KiB, as
+ *   latin1 text): to check that a request went out, e.g. a beacon sent while a page unloads.
  * @property {() => Promise<void>} close
  */
 
@@ -24,6 +26,7 @@ export async function startProxy(target) {
   /** @type {Set<{client: net.Socket, upstream: net.Socket}>} */
   const frozen = new Set();
   let refusing = false;
+  let sent = '';
   const server = net.createServer((client) => {
     if (refusing) {
       client.resetAndDestroy();
@@ -34,6 +37,9 @@ export async function startProxy(target) {
     pairs.add(pair);
     client.pipe(upstream);
     upstream.pipe(client);
+    client.on('data', (/** @type {Buffer} */ d) => {
+      sent = (sent + d.toString('latin1')).slice(-262_144);
+    });
     const drop = () => {
       pairs.delete(pair);
       client.destroy();
@@ -71,6 +77,7 @@ export async function startProxy(target) {
       pairs.clear();
     },
     open: () => pairs.size,
+    sent: () => sent,
     async close() {
       refusing = true;
       for (const { client, upstream } of [...pairs, ...frozen]) {

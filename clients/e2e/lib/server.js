@@ -27,6 +27,9 @@ function knowsDataDir() {
  * @property {string} url  `http://127.0.0.1:PORT`
  * @property {(room: string, type: string, data?: any, extra?: object) => Promise<any>} publish
  * @property {(room: string) => Promise<any>} room  `GET /v1/rooms/{room}`
+ * @property {(id: string) => Promise<any>} terminal  `GET /v1/terminals/{id}`
+ * @property {(id: string, type: string, data?: any) => Promise<any>} postInbox
+ *   `POST /v1/terminals/{id}/messages`
  * @property {() => string} logs  What the server wrote on stderr.
  * @property {() => Promise<void>} stop
  */
@@ -89,6 +92,20 @@ export async function startServer({ args = [] } = {}) {
     async room(room) {
       const res = await fetch(`${url}/v1/rooms/${encodeURIComponent(room)}`, { headers: auth });
       return res.json();
+    },
+    async terminal(id) {
+      const res = await fetch(`${url}/v1/terminals/${encodeURIComponent(id)}`, { headers: auth });
+      return res.json();
+    },
+    async postInbox(id, type, data = {}) {
+      const res = await fetch(`${url}/v1/terminals/${encodeURIComponent(id)}/messages`, {
+        method: 'POST',
+        headers: { ...auth, 'content-type': 'application/json' },
+        body: JSON.stringify({ type, data }),
+      });
+      const body = await res.json();
+      if (!res.ok) throw new Error(`inbox post answered ${res.status}: ${JSON.stringify(body)}`);
+      return body;
     },
     logs: () => stderr,
     async stop() {

@@ -4,21 +4,9 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
 import { LivepushClient } from '../../js/livepush.js';
+import { record, sleep, waitFor } from '../lib/events.js';
 
 const SERVER = 'http://push.test';
-
-/** Wait until `cond()` is truthy (polling), or fail after `timeout` ms. */
-async function waitFor(/** @type {() => any} */ cond, timeout = 3000, what = 'condition') {
-  const end = Date.now() + timeout;
-  for (;;) {
-    const v = cond();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
-
-const sleep = (/** @type {number} */ ms) => new Promise((r) => setTimeout(r, ms));
 
 /** A WebSocket class whose instances the test drives. */
 function fakeWebSocket() {
@@ -71,7 +59,7 @@ function fakeWebSocket() {
 
 /** A long-poll server the test answers poll by poll. */
 function fakePollServer() {
-  /** @type {Array<{url: string, body: any, aborted: boolean, answer: (frames: any[]) => void, fail: (status: number, body?: any) => void}>} */
+  /** @type {Array<{url: string, body: any, init: any, aborted: boolean, answer: (frames: any[], extra?: object) => void, fail: (status: number, body?: any) => void}>} */
   const polls = [];
   /** @type {typeof fetch} */
   const fetch = (url, init) =>
@@ -79,9 +67,10 @@ function fakePollServer() {
       const p = {
         url: String(url),
         body: JSON.parse(String(init?.body)),
+        init,
         aborted: false,
-        answer: (/** @type {any[]} */ frames) =>
-          resolve(new Response(JSON.stringify({ frames }), { status: 200, headers: { 'content-type': 'application/json' } })),
+        answer: (/** @type {any[]} */ frames, extra = {}) =>
+          resolve(new Response(JSON.stringify({ frames, ...extra }), { status: 200, headers: { 'content-type': 'application/json' } })),
         fail: (/** @type {number} */ status, /** @type {any} */ body = { error: 'internal', message: 'boom' }) =>
           resolve(new Response(JSON.stringify(body), { status })),
       };
@@ -94,24 +83,31 @@ function fakePollServer() {
   return { fetch, polls, last: () => polls[polls.length - 1] };
 }
 
-const noFetch = /** @type {typeof fetch} */ (() => Promise.reject(new Error('no HTTP in this test')));
-
-/** Record every event of a client. @param {LivepushClient} c */
-function record(c) {
-  /** @type {Array<[string, any]>} */
-  const events = [];
-  for (const name of /** @type {const} */ ([
-    'connected', 'disconnected', 'joined', 'message', 'transient', 'online', 'lost', 'left', 'inbox', 'error', 'state',
-  ])) {
-    c.on(name, (p) => events.push([name, p]));
+/** An EventSource class whose instances the test drives. */
+function fakeEventSource() {
+  /** @type {any[]} */
+  const sources = [];
+  class FakeEventSource {
+    /** @param {string} url */
+    constructor(url) {
+      this.url = url;
+      this.closed = false;
+      /** @type {any} */ this.onmessage = null;
+      /** @type {any} */ this.onerror = null;
+      sources.push(this);
+    }
+    close() {
+      this.closed = true;
+    }
+    /** @param {...object} frames */
+    emit(...frames) {
+      this.onmessage?.({ data: frames.map((f) => JSON.stringify(f)).join('\n') });
+    }
   }
-  return {
-    events,
-    /** @param {string} name */
-    of: (name) => events.filter(([n]) => n === name).map(([, p]) => p),
-    seqs: () => events.filter(([n]) => n === 'message').map(([, p]) => p.seq),
-  };
+  return { EventSource: /** @type {any} */ (FakeEventSource), sources };
 }
+
+const noFetch = /** @type {typeof fetch} */ (() => Promise.reject(new Error('no HTTP in this test')));
 
 const connected = (transport = 'ws', terminal = 't1') => ({
   op: 'connected', terminal, transport, heartbeat_ms: 25000, inbox: { seq: 0, acked: 0 }, wake_key: '',
@@ -135,7 +131,7 @@ describe('LivepushClient over WebSocket', () => {
       const [join] = s1.sentOps('join');
       assert.deepEqual(join, { op: 'join', id: join.id, room: 'r' }, 'a fresh join has no since');
       assert.equal(c.state, 'connected');
-      assert.deepEqual(rec.of('connected'), [{ transport: 'websocket', terminal: 't1', heartbeatMs: 25000, inbox: { seq: 0, acked: 0 } }]);
+      assert.deepEqual(rec.of('connected'), [{ transport: 'websocket', terminal: 't1', heartbeatMs: 25000, inbox: { seq: 0, acked: 0, pending: null } }]);
 
       s1.deliver({ op: 'joined', id: join.id, room: 'r', epoch: 'E', seq: 5, recovered: true, online: 2 });
       assert.deepEqual(rec.of('joined'), [{ room: 'r', epoch: 'E', seq: 5, recovered: true, resumed: false, online: 2 }]);
@@ -452,28 +448,10 @@ describe('LivepushClient transports', () => {
   });
 
   test('SSE: stream URL with rooms and positions; pulls go out as one-off polls', async () => {
-    /** @type {any[]} */
-    const sources = [];
-    class FakeEventSource {
-      /** @param {string} url */
-      constructor(url) {
-        this.url = url;
-        this.closed = false;
-        /** @type {any} */ this.onmessage = null;
-        /** @type {any} */ this.onerror = null;
-        sources.push(this);
-      }
-      close() {
-        this.closed = true;
-      }
-      /** @param {...object} frames */
-      emit(...frames) {
-        this.onmessage?.({ data: frames.map((f) => JSON.stringify(f)).join('\n') });
-      }
-    }
+    const { EventSource: FakeEventSource, sources } = fakeEventSource();
     const srv = fakePollServer();
     const c = new LivepushClient({
-      server: SERVER, transport: 'sse', EventSource: /** @type {any} */ (FakeEventSource), fetch: srv.fetch,
+      server: SERVER, transport: 'sse', EventSource: FakeEventSource, fetch: srv.fetch,
       rooms: [{ room: 'live:1', since: { epoch: 'E', seq: 2 } }, 'b'], backoffBaseMs: 1, random: () => 0,
     });
     const rec = record(c);
@@ -506,6 +484,248 @@ describe('LivepushClient transports', () => {
       assert.equal(new URL(es2.url).searchParams.get('terminal'), 'anon-9', 'the dev terminal continues');
     } finally {
       c.close();
+    }
+  });
+});
+
+describe('contract v1.1 in the client', () => {
+  /**
+   * A long-poll client connected as `anon-1` with room `r` at E:2, its main poll parked.
+   * @param {Partial<import('../../js/livepush.js').LivepushOptions>} [options]
+   */
+  async function longPolling(options = {}) {
+    const srv = fakePollServer();
+    const c = new LivepushClient({ server: SERVER, WebSocket: null, fetch: srv.fetch, rooms: ['r'], backoffBaseMs: 1, random: () => 0, ...options });
+    const rec = record(c);
+    const hello = await waitFor(() => srv.polls[0], 2000, 'the hello poll');
+    hello.answer([connected('longpoll', 'anon-1'), { op: 'joined', room: 'r', epoch: 'E', seq: 2, recovered: true, online: 1 }]);
+    const main = await waitFor(() => srv.polls[1], 2000, 'the parked poll');
+    return { srv, c, rec, main };
+  }
+
+  /** A WebSocket client connected, with `r` joined at `epoch`:`seq`. */
+  async function webSocket(epoch = 'E', seq = 0) {
+    const ws = fakeWebSocket();
+    const c = new LivepushClient({ server: SERVER, WebSocket: ws.WebSocket, fetch: noFetch, rooms: ['r'] });
+    const rec = record(c);
+    const s = await waitFor(() => ws.last());
+    s.open();
+    s.deliver(connected());
+    const [join] = s.sentOps('join');
+    s.deliver({ op: 'joined', id: join.id, room: 'r', epoch, seq, recovered: true, online: 1 });
+    return { c, rec, s };
+  }
+
+  test('decision 6: pending comes with connected and with every long-poll answer inbox block', async () => {
+    const ws = fakeWebSocket();
+    const w = new LivepushClient({ server: SERVER, WebSocket: ws.WebSocket, fetch: noFetch });
+    const wrec = record(w);
+    try {
+      assert.equal(w.inbox, null);
+      const s = await waitFor(() => ws.last());
+      s.open();
+      s.deliver({ ...connected(), inbox: { seq: 3, acked: 1, pending: 2 } });
+      assert.deepEqual(wrec.of('connected')[0].inbox, { seq: 3, acked: 1, pending: 2 });
+      assert.deepEqual(wrec.of('pending'), [{ seq: 3, acked: 1, pending: 2 }]);
+      assert.deepEqual(w.inbox, { seq: 3, acked: 1, pending: 2 });
+    } finally {
+      w.close();
+    }
+
+    const { srv, c, rec, main } = await longPolling();
+    try {
+      assert.deepEqual(rec.of('pending'), [{ seq: 0, acked: 0, pending: null }], 'a v1.0 connected: pending unknown');
+      c.ack(5);
+      const side = await waitFor(() => srv.polls.find((p) => p.body.ops?.[0]?.op === 'ack'), 2000, 'the ack');
+      side.answer([], { inbox: { seq: 5, acked: 5, pending: 0 } });
+      await waitFor(() => rec.of('pending').length === 2, 2000, 'the pending event');
+      assert.deepEqual(rec.of('pending')[1], { seq: 5, acked: 5, pending: 0 });
+      assert.deepEqual(c.inbox, { seq: 5, acked: 5, pending: 0 });
+      // The same state again (the main poll's answer) is not an event; garbage is ignored.
+      main.answer([], { inbox: { seq: 5, acked: 5, pending: 0 } });
+      const next = await waitFor(() => srv.polls.find((p) => p !== main && p.body.wait_ms === 25000 && !p.body.hello), 2000);
+      next.answer([], { inbox: { seq: 'x', pending: -1 } });
+      await waitFor(() => srv.polls.length >= 5, 2000, 'another poll');
+      assert.equal(rec.of('pending').length, 2);
+    } finally {
+      c.close();
+    }
+  });
+
+  test('decision 7: pulled{recovered:false} below the position moves it back there, reports the loss, pulls no more', async () => {
+    const { c, rec, s } = await webSocket('E', 10);
+    try {
+      s.deliver(msg(12));
+      const [pull] = s.sentOps('pull');
+      assert.equal(pull.since, 10);
+      s.deliver({ op: 'prompt', room: 'r', seq: 13 });
+      s.deliver({ op: 'pulled', id: pull.id, room: 'r', epoch: 'E', seq: 4, recovered: false, messages: [] });
+      assert.deepEqual(c.position('r'), { epoch: 'E', seq: 4 });
+      assert.deepEqual(rec.of('lost'), [{ room: 'r', first: 5, last: 13 }]);
+      assert.equal(s.sentOps('pull').length, 1, 'no pull again');
+      s.deliver(msg(5), msg(6));
+      assert.deepEqual(rec.seqs(), [5, 6]);
+      assert.equal(s.sentOps('pull').length, 1);
+      assert.equal(s.sentOps('join').length, 1, 'no rejoin');
+    } finally {
+      c.close();
+    }
+  });
+
+  test('decision 8 over WebSocket: a pushed joined adopts the new epoch and seq, no rejoin, no pull storm', async () => {
+    const { c, rec, s } = await webSocket('E1', 3);
+    try {
+      s.deliver(msg(4), msg(6));
+      const [pull] = s.sentOps('pull');
+      s.deliver({ op: 'joined', room: 'r', epoch: 'E2', seq: 7, recovered: false, online: 2 });
+      assert.deepEqual(rec.of('joined')[1], { room: 'r', epoch: 'E2', seq: 7, recovered: false, resumed: true, online: 2 });
+      assert.deepEqual(c.position('r'), { epoch: 'E2', seq: 7 });
+      // The old pull's answer comes from the history that is gone: ignored.
+      s.deliver({ op: 'pulled', id: pull.id, room: 'r', epoch: 'E1', seq: 9, recovered: true, messages: [msg(5), msg(6)] });
+      s.deliver(msg(8), msg(9));
+      const got = rec.of('message').map((m) => `${m.epoch}:${m.seq}`);
+      assert.deepEqual(got, ['E1:4', 'E2:8', 'E2:9']);
+      assert.equal(s.sentOps('join').length, 1, 'no rejoin');
+      assert.equal(s.sentOps('pull').length, 1, 'no pull');
+      assert.deepEqual(rec.of('lost'), []);
+      // A joined without id while our own join is in flight is left to that join's answer.
+      c.join('s');
+      const [, joinS] = s.sentOps('join');
+      s.deliver({ op: 'joined', room: 's', epoch: 'X', seq: 50, recovered: false, online: 1 });
+      s.deliver({ op: 'joined', id: joinS.id, room: 's', epoch: 'F', seq: 1, recovered: true, online: 1 });
+      assert.deepEqual(c.position('s'), { epoch: 'F', seq: 1 });
+    } finally {
+      c.close();
+    }
+  });
+
+  test('decision 8 over SSE: a second joined on the stream is an epoch change', async () => {
+    const { EventSource, sources } = fakeEventSource();
+    const c = new LivepushClient({ server: SERVER, transport: 'sse', EventSource, fetch: noFetch, rooms: ['r'] });
+    const rec = record(c);
+    try {
+      const es = await waitFor(() => sources[0]);
+      es.emit(connected('sse'), { op: 'joined', room: 'r', epoch: 'E1', seq: 0, recovered: true, online: 1 });
+      es.emit(msg(1));
+      es.emit({ op: 'joined', room: 'r', epoch: 'E2', seq: 5, recovered: false, online: 1 });
+      assert.deepEqual(c.position('r'), { epoch: 'E2', seq: 5 }, 'adopted at once');
+      es.emit(msg(6));
+      assert.deepEqual(rec.of('message').map((m) => `${m.epoch}:${m.seq}`), ['E1:1', 'E2:6']);
+      assert.deepEqual(rec.of('joined').map((j) => j.recovered), [true, false]);
+      assert.deepEqual(rec.of('lost'), [], 'the new history starts at its seq: nothing of it is lost');
+      assert.equal(sources.length, 1, 'the stream goes on');
+      assert.deepEqual(c.position('r'), { epoch: 'E2', seq: 6 });
+    } finally {
+      c.close();
+    }
+  });
+
+  test('decision 8 over long-polling: a joined of another epoch ends at the new epoch, quietly after', async () => {
+    const { srv, c, rec, main } = await longPolling();
+    try {
+      assert.deepEqual(main.body.rooms, { r: { epoch: 'E', seq: 2 } });
+      main.answer([{ op: 'joined', room: 'r', epoch: 'E2', seq: 0, recovered: false, online: 1 }]);
+      const p3 = await waitFor(() => srv.polls[2]);
+      assert.deepEqual(p3.body.rooms, { r: { epoch: 'E2', seq: 0 } });
+      p3.answer([msg(1)]);
+      const p4 = await waitFor(() => srv.polls[3]);
+      assert.deepEqual(p4.body.rooms, { r: { epoch: 'E2', seq: 1 } });
+      assert.deepEqual(rec.of('joined').map((j) => [j.epoch, j.recovered]), [['E', true], ['E2', false]]);
+      assert.deepEqual(rec.of('message').map((m) => `${m.epoch}:${m.seq}`), ['E2:1']);
+      assert.deepEqual(rec.of('lost'), []);
+      assert.equal(srv.polls.filter((p) => p.body.ops).length, 0, 'no pull');
+    } finally {
+      c.close();
+    }
+  });
+
+  test('decision 5: close() on long-polling gives up the parked poll, then says bye once, with the unsent ack', async () => {
+    const { srv, c, main } = await longPolling();
+    c.ack(7); // queued for a short poll that close() overtakes
+    const closed = c.close();
+    assert.equal(c.state, 'closed');
+    const bye = await waitFor(() => srv.polls.find((p) => p.body.bye), 1000, 'the bye poll');
+    assert.equal(main.aborted, true, 'the parked poll was given up first');
+    assert.deepEqual(bye.body, { terminal: 'anon-1', bye: true, rooms: { r: { epoch: 'E', seq: 2 } }, wait_ms: 0, ops: [{ op: 'ack', inbox: 7 }] });
+    assert.equal(bye.url, 'http://push.test/v1/poll');
+    assert.equal(bye.init.keepalive, true);
+    bye.answer([{ op: 'left', room: 'r' }], { ops: [{ op: 'left', room: 'r' }] });
+    await closed;
+    await sleep(20);
+    assert.equal(srv.polls.filter((p) => p.body.bye).length, 1);
+    assert.equal(srv.polls.filter((p) => p.body.ops?.some((/** @type {any} */ o) => o.op === 'ack') && !p.body.bye).length, 0);
+    await c.close(); // again: nothing more
+    assert.equal(srv.polls.filter((p) => p.body.bye).length, 1);
+  });
+
+  test('decision 5: the bye is bounded in time; a WebSocket-only client sends none', async () => {
+    const { srv, c } = await longPolling({ byeTimeoutMs: 30 });
+    await c.close(); // the fake server never answers the bye
+    const bye = srv.polls.find((p) => p.body.bye);
+    assert.ok(bye && bye.aborted, 'given up after byeTimeoutMs');
+
+    const { c: w } = await webSocket();
+    await w.close(); // noFetch would reject: nothing was fetched, nothing thrown
+  });
+
+  test('decision 5: on pagehide a long-polling client says bye with a beacon, and pageshow connects again', async () => {
+    const target = new EventTarget();
+    /** @type {Array<[string, string]>} */
+    const beacons = [];
+    let beaconWorks = true;
+    const saved = Object.getOwnPropertyDescriptor(globalThis, 'navigator');
+    Object.assign(globalThis, {
+      addEventListener: target.addEventListener.bind(target),
+      removeEventListener: target.removeEventListener.bind(target),
+    });
+    Object.defineProperty(globalThis, 'navigator', {
+      configurable: true,
+      value: { sendBeacon: (/** @type {string} */ url, /** @type {string} */ body) => (beacons.push([url, body]), beaconWorks) },
+    });
+    try {
+      const { srv, c, rec, main } = await longPolling();
+      try {
+        target.dispatchEvent(new Event('pagehide'));
+        assert.equal(main.aborted, true);
+        assert.equal(beacons.length, 1);
+        assert.equal(beacons[0][0], 'http://push.test/v1/poll');
+        assert.deepEqual(JSON.parse(beacons[0][1]), { terminal: 'anon-1', bye: true, rooms: { r: { epoch: 'E', seq: 2 } }, wait_ms: 0 });
+        assert.equal(c.state, 'reconnecting');
+        await sleep(20);
+        assert.equal(srv.polls.length, 2, 'no poll while the page is hidden');
+        target.dispatchEvent(new Event('pageshow'));
+        const again = await waitFor(() => srv.polls[2], 1000, 'a new hello poll');
+        assert.deepEqual(again.body, { terminal: 'anon-1', hello: true, rooms: { r: { epoch: 'E', seq: 2 } }, wait_ms: 25000 });
+        again.answer([connected('longpoll', 'anon-1')]);
+        await waitFor(() => rec.of('connected').length === 2);
+        // A browser whose beacon is refused: a keepalive fetch instead.
+        beaconWorks = false;
+        target.dispatchEvent(new Event('pagehide'));
+        const bye = await waitFor(() => srv.polls.find((p) => p.body.bye), 1000, 'the bye fetch');
+        assert.equal(bye.init.keepalive, true);
+        assert.equal(beacons.length, 2);
+        // close() from the app's own pagehide listener: its goodbye goes at once, as a beacon.
+        beaconWorks = true;
+        target.dispatchEvent(new Event('pageshow'));
+        (await waitFor(() => srv.polls.find((p, i) => p.body.hello && i > srv.polls.indexOf(again)), 1000, 'hello')).answer([connected('longpoll', 'anon-1')]);
+        await waitFor(() => rec.of('connected').length === 3);
+        const closing = c.close();
+        target.dispatchEvent(new Event('pagehide'));
+        await closing;
+        assert.equal(beacons.length, 3);
+        assert.equal(JSON.parse(beacons[2][1]).bye, true);
+        assert.equal(srv.polls.filter((p) => p.body.bye).length, 1, 'no fetch for this goodbye');
+      } finally {
+        c.close();
+      }
+    } finally {
+      // @ts-ignore
+      delete globalThis.addEventListener;
+      // @ts-ignore
+      delete globalThis.removeEventListener;
+      if (saved) Object.defineProperty(globalThis, 'navigator', saved);
+      // @ts-ignore
+      else delete globalThis.navigator;
     }
   });
 });

@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 
 import { launch, listedSeqs, openDemo, sleep, waitForCount, waitForJoined } from '../lib/browser.js';
+import { waitFor } from '../lib/events.js';
 import { startProxy } from '../lib/proxy.js';
 import { mintToken, startServer } from '../lib/server.js';
 
@@ -132,9 +133,11 @@ describe('demo live room', { concurrency: false }, () => {
   });
 
   for (const variant of [
-    { name: 'WebSocket', transport: 'websocket', query: '', noWebSocket: false },
-    { name: 'long-polling', transport: 'long-polling', query: '', noWebSocket: true },
-    { name: 'SSE', transport: 'sse', query: '&transport=sse', noWebSocket: false },
+    { name: 'WebSocket', transport: 'websocket', query: '', noWebSocket: false, before: 3 },
+    { name: 'long-polling', transport: 'long-polling', query: '', noWebSocket: true, before: 3 },
+    { name: 'SSE', transport: 'sse', query: '&transport=sse', noWebSocket: false, before: 3 },
+    // Contract v1.1, decision 3: the stream resumes from its `joined` (no message seen yet).
+    { name: 'SSE, cut before its first message,', transport: 'sse', query: '&transport=sse', noWebSocket: false, before: 0 },
   ]) {
     test(`(c) ${variant.name}: after the connection is killed, messages published meanwhile appear once, in order`, {
       timeout: 90_000,
@@ -152,15 +155,15 @@ describe('demo live room', { concurrency: false }, () => {
         track(consoleLines);
         cleanup(() => context.close());
         await waitForJoined(page, room, variant.transport);
-        await publishGifts(server, room, 1, 3);
-        await waitForCount(page, 3);
+        await publishGifts(server, room, 1, variant.before);
+        await waitForCount(page, variant.before);
 
         // Kill every connection of the page (TCP reset) and refuse new ones for a while.
         proxy.cut();
         await page.waitForFunction(() => /** @type {any} */ (window).livepush.state !== 'connected', null, {
           timeout: 10_000,
         });
-        await publishGifts(server, room, 4, 12);
+        await publishGifts(server, room, variant.before + 1, 12);
         await server.publish(room, 'chat', { from: 'host', text: 'said while you were away' });
         await sleep(600); // a few refused reconnect attempts
         proxy.restore();
@@ -250,6 +253,72 @@ describe('demo live room', { concurrency: false }, () => {
         assert.deepEqual(pageErrors(consoleLines), []);
       },
     );
+  });
+
+  test('(f) a resume that lost messages lists the loss and offers a reload', { timeout: 60_000 }, async () => {
+    await scenario({ args: ['--history-size', '3'] }, async ({ server, track, cleanup }) => {
+      const proxy = await startProxy(server.url);
+      cleanup(() => proxy.close());
+      const room = 'live:f';
+      const { page, consoleLines, context } = await openDemo(browser, `${proxy.url}/?room=${room}&backoff_ms=100`);
+      track(consoleLines);
+      cleanup(() => context.close());
+      await waitForJoined(page, room, 'websocket');
+      await publishGifts(server, room, 1, 2);
+      await waitForCount(page, 2);
+      assert.equal(await page.isHidden('[data-testid="reload-hint"]'), true);
+
+      proxy.cut();
+      await page.waitForFunction(() => /** @type {any} */ (window).livepush.state !== 'connected', null, { timeout: 10_000 });
+      await publishGifts(server, room, 3, 10); // the history keeps 8..10 only
+      proxy.restore();
+      await page.waitForSelector('[data-testid="reload-hint"]:not([hidden])', { timeout: 15_000 });
+      await waitForCount(page, 5);
+      assert.deepEqual(await listedSeqs(page), [1, 2, 8, 9, 10]);
+      const lost = await page.$$eval('[data-testid="lost-item"]', (els) =>
+        els.map((e) => [Number(/** @type {HTMLElement} */ (e).dataset.first), Number(/** @type {HTMLElement} */ (e).dataset.last)]),
+      );
+      assert.deepEqual(lost, [[3, 7]]);
+      assert.match((await page.textContent('[data-testid="reload-hint"]')) ?? '', /could not be recovered/);
+      await Promise.all([page.waitForEvent('load'), page.click('[data-testid="reload"]')]);
+      await waitForJoined(page, room, 'websocket');
+      assert.equal(await page.isHidden('[data-testid="reload-hint"]'), true);
+      assert.deepEqual(pageErrors(consoleLines), []);
+    });
+  });
+
+  test('(g) long-polling: close() ends the presence at once; leaving the page sends the bye as a beacon', {
+    timeout: 60_000,
+  }, async () => {
+    await scenario({ args: ['--poll-grace', '10m'] }, async ({ server, track, cleanup }) => {
+      const proxy = await startProxy(server.url);
+      cleanup(() => proxy.close());
+      const room = 'live:g';
+      const open = async () => {
+        const demo = await openDemo(browser, `${proxy.url}/?room=${room}`, { noWebSocket: true });
+        track(demo.consoleLines);
+        cleanup(() => demo.context.close());
+        await waitForJoined(demo.page, room, 'long-polling');
+        const terminal = await demo.page.evaluate(() => /** @type {any} */ (window).livepush.terminal);
+        assert.equal((await server.terminal(terminal)).online, true);
+        return { ...demo, terminal };
+      };
+
+      const a = await open();
+      assert.equal((await server.room(room)).online, 1);
+      await a.page.evaluate(() => /** @type {any} */ (window).livepush.close());
+      assert.equal((await server.terminal(a.terminal)).online, false, 'offline as soon as close() settled');
+      assert.equal((await server.room(room)).online, 0, 'no longer counted in the room');
+      assert.deepEqual(pageErrors(a.consoleLines), []);
+
+      // Leaving the page: pagehide gives up the parked poll and sends the bye as a beacon. Not
+      // checked: the terminal offline at once. The server may see the poll's connection end
+      // after the beacon, and then starts the grace period again (a server issue).
+      const b = await open();
+      await b.page.goto('about:blank');
+      await waitFor(() => proxy.sent().includes(`{"terminal":"${b.terminal}","bye":true,`), 10_000, 'the bye beacon');
+      assert.deepEqual(pageErrors(b.consoleLines), []);
+    });
   });
 
   test('room picker and control messages (quiz, mute, unmute)', { timeout: 60_000 }, async () => {

@@ -69,45 +69,84 @@ describe('server: long-poll exchange', () => {
   });
 });
 
+/**
+ * Open an SSE stream and read its events until `done(events)` holds or 5 s pass.
+ * @param {string} url
+ * @param {(events: string[]) => boolean} done
+ * @param {Record<string, string>} [headers]
+ * @returns {Promise<{status: number, contentType: string, events: string[]}>}  Each event as
+ *   its raw text (its `data:` and `id:` lines).
+ */
+async function readSse(url, done, headers = {}) {
+  const ctrl = new AbortController();
+  const res = await fetch(url, { signal: ctrl.signal, headers });
+  const reader = /** @type {ReadableStreamDefaultReader<Uint8Array>} */ (res.body?.getReader());
+  const dec = new TextDecoder();
+  const timer = setTimeout(() => ctrl.abort(), 5000);
+  let text = '';
+  const events = () => text.split('\n\n').slice(0, -1).filter(Boolean);
+  try {
+    while (!done(events())) {
+      const { value, done: ended } = await reader.read();
+      if (ended) break;
+      text += dec.decode(value, { stream: true });
+    }
+  } catch {
+    // aborted: the caller's assertions say what was missing
+  }
+  clearTimeout(timer);
+  ctrl.abort();
+  return { status: res.status, contentType: res.headers.get('content-type') ?? '', events: events() };
+}
+
+/** The frames of some SSE events, in order. @param {string[]} events @returns {any[]} */
+const framesOf = (events) =>
+  events.flatMap((ev) => ev.split('\n').filter((l) => l.startsWith('data:')).map((l) => JSON.parse(l.slice(5))));
+
+/** The `id:` of an SSE event. @param {string|undefined} event */
+const idOf = (event) => event?.split('\n').find((l) => l.startsWith('id:'))?.slice(3).trim();
+
 describe('server: SSE', () => {
   test('reliable events carry the positions of every room as id; since resumes', async () => {
     await withServer(async (url, server) => {
       await server.publish('live:s1', 'gift', { n: 1 });
       const e1 = (await server.room('live:s1')).epoch;
       await server.publish('live:s1', 'gift', { n: 2 });
-      const ctrl = new AbortController();
-      const res = await fetch(`${url}/v1/sse?rooms=live:s1,live:s2&since=live:s1:${e1}:1`, { signal: ctrl.signal });
-      assert.equal(res.status, 200);
-      assert.match(res.headers.get('content-type') ?? '', /text\/event-stream/);
-      const reader = /** @type {ReadableStreamDefaultReader<Uint8Array>} */ (res.body?.getReader());
-      const dec = new TextDecoder();
-      const timer = setTimeout(() => ctrl.abort(), 5000);
-      let text = '';
-      const complete = () => text.split('\n\n').slice(0, -1).some((ev) => ev.includes('"seq":2') && ev.includes('\nid:'));
-      try {
-        while (!complete()) {
-          const { value, done } = await reader.read();
-          if (done) break;
-          text += dec.decode(value, { stream: true });
-        }
-      } catch {
-        // aborted: the assertions below say what was missing
-      }
-      clearTimeout(timer);
-      ctrl.abort();
-      const events = text.split('\n\n').filter(Boolean);
-      const frames = events.flatMap((ev) =>
-        ev.split('\n').filter((l) => l.startsWith('data:')).map((l) => JSON.parse(l.slice(5))),
+      const { status, contentType, events } = await readSse(
+        `${url}/v1/sse?rooms=live:s1,live:s2&since=live:s1:${e1}:1`,
+        (evs) => evs.some((ev) => ev.includes('"seq":2') && ev.includes('\nid:')),
       );
+      assert.equal(status, 200);
+      assert.match(contentType, /text\/event-stream/);
+      const frames = framesOf(events);
       assert.equal(frames[0].op, 'connected');
       assert.equal(frames[0].transport, 'sse');
       const msgs = frames.filter((f) => f.op === 'msg');
       assert.deepEqual(msgs.map((f) => f.seq), [2], 'resumed after seq 1');
-      const withMsg = events.find((ev) => ev.includes('"seq":2'));
-      const id = withMsg?.split('\n').find((l) => l.startsWith('id:'))?.slice(3).trim();
+      const id = idOf(events.find((ev) => ev.includes('"seq":2')));
       assert.ok(id, 'the reliable event has an id');
       const e2 = (await server.room('live:s2')).epoch;
       assert.deepEqual(id.split(',').sort(), [`live:s1:${e1}:2`, `live:s2:${e2}:0`].sort());
+    });
+  });
+
+  test('v1.1 decision 3: the joined event has an id, so a stream cut before its first message resumes', async () => {
+    await withServer(async (url, server) => {
+      const room = 'live:s3';
+      const first = await readSse(`${url}/v1/sse?rooms=${room}`, (evs) => evs.some((ev) => ev.includes('"op":"joined"')));
+      const id = idOf(first.events.find((ev) => ev.includes('"op":"joined"')));
+      assert.equal(id, `${room}:${(await server.room(room)).epoch}:0`);
+      await server.publish(room, 'gift', { n: 1 });
+      await server.publish(room, 'gift', { n: 2 });
+      // What a browser's EventSource does on its own when the stream breaks.
+      const again = await readSse(
+        `${url}/v1/sse?rooms=${room}`,
+        (evs) => framesOf(evs).filter((f) => f.op === 'msg').length >= 2,
+        { 'last-event-id': String(id) },
+      );
+      const frames = framesOf(again.events);
+      assert.equal(frames.find((f) => f.op === 'joined')?.recovered, true);
+      assert.deepEqual(frames.filter((f) => f.op === 'msg').map((f) => f.seq), [1, 2]);
     });
   });
 });

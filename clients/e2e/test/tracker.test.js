@@ -223,6 +223,84 @@ describe('RoomTracker', () => {
     assert.deepEqual(t.resumeFrom(), pos('e', 3));
   });
 
+  test('v1.1 decision 4: same-epoch recovered:false ends past what is gone, and asks no more', () => {
+    // A replay: its first message is the base, the rest follows; nothing is pulled.
+    let t = new RoomTracker(ROOM, pos('e', 2), 16);
+    t.onJoined('e', 20, false);
+    let e = range(16, 20).flatMap((s) => t.onMessage(msg(s)));
+    assert.deepEqual(e[0], { kind: 'lost', first: 3, last: 15 });
+    assert.deepEqual(delivered(e), range(16, 20));
+    assert.deepEqual(pulls(e), []);
+    assert.deepEqual(t.onReplayComplete(20), []);
+    assert.deepEqual(t.resumeFrom(), pos('e', 20));
+    // No replay at all (long-poll sees the answer end): the position moves to joined.seq.
+    t = new RoomTracker(ROOM, pos('e', 2), 16);
+    t.onAttached();
+    t.onJoined('e', 20, false);
+    assert.deepEqual(t.onReplayComplete(20), [{ kind: 'lost', first: 3, last: 20 }]);
+    assert.deepEqual(t.resumeFrom(), pos('e', 20));
+    // The next poll resumes from there, quietly: live at once, nothing more to skip.
+    t.onAttached();
+    assert.deepEqual(t.onReplayComplete(20), []);
+    assert.deepEqual(delivered(t.onMessage(msg(21))), [21]);
+  });
+
+  test('v1.1 decision 7: a pull from beyond the latest seq moves the position back to it, once', () => {
+    const t = new RoomTracker(ROOM, null, 16);
+    t.onJoined('e', 10, true);
+    assert.deepEqual(pulls(t.onMessage(msg(12))), [10], 'a gap: pull after 10');
+    assert.deepEqual(t.onPrompt(13), [], 'the pull is in flight');
+    const e = t.onPulled('e', 4, false, []);
+    assert.deepEqual(e, [{ kind: 'rewind', seq: 4, first: 5, last: 13 }], 'what the server no longer has, up to the prompt');
+    assert.deepEqual(t.resumeFrom(), pos('e', 4));
+    assert.equal(t.pullInFlight, false);
+    assert.equal(t.buffered, 0, 'held messages of the lost stretch are dropped');
+    assert.deepEqual(t.onPulled('e', 4, false, []), [], 'a repeated answer changes nothing');
+    assert.deepEqual(delivered(t.onMessage(msg(5))), [5], 'live again from the server latest seq');
+    assert.deepEqual(pulls(t.onMessage(msg(6))), []);
+    // A stale answer (latest below our position only because live messages overtook it) is
+    // not a rewind: its latest is not below what the pull asked from.
+    const u = new RoomTracker(ROOM, null, 16);
+    u.onJoined('e', 5, true);
+    assert.deepEqual(pulls(u.onMessage(msg(7))), [5]);
+    assert.deepEqual(delivered(u.onMessage(msg(6))), [6, 7]);
+    assert.deepEqual(delivered(u.onMessage(msg(8))), [8]);
+    assert.deepEqual(u.onPulled('e', 7, false, [msg(7)]), []);
+    assert.deepEqual(u.resumeFrom(), pos('e', 8));
+  });
+
+  test('v1.1 decision 8: an epoch change adopts the new position, without replay or pull', () => {
+    const t = new RoomTracker(ROOM, null, 16);
+    t.onJoined('old', 3, true);
+    assert.deepEqual(pulls(t.onMessage(msg(5))), [3]);
+    assert.deepEqual(t.onEpochChange('new', 7), [], 'nothing lost, nothing pulled');
+    assert.deepEqual(t.resumeFrom(), pos('new', 7));
+    assert.equal(t.live, true);
+    assert.equal(t.buffered, 0, 'messages held for the old history are dropped');
+    assert.equal(t.pullInFlight, false);
+    assert.deepEqual(t.onPulled('old', 9, true, [msg(4), msg(5)]), [], 'the old pull answer is ignored');
+    const e = [8, 9].flatMap((s) => t.onMessage(msg(s)));
+    assert.deepEqual(e.map((x) => x.kind), ['deliver', 'deliver']);
+    assert.deepEqual(e.map((x) => x.kind === 'deliver' && x.message.epoch), ['new', 'new']);
+    assert.deepEqual(t.onMessage(msg(7)), [], 'at or below the adopted seq: nothing');
+    // Within one epoch a push forward skips (reported), a push backward follows the server.
+    assert.deepEqual(t.onEpochChange('new', 12), [{ kind: 'lost', first: 10, last: 12 }]);
+    assert.deepEqual(t.onEpochChange('new', 2), []);
+    assert.deepEqual(t.resumeFrom(), pos('new', 2));
+    assert.deepEqual(t.onEpochChange('bad epoch', -1), [], 'garbage is ignored');
+    assert.deepEqual(t.resumeFrom(), pos('new', 2));
+  });
+
+  test('a pull answer from the history a joined left is ignored, not a rejoin', () => {
+    const t = new RoomTracker(ROOM, pos('old', 0), 16);
+    t.onJoined('old', 0, true);
+    assert.deepEqual(pulls(t.onMessage(msg(2))), [0]);
+    t.onJoined('new', 0, false);
+    assert.deepEqual(t.onPulled('old', 2, true, [msg(1), msg(2)]), []);
+    assert.deepEqual(delivered(t.onMessage(msg(1))), [1]);
+    assert.deepEqual(t.onPulled('other', 2, true, []), [{ kind: 'rejoin' }], 'an unknown history still rejoins');
+  });
+
   // The property test of the Rust SDK, with a seeded generator: the server's history is
   // 1..n of one epoch and complete, so every seq must be delivered exactly once, in order,
   // whatever mix of live messages, duplicates, prompts, partial pull answers and reconnects.
@@ -295,7 +373,7 @@ describe('RoomTracker', () => {
         const flag = rng() < 0.5;
         /** @type {any[]} */
         let effects = [];
-        switch (int(0, 3)) {
+        switch (int(0, 4)) {
           case 0:
             t.onJoined(epoch, seq, flag);
             last = null;
@@ -306,14 +384,20 @@ describe('RoomTracker', () => {
           case 2:
             effects = t.onPrompt(seq);
             break;
-          default:
+          case 3:
             effects = t.onPulled(epoch, seq, flag, range(Math.max(0, seq - 3), seq + 2).map(msg));
+            break;
+          case 4:
+            effects = t.onEpochChange(epoch, seq);
+            last = null;
         }
         for (const e of effects) {
           if (e.kind === 'deliver') {
             if (last !== null) assert.ok(e.message.seq > last);
             last = e.message.seq;
           } else if (e.kind === 'rejoin') last = null;
+          // The server lost what we had: it may hand out those seqs again.
+          else if (e.kind === 'rewind') last = e.seq;
         }
         assert.ok(t.buffered <= 8);
       }

@@ -1,0 +1,162 @@
+// The client (clients/js/livepush.js, run in node) long-polling the real server: the parts of
+// contract v1.1 that only show against a server (decisions 4, 5 and 6). Each test starts its
+// own `livepush serve --dev`.
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+
+import { LivepushClient } from '../../js/livepush.js';
+import { record, waitFor } from '../lib/events.js';
+import { mintToken, startServer } from '../lib/server.js';
+
+/**
+ * Run `body` against a fresh server; on failure, show the server's log.
+ * @param {string[]} args
+ * @param {(server: Awaited<ReturnType<typeof startServer>>) => Promise<void>} body
+ */
+async function withServer(args, body) {
+  const server = await startServer({ args });
+  try {
+    await body(server);
+  } catch (e) {
+    console.error(server.logs().slice(-4000));
+    throw e;
+  } finally {
+    await server.stop();
+  }
+}
+
+/** A `fetch` that keeps every poll's body and answer. */
+function tapFetch() {
+  /** @type {Array<{body: any, answer: any}>} */
+  const polls = [];
+  /** @type {typeof fetch} */
+  const tapped = async (url, init) => {
+    const res = await fetch(url, init);
+    const text = await res.text();
+    polls.push({ body: JSON.parse(String(init?.body)), answer: JSON.parse(text) });
+    return new Response(text, { status: res.status, headers: res.headers });
+  };
+  return { fetch: tapped, polls };
+}
+
+/**
+ * A long-polling client of `room` resuming from `since`, with short parks.
+ * @param {{url: string}} server @param {string} room @param {{epoch: string, seq: number}} since
+ */
+function resume(server, room, since) {
+  const tap = tapFetch();
+  const c = new LivepushClient({
+    server: server.url, WebSocket: null, transport: 'longpoll', fetch: tap.fetch, rooms: [{ room, since }], longPollWaitMs: 400,
+  });
+  return { c, rec: record(c), tap };
+}
+
+/**
+ * After the first answer: a few more polls come and go, none with a `joined`, each from a
+ * position at or past `floor`; then a new message arrives live.
+ * @param {{publish: Function}} server @param {ReturnType<typeof resume>} client @param {string} room @param {number} floor
+ */
+async function expectQuietAfter(server, { rec, tap }, room, floor) {
+  const n = tap.polls.length;
+  await waitFor(() => tap.polls.length >= n + 3, 10_000, 'three more polls');
+  const { seq } = await server.publish(room, 'gift', { n: 'next' });
+  await waitFor(() => rec.seqs().includes(seq), 10_000, 'the next message');
+  const joined = tap.polls.flatMap((p) => p.answer.frames.filter((/** @type {any} */ f) => f.op === 'joined'));
+  assert.deepEqual(joined.map((f) => f.recovered), [false], 'recovered:false once, and no joined after it');
+  assert.equal(rec.of('joined').filter((j) => !j.recovered).length, 1);
+  for (const p of tap.polls.slice(1)) {
+    assert.ok(p.body.rooms[room].seq >= floor, `a later poll asked from ${p.body.rooms[room].seq} (< ${floor})`);
+  }
+}
+
+describe('long-polling against the server (contract v1.1)', { concurrency: false }, () => {
+  test('decision 4: far behind the history, recovered:false once, then quiet resumes', { timeout: 60_000 }, async () => {
+    await withServer(['--history-size', '5'], async (server) => {
+      const room = 'live:far';
+      for (let i = 1; i <= 20; i++) await server.publish(room, 'gift', { n: i });
+      const { epoch } = await server.room(room);
+      const client = resume(server, room, { epoch, seq: 2 });
+      try {
+        await waitFor(() => client.rec.seqs().length === 5, 10_000, 'the replay');
+        assert.deepEqual(client.rec.seqs(), [16, 17, 18, 19, 20]);
+        assert.deepEqual(client.rec.of('lost'), [{ room, first: 3, last: 15 }]);
+        await expectQuietAfter(server, client, room, 20);
+      } finally {
+        await client.c.close();
+      }
+    });
+  });
+
+  test('decision 4: nothing kept at all (expired), the position moves to joined.seq', { timeout: 60_000 }, async () => {
+    await withServer(['--history-ttl', '1s'], async (server) => {
+      const room = 'live:expired';
+      for (let i = 1; i <= 3; i++) await server.publish(room, 'gift', { n: i });
+      const { epoch } = await server.room(room);
+      await waitFor(async () => {
+        const res = await fetch(`${server.url}/v1/rooms/${room}/history?since=0`, { headers: { authorization: 'Bearer K' } });
+        return (await res.json()).messages.length === 0;
+      }, 10_000, 'the history to expire');
+      const client = resume(server, room, { epoch, seq: 1 });
+      try {
+        await waitFor(() => client.rec.of('lost').length === 1, 10_000, 'the loss');
+        assert.deepEqual(client.rec.of('lost'), [{ room, first: 2, last: 3 }]);
+        assert.deepEqual(client.c.position(room), { epoch, seq: 3 });
+        await expectQuietAfter(server, client, room, 3);
+      } finally {
+        await client.c.close();
+      }
+    });
+  });
+
+  test('decision 4: ahead of the server (it lost messages), the position moves back to joined.seq', { timeout: 60_000 }, async () => {
+    await withServer([], async (server) => {
+      const room = 'live:ahead';
+      for (let i = 1; i <= 4; i++) await server.publish(room, 'gift', { n: i });
+      const { epoch } = await server.room(room);
+      const client = resume(server, room, { epoch, seq: 9 });
+      try {
+        await waitFor(() => client.rec.of('joined').length === 1, 10_000, 'joined');
+        assert.deepEqual(client.c.position(room), { epoch, seq: 4 });
+        await expectQuietAfter(server, client, room, 4);
+        assert.deepEqual(client.rec.seqs(), [5]);
+      } finally {
+        await client.c.close();
+      }
+    });
+  });
+
+  test('decisions 5 and 6: pending drains with acks; close() acks and leaves at once despite a long poll grace', {
+    timeout: 60_000,
+  }, async () => {
+    await withServer(['--poll-grace', '10m'], async (server) => {
+      const terminal = 'box-7';
+      const room = 'live:box';
+      await server.postInbox(terminal, 'dm', { text: 'one' });
+      await server.postInbox(terminal, 'dm', { text: 'two' });
+      const c = new LivepushClient({
+        server: server.url, token: mintToken({ sub: terminal }), WebSocket: null, transport: 'longpoll', rooms: [room],
+      });
+      const rec = record(c);
+      try {
+        await waitFor(() => rec.of('inbox').length === 2 && c.position(room), 10_000, 'the inbox and the join');
+        assert.deepEqual(rec.of('connected')[0].inbox, { seq: 2, acked: 0, pending: 2 });
+        c.ack(2);
+        await waitFor(() => c.inbox?.pending === 0, 10_000, 'pending 0 after the ack');
+        assert.deepEqual(rec.of('pending').at(-1), { seq: 2, acked: 2, pending: 0 });
+
+        await server.postInbox(terminal, 'dm', { text: 'three' });
+        await waitFor(() => rec.of('inbox').length === 3, 10_000, 'the third inbox message');
+        assert.equal((await server.terminal(terminal)).online, true);
+        assert.equal((await server.room(room)).online, 1);
+        c.ack(3); // not sent yet when close() runs: the bye carries it
+        await c.close();
+        const t = await server.terminal(terminal);
+        assert.equal(t.online, false, 'offline at once, not after the 10 min grace');
+        assert.deepEqual(t.inbox, { seq: 3, acked: 3, pending: 0 });
+        assert.equal((await server.room(room)).online, 0, 'no longer counted in the room');
+      } finally {
+        await c.close();
+      }
+    });
+  });
+});
