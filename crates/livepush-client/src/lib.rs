@@ -388,9 +388,10 @@ impl Client {
     /// `since` resumes from a position persisted earlier (see [`RoomMessage::position`]);
     /// `None` starts at the live edge. Joining a room that is already registered does nothing.
     pub async fn join(&self, room: &str, since: Option<Position>) -> Result<(), ClientError> {
-        livepush_proto::validate_room(room).map_err(ClientError::InvalidRoom)?;
+        livepush_proto::validate_room(room).map_err(|e| ClientError::InvalidRoom(e.to_string()))?;
         if let Some(p) = &since {
-            livepush_proto::validate_epoch(&p.epoch).map_err(ClientError::InvalidEpoch)?;
+            livepush_proto::validate_epoch(&p.epoch)
+                .map_err(|e| ClientError::InvalidEpoch(e.to_string()))?;
         }
         let room = room.to_owned();
         self.request(|reply| Command::Join { room, since, reply })
@@ -400,7 +401,7 @@ impl Client {
     /// Stop following `room` (sends `leave` when connected). Leaving a room that is not
     /// registered does nothing.
     pub async fn leave(&self, room: &str) -> Result<(), ClientError> {
-        livepush_proto::validate_room(room).map_err(ClientError::InvalidRoom)?;
+        livepush_proto::validate_room(room).map_err(|e| ClientError::InvalidRoom(e.to_string()))?;
         let room = room.to_owned();
         self.request(|reply| Command::Leave { room, reply }).await
     }
@@ -417,8 +418,8 @@ impl Client {
         data: serde_json::Value,
     ) -> Result<(), ClientError> {
         self.can_send("send")?;
-        livepush_proto::validate_room(room).map_err(ClientError::InvalidRoom)?;
-        livepush_proto::validate_type(ty).map_err(ClientError::InvalidType)?;
+        livepush_proto::validate_room(room).map_err(|e| ClientError::InvalidRoom(e.to_string()))?;
+        livepush_proto::validate_type(ty).map_err(|e| ClientError::InvalidType(e.to_string()))?;
         let data = serde_json::value::to_raw_value(&data)
             .map_err(|e| ClientError::InvalidData(e.to_string()))?;
         let (room, ty) = (room.to_owned(), ty.to_owned());

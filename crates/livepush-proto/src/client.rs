@@ -90,7 +90,7 @@ fn need<T>(v: Option<T>, op: &str, field: &str) -> Result<T, FrameError> {
 
 fn room_field(v: Option<String>, op: &str) -> Result<String, FrameError> {
     let room = need(v, op, "room")?;
-    validate_room(&room).map_err(FrameError::bad_frame)?;
+    validate_room(&room).map_err(|e| FrameError::bad_frame(e.to_string()))?;
     Ok(room)
 }
 
@@ -149,7 +149,8 @@ impl ClientEnvelope {
                                 "`join`: `since` must be {\"epoch\":STRING,\"seq\":INTEGER}",
                             )
                         })?;
-                        validate_epoch(&pos.epoch).map_err(FrameError::bad_frame)?;
+                        validate_epoch(&pos.epoch)
+                            .map_err(|e| FrameError::bad_frame(e.to_string()))?;
                         Some(pos)
                     }
                 };
@@ -176,7 +177,7 @@ impl ClientEnvelope {
             "send" => {
                 let room = room_field(f.room, op)?;
                 let ty = f.ty.unwrap_or_else(|| "chat".to_owned());
-                validate_type(&ty).map_err(FrameError::bad_frame)?;
+                validate_type(&ty).map_err(|e| FrameError::bad_frame(e.to_string()))?;
                 let data = need(f.data, op, "data")?;
                 ClientFrame::Send { room, ty, data }
             }

@@ -1,8 +1,12 @@
-//! Error codes shared by `error` frames and, where they overlap, the HTTP API.
+//! Error codes: of `error` frames, and of the HTTP API's JSON errors (one set, so that a code
+//! means the same wherever it appears).
 
 use serde::{Deserialize, Serialize};
 
-/// The `code` of an `error` frame. The set is fixed by the contract.
+/// The `code` of an `error` frame or of an HTTP API error. The set is fixed by the contract:
+/// the frame codes, the HTTP API's codes, and `unavailable` (contract v1.1: a send refused
+/// because the backend's hook failed; livepush also answers it, with HTTP 503, when the store
+/// that nodes share cannot be reached).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -22,6 +26,14 @@ pub enum ErrorCode {
     RoomClosed,
     /// The server failed; the client may retry.
     Internal,
+    /// HTTP API: the request is malformed (400).
+    BadRequest,
+    /// HTTP API: the room was never published to or joined (404).
+    UnknownRoom,
+    /// HTTP API: no such endpoint or terminal (404).
+    NotFound,
+    /// Something the server depends on is unreachable for now; retry later (HTTP 503).
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -36,6 +48,10 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::RoomClosed => "room_closed",
             ErrorCode::Internal => "internal",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownRoom => "unknown_room",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }

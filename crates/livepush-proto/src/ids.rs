@@ -17,43 +17,47 @@ fn epoch_char(c: u8) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-')
 }
 
+/// An identifier that does not match its pattern. Its message names the pattern and quotes
+/// (the start of) what was given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidId {
+    #[error("room id must match [A-Za-z0-9_.:-]{{1,{MAX_ROOM_LEN}}}, got {0:?}")]
+    Room(String),
+    #[error("epoch must match [A-Za-z0-9_-]{{1,{MAX_EPOCH_LEN}}}, got {0:?}")]
+    Epoch(String),
+    #[error("message type must match [A-Za-z0-9_.:-]{{1,{MAX_TYPE_LEN}}}, got {0:?}")]
+    Type(String),
+}
+
 /// A room id matches `[A-Za-z0-9_.:-]{1,128}`.
-pub fn validate_room(room: &str) -> Result<(), String> {
+pub fn validate_room(room: &str) -> Result<(), InvalidId> {
     if room.is_empty() || room.len() > MAX_ROOM_LEN || !room.bytes().all(room_char) {
-        return Err(format!(
-            "room id must match [A-Za-z0-9_.:-]{{1,{MAX_ROOM_LEN}}}, got {:?}",
-            truncate(room)
-        ));
+        return Err(InvalidId::Room(truncate(room)));
     }
     Ok(())
 }
 
 /// An epoch matches `[A-Za-z0-9_-]{1,64}`.
-pub fn validate_epoch(epoch: &str) -> Result<(), String> {
+pub fn validate_epoch(epoch: &str) -> Result<(), InvalidId> {
     if epoch.is_empty() || epoch.len() > MAX_EPOCH_LEN || !epoch.bytes().all(epoch_char) {
-        return Err(format!(
-            "epoch must match [A-Za-z0-9_-]{{1,{MAX_EPOCH_LEN}}}, got {:?}",
-            truncate(epoch)
-        ));
+        return Err(InvalidId::Epoch(truncate(epoch)));
     }
     Ok(())
 }
 
 /// A message type uses the room alphabet and is at most 64 bytes long.
-pub fn validate_type(ty: &str) -> Result<(), String> {
+pub fn validate_type(ty: &str) -> Result<(), InvalidId> {
     if ty.is_empty() || ty.len() > MAX_TYPE_LEN || !ty.bytes().all(room_char) {
-        return Err(format!(
-            "message type must match [A-Za-z0-9_.:-]{{1,{MAX_TYPE_LEN}}}, got {:?}",
-            truncate(ty)
-        ));
+        return Err(InvalidId::Type(truncate(ty)));
     }
     Ok(())
 }
 
-fn truncate(s: &str) -> &str {
+/// The first 40 characters: enough to recognise, bounded in an error message.
+fn truncate(s: &str) -> String {
     match s.char_indices().nth(40) {
-        Some((i, _)) => &s[..i],
-        None => s,
+        Some((i, _)) => s[..i].to_owned(),
+        None => s.to_owned(),
     }
 }
 
@@ -112,8 +116,8 @@ impl Positions {
                 .rsplit_once(':')
                 .ok_or_else(|| err("expected ROOM:EPOCH:SEQ"))?;
             let seq: u64 = seq.parse().map_err(|_| err("seq is not a u64"))?;
-            validate_room(room).map_err(|e| err(&e))?;
-            validate_epoch(epoch).map_err(|e| err(&e))?;
+            validate_room(room).map_err(|e| err(&e.to_string()))?;
+            validate_epoch(epoch).map_err(|e| err(&e.to_string()))?;
             out.push((
                 room.to_owned(),
                 Position {

@@ -19,8 +19,8 @@ pub use client::{ClientEnvelope, ClientFrame};
 pub use codec::{join_frames, split_frames};
 pub use error::{ErrorCode, FrameError};
 pub use ids::{
-    Class, MAX_EPOCH_LEN, MAX_ROOM_LEN, MAX_TYPE_LEN, Position, Positions, PositionsError,
-    validate_epoch, validate_room, validate_type,
+    Class, InvalidId, MAX_EPOCH_LEN, MAX_ROOM_LEN, MAX_TYPE_LEN, Position, Positions,
+    PositionsError, validate_epoch, validate_room, validate_type,
 };
 pub use server::{
     InboxPosition, Message, SeqTemplate, ServerFrame, Transport, encode_frame, encode_msg,

@@ -22,12 +22,13 @@ use crate::engine::EngineError;
 use crate::error::ApiError;
 use crate::hub::PublishError;
 use crate::inbox::InboxView;
+use livepush_proto::ErrorCode;
 
 impl From<PublishError> for ApiError {
     fn from(e: PublishError) -> Self {
         match e {
-            PublishError::BadRequest(m) => ApiError::bad_request(m),
             PublishError::Engine(e) => e.into(),
+            refused => ApiError::bad_request(refused.to_string()),
         }
     }
 }
@@ -39,7 +40,7 @@ impl From<EngineError> for ApiError {
                 tracing::warn!(error = %e, "engine unavailable");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
+                    ErrorCode::Unavailable,
                     "the shared store is unreachable; retry later",
                 )
             }
@@ -62,7 +63,7 @@ impl<T: serde::de::DeserializeOwned> FromRequest<Arc<App>> for JsonBody<T> {
             .map_err(|_| {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    "too_large",
+                    ErrorCode::TooLarge,
                     format!("request body exceeds max_publish_bytes {limit}"),
                 )
             })?;
@@ -89,14 +90,14 @@ pub async fn require_api_key(
             Some(_) => {
                 return Err(ApiError::new(
                     StatusCode::UNAUTHORIZED,
-                    "unauthorized",
+                    ErrorCode::Unauthorized,
                     "wrong API key",
                 ));
             }
             None => {
                 return Err(ApiError::new(
                     StatusCode::UNAUTHORIZED,
-                    "unauthorized",
+                    ErrorCode::Unauthorized,
                     "missing `Authorization: Bearer API_KEY`",
                 ));
             }
@@ -113,7 +114,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn room_param(room: &str) -> Result<(), ApiError> {
-    validate_room(room).map_err(ApiError::bad_request)
+    validate_room(room).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
 #[derive(Debug, Deserialize)]
@@ -206,7 +207,7 @@ pub async fn reset_history(
 fn unknown_room(room: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "unknown_room",
+        ErrorCode::UnknownRoom,
         format!("room {room:?} was never published to or joined"),
     )
 }
@@ -259,7 +260,7 @@ pub async fn not_found() -> ApiError {
 pub async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "bad_request",
+        ErrorCode::BadRequest,
         "method not allowed on this endpoint",
     )
 }
@@ -353,7 +354,7 @@ pub async fn post_inbox(
             crate::auth::MAX_TERMINAL_LEN
         )));
     }
-    livepush_proto::validate_type(&body.ty).map_err(ApiError::bad_request)?;
+    livepush_proto::validate_type(&body.ty).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let posted = app.inboxes.post(&id, &body.ty, &body.data).await?;
     Ok(Json(json!({
         "seq": posted.seq,

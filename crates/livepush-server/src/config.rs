@@ -205,22 +205,18 @@ impl Config {
     }
 
     /// Refuse settings that cannot work, with a message that says which one.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.dev && !self.listen.ip().is_loopback() {
-            return Err(format!(
-                "--dev accepts terminals without a token and is only allowed on a loopback \
-                 address, not {}",
-                self.listen
-            ));
+            return Err(ConfigError::DevNotOnLoopback(self.listen));
         }
         if self.api_key.is_none() && !self.dev {
-            return Err("an API key is required outside --dev".into());
+            return Err(ConfigError::NoApiKey);
         }
         if self.api_key.as_deref() == Some(self.token_secret.as_str()) {
-            return Err("the API key and the token secret must differ".into());
+            return Err(ConfigError::KeyIsSecret);
         }
         if self.token_secret.len() < 16 {
-            return Err("the token secret must be at least 16 bytes".into());
+            return Err(ConfigError::ShortSecret);
         }
         let nonzero = [
             ("--heartbeat-ms", self.heartbeat.as_millis() as usize),
@@ -233,23 +229,54 @@ impl Config {
             ("--wake-rate", self.wake_rate_per_minute as usize),
             ("--frame-rate", self.limits.frame_rate as usize),
         ];
-        for (name, v) in nonzero {
-            if v == 0 {
-                return Err(format!("{name} must be greater than 0"));
-            }
+        if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::Zero(name));
         }
         if self.limits.outbox_max_bytes < self.limits.write_batch_bytes {
-            return Err("--outbox-max-bytes must be at least --write-batch-bytes".into());
+            return Err(ConfigError::OutboxBelowBatch);
         }
         if self.limits.merge_window > MAX_MERGE_WINDOW {
-            return Err(format!(
-                "--merge-ms must be at most {} (a merge window adds its length to every \
-                 message's latency)",
-                MAX_MERGE_WINDOW.as_millis()
-            ));
+            return Err(ConfigError::MergeTooLong);
         }
         Ok(())
     }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "--dev accepts terminals without a token and is only allowed on a loopback address, not {0}"
+    )]
+    DevNotOnLoopback(SocketAddr),
+    #[error("an API key is required outside --dev")]
+    NoApiKey,
+    #[error("the API key and the token secret must differ")]
+    KeyIsSecret,
+    #[error("the token secret must be at least 16 bytes")]
+    ShortSecret,
+    #[error("{0} must be greater than 0")]
+    Zero(&'static str),
+    #[error("--outbox-max-bytes must be at least --write-batch-bytes")]
+    OutboxBelowBatch,
+    #[error(
+        "--merge-ms must be at most {} (a merge window adds its length to every message's latency)",
+        MAX_MERGE_WINDOW.as_millis()
+    )]
+    MergeTooLong,
+}
+
+/// A `--class` setting that cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClassError {
+    #[error("expected TYPE=reliable|transient, got {0:?}")]
+    Syntax(String),
+    #[error("unknown class {0:?} (reliable|transient)")]
+    UnknownClass(String),
+    #[error(transparent)]
+    Type(#[from] livepush_proto::InvalidId),
+    #[error("type `control` is always reliable")]
+    ControlIsReliable,
 }
 
 /// Which message types are reliable and which transient.
@@ -278,24 +305,24 @@ impl ClassMap {
 
     /// Set a type's class. `control` is always reliable: a lost `close` or `mute` would leave
     /// terminals in the wrong state.
-    pub fn set(&mut self, ty: &str, class: Class) -> Result<(), String> {
+    pub fn set(&mut self, ty: &str, class: Class) -> Result<(), ClassError> {
         livepush_proto::validate_type(ty)?;
         if ty == "control" && class != Class::Reliable {
-            return Err("type `control` is always reliable".into());
+            return Err(ClassError::ControlIsReliable);
         }
         self.0.insert(ty.to_owned(), class);
         Ok(())
     }
 
     /// Parse `TYPE=reliable|transient`, the syntax of `--class`.
-    pub fn apply(&mut self, spec: &str) -> Result<(), String> {
+    pub fn apply(&mut self, spec: &str) -> Result<(), ClassError> {
         let (ty, class) = spec
             .split_once('=')
-            .ok_or_else(|| format!("expected TYPE=reliable|transient, got {spec:?}"))?;
+            .ok_or_else(|| ClassError::Syntax(spec.to_owned()))?;
         let class = match class {
             "reliable" => Class::Reliable,
             "transient" => Class::Transient,
-            other => return Err(format!("unknown class {other:?} (reliable|transient)")),
+            other => return Err(ClassError::UnknownClass(other.to_owned())),
         };
         self.set(ty, class)
     }
@@ -332,7 +359,7 @@ mod tests {
         c.dev = true;
         assert!(c.validate().is_ok());
         c.listen = "0.0.0.0:8080".parse().unwrap();
-        assert!(c.validate().unwrap_err().contains("loopback"));
+        assert!(c.validate().unwrap_err().to_string().contains("loopback"));
     }
 
     #[test]
@@ -342,6 +369,6 @@ mod tests {
         c.limits.merge_window = Duration::from_millis(20);
         assert!(c.validate().is_ok());
         c.limits.merge_window = MAX_MERGE_WINDOW + Duration::from_millis(1);
-        assert!(c.validate().unwrap_err().contains("--merge-ms"));
+        assert!(c.validate().unwrap_err().to_string().contains("--merge-ms"));
     }
 }

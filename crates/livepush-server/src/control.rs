@@ -8,6 +8,17 @@ use crate::store::RoomFlags;
 /// The type name of control messages.
 pub const CONTROL_TYPE: &str = "control";
 
+/// Why a control message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("control `data` must be an object with an `action`")]
+    NotAnObject,
+    #[error("control `data` needs an `action`")]
+    NoAction,
+    #[error("unknown control action {0:?} (close, open, mute, unmute, stream_switch)")]
+    UnknownAction(String),
+}
+
 /// What a control message does to its room when it is delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -64,24 +75,22 @@ impl Action {
 
     /// Read `data.action`. Unknown actions are refused so that a typo does not go out as a
     /// message that silently does nothing.
-    pub fn parse(data: &RawValue) -> Result<Action, String> {
+    pub fn parse(data: &RawValue) -> Result<Action, ControlError> {
         #[derive(Deserialize)]
         struct Data<'a> {
             #[serde(borrow)]
             action: Option<&'a str>,
         }
-        let d: Data<'_> = serde_json::from_str(data.get())
-            .map_err(|_| "control `data` must be an object with an `action`".to_owned())?;
+        let d: Data<'_> =
+            serde_json::from_str(data.get()).map_err(|_| ControlError::NotAnObject)?;
         match d.action {
             Some("close") => Ok(Action::Close),
             Some("open") => Ok(Action::Open),
             Some("mute") => Ok(Action::Mute),
             Some("unmute") => Ok(Action::Unmute),
             Some("stream_switch") => Ok(Action::StreamSwitch),
-            Some(other) => Err(format!(
-                "unknown control action {other:?} (close, open, mute, unmute, stream_switch)"
-            )),
-            None => Err("control `data` needs an `action`".to_owned()),
+            Some(other) => Err(ControlError::UnknownAction(other.to_owned())),
+            None => Err(ControlError::NoAction),
         }
     }
 }

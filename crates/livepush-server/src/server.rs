@@ -36,7 +36,7 @@ use crate::wake::{WakeKeys, WakeSocket};
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("invalid configuration: {0}")]
-    Config(String),
+    Config(#[from] crate::config::ConfigError),
     #[error("cannot create the WebSocket reactor's epoll set: {0}")]
     Reactor(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -211,7 +211,7 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
 ) -> Result<Running, ServerError> {
     let rooms: Arc<dyn Engine> = engine.clone();
     let inboxes: Arc<dyn InboxEngine> = engine;
-    config.validate().map_err(ServerError::Config)?;
+    config.validate()?;
     let listener = listen(config.listen, config.limits.listen_backlog).map_err(|source| {
         ServerError::Bind {
             addr: config.listen,

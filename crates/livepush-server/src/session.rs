@@ -378,7 +378,7 @@ impl Session {
     pub async fn attach(&mut self, room: &str, since: Option<&Position>) {
         let joined = match livepush_proto::validate_room(room) {
             Ok(()) => self.join(room, since, None, Announce::UnlessResumed).await,
-            Err(e) => Err(FrameError::bad_frame(e)),
+            Err(e) => Err(FrameError::bad_frame(e.to_string())),
         };
         if let Err(e) = joined {
             self.error(e.with_room(room));

@@ -232,10 +232,7 @@ impl ServeArgs {
         let mut notes = Vec::new();
         let mut classes = ClassMap::default();
         for c in &self.classes {
-            classes
-                .apply(c)
-                .map_err(anyhow::Error::msg)
-                .context("--class")?;
+            classes.apply(c).context("--class")?;
         }
         let api_key = match self.api_key {
             Some(k) => Some(k),
@@ -305,9 +302,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     store_options.batch_window = args.batch_window;
     let data_dir = args.data_dir.clone();
     let (config, notes) = args.into_config()?;
-    config
-        .validate()
-        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    config.validate().context("invalid configuration")?;
     for n in notes {
         eprintln!("{n}");
     }

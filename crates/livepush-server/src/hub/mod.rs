@@ -25,7 +25,7 @@ pub use room::{Announce, JoinError, Joined, Member, MergeWindow, Page, Room, Roo
 
 use crate::clock::now_ms;
 use crate::config::Config;
-use crate::control::{Action, CONTROL_TYPE};
+use crate::control::{Action, CONTROL_TYPE, ControlError};
 use crate::engine::{Engine, EngineError, Event, Publish, Retention};
 use crate::frame::Frame;
 use crate::metrics::Metrics;
@@ -35,8 +35,13 @@ use feed::Ask;
 /// Why a publish was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("{0}")]
-    BadRequest(String),
+    /// A room id or message type that does not match its pattern.
+    #[error(transparent)]
+    Invalid(#[from] livepush_proto::InvalidId),
+    #[error("control messages are always reliable")]
+    TransientControl,
+    #[error(transparent)]
+    Control(#[from] ControlError),
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
@@ -155,9 +160,9 @@ impl Hub {
     }
 
     /// The class a publish of `ty` gets, with an optional override.
-    pub fn class_for(&self, ty: &str, requested: Option<Class>) -> Result<Class, String> {
+    pub fn class_for(&self, ty: &str, requested: Option<Class>) -> Result<Class, PublishError> {
         if ty == CONTROL_TYPE && requested == Some(Class::Transient) {
-            return Err("control messages are always reliable".into());
+            return Err(PublishError::TransientControl);
         }
         Ok(requested.unwrap_or_else(|| self.config.classes.class_of(ty)))
     }
@@ -172,13 +177,11 @@ impl Hub {
         data: &RawValue,
         class: Option<Class>,
     ) -> Result<Published, PublishError> {
-        validate_room(room).map_err(PublishError::BadRequest)?;
-        validate_type(ty).map_err(PublishError::BadRequest)?;
-        let class = self
-            .class_for(ty, class)
-            .map_err(PublishError::BadRequest)?;
+        validate_room(room)?;
+        validate_type(ty)?;
+        let class = self.class_for(ty, class)?;
         let action = if ty == CONTROL_TYPE {
-            Some(Action::parse(data).map_err(PublishError::BadRequest)?)
+            Some(Action::parse(data)?)
         } else {
             None
         };

@@ -72,7 +72,7 @@ async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         .map_err(|_| {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
+                ErrorCode::TooLarge,
                 format!("poll body exceeds max_poll_bytes {}", limits.max_poll_bytes),
             )
         })?;
@@ -86,7 +86,7 @@ async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
     )
     .map_err(|e| match e {
         AuthError::BadTerminalId => ApiError::bad_request(e.to_string()),
-        _ => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
+        _ => ApiError::unauthorized(e.to_string()),
     })?;
     let mut poll = Poll {
         started: app.terminals.stamp(),
@@ -139,7 +139,7 @@ fn bye(app: &App, session: &mut Session, body: &PollBody) -> Response {
     let mut left = Vec::new();
     for room in rooms {
         if let Err(e) = livepush_proto::validate_room(&room) {
-            session.error(FrameError::bad_frame(e).with_room(&room));
+            session.error(FrameError::bad_frame(e.to_string()).with_room(&room));
             continue;
         }
         if let Some(r) = app.hub.open_room(&room) {

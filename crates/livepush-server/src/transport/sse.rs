@@ -13,7 +13,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::Request;
-use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream};
@@ -69,7 +68,7 @@ async fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         return Err(ApiError::bad_request("`rooms` is required: rooms=R1,R2"));
     }
     for r in &rooms {
-        validate_room(r).map_err(ApiError::bad_request)?;
+        validate_room(r).map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
     let last_event_id = req
         .headers()
@@ -88,7 +87,7 @@ async fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
     )
     .map_err(|e| match e {
         AuthError::BadTerminalId => ApiError::bad_request(e.to_string()),
-        _ => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
+        _ => ApiError::unauthorized(e.to_string()),
     })?;
     let mut session = Session::start(&app, terminal, Transport::Sse);
     session.open(None, None, true);

@@ -130,7 +130,7 @@ fn check_upgrade(method: &axum::http::Method, h: &HeaderMap) -> Result<Vec<u8>, 
     {
         return Err(ApiError::new(
             StatusCode::UPGRADE_REQUIRED,
-            "bad_request",
+            ErrorCode::BadRequest,
             "only WebSocket version 13 is supported (`Sec-WebSocket-Version: 13`)",
         ));
     }
