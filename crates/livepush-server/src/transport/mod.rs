@@ -5,4 +5,3 @@ pub mod longpoll;
 pub mod reactor;
 pub mod sse;
 pub mod ws;
-pub mod wsframe;

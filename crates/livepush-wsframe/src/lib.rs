@@ -19,6 +19,9 @@
 //! - non-minimal length encodings (e.g. a 16-bit length for 5 bytes) are accepted, as most
 //!   implementations do; the RFC's "minimal encoding" rule binds the sender.
 
+#![forbid(unsafe_code)]
+
+use std::fmt;
 use std::ops::ControlFlow;
 
 /// Largest header of a server frame (no mask): 2 bytes + 64-bit length.
@@ -76,15 +79,26 @@ pub enum Event<'a> {
 
 /// Why the client's bytes were rejected; the connection is then closed with
 /// [`DecodeError::close_code`].
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("WebSocket protocol violation: {0}")]
     Protocol(&'static str),
-    #[error("WebSocket message or frame larger than {limit} bytes")]
     TooBig { limit: usize },
-    #[error("WebSocket text is not valid UTF-8")]
     BadUtf8,
 }
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Protocol(what) => write!(f, "WebSocket protocol violation: {what}"),
+            DecodeError::TooBig { limit } => {
+                write!(f, "WebSocket message or frame larger than {limit} bytes")
+            }
+            DecodeError::BadUtf8 => f.write_str("WebSocket text is not valid UTF-8"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
 
 impl DecodeError {
     /// The close code to send: 1002 (protocol error), 1009 (message too big) or 1007
@@ -1410,10 +1424,10 @@ mod tests {
     // ---- cross-check with tungstenite (a real client implementation) -------------------
 
     mod tung {
-        pub use tokio_tungstenite::tungstenite::protocol::frame::coding::{
+        pub use tungstenite::protocol::frame::coding::{
             CloseCode, Control, Data, OpCode,
         };
-        pub use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame, FrameHeader};
+        pub use tungstenite::protocol::frame::{CloseFrame, Frame, FrameHeader};
     }
 
     /// A frame encoded by tungstenite, masked the way its client does.
