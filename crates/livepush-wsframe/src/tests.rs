@@ -726,6 +726,42 @@ fn idle_only_between_messages_and_buffer_is_freed() {
 }
 
 #[test]
+fn buffer_is_reused_while_reads_end_inside_frames_then_freed() {
+    let texts = ["0123456789", "abcdefghij", "ABCDE", "0123456789abcdefghij"];
+    let frames: Vec<Vec<u8>> = texts
+        .iter()
+        .map(|t| masked(true, TEXT, t.as_bytes()))
+        .collect();
+    let stream = frames.concat();
+    let mut dec = Decoder::new(100);
+    let mut got = Vec::new();
+    let mut feed = |dec: &mut Decoder, bytes: &[u8]| {
+        dec.feed(&mut bytes.to_vec(), |e| {
+            got.push(Ev::from(e));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    };
+    // Reads 1 to 3 end 3 bytes into the payload of frames 1 to 3 (header: 2 + 4 bytes).
+    let ends: Vec<usize> = (1..=3).map(|k| frames[..k].concat().len() + 9).collect();
+    feed(&mut dec, &stream[..ends[0]]);
+    assert_eq!(dec.heap_capacity(), 10);
+    // The 5-byte frame that straddles next goes into the same buffer (allocated anew, it
+    // would have 5 bytes).
+    feed(&mut dec, &stream[ends[0]..ends[1]]);
+    assert_eq!(dec.heap_capacity(), 10);
+    assert!(!dec.is_idle());
+    // A longer one needs more.
+    feed(&mut dec, &stream[ends[1]..ends[2]]);
+    assert_eq!(dec.heap_capacity(), 20);
+    // A read that ends between frames leaves nothing buffered, and nothing held.
+    feed(&mut dec, &stream[ends[2]..]);
+    assert!(dec.is_idle());
+    assert_eq!(dec.heap_capacity(), 0);
+    assert_eq!(got, texts.into_iter().map(text).collect::<Vec<_>>());
+}
+
+#[test]
 fn decoder_is_small() {
     assert!(
         std::mem::size_of::<Decoder>() <= 96,
