@@ -1124,6 +1124,54 @@ fn chunks_at<'a>(bytes: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
         .collect()
 }
 
+/// `bytes` with each `(at, x)` of `flips` XORed into it.
+fn corrupt(mut bytes: Vec<u8>, flips: &[(Index, u8)]) -> Vec<u8> {
+    if !bytes.is_empty() {
+        for (i, x) in flips {
+            let i = i.index(bytes.len());
+            bytes[i] ^= x;
+        }
+    }
+    bytes
+}
+
+/// `text` as tungstenite writes it (`encode` formats one frame), fragmented at `cuts`, with
+/// `ping` after every fragment but the last; the events a decoder must emit.
+fn tung_fragmented(
+    text: &str,
+    cuts: &[Index],
+    ping: Option<&Vec<u8>>,
+    encode: impl Fn(tung::Frame) -> Vec<u8>,
+) -> (Vec<u8>, Vec<Ev>) {
+    let data = text.as_bytes();
+    let mut points: Vec<usize> = cuts.iter().map(|i| i.index(data.len() + 1)).collect();
+    points.sort_unstable();
+    points.push(data.len());
+    let mut bytes = Vec::new();
+    let mut want = Vec::new();
+    let mut start = 0;
+    for (k, &end) in points.iter().enumerate() {
+        let op = if k == 0 {
+            tung::Data::Text
+        } else {
+            tung::Data::Continue
+        };
+        let fin = k == points.len() - 1;
+        bytes.extend(encode(tung::Frame::message(
+            data[start..end].to_vec(),
+            tung::OpCode::Data(op),
+            fin,
+        )));
+        start = end;
+        if !fin && let Some(p) = ping {
+            bytes.extend(encode(tung::Frame::ping(p.clone())));
+            want.push(Ev::Ping(p.clone()));
+        }
+    }
+    want.push(Ev::Text(text.to_owned()));
+    (bytes, want)
+}
+
 /// Feeds `input` cut at `cuts` to `dec` (limit `max`): no panic, no message over `max`, the
 /// buffer within `max` + one control frame, and after an error, no buffer and only errors.
 fn check_garbage<R: Role>(
@@ -1199,16 +1247,7 @@ proptest! {
                 prop::collection::vec(arb_item(), 1..5),
                 prop::collection::vec(any::<[u8; 4]>(), 1..3),
                 prop::collection::vec((any::<Index>(), any::<u8>()), 0..4),
-            ).prop_map(|(items, masks, flips)| {
-                let (mut bytes, _) = serialize(&items, &masks, None);
-                if !bytes.is_empty() {
-                    for (i, x) in flips {
-                        let i = i.index(bytes.len());
-                        bytes[i] ^= x;
-                    }
-                }
-                bytes
-            }),
+            ).prop_map(|(items, masks, flips)| corrupt(serialize(&items, &masks, None).0, &flips)),
         ],
         cuts in prop::collection::vec(any::<Index>(), 0..20),
     ) {
@@ -1223,27 +1262,7 @@ proptest! {
         mask in any::<[u8; 4]>(),
         read_cuts in prop::collection::vec(any::<Index>(), 0..10),
     ) {
-        let data = text.as_bytes();
-        let mut points: Vec<usize> = cuts.iter().map(|i| i.index(data.len() + 1)).collect();
-        points.sort_unstable();
-        points.push(data.len());
-        let mut bytes = Vec::new();
-        let mut want = Vec::new();
-        let mut start = 0;
-        for (k, &end) in points.iter().enumerate() {
-            let op = if k == 0 { tung::Data::Text } else { tung::Data::Continue };
-            let fin = k == points.len() - 1;
-            bytes.extend(tung_bytes(
-                tung::Frame::message(data[start..end].to_vec(), tung::OpCode::Data(op), fin),
-                mask,
-            ));
-            start = end;
-            if !fin && let Some(p) = &ping {
-                bytes.extend(tung_bytes(tung::Frame::ping(p.clone()), mask));
-                want.push(Ev::Ping(p.clone()));
-            }
-        }
-        want.push(Ev::Text(text.clone()));
+        let (bytes, want) = tung_fragmented(&text, &cuts, ping.as_ref(), |f| tung_bytes(f, mask));
         let mut dec = Decoder::new(1 << 16);
         prop_assert_eq!(feed_chunks(&mut dec, chunks_at(&bytes, &read_cuts)), Ok(want));
         prop_assert!(dec.is_idle());

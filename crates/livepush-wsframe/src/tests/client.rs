@@ -365,28 +365,7 @@ proptest! {
         ping in prop::option::of(prop::collection::vec(any::<u8>(), 0..=125)),
         read_cuts in prop::collection::vec(any::<Index>(), 0..10),
     ) {
-        let data = text.as_bytes();
-        let mut points: Vec<usize> = cuts.iter().map(|i| i.index(data.len() + 1)).collect();
-        points.sort_unstable();
-        points.push(data.len());
-        let mut bytes = Vec::new();
-        let mut want = Vec::new();
-        let mut start = 0;
-        for (k, &end) in points.iter().enumerate() {
-            let op = if k == 0 { tung::Data::Text } else { tung::Data::Continue };
-            let fin = k == points.len() - 1;
-            bytes.extend(tung_server_bytes(tung::Frame::message(
-                data[start..end].to_vec(),
-                tung::OpCode::Data(op),
-                fin,
-            )));
-            start = end;
-            if !fin && let Some(p) = &ping {
-                bytes.extend(tung_server_bytes(tung::Frame::ping(p.clone())));
-                want.push(Ev::Ping(p.clone()));
-            }
-        }
-        want.push(Ev::Text(text.clone()));
+        let (bytes, want) = tung_fragmented(&text, &cuts, ping.as_ref(), tung_server_bytes);
         let mut dec = ClientDecoder::new_client(1 << 16);
         prop_assert_eq!(feed_chunks(&mut dec, chunks_at(&bytes, &read_cuts)), Ok(want));
         prop_assert!(dec.is_idle());

@@ -157,16 +157,7 @@ proptest! {
             (
                 prop::collection::vec(arb_item(), 1..5),
                 prop::collection::vec((any::<Index>(), any::<u8>()), 0..4),
-            ).prop_map(|(items, flips)| {
-                let (mut bytes, _) = write_items(&items, None, &[], true);
-                if !bytes.is_empty() {
-                    for (i, x) in flips {
-                        let i = i.index(bytes.len());
-                        bytes[i] ^= x;
-                    }
-                }
-                bytes
-            }),
+            ).prop_map(|(items, flips)| corrupt(write_items(&items, None, &[], true).0, &flips)),
         ],
         cuts in prop::collection::vec(any::<Index>(), 0..20),
     ) {
