@@ -4,4 +4,3 @@
 pub mod longpoll;
 pub mod sse;
 pub mod ws;
-pub mod wsframe;

@@ -1,6 +1,6 @@
 //! The WebSocket transport: framing only. Everything a frame means lives in the session.
 //!
-//! livepush does its own RFC 6455 framing ([`super::wsframe`]) instead of using a WebSocket
+//! livepush does its own RFC 6455 framing ([`livepush_wsframe`]) instead of using a WebSocket
 //! library, because every library measured keeps a read buffer and a large task per
 //! connection (bench/wslib/README.md: 3.3–6 KiB per idle connection against ~1 KiB without).
 //! An idle connection here is: the socket, a small boxed [`Driver`] in a slot of the
@@ -25,10 +25,10 @@ use bytes::Bytes;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use livepush_proto::{ClientEnvelope, ClientFrame, ErrorCode, ServerFrame, Transport};
+use livepush_wsframe::{self as wsframe, DecodeError, Decoder, Event, OpCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::wsframe::{self, DecodeError, Decoder, Event, OpCode};
 use crate::app::App;
 use crate::auth::identify;
 use crate::clock::clock_ms;

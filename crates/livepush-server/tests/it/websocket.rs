@@ -1,6 +1,6 @@
 //! The WebSocket transport over real sockets: livepush's own RFC 6455 handshake and framing
-//! (`transport/ws.rs`, `transport/wsframe.rs`) seen from the wire, and the connection's life
-//! around it (pipelining, heartbeats, slow consumers, shutdown).
+//! (`transport/ws.rs` and the `livepush-wsframe` crate) seen from the wire, and the
+//! connection's life around it (pipelining, heartbeats, slow consumers, shutdown).
 //!
 //! Most tests use [`Raw`], a hand-written client over a plain `TcpStream`, because a WebSocket
 //! library would hide exactly what is tested here (masking, fragmentation, how frames fall
