@@ -1,32 +1,13 @@
 //! Batching: several frames travel in one WebSocket text frame (or SSE event), one JSON object
-//! per line. Writing a burst as one batch is what turns N write syscalls into one.
-
-use bytes::{BufMut, Bytes, BytesMut};
+//! per line. Writing a burst as one batch is what turns N write syscalls into one. The server
+//! writes batches (`livepush_server::frame::join_into`); clients read them with
+//! [`split_frames`].
 
 /// The frames of one batch: the non-blank lines of `text`, in order.
 pub fn split_frames(text: &str) -> impl Iterator<Item = &str> {
     text.split('\n')
         .map(|l| l.strip_suffix('\r').unwrap_or(l))
         .filter(|l| !l.trim().is_empty())
-}
-
-/// Join encoded frames into one batch, newline-separated. One frame is returned as is.
-pub fn join_frames(frames: &[Bytes]) -> Bytes {
-    match frames {
-        [] => Bytes::new(),
-        [one] => one.clone(),
-        many => {
-            let len = many.iter().map(|f| f.len() + 1).sum::<usize>() - 1;
-            let mut out = BytesMut::with_capacity(len);
-            for (i, f) in many.iter().enumerate() {
-                if i > 0 {
-                    out.put_u8(b'\n');
-                }
-                out.put_slice(f);
-            }
-            out.freeze()
-        }
-    }
 }
 
 #[cfg(test)]
@@ -41,19 +22,17 @@ mod tests {
     }
 
     proptest! {
-        // Encoded frames never contain a raw newline (JSON escapes it), so join then split
-        // gives back exactly the frames.
+        // Encoded frames never contain a raw newline (JSON escapes it), so frames joined by
+        // newlines split back into exactly the frames.
         #[test]
         fn join_split_round_trip(texts in proptest::collection::vec(".{1,40}", 0..20)) {
-            let frames: Vec<Bytes> = texts
+            let frames: Vec<String> = texts
                 .iter()
-                .map(|t| Bytes::from(serde_json::to_string(t).unwrap()))
+                .map(|t| serde_json::to_string(t).unwrap())
                 .collect();
-            let joined = join_frames(&frames);
-            let text = std::str::from_utf8(&joined).unwrap();
-            let back: Vec<&str> = split_frames(text).collect();
-            let expected: Vec<&str> = frames.iter().map(|f| std::str::from_utf8(f).unwrap()).collect();
-            prop_assert_eq!(back, expected);
+            let joined = frames.join("\n");
+            let back: Vec<&str> = split_frames(&joined).collect();
+            prop_assert_eq!(back, frames.iter().map(String::as_str).collect::<Vec<_>>());
         }
     }
 }

@@ -16,7 +16,7 @@ mod server;
 pub mod wake;
 
 pub use client::{ClientEnvelope, ClientFrame};
-pub use codec::{join_frames, split_frames};
+pub use codec::split_frames;
 pub use error::{ErrorCode, FrameError};
 pub use ids::{
     Class, InvalidId, MAX_EPOCH_LEN, MAX_ROOM_LEN, MAX_TYPE_LEN, Position, Positions,

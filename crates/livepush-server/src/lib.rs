@@ -1,16 +1,43 @@
 //! The livepush server: a push gateway for live-streaming rooms.
 //!
-//! - [`hub`]: rooms, sequencing, history, fan-out, control commands, online counts.
-//! - [`outbox`]: each connection's bounded outgoing queue and the slow-consumer policy.
-//! - [`session`]: what each client frame does, shared by every transport.
-//! - [`transport`]: framing for WebSocket (long-poll and SSE join it later).
-//! - [`api`]: the HTTP API for the app's backend.
-//! - [`store`] and [`broker`]: the traits behind which durability and cross-node fan-out sit.
-//! - [`auth`]: terminal tokens.
-//! - [`terminals`], [`inbox`] and [`wake`]: the service list, per-terminal inboxes, and UDP
-//!   wake-up of terminals that hold no connection.
+//! # Layout
 //!
-//! Start one with [`start`] (in-memory store) or [`start_with`].
+//! Follow a reliable message from the backend to a viewer's socket:
+//!
+//! 1. [`server`] wires everything and routes `POST /v1/rooms/{room}/messages` to
+//!    [`api::publish`], which reads the JSON body and calls [`hub::Hub::publish`].
+//! 2. The [`hub`] validates the message, encodes its `msg` frame once (all but the seq) and
+//!    hands it to the [`engine`], the seam behind which everything the nodes of a deployment
+//!    share lives. On one node that is [`engine::local::LocalEngine`]: it gives the message
+//!    the room's next `seq`, writes it (with the room's new flags, for a control message)
+//!    to the [`store`], and once the write is durable hands it to the node as an
+//!    [`engine::Event`], strictly in `seq` order, before the publish is answered.
+//! 3. The node ([`app::App`], which implements [`engine::Node`]) passes room events to the
+//!    hub; the room's [`hub::feed`] keeps order and repairs gaps (across nodes the stream may
+//!    skip or repeat), and the room ([`hub::Room`]) appends the message to its history and
+//!    pushes the same shared [`frame::Frame`] into every member's [`outbox::Outbox`], all
+//!    under the room's lock, so a message races no join: it is in the joiner's replay or
+//!    delivered live, never both, never neither.
+//! 4. The outbox wakes its writer. For WebSocket that is the connection's
+//!    `transport::ws::Driver` in a shard of the [`reactor`] (one readiness loop per core);
+//!    it takes everything queued as one batch, and [`frame::join_into`] writes it as one
+//!    WebSocket text frame (framing from the `livepush-wsframe` crate), in one write. A
+//!    parked long-poll answers with the batch as a JSON array, an SSE stream as one event.
+//!
+//! The other way, a terminal's frames reach the [`session`] (the one place where client
+//! frames turn into hub operations, and where every transport's sessions start and end),
+//! through whichever of the [`transport`]s it uses.
+//!
+//! - [`app`]: the state every request and connection shares.
+//! - [`auth`]: terminal tokens, and [`auth::identify`], how every transport names a terminal.
+//! - [`config`], [`metrics`], [`clock`], [`error`] (HTTP errors), [`ratelimit`]: leaves.
+//! - [`control`]: control commands (close, open, mute, unmute, stream switch).
+//! - [`terminals`], [`inbox`] and [`wake`]: the service list, per-terminal inboxes (behind
+//!   the sibling seam [`engine::InboxEngine`]), and UDP wake-up of idle terminals.
+//! - [`assets`]: the browser client and the demo page, served by the server.
+//!
+//! Start one with [`start`] (in-memory store), [`start_with`] (a given store) or
+//! [`start_with_engine`].
 
 #![forbid(unsafe_code)]
 

@@ -5,6 +5,7 @@
 //! - `token`: mint a terminal token.
 //! - `tail`: connect as a terminal and print every event as one JSON line.
 //! - `agent`: a terminal that sleeps (UDP only) until woken, then prints its inbox.
+//! - `bench`: the load generator that measures livepush (and its peers).
 
 #![forbid(unsafe_code)]
 
