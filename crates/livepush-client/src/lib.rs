@@ -11,6 +11,11 @@
 //!   server sends (duplicates from a replay, a gap while connected, which it fills with a
 //!   `pull`, a `prompt` to pull a replay that did not fit), and whatever transport it uses:
 //!   one event stream and one position per room across transport switches;
+//! - never asks twice for what the server no longer has: a resume the server answers with
+//!   `recovered: false` moves the position past what is gone ([`Event::Lost`]), and when the
+//!   server's history changes under a live room (a new history pushed after its store lost
+//!   the room's, or a pull that finds the server behind the position) the client follows it
+//!   without a rejoin and reports it as [`Event::Joined`] with `recovered: false`;
 //! - watches the connection: any incoming traffic (frames, and the server's WebSocket pings)
 //!   resets an idle timer; when it expires the client probes with `{"op":"ping"}`, and a
 //!   connection that stays silent for [`ClientConfig::ping_timeout`] after that is dropped;
@@ -211,13 +216,28 @@ pub enum Event {
     /// a `since` position. Over long-polling a complete resume is confirmed by the server
     /// without a `joined` frame; the client then reports it once per session with
     /// `recovered: true`, `seq` = the resume position and `online` = the count if the same
-    /// answer carried one, else 0 (unknown; an [`Event::Online`] follows). `recovered: false`: messages after that position were lost
-    /// (history window exceeded, or the room's history changed: then `epoch` is new and the
-    /// room's position restarts in it); the replay that follows holds what is still kept.
+    /// answer carried one, else 0 (unknown; an [`Event::Online`] follows).
+    ///
+    /// `recovered: false`: messages after that position were lost (history window exceeded,
+    /// or the room's history changed: then `epoch` is new and the room's position restarts
+    /// in it); the replay that follows holds what is still kept, and [`Event::Lost`] names
+    /// the seqs skipped. The client does not ask again for what is gone: its position moves
+    /// past it (with the replay, or to `seq` when nothing is replayed).
+    ///
+    /// Show a reload hint on `recovered: false`. It also comes without a join of the
+    /// application's, with `resumed: true`, when the server's history changed under a room
+    /// that is live (contract v1.1):
+    /// - the server pushed a new history (its store lost the room's, decision 8): the
+    ///   position becomes `(epoch, seq)` and the room continues live from there, with no
+    ///   replay and no rejoin;
+    /// - a pull found the server's history ending at `seq`, before the position (it lost
+    ///   messages it had delivered, decision 7): the position moves back to `seq`, so the
+    ///   seqs after it will be new messages.
     Joined {
         room: String,
         epoch: String,
-        /// The room's latest seq when it was joined.
+        /// The room's latest seq when it was joined (after a history change without a join:
+        /// where the room continues from).
         seq: u64,
         recovered: bool,
         resumed: bool,

@@ -4,6 +4,18 @@
 //! room and answers with [`Effect`]s: messages to hand to the application (each `seq` exactly
 //! once, in increasing order), `pull` requests to send, and gaps it had to give up on. The
 //! connection task owns one tracker per room and does the IO.
+//!
+//! Invariants:
+//! - within one history (from a `joined`, an [`RoomTracker::on_history_reset`] or an
+//!   [`Effect::Rewound`] to the next), delivered seqs strictly increase, and the position
+//!   ([`RoomTracker::resume_from`]) is the last delivered seq or the base the tracker was
+//!   told to start after;
+//! - at most one `pull` is outstanding, and a `pulled` answer that does not answer it (one
+//!   that crossed a reset or a reconnect) changes nothing;
+//! - the out-of-order buffer never holds more than `max_buffered` messages;
+//! - the position only moves backwards when the server says its history is behind it (a
+//!   `joined` below it, a `pulled{recovered:false}` from beyond its latest seq, a new
+//!   history pushed while live), never because of what arrives on the wire otherwise.
 
 use std::collections::BTreeMap;
 
@@ -47,6 +59,12 @@ pub enum Effect {
     /// The history changed under a live subscription (a `pulled` answer names another epoch):
     /// send `join` again with [`RoomTracker::resume_from`] to get a proper `joined`.
     Rejoin,
+    /// A pull from beyond the server's latest seq (contract v1.1, decision 7): the server
+    /// lost messages it had delivered, and its history now ends at `seq`, below the
+    /// position. The position moved back to `seq` (the seqs after it will be *new*
+    /// messages); nothing is pulled again. Report it like a resume that failed
+    /// (`joined{recovered:false}`): the application's view is no longer the server's.
+    Rewound { seq: u64 },
 }
 
 /// Ordering and de-duplication state of one room: a pure state machine, fed by the
@@ -65,7 +83,13 @@ pub enum Effect {
 ///   [`Effect::Lost`];
 /// - a `pulled` answer with nothing past the pull's `since` ends the pulling (the server has
 ///   nothing more): held messages beyond the gap are then delivered after an
-///   [`Effect::Lost`], rather than pulling forever.
+///   [`Effect::Lost`], rather than pulling forever;
+/// - a `pulled{recovered:false}` whose latest seq is below the position (the pull started
+///   beyond the server's history) moves the position back to that seq
+///   ([`Effect::Rewound`]) and does not pull again;
+/// - a new history pushed while live ([`on_history_reset`](Self::on_history_reset)) is
+///   adopted as is: the position becomes its `(epoch, seq)` and live messages continue
+///   from there, with no replay, no pull and no rejoin.
 #[derive(Debug, Clone)]
 pub struct RoomTracker {
     room: String,
@@ -209,6 +233,24 @@ impl RoomTracker {
         }
     }
 
+    /// A `joined` the server pushed for a room that is live on this connection, not the
+    /// answer to a join (contract v1.1, decision 8: the server's history was lost, e.g. its
+    /// store was flushed, and the room restarts as `epoch` at `seq`). The position becomes
+    /// `(epoch, seq)`, even backwards and even in the same epoch; no replay follows, so live
+    /// messages continue from `seq + 1`. Whatever was held for the old history (buffered
+    /// messages, an outstanding pull) is forgotten.
+    pub fn on_history_reset(&mut self, epoch: &str, seq: u64) {
+        self.reset_to(epoch.to_owned(), seq);
+    }
+
+    /// Start over at `(epoch, seq)`, live, with nothing held or outstanding.
+    fn reset_to(&mut self, epoch: String, seq: u64) {
+        self.on_disconnect();
+        self.live = true;
+        self.epoch = Some(epoch);
+        self.last = seq;
+    }
+
     /// A reliable `msg` (one with a `seq`); transient messages never come here.
     pub fn on_message(&mut self, msg: Message) -> Vec<Effect> {
         let mut out = Vec::new();
@@ -249,7 +291,9 @@ impl RoomTracker {
         out
     }
 
-    /// A `pulled{epoch, seq: latest, recovered, messages}` answer to our pull.
+    /// A `pulled{epoch, seq: latest, recovered, messages}` answer to our pull. An answer
+    /// while no pull is outstanding (one that crossed a reconnect, a
+    /// [`on_history_reset`](Self::on_history_reset) or a failed pull) is ignored.
     pub fn on_pulled(
         &mut self,
         epoch: &str,
@@ -258,14 +302,21 @@ impl RoomTracker {
         messages: Vec<Message>,
     ) -> Vec<Effect> {
         let mut out = Vec::new();
-        if !self.live {
+        if !self.live || !self.pull_in_flight {
             return out;
         }
         self.pull_in_flight = false;
-        if self.epoch.as_deref() != Some(epoch) {
+        let Some(current) = self.epoch.clone().filter(|e| e == epoch) else {
             // Not the history we follow: re-establish the position with a fresh `joined`.
             self.on_disconnect();
             out.push(Effect::Rejoin);
+            return out;
+        };
+        if !recovered && latest < self.last {
+            // The pull started beyond the server's latest seq: it lost messages it had
+            // delivered. Follow it back; pulling again would get the same answer.
+            self.reset_to(current, latest);
+            out.push(Effect::Rewound { seq: latest });
             return out;
         }
         // Did the server return anything past what we asked for? (Live messages may have

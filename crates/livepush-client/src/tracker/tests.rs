@@ -313,8 +313,98 @@ fn replay_complete_after_recovered_false_skips_what_is_gone() {
     assert_eq!(t.resume_from(), pos("e", 3));
 }
 
+#[test]
+fn pull_from_beyond_the_latest_seq_moves_back_and_stops_pulling() {
+    // Contract v1.1, decision 7. The client delivered up to 10; a prompt makes it pull from
+    // there, but the server's history now ends at 4 (it lost 5..=10 after delivering them).
+    let mut t = RoomTracker::new(ROOM, pos("e", 8), 16);
+    t.on_joined("e", 10, true);
+    assert_eq!(delivered(&t.on_message(msg(9))), vec![9]);
+    assert_eq!(delivered(&t.on_message(msg(10))), vec![10]);
+    assert_eq!(pulls(&t.on_message(msg(12))), vec![10]);
+    let e = t.on_pulled("e", 4, false, vec![]);
+    assert_eq!(e, vec![Effect::Rewound { seq: 4 }]);
+    assert_eq!(
+        t.resume_from(),
+        pos("e", 4),
+        "moved back to the server's latest"
+    );
+    assert!(t.is_live());
+    assert!(!t.pull_in_flight());
+    assert_eq!(
+        t.buffered(),
+        0,
+        "what was held belongs to the lost messages"
+    );
+    // Nothing is pulled again: not for the old prompt, not for seqs the server never had.
+    assert!(t.on_prompt(4).is_empty());
+    assert!(
+        t.on_pulled("e", 4, false, vec![]).is_empty(),
+        "no pull was outstanding"
+    );
+    // The server's next messages (new ones, reusing 5, 6, …) are delivered.
+    assert_eq!(delivered(&t.on_message(msg(5))), vec![5]);
+    assert_eq!(delivered(&t.on_message(msg(6))), vec![6]);
+    // A pull answered `recovered:false` at or after the position is still a plain loss.
+    let mut t = RoomTracker::new(ROOM, pos("e", 3), 16);
+    t.on_joined("e", 3, true);
+    assert_eq!(pulls(&t.on_prompt(9)), vec![3]);
+    assert_eq!(
+        t.on_pulled("e", 9, false, vec![]),
+        vec![Effect::Lost { first: 4, last: 9 }]
+    );
+    assert_eq!(t.resume_from(), pos("e", 9));
+}
+
+#[test]
+fn a_history_pushed_while_live_is_adopted_without_replay_pull_or_rejoin() {
+    // Contract v1.1, decision 8.
+    let mut t = RoomTracker::new(ROOM, pos("old", 0), 16);
+    t.on_joined("old", 0, true);
+    let all: Vec<u64> = (1..=5)
+        .flat_map(|s| delivered(&t.on_message(msg(s))))
+        .collect();
+    assert_eq!(all, vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        pulls(&t.on_message(msg(8))),
+        vec![5],
+        "a gap is being pulled"
+    );
+    t.on_history_reset("new", 0);
+    assert_eq!(t.resume_from(), pos("new", 0));
+    assert!(t.is_live(), "no rejoin needed");
+    assert_eq!(t.buffered(), 0);
+    assert!(!t.pull_in_flight());
+    // The old history's pull answer crossed the reset: it changes nothing (no rejoin).
+    assert!(
+        t.on_pulled("old", 8, true, (6..=8).map(msg).collect())
+            .is_empty()
+    );
+    // The new history continues live from its first message, nothing reported lost.
+    let e = t.on_message(msg(1));
+    assert_eq!(e.len(), 1, "{e:?}");
+    match &e[0] {
+        Effect::Deliver(m) => assert_eq!((m.epoch.as_str(), m.seq), ("new", 1)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(delivered(&t.on_message(msg(2))), vec![2]);
+    // A new history that starts at S > 0 continues from S: unlike a `joined` answering a
+    // join from another epoch (whose replay re-bases), nothing before S is expected.
+    t.on_history_reset("third", 7);
+    assert_eq!(t.resume_from(), pos("third", 7));
+    assert_eq!(t.on_message(msg(8)).len(), 1, "delivered, no Lost");
+    let mut j = RoomTracker::new(ROOM, pos("new", 2), 16);
+    j.on_joined("third", 7, false);
+    assert_eq!(j.on_message(msg(8))[0], Effect::Lost { first: 1, last: 7 });
+    // The same epoch, backwards: followed too.
+    t.on_history_reset("third", 3);
+    assert_eq!(t.resume_from(), pos("third", 3));
+    assert_eq!(delivered(&t.on_message(msg(4))), vec![4]);
+}
+
 /// What the harness can do to a tracker. The server's history is `1..=n` of one epoch and
-/// is complete (nothing is lost), so every seq must be delivered exactly once, in order.
+/// is complete (nothing is lost), so every seq must be delivered exactly once, in order;
+/// a [`Op::Reset`] replaces it by a new epoch's history whose `base+1..=n` must then be.
 #[derive(Debug, Clone)]
 enum Op {
     /// A live (or duplicated, or late) message.
@@ -328,6 +418,11 @@ enum Op {
         cut: u64,
         dup: u64,
     },
+    /// The server pushes a new history (another epoch) that continues after `base`; an
+    /// outstanding pull is answered from the old history after the push.
+    Reset {
+        base: u64,
+    },
 }
 
 fn op(n: u64) -> impl Strategy<Value = Op> {
@@ -339,9 +434,21 @@ fn op(n: u64) -> impl Strategy<Value = Op> {
     ]
 }
 
+/// [`op`], and now and then a new history.
+fn op_with_resets(n: u64) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        12 => op(n),
+        1 => (0..n).prop_map(|base| Op::Reset { base }),
+    ]
+}
+
 struct Harness {
     n: u64,
     t: RoomTracker,
+    /// The history the server has now, and the seq it continues after.
+    epoch: String,
+    base: u64,
+    /// What was delivered of that history.
     delivered: Vec<u64>,
     pending_pull: Option<u64>,
     pulls_sent: usize,
@@ -360,9 +467,14 @@ impl Harness {
                 other => prop_assert!(false, "unexpected {other:?}"),
             }
         }
-        // Invariant: what was delivered is exactly 1..=k.
+        // Invariant: what was delivered of this history is exactly base+1..=k.
         for (i, s) in self.delivered.iter().enumerate() {
-            prop_assert_eq!(*s, i as u64 + 1, "delivered {:?}", self.delivered);
+            prop_assert_eq!(
+                *s,
+                self.base + i as u64 + 1,
+                "delivered {:?}",
+                self.delivered
+            );
         }
         Ok(())
     }
@@ -370,8 +482,26 @@ impl Harness {
     fn answer_pull(&mut self, cap: u64) -> Result<(), TestCaseError> {
         if let Some(since) = self.pending_pull.take() {
             let msgs = (since + 1..=(since + cap).min(self.n)).map(msg).collect();
-            let e = self.t.on_pulled("e", self.n, true, msgs);
+            let e = self.t.on_pulled(&self.epoch, self.n, true, msgs);
             self.apply(e)?;
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self, base: u64) -> Result<(), TestCaseError> {
+        let old = std::mem::replace(&mut self.epoch, format!("e{base}x{}", self.pulls_sent));
+        self.base = base;
+        self.delivered.clear();
+        self.t.on_history_reset(&self.epoch, base);
+        prop_assert_eq!(
+            self.t.resume_from(),
+            pos(&self.epoch, base),
+            "the pushed position is adopted"
+        );
+        if let Some(since) = self.pending_pull.take() {
+            let msgs = (since + 1..=self.n).map(msg).collect();
+            let e = self.t.on_pulled(&old, self.n, true, msgs);
+            prop_assert!(e.is_empty(), "a stale pull answer acted on: {:?}", e);
         }
         Ok(())
     }
@@ -380,7 +510,7 @@ impl Harness {
         self.t.on_disconnect();
         self.pending_pull = None;
         let since = self.t.resume_from().map(|p| p.seq).unwrap_or(0);
-        self.t.on_joined("e", self.n, true);
+        self.t.on_joined(&self.epoch, self.n, true);
         for s in since.saturating_sub(dup)..=since {
             if s > 0 {
                 let e = self.t.on_message(msg(s));
@@ -405,12 +535,14 @@ proptest! {
 
     #[test]
     fn every_seq_exactly_once_in_order(
-        (n, ops, cap) in (1u64..40).prop_flat_map(|n| (Just(n), proptest::collection::vec(op(n), 0..120), 1..=n)),
+        (n, ops, cap) in (1u64..40).prop_flat_map(|n| (Just(n), proptest::collection::vec(op_with_resets(n), 0..120), 1..=n)),
         max_buffered in 1usize..16,
     ) {
         let mut h = Harness {
             n,
             t: RoomTracker::new(ROOM, pos("e", 0), max_buffered),
+            epoch: "e".to_owned(),
+            base: 0,
             delivered: Vec::new(),
             pending_pull: None,
             pulls_sent: 0,
@@ -422,6 +554,7 @@ proptest! {
                 Op::AnswerPull(c) => h.answer_pull(c)?,
                 Op::Prompt(s) => { let e = h.t.on_prompt(s); h.apply(e)?; }
                 Op::Reconnect { cut, dup } => h.reconnect(cut, dup)?,
+                Op::Reset { base } => h.reset(base)?,
             }
             prop_assert!(h.t.buffered() <= max_buffered);
         }
@@ -433,16 +566,17 @@ proptest! {
         for _ in 0..=n {
             h.answer_pull(cap)?;
         }
-        prop_assert_eq!(h.delivered, (1..=n).collect::<Vec<_>>());
+        prop_assert_eq!(h.delivered, (h.base + 1..=n).collect::<Vec<_>>());
         prop_assert!(h.pending_pull.is_none());
     }
 
     /// Garbage from a broken server never panics, never delivers a seq twice within an
-    /// epoch without a `joined` in between, and keeps the buffer bounded.
+    /// epoch without a `joined`, a pushed history or a rewind in between, and keeps the
+    /// buffer bounded.
     #[test]
     fn arbitrary_frames_never_panic(
         frames in proptest::collection::vec(
-            (0u8..4, prop_oneof![8 => 0u64..50, 1 => any::<u64>()], any::<bool>(), 0u8..3),
+            (0u8..5, prop_oneof![8 => 0u64..50, 1 => any::<u64>()], any::<bool>(), 0u8..3),
             0..200,
         ),
     ) {
@@ -454,6 +588,7 @@ proptest! {
                 0 => { t.on_joined(epoch, seq, flag); last_delivered = None; vec![] }
                 1 => t.on_message(msg(seq)),
                 2 => t.on_prompt(seq),
+                3 => { t.on_history_reset(epoch, seq); last_delivered = None; vec![] }
                 _ => t.on_pulled(epoch, seq, flag, (seq.saturating_sub(3)..seq.saturating_add(3)).map(msg).collect()),
             };
             for eff in effects {
@@ -462,7 +597,7 @@ proptest! {
                         if let Some(l) = last_delivered { prop_assert!(m.seq > l); }
                         last_delivered = Some(m.seq);
                     }
-                    Effect::Rejoin => last_delivered = None,
+                    Effect::Rejoin | Effect::Rewound { .. } => last_delivered = None,
                     _ => {}
                 }
             }

@@ -134,6 +134,17 @@ impl Conn {
         token
     }
 
+    /// Complete the handshake, expect the join of `room` (without `since`) and answer it at
+    /// `seq` 0 of epoch e1; then read `Connected` and `Joined` from `events`.
+    pub async fn join_fresh(&mut self, events: &mut livepush_client::Events, room: &str) {
+        self.handshake("t1").await;
+        let (joining, since, id) = self.expect_join().await;
+        assert_eq!((joining.as_str(), since), (room, None));
+        self.send(&[joined(id, room, "e1", 0, true)]).await;
+        assert!(matches!(next_event(events).await, Event::Connected { .. }));
+        assert!(matches!(next_event(events).await, Event::Joined { .. }));
+    }
+
     /// Expect a `join`; returns (room, since, id).
     pub async fn expect_join(&mut self) -> (String, Option<Position>, Option<u64>) {
         let env = self.recv().await;
