@@ -27,7 +27,7 @@
 //! and has no join in flight, because it replaced the room's history ([`joined_kind`]).
 //! Either way [`Event::Joined`] reports it and the shared position (what
 //! [`Client::position`](crate::Client::position) reads) follows the tracker's: every
-//! delivered message and every move back moves it.
+//! delivered message, every [`Effect::Lost`] and every move back moves it.
 
 mod longpoll;
 mod sse;
@@ -300,6 +300,8 @@ pub(crate) struct Worker {
     /// Highest inbox seq handed to the application.
     inbox_delivered: u64,
     next_id: u64,
+    /// The caller of [`Client::close`](crate::Client::close), answered when the task ends.
+    close_reply: Option<Reply>,
 }
 
 impl Worker {
@@ -339,6 +341,7 @@ impl Worker {
             auth_failures: 0,
             inbox_delivered: 0,
             next_id: 0,
+            close_reply: None,
         }
     }
 
@@ -360,6 +363,9 @@ impl Worker {
         self.shared.set_transport(None);
         // Best effort: hand over what is queued without waiting for the application.
         self.outbox.flush();
+        if let Some(reply) = self.close_reply.take() {
+            let _ = reply.send(Ok(()));
+        }
         debug!("livepush client task ended");
     }
 
@@ -554,7 +560,8 @@ impl Worker {
                 return Flow::Go(State::Connecting);
             }
             Command::Close { reply } => {
-                let _ = reply.send(Ok(()));
+                // Answered once the session has ended (see `Worker::run`).
+                self.close_reply = Some(reply);
                 return Flow::Go(State::Closed);
             }
         }
@@ -893,7 +900,8 @@ impl Worker {
                 let _ = reply.send(Ok(()));
             }
             Command::Close { reply } => {
-                let _ = reply.send(Ok(()));
+                // Answered once the session has ended (see `Worker::run`).
+                self.close_reply = Some(reply);
                 return Flow::Go(State::Closed);
             }
         }
@@ -1134,6 +1142,14 @@ impl Worker {
                 }
                 Effect::Lost { first, last } => {
                     warn!(%room, first, last, "livepush: reliable messages lost");
+                    // The position moves past what is gone, even when nothing follows.
+                    if let Some(epoch) = self.rooms.get(room).and_then(|r| r.tracker.epoch()) {
+                        let pos = Position {
+                            epoch: epoch.to_owned(),
+                            seq: last,
+                        };
+                        self.shared.set_position(room, Some(pos));
+                    }
                     self.emit(Event::Lost {
                         room: room.to_owned(),
                         first,

@@ -70,7 +70,9 @@
 //! poll is attached to a room the parked poll also carries can therefore arrive twice;
 //! reliable messages never do.) The watchdog of a poll is its HTTP timeout, `poll_wait` +
 //! [`ClientConfig::connect_timeout`]. A `prompt` needs no `pull`: the next poll replays from
-//! the updated position.
+//! the updated position. Every answer says where the inbox stands ([`Client::inbox`]).
+//! [`Client::close`] ends a long-poll session with a `"bye":true` poll, so the server shows
+//! the terminal offline at once rather than after its poll grace period.
 //!
 //! Server-Sent Events (`GET /v1/sse`, [`TransportMode::Sse`]) are receive-only:
 //! [`Client::send`] and [`Client::ack_inbox`] fail with [`ClientError::Unsupported`]. The
@@ -309,6 +311,8 @@ pub(crate) struct Shared {
     transport: AtomicU8,
     /// What the server said in the last `connected` frame.
     session: Mutex<Option<SessionInfo>>,
+    /// The inbox position the server reported last (`connected`, long-poll answers).
+    inbox: Mutex<Option<InboxPosition>>,
 }
 
 /// What the server said in its last `connected` frame (see [`Client::session`]).
@@ -318,7 +322,10 @@ pub struct SessionInfo {
     pub terminal: String,
     pub transport: Transport,
     /// The inbox position at connect: `seq` = the newest inbox message, `acked` = the
-    /// acknowledged position. The messages after `acked` follow the `connected` frame.
+    /// acknowledged position, `pending` = how many unacknowledged messages the server still
+    /// keeps (they follow the `connected` frame; fewer than `seq - acked` when some expired
+    /// or were dropped, and 0 when there is nothing to take: contract v1.1, decision 6).
+    /// [`Client::inbox`] has the latest position.
     pub inbox: InboxPosition,
     /// The terminal's wake key (standard base64) for UDP wake-up keepalives (see
     /// [`WakeAgent`]); empty if the server sent none.
@@ -348,7 +355,12 @@ impl Shared {
     }
 
     pub(crate) fn set_session(&self, info: SessionInfo) {
+        self.set_inbox(info.inbox);
         *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
+    }
+
+    pub(crate) fn set_inbox(&self, inbox: InboxPosition) {
+        *self.inbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(inbox);
     }
 
     pub(crate) fn set_transport(&self, t: Option<Transport>) {
@@ -501,6 +513,15 @@ impl Client {
             .clone()
     }
 
+    /// Where the terminal's inbox stands, as the server said last: the `connected` frame's
+    /// position, then, over long-polling, the `inbox` block of every poll answer (a terminal
+    /// that has acknowledged everything it was sent sees `pending: 0` there). WebSocket and
+    /// SSE sessions report it only at connect. `None` before the first session (or from a
+    /// server that reports none). Kept after the session ends.
+    pub fn inbox(&self) -> Option<InboxPosition> {
+        *self.shared.inbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Whether a session is established right now.
     pub fn is_connected(&self) -> bool {
         self.transport().is_some()
@@ -516,10 +537,17 @@ impl Client {
         }
     }
 
-    /// Close the connection cleanly (a WebSocket close frame, which the server does not
-    /// count as an interruption; an HTTP transport just stops) and stop the task, for every
-    /// handle. Events already queued
-    /// stay readable; then the stream ends.
+    /// Close the connection cleanly and stop the task, for every handle; returns once the
+    /// session has ended. Over WebSocket: a close frame, which the server does not count as
+    /// an interruption, and a short wait for the server's (at most
+    /// [`ClientConfig::write_timeout`] + 1 s). Over long-polling: the parked poll is dropped
+    /// and one last poll says `"bye":true` (contract v1.1, decision 5), carrying the queued
+    /// ops (an [`ack_inbox`](Client::ack_inbox) among them) and every followed room; the
+    /// server takes the terminal out of its rooms and shows it offline at once instead of
+    /// after its poll grace period. Its answer is awaited for at most 2 s. Over SSE the
+    /// stream just stops. Events already queued stay readable; then the stream ends.
+    ///
+    /// Dropping every handle closes the client the same way, in the background.
     pub async fn close(self) {
         let _ = self.request(|reply| Command::Close { reply }).await;
     }
