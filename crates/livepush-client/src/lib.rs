@@ -85,7 +85,8 @@
 //!
 //! [`WakeAgent`] runs a terminal that holds no connection while idle, only a UDP socket that
 //! sends signed keepalives; a wake datagram from the server makes it connect briefly (with a
-//! [`Client`]), take and acknowledge its inbox, and leave again. See the [`WakeAgent`]
+//! [`Client`]), take and acknowledge its inbox (the `connected` frame's `pending` count says
+//! when there is nothing left to take), and leave again. See the [`WakeAgent`]
 //! documentation for its states.
 
 #![forbid(unsafe_code)]
