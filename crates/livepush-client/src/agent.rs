@@ -52,7 +52,9 @@ pub struct WakeAgentConfig {
     /// transport may be anything but [`TransportMode::Sse`] (which cannot acknowledge).
     pub client: ClientConfig,
     /// Interval of keepalives while idle (one also goes out right after each session).
-    /// Default 60 s.
+    /// Each keepalive is padded to at least [`KEEPALIVE_PAD_TO`] (256) bytes with a `pad`
+    /// field the mac does not cover (contract v1.1, decision 1): the server never sends an
+    /// address a wake datagram larger than the keepalive that earned it. Default 60 s.
     pub keepalive_interval: Duration,
     /// How long to stay connected after the inbox was taken, handling new messages as they
     /// come. Default 0: disconnect at once.
@@ -73,9 +75,10 @@ pub struct WakeAgentConfig {
     /// the agent was not running). Ignored without credentials: the first connect is then
     /// needed to learn the wake key. Default `true`.
     pub connect_at_start: bool,
-    /// Longest wait for the next inbox message while draining: the `connected` frame
-    /// announces the newest seq, but messages that expired on the server never come.
-    /// Default 3 s.
+    /// Longest wait for the next inbox message while draining, a safety net: the
+    /// `connected` frame says how many unacknowledged messages the server keeps
+    /// (`pending`) and the newest seq, so the agent knows when it has them all; a message
+    /// that expires on the server during the session never comes. Default 3 s.
     pub drain_timeout: Duration,
     /// Longest time a session may take to get `connected` (the client retries with its own
     /// back-off meanwhile); then the attempt fails and the agent goes idle. Default 30 s.
@@ -307,9 +310,13 @@ struct AgentShared {
 /// - [`AgentState::Connecting`]: a [`Client`] is trying to reach the server (it retries with
 ///   its own back-off) for at most [`connect_timeout`](WakeAgentConfig::connect_timeout).
 /// - [`AgentState::Draining`]: connected; the `connected` frame announced the newest inbox
-///   seq, and the agent hands over and acknowledges messages until it has that one (or no
-///   message came for [`drain_timeout`](WakeAgentConfig::drain_timeout): messages that
-///   expired on the server leave a gap that never fills).
+///   seq and how many unacknowledged messages the server still keeps (`pending`, contract
+///   v1.1, decision 6). With `pending: 0` there is nothing to take (even when the newest seq
+///   is above the acknowledged one: those messages expired) and the agent moves on at once;
+///   otherwise it hands over and acknowledges messages until it has the newest one (the
+///   server drops and expires the oldest first, so the newest is among those kept). Should
+///   no message come for [`drain_timeout`](WakeAgentConfig::drain_timeout) (one expired
+///   during the session), it moves on too.
 /// - [`AgentState::Lingering`]: still connected for [`linger`](WakeAgentConfig::linger);
 ///   messages posted meanwhile arrive over the session (no wake needed) and are handled the
 ///   same way. A connection lost while lingering ends the session.
@@ -333,9 +340,8 @@ struct AgentShared {
 /// the application, so a session that breaks before the acknowledgement brings the message
 /// again (the agent suppresses such repeats while it runs; a new process sees them again).
 ///
-/// Over long-polling the server counts the terminal as online for its poll grace period
-/// after the last poll, and sends no wake meanwhile: use WebSocket (the default
-/// [`TransportMode::Auto`]) for the shortest wake latency. Server-Sent Events cannot
+/// Over long-polling each session ends with a `bye` poll (see [`Client::close`]), so the
+/// server shows the terminal offline, and can wake it, at once. Server-Sent Events cannot
 /// acknowledge and are refused.
 ///
 /// ```no_run
@@ -907,8 +913,11 @@ impl Task {
                                 // Handed over in an earlier connection, not acknowledged.
                                 self.ack(client).await?;
                             }
+                            // Nothing kept unacknowledged: drained already, whatever
+                            // the newest seq says (the rest expired or was dropped).
+                            let target = if info.inbox.pending == 0 { 0 } else { info.inbox.seq };
                             phase = Phase::Draining {
-                                target: info.inbox.seq,
+                                target,
                                 quiet_until: Instant::now() + self.config.drain_timeout,
                             };
                             self.set_state(AgentState::Draining).await?;
@@ -1054,5 +1063,59 @@ impl Task {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(creds.clone());
         self.emit(AgentEvent::Credentials(creds)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use livepush_proto::wake::MAX_WAKE_BYTES;
+
+    /// Contract v1.1, decision 1: a keepalive is at least as large as any wake datagram (the
+    /// server never answers with more bytes than it received), padded with a `pad` field that
+    /// the mac does not cover.
+    #[tokio::test]
+    async fn keepalives_are_padded_to_the_largest_wake() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+        let key = WakeKey::from_bytes(b"0123456789abcdef0123456789abcdef".to_vec());
+        let (agent, _events) = WakeAgent::start(WakeAgentConfig {
+            wake_addr: Some(server.local_addr().expect("addr")),
+            udp_bind: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+            credentials: Some(WakeCredentials {
+                terminal: "t1".into(),
+                wake_key: key.to_base64(),
+            }),
+            connect_at_start: false,
+            safety_net: None,
+            ..WakeAgentConfig::default()
+        })
+        .await
+        .expect("agent");
+        let mut buf = [0u8; 2048];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), server.recv_from(&mut buf))
+            .await
+            .expect("a keepalive as the agent goes idle")
+            .expect("recv");
+        assert_eq!(from, agent.local_addr());
+        let datagram = &buf[..n];
+        assert!(
+            n >= MAX_WAKE_BYTES,
+            "a keepalive of {n} bytes earns no wake"
+        );
+        let mut v: serde_json::Value = serde_json::from_slice(datagram).expect("JSON");
+        assert!(
+            v["pad"].as_str().is_some_and(|p| !p.is_empty()),
+            "padded with `pad`: {v}"
+        );
+        let keepalive = Keepalive::parse(datagram).expect("a keepalive");
+        assert_eq!(keepalive.terminal, "t1");
+        keepalive.verify(&key, now_ms(), 60_000).expect("mac");
+        // The mac covers `T|MS` only: the server checks it whatever the padding.
+        v["pad"] = serde_json::json!("");
+        Keepalive::parse(&serde_json::to_vec(&v).expect("JSON"))
+            .expect("a keepalive")
+            .verify(&key, now_ms(), 60_000)
+            .expect("mac without the pad");
+        agent.shutdown().await;
     }
 }

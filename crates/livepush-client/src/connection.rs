@@ -20,6 +20,14 @@
 //!
 //! Per-room ordering lives in [`RoomTracker`]; this module does the IO, the watchdog and the
 //! bookkeeping of request ids.
+//!
+//! A `joined` frame either answers a join (WebSocket: the one in flight, matched by its id;
+//! SSE: the stream's own join of the room; long-poll: the attach of the poll whose answer
+//! holds it) or, over WebSocket and SSE, was pushed by the server for a room that is live
+//! and has no join in flight, because it replaced the room's history ([`joined_kind`]).
+//! Either way [`Event::Joined`] reports it and the shared position (what
+//! [`Client::position`](crate::Client::position) reads) follows the tracker's: every
+//! delivered message, every [`Effect::Lost`] and every move back moves it.
 
 mod longpoll;
 mod sse;
@@ -137,6 +145,8 @@ impl Request {
 /// A registered room.
 struct Room {
     tracker: RoomTracker,
+    /// The room's online count, as last said by the server (0: not known yet).
+    online: u64,
     /// The id of the outstanding `join` on this connection.
     join_id: Option<u64>,
     /// Back-off of join retries after `rate_limited` / `internal`.
@@ -290,6 +300,8 @@ pub(crate) struct Worker {
     /// Highest inbox seq handed to the application.
     inbox_delivered: u64,
     next_id: u64,
+    /// The caller of [`Client::close`](crate::Client::close), answered when the task ends.
+    close_reply: Option<Reply>,
 }
 
 impl Worker {
@@ -329,6 +341,7 @@ impl Worker {
             auth_failures: 0,
             inbox_delivered: 0,
             next_id: 0,
+            close_reply: None,
         }
     }
 
@@ -350,6 +363,9 @@ impl Worker {
         self.shared.set_transport(None);
         // Best effort: hand over what is queued without waiting for the application.
         self.outbox.flush();
+        if let Some(reply) = self.close_reply.take() {
+            let _ = reply.send(Ok(()));
+        }
         debug!("livepush client task ended");
     }
 
@@ -544,7 +560,8 @@ impl Worker {
                 return Flow::Go(State::Connecting);
             }
             Command::Close { reply } => {
-                let _ = reply.send(Ok(()));
+                // Answered once the session has ended (see `Worker::run`).
+                self.close_reply = Some(reply);
                 return Flow::Go(State::Closed);
             }
         }
@@ -562,6 +579,7 @@ impl Worker {
             room,
             Room {
                 tracker,
+                online: 0,
                 join_id: None,
                 retry: Backoff::new(self.config.backoff_base, self.config.backoff_max),
                 retry_at: None,
@@ -882,7 +900,8 @@ impl Worker {
                 let _ = reply.send(Ok(()));
             }
             Command::Close { reply } => {
-                let _ = reply.send(Ok(()));
+                // Answered once the session has ended (see `Worker::run`).
+                self.close_reply = Some(reply);
                 return Flow::Go(State::Closed);
             }
         }
@@ -924,7 +943,18 @@ impl Worker {
                     return Ok(());
                 }
                 let resumed = r.tracker.resume_from().is_some();
-                r.tracker.on_joined(&epoch, seq, recovered);
+                r.online = online;
+                match joined_kind(s.link, id, r) {
+                    JoinedKind::Answer => r.tracker.on_joined(&epoch, seq, recovered),
+                    JoinedKind::Pushed => {
+                        warn!(%room, %epoch, seq, "livepush: the room's history was replaced");
+                        r.tracker.on_history_reset(&epoch, seq);
+                    }
+                    JoinedKind::Ignored => {
+                        debug!(%room, "livepush: joined without id ignored (a join is pending, or the room is not live)");
+                        return Ok(());
+                    }
+                }
                 r.join_id = None;
                 r.retry_at = None;
                 r.retry.reset();
@@ -977,7 +1007,10 @@ impl Worker {
                 }
             }
             ServerFrame::Online { room, count } => {
-                if self.rooms.get(&room).is_some_and(|r| r.tracker.is_live()) {
+                if let Some(r) = self.rooms.get_mut(&room)
+                    && r.tracker.is_live()
+                {
+                    r.online = count;
                     self.emit(Event::Online { room, count });
                 }
             }
@@ -1109,6 +1142,14 @@ impl Worker {
                 }
                 Effect::Lost { first, last } => {
                     warn!(%room, first, last, "livepush: reliable messages lost");
+                    // The position moves past what is gone, even when nothing follows.
+                    if let Some(epoch) = self.rooms.get(room).and_then(|r| r.tracker.epoch()) {
+                        let pos = Position {
+                            epoch: epoch.to_owned(),
+                            seq: last,
+                        };
+                        self.shared.set_position(room, Some(pos));
+                    }
                     self.emit(Event::Lost {
                         room: room.to_owned(),
                         first,
@@ -1134,6 +1175,23 @@ impl Worker {
                     ));
                     s.request(id, Request::Pull(room.to_owned()));
                 }
+                Effect::Rewound { seq } => {
+                    warn!(%room, seq, "livepush: the server's history ends before the position; following it back");
+                    let Some(r) = self.rooms.get(room) else {
+                        continue;
+                    };
+                    let pos = r.tracker.resume_from();
+                    let online = r.online;
+                    self.shared.set_position(room, pos.clone());
+                    self.emit(Event::Joined {
+                        room: room.to_owned(),
+                        epoch: pos.map(|p| p.epoch).unwrap_or_default(),
+                        seq,
+                        recovered: false,
+                        resumed: true,
+                        online,
+                    });
+                }
                 Effect::Rejoin => {
                     warn!(%room, "livepush: history changed under the subscription; rejoining");
                     match s.link {
@@ -1145,6 +1203,35 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// What a `joined` frame is to the room it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JoinedKind {
+    /// The answer to a join (WebSocket: the `join` in flight; SSE: the stream's join of the
+    /// room; long-poll: the poll's attach, which is every `joined` a poll answer holds).
+    Answer,
+    /// Pushed by the server for a room that is live and has no join in flight: the room's
+    /// history was replaced (contract v1.1, decision 8).
+    Pushed,
+    /// Without `id` while a join is in flight (its answer settles the position), or for a
+    /// room that is not live: nothing to act on.
+    Ignored,
+}
+
+/// Tell a `joined` that answers a join from one the server pushed. Over long-polling every
+/// `joined` answers the attach of the poll that carried the room (a history replaced while a
+/// poll is parked comes as the usual `joined{recovered:false}`, which the tracker's replay
+/// rules end at the new epoch); over WebSocket and SSE a `joined` without an `id` for a room
+/// that is live and has no join in flight was pushed.
+fn joined_kind(link: Link, id: Option<u64>, r: &Room) -> JoinedKind {
+    match (link, id) {
+        (Link::Longpoll, _) | (_, Some(_)) => JoinedKind::Answer,
+        (Link::Ws, None) if r.join_id.is_some() => JoinedKind::Ignored,
+        (Link::Ws | Link::Sse, None) if r.tracker.is_live() => JoinedKind::Pushed,
+        (Link::Sse, None) => JoinedKind::Answer,
+        (Link::Ws, None) => JoinedKind::Ignored,
     }
 }
 

@@ -11,6 +11,11 @@
 //!   server sends (duplicates from a replay, a gap while connected, which it fills with a
 //!   `pull`, a `prompt` to pull a replay that did not fit), and whatever transport it uses:
 //!   one event stream and one position per room across transport switches;
+//! - never asks twice for what the server no longer has: a resume the server answers with
+//!   `recovered: false` moves the position past what is gone ([`Event::Lost`]), and when the
+//!   server's history changes under a live room (a new history pushed after its store lost
+//!   the room's, or a pull that finds the server behind the position) the client follows it
+//!   without a rejoin and reports it as [`Event::Joined`] with `recovered: false`;
 //! - watches the connection: any incoming traffic (frames, and the server's WebSocket pings)
 //!   resets an idle timer; when it expires the client probes with `{"op":"ping"}`, and a
 //!   connection that stays silent for [`ClientConfig::ping_timeout`] after that is dropped;
@@ -65,7 +70,9 @@
 //! poll is attached to a room the parked poll also carries can therefore arrive twice;
 //! reliable messages never do.) The watchdog of a poll is its HTTP timeout, `poll_wait` +
 //! [`ClientConfig::connect_timeout`]. A `prompt` needs no `pull`: the next poll replays from
-//! the updated position.
+//! the updated position. Every answer says where the inbox stands ([`Client::inbox`]).
+//! [`Client::close`] ends a long-poll session with a `"bye":true` poll, so the server shows
+//! the terminal offline at once rather than after its poll grace period.
 //!
 //! Server-Sent Events (`GET /v1/sse`, [`TransportMode::Sse`]) are receive-only:
 //! [`Client::send`] and [`Client::ack_inbox`] fail with [`ClientError::Unsupported`]. The
@@ -78,7 +85,8 @@
 //!
 //! [`WakeAgent`] runs a terminal that holds no connection while idle, only a UDP socket that
 //! sends signed keepalives; a wake datagram from the server makes it connect briefly (with a
-//! [`Client`]), take and acknowledge its inbox, and leave again. See the [`WakeAgent`]
+//! [`Client`]), take and acknowledge its inbox (the `connected` frame's `pending` count says
+//! when there is nothing left to take), and leave again. See the [`WakeAgent`]
 //! documentation for its states.
 
 #![forbid(unsafe_code)]
@@ -211,13 +219,28 @@ pub enum Event {
     /// a `since` position. Over long-polling a complete resume is confirmed by the server
     /// without a `joined` frame; the client then reports it once per session with
     /// `recovered: true`, `seq` = the resume position and `online` = the count if the same
-    /// answer carried one, else 0 (unknown; an [`Event::Online`] follows). `recovered: false`: messages after that position were lost
-    /// (history window exceeded, or the room's history changed: then `epoch` is new and the
-    /// room's position restarts in it); the replay that follows holds what is still kept.
+    /// answer carried one, else 0 (unknown; an [`Event::Online`] follows).
+    ///
+    /// `recovered: false`: messages after that position were lost (history window exceeded,
+    /// or the room's history changed: then `epoch` is new and the room's position restarts
+    /// in it); the replay that follows holds what is still kept, and [`Event::Lost`] names
+    /// the seqs skipped. The client does not ask again for what is gone: its position moves
+    /// past it (with the replay, or to `seq` when nothing is replayed).
+    ///
+    /// Show a reload hint on `recovered: false`. It also comes without a join of the
+    /// application's, with `resumed: true`, when the server's history changed under a room
+    /// that is live (contract v1.1):
+    /// - the server pushed a new history (its store lost the room's, decision 8): the
+    ///   position becomes `(epoch, seq)` and the room continues live from there, with no
+    ///   replay and no rejoin;
+    /// - a pull found the server's history ending at `seq`, before the position (it lost
+    ///   messages it had delivered, decision 7): the position moves back to `seq`, so the
+    ///   seqs after it will be new messages.
     Joined {
         room: String,
         epoch: String,
-        /// The room's latest seq when it was joined.
+        /// The room's latest seq when it was joined (after a history change without a join:
+        /// where the room continues from).
         seq: u64,
         recovered: bool,
         resumed: bool,
@@ -289,6 +312,8 @@ pub(crate) struct Shared {
     transport: AtomicU8,
     /// What the server said in the last `connected` frame.
     session: Mutex<Option<SessionInfo>>,
+    /// The inbox position the server reported last (`connected`, long-poll answers).
+    inbox: Mutex<Option<InboxPosition>>,
 }
 
 /// What the server said in its last `connected` frame (see [`Client::session`]).
@@ -298,7 +323,10 @@ pub struct SessionInfo {
     pub terminal: String,
     pub transport: Transport,
     /// The inbox position at connect: `seq` = the newest inbox message, `acked` = the
-    /// acknowledged position. The messages after `acked` follow the `connected` frame.
+    /// acknowledged position, `pending` = how many unacknowledged messages the server still
+    /// keeps (they follow the `connected` frame; fewer than `seq - acked` when some expired
+    /// or were dropped, and 0 when there is nothing to take: contract v1.1, decision 6).
+    /// [`Client::inbox`] has the latest position.
     pub inbox: InboxPosition,
     /// The terminal's wake key (standard base64) for UDP wake-up keepalives (see
     /// [`WakeAgent`]); empty if the server sent none.
@@ -328,7 +356,12 @@ impl Shared {
     }
 
     pub(crate) fn set_session(&self, info: SessionInfo) {
+        self.set_inbox(info.inbox);
         *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
+    }
+
+    pub(crate) fn set_inbox(&self, inbox: InboxPosition) {
+        *self.inbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(inbox);
     }
 
     pub(crate) fn set_transport(&self, t: Option<Transport>) {
@@ -482,6 +515,15 @@ impl Client {
             .clone()
     }
 
+    /// Where the terminal's inbox stands, as the server said last: the `connected` frame's
+    /// position, then, over long-polling, the `inbox` block of every poll answer (a terminal
+    /// that has acknowledged everything it was sent sees `pending: 0` there). WebSocket and
+    /// SSE sessions report it only at connect. `None` before the first session (or from a
+    /// server that reports none). Kept after the session ends.
+    pub fn inbox(&self) -> Option<InboxPosition> {
+        *self.shared.inbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Whether a session is established right now.
     pub fn is_connected(&self) -> bool {
         self.transport().is_some()
@@ -497,10 +539,17 @@ impl Client {
         }
     }
 
-    /// Close the connection cleanly (a WebSocket close frame, which the server does not
-    /// count as an interruption; an HTTP transport just stops) and stop the task, for every
-    /// handle. Events already queued
-    /// stay readable; then the stream ends.
+    /// Close the connection cleanly and stop the task, for every handle; returns once the
+    /// session has ended. Over WebSocket: a close frame, which the server does not count as
+    /// an interruption, and a short wait for the server's (at most
+    /// [`ClientConfig::write_timeout`] + 1 s). Over long-polling: the parked poll is dropped
+    /// and one last poll says `"bye":true` (contract v1.1, decision 5), carrying the queued
+    /// ops (an [`ack_inbox`](Client::ack_inbox) among them) and every followed room; the
+    /// server takes the terminal out of its rooms and shows it offline at once instead of
+    /// after its poll grace period. Its answer is awaited for at most 2 s. Over SSE the
+    /// stream just stops. Events already queued stay readable; then the stream ends.
+    ///
+    /// Dropping every handle closes the client the same way, in the background.
     pub async fn close(self) {
         let _ = self.request(|reply| Command::Close { reply }).await;
     }

@@ -4,6 +4,18 @@
 //! room and answers with [`Effect`]s: messages to hand to the application (each `seq` exactly
 //! once, in increasing order), `pull` requests to send, and gaps it had to give up on. The
 //! connection task owns one tracker per room and does the IO.
+//!
+//! Invariants:
+//! - within one history (from a `joined`, an [`RoomTracker::on_history_reset`] or an
+//!   [`Effect::Rewound`] to the next), delivered seqs strictly increase, and the position
+//!   ([`RoomTracker::resume_from`]) is the last delivered seq or the base the tracker was
+//!   told to start after;
+//! - at most one `pull` is outstanding, and a `pulled` answer that does not answer it (one
+//!   that crossed a reset or a reconnect) changes nothing;
+//! - the out-of-order buffer never holds more than `max_buffered` messages;
+//! - the position only moves backwards when the server says its history is behind it (a
+//!   `joined` below it, a `pulled{recovered:false}` from beyond its latest seq, a new
+//!   history pushed while live), never because of what arrives on the wire otherwise.
 
 use std::collections::BTreeMap;
 
@@ -47,6 +59,12 @@ pub enum Effect {
     /// The history changed under a live subscription (a `pulled` answer names another epoch):
     /// send `join` again with [`RoomTracker::resume_from`] to get a proper `joined`.
     Rejoin,
+    /// A pull from beyond the server's latest seq (contract v1.1, decision 7): the server
+    /// lost messages it had delivered, and its history now ends at `seq`, below the
+    /// position. The position moved back to `seq` (the seqs after it will be *new*
+    /// messages); nothing is pulled again. Report it like a resume that failed
+    /// (`joined{recovered:false}`): the application's view is no longer the server's.
+    Rewound { seq: u64 },
 }
 
 /// Ordering and de-duplication state of one room: a pure state machine, fed by the
@@ -65,7 +83,13 @@ pub enum Effect {
 ///   [`Effect::Lost`];
 /// - a `pulled` answer with nothing past the pull's `since` ends the pulling (the server has
 ///   nothing more): held messages beyond the gap are then delivered after an
-///   [`Effect::Lost`], rather than pulling forever.
+///   [`Effect::Lost`], rather than pulling forever;
+/// - a `pulled{recovered:false}` whose latest seq is below the position (the pull started
+///   beyond the server's history) moves the position back to that seq
+///   ([`Effect::Rewound`]) and does not pull again;
+/// - a new history pushed while live ([`on_history_reset`](Self::on_history_reset)) is
+///   adopted as is: the position becomes its `(epoch, seq)` and live messages continue
+///   from there, with no replay, no pull and no rejoin.
 #[derive(Debug, Clone)]
 pub struct RoomTracker {
     room: String,
@@ -209,6 +233,24 @@ impl RoomTracker {
         }
     }
 
+    /// A `joined` the server pushed for a room that is live on this connection, not the
+    /// answer to a join (contract v1.1, decision 8: the server's history was lost, e.g. its
+    /// store was flushed, and the room restarts as `epoch` at `seq`). The position becomes
+    /// `(epoch, seq)`, even backwards and even in the same epoch; no replay follows, so live
+    /// messages continue from `seq + 1`. Whatever was held for the old history (buffered
+    /// messages, an outstanding pull) is forgotten.
+    pub fn on_history_reset(&mut self, epoch: &str, seq: u64) {
+        self.reset_to(epoch.to_owned(), seq);
+    }
+
+    /// Start over at `(epoch, seq)`, live, with nothing held or outstanding.
+    fn reset_to(&mut self, epoch: String, seq: u64) {
+        self.on_disconnect();
+        self.live = true;
+        self.epoch = Some(epoch);
+        self.last = seq;
+    }
+
     /// A reliable `msg` (one with a `seq`); transient messages never come here.
     pub fn on_message(&mut self, msg: Message) -> Vec<Effect> {
         let mut out = Vec::new();
@@ -249,7 +291,9 @@ impl RoomTracker {
         out
     }
 
-    /// A `pulled{epoch, seq: latest, recovered, messages}` answer to our pull.
+    /// A `pulled{epoch, seq: latest, recovered, messages}` answer to our pull. An answer
+    /// while no pull is outstanding (one that crossed a reconnect, a
+    /// [`on_history_reset`](Self::on_history_reset) or a failed pull) is ignored.
     pub fn on_pulled(
         &mut self,
         epoch: &str,
@@ -258,14 +302,21 @@ impl RoomTracker {
         messages: Vec<Message>,
     ) -> Vec<Effect> {
         let mut out = Vec::new();
-        if !self.live {
+        if !self.live || !self.pull_in_flight {
             return out;
         }
         self.pull_in_flight = false;
-        if self.epoch.as_deref() != Some(epoch) {
+        let Some(current) = self.epoch.clone().filter(|e| e == epoch) else {
             // Not the history we follow: re-establish the position with a fresh `joined`.
             self.on_disconnect();
             out.push(Effect::Rejoin);
+            return out;
+        };
+        if !recovered && latest < self.last {
+            // The pull started beyond the server's latest seq: it lost messages it had
+            // delivered. Follow it back; pulling again would get the same answer.
+            self.reset_to(current, latest);
+            out.push(Effect::Rewound { seq: latest });
             return out;
         }
         // Did the server return anything past what we asked for? (Live messages may have
@@ -384,474 +435,4 @@ impl RoomTracker {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    const ROOM: &str = "live:1";
-
-    fn msg(seq: u64) -> Message {
-        Message {
-            room: ROOM.to_owned(),
-            ty: "gift".to_owned(),
-            data: serde_json::json!({ "n": seq }),
-            seq: Some(seq),
-            ts: seq,
-        }
-    }
-
-    fn pos(epoch: &str, seq: u64) -> Option<Position> {
-        Some(Position {
-            epoch: epoch.to_owned(),
-            seq,
-        })
-    }
-
-    fn delivered(effects: &[Effect]) -> Vec<u64> {
-        effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Deliver(m) => Some(m.seq),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn pulls(effects: &[Effect]) -> Vec<u64> {
-        effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Pull { since } => Some(*since),
-                _ => None,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn fresh_join_starts_at_the_live_edge() {
-        let mut t = RoomTracker::new(ROOM, None, 16);
-        assert_eq!(t.resume_from(), None);
-        assert!(t.on_message(msg(1)).is_empty(), "nothing before joined");
-        t.on_joined("e1", 7, true);
-        assert_eq!(t.resume_from(), pos("e1", 7));
-        assert!(t.on_message(msg(7)).is_empty());
-        let e = t.on_message(msg(8));
-        assert_eq!(delivered(&e), vec![8]);
-        match &e[0] {
-            Effect::Deliver(m) => {
-                assert_eq!(m.epoch, "e1");
-                assert_eq!(
-                    m.position(),
-                    Position {
-                        epoch: "e1".into(),
-                        seq: 8
-                    }
-                );
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn duplicates_are_dropped_and_gaps_pull_once() {
-        let mut t = RoomTracker::new(ROOM, pos("e", 0), 16);
-        t.on_joined("e", 0, true);
-        assert_eq!(delivered(&t.on_message(msg(1))), vec![1]);
-        assert!(t.on_message(msg(1)).is_empty());
-        let e = t.on_message(msg(4));
-        assert_eq!(e, vec![Effect::Pull { since: 1 }]);
-        assert!(
-            t.on_message(msg(5)).is_empty(),
-            "one pull in flight at a time"
-        );
-        assert!(t.on_prompt(9).is_empty(), "still in flight");
-        let e = t.on_pulled("e", 9, true, vec![msg(2), msg(3), msg(4)]);
-        assert_eq!(delivered(&e), vec![2, 3, 4, 5]);
-        assert_eq!(pulls(&e), vec![5], "the prompt wants up to 9");
-        let e = t.on_pulled("e", 9, true, vec![msg(6), msg(7), msg(8), msg(9)]);
-        assert_eq!(delivered(&e), vec![6, 7, 8, 9]);
-        assert!(pulls(&e).is_empty());
-        assert!(!t.pull_in_flight());
-        assert_eq!(t.resume_from(), pos("e", 9));
-    }
-
-    #[test]
-    fn live_message_filling_the_gap_before_the_pull_answer() {
-        let mut t = RoomTracker::new(ROOM, pos("e", 0), 16);
-        t.on_joined("e", 0, true);
-        assert_eq!(pulls(&t.on_message(msg(2))), vec![0]);
-        assert_eq!(delivered(&t.on_message(msg(1))), vec![1, 2]);
-        // The pull answer overlaps what was delivered.
-        let e = t.on_pulled("e", 3, true, vec![msg(1), msg(2), msg(3)]);
-        assert_eq!(delivered(&e), vec![3]);
-        assert!(pulls(&e).is_empty());
-    }
-
-    #[test]
-    fn resume_in_the_same_epoch_drops_the_overlap() {
-        let mut t = RoomTracker::new(ROOM, pos("e", 3), 16);
-        t.on_joined("e", 5, true);
-        let mut all = Vec::new();
-        for s in [2, 3, 4, 4, 5, 5, 6] {
-            all.extend(delivered(&t.on_message(msg(s))));
-        }
-        assert_eq!(all, vec![4, 5, 6]);
-    }
-
-    #[test]
-    fn reconnect_forgets_the_connection_state_but_not_the_position() {
-        let mut t = RoomTracker::new(ROOM, pos("e", 0), 16);
-        t.on_joined("e", 0, true);
-        t.on_message(msg(1));
-        assert_eq!(pulls(&t.on_message(msg(3))), vec![1]);
-        t.on_disconnect();
-        assert!(!t.is_live());
-        assert_eq!(t.buffered(), 0);
-        assert_eq!(t.resume_from(), pos("e", 1));
-        assert!(t.on_message(msg(2)).is_empty(), "not joined yet");
-        t.on_joined("e", 3, true);
-        let mut all = Vec::new();
-        for s in [2, 3] {
-            all.extend(delivered(&t.on_message(msg(s))));
-        }
-        assert_eq!(all, vec![2, 3]);
-        assert!(!t.pull_in_flight(), "the old pull was forgotten");
-    }
-
-    #[test]
-    fn history_exceeded_skips_to_the_first_kept_message() {
-        let mut t = RoomTracker::new(ROOM, pos("e", 3), 16);
-        t.on_joined("e", 60, false);
-        let e = t.on_message(msg(50));
-        assert_eq!(e[0], Effect::Lost { first: 4, last: 49 });
-        assert_eq!(delivered(&e), vec![50]);
-        assert_eq!(delivered(&t.on_message(msg(51))), vec![51]);
-        // Only the first message re-bases; a later gap pulls as usual.
-        assert_eq!(pulls(&t.on_message(msg(53))), vec![51]);
-    }
-
-    #[test]
-    fn new_epoch_resets_the_position() {
-        let mut t = RoomTracker::new(ROOM, pos("old", 40), 16);
-        t.on_joined("new", 3, false);
-        assert_eq!(t.resume_from(), pos("new", 0));
-        let mut all = Vec::new();
-        for s in [1, 2, 3, 4] {
-            all.extend(delivered(&t.on_message(msg(s))));
-        }
-        assert_eq!(all, vec![1, 2, 3, 4]);
-    }
-
-    #[test]
-    fn server_that_lost_data_is_followed() {
-        let mut t = RoomTracker::new(ROOM, pos("e", 10), 16);
-        t.on_joined("e", 4, false);
-        assert_eq!(t.resume_from(), pos("e", 4));
-        assert_eq!(delivered(&t.on_message(msg(5))), vec![5]);
-    }
-
-    #[test]
-    fn replay_that_did_not_fit_is_pulled_after_the_prompt() {
-        let mut t = RoomTracker::new(ROOM, pos("e", 0), 16);
-        t.on_joined("e", 250, true);
-        let mut all = Vec::new();
-        for s in 1..=3 {
-            all.extend(delivered(&t.on_message(msg(s))));
-        }
-        assert_eq!(pulls(&t.on_prompt(250)), vec![3]);
-        // A live message published after the prompt arrives before the pulled answer.
-        assert!(t.on_message(msg(251)).is_empty());
-        let mut since = 3;
-        loop {
-            let batch: Vec<_> = (since + 1..=(since + 100).min(250)).map(msg).collect();
-            let e = t.on_pulled("e", 251, true, batch);
-            all.extend(delivered(&e));
-            match pulls(&e).as_slice() {
-                [] => break,
-                [s] => since = *s,
-                more => panic!("{more:?}"),
-            }
-        }
-        assert_eq!(all, (1..=251).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn recovered_false_pull_skips_and_empty_answer_gives_up() {
-        let mut t = RoomTracker::new(ROOM, pos("e", 0), 16);
-        t.on_joined("e", 0, true);
-        t.on_message(msg(1));
-        assert_eq!(pulls(&t.on_message(msg(30))), vec![1]);
-        let e = t.on_pulled("e", 30, false, vec![msg(20), msg(21)]);
-        assert_eq!(e[0], Effect::Lost { first: 2, last: 19 });
-        assert_eq!(delivered(&e), vec![20, 21]);
-        assert_eq!(pulls(&e), vec![21]);
-        // Nothing more to give (a broken server): no pull loop, the buffer goes on.
-        let e = t.on_pulled("e", 30, true, vec![]);
-        assert_eq!(
-            e[0],
-            Effect::Lost {
-                first: 22,
-                last: 29
-            }
-        );
-        assert_eq!(delivered(&e), vec![30]);
-        assert!(pulls(&e).is_empty());
-    }
-
-    #[test]
-    fn resync_waits_for_an_outstanding_pull() {
-        // recovered:false and the replay did not fit: prompt, then a live message arrives
-        // before the pulled answer. The live message must not become the base.
-        let mut t = RoomTracker::new(ROOM, pos("e", 3), 16);
-        t.on_joined("e", 100, false);
-        assert_eq!(pulls(&t.on_prompt(100)), vec![3]);
-        assert!(t.on_message(msg(101)).is_empty());
-        let e = t.on_pulled("e", 101, false, (50..=100).map(msg).collect());
-        assert_eq!(e[0], Effect::Lost { first: 4, last: 49 });
-        assert_eq!(delivered(&e), (50..=101).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn buffer_overflow_drops_the_buffer_and_relies_on_pull() {
-        let mut t = RoomTracker::new(ROOM, pos("e", 0), 4);
-        t.on_joined("e", 0, true);
-        assert_eq!(pulls(&t.on_message(msg(3))), vec![0]);
-        for s in 4..=10 {
-            t.on_message(msg(s));
-        }
-        assert!(t.buffered() <= 4);
-        let mut all = delivered(&t.on_pulled("e", 10, true, (1..=4).map(msg).collect()));
-        let e = t.on_pulled("e", 10, true, (5..=10).map(msg).collect());
-        all.extend(delivered(&e));
-        assert_eq!(all, (1..=10).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn pulled_from_another_epoch_asks_for_a_rejoin() {
-        let mut t = RoomTracker::new(ROOM, pos("e", 0), 4);
-        t.on_joined("e", 0, true);
-        t.on_message(msg(2));
-        assert_eq!(
-            t.on_pulled("x", 5, false, vec![msg(1)]),
-            vec![Effect::Rejoin]
-        );
-        assert_eq!(t.resume_from(), pos("e", 0));
-        assert!(!t.is_live());
-    }
-
-    #[test]
-    fn transient_and_pull_failure() {
-        let mut t = RoomTracker::new(ROOM, pos("e", 0), 4);
-        t.on_joined("e", 0, true);
-        let mut m = msg(1);
-        m.seq = None;
-        assert!(t.on_message(m).is_empty());
-        assert_eq!(pulls(&t.on_message(msg(3))), vec![0]);
-        t.on_pull_failed();
-        assert_eq!(
-            pulls(&t.on_message(msg(4))),
-            vec![0],
-            "pulls again on the next gap"
-        );
-    }
-
-    #[test]
-    fn long_poll_attach_goes_live_without_joined() {
-        let mut t = RoomTracker::new(ROOM, None, 16);
-        t.on_attached();
-        assert!(!t.is_live(), "a fresh join waits for its joined");
-        t.on_joined("e", 4, true);
-        assert_eq!(delivered(&t.on_message(msg(5))), vec![5]);
-        // A held gap and its pull are forgotten by the next poll, whose replay covers them.
-        assert_eq!(pulls(&t.on_message(msg(7))), vec![5]);
-        t.on_attached();
-        assert!(t.is_live());
-        assert_eq!(t.buffered(), 0);
-        assert!(!t.pull_in_flight());
-        assert_eq!(t.resume_from(), pos("e", 5));
-        assert_eq!(delivered(&t.on_message(msg(5))), Vec::<u64>::new());
-        assert_eq!(delivered(&t.on_message(msg(6))), vec![6]);
-    }
-
-    #[test]
-    fn replay_complete_after_recovered_false_skips_what_is_gone() {
-        // The history expired entirely: joined{recovered:false} with no replay at all.
-        let mut t = RoomTracker::new(ROOM, pos("e", 3), 16);
-        t.on_attached();
-        t.on_joined("e", 9, false);
-        assert_eq!(
-            t.on_replay_complete(9),
-            vec![Effect::Lost { first: 4, last: 9 }]
-        );
-        assert_eq!(t.resume_from(), pos("e", 9));
-        assert_eq!(delivered(&t.on_message(msg(10))), vec![10]);
-        // With a replay the first message already re-based: nothing more to do.
-        let mut t = RoomTracker::new(ROOM, pos("e", 3), 16);
-        t.on_joined("e", 9, false);
-        assert_eq!(delivered(&t.on_message(msg(8))), vec![8]);
-        assert!(t.on_replay_complete(9).is_empty());
-        // A complete resume never skips.
-        let mut t = RoomTracker::new(ROOM, pos("e", 3), 16);
-        t.on_joined("e", 9, true);
-        assert!(t.on_replay_complete(9).is_empty());
-        assert_eq!(t.resume_from(), pos("e", 3));
-    }
-
-    /// What the harness can do to a tracker. The server's history is `1..=n` of one epoch and
-    /// is complete (nothing is lost), so every seq must be delivered exactly once, in order.
-    #[derive(Debug, Clone)]
-    enum Op {
-        /// A live (or duplicated, or late) message.
-        Live(u64),
-        /// The server answers the outstanding pull, capping it at `cap` messages.
-        AnswerPull(u64),
-        Prompt(u64),
-        /// The connection drops; the client rejoins and gets a replay from its position,
-        /// cut after `cut` messages, with `dup` extra duplicates of older seqs mixed in.
-        Reconnect {
-            cut: u64,
-            dup: u64,
-        },
-    }
-
-    fn op(n: u64) -> impl Strategy<Value = Op> {
-        prop_oneof![
-            4 => (1..=n).prop_map(Op::Live),
-            2 => (1..=n).prop_map(Op::AnswerPull),
-            1 => (1..=n).prop_map(Op::Prompt),
-            1 => (0..=n, 0..=n).prop_map(|(cut, dup)| Op::Reconnect { cut, dup }),
-        ]
-    }
-
-    struct Harness {
-        n: u64,
-        t: RoomTracker,
-        delivered: Vec<u64>,
-        pending_pull: Option<u64>,
-        pulls_sent: usize,
-    }
-
-    impl Harness {
-        fn apply(&mut self, effects: Vec<Effect>) -> Result<(), TestCaseError> {
-            for e in effects {
-                match e {
-                    Effect::Deliver(m) => self.delivered.push(m.seq),
-                    Effect::Pull { since } => {
-                        prop_assert!(self.pending_pull.is_none(), "two pulls in flight");
-                        self.pending_pull = Some(since);
-                        self.pulls_sent += 1;
-                    }
-                    other => prop_assert!(false, "unexpected {other:?}"),
-                }
-            }
-            // Invariant: what was delivered is exactly 1..=k.
-            for (i, s) in self.delivered.iter().enumerate() {
-                prop_assert_eq!(*s, i as u64 + 1, "delivered {:?}", self.delivered);
-            }
-            Ok(())
-        }
-
-        fn answer_pull(&mut self, cap: u64) -> Result<(), TestCaseError> {
-            if let Some(since) = self.pending_pull.take() {
-                let msgs = (since + 1..=(since + cap).min(self.n)).map(msg).collect();
-                let e = self.t.on_pulled("e", self.n, true, msgs);
-                self.apply(e)?;
-            }
-            Ok(())
-        }
-
-        fn reconnect(&mut self, cut: u64, dup: u64) -> Result<(), TestCaseError> {
-            self.t.on_disconnect();
-            self.pending_pull = None;
-            let since = self.t.resume_from().map(|p| p.seq).unwrap_or(0);
-            self.t.on_joined("e", self.n, true);
-            for s in since.saturating_sub(dup)..=since {
-                if s > 0 {
-                    let e = self.t.on_message(msg(s));
-                    self.apply(e)?;
-                }
-            }
-            let end = (since + cut).min(self.n);
-            for s in since + 1..=end {
-                let e = self.t.on_message(msg(s));
-                self.apply(e)?;
-            }
-            if end < self.n {
-                let e = self.t.on_prompt(self.n);
-                self.apply(e)?;
-            }
-            Ok(())
-        }
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
-
-        #[test]
-        fn every_seq_exactly_once_in_order(
-            (n, ops, cap) in (1u64..40).prop_flat_map(|n| (Just(n), proptest::collection::vec(op(n), 0..120), 1..=n)),
-            max_buffered in 1usize..16,
-        ) {
-            let mut h = Harness {
-                n,
-                t: RoomTracker::new(ROOM, pos("e", 0), max_buffered),
-                delivered: Vec::new(),
-                pending_pull: None,
-                pulls_sent: 0,
-            };
-            h.t.on_joined("e", n, true);
-            for op in ops {
-                match op {
-                    Op::Live(s) => { let e = h.t.on_message(msg(s)); h.apply(e)?; }
-                    Op::AnswerPull(c) => h.answer_pull(c)?,
-                    Op::Prompt(s) => { let e = h.t.on_prompt(s); h.apply(e)?; }
-                    Op::Reconnect { cut, dup } => h.reconnect(cut, dup)?,
-                }
-                prop_assert!(h.t.buffered() <= max_buffered);
-            }
-            // Settle: answer pulls until none is left, then a full resume finishes the job.
-            for _ in 0..=n {
-                h.answer_pull(cap)?;
-            }
-            h.reconnect(n, 2)?;
-            for _ in 0..=n {
-                h.answer_pull(cap)?;
-            }
-            prop_assert_eq!(h.delivered, (1..=n).collect::<Vec<_>>());
-            prop_assert!(h.pending_pull.is_none());
-        }
-
-        /// Garbage from a broken server never panics, never delivers a seq twice within an
-        /// epoch without a `joined` in between, and keeps the buffer bounded.
-        #[test]
-        fn arbitrary_frames_never_panic(
-            frames in proptest::collection::vec(
-                (0u8..4, prop_oneof![8 => 0u64..50, 1 => any::<u64>()], any::<bool>(), 0u8..3),
-                0..200,
-            ),
-        ) {
-            let mut t = RoomTracker::new(ROOM, None, 8);
-            let mut last_delivered: Option<u64> = None;
-            for (kind, seq, flag, e) in frames {
-                let epoch = ["a", "b", "c"][usize::from(e)];
-                let effects = match kind {
-                    0 => { t.on_joined(epoch, seq, flag); last_delivered = None; vec![] }
-                    1 => t.on_message(msg(seq)),
-                    2 => t.on_prompt(seq),
-                    _ => t.on_pulled(epoch, seq, flag, (seq.saturating_sub(3)..seq.saturating_add(3)).map(msg).collect()),
-                };
-                for eff in effects {
-                    match eff {
-                        Effect::Deliver(m) => {
-                            if let Some(l) = last_delivered { prop_assert!(m.seq > l); }
-                            last_delivered = Some(m.seq);
-                        }
-                        Effect::Rejoin => last_delivered = None,
-                        _ => {}
-                    }
-                }
-                prop_assert!(t.buffered() <= 8);
-            }
-        }
-    }
-}
+mod tests;

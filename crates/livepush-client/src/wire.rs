@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use livepush_proto::{ClientEnvelope, Position, Positions, ServerFrame};
+use livepush_proto::{ClientEnvelope, InboxPosition, Position, Positions, ServerFrame};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite;
@@ -42,6 +42,10 @@ pub(crate) struct PollBody<'a> {
     pub wait_ms: u64,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     pub ops: &'a [ClientEnvelope],
+    /// The terminal is leaving (contract v1.1, decision 5): the server runs the ops, takes
+    /// it out of the rooms named and ends its long-poll presence at once.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub bye: bool,
 }
 
 impl<'a> PollBody<'a> {
@@ -68,6 +72,7 @@ impl<'a> PollBody<'a> {
             inbox: (inbox > 0).then_some(inbox),
             wait_ms,
             ops,
+            bye: false,
         }
     }
 
@@ -79,16 +84,31 @@ impl<'a> PollBody<'a> {
 
 #[derive(Deserialize)]
 struct Answer {
-    frames: Vec<Box<RawValue>>,
+    frames: Option<Vec<Box<RawValue>>>,
+    /// The contract writes the answer to a `bye` poll as `{"ops":[…]}`.
+    ops: Option<Vec<Box<RawValue>>>,
+    inbox: Option<InboxPosition>,
 }
 
-/// Parse a poll answer `{"frames":[…]}`. Unreadable frames are skipped (with a warning), as
-/// on WebSocket; an unreadable answer is an error.
-pub(crate) fn parse_answer(body: &[u8]) -> Result<Vec<ServerFrame>, String> {
+/// A poll answer: its frames, and where the inbox stands after it (contract v1.1, decision
+/// 6: every answer of a poll that opened the inbox says so; older servers do not).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PollAnswer {
+    pub frames: Vec<ServerFrame>,
+    pub inbox: Option<InboxPosition>,
+}
+
+/// Parse a poll answer `{"frames":[…],"inbox":{…}}` (or a `bye` answer written
+/// `{"ops":[…]}`). Unreadable frames are skipped (with a warning), as on WebSocket; an
+/// unreadable answer, or one with neither list, is an error.
+pub(crate) fn parse_answer(body: &[u8]) -> Result<PollAnswer, String> {
     let answer: Answer =
         serde_json::from_slice(body).map_err(|e| format!("unreadable poll answer: {e}"))?;
-    Ok(answer
+    let raw = answer
         .frames
+        .or(answer.ops)
+        .ok_or_else(|| "poll answer without `frames`".to_owned())?;
+    let frames = raw
         .iter()
         .filter_map(|raw| match ServerFrame::parse(raw.get()) {
             Ok(f) => Some(f),
@@ -97,7 +117,11 @@ pub(crate) fn parse_answer(body: &[u8]) -> Result<Vec<ServerFrame>, String> {
                 None
             }
         })
-        .collect())
+        .collect();
+    Ok(PollAnswer {
+        frames,
+        inbox: answer.inbox,
+    })
 }
 
 #[derive(Deserialize)]
@@ -374,12 +398,12 @@ mod tests {
 
     #[test]
     fn poll_answer_skips_unreadable_frames() {
-        let frames = parse_answer(
+        let answer = parse_answer(
             br#"{"frames":[{"op":"pong"},{"op":"nope"},{"op":"prompt","room":"r","seq":3}]}"#,
         )
         .unwrap();
         assert_eq!(
-            frames,
+            answer.frames,
             vec![
                 ServerFrame::Pong { id: None },
                 ServerFrame::Prompt {
@@ -388,8 +412,53 @@ mod tests {
                 }
             ]
         );
+        assert_eq!(answer.inbox, None, "a v1.0 answer has no inbox block");
         assert!(parse_answer(b"<html>").is_err());
-        assert!(parse_answer(br#"{"frames":[]}"#).unwrap().is_empty());
+        assert!(parse_answer(br#"{"inbox":{"seq":1,"acked":1}}"#).is_err());
+        assert!(parse_answer(br#"{"frames":[]}"#).unwrap().frames.is_empty());
+    }
+
+    #[test]
+    fn poll_answer_inbox_block_and_bye_answers() {
+        let answer =
+            parse_answer(br#"{"frames":[],"inbox":{"seq":5,"acked":2,"pending":1}}"#).unwrap();
+        assert_eq!(
+            answer.inbox,
+            Some(InboxPosition {
+                seq: 5,
+                acked: 2,
+                pending: 1
+            })
+        );
+        // A `bye` answer as the contract writes it, and as the livepush server sends it.
+        let left = ServerFrame::Left {
+            id: None,
+            room: "r".into(),
+        };
+        let contract = parse_answer(br#"{"ops":[{"op":"left","room":"r"}]}"#).unwrap();
+        assert_eq!(contract.frames, vec![left.clone()]);
+        let both = parse_answer(
+            br#"{"frames":[{"op":"pong"},{"op":"left","room":"r"}],"ops":[{"op":"left","room":"r"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(both.frames, vec![ServerFrame::Pong { id: None }, left]);
+    }
+
+    #[test]
+    fn bye_poll_body() {
+        let p = pos("e1", 7);
+        let ops = vec![ClientEnvelope::with_id(ClientFrame::Ack { inbox: 4 }, 9)];
+        let mut body = PollBody::new(Some("T"), None, false, [("a", Some(&p))], 4, 0, &ops);
+        body.bye = true;
+        let v: serde_json::Value = serde_json::from_slice(&body.to_json()).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "token": "T", "hello": false, "rooms": {"a": {"epoch": "e1", "seq": 7}},
+                "inbox": 4, "wait_ms": 0, "bye": true,
+                "ops": [{"id": 9, "op": "ack", "inbox": 4}]
+            })
+        );
     }
 
     #[test]

@@ -13,16 +13,6 @@ use serde_json::json;
 
 const ROOM: &str = "live:1";
 
-/// Connect `conn`, expect the join of ROOM and answer it at `seq` 0 of epoch e1.
-async fn join_fresh(conn: &mut Conn, events: &mut livepush_client::Events) {
-    conn.handshake("t1").await;
-    let (room, since, id) = conn.expect_join().await;
-    assert_eq!((room.as_str(), since), (ROOM, None));
-    conn.send(&[joined(id, ROOM, "e1", 0, true)]).await;
-    assert!(matches!(next_event(events).await, Event::Connected { .. }));
-    assert!(matches!(next_event(events).await, Event::Joined { .. }));
-}
-
 #[tokio::test]
 async fn connects_joins_and_receives_reliable_and_transient() {
     let server = FakeServer::start().await;
@@ -123,7 +113,7 @@ async fn reconnects_and_resumes_with_the_last_delivered_seq() {
     client.join(ROOM, None).await.unwrap();
 
     let mut conn = server.accept().await;
-    join_fresh(&mut conn, &mut events).await;
+    conn.join_fresh(&mut events, ROOM).await;
     conn.send(&[msg(ROOM, 1), msg(ROOM, 2), msg(ROOM, 3)]).await;
     assert_eq!(next_seqs(&mut events, ROOM, 3).await, vec![1, 2, 3]);
 
@@ -193,7 +183,7 @@ async fn a_gap_while_connected_is_pulled_once_and_filled_in_order() {
     .unwrap();
     client.join(ROOM, None).await.unwrap();
     let mut conn = server.accept().await;
-    join_fresh(&mut conn, &mut events).await;
+    conn.join_fresh(&mut events, ROOM).await;
 
     conn.send(&[msg(ROOM, 1), msg(ROOM, 2), msg(ROOM, 5)]).await;
     conn.send(&[msg(ROOM, 6)]).await;
@@ -298,7 +288,7 @@ async fn a_silent_server_is_detected_by_the_watchdog() {
     .unwrap();
     client.join(ROOM, None).await.unwrap();
     let mut silent = server.accept().await;
-    join_fresh(&mut silent, &mut events).await;
+    silent.join_fresh(&mut events, ROOM).await;
     silent.send(&[msg(ROOM, 1)]).await;
     assert_eq!(next_seqs(&mut events, ROOM, 1).await, vec![1]);
     let quiet_since = Instant::now();
@@ -339,7 +329,7 @@ async fn websocket_pings_keep_the_connection_alive() {
     .unwrap();
     client.join(ROOM, None).await.unwrap();
     let mut conn = server.accept().await;
-    join_fresh(&mut conn, &mut events).await;
+    conn.join_fresh(&mut events, ROOM).await;
 
     // Only WebSocket pings (every 100 ms) for two idle periods: the client must not probe.
     let until = Instant::now() + Duration::from_millis(1000);
@@ -571,7 +561,7 @@ async fn garbage_from_the_server_is_skipped() {
     let (client, mut events) = Client::connect(server.config()).unwrap();
     client.join(ROOM, None).await.unwrap();
     let mut conn = server.accept().await;
-    join_fresh(&mut conn, &mut events).await;
+    conn.join_fresh(&mut events, ROOM).await;
     conn.ws
         .send(tokio_tungstenite::tungstenite::Message::text(
             "not json\n{\"op\":\"warp\"}\n{\"op\":\"msg\",\"room\":1}\n[]",

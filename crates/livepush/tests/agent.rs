@@ -352,9 +352,10 @@ async fn a_lingering_agent_takes_new_messages_without_a_wake_then_leaves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_polling_agent_is_woken_too() {
-    // A long-poll terminal counts as online for the poll grace after its last poll (and is
-    // not woken meanwhile): keep it short here.
-    let s = Server::with(|c| c.poll_grace = Duration::from_millis(300)).await;
+    // A long-poll terminal counts as online for the poll grace after its last poll, and is
+    // not woken meanwhile, unless it said `bye` (contract v1.1, decision 5), as the agent
+    // does at the end of each session: a grace period of 10 minutes changes nothing.
+    let s = Server::with(|c| c.poll_grace = Duration::from_secs(600)).await;
     let mut c = config(&s, "poller");
     c.client.transport = TransportMode::LongPoll;
     c.client.poll_wait = Duration::from_secs(2);
@@ -367,6 +368,41 @@ async fn a_long_polling_agent_is_woken_too() {
         s.terminal(&id).await["inbox"] == json!({"seq":1,"acked":1,"pending":0})
     })
     .await;
+    assert_eq!(s.terminal(&id).await["online"], false);
+    // Woken again at once for the next message.
+    assert_eq!(s.post_inbox(&id, json!({"n":2})).await["wake"], "sent");
+    let seen = until_state(&mut events, AgentState::Idle).await;
+    assert_eq!(inbox_seqs(&seen), vec![2]);
+    agent.shutdown().await;
+    s.running.shutdown().await;
+}
+
+/// Contract v1.1, decision 6: `connected` says how many unacknowledged messages the server
+/// still keeps. Messages that expired unacknowledged leave the newest seq above the acked
+/// one with nothing to take: the agent sees `pending: 0` and leaves at once rather than
+/// waiting out its drain timeout (30 s here) for messages that will never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_inbox_expired_leaves_at_once() {
+    let s = Server::with(|c| c.inbox_ttl = Duration::from_millis(200)).await;
+    for n in 1..=2 {
+        s.post_inbox("late", json!({"n":n})).await;
+    }
+    s.eventually("the messages to expire", || async {
+        s.terminal("late").await["inbox"] == json!({"seq":2,"acked":0,"pending":0})
+    })
+    .await;
+    let (agent, mut events) = WakeAgent::start(WakeAgentConfig {
+        drain_timeout: Duration::from_secs(30),
+        ..config(&s, "late")
+    })
+    .await
+    .expect("agent");
+    let seen = until_state(&mut events, AgentState::Idle).await;
+    assert!(
+        seen.contains(&AgentEvent::State(AgentState::Draining)),
+        "{seen:?}"
+    );
+    assert_eq!(inbox_seqs(&seen), Vec::<u64>::new());
     agent.shutdown().await;
     s.running.shutdown().await;
 }

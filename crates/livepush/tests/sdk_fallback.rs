@@ -1,5 +1,7 @@
 //! The Rust SDK's transport fallback against a real server: WebSocket refused by a proxy →
 //! long-polling; a flapping WebSocket moved to long-polling by the server and back; SSE.
+//! And long-polling as contract v1.1 has it: a client behind the history skips what is gone
+//! once (decision 4), and a closing client leaves at once with `bye` (decision 5).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -123,6 +125,24 @@ async fn publish(http: &reqwest::Client, url: &str, room: &str, ty: &str, data: 
     assert!(r.status().is_success(), "{:?}", r.text().await);
 }
 
+/// `GET url` with the API key, as JSON.
+async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url)
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("JSON")
+}
+
+/// The epoch of `room`.
+async fn room_epoch(http: &reqwest::Client, url: &str, room: &str) -> String {
+    let info = get_json(http, &format!("{url}/v1/rooms/{room}")).await;
+    info["epoch"].as_str().expect("epoch").to_owned()
+}
+
 fn client_config(server: String, sub: &str, transport: TransportMode) -> ClientConfig {
     ClientConfig {
         server,
@@ -135,8 +155,9 @@ fn client_config(server: String, sub: &str, transport: TransportMode) -> ClientC
     }
 }
 
-/// The next event, failing the test at `deadline`.
+/// The next event, failing the test at `deadline` (also when events keep coming).
 async fn next(events: &mut Events, deadline: Instant, what: &str) -> Event {
+    assert!(Instant::now() < deadline, "timed out waiting for {what}");
     timeout_at(deadline, events.recv())
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
@@ -432,16 +453,7 @@ async fn sse_receives_in_order_and_resumes() {
     for n in 1..=100 {
         publish(&http, &server.url(), ROOM, "gift", json!({"n": n})).await;
     }
-    let info: Value = http
-        .get(format!("{}/v1/rooms/{ROOM}", server.url()))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .expect("room")
-        .json()
-        .await
-        .expect("json");
-    let epoch = info["epoch"].as_str().expect("epoch").to_owned();
+    let epoch = room_epoch(&http, &server.url(), ROOM).await;
 
     let (client, mut events) =
         Client::connect(client_config(proxy_url, "sse", TransportMode::Sse)).expect("client");
@@ -542,15 +554,11 @@ async fn long_poll_keeps_the_dev_terminal_and_reports_refused_tokens() {
     }
     assert!(terminals[0].starts_with("anon-"), "{terminals:?}");
     assert_eq!(terminals[0], terminals[1], "the anonymous id is kept");
-    let list: Value = reqwest::Client::new()
-        .get(format!("{}/v1/terminals", server.url()))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .expect("terminals")
-        .json()
-        .await
-        .expect("json");
+    let list = get_json(
+        &reqwest::Client::new(),
+        &format!("{}/v1/terminals", server.url()),
+    )
+    .await;
     let anon = list["terminals"]
         .as_array()
         .expect("terminals")
@@ -586,5 +594,271 @@ async fn long_poll_keeps_the_dev_terminal_and_reports_refused_tokens() {
     assert!(quiet.is_err(), "{quiet:?}");
     assert!(!client.is_connected());
     client.close().await;
+    server.shutdown().await;
+}
+
+/// Events up to the delivery of reliable message `seq` of `room`, which must come in order
+/// after `from`; what else came, except `Online` counts, is returned.
+async fn until_seq(
+    events: &mut Events,
+    room: &str,
+    from: u64,
+    seq: u64,
+    deadline: Instant,
+) -> Vec<Event> {
+    let mut next_seq = from;
+    let mut other = Vec::new();
+    while next_seq <= seq {
+        match next(events, deadline, "the messages").await {
+            Event::Message(m) => {
+                assert_eq!((m.room.as_str(), m.seq), (room, next_seq), "{m:?}");
+                assert_eq!(m.data, json!({"n": m.seq}));
+                next_seq += 1;
+            }
+            Event::Online { .. } => {}
+            e => other.push(e),
+        }
+    }
+    other
+}
+
+/// Events up to the first that `done` accepts (included), except `Online` counts.
+async fn until_event(
+    events: &mut Events,
+    deadline: Instant,
+    what: &str,
+    done: impl Fn(&Event) -> bool,
+) -> Vec<Event> {
+    let mut seen = Vec::new();
+    while !seen.last().is_some_and(&done) {
+        let e = next(events, deadline, what).await;
+        if !matches!(e, Event::Online { .. }) {
+            seen.push(e);
+        }
+    }
+    seen
+}
+
+/// A long-poll client of `server` as `sub` that polls every 300 ms when idle, following
+/// `room` from `since`.
+async fn polling_from(server: &str, sub: &str, room: &str, since: Position) -> (Client, Events) {
+    let (client, events) = Client::connect(ClientConfig {
+        poll_wait: Duration::from_millis(300),
+        ..client_config(server.to_owned(), sub, TransportMode::LongPoll)
+    })
+    .expect("client");
+    client.join(room, Some(since)).await.expect("join");
+    (client, events)
+}
+
+/// `room` stays at `at` over several polls (quiet resumes: no event), then the next
+/// message, `at.seq + 1`, is delivered and nothing else happens.
+async fn stays_at(
+    (client, events): (&Client, &mut Events),
+    http: &reqwest::Client,
+    url: &str,
+    room: &str,
+    at: Position,
+    deadline: Instant,
+) {
+    assert_eq!(client.position(room), Some(at.clone()));
+    let until = Instant::now() + Duration::from_millis(1200);
+    while let Ok(Some(e)) = timeout_at(until, events.recv()).await {
+        assert!(matches!(e, Event::Online { .. }), "{e:?}");
+    }
+    assert_eq!(client.position(room), Some(at.clone()));
+    let n = at.seq + 1;
+    publish(http, url, room, "gift", json!({"n": n})).await;
+    let seen = until_seq(events, room, n, n, deadline).await;
+    assert!(seen.is_empty(), "{seen:?}");
+}
+
+fn position(epoch: &str, seq: u64) -> Position {
+    Position {
+        epoch: epoch.to_owned(),
+        seq,
+    }
+}
+
+/// (5) Contract v1.1, decision 4: a long-poll client whose position is behind what the
+/// history keeps is answered `recovered:false` once and the replay moves its position past
+/// what is gone; one whose position is beyond the room's latest seq (the server lost
+/// messages it had delivered) gets no replay and moves back to `joined.seq`. The following
+/// polls are resumed quietly: no second `recovered:false`, nothing lost twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_behind_the_history_skips_what_is_gone_once() {
+    const ROOM: &str = "live:behind";
+    const AHEAD: &str = "live:ahead";
+    let mut config = Config::for_tests(KEY, SECRET);
+    config.history_size = 5;
+    let server = livepush_server::start(config).await.expect("server");
+    let (url, http) = (server.url(), reqwest::Client::new());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in 1..=20 {
+        publish(&http, &url, ROOM, "gift", json!({"n": n})).await;
+    }
+    for n in 1..=3 {
+        publish(&http, &url, AHEAD, "gift", json!({"n": n})).await;
+    }
+    let epoch = room_epoch(&http, &url, ROOM).await;
+    let (client, mut events) = polling_from(&url, "behind", ROOM, position(&epoch, 3)).await;
+    let seen = until_seq(&mut events, ROOM, 16, 20, deadline).await;
+    assert!(
+        matches!(
+            seen.as_slice(),
+            [
+                Event::Connected {
+                    transport: Transport::Longpoll,
+                    ..
+                },
+                Event::Joined {
+                    seq: 20,
+                    recovered: false,
+                    resumed: true,
+                    ..
+                },
+                Event::Lost {
+                    first: 4,
+                    last: 15,
+                    ..
+                },
+            ]
+        ),
+        "{seen:?}"
+    );
+    let polling = (&client, &mut events);
+    stays_at(polling, &http, &url, ROOM, position(&epoch, 20), deadline).await;
+
+    client.leave(ROOM).await.expect("leave");
+    let epoch = room_epoch(&http, &url, AHEAD).await;
+    client
+        .join(AHEAD, Some(position(&epoch, 10)))
+        .await
+        .expect("join");
+    let seen = until_event(&mut events, deadline, "the join from ahead", |e| {
+        matches!(e, Event::Joined { .. })
+    })
+    .await;
+    assert!(
+        matches!(
+            seen.as_slice(),
+            [Event::Joined {
+                seq: 3,
+                recovered: false,
+                resumed: true,
+                ..
+            }]
+        ),
+        "nothing lost: {seen:?}"
+    );
+    let polling = (&client, &mut events);
+    stays_at(polling, &http, &url, AHEAD, position(&epoch, 3), deadline).await;
+    client.close().await;
+    server.shutdown().await;
+}
+
+/// (6) Contract v1.1, decision 4, with no replay at all: the room's history expired, so the
+/// `joined{recovered:false}` is followed by nothing; the position moves to `joined.seq`
+/// (the seqs after the old one are reported lost) and the following polls resume quietly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_after_the_history_expired_moves_to_the_latest_seq_once() {
+    const ROOM: &str = "live:expired";
+    let mut config = Config::for_tests(KEY, SECRET);
+    config.history_ttl = Duration::from_millis(300);
+    config.limits.online_interval = Duration::from_millis(50);
+    let server = livepush_server::start(config).await.expect("server");
+    let (url, http) = (server.url(), reqwest::Client::new());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in 1..=3 {
+        publish(&http, &url, ROOM, "gift", json!({"n": n})).await;
+    }
+    let epoch = room_epoch(&http, &url, ROOM).await;
+    let history = format!("{url}/v1/rooms/{ROOM}/history?since=0");
+    while get_json(&http, &history).await["messages"] != json!([]) {
+        assert!(Instant::now() < deadline, "the history did not expire");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (client, mut events) = polling_from(&url, "expired", ROOM, position(&epoch, 1)).await;
+    let seen = until_event(&mut events, deadline, "the loss", |e| {
+        matches!(e, Event::Lost { .. })
+    })
+    .await;
+    assert!(
+        matches!(
+            seen.as_slice(),
+            [
+                Event::Connected { .. },
+                Event::Joined {
+                    seq: 3,
+                    recovered: false,
+                    ..
+                },
+                Event::Lost {
+                    first: 2,
+                    last: 3,
+                    ..
+                },
+            ]
+        ),
+        "{seen:?}"
+    );
+    let polling = (&client, &mut events);
+    stays_at(polling, &http, &url, ROOM, position(&epoch, 3), deadline).await;
+    client.close().await;
+    server.shutdown().await;
+}
+
+/// (7) Contract v1.1, decision 5: a long-poll client that closes (or whose every handle is
+/// dropped) says `bye`: the server shows it offline, and out of its room, at once, though
+/// its poll grace period is 10 minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_client_that_closes_is_offline_at_once() {
+    const ROOM: &str = "live:bye";
+    let mut config = Config::for_tests(KEY, SECRET);
+    config.poll_grace = Duration::from_secs(600);
+    let server = livepush_server::start(config).await.expect("server");
+    let (url, http) = (server.url(), reqwest::Client::new());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let online = |who: &'static str| {
+        let (http, url) = (http.clone(), url.clone());
+        async move { get_json(&http, &format!("{url}/v1/terminals/{who}")).await["online"].clone() }
+    };
+    let room_online = || {
+        let (http, url) = (http.clone(), url.clone());
+        async move { get_json(&http, &format!("{url}/v1/rooms/{ROOM}")).await["online"].clone() }
+    };
+
+    for who in ["leaver", "dropper"] {
+        let (client, mut events) = Client::connect(ClientConfig {
+            poll_wait: Duration::from_secs(5),
+            ..client_config(url.clone(), who, TransportMode::LongPoll)
+        })
+        .expect("client");
+        client.join(ROOM, None).await.expect("join");
+        while !matches!(
+            next(&mut events, deadline, "the join").await,
+            Event::Joined { .. }
+        ) {}
+        // Let the next poll park.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(online(who).await, json!(true));
+        assert_eq!(room_online().await, json!(1));
+        if who == "leaver" {
+            client.close().await;
+            assert_eq!(
+                online(who).await,
+                json!(false),
+                "offline once close returns"
+            );
+        } else {
+            // Every handle dropped: the client leaves in the background.
+            drop(client);
+            while online(who).await != json!(false) {
+                assert!(Instant::now() < deadline, "still online");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        assert_eq!(room_online().await, json!(0), "{who} left the room");
+    }
     server.shutdown().await;
 }

@@ -9,6 +9,12 @@
 //!   its `send`s (the server wants the sender in the room) and the rooms the main poll lacks.
 //!   One at a time; its callers are answered when it is.
 //!
+//! - When the client closes, the parked poll is dropped and a last poll says `"bye":true`
+//!   (contract v1.1, decision 5): it carries every room and the queued ops (after a short
+//!   poll still in flight has been answered), so the server runs them, takes the terminal
+//!   out of its rooms and shows it offline at once rather than after its poll grace period.
+//!   All of it takes at most [`BYE_TIMEOUT`].
+//!
 //! Each poll attaches its rooms at the positions the trackers had when it was sent. A server
 //! answers a complete resume without `joined` ([`RoomTracker::on_attached`] makes the tracker
 //! live for that), and with `joined` when the epoch changed or messages were lost. Two polls
@@ -22,11 +28,26 @@ use std::future::Future;
 use std::pin::Pin;
 
 use reqwest::header::CONTENT_TYPE;
+use tokio::time::timeout_at;
 
 use super::*;
+use crate::wire::PollAnswer;
 
-type PollFuture = Pin<Box<dyn Future<Output = Result<Vec<ServerFrame>, PollError>> + Send>>;
+type PollFuture = Pin<Box<dyn Future<Output = Result<PollAnswer, PollError>> + Send>>;
 type WsFuture = Pin<Box<dyn Future<Output = Result<Handshake, ConnectError>> + Send>>;
+
+/// Longest time [`Client::close`](crate::Client::close) waits over long-polling: for a short
+/// poll still in flight, then for the answer to the `bye` poll.
+const BYE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the `bye` waits after the parked poll was dropped, so that the server sees that
+/// poll's connection end before it handles the `bye`. The livepush server (at the time of
+/// writing) starts a poll's grace period whenever a poll ends, even one that ends after a
+/// `bye` of the same terminal: a parked poll it notices only after the `bye` keeps the
+/// terminal online for the whole grace period. Without this pause that happened to about
+/// one close in 25 on a local server. A mitigation, not a guarantee: the order belongs to
+/// the server, which should let a `bye` outrank the polls that started before it.
+const PARKED_POLL_SETTLE: Duration = Duration::from_millis(50);
 
 /// Why a poll failed.
 #[derive(Debug)]
@@ -71,6 +92,17 @@ impl PollError {
     }
 }
 
+/// What a poll is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PollKind {
+    /// The parked poll, `hello` on the first of a session.
+    Main { hello: bool },
+    /// A short poll beside it, for the queued ops and the rooms the parked one lacks.
+    Short,
+    /// The last poll of a session: `bye`, with the queued ops.
+    Bye,
+}
+
 /// One poll in flight.
 struct InFlight {
     fut: PollFuture,
@@ -100,7 +132,7 @@ struct Lp {
     hold_until: Option<Instant>,
 }
 
-async fn in_flight(p: &mut Option<InFlight>) -> Result<Vec<ServerFrame>, PollError> {
+async fn in_flight(p: &mut Option<InFlight>) -> Result<PollAnswer, PollError> {
     match p {
         Some(p) => (&mut p.fut).await,
         None => std::future::pending().await,
@@ -114,7 +146,7 @@ async fn ws_in_flight(w: &mut Option<WsFuture>) -> Result<Handshake, ConnectErro
     }
 }
 
-async fn send_poll(req: reqwest::RequestBuilder) -> Result<Vec<ServerFrame>, PollError> {
+async fn send_poll(req: reqwest::RequestBuilder) -> Result<PollAnswer, PollError> {
     let resp = req.send().await.map_err(|e| PollError::from_reqwest(&e))?;
     let status = resp.status().as_u16();
     let body = resp
@@ -168,8 +200,8 @@ impl Worker {
                 lp.hold_until = None;
                 side_covered.clear();
                 let rooms: Vec<String> = self.rooms.keys().cloned().collect();
-                main =
-                    Some(self.start_poll(&mut s, !connected, self.config.poll_wait, rooms, false));
+                let kind = PollKind::Main { hello: !connected };
+                main = Some(self.start_poll(&mut s, kind, rooms));
             }
             if connected && side.is_none() {
                 let mut rooms: Vec<String> = match &main {
@@ -191,7 +223,7 @@ impl Worker {
                         }
                     }
                     side_covered.extend(rooms.iter().cloned());
-                    side = Some(self.start_poll(&mut s, false, Duration::ZERO, rooms, true));
+                    side = Some(self.start_poll(&mut s, PollKind::Short, rooms));
                 }
             }
             let ws_due = auto && connected && ws_try.is_none() && switch_to.is_none();
@@ -201,7 +233,7 @@ impl Worker {
                 res = in_flight(&mut main), if main.is_some() => {
                     let Some(poll) = main.take() else { continue };
                     let res = match res {
-                        Ok(frames) => self.on_answer(&mut s, &mut lp, &poll, frames, &mut connected),
+                        Ok(answer) => self.on_answer(&mut s, &mut lp, &poll, answer, &mut connected),
                         Err(e) => Err(e),
                     };
                     if let Err(e) = res {
@@ -211,11 +243,11 @@ impl Worker {
                 res = in_flight(&mut side), if side.is_some() => {
                     let Some(mut poll) = side.take() else { continue };
                     let res = match res {
-                        Ok(frames) => {
+                        Ok(answer) => {
                             for r in poll.replies.drain(..) {
                                 let _ = r.send(Ok(()));
                             }
-                            self.on_answer(&mut s, &mut lp, &poll, frames, &mut connected)
+                            self.on_answer(&mut s, &mut lp, &poll, answer, &mut connected)
                         }
                         Err(e) => Err(e),
                     };
@@ -230,6 +262,9 @@ impl Worker {
                         self.offline_command(cmd)
                     };
                     if let Flow::Go(next) = flow {
+                        if matches!(next, State::Closed) {
+                            self.bye(&mut s, main.take(), side.take()).await;
+                        }
                         for p in [main.take(), side.take()].into_iter().flatten() {
                             p.fail();
                         }
@@ -273,31 +308,31 @@ impl Worker {
         }
     }
 
-    /// Start a poll carrying `rooms` (at their current positions) and, with `ops`, the
-    /// queued ops and their callers.
-    fn start_poll(
-        &mut self,
-        s: &mut Session,
-        hello: bool,
-        wait: Duration,
-        rooms: Vec<String>,
-        ops: bool,
-    ) -> InFlight {
+    /// Start a poll carrying `rooms` (at their current positions, attached again unless it
+    /// says `bye`) and, unless it is the parked one, the queued ops and their callers.
+    fn start_poll(&mut self, s: &mut Session, kind: PollKind, rooms: Vec<String>) -> InFlight {
         let mut sent = BTreeMap::new();
         for room in rooms {
             if let Some(r) = self.rooms.get_mut(&room) {
                 let pos = r.tracker.resume_from();
-                r.tracker.on_attached();
+                if kind != PollKind::Bye {
+                    r.tracker.on_attached();
+                }
                 sent.insert(room, pos);
             }
         }
-        let (ops, replies) = if ops {
-            (std::mem::take(&mut s.out), std::mem::take(&mut s.replies))
-        } else {
-            (Vec::new(), Vec::new())
+        let (hello, wait) = match kind {
+            PollKind::Main { hello } => (hello, self.config.poll_wait),
+            PollKind::Short | PollKind::Bye => (false, Duration::ZERO),
+        };
+        let (ops, replies) = match kind {
+            PollKind::Main { .. } => (Vec::new(), Vec::new()),
+            PollKind::Short | PollKind::Bye => {
+                (std::mem::take(&mut s.out), std::mem::take(&mut s.replies))
+            }
         };
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        let body = wire::PollBody::new(
+        let mut body = wire::PollBody::new(
             self.token.as_deref(),
             self.terminal.as_deref(),
             hello,
@@ -305,10 +340,11 @@ impl Worker {
             self.inbox_delivered,
             wait_ms,
             &ops,
-        )
-        .to_json();
+        );
+        body.bye = kind == PollKind::Bye;
+        let body = body.to_json();
         debug!(
-            hello,
+            ?kind,
             wait_ms,
             rooms = sent.len(),
             ops = ops.len(),
@@ -326,6 +362,41 @@ impl Worker {
             rooms: sent,
             replies,
         }
+    }
+
+    /// Leave over long-polling (see the module documentation): drop the parked poll (it
+    /// carries no ops, and a poll the server still parks after the `bye` would start the
+    /// grace period again when it ends; see [`PARKED_POLL_SETTLE`]), let a short poll in
+    /// flight be answered (its callers wait for it), then send the `bye` poll and wait for
+    /// its answer, all within [`BYE_TIMEOUT`] (plus the pause). Callers of the ops are told
+    /// whether the `bye` was answered; its frames are not read (the session is over).
+    async fn bye(&mut self, s: &mut Session, main: Option<InFlight>, side: Option<InFlight>) {
+        let deadline = Instant::now() + BYE_TIMEOUT;
+        if let Some(p) = main {
+            p.fail();
+            tokio::time::sleep(PARKED_POLL_SETTLE).await;
+        }
+        if let Some(p) = side {
+            let answered = Self::await_poll(p, deadline).await;
+            debug!(answered, "livepush: short poll before bye");
+        }
+        let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        let bye = self.start_poll(s, PollKind::Bye, rooms);
+        let answered = Self::await_poll(bye, deadline).await;
+        info!(answered, "livepush: left over long-polling (bye)");
+    }
+
+    /// Wait for a poll's answer until `deadline` and tell its callers how it went.
+    async fn await_poll(mut p: InFlight, deadline: Instant) -> bool {
+        let answered = matches!(timeout_at(deadline, &mut p.fut).await, Ok(Ok(_)));
+        for r in p.replies.drain(..) {
+            let _ = r.send(if answered {
+                Ok(())
+            } else {
+                Err(ClientError::NotConnected)
+            });
+        }
+        answered
     }
 
     /// A poll failed: the session ends (or never started).
@@ -379,9 +450,10 @@ impl Worker {
         s: &mut Session,
         lp: &mut Lp,
         poll: &InFlight,
-        frames: Vec<ServerFrame>,
+        answer: PollAnswer,
         connected: &mut bool,
     ) -> Result<(), PollError> {
+        let PollAnswer { frames, inbox } = answer;
         // Rooms whose position moved since the poll was sent (another answer came between),
         // or that are no longer followed.
         let changed: HashSet<&str> = poll
@@ -526,6 +598,9 @@ impl Worker {
             return Err(PollError::BadAnswer(
                 "the hello poll was answered without `connected`".to_owned(),
             ));
+        }
+        if let Some(inbox) = inbox {
+            self.shared.set_inbox(inbox);
         }
         self.announce_quiet(lp, &mut quiet, &online);
         for (room, seq) in joined_seq {

@@ -1,6 +1,7 @@
-//! A scripted fake livepush server for the SDK's integration tests: it accepts WebSocket
-//! connections on 127.0.0.1:0 and lets each test read the client's frames and write the
-//! server's, one step at a time.
+//! Scripted fake livepush servers for the SDK's integration tests, on 127.0.0.1:0: one for
+//! WebSocket ([`FakeServer`]: each test reads the client's frames and writes the server's,
+//! one step at a time) and one for long-polling ([`FakePolls`]: each test reads the client's
+//! poll bodies and answers them when it wants).
 
 #![allow(dead_code)]
 
@@ -8,10 +9,12 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use livepush_client::{ClientConfig, Event, Position};
+use livepush_client::{ClientConfig, Event, Position, TransportMode};
 use livepush_proto::{ClientEnvelope, ClientFrame, split_frames};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -134,6 +137,17 @@ impl Conn {
         token
     }
 
+    /// Complete the handshake, expect the join of `room` (without `since`) and answer it at
+    /// `seq` 0 of epoch e1; then read `Connected` and `Joined` from `events`.
+    pub async fn join_fresh(&mut self, events: &mut livepush_client::Events, room: &str) {
+        self.handshake("t1").await;
+        let (joining, since, id) = self.expect_join().await;
+        assert_eq!((joining.as_str(), since), (room, None));
+        self.send(&[joined(id, room, "e1", 0, true)]).await;
+        assert!(matches!(next_event(events).await, Event::Connected { .. }));
+        assert!(matches!(next_event(events).await, Event::Joined { .. }));
+    }
+
     /// Expect a `join`; returns (room, since, id).
     pub async fn expect_join(&mut self) -> (String, Option<Position>, Option<u64>) {
         let env = self.recv().await;
@@ -151,6 +165,128 @@ impl Conn {
             other => panic!("expected pull, got {other:?}"),
         }
     }
+}
+
+/// A scripted long-poll endpoint: every HTTP request (any path, any connection, keep-alive
+/// included) is handed to the test as a [`PollRequest`], and answered `200` with the JSON the
+/// test gives. A request the test drops is answered by closing its connection.
+pub struct FakePolls {
+    pub url: String,
+    polls: mpsc::UnboundedReceiver<PollRequest>,
+}
+
+/// One poll as the server sees it.
+pub struct PollRequest {
+    /// The request body (a poll is JSON).
+    pub body: Value,
+    reply: oneshot::Sender<Value>,
+}
+
+impl PollRequest {
+    /// Answer `200` with `answer` as the body.
+    pub fn answer(self, answer: Value) {
+        let _ = self.reply.send(answer);
+    }
+
+    /// The position the poll carries for `room`: `None` for a fresh join (`{}`) or a room it
+    /// does not carry.
+    pub fn position(&self, room: &str) -> Option<Position> {
+        let entry = &self.body["rooms"][room];
+        Some(pos(entry["epoch"].as_str()?, entry["seq"].as_u64()?))
+    }
+}
+
+impl FakePolls {
+    pub async fn start() -> FakePolls {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, polls) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(serve_polls(tcp, tx.clone()));
+            }
+        });
+        FakePolls {
+            url: format!("http://{addr}"),
+            polls,
+        }
+    }
+
+    /// A long-poll-only config for this endpoint with short back-off, suited to tests.
+    pub fn config(&self) -> ClientConfig {
+        ClientConfig {
+            server: self.url.clone(),
+            transport: TransportMode::LongPoll,
+            connect_timeout: Duration::from_secs(2),
+            backoff_base: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(50),
+            ..ClientConfig::default()
+        }
+    }
+
+    /// The next poll (fails the test after [`STEP`]).
+    pub async fn next(&mut self) -> PollRequest {
+        self.next_within(STEP)
+            .await
+            .expect("no poll from the client")
+    }
+
+    pub async fn next_within(&mut self, d: Duration) -> Option<PollRequest> {
+        timeout(d, self.polls.recv()).await.ok().flatten()
+    }
+}
+
+/// Serve the HTTP/1.1 requests of one connection, one at a time.
+async fn serve_polls(mut tcp: TcpStream, polls: mpsc::UnboundedSender<PollRequest>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + len {
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body = serde_json::from_slice(&buf[head_end..head_end + len])
+            .unwrap_or_else(|e| panic!("the client sent a poll that is not JSON: {e}"));
+        buf.drain(..head_end + len);
+        let (reply, answer) = oneshot::channel();
+        if polls.send(PollRequest { body, reply }).is_err() {
+            return;
+        }
+        let Ok(answer) = answer.await else {
+            return;
+        };
+        let text = answer.to_string();
+        let out = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        if tcp.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A `connected` frame as a long-poll answer carries it.
+pub fn connected_lp(terminal: &str, inbox: Value) -> Value {
+    json!({"op": "connected", "terminal": terminal, "transport": "longpoll",
+           "heartbeat_ms": 10_000, "inbox": inbox, "wake_key": "AAAA"})
 }
 
 pub fn joined(id: Option<u64>, room: &str, epoch: &str, seq: u64, recovered: bool) -> Value {
