@@ -1069,7 +1069,7 @@ impl Worker {
                 {
                     r.join_id = None;
                     match code {
-                        ErrorCode::RateLimited | ErrorCode::Internal => {
+                        ErrorCode::RateLimited | ErrorCode::Internal | ErrorCode::Unavailable => {
                             let delay = r.retry.next_delay(&mut self.rng);
                             r.retry_at = Some(Instant::now() + delay);
                         }
@@ -1121,7 +1121,10 @@ impl Worker {
     /// `rate_limited` and `internal` are not (the caller tries again later).
     fn on_room_refused(&mut self, room: &str, code: ErrorCode, message: String) -> bool {
         warn!(%room, %code, %message, "livepush: room refused");
-        let last = !matches!(code, ErrorCode::RateLimited | ErrorCode::Internal);
+        let last = !matches!(
+            code,
+            ErrorCode::RateLimited | ErrorCode::Internal | ErrorCode::Unavailable
+        );
         if last {
             self.unregister(room);
         }

@@ -40,15 +40,6 @@ type WsFuture = Pin<Box<dyn Future<Output = Result<Handshake, ConnectError>> + S
 /// poll still in flight, then for the answer to the `bye` poll.
 const BYE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long the `bye` waits after the parked poll was dropped, so that the server sees that
-/// poll's connection end before it handles the `bye`. The livepush server (at the time of
-/// writing) starts a poll's grace period whenever a poll ends, even one that ends after a
-/// `bye` of the same terminal: a parked poll it notices only after the `bye` keeps the
-/// terminal online for the whole grace period. Without this pause that happened to about
-/// one close in 25 on a local server. A mitigation, not a guarantee: the order belongs to
-/// the server, which should let a `bye` outrank the polls that started before it.
-const PARKED_POLL_SETTLE: Duration = Duration::from_millis(50);
-
 /// Why a poll failed.
 #[derive(Debug)]
 pub(super) enum PollError {
@@ -365,16 +356,15 @@ impl Worker {
     }
 
     /// Leave over long-polling (see the module documentation): drop the parked poll (it
-    /// carries no ops, and a poll the server still parks after the `bye` would start the
-    /// grace period again when it ends; see [`PARKED_POLL_SETTLE`]), let a short poll in
+    /// carries no ops; the server ends a poll that began before the terminal's `bye` without
+    /// the grace period, whenever it notices the poll's connection end), let a short poll in
     /// flight be answered (its callers wait for it), then send the `bye` poll and wait for
-    /// its answer, all within [`BYE_TIMEOUT`] (plus the pause). Callers of the ops are told
+    /// its answer, all within [`BYE_TIMEOUT`]. Callers of the ops are told
     /// whether the `bye` was answered; its frames are not read (the session is over).
     async fn bye(&mut self, s: &mut Session, main: Option<InFlight>, side: Option<InFlight>) {
         let deadline = Instant::now() + BYE_TIMEOUT;
         if let Some(p) = main {
             p.fail();
-            tokio::time::sleep(PARKED_POLL_SETTLE).await;
         }
         if let Some(p) = side {
             let answered = Self::await_poll(p, deadline).await;
