@@ -252,3 +252,95 @@ async fn tail_over(transport: &str) {
     assert_eq!(m["data"], json!({"n": 7}));
     server.shutdown().await;
 }
+
+/// Contract v1.1, decision 8, against the real server: when the backend resets a room's
+/// history (`DELETE /v1/rooms/{room}/history`), an SDK client on each transport is told
+/// `Joined{recovered:false}` with the new epoch, goes on from it without rejoining, and gets
+/// the new epoch's messages once, from seq 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_history_reaches_the_sdk_as_a_failed_resume_on_every_transport() {
+    use livepush_client::TransportMode;
+    let server = livepush_server::start(Config::for_tests(KEY, SECRET))
+        .await
+        .expect("server");
+    let http = reqwest::Client::new();
+    let url = server.url();
+    publish(&http, &url, "live:reset", 1).await;
+    for (i, mode) in [
+        TransportMode::WebSocket,
+        TransportMode::LongPoll,
+        TransportMode::Sse,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let config = ClientConfig {
+            transport: mode,
+            ..fast_client(url.clone(), &format!("reset-{i}"))
+        };
+        let (client, mut events) = Client::connect(config).expect("client");
+        client.join("live:reset", None).await.expect("join");
+        let old = match next_joined_or_message(&mut events, mode).await {
+            Event::Joined { epoch, seq, .. } => {
+                assert!(seq >= 1, "{mode:?}");
+                epoch
+            }
+            other => panic!("{mode:?}: {other:?}"),
+        };
+        let r = http
+            .delete(format!("{url}/v1/rooms/live:reset/history"))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .expect("reset");
+        assert!(r.status().is_success());
+        let new = r.json::<serde_json::Value>().await.expect("json")["epoch"]
+            .as_str()
+            .expect("epoch")
+            .to_owned();
+        assert_ne!(new, old);
+        match next_joined_or_message(&mut events, mode).await {
+            Event::Joined {
+                epoch, recovered, ..
+            } => {
+                assert_eq!(
+                    (epoch.as_str(), recovered),
+                    (new.as_str(), false),
+                    "{mode:?}"
+                );
+            }
+            other => panic!("{mode:?}: {other:?}"),
+        }
+        publish(&http, &url, "live:reset", 100 + i as u64).await;
+        match next_joined_or_message(&mut events, mode).await {
+            Event::Message(m) => {
+                assert_eq!((m.seq, m.epoch.as_str()), (1, new.as_str()), "{mode:?}")
+            }
+            other => panic!("{mode:?}: {other:?}"),
+        }
+        assert_eq!(
+            client.position("live:reset").map(|p| (p.epoch, p.seq)),
+            Some((new.clone(), 1)),
+            "{mode:?}"
+        );
+        client.close().await;
+        // The next client starts from a history with one message again.
+        publish(&http, &url, "live:reset", 200 + i as u64).await;
+    }
+    server.shutdown().await;
+}
+
+/// The next `Joined` or `Message` event, within 10 s.
+async fn next_joined_or_message(
+    events: &mut livepush_client::Events,
+    mode: livepush_client::TransportMode,
+) -> Event {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(e @ (Event::Joined { .. } | Event::Message(_)))) => return e,
+            Ok(Some(_)) => continue,
+            other => panic!("{mode:?}: no event in time: {other:?}"),
+        }
+    }
+}
