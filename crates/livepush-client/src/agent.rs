@@ -1,10 +1,8 @@
 //! [`WakeAgent`]: a terminal that is offline most of the time and is woken over UDP.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use livepush_proto::wake::{KEEPALIVE_PAD_TO, Keepalive, Wake, WakeError, WakeKey};
@@ -382,30 +380,7 @@ pub struct WakeAgent {
 /// The stream of [`AgentEvent`]s. Read it promptly: when
 /// [`event_capacity`](WakeAgentConfig::event_capacity) events are waiting, the agent waits
 /// (and does not acknowledge further messages). Also a [`futures_util::Stream`].
-#[derive(Debug)]
-pub struct AgentEvents {
-    rx: mpsc::Receiver<AgentEvent>,
-}
-
-impl AgentEvents {
-    /// The next event; `None` once the agent has stopped and every event was read.
-    pub async fn recv(&mut self) -> Option<AgentEvent> {
-        self.rx.recv().await
-    }
-
-    /// The next event if one is ready.
-    pub fn try_recv(&mut self) -> Option<AgentEvent> {
-        self.rx.try_recv().ok()
-    }
-}
-
-impl futures_util::Stream for AgentEvents {
-    type Item = AgentEvent;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<AgentEvent>> {
-        self.rx.poll_recv(cx)
-    }
-}
+pub type AgentEvents = crate::EventStream<AgentEvent>;
 
 impl WakeAgent {
     /// Validate `config`, resolve the wake listener, bind the UDP socket and start the agent.
@@ -501,7 +476,7 @@ impl WakeAgent {
                 shared,
                 state: state_rx,
             },
-            AgentEvents { rx: ev_rx },
+            crate::EventStream::new(ev_rx),
         ))
     }
 

@@ -400,7 +400,7 @@ impl Client {
                 shared,
                 mode,
             },
-            Events { rx: ev_rx },
+            EventStream::new(ev_rx),
         ))
     }
 
@@ -556,29 +556,37 @@ impl Client {
 }
 
 /// The stream of [`Event`]s. Read it promptly: when [`ClientConfig::event_capacity`] events
-/// are waiting, the client stops reading the socket. Also a [`futures_util::Stream`].
+/// are waiting, the client stops reading the socket. Also a [`futures_util::Stream`]. `None`
+/// once the client is closed (or every handle dropped) and every queued event has been read.
+pub type Events = EventStream<Event>;
+
+/// A stream of events from a [`Client`] or a [`WakeAgent`](agent::WakeAgent): read it with
+/// [`recv`](EventStream::recv), or as a [`futures_util::Stream`].
 #[derive(Debug)]
-pub struct Events {
-    rx: mpsc::Receiver<Event>,
+pub struct EventStream<T> {
+    rx: mpsc::Receiver<T>,
 }
 
-impl Events {
-    /// The next event; `None` once the client is closed (or every handle dropped) and every
-    /// queued event has been read.
-    pub async fn recv(&mut self) -> Option<Event> {
+impl<T> EventStream<T> {
+    pub(crate) fn new(rx: mpsc::Receiver<T>) -> EventStream<T> {
+        EventStream { rx }
+    }
+
+    /// The next event; `None` once its source has stopped and every event was read.
+    pub async fn recv(&mut self) -> Option<T> {
         self.rx.recv().await
     }
 
     /// The next event if one is ready.
-    pub fn try_recv(&mut self) -> Option<Event> {
+    pub fn try_recv(&mut self) -> Option<T> {
         self.rx.try_recv().ok()
     }
 }
 
-impl futures_util::Stream for Events {
-    type Item = Event;
+impl<T> futures_util::Stream for EventStream<T> {
+    type Item = T;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
         self.rx.poll_recv(cx)
     }
 }

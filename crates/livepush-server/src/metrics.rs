@@ -113,77 +113,29 @@ impl Metrics {
             inbox: InboxStats::default(),
             wake: WakeStats::default(),
         };
-        registry.register(
-            "connections_open",
-            "Open terminal connections",
-            m.connections_open.clone(),
-        );
-        registry.register(
-            "connections",
-            "Terminal connections accepted",
-            m.connections_total.clone(),
-        );
-        registry.register(
-            "disconnects",
-            "Terminal connections ended, by reason",
-            m.disconnects.clone(),
-        );
-        registry.register("published", "Messages published", m.published.clone());
-        registry.register(
-            "transient_deliveries",
-            "Transient messages queued to connections",
-            m.transient_deliveries.clone(),
-        );
-        registry.register("rooms", "Rooms held in memory", m.rooms.clone());
-        registry.register(
-            "client_errors",
-            "Error frames sent to terminals",
-            m.client_errors.clone(),
-        );
-        registry.register(
-            "dropped_transient",
-            "Transient messages dropped for slow terminals",
-            m.outbox.dropped_transient.clone(),
-        );
-        registry.register(
-            "prompts",
-            "Reliable messages replaced by a prompt for slow terminals",
-            m.outbox.prompted.clone(),
-        );
-        registry.register(
-            "slow_consumer_closes",
-            "Connections closed as slow consumers: outgoing queue past its hard limit, or a write blocked for write_timeout",
-            m.outbox.slow_consumer_closes.clone(),
-        );
-        registry.register(
-            "merge_flushes",
-            "Merged chunks rooms pushed to their members (--merge-ms), one push per member each",
-            m.merge.flushes.clone(),
-        );
-        registry.register(
-            "merged_frames",
-            "Messages carried in merged chunks (--merge-ms)",
-            m.merge.frames.clone(),
-        );
-        registry.register(
-            "inbox_posted",
-            "Direct messages posted to terminal inboxes",
-            m.inbox.posted.clone(),
-        );
-        registry.register(
-            "inbox_dropped",
-            "Inbox messages dropped unacknowledged, by reason",
-            m.inbox.dropped.clone(),
-        );
-        registry.register(
-            "wake_keepalives",
-            "UDP keepalives received, by result",
-            m.wake.keepalives.clone(),
-        );
-        registry.register(
-            "wake_datagrams",
-            "Wake datagrams, by result",
-            m.wake.wakes.clone(),
+        // One line per metric: name, help, the metric (registered by a clone sharing it).
+        macro_rules! register {
+            ($($name:literal, $help:literal, $metric:expr;)*) => {
+                $(registry.register($name, $help, $metric.clone());)*
+            };
+        }
+        register!(
+            "connections_open", "Open terminal connections", m.connections_open;
+            "connections", "Terminal connections accepted", m.connections_total;
+            "disconnects", "Terminal connections ended, by reason", m.disconnects;
+            "published", "Messages published", m.published;
+            "transient_deliveries", "Transient messages queued to connections", m.transient_deliveries;
+            "rooms", "Rooms this node holds open (members joined or pulled here)", m.rooms;
+            "client_errors", "Error frames sent to terminals", m.client_errors;
+            "dropped_transient", "Transient messages dropped for slow terminals", m.outbox.dropped_transient;
+            "prompts", "Reliable messages replaced by a prompt for slow terminals", m.outbox.prompted;
+            "slow_consumer_closes", "Connections closed as slow consumers: outgoing queue past its hard limit, or a write blocked for write_timeout", m.outbox.slow_consumer_closes;
+            "merge_flushes", "Merged chunks rooms pushed to their members (--merge-ms), one push per member each", m.merge.flushes;
+            "merged_frames", "Messages carried in merged chunks (--merge-ms)", m.merge.frames;
+            "inbox_posted", "Direct messages posted to terminal inboxes", m.inbox.posted;
+            "inbox_dropped", "Inbox messages dropped unacknowledged, by reason", m.inbox.dropped;
+            "wake_keepalives", "UDP keepalives received, by result", m.wake.keepalives;
+            "wake_datagrams", "Wake datagrams, by result", m.wake.wakes;
         );
         Metrics { registry, ..m }
     }
