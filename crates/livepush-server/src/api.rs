@@ -277,16 +277,12 @@ pub async fn terminals(
     query: Result<Query<TerminalsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let list: Vec<serde_json::Value> = app
-        .terminals
-        .list(q.online)
-        .into_iter()
-        .map(|v| {
-            let inbox = app.inboxes.view(&v.terminal).ok().flatten();
-            let id = v.terminal.clone();
-            terminal_json(&app, &id, Some(v), inbox)
-        })
-        .collect();
+    let mut list = Vec::new();
+    for v in app.terminals.list(q.online) {
+        let inbox = app.inboxes.view(&v.terminal).await.ok().flatten();
+        let id = v.terminal.clone();
+        list.push(terminal_json(&app, &id, Some(v), inbox));
+    }
     Ok(Json(json!({ "terminals": list })).into_response())
 }
 
@@ -296,7 +292,7 @@ pub async fn terminal(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let view = app.terminals.view(&id);
-    let inbox = app.inboxes.view(&id)?;
+    let inbox = app.inboxes.view(&id).await?;
     if view.is_none() && inbox.is_none() {
         return Err(ApiError::not_found(format!(
             "terminal {id:?} was never seen"

@@ -277,18 +277,18 @@ impl Inboxes {
         }
     }
 
-    /// The inbox of `id`, loaded from the store on first use.
-    pub fn get(&self, id: &str) -> Result<Arc<Inbox>, EngineError> {
-        self.get_or_load(id, || Arc::from(id))
+    /// The inbox of `id`, loaded from the engine on first use.
+    pub async fn get(&self, id: &str) -> Result<Arc<Inbox>, EngineError> {
+        self.get_or_load(id, || Arc::from(id)).await
     }
 
     /// [`Inboxes::get`] for a terminal whose id is already shared: a new inbox keeps that
     /// `Arc` rather than a copy of the id (one allocation less per connected terminal).
-    pub fn get_shared(&self, id: &Arc<str>) -> Result<Arc<Inbox>, EngineError> {
-        self.get_or_load(id, || id.clone())
+    pub async fn get_shared(&self, id: &Arc<str>) -> Result<Arc<Inbox>, EngineError> {
+        self.get_or_load(id, || id.clone()).await
     }
 
-    fn get_or_load(
+    async fn get_or_load(
         &self,
         id: &str,
         shared_id: impl FnOnce() -> Arc<str>,
@@ -296,7 +296,10 @@ impl Inboxes {
         if let Some(i) = self.map.lock().get(id) {
             return Ok(i.0.clone());
         }
-        let record = self.engine.load_terminal(id)?.unwrap_or_default();
+        // Watch before loading: a message posted meanwhile comes as an event, and the feed of
+        // the inbox drops it if the record already had it.
+        self.engine.watch(id);
+        let record = self.engine.load_terminal(id).await?.unwrap_or_default();
         let mut map = self.map.lock();
         if let Some(i) = map.get(id) {
             return Ok(i.0.clone());
@@ -306,22 +309,22 @@ impl Inboxes {
         Ok(inbox)
     }
 
-    /// Load every terminal the store says has unacknowledged messages, so that the wake scan
+    /// Load every terminal the engine says has unacknowledged messages, so that the wake scan
     /// goes on waking them after a restart.
-    pub fn load_pending(&self) -> Result<usize, EngineError> {
-        let ids = self.engine.pending_terminals()?;
+    pub async fn load_pending(&self) -> Result<usize, EngineError> {
+        let ids = self.engine.pending_terminals().await?;
         for id in &ids {
-            self.get(id)?;
+            self.get(id).await?;
         }
         Ok(ids.len())
     }
 
-    /// What the terminals API shows (loads from the store; `None` if never seen there).
-    pub fn view(&self, id: &str) -> Result<Option<InboxView>, EngineError> {
+    /// What the terminals API shows (loads from the engine; `None` if never seen there).
+    pub async fn view(&self, id: &str) -> Result<Option<InboxView>, EngineError> {
         if let Some(i) = self.map.lock().get(id).map(|i| i.0.clone()) {
             return Ok(Some(i.view()));
         }
-        Ok(self.engine.load_terminal(id)?.map(|r| InboxView {
+        Ok(self.engine.load_terminal(id).await?.map(|r| InboxView {
             position: InboxPosition {
                 seq: r.seq,
                 acked: r.acked,
@@ -336,7 +339,7 @@ impl Inboxes {
     /// engine hands it back), or a wake datagram goes out if the terminal is offline and
     /// registered.
     pub async fn post(&self, id: &str, ty: &str, data: &RawValue) -> Result<Posted, EngineError> {
-        let inbox = self.get(id)?;
+        let inbox = self.get(id).await?;
         let ts = now_ms();
         let frame = livepush_proto::SeqTemplate::inbox(ty, data, ts);
         let posted = self.engine.post(id, &frame, ts).await;
@@ -422,8 +425,8 @@ impl Inboxes {
     }
 
     /// Record a verified keepalive. Persisted when the address changes, and every ten minutes.
-    pub fn keepalive(&self, id: &str, reg: WakeRegistration) -> Result<(), EngineError> {
-        let inbox = self.get(id)?;
+    pub async fn keepalive(&self, id: &str, reg: WakeRegistration) -> Result<(), EngineError> {
+        let inbox = self.get(id).await?;
         let mut st = inbox.state.lock();
         st.touched_ms = now_ms();
         let c = st.cold_mut();
@@ -441,8 +444,8 @@ impl Inboxes {
 
     /// The `ts` of the last keepalive accepted for `id` (loaded from the store if needed):
     /// a keepalive not newer than it is a replay.
-    pub fn last_keepalive_ts(&self, id: &str) -> Option<u64> {
-        let inbox = self.get(id).ok()?;
+    pub async fn last_keepalive_ts(&self, id: &str) -> Option<u64> {
+        let inbox = self.get(id).await.ok()?;
         let st = inbox.state.lock();
         st.wake().map(|w| w.ts)
     }
@@ -484,12 +487,17 @@ impl Inboxes {
                 self.start_wake(&inbox).await;
             }
         }
+        let engine = &self.engine;
         self.map.lock().retain(|i| {
             let st = i.0.state.lock();
-            !st.sessions.is_empty()
+            let keep = !st.sessions.is_empty()
                 || st.waking()
                 || st.unacked()
-                || now.saturating_sub(st.touched_ms) <= 300_000
+                || now.saturating_sub(st.touched_ms) <= 300_000;
+            if !keep {
+                engine.unwatch(&i.0.id);
+            }
+            keep
         });
     }
 

@@ -273,7 +273,7 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
         },
         metrics.inbox.clone(),
     ));
-    match inboxes.load_pending() {
+    match inboxes.load_pending().await {
         Ok(0) => {}
         Ok(n) => tracing::info!(terminals = n, "inboxes with waiting messages loaded"),
         Err(e) => tracing::error!(error = %e, "cannot list inboxes with waiting messages"),
@@ -357,11 +357,19 @@ fn spawn_keepalives(
         loop {
             let next = tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
-                r = socket.next_keepalive(|t| inboxes.last_keepalive_ts(t)) => r,
+                r = socket.next_keepalive() => r,
             };
             match next {
                 Ok(reg) => {
-                    if let Err(e) = inboxes.keepalive(&reg.terminal, reg.registration) {
+                    // A captured keepalive replayed from another address must not redirect
+                    // wakes: only a newer one than the last accepted counts.
+                    let last = inboxes.last_keepalive_ts(&reg.terminal).await;
+                    if last.is_some_and(|t| reg.registration.ts <= t) {
+                        socket.stats.keepalive("replayed");
+                        continue;
+                    }
+                    socket.stats.keepalive("accepted");
+                    if let Err(e) = inboxes.keepalive(&reg.terminal, reg.registration).await {
                         tracing::error!(error = %e, "cannot record a wake registration");
                     }
                 }

@@ -242,8 +242,8 @@ impl Session {
     /// Open the session: queue `connected` (when `greet`), then the inbox messages after
     /// `inbox_after` (default: the acknowledged position), and deliver later inbox messages
     /// live.
-    pub fn open(&mut self, id: Option<u64>, inbox_after: Option<u64>, greet: bool) {
-        let inbox = match self.app.inboxes.get_shared(&self.terminal.id) {
+    pub async fn open(&mut self, id: Option<u64>, inbox_after: Option<u64>, greet: bool) {
+        let inbox = match self.app.inboxes.get_shared(&self.terminal.id).await {
             Ok(i) => i,
             Err(e) => {
                 self.error(internal(e).with_id(id));
@@ -268,6 +268,15 @@ impl Session {
             .inboxes
             .attach(&inbox, self.conn, &self.outbox, inbox_after, greet);
         self.inbox = Some(inbox);
+    }
+
+    /// Load the terminal's inbox without opening it (nothing is delivered to the session),
+    /// so that `ack` works: a `bye` poll acknowledges on its way out.
+    pub async fn load_inbox(&mut self) {
+        match self.app.inboxes.get_shared(&self.terminal.id).await {
+            Ok(i) => self.inbox = Some(i),
+            Err(e) => self.error(internal(e)),
+        }
     }
 
     /// Handle one transport message: one or more frames, newline-separated.
@@ -336,16 +345,10 @@ impl Session {
                 self.send(&room, &ty, &data).map_err(|e| e.with_room(&room))
             }
             ClientFrame::Ack { inbox } => {
-                // A session that did not open the inbox (a `bye` poll) may still acknowledge.
-                let i = match &self.inbox {
-                    Some(i) => i.clone(),
-                    None => self
-                        .app
-                        .inboxes
-                        .get_shared(&self.terminal.id)
-                        .map_err(internal)?,
-                };
-                self.app.inboxes.ack(&i, inbox);
+                // Every transport opens (or, for a `bye` poll, loads) the inbox first.
+                if let Some(i) = &self.inbox {
+                    self.app.inboxes.ack(i, inbox);
+                }
                 Ok(())
             }
             ClientFrame::Ping => {

@@ -93,13 +93,11 @@ impl WakeSocket {
         self.socket.local_addr()
     }
 
-    /// Receive the next datagram and verify it as a keepalive. `last_ts` gives the `ts` of
-    /// the last keepalive accepted for a terminal (replays are refused). Invalid datagrams
-    /// are counted and skipped; this returns only verified registrations.
-    pub async fn next_keepalive(
-        &self,
-        last_ts: impl Fn(&str) -> Option<u64>,
-    ) -> std::io::Result<Registration> {
+    /// Receive the next datagram and verify it as a keepalive (its mac and freshness).
+    /// Invalid datagrams are counted and skipped; this returns only verified keepalives. The
+    /// caller refuses a replay (a `ts` not newer than the terminal's last one, which the
+    /// engine keeps) and counts the result with [`WakeStats::keepalive`].
+    pub async fn next_keepalive(&self) -> std::io::Result<Registration> {
         // One byte more than any keepalive may be, so that an oversized one is noticed.
         let mut buf = [0u8; 1025];
         loop {
@@ -127,11 +125,6 @@ impl WakeSocket {
                     continue;
                 }
             }
-            if last_ts(&ka.terminal).is_some_and(|t| ka.ts <= t) {
-                self.stats.keepalive("replayed");
-                continue;
-            }
-            self.stats.keepalive("accepted");
             return Ok(Registration {
                 terminal: ka.terminal,
                 registration: WakeRegistration {
@@ -219,7 +212,7 @@ mod tests {
             .unwrap();
         let good = Keepalive::encode("t", now_ms(), &keys.key("t"), 0);
         client.send_to(&good, addr).await.unwrap();
-        let reg = server.next_keepalive(|_| None).await.unwrap();
+        let reg = server.next_keepalive().await.unwrap();
         assert_eq!(reg.terminal, "t");
         assert_eq!(reg.registration.addr, client.local_addr().unwrap());
         assert_eq!(reg.registration.size as usize, good.len());

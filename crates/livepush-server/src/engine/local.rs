@@ -471,8 +471,12 @@ impl Engine for LocalEngine {
 }
 
 impl InboxEngine for LocalEngine {
-    fn load_terminal(&self, terminal: &str) -> Result<Option<TerminalRecord>, EngineError> {
-        Ok(self.store.load_terminal(terminal)?)
+    fn load_terminal(&self, terminal: &str) -> EngineFuture<'_, Option<TerminalRecord>> {
+        let record = self
+            .store
+            .load_terminal(terminal)
+            .map_err(EngineError::from);
+        Box::pin(std::future::ready(record))
     }
 
     fn post<'a>(
@@ -532,8 +536,12 @@ impl InboxEngine for LocalEngine {
         );
     }
 
-    fn pending_terminals(&self) -> Result<Vec<String>, EngineError> {
-        Ok(self.store.terminals_with_pending_inbox()?)
+    fn pending_terminals(&self) -> EngineFuture<'_, Vec<String>> {
+        let ids = self
+            .store
+            .terminals_with_pending_inbox()
+            .map_err(EngineError::from);
+        Box::pin(std::future::ready(ids))
     }
 }
 

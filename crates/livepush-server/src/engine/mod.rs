@@ -130,6 +130,9 @@ pub enum Event<'a> {
     Transient { room: &'a str, frame: &'a Bytes },
     /// The room's online count across nodes changed (engines that share presence).
     Online { room: &'a str, count: u64 },
+    /// The link that carries the events was lost (and is being restored): every open room
+    /// may have missed messages, or even its history (a restarted or flushed store).
+    LinkLost,
     /// The room's history was lost or reset: it goes on in `epoch` after `seq`.
     Epoch {
         room: &'a str,
@@ -208,7 +211,14 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
 pub trait InboxEngine: Send + Sync + std::fmt::Debug + 'static {
     /// What is known of `terminal` (its inbox position, unacknowledged messages and wake
     /// registration), or `None` if it was never stored.
-    fn load_terminal(&self, terminal: &str) -> Result<Option<TerminalRecord>, EngineError>;
+    fn load_terminal(&self, terminal: &str) -> EngineFuture<'_, Option<TerminalRecord>>;
+
+    /// This node holds the terminal's inbox (a session, or a wake-up to send): hand it the
+    /// terminal's direct messages posted on any node, until [`InboxEngine::unwatch`].
+    fn watch(&self, _terminal: &str) {}
+
+    /// This node no longer holds the terminal's inbox.
+    fn unwatch(&self, _terminal: &str) {}
 
     /// Sequence and store a direct message (its `inbox` frame encoded but for its seq);
     /// resolves once durable, after the message was handed over as an [`Event::Inbox`].
@@ -229,7 +239,7 @@ pub trait InboxEngine: Send + Sync + std::fmt::Debug + 'static {
     fn set_wake(&self, terminal: &str, registration: &WakeRegistration);
 
     /// Terminals with unacknowledged messages (to go on waking them after a restart).
-    fn pending_terminals(&self) -> Result<Vec<String>, EngineError>;
+    fn pending_terminals(&self) -> EngineFuture<'_, Vec<String>>;
 }
 
 /// Run an engine write in the background, logging a failure.

@@ -352,6 +352,14 @@ impl Hub {
                     self.ask(&r, ask);
                 }
             }
+            Event::LinkLost => {
+                let rooms: Vec<Arc<Room>> = self.rooms.read().values().cloned().collect();
+                for r in rooms {
+                    if let Some(ask) = r.on_lost() {
+                        self.ask(&r, ask);
+                    }
+                }
+            }
             Event::Inbox { .. } => {}
         }
     }

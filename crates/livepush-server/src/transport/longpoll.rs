@@ -93,6 +93,7 @@ async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         session: Session::start(&app, terminal, Transport::Longpoll),
     };
     if body.bye {
+        poll.session.load_inbox().await;
         let answer = bye(&app, &mut poll.session, &body);
         poll.session.end(Ending::Bye);
         return Ok(answer);
@@ -183,7 +184,7 @@ fn json_answer(out: Vec<u8>) -> Response {
 
 async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response {
     let limits = &app.config.limits;
-    session.open(None, body.inbox, body.hello);
+    session.open(None, body.inbox, body.hello).await;
     for (room, entry) in &body.rooms {
         let since = match (&entry.epoch, entry.seq) {
             (None, None) => None,

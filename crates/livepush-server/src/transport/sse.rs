@@ -90,7 +90,7 @@ async fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         _ => ApiError::unauthorized(e.to_string()),
     })?;
     let mut session = Session::start(&app, terminal, Transport::Sse);
-    session.open(None, None, true);
+    session.open(None, None, true).await;
     for room in &rooms {
         let since = positions
             .0

@@ -176,7 +176,7 @@ async fn open(app: &Arc<App>, io: Io, early: Bytes) -> Result<Driver, Ending> {
         tracing::debug!(error = %e, "cannot take the websocket's socket from tokio");
         Ending::Reset
     })?;
-    session.open(connect_id, None, true);
+    session.open(connect_id, None, true).await;
     for line in texts {
         session.handle_text(&line);
     }
