@@ -140,6 +140,8 @@ pub struct Session {
     transport: Transport,
     /// [`Session::end`] ran.
     ended: bool,
+    /// A join waits for its room to open in the background ([`Hub::adopt_later`]).
+    joins_in_background: bool,
 }
 
 impl Session {
@@ -169,6 +171,7 @@ impl Session {
             frames,
             transport,
             ended: false,
+            joins_in_background: false,
         }
     }
 
@@ -181,7 +184,13 @@ impl Session {
         if std::mem::replace(&mut self.ended, true) {
             return;
         }
-        let rooms = std::mem::take(&mut self.rooms);
+        // Whatever is still queued will not be written: free it, and let a join finishing in
+        // the background see that the session is gone (before the rooms are counted).
+        self.outbox.close(CloseReason::Shutdown);
+        let mut rooms = std::mem::take(&mut self.rooms).into_vec();
+        if self.joins_in_background {
+            rooms.extend(self.app.hub.take_adoptions(self.conn));
+        }
         let linger = self.transport == Transport::Longpoll && ending != Ending::Bye;
         let until = now_ms() + self.app.config.poll_grace.as_millis() as u64;
         for r in rooms {
@@ -190,9 +199,6 @@ impl Session {
         if let Some(i) = self.inbox.take() {
             self.app.inboxes.detach(&i, self.conn);
         }
-        // Whatever is still queued will not be written: free it, and let a join racing the
-        // end see that the session is gone.
-        self.outbox.close(CloseReason::Shutdown);
         self.app
             .terminals
             .closed(&self.terminal.id, self.transport, ending.is_interruption());
@@ -326,6 +332,9 @@ impl Session {
 
     fn dispatch(&mut self, env: ClientEnvelope) -> Result<(), FrameError> {
         let id = env.id;
+        if self.joins_in_background {
+            self.adopt();
+        }
         match env.frame {
             ClientFrame::Connect { .. } => Err(FrameError::bad_frame("already connected")),
             ClientFrame::Join { room, since } => self
@@ -436,13 +445,15 @@ impl Session {
         announce: Announce,
     ) -> Result<(), FrameError> {
         self.may_join(room)?;
-        let r = self.app.hub.room(room).await.map_err(internal)?;
+        let r = self.app.hub.room(room).await.map_err(engine_error)?;
         self.join_opened(r, since, id, announce)
     }
 
     /// Join from a client frame, which is handled where waiting is not possible (inside the
-    /// WebSocket reactor): the room must open without waiting, as it does on the single-node
-    /// engine.
+    /// WebSocket reactor). A room already open here (always, on the single-node engine) is
+    /// joined at once; otherwise it opens in the background, the join happens there (its
+    /// `joined` and replay go to the outbox as usual), and the session takes the room at its
+    /// next frame or at its end.
     fn join_now(
         &mut self,
         room: &str,
@@ -451,16 +462,46 @@ impl Session {
         announce: Announce,
     ) -> Result<(), FrameError> {
         self.may_join(room)?;
-        let r = match self.app.hub.room(room).now_or_never() {
-            Some(r) => r.map_err(internal)?,
-            None => {
-                return Err(FrameError::new(
-                    ErrorCode::Internal,
-                    format!("room {room:?} is not ready yet; retry the join"),
-                ));
-            }
+        if let Some(r) = self.app.hub.room(room).now_or_never() {
+            return self.join_opened(r.map_err(internal)?, since, id, announce);
+        }
+        self.joins_in_background = true;
+        let hub = self.app.hub.clone();
+        let conn = self.conn;
+        let outbox = self.outbox.clone();
+        let member = Member {
+            terminal: self.terminal.id.clone(),
+            outbox: outbox.clone(),
         };
-        self.join_opened(r, since, id, announce)
+        let since = since.cloned();
+        let room = room.to_owned();
+        tokio::spawn(async move {
+            let refused = match hub.room(&room).await {
+                Ok(r) => match r.join(conn, member, since.as_ref(), id, announce) {
+                    Ok(_) => {
+                        hub.adopt_later(conn, r, &outbox);
+                        return;
+                    }
+                    Err(JoinError::Closed) => {
+                        FrameError::new(ErrorCode::RoomClosed, format!("room {room:?} is closed"))
+                    }
+                },
+                Err(e) => engine_error(e),
+            };
+            outbox.reply(&refused.with_id(id).with_room(&room).to_frame());
+        });
+        Ok(())
+    }
+
+    /// Take the rooms joined in the background.
+    fn adopt(&mut self) {
+        for r in self.app.hub.take_adoptions(self.conn) {
+            if self.room_index(&r.id).is_none() {
+                let mut rooms = std::mem::take(&mut self.rooms).into_vec();
+                rooms.push(r);
+                self.rooms = rooms.into_boxed_slice();
+            }
+        }
     }
 
     fn join_opened(
@@ -576,6 +617,20 @@ impl Session {
     pub fn error(&self, e: FrameError) {
         self.app.metrics.client_errors.inc();
         self.outbox.reply(&e.to_frame());
+    }
+}
+
+/// An engine that cannot be reached is `unavailable` (retry later); anything else internal.
+fn engine_error(e: crate::engine::EngineError) -> FrameError {
+    match e {
+        crate::engine::EngineError::Unavailable(_) => {
+            tracing::warn!(error = %e, "engine unavailable");
+            FrameError::new(
+                ErrorCode::Unavailable,
+                "the shared store is unreachable; retry later",
+            )
+        }
+        other => internal(other),
     }
 }
 

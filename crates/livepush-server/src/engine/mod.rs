@@ -30,6 +30,7 @@
 //! terminal's session.
 
 pub mod local;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;

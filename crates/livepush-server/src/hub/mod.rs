@@ -18,7 +18,7 @@ use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use livepush_proto::{Class, SeqTemplate, encode_msg, validate_room, validate_type};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use serde_json::value::RawValue;
 
 pub use room::{Announce, JoinError, Joined, Member, MergeWindow, Page, Room, RoomInfo};
@@ -29,7 +29,7 @@ use crate::control::{Action, CONTROL_TYPE, ControlError};
 use crate::engine::{Engine, EngineError, Event, Publish, Retention};
 use crate::frame::Frame;
 use crate::metrics::Metrics;
-use crate::outbox::ConnId;
+use crate::outbox::{ConnId, Outbox};
 use feed::Ask;
 
 /// Why a publish was refused.
@@ -73,6 +73,9 @@ pub struct Hub {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     next_conn: AtomicU64,
+    /// Rooms joined in the background for a connection that could not wait for the room to
+    /// open (see [`Hub::adopt_later`]), until its session takes them.
+    adoptions: Mutex<HashMap<ConnId, Vec<Arc<Room>>>>,
     /// The hub itself, for the tasks that carry a room's asks to the engine.
     me: Weak<Hub>,
 }
@@ -94,6 +97,7 @@ impl Hub {
             config,
             metrics,
             next_conn: AtomicU64::new(1),
+            adoptions: Mutex::new(HashMap::new()),
             me: me.clone(),
         })
     }
@@ -157,6 +161,25 @@ impl Hub {
             }
         }
         Ok(room)
+    }
+
+    /// A connection joined `room` in the background (its session could not wait for the room
+    /// to open): its session takes the room with [`Hub::take_adoptions`]. A session that
+    /// ended meanwhile (its outbox closed first) leaves it at once; both sides decide under
+    /// one lock, so a room is never left behind with a dead member.
+    pub fn adopt_later(&self, conn: ConnId, room: Arc<Room>, outbox: &Outbox) {
+        let mut adoptions = self.adoptions.lock();
+        if outbox.is_closed() {
+            drop(adoptions);
+            room.leave(conn);
+            return;
+        }
+        adoptions.entry(conn).or_default().push(room);
+    }
+
+    /// The rooms joined in the background for `conn` since the last call.
+    pub fn take_adoptions(&self, conn: ConnId) -> Vec<Arc<Room>> {
+        self.adoptions.lock().remove(&conn).unwrap_or_default()
     }
 
     /// The class a publish of `ty` gets, with an optional override.

@@ -5,6 +5,7 @@ mod errors;
 mod heartbeat;
 mod inbox;
 mod merge;
+mod redis;
 mod resume;
 mod support;
 mod transports;

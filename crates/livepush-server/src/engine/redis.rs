@@ -1,0 +1,937 @@
+//! The engine for several nodes: rooms and inboxes in Redis.
+//!
+//! Every `livepush serve --redis URL` process (a *node*) talks to the same Redis; any node may
+//! serve any terminal and any publish.
+//!
+//! # Rooms
+//!
+//! A room is a hash `P:room:{R}` (epoch, seq, flags) and a stream `P:hist:{R}` whose entry ids
+//! are `seq-1` (ts and frame). A reliable publish is one Lua script ([`PUBLISH`]): it creates
+//! the room with the caller's fresh epoch if Redis does not have it (a room never used, or lost
+//! with a restart without persistence or a `FLUSHALL`: then the old history is gone and the seq
+//! starts again, under a new epoch, never repeating a seq of an old one), takes the next seq,
+//! appends the frame (the hub's template with the seq filled in) capped at the history size,
+//! sets the room's flags for a control message, and `PUBLISH`es the message on the room's
+//! channel `P:ch:{R}`, all atomically. The publish is answered only after the script
+//! succeeded; no node delivers a message that is not in Redis.
+//!
+//! A node subscribes to a room's channel when it opens the room (its first local member, or a
+//! pull) and unsubscribes when the hub closes it; Redis sends a message only to the nodes
+//! subscribed to its room, so its output grows with the nodes that hold members of the room,
+//! not with all nodes. Messages arrive as RESP3 pushes on one subscription connection and are
+//! handed to the node in arrival order, which is publish order per room. The node's feed
+//! repairs what pub/sub can lose: a seq jump is read from the stream, another epoch is learnt
+//! from a snapshot, and when the subscription connection drops ([`Event::LinkLost`]) every
+//! open room re-reads what it missed once the connection is back (the client resubscribes by
+//! itself).
+//!
+//! A lost Redis dataset is detected by a boot key (`P:boot`, a random value set once): a node
+//! that finds it changed or missing tells every open room to re-read its state, which gives
+//! the room a new epoch; members are told `joined{recovered:false}`.
+//!
+//! # Inboxes
+//!
+//! A terminal's inbox is a hash `P:term:{T}` (seq, acked, the wake registration) and a sorted
+//! set `P:inbox:{T}` of frames by seq. A post is one script ([`POST`]) that takes the next seq,
+//! stores the frame, trims to the inbox size and publishes it on `P:in:{T}`, which the nodes
+//! that hold a session of the terminal subscribe to ([`InboxEngine::watch`]).
+//!
+//! # Faults
+//!
+//! Every call has a timeout (`--redis-timeout`). While Redis cannot be reached, reliable
+//! publishes and inbox posts answer [`EngineError::Unavailable`] (HTTP 503), transient
+//! messages still reach local members, and [`RedisEngine::healthy`] is false. The connections
+//! reconnect by themselves.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use livepush_proto::SeqTemplate;
+use parking_lot::Mutex;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{PushInfo, PushKind, Script, Value};
+use tokio::sync::mpsc;
+
+use super::{
+    Engine, EngineError, EngineFuture, Event, History, InboxEngine, Node, Publish, Retention,
+    Sequenced, Snapshot,
+};
+use crate::clock::now_ms;
+use crate::control::Action;
+use crate::store::{
+    InboxMessage, RoomFlags, StoredMessage, TerminalRecord, WakeRegistration, new_epoch,
+};
+
+/// Settings of the Redis engine.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://…` (`?protocol=resp3` is added when missing: pub/sub uses RESP3 pushes).
+    pub url: String,
+    /// Prefix of every key and channel, so that several deployments (or tests) share a Redis.
+    pub prefix: String,
+    /// Longest any Redis call may take; also the connection timeout.
+    pub timeout: Duration,
+    pub retention: Retention,
+    /// Unacknowledged inbox messages kept per terminal.
+    pub inbox_size: usize,
+}
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisStartError {
+    #[error("cannot connect to Redis at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error(
+        "Redis must not evict keys (it would drop histories and sequences silently): set \
+         `maxmemory-policy noeviction` (it is {0:?})"
+    )]
+    Eviction(String),
+}
+
+/// See the module documentation.
+pub struct RedisEngine {
+    settings: RedisSettings,
+    /// Commands and scripts.
+    conn: ConnectionManager,
+    /// Subscriptions (RESP3 pushes go to the dispatcher).
+    sub: ConnectionManager,
+    node: OnceLock<Weak<dyn Node>>,
+    /// Channels this node subscribed to.
+    channels: Mutex<HashSet<String>>,
+    /// The boot key's value when this node last checked it.
+    boot: Mutex<Option<String>>,
+    healthy: AtomicBool,
+    /// This node's id: its own transient messages come back on the channel and are skipped.
+    id: String,
+    /// The engine itself, for background tasks.
+    me: OnceLock<Weak<RedisEngine>>,
+}
+
+impl std::fmt::Debug for RedisEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisEngine")
+            .field("prefix", &self.settings.prefix)
+            .field("node", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A reliable publish: ensure the room (a fresh epoch if Redis does not have it), next seq,
+/// append, flags, announce. KEYS: room, history. ARGV: head, tail, ts, history size, fresh
+/// epoch, flag field or "", flag value, channel, action name or "".
+const PUBLISH: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
+end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local frame = ARGV[1] .. seq .. ARGV[2]
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], seq .. '-1', 't', ARGV[3], 'f', frame)
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[1], ARGV[6], ARGV[7])
+end
+redis.call('PUBLISH', ARGV[8], 'R' .. epoch .. ' ' .. seq .. ' ' .. ARGV[3] .. ' ' .. ARGV[9] .. '\n' .. frame)
+return {epoch, seq}
+"#;
+
+/// Open a room: create it if missing; its state and newest kept messages. KEYS: room,
+/// history. ARGV: fresh epoch, how many messages.
+const OPEN: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
+end
+local st = redis.call('HMGET', KEYS[1], 'seq', 'muted', 'closed')
+local n = tonumber(ARGV[2])
+local hist = {}
+if n > 0 then
+  hist = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', n)
+end
+return {epoch, st[1], st[2] or '0', st[3] or '0', hist}
+"#;
+
+/// A page of history. KEYS: room, history. ARGV: first seq wanted, count.
+const HISTORY: &str = r#"
+local st = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+if not st[1] then
+  return false
+end
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local page = redis.call('XRANGE', KEYS[2], ARGV[1] .. '-0', '+', 'COUNT', tonumber(ARGV[2]))
+return {st[1], st[2], first, page}
+"#;
+
+/// Start a new history of a room, keeping its flags. KEYS: room, history. ARGV: fresh epoch,
+/// channel.
+const RESET: &str = r#"
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', 0)
+redis.call('PUBLISH', ARGV[2], 'E' .. ARGV[1] .. ' 0')
+return ARGV[1]
+"#;
+
+/// An inbox post: next seq, keep the frame, trim to the size, announce. KEYS: terminal,
+/// inbox. ARGV: head, tail, size, channel.
+const POST: &str = r#"
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local acked = tonumber(redis.call('HGET', KEYS[1], 'acked') or '0')
+local frame = ARGV[1] .. seq .. ARGV[2]
+if seq > acked then
+  redis.call('ZADD', KEYS[2], seq, frame)
+  local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
+  if over > 0 then
+    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1)
+  end
+end
+redis.call('PUBLISH', ARGV[4], 'I' .. seq .. '\n' .. frame)
+return seq
+"#;
+
+/// An acknowledgement. KEYS: terminal, inbox. ARGV: seq.
+const ACK: &str = r#"
+local acked = tonumber(redis.call('HGET', KEYS[1], 'acked') or '0')
+local seq = tonumber(ARGV[1])
+if seq > acked then
+  redis.call('HSET', KEYS[1], 'acked', seq)
+  local top = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+  if seq > top then
+    redis.call('HSET', KEYS[1], 'seq', seq)
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', seq)
+end
+return 1
+"#;
+
+/// A terminal's hash fields (seq, acked, wake) and its kept inbox (frame, seq).
+type TerminalRows = (Vec<Option<String>>, Vec<(Vec<u8>, u64)>);
+
+/// A wake registration as kept in Redis: `ADDR SIZE TS`.
+fn encode_wake(r: &WakeRegistration) -> String {
+    format!("{} {} {}", r.addr, r.size, r.ts)
+}
+
+fn decode_wake(s: &str) -> Option<WakeRegistration> {
+    let mut parts = s.split(' ');
+    Some(WakeRegistration {
+        addr: parts.next()?.parse().ok()?,
+        size: parts.next()?.parse().ok()?,
+        ts: parts.next()?.parse().ok()?,
+    })
+}
+
+fn unavailable(e: redis::RedisError) -> EngineError {
+    EngineError::Unavailable(e.to_string())
+}
+
+/// A message as it travels on a room's channel.
+enum Wire<'a> {
+    Reliable {
+        epoch: &'a str,
+        seq: u64,
+        ts: u64,
+        action: Option<Action>,
+        frame: &'a [u8],
+    },
+    Transient {
+        from: &'a str,
+        frame: &'a [u8],
+    },
+    Epoch {
+        epoch: &'a str,
+        seq: u64,
+    },
+    Inbox {
+        seq: u64,
+        frame: &'a [u8],
+    },
+}
+
+fn action_name(a: Option<Action>) -> &'static str {
+    match a {
+        None => "",
+        Some(Action::Close) => "close",
+        Some(Action::Open) => "open",
+        Some(Action::Mute) => "mute",
+        Some(Action::Unmute) => "unmute",
+        Some(Action::StreamSwitch) => "stream_switch",
+    }
+}
+
+fn action_of(name: &str) -> Option<Action> {
+    match name {
+        "close" => Some(Action::Close),
+        "open" => Some(Action::Open),
+        "mute" => Some(Action::Mute),
+        "unmute" => Some(Action::Unmute),
+        "stream_switch" => Some(Action::StreamSwitch),
+        _ => None,
+    }
+}
+
+fn parse_wire(payload: &[u8]) -> Option<Wire<'_>> {
+    let (kind, rest) = payload.split_first()?;
+    let nl = rest.iter().position(|b| *b == b'\n');
+    let (head, frame) = match nl {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, &[][..]),
+    };
+    let head = std::str::from_utf8(head).ok()?;
+    let mut parts = head.split(' ');
+    match kind {
+        b'R' => {
+            let epoch = parts.next()?;
+            let seq = parts.next()?.parse().ok()?;
+            let ts = parts.next()?.parse().ok()?;
+            let action = action_of(parts.next().unwrap_or(""));
+            Some(Wire::Reliable {
+                epoch,
+                seq,
+                ts,
+                action,
+                frame,
+            })
+        }
+        b'T' => Some(Wire::Transient { from: head, frame }),
+        b'E' => {
+            let epoch = parts.next()?;
+            let seq = parts.next()?.parse().ok()?;
+            Some(Wire::Epoch { epoch, seq })
+        }
+        b'I' => Some(Wire::Inbox {
+            seq: head.parse().ok()?,
+            frame,
+        }),
+        _ => None,
+    }
+}
+
+fn bytes_of(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn string_of(v: &Value) -> Option<String> {
+    match v {
+        Value::Int(n) => Some(n.to_string()),
+        other => bytes_of(other).map(|b| String::from_utf8_lossy(b).into_owned()),
+    }
+}
+
+fn u64_of(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        other => string_of(other)?.parse().ok(),
+    }
+}
+
+/// Stream entries `[[id, [field, value, …]], …]` as stored messages (`seq-1` ids).
+fn entries(v: &Value) -> Vec<StoredMessage> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| {
+            let Value::Array(pair) = item else {
+                return None;
+            };
+            let id = string_of(pair.first()?)?;
+            let seq: u64 = id.split('-').next()?.parse().ok()?;
+            let Value::Array(fields) = pair.get(1)? else {
+                return None;
+            };
+            let mut ts = 0;
+            let mut frame = None;
+            for kv in fields.chunks(2) {
+                match (kv.first().and_then(bytes_of), kv.get(1)) {
+                    (Some(b"t"), Some(v)) => ts = u64_of(v).unwrap_or(0),
+                    (Some(b"f"), Some(v)) => frame = bytes_of(v).map(Bytes::copy_from_slice),
+                    _ => {}
+                }
+            }
+            Some(StoredMessage {
+                seq,
+                ts,
+                frame: frame?,
+            })
+        })
+        .collect()
+}
+
+impl RedisEngine {
+    /// Connect (two connections: commands, and subscriptions), check that Redis does not
+    /// evict keys, and start the dispatcher that hands pub/sub messages to the node.
+    pub async fn connect(settings: RedisSettings) -> Result<Arc<RedisEngine>, RedisStartError> {
+        let mut url = settings.url.clone();
+        if !url.contains("protocol=") {
+            url.push(if url.contains('?') { '&' } else { '?' });
+            url.push_str("protocol=resp3");
+        }
+        let connect_err = |source| RedisStartError::Connect {
+            url: settings.url.clone(),
+            source,
+        };
+        let client = redis::Client::open(url.as_str()).map_err(connect_err)?;
+        let base = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout))
+            .set_response_timeout(Some(settings.timeout))
+            .set_max_delay(Duration::from_secs(2));
+        let mut conn = ConnectionManager::new_with_config(client.clone(), base.clone())
+            .await
+            .map_err(connect_err)?;
+        let policy: std::collections::HashMap<String, String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut conn)
+            .await
+            .map_err(connect_err)?;
+        let policy = policy.get("maxmemory-policy").cloned().unwrap_or_default();
+        if policy != "noeviction" {
+            return Err(RedisStartError::Eviction(policy));
+        }
+        let (tx, rx) = mpsc::unbounded_channel::<PushInfo>();
+        let sub = ConnectionManager::new_with_config(
+            client,
+            base.set_push_sender(tx).set_automatic_resubscription(),
+        )
+        .await
+        .map_err(connect_err)?;
+        let engine = Arc::new(RedisEngine {
+            settings,
+            conn,
+            sub,
+            node: OnceLock::new(),
+            channels: Mutex::new(HashSet::new()),
+            boot: Mutex::new(None),
+            healthy: AtomicBool::new(true),
+            id: new_epoch(),
+            me: OnceLock::new(),
+        });
+        let _ = engine.me.set(Arc::downgrade(&engine));
+        engine.check_boot().await;
+        tokio::spawn(dispatch(Arc::downgrade(&engine), rx));
+        Ok(engine)
+    }
+
+    /// Whether the last calls to Redis succeeded (`/healthz` says "degraded" otherwise).
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn node(&self) -> Option<Arc<dyn Node>> {
+        self.node.get().and_then(Weak::upgrade)
+    }
+
+    fn key(&self, what: &str, id: &str) -> String {
+        format!("{}:{what}:{{{id}}}", self.settings.prefix)
+    }
+
+    fn room_channel(&self, room: &str) -> String {
+        self.key("ch", room)
+    }
+
+    fn inbox_channel(&self, terminal: &str) -> String {
+        self.key("in", terminal)
+    }
+
+    fn noted<T>(&self, r: redis::RedisResult<T>) -> Result<T, EngineError> {
+        self.healthy.store(r.is_ok(), Ordering::Relaxed);
+        r.map_err(unavailable)
+    }
+
+    async fn subscribe(&self, channel: String) -> Result<(), EngineError> {
+        if self.channels.lock().contains(&channel) {
+            return Ok(());
+        }
+        let mut sub = self.sub.clone();
+        let r = sub.subscribe(&channel).await;
+        self.noted(r)?;
+        self.channels.lock().insert(channel);
+        Ok(())
+    }
+
+    fn unsubscribe(&self, channel: String) {
+        if !self.channels.lock().remove(&channel) {
+            return;
+        }
+        let mut sub = self.sub.clone();
+        tokio::spawn(async move {
+            let _ = sub.unsubscribe(&channel).await;
+        });
+    }
+
+    /// Compare the boot key with what this node saw before: a missing or different value
+    /// means Redis lost its data; every open room then re-reads its state.
+    async fn check_boot(&self) {
+        let key = format!("{}:boot", self.settings.prefix);
+        let mut conn = self.conn.clone();
+        let r: redis::RedisResult<(Option<String>, String)> = redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg(new_epoch())
+            .arg("NX")
+            .cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await;
+        let Ok((_, now)) = self.noted(r) else {
+            return;
+        };
+        let before = self.boot.lock().replace(now.clone());
+        if before.is_some_and(|b| b != now) {
+            tracing::warn!("Redis lost its data (boot key changed): rooms get new epochs");
+            if let Some(node) = self.node() {
+                node.on_event(Event::LinkLost);
+            }
+        }
+    }
+
+    fn on_push(&self, push: PushInfo) {
+        let Some(node) = self.node() else {
+            return;
+        };
+        match push.kind {
+            PushKind::Disconnection => node.on_event(Event::LinkLost),
+            PushKind::Message => {
+                let (Some(channel), Some(payload)) = (
+                    push.data.first().and_then(string_of),
+                    push.data.get(1).and_then(bytes_of),
+                ) else {
+                    return;
+                };
+                let Some(id) = channel
+                    .strip_prefix(&format!("{}:", self.settings.prefix))
+                    .and_then(|rest| rest.split_once(":{"))
+                    .and_then(|(kind, rest)| rest.strip_suffix('}').map(|id| (kind, id)))
+                else {
+                    return;
+                };
+                match (id.0, parse_wire(payload)) {
+                    (
+                        "ch",
+                        Some(Wire::Reliable {
+                            epoch,
+                            seq,
+                            ts,
+                            action,
+                            frame,
+                        }),
+                    ) => node.on_event(Event::Reliable {
+                        room: id.1,
+                        epoch,
+                        message: &StoredMessage {
+                            seq,
+                            ts,
+                            frame: Bytes::copy_from_slice(frame),
+                        },
+                        action,
+                    }),
+                    ("ch", Some(Wire::Transient { from, frame })) if from != self.id => {
+                        node.on_event(Event::Transient {
+                            room: id.1,
+                            frame: &Bytes::copy_from_slice(frame),
+                        });
+                    }
+                    ("ch", Some(Wire::Epoch { epoch, seq })) => node.on_event(Event::Epoch {
+                        room: id.1,
+                        epoch,
+                        seq,
+                    }),
+                    ("in", Some(Wire::Inbox { seq, frame })) => node.on_event(Event::Inbox {
+                        terminal: id.1,
+                        message: &InboxMessage {
+                            seq,
+                            ts: now_ms(),
+                            frame: Bytes::copy_from_slice(frame),
+                        },
+                    }),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn open_room(&self, room: &str, keep: usize) -> Result<Snapshot, EngineError> {
+        let mut conn = self.conn.clone();
+        let v: redis::RedisResult<Value> = Script::new(OPEN)
+            .key(self.key("room", room))
+            .key(self.key("hist", room))
+            .arg(new_epoch())
+            .arg(keep)
+            .invoke_async(&mut conn)
+            .await;
+        let v = self.noted(v)?;
+        let Value::Array(parts) = v else {
+            return Err(EngineError::Unavailable("unexpected answer to OPEN".into()));
+        };
+        let field = |i: usize| parts.get(i).and_then(string_of).unwrap_or_default();
+        let mut history = parts.get(4).map(entries).unwrap_or_default();
+        history.reverse();
+        self.trim_old(&mut history);
+        Ok(Snapshot {
+            epoch: Arc::from(field(0)),
+            seq: field(1).parse().unwrap_or(0),
+            flags: RoomFlags {
+                muted: field(2) == "1",
+                closed: field(3) == "1",
+            },
+            online: 0,
+            history,
+        })
+    }
+
+    /// Drop messages older than the retention's age (the stream is capped by count only).
+    fn trim_old(&self, history: &mut Vec<StoredMessage>) {
+        let cutoff = now_ms().saturating_sub(self.settings.retention.ttl.as_millis() as u64);
+        history.retain(|m| m.ts >= cutoff);
+    }
+}
+
+/// Hand the subscription connection's pushes to the node, in order.
+async fn dispatch(engine: Weak<RedisEngine>, mut rx: mpsc::UnboundedReceiver<PushInfo>) {
+    while let Some(push) = rx.recv().await {
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        engine.on_push(push);
+    }
+}
+
+impl Engine for RedisEngine {
+    fn attach(&self, node: Weak<dyn Node>) {
+        if self.node.set(node).is_err() {
+            tracing::warn!("an engine can serve one node; a second attach was ignored");
+        }
+    }
+
+    fn open(&self, room: &str, keep: usize) -> EngineFuture<'_, Snapshot> {
+        let room = room.to_owned();
+        Box::pin(async move {
+            // Subscribe first: whatever is published after the snapshot is then delivered,
+            // and what the snapshot already has is dropped by the feed as a repeat.
+            self.subscribe(self.room_channel(&room)).await?;
+            self.open_room(&room, keep).await
+        })
+    }
+
+    fn close(&self, room: &str) {
+        self.unsubscribe(self.room_channel(room));
+    }
+
+    fn info(&self, room: &str) -> EngineFuture<'_, Option<Snapshot>> {
+        let key = self.key("room", room);
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let r: redis::RedisResult<Vec<Option<String>>> = redis::cmd("HMGET")
+                .arg(&key)
+                .arg("epoch")
+                .arg("seq")
+                .arg("muted")
+                .arg("closed")
+                .query_async(&mut conn)
+                .await;
+            let v = self.noted(r)?;
+            let Some(Some(epoch)) = v.first().cloned() else {
+                return Ok(None);
+            };
+            let get = |i: usize| v.get(i).cloned().flatten().unwrap_or_default();
+            Ok(Some(Snapshot {
+                epoch: Arc::from(epoch),
+                seq: get(1).parse().unwrap_or(0),
+                flags: RoomFlags {
+                    muted: get(2) == "1",
+                    closed: get(3) == "1",
+                },
+                online: 0,
+                history: Vec::new(),
+            }))
+        })
+    }
+
+    fn publish<'a>(&'a self, p: Publish<'a>) -> EngineFuture<'a, Sequenced> {
+        Box::pin(async move {
+            let (field, value) = match p.action {
+                Some(Action::Close) => ("closed", "1"),
+                Some(Action::Open) => ("closed", "0"),
+                Some(Action::Mute) => ("muted", "1"),
+                Some(Action::Unmute) => ("muted", "0"),
+                Some(Action::StreamSwitch) | None => ("", ""),
+            };
+            let mut conn = self.conn.clone();
+            let r: redis::RedisResult<(String, u64)> = Script::new(PUBLISH)
+                .key(self.key("room", p.room))
+                .key(self.key("hist", p.room))
+                .arg(&p.frame.head[..])
+                .arg(&p.frame.tail[..])
+                .arg(p.ts)
+                .arg(self.settings.retention.max_messages)
+                .arg(new_epoch())
+                .arg(field)
+                .arg(value)
+                .arg(self.room_channel(p.room))
+                .arg(action_name(p.action))
+                .invoke_async(&mut conn)
+                .await;
+            let (epoch, seq) = self.noted(r)?;
+            Ok(Sequenced {
+                epoch: Arc::from(epoch),
+                seq,
+            })
+        })
+    }
+
+    fn broadcast(&self, room: &str, frame: &Bytes) {
+        let mut payload = Vec::with_capacity(frame.len() + self.id.len() + 2);
+        payload.push(b'T');
+        payload.extend_from_slice(self.id.as_bytes());
+        payload.push(b'\n');
+        payload.extend_from_slice(frame);
+        let channel = self.room_channel(room);
+        let mut conn = self.conn.clone();
+        tokio::spawn(async move {
+            let r: redis::RedisResult<()> = redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(payload)
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "a transient message did not reach the other nodes");
+            }
+        });
+    }
+
+    fn history(
+        &self,
+        room: &str,
+        since: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> EngineFuture<'_, Option<History>> {
+        let room = room.to_owned();
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let r: redis::RedisResult<Value> = Script::new(HISTORY)
+                .key(self.key("room", &room))
+                .key(self.key("hist", &room))
+                .arg(since + 1)
+                .arg(limit.max(1))
+                .invoke_async(&mut conn)
+                .await;
+            let v = self.noted(r)?;
+            let Value::Array(parts) = v else {
+                return Ok(None);
+            };
+            let epoch = parts.first().and_then(string_of).unwrap_or_default();
+            let latest = parts.get(1).and_then(u64_of).unwrap_or(0);
+            let mut kept = parts.get(2).map(entries).unwrap_or_default();
+            self.trim_old(&mut kept);
+            let mut messages = parts.get(3).map(entries).unwrap_or_default();
+            self.trim_old(&mut messages);
+            let mut bytes = 0;
+            messages.truncate(limit);
+            let mut n = 0;
+            for m in &messages {
+                bytes += m.frame.len();
+                if n > 0 && bytes > max_bytes {
+                    break;
+                }
+                n += 1;
+            }
+            messages.truncate(n);
+            let first = kept
+                .first()
+                .map(|m| m.seq)
+                .or_else(|| messages.first().map(|m| m.seq))
+                .unwrap_or(latest + 1);
+            Ok(Some(History {
+                epoch: Arc::from(epoch),
+                latest,
+                first,
+                messages,
+            }))
+        })
+    }
+
+    fn reset(&self, room: &str) -> EngineFuture<'_, Sequenced> {
+        let room = room.to_owned();
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let r: redis::RedisResult<String> = Script::new(RESET)
+                .key(self.key("room", &room))
+                .key(self.key("hist", &room))
+                .arg(new_epoch())
+                .arg(self.room_channel(&room))
+                .invoke_async(&mut conn)
+                .await;
+            let epoch = self.noted(r)?;
+            Ok(Sequenced {
+                epoch: Arc::from(epoch),
+                seq: 0,
+            })
+        })
+    }
+
+    fn tick(&self) {
+        // Once a second (the hub's upkeep): has Redis lost its data?
+        if let Some(engine) = self.me.get().and_then(Weak::upgrade) {
+            tokio::spawn(async move { engine.check_boot().await });
+        }
+    }
+
+    fn flush(&self) -> EngineFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+impl InboxEngine for RedisEngine {
+    fn load_terminal(&self, terminal: &str) -> EngineFuture<'_, Option<TerminalRecord>> {
+        let (t, i) = (self.key("term", terminal), self.key("inbox", terminal));
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let r: redis::RedisResult<TerminalRows> = redis::pipe()
+                .cmd("HMGET")
+                .arg(&t)
+                .arg("seq")
+                .arg("acked")
+                .arg("wake")
+                .cmd("ZRANGE")
+                .arg(&i)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query_async(&mut conn)
+                .await;
+            let (fields, kept) = self.noted(r)?;
+            let get = |n: usize| fields.get(n).cloned().flatten();
+            let (Some(seq), acked) = (get(0), get(1)) else {
+                return Ok(None);
+            };
+            let acked: u64 = acked.and_then(|a| a.parse().ok()).unwrap_or(0);
+            Ok(Some(TerminalRecord {
+                seq: seq.parse().unwrap_or(0),
+                acked,
+                inbox: kept
+                    .into_iter()
+                    .filter(|(_, s)| *s > acked)
+                    .map(|(frame, seq)| InboxMessage {
+                        seq,
+                        ts: 0,
+                        frame: Bytes::from(frame),
+                    })
+                    .collect(),
+                wake: get(2).and_then(|w| decode_wake(&w)),
+            }))
+        })
+    }
+
+    fn watch(&self, terminal: &str) {
+        let channel = self.inbox_channel(terminal);
+        if let Some(engine) = self.me.get().and_then(Weak::upgrade) {
+            tokio::spawn(async move {
+                if let Err(e) = engine.subscribe(channel).await {
+                    tracing::warn!(error = %e, "cannot follow a terminal's inbox");
+                }
+            });
+        }
+    }
+
+    fn unwatch(&self, terminal: &str) {
+        self.unsubscribe(self.inbox_channel(terminal));
+    }
+
+    fn post<'a>(
+        &'a self,
+        terminal: &'a str,
+        frame: &'a SeqTemplate,
+        ts: u64,
+    ) -> EngineFuture<'a, InboxMessage> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let r: redis::RedisResult<u64> = Script::new(POST)
+                .key(self.key("term", terminal))
+                .key(self.key("inbox", terminal))
+                .arg(&frame.head[..])
+                .arg(&frame.tail[..])
+                .arg(self.settings.inbox_size)
+                .arg(self.inbox_channel(terminal))
+                .invoke_async(&mut conn)
+                .await;
+            let seq = self.noted(r)?;
+            Ok(InboxMessage {
+                seq,
+                ts,
+                frame: frame.with_seq(seq),
+            })
+        })
+    }
+
+    fn ack(&self, terminal: &str, seq: u64) {
+        let mut conn = self.conn.clone();
+        let (t, i) = (self.key("term", terminal), self.key("inbox", terminal));
+        tokio::spawn(async move {
+            let r: redis::RedisResult<i64> = Script::new(ACK)
+                .key(t)
+                .key(i)
+                .arg(seq)
+                .invoke_async(&mut conn)
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "an inbox acknowledgement did not reach Redis");
+            }
+        });
+    }
+
+    fn trim(&self, terminal: &str, keep_from: u64) {
+        let mut conn = self.conn.clone();
+        let key = self.key("inbox", terminal);
+        tokio::spawn(async move {
+            let r: redis::RedisResult<i64> = redis::cmd("ZREMRANGEBYSCORE")
+                .arg(key)
+                .arg("-inf")
+                .arg(format!("({keep_from}"))
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "an inbox trim did not reach Redis");
+            }
+        });
+    }
+
+    fn set_wake(&self, terminal: &str, registration: &WakeRegistration) {
+        let mut conn = self.conn.clone();
+        let key = self.key("term", terminal);
+        let value = encode_wake(registration);
+        tokio::spawn(async move {
+            let r: redis::RedisResult<()> = redis::cmd("HSET")
+                .arg(key)
+                .arg("wake")
+                .arg(value)
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "a wake registration did not reach Redis");
+            }
+        });
+    }
+
+    fn pending_terminals(&self) -> EngineFuture<'_, Vec<String>> {
+        // Each node wakes the terminals whose keepalives it received; after a restart it
+        // learns them again from their next keepalive.
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
+}

@@ -1,0 +1,333 @@
+//! Several nodes on one Redis: each test starts its own `redis-server` on a free port (no
+//! persistence), so killing or flushing it harms nobody, and several in-process servers, each
+//! with its own Redis engine (its own connections): separate nodes.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use livepush_proto::ServerFrame;
+use livepush_server::engine::Retention;
+use livepush_server::engine::redis::{RedisEngine, RedisSettings};
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+/// A private `redis-server` for one test.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (./scripts/test installs it: apt install redis-server)");
+        let r = Redis {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + WAIT;
+        while r.cli(&["PING"]) != "PONG" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Run `redis-cli` against it; its output, trimmed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A node: a server on its own Redis engine.
+async fn node(redis: &Redis, prefix: &str) -> TestServer {
+    let c = config();
+    let engine = RedisEngine::connect(RedisSettings {
+        url: redis.url(),
+        prefix: prefix.to_owned(),
+        timeout: Duration::from_secs(2),
+        retention: Retention {
+            max_messages: c.history_size,
+            ttl: c.history_ttl,
+        },
+        inbox_size: c.inbox_size,
+    })
+    .await
+    .expect("redis engine");
+    let running = livepush_server::start_with_engine(c, engine)
+        .await
+        .expect("node starts");
+    TestServer {
+        running,
+        http: reqwest::Client::new(),
+    }
+}
+
+fn seqs(frames: &[ServerFrame]) -> Vec<u64> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Msg(m) => m.seq,
+            _ => None,
+        })
+        .collect()
+}
+
+/// Three nodes, a terminal on each, publishers on every node: every terminal gets every
+/// reliable message once, in order, and a transient one from another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_deliver_every_message_once_in_order() {
+    let redis = Redis::start();
+    let nodes = [
+        node(&redis, "t3").await,
+        node(&redis, "t3").await,
+        node(&redis, "t3").await,
+    ];
+    let mut terminals = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let mut t = n.terminal(&format!("v{i}"), &["r3"], false).await;
+        let (_, seq, recovered) = joined(&t.join("r3", None).await);
+        assert_eq!((seq, recovered), (0, true));
+        terminals.push(t);
+    }
+    const N: u64 = 60;
+    for k in 0..N {
+        let (status, body) = nodes[(k % 3) as usize]
+            .post(
+                "/v1/rooms/r3/messages",
+                json!({"type":"gift","data":{"k":k}}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["seq"], k + 1, "one sequence across nodes");
+    }
+    for t in &mut terminals {
+        assert_eq!(t.reliable(N as usize).await, (1..=N).collect::<Vec<_>>());
+    }
+    // A transient message from node 2 reaches the terminals of nodes 0 and 1 once.
+    nodes[2]
+        .post(
+            "/v1/rooms/r3/messages",
+            json!({"type":"chat","data":{"hi":1}}),
+        )
+        .await;
+    for t in &mut terminals {
+        loop {
+            match t.next().await {
+                ServerFrame::Msg(m) if m.seq.is_none() => break,
+                ServerFrame::Online { .. } => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // Every node answers the same about the room.
+    for n in &nodes {
+        let room = n.room("r3").await;
+        assert_eq!(room["seq"], N);
+    }
+}
+
+/// A terminal that reconnects to another node resumes exactly as on the same node, and
+/// long-polls may land on any node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_and_long_poll_anywhere() {
+    let redis = Redis::start();
+    let a = node(&redis, "anywhere").await;
+    let b = node(&redis, "anywhere").await;
+    let mut t = a.terminal("t", &["ra"], false).await;
+    let (epoch, _, _) = joined(&t.join("ra", None).await);
+    for k in 1..=3 {
+        a.post("/v1/rooms/ra/messages", json!({"type":"gift","data":k}))
+            .await;
+    }
+    assert_eq!(t.reliable(3).await, [1, 2, 3]);
+    drop(t);
+    for k in 4..=6 {
+        b.post("/v1/rooms/ra/messages", json!({"type":"gift","data":k}))
+            .await;
+    }
+    let mut t = b.terminal("t", &["ra"], false).await;
+    let (e2, seq, recovered) = joined(&t.join("ra", Some((&epoch, 3))).await);
+    assert_eq!((e2.as_str(), seq, recovered), (epoch.as_str(), 6, true));
+    assert_eq!(t.reliable(3).await, [4, 5, 6]);
+
+    // Long-poll: consecutive polls on different nodes.
+    let token = a.token("p", &["ra"], false);
+    let poll = |s: &TestServer, body: Value| {
+        let http = s.http.clone();
+        let url = format!("{}/v1/poll", s.url());
+        async move {
+            let v: Value = http
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| ServerFrame::parse(&f.to_string()).unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    let first = poll(
+        &a,
+        json!({"token":token,"rooms":{"ra":{"epoch":epoch,"seq":4}},"wait_ms":0}),
+    )
+    .await;
+    assert_eq!(seqs(&first), [5, 6]);
+    let parked = tokio::spawn(poll(
+        &b,
+        json!({"token":token,"rooms":{"ra":{"epoch":epoch,"seq":6}},"wait_ms":10_000}),
+    ));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.post("/v1/rooms/ra/messages", json!({"type":"gift","data":7}))
+        .await;
+    assert_eq!(seqs(&parked.await.unwrap()), [7]);
+}
+
+/// Redis lost its data (FLUSHALL): the rooms get a new epoch and their members are told
+/// `joined{recovered:false}`; never a repeated seq under the old epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_redis_moves_rooms_to_a_new_epoch() {
+    let redis = Redis::start();
+    let a = node(&redis, "flush").await;
+    let b = node(&redis, "flush").await;
+    let mut t = b.terminal("t", &["rf"], false).await;
+    let (old, _, _) = joined(&t.join("rf", None).await);
+    a.post("/v1/rooms/rf/messages", json!({"type":"gift","data":1}))
+        .await;
+    assert_eq!(t.reliable(1).await, [1]);
+    assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
+    // The nodes notice at their next upkeep (once a second), or at the next publish.
+    let (status, body) = a
+        .post("/v1/rooms/rf/messages", json!({"type":"gift","data":2}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(
+        body["epoch"],
+        old.as_str(),
+        "a new history, not seq 1 again under the old one"
+    );
+    match t.next_significant().await {
+        ServerFrame::Joined {
+            epoch, recovered, ..
+        } => {
+            assert_ne!(epoch, old);
+            assert!(!recovered);
+        }
+        other => panic!("expected the epoch change before any message: {other:?}"),
+    }
+    assert_eq!(t.reliable(1).await, [1], "seq 1 of the new epoch");
+}
+
+/// The subscription connection is killed mid-stream: delivery resumes by itself, nothing is
+/// lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_subscription_connection_loses_nothing() {
+    let redis = Redis::start();
+    let a = node(&redis, "kill").await;
+    let b = node(&redis, "kill").await;
+    let mut t = b.terminal("t", &["rk"], false).await;
+    joined(&t.join("rk", None).await);
+    let publisher = {
+        let http = a.http.clone();
+        let url = a.url();
+        tokio::spawn(async move {
+            for k in 1..=200u64 {
+                let r = http
+                    .post(format!("{url}/v1/rooms/rk/messages"))
+                    .bearer_auth(KEY)
+                    .json(&json!({"type":"gift","data":k}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    }
+    publisher.await.unwrap();
+    assert_eq!(t.reliable(200).await, (1..=200).collect::<Vec<_>>());
+}
+
+/// Redis unreachable: reliable publishes answer 503 (never a seq that is not stored), and
+/// Redis must not evict keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_answers_unavailable() {
+    let mut redis = Redis::start();
+    let a = node(&redis, "down").await;
+    a.post("/v1/rooms/rd/messages", json!({"type":"gift","data":1}))
+        .await;
+    let _ = redis.child.kill();
+    let _ = redis.child.wait();
+    let (status, body) = a
+        .post("/v1/rooms/rd/messages", json!({"type":"gift","data":2}))
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("unavailable")),
+        "{body}"
+    );
+
+    let other = Redis::start();
+    other.cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    let refused = RedisEngine::connect(RedisSettings {
+        url: other.url(),
+        prefix: "x".into(),
+        timeout: Duration::from_secs(2),
+        retention: Retention {
+            max_messages: 10,
+            ttl: Duration::from_secs(60),
+        },
+        inbox_size: 10,
+    })
+    .await;
+    let e = refused
+        .expect_err("an evicting Redis is refused")
+        .to_string();
+    assert!(e.contains("noeviction"), "{e}");
+}
