@@ -235,8 +235,18 @@ pub async fn room_info(
 }
 
 /// `GET /healthz`
-pub async fn healthz() -> Response {
-    Json(json!({"status": "ok"})).into_response()
+///
+/// `{"status":"ok"}`, or `{"status":"degraded"}` while the engine's shared store (Redis) does
+/// not answer: the node still serves its terminals and transient messages, but reliable
+/// publishes and inbox posts are answered 503. Always 200: every node shares the same store,
+/// so a load balancer gains nothing by taking one out.
+pub async fn healthz(State(app): State<Arc<App>>) -> Response {
+    let status = if app.hub.engine().healthy() {
+        "ok"
+    } else {
+        "degraded"
+    };
+    Json(json!({ "status": status })).into_response()
 }
 
 /// `GET /metrics`

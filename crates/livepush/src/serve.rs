@@ -8,6 +8,8 @@ use anyhow::Context;
 use clap::Args;
 use std::sync::Arc;
 
+use livepush_server::engine::Retention;
+use livepush_server::engine::redis::{RedisEngine, RedisSettings};
 use livepush_server::store::{DurabilityPolicy, MemoryStore, RedbStore, Store, StoreOptions};
 use livepush_server::{ClassMap, Config, Limits, WakeListen};
 use rand::Rng;
@@ -37,6 +39,18 @@ pub struct ServeArgs {
     /// restart starts with empty histories and new epochs.
     #[arg(long, env = "LIVEPUSH_DATA_DIR", default_value = "./livepush-data")]
     data_dir: String,
+    /// Run as one node of several sharing this Redis (`redis://HOST:PORT/DB`): rooms,
+    /// sequences, histories and inboxes live there, and any node serves any terminal. The
+    /// embedded store (--data-dir) is then not used. See README "Several nodes".
+    #[arg(long, env = "LIVEPUSH_REDIS")]
+    redis: Option<String>,
+    /// Prefix of every Redis key and channel, so that several deployments can share a Redis.
+    #[arg(long, env = "LIVEPUSH_REDIS_PREFIX", default_value = "livepush")]
+    redis_prefix: String,
+    /// Longest any Redis call may take (also the connection timeout); a publish that cannot
+    /// reach Redis in time is answered 503.
+    #[arg(long, env = "LIVEPUSH_REDIS_TIMEOUT", default_value = "2s", value_parser = duration)]
+    redis_timeout: Duration,
     /// When a reliable publish is answered: `sync` (own fsync each), `batch` (group commit,
     /// one fsync per few ms), `none` (at once; fsync every second). See README "Data and
     /// durability" for what each can lose.
@@ -301,15 +315,43 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut store_options = StoreOptions::new(args.durability);
     store_options.batch_window = args.batch_window;
     let data_dir = args.data_dir.clone();
+    let redis = args
+        .redis
+        .clone()
+        .map(|url| (url, args.redis_prefix.clone(), args.redis_timeout));
     let (config, notes) = args.into_config()?;
     config.validate().context("invalid configuration")?;
     for n in notes {
         eprintln!("{n}");
     }
-    let store = DataStore::open(&data_dir, store_options).await?;
     let dev = config.dev;
-    let running = livepush_server::start_with(config, store.as_dyn()).await?;
-    if let DataStore::Redb(s) = &store {
+    let (running, store) = match redis {
+        Some((url, prefix, timeout)) => {
+            let engine = RedisEngine::connect(RedisSettings {
+                url,
+                prefix,
+                timeout,
+                retention: Retention {
+                    max_messages: config.history_size,
+                    ttl: config.history_ttl,
+                },
+                inbox_size: config.inbox_size,
+            })
+            .await
+            .context("cannot start on Redis")?;
+            eprintln!("livepush: one node of several, on Redis (--data-dir is not used)");
+            (
+                livepush_server::start_with_engine(config, engine).await?,
+                None,
+            )
+        }
+        None => {
+            let store = DataStore::open(&data_dir, store_options).await?;
+            let running = livepush_server::start_with(config, store.as_dyn()).await?;
+            (running, Some(store))
+        }
+    };
+    if let Some(DataStore::Redb(s)) = &store {
         spawn_compaction(s.clone());
     }
     if dev {
@@ -324,7 +366,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     eprintln!("livepush: shutting down");
     running.shutdown().await;
-    if let DataStore::Redb(s) = store {
+    if let Some(DataStore::Redb(s)) = store {
         s.close().context("closing the store")?;
     }
     Ok(())

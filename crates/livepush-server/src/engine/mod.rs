@@ -202,6 +202,11 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     /// Periodic upkeep (history retention).
     fn tick(&self);
 
+    /// Whether the engine's shared backend answered its last calls (`/healthz`).
+    fn healthy(&self) -> bool {
+        true
+    }
+
     /// Resolves once everything submitted so far is durable (called at shutdown).
     fn flush(&self) -> EngineFuture<'_, ()>;
 }

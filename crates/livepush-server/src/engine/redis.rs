@@ -181,20 +181,20 @@ redis.call('PUBLISH', ARGV[2], 'E' .. ARGV[1] .. ' 0')
 return ARGV[1]
 "#;
 
-/// An inbox post: next seq, keep the frame, trim to the size, announce. KEYS: terminal,
-/// inbox. ARGV: head, tail, size, channel.
+/// An inbox post: next seq, keep the frame (as `TS FRAME`), trim to the size, announce.
+/// KEYS: terminal, inbox. ARGV: head, tail, size, channel, ts.
 const POST: &str = r#"
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local acked = tonumber(redis.call('HGET', KEYS[1], 'acked') or '0')
 local frame = ARGV[1] .. seq .. ARGV[2]
 if seq > acked then
-  redis.call('ZADD', KEYS[2], seq, frame)
+  redis.call('ZADD', KEYS[2], seq, ARGV[5] .. ' ' .. frame)
   local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
   if over > 0 then
     redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1)
   end
 end
-redis.call('PUBLISH', ARGV[4], 'I' .. seq .. '\n' .. frame)
+redis.call('PUBLISH', ARGV[4], 'I' .. seq .. ' ' .. ARGV[5] .. '\n' .. frame)
 return seq
 "#;
 
@@ -253,6 +253,7 @@ enum Wire<'a> {
     },
     Inbox {
         seq: u64,
+        ts: u64,
         frame: &'a [u8],
     },
 }
@@ -309,7 +310,8 @@ fn parse_wire(payload: &[u8]) -> Option<Wire<'_>> {
             Some(Wire::Epoch { epoch, seq })
         }
         b'I' => Some(Wire::Inbox {
-            seq: head.parse().ok()?,
+            seq: parts.next()?.parse().ok()?,
+            ts: parts.next()?.parse().ok()?,
             frame,
         }),
         _ => None,
@@ -425,11 +427,6 @@ impl RedisEngine {
         engine.check_boot().await;
         tokio::spawn(dispatch(Arc::downgrade(&engine), rx));
         Ok(engine)
-    }
-
-    /// Whether the last calls to Redis succeeded (`/healthz` says "degraded" otherwise).
-    pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
     }
 
     fn node(&self) -> Option<Arc<dyn Node>> {
@@ -551,11 +548,11 @@ impl RedisEngine {
                         epoch,
                         seq,
                     }),
-                    ("in", Some(Wire::Inbox { seq, frame })) => node.on_event(Event::Inbox {
+                    ("in", Some(Wire::Inbox { seq, ts, frame })) => node.on_event(Event::Inbox {
                         terminal: id.1,
                         message: &InboxMessage {
                             seq,
-                            ts: now_ms(),
+                            ts,
                             frame: Bytes::copy_from_slice(frame),
                         },
                     }),
@@ -793,6 +790,10 @@ impl Engine for RedisEngine {
         }
     }
 
+    fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
     fn flush(&self) -> EngineFuture<'_, ()> {
         Box::pin(std::future::ready(Ok(())))
     }
@@ -828,10 +829,15 @@ impl InboxEngine for RedisEngine {
                 inbox: kept
                     .into_iter()
                     .filter(|(_, s)| *s > acked)
-                    .map(|(frame, seq)| InboxMessage {
-                        seq,
-                        ts: 0,
-                        frame: Bytes::from(frame),
+                    .filter_map(|(member, seq)| {
+                        // `TS FRAME`
+                        let at = member.iter().position(|b| *b == b' ')?;
+                        let ts = std::str::from_utf8(&member[..at]).ok()?.parse().ok()?;
+                        Some(InboxMessage {
+                            seq,
+                            ts,
+                            frame: Bytes::copy_from_slice(&member[at + 1..]),
+                        })
                     })
                     .collect(),
                 wake: get(2).and_then(|w| decode_wake(&w)),
@@ -869,6 +875,7 @@ impl InboxEngine for RedisEngine {
                 .arg(&frame.tail[..])
                 .arg(self.settings.inbox_size)
                 .arg(self.inbox_channel(terminal))
+                .arg(ts)
                 .invoke_async(&mut conn)
                 .await;
             let seq = self.noted(r)?;

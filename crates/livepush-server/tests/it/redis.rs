@@ -300,8 +300,11 @@ async fn a_killed_subscription_connection_loses_nothing() {
 async fn an_unreachable_redis_answers_unavailable() {
     let mut redis = Redis::start();
     let a = node(&redis, "down").await;
+    let mut t = a.terminal("t", &["rd"], false).await;
+    joined(&t.join("rd", None).await);
     a.post("/v1/rooms/rd/messages", json!({"type":"gift","data":1}))
         .await;
+    assert_eq!(t.reliable(1).await, [1]);
     let _ = redis.child.kill();
     let _ = redis.child.wait();
     let (status, body) = a
@@ -312,6 +315,23 @@ async fn an_unreachable_redis_answers_unavailable() {
         (503, Some("unavailable")),
         "{body}"
     );
+    let (status, health) = a.get("/healthz").await;
+    assert_eq!((status, health["status"].as_str()), (200, Some("degraded")));
+    // Transient messages still reach this node's members.
+    let (status, _) = a
+        .post(
+            "/v1/rooms/rd/messages",
+            json!({"type":"chat","data":{"x":1}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    loop {
+        match t.next().await {
+            ServerFrame::Msg(m) if m.seq.is_none() => break,
+            ServerFrame::Msg(m) => panic!("a reliable message that Redis never stored: {m:?}"),
+            _ => {}
+        }
+    }
 
     let other = Redis::start();
     other.cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
@@ -330,4 +350,55 @@ async fn an_unreachable_redis_answers_unavailable() {
         .expect_err("an evicting Redis is refused")
         .to_string();
     assert!(e.contains("noeviction"), "{e}");
+}
+
+/// A direct message posted to one node reaches the terminal's session on another node, and
+/// what it did not acknowledge comes again when it connects to a third.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inboxes_are_shared_between_nodes() {
+    let redis = Redis::start();
+    let a = node(&redis, "inbox").await;
+    let b = node(&redis, "inbox").await;
+    let c = node(&redis, "inbox").await;
+    let mut t = b.terminal("box", &[], false).await;
+    let (status, body) = a
+        .post(
+            "/v1/terminals/box/messages",
+            json!({"type":"notice","data":{"n":1}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["seq"], 1);
+    loop {
+        match t.next().await {
+            ServerFrame::Inbox { seq, data, .. } => {
+                assert_eq!((seq, data), (1, json!({"n":1})));
+                break;
+            }
+            ServerFrame::Online { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(t);
+    a.post(
+        "/v1/terminals/box/messages",
+        json!({"type":"notice","data":{"n":2}}),
+    )
+    .await;
+    let mut ws = Ws::open(&c.ws_url()).await;
+    ws.send(json!({"op":"connect","token":c.token("box", &[], false)}))
+        .await;
+    match ws.next().await {
+        ServerFrame::Connected { inbox, .. } => {
+            assert_eq!((inbox.seq, inbox.acked, inbox.pending), (2, 0, 2));
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        if let ServerFrame::Inbox { seq, .. } = ws.next().await {
+            got.push(seq);
+        }
+    }
+    assert_eq!(got, [1, 2]);
 }
