@@ -12,6 +12,10 @@ import net from 'node:net';
  * @property {() => number} open  Connections currently forwarded.
  * @property {() => string} sent  What the browser sent through the proxy (the last 256 KiB, as
  *   latin1 text): to check that a request went out, e.g. a beacon sent while a page unloads.
+ * @property {() => string} received  What the server answered through the proxy (likewise).
+ * @property {() => void} holdEnds  From now on, when the browser ends a connection, keep the
+ *   server's side open until `releaseEnds`: the server sees that request end only then.
+ * @property {() => void} releaseEnds  End the connections held open, and stop holding.
  * @property {() => Promise<void>} close
  */
 
@@ -25,8 +29,12 @@ export async function startProxy(target) {
   const pairs = new Set();
   /** @type {Set<{client: net.Socket, upstream: net.Socket}>} */
   const frozen = new Set();
+  /** @type {Set<net.Socket>} server sides kept open after the browser ended the connection */
+  const held = new Set();
+  let holding = false;
   let refusing = false;
   let sent = '';
+  let received = '';
   const server = net.createServer((client) => {
     if (refusing) {
       client.resetAndDestroy();
@@ -35,19 +43,30 @@ export async function startProxy(target) {
     const upstream = net.connect(Number(port), hostname);
     const pair = { client, upstream };
     pairs.add(pair);
-    client.pipe(upstream);
+    // The browser's end of a connection is passed on by `drop` (or held back by `holdEnds`).
+    client.pipe(upstream, { end: false });
     upstream.pipe(client);
     client.on('data', (/** @type {Buffer} */ d) => {
       sent = (sent + d.toString('latin1')).slice(-262_144);
     });
-    const drop = () => {
+    upstream.on('data', (/** @type {Buffer} */ d) => {
+      received = (received + d.toString('latin1')).slice(-262_144);
+    });
+    /** @param {net.Socket} from */
+    const drop = (from) => {
       pairs.delete(pair);
       client.destroy();
+      if (holding && from === client && !upstream.destroyed) {
+        client.unpipe(upstream);
+        held.add(upstream);
+        return;
+      }
+      held.delete(upstream);
       upstream.destroy();
     };
     for (const s of [client, upstream]) {
-      s.on('error', drop);
-      s.on('close', drop);
+      s.on('error', () => drop(s));
+      s.on('close', () => drop(s));
     }
   });
   await new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve(undefined)));
@@ -76,14 +95,24 @@ export async function startProxy(target) {
       }
       pairs.clear();
     },
+    holdEnds() {
+      holding = true;
+    },
+    releaseEnds() {
+      holding = false;
+      for (const upstream of held) upstream.destroy();
+      held.clear();
+    },
     open: () => pairs.size,
     sent: () => sent,
+    received: () => received,
     async close() {
       refusing = true;
       for (const { client, upstream } of [...pairs, ...frozen]) {
         client.destroy();
         upstream.destroy();
       }
+      for (const upstream of held) upstream.destroy();
       await new Promise((resolve) => server.close(() => resolve(undefined)));
     },
   };

@@ -6,7 +6,7 @@ import { after, before, describe, test } from 'node:test';
 import { launch, listedSeqs, openDemo, sleep, waitForCount, waitForJoined } from '../lib/browser.js';
 import { waitFor } from '../lib/events.js';
 import { startProxy } from '../lib/proxy.js';
-import { mintToken, startServer } from '../lib/server.js';
+import { longPollsEnded, mintToken, startServer } from '../lib/server.js';
 
 /** @type {import('playwright-core').Browser} */
 let browser;
@@ -287,7 +287,7 @@ describe('demo live room', { concurrency: false }, () => {
     });
   });
 
-  test('(g) long-polling: close() ends the presence at once; leaving the page sends the bye as a beacon', {
+  test('(g) long-polling: close() ends the presence at once, and so does leaving the page (the bye beacon)', {
     timeout: 60_000,
   }, async () => {
     await scenario({ args: ['--poll-grace', '10m'] }, async ({ server, track, cleanup }) => {
@@ -304,19 +304,31 @@ describe('demo live room', { concurrency: false }, () => {
         return { ...demo, terminal };
       };
 
+      /** The terminal is offline and not counted in the room, also once the server has seen
+       * the parked poll that the page gave up end (it may see that after the bye). */
+      const expectGone = async (/** @type {string} */ terminal, /** @type {string} */ when) => {
+        assert.equal((await server.terminal(terminal)).online, false, `offline ${when}`);
+        assert.equal((await server.room(room)).online, 0, `no longer counted in the room ${when}`);
+        await longPollsEnded(server);
+        assert.equal((await server.terminal(terminal)).online, false, 'still offline after the given-up poll ended');
+        assert.equal((await server.room(room)).online, 0, 'still not counted after the given-up poll ended');
+      };
+      /** Answers to a bye poll seen through the proxy (only they carry `ops`). */
+      const byeAnswers = () => proxy.received().split('"ops":[{"op":"left"').length - 1;
+
       const a = await open();
       assert.equal((await server.room(room)).online, 1);
       await a.page.evaluate(() => /** @type {any} */ (window).livepush.close());
-      assert.equal((await server.terminal(a.terminal)).online, false, 'offline as soon as close() settled');
-      assert.equal((await server.room(room)).online, 0, 'no longer counted in the room');
+      assert.equal(byeAnswers(), 1);
+      await expectGone(a.terminal, 'as soon as close() settled');
       assert.deepEqual(pageErrors(a.consoleLines), []);
 
-      // Leaving the page: pagehide gives up the parked poll and sends the bye as a beacon. Not
-      // checked: the terminal offline at once. The server may see the poll's connection end
-      // after the beacon, and then starts the grace period again (a server issue).
+      // Leaving the page: pagehide gives up the parked poll and sends the bye as a beacon.
       const b = await open();
       await b.page.goto('about:blank');
       await waitFor(() => proxy.sent().includes(`{"terminal":"${b.terminal}","bye":true,`), 10_000, 'the bye beacon');
+      await waitFor(() => byeAnswers() === 2, 10_000, 'the answer to the beacon');
+      await expectGone(b.terminal, 'as soon as the beacon was answered');
       assert.deepEqual(pageErrors(b.consoleLines), []);
     });
   });
