@@ -32,6 +32,8 @@ function knowsDataDir() {
  * @property {(id: string) => Promise<any>} terminal  `GET /v1/terminals/{id}`
  * @property {(id: string, type: string, data?: any) => Promise<any>} postInbox
  *   `POST /v1/terminals/{id}/messages`
+ * @property {(room: string) => Promise<{status: number, body: any}>} resetHistory
+ *   `DELETE /v1/rooms/{room}/history`: the room starts a new epoch (contract v1.1, decision 8).
  * @property {(series: string) => Promise<number>} metric  The value of one series of
  *   `/metrics`, e.g. `livepush_connections_open{transport="longpoll"}` (0 when absent).
  * @property {() => string} logs  What the server wrote on stderr.
@@ -110,6 +112,10 @@ export async function startServer({ args = [] } = {}) {
       const body = await res.json();
       if (!res.ok) throw new Error(`inbox post answered ${res.status}: ${JSON.stringify(body)}`);
       return body;
+    },
+    async resetHistory(room) {
+      const res = await fetch(`${url}/v1/rooms/${encodeURIComponent(room)}/history`, { method: 'DELETE', headers: auth });
+      return { status: res.status, body: await res.json() };
     },
     async metric(series) {
       const res = await fetch(`${url}/metrics`, { headers: auth });

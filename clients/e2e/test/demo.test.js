@@ -333,6 +333,62 @@ describe('demo live room', { concurrency: false }, () => {
     });
   });
 
+  for (const [transport, shown] of [['websocket', 'websocket'], ['longpoll', 'long-polling'], ['sse', 'sse']]) {
+    test(`(h) ${shown}: the history reset on the server shows the reload hint; what follows appears once, and a reconnect resumes in the new epoch`, {
+      timeout: 60_000,
+    }, async () => {
+      await scenario({}, async ({ server, track, cleanup }) => {
+        const room = `live:h-${transport}`;
+        const { page, consoleLines, context } = await openDemo(browser, `${server.url}/?room=${room}&transport=${transport}`);
+        track(consoleLines);
+        cleanup(() => context.close());
+        await waitForJoined(page, room, shown);
+        await publishGifts(server, room, 1, 2);
+        await waitForCount(page, 2);
+        assert.equal(await page.isHidden('[data-testid="reload-hint"]'), true);
+        if (transport === 'longpoll') {
+          // The reset is to answer the parked poll, not the next one.
+          await waitFor(async () => (await server.metric('livepush_connections_open{transport="longpoll"}')) === 1, 10_000, 'the parked poll');
+        }
+
+        const reset = await server.resetHistory(room);
+        assert.equal(reset.status, 200);
+        const { epoch } = reset.body;
+        await page.waitForSelector('[data-testid="reload-hint"]:not([hidden])', { timeout: 15_000 });
+        assert.match((await page.textContent('[data-testid="reload-hint"]')) ?? '', /history was reset/);
+        const position = () => page.textContent('[data-testid="position"]');
+        await waitFor(async () => (await position()) === `${room} · ${epoch}:0`, 5000, 'the position in the new epoch');
+
+        assert.deepEqual(await server.publish(room, 'gift', { from: 'fan-new', gift: 'rose' }), { seq: 1, epoch });
+        await server.publish(room, 'gift', { from: 'fan-new', gift: 'rose' });
+        await waitForCount(page, 4);
+        await sleep(400); // late duplicates
+        assert.deepEqual(await listedSeqs(page), [1, 2, 1, 2], 'the new epoch starts at 1, each message once');
+        assert.equal(await position(), `${room} · ${epoch}:2`);
+        assert.equal(await page.locator('[data-testid="lost-item"]').count(), 0);
+
+        await page.evaluate(() => /** @type {any} */ (window).livepush.reconnect());
+        await page.waitForFunction(
+          (text) => document.querySelector('[data-testid="log"]')?.textContent?.includes(text),
+          `joined ${room} at ${epoch}:2, resumed`,
+          { timeout: 15_000 },
+        );
+        await waitForJoined(page, room, shown);
+        await server.publish(room, 'gift', { from: 'fan-new', gift: 'rose' });
+        await waitForCount(page, 5);
+        await sleep(400);
+        assert.deepEqual(await listedSeqs(page), [1, 2, 1, 2, 3]);
+        assert.equal(await position(), `${room} · ${epoch}:3`);
+
+        await Promise.all([page.waitForEvent('load'), page.click('[data-testid="reload"]')]);
+        await waitForJoined(page, room, shown);
+        assert.equal(await page.isHidden('[data-testid="reload-hint"]'), true);
+        assert.equal(await position(), `${room} · ${epoch}:3`, 'a fresh page starts at the live edge of the new epoch');
+        assert.deepEqual(pageErrors(consoleLines), []);
+      });
+    });
+  }
+
   test('room picker and control messages (quiz, mute, unmute)', { timeout: 60_000 }, async () => {
     await scenario({}, async ({ server, track, cleanup }) => {
       const { page, consoleLines, context } = await openDemo(browser, `${server.url}/?room=live:one`);
