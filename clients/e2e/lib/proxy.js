@@ -5,7 +5,9 @@ import net from 'node:net';
 /**
  * @typedef {object} Proxy
  * @property {string} url  `http://127.0.0.1:PORT`, to open in the browser instead of the server.
- * @property {() => void} cut  Reset every open connection and refuse new ones until `restore`.
+ * @property {(options?: {holdNew?: boolean}) => void} cut  Reset every open connection and refuse
+ *   new ones until `restore`; with `holdNew`, accept new ones but forward them only at
+ *   `restore` (the browser sees a connect that takes long, not one that fails).
  * @property {() => void} restore  Accept (and forward) new connections again.
  * @property {() => void} freeze  Stop forwarding on every open connection without closing it
  *   (a dead network path); new connections are forwarded normally.
@@ -33,13 +35,12 @@ export async function startProxy(target) {
   const held = new Set();
   let holding = false;
   let refusing = false;
+  /** @type {Set<net.Socket>|null} new connections waiting for `restore` (cut with holdNew) */
+  let waiting = null;
   let sent = '';
   let received = '';
-  const server = net.createServer((client) => {
-    if (refusing) {
-      client.resetAndDestroy();
-      return;
-    }
+  /** @param {net.Socket} client */
+  const forward = (client) => {
     const upstream = net.connect(Number(port), hostname);
     const pair = { client, upstream };
     pairs.add(pair);
@@ -68,13 +69,28 @@ export async function startProxy(target) {
       s.on('error', () => drop(s));
       s.on('close', () => drop(s));
     }
+    client.resume();
+  };
+  const server = net.createServer((client) => {
+    if (refusing) {
+      client.resetAndDestroy();
+    } else if (waiting) {
+      const queue = waiting;
+      client.pause();
+      queue.add(client);
+      client.on('error', () => client.destroy());
+      client.on('close', () => queue.delete(client));
+    } else {
+      forward(client);
+    }
   });
   await new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve(undefined)));
   const addr = /** @type {net.AddressInfo} */ (server.address());
   return {
     url: `http://127.0.0.1:${addr.port}`,
-    cut() {
-      refusing = true;
+    cut({ holdNew = false } = {}) {
+      if (holdNew) waiting = new Set();
+      else refusing = true;
       for (const { client, upstream } of pairs) {
         // TCP reset towards the browser: an interruption, not a clean close.
         client.resetAndDestroy();
@@ -84,6 +100,9 @@ export async function startProxy(target) {
     },
     restore() {
       refusing = false;
+      const queue = waiting;
+      waiting = null;
+      for (const client of queue ?? []) forward(client);
     },
     freeze() {
       for (const { client, upstream } of pairs) {
@@ -113,6 +132,7 @@ export async function startProxy(target) {
         upstream.destroy();
       }
       for (const upstream of held) upstream.destroy();
+      for (const client of waiting ?? []) client.destroy();
       await new Promise((resolve) => server.close(() => resolve(undefined)));
     },
   };

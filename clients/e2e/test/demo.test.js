@@ -238,7 +238,12 @@ describe('demo live room', { concurrency: false }, () => {
         await publishGifts(server, room, 1, 2);
         await waitForCount(page, 2);
 
-        proxy.cut(); // one interruption: more than the threshold of 0
+        // One interruption: more than the threshold of 0. The page's next connects wait in the
+        // proxy until the server has counted it: refused, two of them would make the client
+        // fall back to long-polling by itself (for retryWebSocketAfterMs, 30 s), before the
+        // server could move it.
+        proxy.cut({ holdNew: true });
+        await waitFor(async () => (await server.terminal('flapper')).interruptions.count === 1, 10_000, 'the interruption');
         await publishGifts(server, room, 3, 4);
         proxy.restore();
         await waitForJoined(page, room, 'long-polling');
