@@ -766,16 +766,6 @@ const DEFAULTS = {
 const FALLBACK_HEARTBEAT_MS = 25000;
 
 /**
- * `close()` sends its goodbye poll this long after giving up the parked poll, so that the
- * server sees that poll end first: a browser may send the goodbye at once on another, idle
- * keep-alive connection, and a parked poll that the server sees end after the goodbye makes the
- * terminal linger for the whole grace period again.
- */
-const BYE_SETTLE_MS = 50;
-
-
-
-/**
  * @typedef {object} RoomEntry
  * @property {string} name
  * @property {RoomTracker} tracker
@@ -850,8 +840,6 @@ export class LivepushClient {
     this._byeOwed = false;
     /** `pagehide` ended the session (the page may come back from the back/forward cache). */
     this._suspended = false;
-    /** @type {(() => void)|null} sends the goodbye of `close()` now, if it is still waiting */
-    this._flushBye = null;
     this._nextId = 0;
     this._closed = false;
     this._onNetworkOnline = () => {
@@ -1072,9 +1060,9 @@ export class LivepushClient {
    * Close for good: the session ends cleanly and nothing reconnects. A client that has
    * long-polled says goodbye with one more poll (`"bye":true`, with an `ack` not sent yet), so
    * that the server ends its presence at once instead of after its grace period. The
-   * goodbye goes out 50 ms after the parked poll is given up (at once, as a beacon, if the
-   * page is hidden meanwhile). The promise settles when it is answered or `byeTimeoutMs`
-   * later (at once when there is none); it never rejects.
+   * goodbye goes out at once, as a `keepalive` fetch, so it is delivered even when the page
+   * is going away. The promise settles when it is answered or `byeTimeoutMs` later (at once
+   * when there is none); it never rejects.
    * @returns {Promise<void>}
    */
   close() {
@@ -1089,32 +1077,16 @@ export class LivepushClient {
     const link = this._link;
     this._link = null;
     const bye = this._byeBody(link);
-    // The parked poll is given up first: a poll that ends on the server after the goodbye
-    // would make the terminal linger for the grace period again.
+    // The parked poll is given up; the server ends it without a grace period when it sees
+    // it end after the goodbye (the poll began before the goodbye).
     link?.close();
     if (typeof globalThis.removeEventListener === 'function') {
       globalThis.removeEventListener('online', this._onNetworkOnline);
       globalThis.removeEventListener('pageshow', this._onPageShow);
+      globalThis.removeEventListener('pagehide', this._onPageHide);
     }
     this._setState('closed');
-    if (!bye) {
-      this._stopPageHide();
-      return Promise.resolve();
-    }
-    return new Promise((resolve) => {
-      /** @param {boolean} unloading */
-      const send = (unloading) => {
-        clearTimeout(timer);
-        this._flushBye = null;
-        this._stopPageHide();
-        this._sendBye(bye, unloading).then(resolve);
-      };
-      // Give the server a moment to see the given-up poll end before the goodbye arrives
-      // (it may come on another, idle connection); if the page goes away meanwhile (close()
-      // called from a pagehide listener), the goodbye goes at once, as a beacon.
-      const timer = setTimeout(() => send(false), BYE_SETTLE_MS);
-      this._flushBye = () => send(true);
-    });
+    return bye ? this._sendBye(bye, false) : Promise.resolve();
   }
 
   // ---- internals: events ------------------------------------------------------------------
@@ -1605,10 +1577,6 @@ export class LivepushClient {
    * WebSocket is left to the browser, which closes it.
    */
   _pageHidden() {
-    if (this._flushBye) {
-      this._flushBye();
-      return;
-    }
     const link = this._link;
     if (this._closed || this._suspended || link instanceof WsLink) return;
     if (this._state === 'parked' || this._state === 'idle') return;
@@ -1623,12 +1591,6 @@ export class LivepushClient {
     }
     this._setState('reconnecting');
     this._sendBye(bye, true);
-  }
-
-  _stopPageHide() {
-    if (typeof globalThis.removeEventListener === 'function') {
-      globalThis.removeEventListener('pagehide', this._onPageHide);
-    }
   }
 
   /**

@@ -41,3 +41,17 @@ export function record(c) {
     seqs: () => events.filter(([n]) => n === 'message').map(([, p]) => p.seq),
   };
 }
+
+/** A `fetch` that keeps every request's body and answer (both parsed as JSON). */
+export function tapFetch() {
+  /** @type {Array<{body: any, answer: any}>} */
+  const polls = [];
+  /** @type {typeof fetch} */
+  const tapped = async (url, init) => {
+    const res = await fetch(url, init);
+    const text = await res.text();
+    polls.push({ body: JSON.parse(String(init?.body)), answer: JSON.parse(text) });
+    return new Response(text, { status: res.status, headers: res.headers });
+  };
+  return { fetch: tapped, polls };
+}

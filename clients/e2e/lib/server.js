@@ -4,6 +4,8 @@ import { createHmac } from 'node:crypto';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
+import { waitFor } from './events.js';
+
 /** The repository root. */
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 /** The server binary (`cargo build -p livepush`); override with LIVEPUSH_BIN. */
@@ -30,6 +32,10 @@ function knowsDataDir() {
  * @property {(id: string) => Promise<any>} terminal  `GET /v1/terminals/{id}`
  * @property {(id: string, type: string, data?: any) => Promise<any>} postInbox
  *   `POST /v1/terminals/{id}/messages`
+ * @property {(room: string) => Promise<{status: number, body: any}>} resetHistory
+ *   `DELETE /v1/rooms/{room}/history`: the room starts a new epoch (contract v1.1, decision 8).
+ * @property {(series: string) => Promise<number>} metric  The value of one series of
+ *   `/metrics`, e.g. `livepush_connections_open{transport="longpoll"}` (0 when absent).
  * @property {() => string} logs  What the server wrote on stderr.
  * @property {() => Promise<void>} stop
  */
@@ -107,6 +113,15 @@ export async function startServer({ args = [] } = {}) {
       if (!res.ok) throw new Error(`inbox post answered ${res.status}: ${JSON.stringify(body)}`);
       return body;
     },
+    async resetHistory(room) {
+      const res = await fetch(`${url}/v1/rooms/${encodeURIComponent(room)}/history`, { method: 'DELETE', headers: auth });
+      return { status: res.status, body: await res.json() };
+    },
+    async metric(series) {
+      const res = await fetch(`${url}/metrics`, { headers: auth });
+      const line = (await res.text()).split('\n').find((l) => l.startsWith(`${series} `));
+      return line ? Number(line.slice(series.length + 1)) : 0;
+    },
     logs: () => stderr,
     async stop() {
       if (child.exitCode !== null || child.signalCode !== null) return;
@@ -130,4 +145,31 @@ export function mintToken({ sub, rooms = ['*'], send = true, ttlSeconds = 3600 }
   const body = b64({ sub, rooms, send, exp: Math.floor(Date.now() / 1000) + ttlSeconds });
   const mac = createHmac('sha256', TOKEN_SECRET).update(`${head}.${body}`).digest('base64url');
   return `${head}.${body}.${mac}`;
+}
+
+/**
+ * Run `body` against a fresh server started with `args`; on failure, show the server's log.
+ * @param {string[]} args
+ * @param {(server: Server) => Promise<void>} body
+ */
+export async function withServer(args, body) {
+  const server = await startServer({ args });
+  try {
+    await body(server);
+  } catch (e) {
+    console.error(server.logs().slice(-4000));
+    throw e;
+  } finally {
+    await server.stop();
+  }
+}
+
+/**
+ * Wait until the server has ended every long-poll session: a parked poll that the client
+ * gave up is over on the server too (it notices only when it sees the connection end).
+ * @param {Server} server
+ */
+export async function longPollsEnded(server) {
+  const open = () => server.metric('livepush_connections_open{transport="longpoll"}');
+  await waitFor(async () => (await open()) === 0, 10_000, 'no long-poll session open on the server');
 }

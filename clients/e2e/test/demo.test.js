@@ -6,7 +6,7 @@ import { after, before, describe, test } from 'node:test';
 import { launch, listedSeqs, openDemo, sleep, waitForCount, waitForJoined } from '../lib/browser.js';
 import { waitFor } from '../lib/events.js';
 import { startProxy } from '../lib/proxy.js';
-import { mintToken, startServer } from '../lib/server.js';
+import { longPollsEnded, mintToken, startServer } from '../lib/server.js';
 
 /** @type {import('playwright-core').Browser} */
 let browser;
@@ -238,7 +238,12 @@ describe('demo live room', { concurrency: false }, () => {
         await publishGifts(server, room, 1, 2);
         await waitForCount(page, 2);
 
-        proxy.cut(); // one interruption: more than the threshold of 0
+        // One interruption: more than the threshold of 0. The page's next connects wait in the
+        // proxy until the server has counted it: refused, two of them would make the client
+        // fall back to long-polling by itself (for retryWebSocketAfterMs, 30 s), before the
+        // server could move it.
+        proxy.cut({ holdNew: true });
+        await waitFor(async () => (await server.terminal('flapper')).interruptions.count === 1, 10_000, 'the interruption');
         await publishGifts(server, room, 3, 4);
         proxy.restore();
         await waitForJoined(page, room, 'long-polling');
@@ -287,7 +292,7 @@ describe('demo live room', { concurrency: false }, () => {
     });
   });
 
-  test('(g) long-polling: close() ends the presence at once; leaving the page sends the bye as a beacon', {
+  test('(g) long-polling: close() ends the presence at once, and so does leaving the page (the bye beacon)', {
     timeout: 60_000,
   }, async () => {
     await scenario({ args: ['--poll-grace', '10m'] }, async ({ server, track, cleanup }) => {
@@ -304,22 +309,90 @@ describe('demo live room', { concurrency: false }, () => {
         return { ...demo, terminal };
       };
 
+      /** The terminal is offline and not counted in the room, also once the server has seen
+       * the parked poll that the page gave up end (it may see that after the bye). */
+      const expectGone = async (/** @type {string} */ terminal, /** @type {string} */ when) => {
+        assert.equal((await server.terminal(terminal)).online, false, `offline ${when}`);
+        assert.equal((await server.room(room)).online, 0, `no longer counted in the room ${when}`);
+        await longPollsEnded(server);
+        assert.equal((await server.terminal(terminal)).online, false, 'still offline after the given-up poll ended');
+        assert.equal((await server.room(room)).online, 0, 'still not counted after the given-up poll ended');
+      };
+      /** Answers to a bye poll seen through the proxy (only they carry `ops`). */
+      const byeAnswers = () => proxy.received().split('"ops":[{"op":"left"').length - 1;
+
       const a = await open();
       assert.equal((await server.room(room)).online, 1);
       await a.page.evaluate(() => /** @type {any} */ (window).livepush.close());
-      assert.equal((await server.terminal(a.terminal)).online, false, 'offline as soon as close() settled');
-      assert.equal((await server.room(room)).online, 0, 'no longer counted in the room');
+      assert.equal(byeAnswers(), 1);
+      await expectGone(a.terminal, 'as soon as close() settled');
       assert.deepEqual(pageErrors(a.consoleLines), []);
 
-      // Leaving the page: pagehide gives up the parked poll and sends the bye as a beacon. Not
-      // checked: the terminal offline at once. The server may see the poll's connection end
-      // after the beacon, and then starts the grace period again (a server issue).
+      // Leaving the page: pagehide gives up the parked poll and sends the bye as a beacon.
       const b = await open();
       await b.page.goto('about:blank');
       await waitFor(() => proxy.sent().includes(`{"terminal":"${b.terminal}","bye":true,`), 10_000, 'the bye beacon');
+      await waitFor(() => byeAnswers() === 2, 10_000, 'the answer to the beacon');
+      await expectGone(b.terminal, 'as soon as the beacon was answered');
       assert.deepEqual(pageErrors(b.consoleLines), []);
     });
   });
+
+  for (const [transport, shown] of [['websocket', 'websocket'], ['longpoll', 'long-polling'], ['sse', 'sse']]) {
+    test(`(h) ${shown}: the history reset on the server shows the reload hint; what follows appears once, and a reconnect resumes in the new epoch`, {
+      timeout: 60_000,
+    }, async () => {
+      await scenario({}, async ({ server, track, cleanup }) => {
+        const room = `live:h-${transport}`;
+        const { page, consoleLines, context } = await openDemo(browser, `${server.url}/?room=${room}&transport=${transport}`);
+        track(consoleLines);
+        cleanup(() => context.close());
+        await waitForJoined(page, room, shown);
+        await publishGifts(server, room, 1, 2);
+        await waitForCount(page, 2);
+        assert.equal(await page.isHidden('[data-testid="reload-hint"]'), true);
+        if (transport === 'longpoll') {
+          // The reset is to answer the parked poll, not the next one.
+          await waitFor(async () => (await server.metric('livepush_connections_open{transport="longpoll"}')) === 1, 10_000, 'the parked poll');
+        }
+
+        const reset = await server.resetHistory(room);
+        assert.equal(reset.status, 200);
+        const { epoch } = reset.body;
+        await page.waitForSelector('[data-testid="reload-hint"]:not([hidden])', { timeout: 15_000 });
+        assert.match((await page.textContent('[data-testid="reload-hint"]')) ?? '', /history was reset/);
+        const position = () => page.textContent('[data-testid="position"]');
+        await waitFor(async () => (await position()) === `${room} · ${epoch}:0`, 5000, 'the position in the new epoch');
+
+        assert.deepEqual(await server.publish(room, 'gift', { from: 'fan-new', gift: 'rose' }), { seq: 1, epoch });
+        await server.publish(room, 'gift', { from: 'fan-new', gift: 'rose' });
+        await waitForCount(page, 4);
+        await sleep(400); // late duplicates
+        assert.deepEqual(await listedSeqs(page), [1, 2, 1, 2], 'the new epoch starts at 1, each message once');
+        assert.equal(await position(), `${room} · ${epoch}:2`);
+        assert.equal(await page.locator('[data-testid="lost-item"]').count(), 0);
+
+        await page.evaluate(() => /** @type {any} */ (window).livepush.reconnect());
+        await page.waitForFunction(
+          (text) => document.querySelector('[data-testid="log"]')?.textContent?.includes(text),
+          `joined ${room} at ${epoch}:2, resumed`,
+          { timeout: 15_000 },
+        );
+        await waitForJoined(page, room, shown);
+        await server.publish(room, 'gift', { from: 'fan-new', gift: 'rose' });
+        await waitForCount(page, 5);
+        await sleep(400);
+        assert.deepEqual(await listedSeqs(page), [1, 2, 1, 2, 3]);
+        assert.equal(await position(), `${room} · ${epoch}:3`);
+
+        await Promise.all([page.waitForEvent('load'), page.click('[data-testid="reload"]')]);
+        await waitForJoined(page, room, shown);
+        assert.equal(await page.isHidden('[data-testid="reload-hint"]'), true);
+        assert.equal(await position(), `${room} · ${epoch}:3`, 'a fresh page starts at the live edge of the new epoch');
+        assert.deepEqual(pageErrors(consoleLines), []);
+      });
+    });
+  }
 
   test('room picker and control messages (quiz, mute, unmute)', { timeout: 60_000 }, async () => {
     await scenario({}, async ({ server, track, cleanup }) => {

@@ -5,39 +5,9 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
 import { LivepushClient } from '../../js/livepush.js';
-import { record, waitFor } from '../lib/events.js';
-import { mintToken, startServer } from '../lib/server.js';
-
-/**
- * Run `body` against a fresh server; on failure, show the server's log.
- * @param {string[]} args
- * @param {(server: Awaited<ReturnType<typeof startServer>>) => Promise<void>} body
- */
-async function withServer(args, body) {
-  const server = await startServer({ args });
-  try {
-    await body(server);
-  } catch (e) {
-    console.error(server.logs().slice(-4000));
-    throw e;
-  } finally {
-    await server.stop();
-  }
-}
-
-/** A `fetch` that keeps every poll's body and answer. */
-function tapFetch() {
-  /** @type {Array<{body: any, answer: any}>} */
-  const polls = [];
-  /** @type {typeof fetch} */
-  const tapped = async (url, init) => {
-    const res = await fetch(url, init);
-    const text = await res.text();
-    polls.push({ body: JSON.parse(String(init?.body)), answer: JSON.parse(text) });
-    return new Response(text, { status: res.status, headers: res.headers });
-  };
-  return { fetch: tapped, polls };
-}
+import { record, tapFetch, waitFor } from '../lib/events.js';
+import { startProxy } from '../lib/proxy.js';
+import { longPollsEnded, mintToken, withServer } from '../lib/server.js';
 
 /**
  * A long-polling client of `room` resuming from `since`, with short parks.
@@ -154,8 +124,38 @@ describe('long-polling against the server (contract v1.1)', { concurrency: false
         assert.equal(t.online, false, 'offline at once, not after the 10 min grace');
         assert.deepEqual(t.inbox, { seq: 3, acked: 3, pending: 0 });
         assert.equal((await server.room(room)).online, 0, 'no longer counted in the room');
+        await longPollsEnded(server);
+        assert.equal((await server.terminal(terminal)).online, false, 'still offline once the given-up poll ended');
       } finally {
         await c.close();
+      }
+    });
+  });
+
+  test('decision 5: the given-up poll ending on the server after the bye does not bring the terminal back', {
+    timeout: 60_000,
+  }, async () => {
+    await withServer(['--poll-grace', '10m'], async (server) => {
+      // The proxy keeps the server's side of the given-up poll open until the bye has been
+      // answered: the order a browser often produces (the bye goes on another connection).
+      const proxy = await startProxy(server.url);
+      const room = 'live:race';
+      const c = new LivepushClient({ server: proxy.url, WebSocket: null, transport: 'longpoll', rooms: [room] });
+      const open = () => server.metric('livepush_connections_open{transport="longpoll"}');
+      try {
+        await waitFor(() => c.position(room), 10_000, 'the join');
+        await waitFor(async () => (await open()) === 1, 10_000, 'the parked poll');
+        const terminal = /** @type {string} */ (c.terminal);
+        proxy.holdEnds();
+        await c.close();
+        assert.equal(await open(), 1, 'the bye was answered while the given-up poll was still parked on the server');
+        proxy.releaseEnds();
+        await longPollsEnded(server);
+        assert.equal((await server.terminal(terminal)).online, false, 'offline, not for the 10 min grace');
+        assert.equal((await server.room(room)).online, 0, 'not lingering in the room');
+      } finally {
+        await c.close();
+        await proxy.close();
       }
     });
   });
