@@ -52,6 +52,9 @@ pub enum Ending {
     Answered,
     /// A poll said `bye`: the terminal leaves at once.
     Bye,
+    /// A poll that began before its terminal's `bye` ended: no grace period either (the
+    /// `bye` is not repeated).
+    AfterBye,
     /// An SSE stream ended after a `prompt` (the client cannot pull; it reconnects).
     Prompted,
 }
@@ -70,6 +73,7 @@ impl Ending {
             Ending::MovedToLongpoll => "moved_to_longpoll",
             Ending::Answered => "answered",
             Ending::Bye => "bye",
+            Ending::AfterBye => "after_bye",
             Ending::Prompted => "prompted",
         }
     }
@@ -191,7 +195,8 @@ impl Session {
         if self.joins_in_background {
             rooms.extend(self.app.hub.take_adoptions(self.conn));
         }
-        let linger = self.transport == Transport::Longpoll && ending != Ending::Bye;
+        let linger = self.transport == Transport::Longpoll
+            && !matches!(ending, Ending::Bye | Ending::AfterBye);
         let until = now_ms() + self.app.config.poll_grace.as_millis() as u64;
         for r in rooms {
             r.leave_until(self.conn, linger.then_some(until));
@@ -202,8 +207,10 @@ impl Session {
         self.app
             .terminals
             .closed(&self.terminal.id, self.transport, ending.is_interruption());
-        if ending == Ending::Bye {
-            self.app.terminals.bye(&self.terminal.id);
+        match ending {
+            Ending::Bye => self.app.terminals.bye(&self.terminal.id),
+            Ending::AfterBye => self.app.terminals.after_bye(&self.terminal.id),
+            _ => {}
         }
         self.app
             .metrics

@@ -215,11 +215,22 @@ impl Terminals {
     /// A long-poll terminal said `bye`: its presence over long-polling ends now, without the
     /// grace period (other open sessions still count).
     pub fn bye(&self, id: &Arc<str>) {
+        self.leave_now(id, true);
+    }
+
+    /// A poll that began before the terminal's `bye` ended: no grace period for it either.
+    pub fn after_bye(&self, id: &Arc<str>) {
+        self.leave_now(id, false);
+    }
+
+    fn leave_now(&self, id: &Arc<str>, stamp: bool) {
         let mut map = self.map.lock();
         let now = self.clock();
         let e = Self::touch(&mut map, id, now);
         e.poll_grace_until = 0;
-        e.bye_at = (now as u32).max(1);
+        if stamp {
+            e.bye_at = (now as u32).max(1);
+        }
     }
 
     /// A stamp of now, to ask [`Terminals::said_bye_since`] later (a poll's start).

@@ -117,7 +117,7 @@ impl Drop for Poll {
         let app = self.session.app().clone();
         let id = self.session.terminal().id.clone();
         let ending = if app.terminals.said_bye_since(&id, self.started) {
-            Ending::Bye
+            Ending::AfterBye
         } else {
             Ending::Answered
         };
