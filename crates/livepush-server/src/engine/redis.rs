@@ -143,8 +143,8 @@ redis.call('PUBLISH', ARGV[8], 'R' .. epoch .. ' ' .. seq .. ' ' .. ARGV[3] .. '
 return {epoch, seq}
 "#;
 
-/// Open a room: create it if missing; its state and newest kept messages. KEYS: room,
-/// history. ARGV: fresh epoch, how many messages.
+/// Open a room: create it if missing; its state, newest kept messages and online count.
+/// KEYS: room, history, presence. ARGV: fresh epoch, how many messages.
 const OPEN: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -158,7 +158,7 @@ local hist = {}
 if n > 0 then
   hist = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', n)
 end
-return {epoch, st[1], st[2] or '0', st[3] or '0', hist}
+return {epoch, st[1], st[2] or '0', st[3] or '0', hist, redis.call('HLEN', KEYS[3])}
 "#;
 
 /// A page of history. KEYS: room, history. ARGV: first seq wanted, count.
@@ -180,6 +180,45 @@ redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', 0)
 redis.call('PUBLISH', ARGV[2], 'E' .. ARGV[1] .. ' 0')
 return ARGV[1]
 "#;
+
+/// A terminal became present in a room on this node (or left it): each terminal counts once
+/// across nodes; this node's contributions are remembered so that another node can take them
+/// back if this one dies. KEYS: presence, this node's contributions. ARGV: terminal, room,
+/// 1 or 0. Returns the room's count.
+const PRESENCE: &str = r#"
+local member = ARGV[2] .. '\t' .. ARGV[1]
+if ARGV[3] == '1' then
+  if redis.call('SADD', KEYS[2], member) == 1 then
+    redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+  end
+elseif redis.call('SREM', KEYS[2], member) == 1 then
+  if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then
+    redis.call('HDEL', KEYS[1], ARGV[1])
+  end
+end
+return redis.call('HLEN', KEYS[1])
+"#;
+
+/// Take back the presence of a node that stopped refreshing its liveness key. KEYS: its
+/// contributions, the node set. ARGV: key prefix, node id.
+const REAP: &str = r#"
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local tab = string.find(member, '\t', 1, true)
+  local room = string.sub(member, 1, tab - 1)
+  local terminal = string.sub(member, tab + 1)
+  local pres = ARGV[1] .. ':pres:{' .. room .. '}'
+  if redis.call('HINCRBY', pres, terminal, -1) <= 0 then
+    redis.call('HDEL', pres, terminal)
+  end
+end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+return 1
+"#;
+
+/// How long a node's liveness key lives without a refresh (refreshed every upkeep tick, once
+/// a second): a killed node's terminals leave the online counts within this, plus a tick.
+pub const NODE_TTL: Duration = Duration::from_secs(10);
 
 /// An inbox post: next seq, keep the frame (as `TS FRAME`), trim to the size, announce.
 /// KEYS: terminal, inbox. ARGV: head, tail, size, channel, ts.
@@ -437,6 +476,10 @@ impl RedisEngine {
         format!("{}:{what}:{{{id}}}", self.settings.prefix)
     }
 
+    fn node_key(&self, what: &str, node: &str) -> String {
+        format!("{}:{what}:{node}", self.settings.prefix)
+    }
+
     fn room_channel(&self, room: &str) -> String {
         self.key("ch", room)
     }
@@ -469,6 +512,70 @@ impl RedisEngine {
         tokio::spawn(async move {
             let _ = sub.unsubscribe(&channel).await;
         });
+    }
+
+    /// Upkeep of presence across nodes: refresh this node's liveness, take back the presence
+    /// of dead nodes, and tell every open room its count.
+    async fn presence_upkeep(&self) {
+        let mut conn = self.conn.clone();
+        let nodes = format!("{}:nodes", self.settings.prefix);
+        let r: redis::RedisResult<((), (), Vec<String>)> = redis::pipe()
+            .cmd("SET")
+            .arg(self.node_key("alive", &self.id))
+            .arg(1)
+            .arg("PX")
+            .arg(NODE_TTL.as_millis() as u64)
+            .cmd("SADD")
+            .arg(&nodes)
+            .arg(&self.id)
+            .cmd("SMEMBERS")
+            .arg(&nodes)
+            .query_async(&mut conn)
+            .await;
+        let Ok((_, _, members)) = self.noted(r) else {
+            return;
+        };
+        for node in members.iter().filter(|n| **n != self.id) {
+            let alive: redis::RedisResult<bool> = redis::cmd("EXISTS")
+                .arg(self.node_key("alive", node))
+                .query_async(&mut conn)
+                .await;
+            if let Ok(false) = alive {
+                tracing::info!(node = %node, "a node stopped: its terminals leave the online counts");
+                let _: redis::RedisResult<i64> = Script::new(REAP)
+                    .key(self.node_key("npres", node))
+                    .key(&nodes)
+                    .arg(&self.settings.prefix)
+                    .arg(node)
+                    .invoke_async(&mut conn)
+                    .await;
+            }
+        }
+        let rooms: Vec<String> = {
+            let prefix = format!("{}:ch:{{", self.settings.prefix);
+            self.channels
+                .lock()
+                .iter()
+                .filter_map(|c| {
+                    c.strip_prefix(&prefix)?
+                        .strip_suffix('}')
+                        .map(str::to_owned)
+                })
+                .collect()
+        };
+        if rooms.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for room in &rooms {
+            pipe.cmd("HLEN").arg(self.key("pres", room));
+        }
+        let counts: redis::RedisResult<Vec<u64>> = pipe.query_async(&mut conn).await;
+        if let (Ok(counts), Some(node)) = (counts, self.node()) {
+            for (room, count) in rooms.iter().zip(counts) {
+                node.on_event(Event::Online { room, count });
+            }
+        }
     }
 
     /// Compare the boot key with what this node saw before: a missing or different value
@@ -568,6 +675,7 @@ impl RedisEngine {
         let v: redis::RedisResult<Value> = Script::new(OPEN)
             .key(self.key("room", room))
             .key(self.key("hist", room))
+            .key(self.key("pres", room))
             .arg(new_epoch())
             .arg(keep)
             .invoke_async(&mut conn)
@@ -587,7 +695,7 @@ impl RedisEngine {
                 muted: field(2) == "1",
                 closed: field(3) == "1",
             },
-            online: 0,
+            online: parts.get(5).and_then(u64_of).unwrap_or(0),
             history,
         })
     }
@@ -632,17 +740,21 @@ impl Engine for RedisEngine {
 
     fn info(&self, room: &str) -> EngineFuture<'_, Option<Snapshot>> {
         let key = self.key("room", room);
+        let pres = self.key("pres", room);
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let r: redis::RedisResult<Vec<Option<String>>> = redis::cmd("HMGET")
+            let r: redis::RedisResult<(Vec<Option<String>>, u64)> = redis::pipe()
+                .cmd("HMGET")
                 .arg(&key)
                 .arg("epoch")
                 .arg("seq")
                 .arg("muted")
                 .arg("closed")
+                .cmd("HLEN")
+                .arg(&pres)
                 .query_async(&mut conn)
                 .await;
-            let v = self.noted(r)?;
+            let (v, online) = self.noted(r)?;
             let Some(Some(epoch)) = v.first().cloned() else {
                 return Ok(None);
             };
@@ -654,7 +766,7 @@ impl Engine for RedisEngine {
                     muted: get(2) == "1",
                     closed: get(3) == "1",
                 },
-                online: 0,
+                online,
                 history: Vec::new(),
             }))
         })
@@ -786,8 +898,41 @@ impl Engine for RedisEngine {
     fn tick(&self) {
         // Once a second (the hub's upkeep): has Redis lost its data?
         if let Some(engine) = self.me.get().and_then(Weak::upgrade) {
-            tokio::spawn(async move { engine.check_boot().await });
+            tokio::spawn(async move {
+                engine.check_boot().await;
+                engine.presence_upkeep().await;
+            });
         }
+    }
+
+    fn shares_presence(&self) -> bool {
+        true
+    }
+
+    fn presence(&self, room: &str, terminal: &str, present: bool) {
+        let Some(engine) = self.me.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let (room, terminal) = (room.to_owned(), terminal.to_owned());
+        tokio::spawn(async move {
+            let mut conn = engine.conn.clone();
+            let r: redis::RedisResult<u64> = Script::new(PRESENCE)
+                .key(engine.key("pres", &room))
+                .key(engine.node_key("npres", &engine.id))
+                .arg(&terminal)
+                .arg(&room)
+                .arg(if present { "1" } else { "0" })
+                .invoke_async(&mut conn)
+                .await;
+            match engine.noted(r) {
+                Ok(count) => {
+                    if let Some(node) = engine.node() {
+                        node.on_event(Event::Online { room: &room, count });
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "a presence change did not reach Redis"),
+            }
+        });
     }
 
     fn healthy(&self) -> bool {

@@ -142,7 +142,14 @@ impl Hub {
             let len = rooms.len();
             let room = rooms
                 .entry(Arc::from(id))
-                .or_insert_with(|| Arc::new(Room::loading(Arc::from(id), self.merge_window())))
+                .or_insert_with(|| {
+                    let presence = self.engine.shares_presence().then(|| self.engine.clone());
+                    Arc::new(Room::loading_with(
+                        Arc::from(id),
+                        self.merge_window(),
+                        presence,
+                    ))
+                })
                 .clone();
             if rooms.len() != len {
                 self.metrics.rooms.set(rooms.len() as i64);

@@ -134,6 +134,11 @@ pub enum JoinError {
     Closed,
 }
 
+/// Where a room reports its terminals coming and going, when the engine counts them across
+/// nodes ([`crate::engine::Engine::presence`]). Called under the room's lock: it must not
+/// block (the Redis engine hands the update to a task).
+pub type Presence = Arc<dyn crate::engine::Engine>;
+
 #[derive(Debug)]
 pub struct Room {
     pub id: Arc<str>,
@@ -141,12 +146,19 @@ pub struct Room {
     state: Arc<Mutex<State>>,
     /// Held by whoever opens the room through the engine; the others wait for it.
     pub(super) opening: tokio::sync::Mutex<()>,
+    /// Set when the engine counts terminals across nodes.
+    presence: Option<Presence>,
 }
 
 impl Room {
     /// A room waiting for its first snapshot ([`Room::open`]); with a merge window (off when
     /// `merge.window` is zero).
     pub fn loading(id: Arc<str>, merge: MergeWindow) -> Room {
+        Room::loading_with(id, merge, None)
+    }
+
+    /// [`Room::loading`], reporting its terminals to an engine that counts them across nodes.
+    pub fn loading_with(id: Arc<str>, merge: MergeWindow, presence: Option<Presence>) -> Room {
         Room {
             id,
             state: Arc::new(Mutex::new(State {
@@ -164,6 +176,14 @@ impl Room {
                 },
             })),
             opening: tokio::sync::Mutex::new(()),
+            presence,
+        }
+    }
+
+    /// A terminal became present in the room on this node, or left it.
+    fn report(&self, terminal: &str, present: bool) {
+        if let Some(engine) = &self.presence {
+            engine.presence(&self.id, terminal, present);
         }
     }
 
@@ -307,8 +327,15 @@ impl Room {
                     member.outbox.push(left.clone());
                 }
                 st.members.clear();
-                st.terminals.clear();
-                st.lingering.clear();
+                let gone: Vec<Arc<str>> = st
+                    .terminals
+                    .drain()
+                    .map(|(t, _)| t)
+                    .chain(st.lingering.drain().map(|(t, _)| t))
+                    .collect();
+                for t in gone {
+                    self.report(&t, false);
+                }
             }
             st.flags = action.apply(st.flags);
         }
@@ -428,7 +455,13 @@ impl Room {
             }
         };
         if st.members.insert(conn, member.clone()).is_none() {
-            *st.terminals.entry(member.terminal.clone()).or_default() += 1;
+            let n = st.terminals.entry(member.terminal.clone()).or_default();
+            *n += 1;
+            let first = *n == 1;
+            let lingered = st.lingering.remove(&member.terminal).is_some();
+            if first && !lingered {
+                self.report(&member.terminal, true);
+            }
         }
         let epoch = st.feed.epoch().clone();
         let delivered = st.feed.delivered();
@@ -490,14 +523,20 @@ impl Room {
         if let Some(chunk) = st.merged_chunk(&self.id) {
             m.outbox.push(chunk);
         }
+        let mut last = false;
         if let Some(n) = st.terminals.get_mut(&m.terminal) {
             *n -= 1;
             if *n == 0 {
                 st.terminals.remove(&m.terminal);
+                last = true;
             }
         }
-        if let Some(until) = until_ms {
-            st.lingering.insert(m.terminal, until);
+        match until_ms {
+            Some(until) => {
+                st.lingering.insert(m.terminal, until);
+            }
+            None if last => self.report(&m.terminal, false),
+            None => {}
         }
         true
     }
@@ -505,7 +544,10 @@ impl Room {
     /// The terminal said `bye` over long-polling: it no longer lingers in the online count
     /// (it still counts while another connection of it is a member).
     pub fn stop_lingering(&self, terminal: &str) {
-        self.state.lock().lingering.remove(terminal);
+        let mut st = self.state.lock();
+        if st.lingering.remove(terminal).is_some() && !st.terminals.contains_key(terminal) {
+            self.report(terminal, false);
+        }
     }
 
     pub fn is_member(&self, conn: ConnId) -> bool {
@@ -566,7 +608,18 @@ impl Room {
     pub fn tick(&self, now_ms: u64, retention: Retention) -> Tick {
         let mut st = self.state.lock();
         let mut out = Tick::default();
-        st.lingering.retain(|_, until| *until > now_ms);
+        let State {
+            lingering,
+            terminals,
+            ..
+        } = &mut *st;
+        lingering.retain(|t, until| {
+            let keep = *until > now_ms;
+            if !keep && !terminals.contains_key(t) {
+                self.report(t, false);
+            }
+            keep
+        });
         let online = st.online();
         if online != st.online_sent {
             st.online_sent = online;

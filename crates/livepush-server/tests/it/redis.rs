@@ -402,3 +402,39 @@ async fn inboxes_are_shared_between_nodes() {
     }
     assert_eq!(got, [1, 2]);
 }
+
+/// Presence across nodes: a room's online count counts each terminal once across all nodes,
+/// every node answers the same, and members on every node are told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_counts_each_terminal_once_across_nodes() {
+    let redis = Redis::start();
+    let a = node(&redis, "pres").await;
+    let b = node(&redis, "pres").await;
+    let mut t1a = a.terminal("t1", &["rp"], false).await;
+    joined(&t1a.join("rp", None).await);
+    let mut t1b = b.terminal("t1", &["rp"], false).await;
+    joined(&t1b.join("rp", None).await);
+    let mut t2 = b.terminal("t2", &["rp"], false).await;
+    joined(&t2.join("rp", None).await);
+    for n in [&a, &b] {
+        n.eventually(
+            "two terminals, counted once each, on every node",
+            || async { n.room("rp").await["online"] == 2 },
+        )
+        .await;
+    }
+    // Members on node a are told the count (t1 twice, t2 once: 2).
+    loop {
+        if let ServerFrame::Online { count: 2, .. } = t1a.next().await {
+            break;
+        }
+    }
+    drop(t1b);
+    drop(t2);
+    for n in [&a, &b] {
+        n.eventually("t2 gone; t1 still there on node a", || async {
+            n.room("rp").await["online"] == 1
+        })
+        .await;
+    }
+}
