@@ -38,6 +38,7 @@ impl Node for App {
     fn on_event(&self, event: Event<'_>) {
         match event {
             Event::Inbox { terminal, message } => self.inboxes.on_inbox(terminal, message),
+            Event::Wake { terminal } => self.inboxes.wake_requested(terminal),
             other => self.hub.on_event(other),
         }
     }

@@ -348,6 +348,9 @@ impl Inboxes {
         let online = inbox.has_sessions() || self.terminals.is_online(id);
         let wake_sent = if online {
             false
+        } else if self.engine.wake_elsewhere(id).await.unwrap_or(false) {
+            // The node that holds the terminal's NAT mapping sends it.
+            true
         } else {
             self.start_wake(&inbox).await
         };
@@ -498,6 +501,20 @@ impl Inboxes {
                 engine.unwatch(&i.0.id);
             }
             keep
+        });
+    }
+
+    /// Another node asks this one to wake `terminal` (this node received its keepalive).
+    pub fn wake_requested(self: &Arc<Self>, terminal: &str) {
+        let inboxes = self.clone();
+        let terminal = terminal.to_owned();
+        tokio::spawn(async move {
+            match inboxes.get(&terminal).await {
+                Ok(inbox) => {
+                    inboxes.start_wake(&inbox).await;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot wake a terminal for another node"),
+            }
         });
     }
 

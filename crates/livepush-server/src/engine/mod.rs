@@ -140,6 +140,9 @@ pub enum Event<'a> {
         epoch: &'a str,
         seq: u64,
     },
+    /// Another node asks this one to wake `terminal`: this node received its last keepalive,
+    /// so its socket holds the terminal's NAT mapping.
+    Wake { terminal: &'a str },
     /// A direct message to a terminal (see [`InboxEngine`]).
     Inbox {
         terminal: &'a str,
@@ -243,6 +246,13 @@ pub trait InboxEngine: Send + Sync + std::fmt::Debug + 'static {
 
     /// Record where the terminal can be woken.
     fn set_wake(&self, terminal: &str, registration: &WakeRegistration);
+
+    /// Wake `terminal` from the node whose socket received its last keepalive, when that is
+    /// another node and it is alive: `true` if the wake was handed over, `false` if this node
+    /// should send it itself.
+    fn wake_elsewhere<'a>(&'a self, _terminal: &'a str) -> EngineFuture<'a, bool> {
+        Box::pin(std::future::ready(Ok(false)))
+    }
 
     /// Terminals with unacknowledged messages (to go on waking them after a restart).
     fn pending_terminals(&self) -> EngineFuture<'_, Vec<String>>;

@@ -88,6 +88,8 @@ pub enum RedisStartError {
         #[source]
         source: redis::RedisError,
     },
+    #[error("cannot subscribe to this node's channel: {0}")]
+    Subscribe(String),
     #[error(
         "Redis must not evict keys (it would drop histories and sequences silently): set \
          `maxmemory-policy noeviction` (it is {0:?})"
@@ -255,18 +257,20 @@ return 1
 /// A terminal's hash fields (seq, acked, wake) and its kept inbox (frame, seq).
 type TerminalRows = (Vec<Option<String>>, Vec<(Vec<u8>, u64)>);
 
-/// A wake registration as kept in Redis: `ADDR SIZE TS`.
-fn encode_wake(r: &WakeRegistration) -> String {
-    format!("{} {} {}", r.addr, r.size, r.ts)
+/// A wake registration as kept in Redis: `ADDR SIZE TS NODE`, the node being the one whose
+/// socket received the keepalive (it holds the terminal's NAT mapping).
+fn encode_wake(r: &WakeRegistration, node: &str) -> String {
+    format!("{} {} {} {node}", r.addr, r.size, r.ts)
 }
 
-fn decode_wake(s: &str) -> Option<WakeRegistration> {
+fn decode_wake(s: &str) -> Option<(WakeRegistration, &str)> {
     let mut parts = s.split(' ');
-    Some(WakeRegistration {
+    let r = WakeRegistration {
         addr: parts.next()?.parse().ok()?,
         size: parts.next()?.parse().ok()?,
         ts: parts.next()?.parse().ok()?,
-    })
+    };
+    Some((r, parts.next().unwrap_or("")))
 }
 
 fn unavailable(e: redis::RedisError) -> EngineError {
@@ -294,6 +298,10 @@ enum Wire<'a> {
         seq: u64,
         ts: u64,
         frame: &'a [u8],
+    },
+    /// To one node: wake this terminal.
+    Wake {
+        terminal: &'a str,
     },
 }
 
@@ -348,6 +356,7 @@ fn parse_wire(payload: &[u8]) -> Option<Wire<'_>> {
             let seq = parts.next()?.parse().ok()?;
             Some(Wire::Epoch { epoch, seq })
         }
+        b'W' => Some(Wire::Wake { terminal: head }),
         b'I' => Some(Wire::Inbox {
             seq: parts.next()?.parse().ok()?,
             ts: parts.next()?.parse().ok()?,
@@ -465,6 +474,12 @@ impl RedisEngine {
         let _ = engine.me.set(Arc::downgrade(&engine));
         engine.check_boot().await;
         tokio::spawn(dispatch(Arc::downgrade(&engine), rx));
+        // Requests addressed to this node (wake a terminal whose keepalive it received).
+        engine
+            .subscribe(engine.key("node", &engine.id))
+            .await
+            .map_err(|e| RedisStartError::Subscribe(e.to_string()))?;
+        engine.presence_upkeep().await;
         Ok(engine)
     }
 
@@ -655,6 +670,9 @@ impl RedisEngine {
                         epoch,
                         seq,
                     }),
+                    ("node", Some(Wire::Wake { terminal })) => {
+                        node.on_event(Event::Wake { terminal });
+                    }
                     ("in", Some(Wire::Inbox { seq, ts, frame })) => node.on_event(Event::Inbox {
                         terminal: id.1,
                         message: &InboxMessage {
@@ -964,12 +982,13 @@ impl InboxEngine for RedisEngine {
                 .await;
             let (fields, kept) = self.noted(r)?;
             let get = |n: usize| fields.get(n).cloned().flatten();
-            let (Some(seq), acked) = (get(0), get(1)) else {
+            if fields.iter().all(Option::is_none) {
                 return Ok(None);
-            };
-            let acked: u64 = acked.and_then(|a| a.parse().ok()).unwrap_or(0);
+            }
+            let number = |n: usize| get(n).and_then(|v| v.parse().ok()).unwrap_or(0u64);
+            let acked = number(1);
             Ok(Some(TerminalRecord {
-                seq: seq.parse().unwrap_or(0),
+                seq: number(0),
                 acked,
                 inbox: kept
                     .into_iter()
@@ -985,7 +1004,7 @@ impl InboxEngine for RedisEngine {
                         })
                     })
                     .collect(),
-                wake: get(2).and_then(|w| decode_wake(&w)),
+                wake: get(2).and_then(|w| decode_wake(&w).map(|(r, _)| r)),
             }))
         })
     }
@@ -1067,7 +1086,7 @@ impl InboxEngine for RedisEngine {
     fn set_wake(&self, terminal: &str, registration: &WakeRegistration) {
         let mut conn = self.conn.clone();
         let key = self.key("term", terminal);
-        let value = encode_wake(registration);
+        let value = encode_wake(registration, &self.id);
         tokio::spawn(async move {
             let r: redis::RedisResult<()> = redis::cmd("HSET")
                 .arg(key)
@@ -1079,6 +1098,39 @@ impl InboxEngine for RedisEngine {
                 tracing::warn!(error = %e, "a wake registration did not reach Redis");
             }
         });
+    }
+
+    fn wake_elsewhere<'a>(&'a self, terminal: &'a str) -> EngineFuture<'a, bool> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let r: redis::RedisResult<Option<String>> = redis::cmd("HGET")
+                .arg(self.key("term", terminal))
+                .arg("wake")
+                .query_async(&mut conn)
+                .await;
+            let Some(wake) = self.noted(r)? else {
+                return Ok(false);
+            };
+            let Some((_, node)) = decode_wake(&wake) else {
+                return Ok(false);
+            };
+            if node.is_empty() || node == self.id {
+                return Ok(false);
+            }
+            // Only a live node can send it; otherwise this node tries from its own socket.
+            let mut payload = b"W".to_vec();
+            payload.extend_from_slice(terminal.as_bytes());
+            let r: redis::RedisResult<(bool, u64)> = redis::pipe()
+                .cmd("EXISTS")
+                .arg(self.node_key("alive", node))
+                .cmd("PUBLISH")
+                .arg(self.key("node", node))
+                .arg(payload)
+                .query_async(&mut conn)
+                .await;
+            let (alive, receivers) = self.noted(r)?;
+            Ok(alive && receivers > 0)
+        })
     }
 
     fn pending_terminals(&self) -> EngineFuture<'_, Vec<String>> {

@@ -390,7 +390,7 @@ impl Hub {
                     }
                 }
             }
-            Event::Inbox { .. } => {}
+            Event::Inbox { .. } | Event::Wake { .. } => {}
         }
     }
 

@@ -174,7 +174,7 @@ async fn long_poll_takes_the_inbox_after_the_given_position() {
 }
 
 /// A sleeping terminal: only a UDP socket.
-struct Sleeper {
+pub struct Sleeper {
     udp: UdpSocket,
     key: WakeKey,
     id: String,
@@ -182,7 +182,7 @@ struct Sleeper {
 }
 
 impl Sleeper {
-    async fn new(s: &TestServer, id: &str) -> Sleeper {
+    pub async fn new(s: &TestServer, id: &str) -> Sleeper {
         let (ws, _, _, key) = connect(s, id).await;
         drop(ws);
         Sleeper {
@@ -193,23 +193,28 @@ impl Sleeper {
         }
     }
 
-    async fn keepalive(&self) {
+    pub async fn keepalive(&self) {
         let d = Keepalive::encode(&self.id, now_ms(), &self.key, KEEPALIVE_PAD_TO);
         self.udp.send_to(&d, self.server).await.unwrap();
     }
 
     /// The next verified wake datagram, or None within `wait`.
     async fn wake(&self, wait: Duration) -> Option<Wake> {
+        self.wake_from(wait).await.map(|(w, _)| w)
+    }
+
+    /// The next verified wake datagram and where it came from, or None within `wait`.
+    pub async fn wake_from(&self, wait: Duration) -> Option<(Wake, std::net::SocketAddr)> {
         let mut buf = [0u8; 1024];
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let (n, _) = tokio::time::timeout_at(deadline, self.udp.recv_from(&mut buf))
+            let (n, from) = tokio::time::timeout_at(deadline, self.udp.recv_from(&mut buf))
                 .await
                 .ok()?
                 .unwrap();
             assert!(n <= 256);
             if let Ok(w) = Wake::verify(&buf[..n], &self.key) {
-                return Some(w);
+                return Some((w, from));
             }
         }
     }

@@ -438,3 +438,32 @@ async fn online_counts_each_terminal_once_across_nodes() {
         .await;
     }
 }
+
+/// The wake datagram leaves from the node whose socket received the terminal's keepalive
+/// (that socket holds the NAT mapping), whichever node the message was posted to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_leaves_from_the_node_that_received_the_keepalive() {
+    let redis = Redis::start();
+    let a = node(&redis, "wake").await;
+    let b = node(&redis, "wake").await;
+    let sleeper = crate::inbox::Sleeper::new(&a, "sleepy").await;
+    sleeper.keepalive().await;
+    b.eventually("node b to know the registration", || async {
+        b.get("/v1/terminals/sleepy").await.1["wake"]["registered"] == json!(true)
+    })
+    .await;
+    let (status, body) = b
+        .post(
+            "/v1/terminals/sleepy/messages",
+            json!({"type":"notice","data":{}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["wake"], "sent");
+    let (wake, from) = sleeper
+        .wake_from(Duration::from_secs(5))
+        .await
+        .expect("a wake datagram");
+    assert_eq!(wake.inbox, 1);
+    assert_eq!(Some(from), a.running.wake_addr(), "from node a's socket");
+}

@@ -25,7 +25,10 @@ impl Node for Recorder {
             ),
             Event::Epoch { epoch, seq, .. } => format!("epoch {epoch}:{seq}"),
             Event::Inbox { terminal, message } => format!("inbox {terminal}:{}", message.seq),
-            Event::Transient { .. } | Event::Online { .. } | Event::LinkLost => "other".into(),
+            Event::Transient { .. }
+            | Event::Online { .. }
+            | Event::LinkLost
+            | Event::Wake { .. } => "other".into(),
         };
         self.0.lock().push(line);
     }
