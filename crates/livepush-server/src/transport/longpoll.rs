@@ -190,7 +190,7 @@ async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response 
             (None, None) => None,
             (Some(epoch), Some(seq)) => {
                 if let Err(e) = validate_epoch(epoch) {
-                    session.error(FrameError::bad_frame(format!("{room}: {e}")));
+                    session.error(FrameError::bad_frame(format!("{room}: {e}")).with_room(room));
                     continue;
                 }
                 Some(Position {

@@ -758,3 +758,22 @@ async fn metrics_count_sessions_of_every_transport() {
     })
     .await;
 }
+
+/// Contract v1.1, decision 2: an `error` about one room carries `room`, also for a long-poll
+/// room entry with a malformed epoch (found while documenting v1.1).
+#[tokio::test]
+async fn a_malformed_epoch_in_a_poll_names_its_room() {
+    let s = TestServer::start().await;
+    let token = s.token("e", &["bad"], false);
+    let frames = s
+        .poll(
+            "/v1/poll",
+            json!({"token":token,"rooms":{"bad":{"epoch":"not an epoch!","seq":1}},"wait_ms":0}),
+        )
+        .await;
+    assert!(
+        frames.iter().any(|f| matches!(f,
+            ServerFrame::Error { code, room: Some(r), .. } if code.as_str() == "bad_frame" && r == "bad")),
+        "{frames:?}"
+    );
+}
