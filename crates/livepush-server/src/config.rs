@@ -46,6 +46,9 @@ pub struct Config {
     pub poll_grace: Duration,
     /// How long an offline terminal stays on the service list.
     pub terminal_retention: Duration,
+    /// How long a room with no member on this node stays open here (its history cache kept,
+    /// and on several nodes its channel subscribed) before it is closed.
+    pub room_idle: Duration,
     /// Where the UDP wake listener binds.
     pub wake_listen: WakeListen,
     /// How far a keepalive's `ts` may be from the server's clock.
@@ -191,6 +194,7 @@ impl Config {
             flap_longpoll_for: Duration::from_secs(120),
             poll_grace: Duration::from_secs(60),
             terminal_retention: Duration::from_secs(24 * 3600),
+            room_idle: Duration::from_secs(60),
             wake_listen: WakeListen::SameAsHttp,
             wake_max_skew: Duration::from_secs(300),
             wake_retries: 8,

@@ -452,8 +452,15 @@ impl Session {
         announce: Announce,
     ) -> Result<(), FrameError> {
         self.may_join(room)?;
-        let r = self.app.hub.room(room).await.map_err(engine_error)?;
-        self.join_opened(r, since, id, announce)
+        loop {
+            let r = self.app.hub.room(room).await.map_err(engine_error)?;
+            match self.join_opened(r, since, id, announce) {
+                // The hub closed that room object as idle meanwhile: it has a new one.
+                Err(Retired) => continue,
+                Err(Refused(e)) => return Err(e),
+                Ok(()) => return Ok(()),
+            }
+        }
     }
 
     /// Join from a client frame, which is handled where waiting is not possible (inside the
@@ -469,8 +476,15 @@ impl Session {
         announce: Announce,
     ) -> Result<(), FrameError> {
         self.may_join(room)?;
-        if let Some(r) = self.app.hub.room(room).now_or_never() {
-            return self.join_opened(r.map_err(internal)?, since, id, announce);
+        for _ in 0..2 {
+            let Some(r) = self.app.hub.room(room).now_or_never() else {
+                break;
+            };
+            match self.join_opened(r.map_err(internal)?, since, id, announce) {
+                Err(Retired) => continue,
+                Err(Refused(e)) => return Err(e),
+                Ok(()) => return Ok(()),
+            }
         }
         self.joins_in_background = true;
         let hub = self.app.hub.clone();
@@ -483,17 +497,23 @@ impl Session {
         let since = since.cloned();
         let room = room.to_owned();
         tokio::spawn(async move {
-            let refused = match hub.room(&room).await {
-                Ok(r) => match r.join(conn, member, since.as_ref(), id, announce) {
-                    Ok(_) => {
-                        hub.adopt_later(conn, r, &outbox);
-                        return;
-                    }
-                    Err(JoinError::Closed) => {
-                        FrameError::new(ErrorCode::RoomClosed, format!("room {room:?} is closed"))
-                    }
-                },
-                Err(e) => engine_error(e),
+            let refused = loop {
+                match hub.room(&room).await {
+                    Ok(r) => match r.join(conn, member.clone(), since.as_ref(), id, announce) {
+                        Ok(_) => {
+                            hub.adopt_later(conn, r, &outbox);
+                            return;
+                        }
+                        Err(JoinError::Retired) => continue,
+                        Err(JoinError::Closed) => {
+                            break FrameError::new(
+                                ErrorCode::RoomClosed,
+                                format!("room {room:?} is closed"),
+                            );
+                        }
+                    },
+                    Err(e) => break engine_error(e),
+                }
             };
             outbox.reply(&refused.with_id(id).with_room(&room).to_frame());
         });
@@ -517,7 +537,7 @@ impl Session {
         since: Option<&Position>,
         id: Option<u64>,
         announce: Announce,
-    ) -> Result<(), FrameError> {
+    ) -> Result<(), JoinRefused> {
         let member = Member {
             terminal: self.terminal.id.clone(),
             outbox: self.outbox.clone(),
@@ -538,11 +558,12 @@ impl Session {
             }
             Err(JoinError::Closed) => {
                 self.forget_room(&room);
-                Err(FrameError::new(
+                Err(Refused(FrameError::new(
                     ErrorCode::RoomClosed,
                     format!("room {room:?} is closed"),
-                ))
+                )))
             }
+            Err(JoinError::Retired) => Err(Retired),
         }
     }
 
@@ -626,6 +647,16 @@ impl Session {
         self.outbox.reply(&e.to_frame());
     }
 }
+
+/// Why [`Session::join_opened`] did not join.
+enum JoinRefused {
+    /// Answered to the client.
+    Refused(FrameError),
+    /// The room object was retired as idle: look the room up again.
+    Retired,
+}
+
+use JoinRefused::{Refused, Retired};
 
 /// An engine that cannot be reached is `unavailable` (retry later); anything else internal.
 fn engine_error(e: crate::engine::EngineError) -> FrameError {

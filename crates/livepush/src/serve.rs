@@ -149,6 +149,10 @@ pub struct ServeArgs {
     /// How long an offline terminal stays on the service list.
     #[arg(long, env = "LIVEPUSH_TERMINAL_RETENTION", default_value = "24h", value_parser = duration)]
     terminal_retention: Duration,
+    /// How long a room with no member on this node stays open here (history cache kept; with
+    /// --redis, its channel subscribed) before it is closed.
+    #[arg(long, env = "LIVEPUSH_ROOM_IDLE", default_value = "60s", value_parser = duration)]
+    room_idle: Duration,
     /// UDP address of the wake listener: `same` (the HTTP address and port, on UDP), an
     /// ADDR:PORT, or `off`.
     #[arg(long, env = "LIVEPUSH_WAKE_LISTEN", default_value = "same")]
@@ -275,6 +279,7 @@ impl ServeArgs {
             flap_longpoll_for: self.flap_retry_ws_after,
             poll_grace: self.poll_grace.unwrap_or(self.poll_max_wait * 2),
             terminal_retention: self.terminal_retention,
+            room_idle: self.room_idle,
             wake_listen: self.wake_listen,
             wake_max_skew: self.wake_max_skew,
             wake_retries: self.wake_retries,

@@ -102,8 +102,9 @@ pub struct RedisEngine {
     settings: RedisSettings,
     /// Commands and scripts.
     conn: ConnectionManager,
-    /// Subscriptions (RESP3 pushes go to the dispatcher).
-    sub: ConnectionManager,
+    /// Subscribe and unsubscribe requests, carried out in order by one task on the
+    /// subscription connection (RESP3 pushes go to the dispatcher).
+    subs: mpsc::UnboundedSender<SubCmd>,
     node: OnceLock<Weak<dyn Node>>,
     /// Channels this node subscribed to.
     channels: Mutex<HashSet<String>>,
@@ -275,6 +276,29 @@ fn decode_wake(s: &str) -> Option<(WakeRegistration, &str)> {
 
 fn unavailable(e: redis::RedisError) -> EngineError {
     EngineError::Unavailable(e.to_string())
+}
+
+/// A request to the subscription task.
+enum SubCmd {
+    Subscribe(String, tokio::sync::oneshot::Sender<redis::RedisResult<()>>),
+    Unsubscribe(String),
+}
+
+/// Carry out subscription requests in the order they were made (an unsubscribe queued
+/// before a subscribe of the same channel is never overtaken by it).
+async fn subscriptions(mut sub: ConnectionManager, mut rx: mpsc::UnboundedReceiver<SubCmd>) {
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            SubCmd::Subscribe(channel, reply) => {
+                let _ = reply.send(sub.subscribe(&channel).await);
+            }
+            SubCmd::Unsubscribe(channel) => {
+                if let Err(e) = sub.unsubscribe(&channel).await {
+                    tracing::debug!(error = %e, "an unsubscribe did not reach Redis");
+                }
+            }
+        }
+    }
 }
 
 /// A message as it travels on a room's channel.
@@ -460,10 +484,12 @@ impl RedisEngine {
         )
         .await
         .map_err(connect_err)?;
+        let (subs, subs_rx) = mpsc::unbounded_channel();
+        tokio::spawn(subscriptions(sub, subs_rx));
         let engine = Arc::new(RedisEngine {
             settings,
             conn,
-            sub,
+            subs,
             node: OnceLock::new(),
             channels: Mutex::new(HashSet::new()),
             boot: Mutex::new(None),
@@ -512,8 +538,14 @@ impl RedisEngine {
         if self.channels.lock().contains(&channel) {
             return Ok(());
         }
-        let mut sub = self.sub.clone();
-        let r = sub.subscribe(&channel).await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = self.subs.send(SubCmd::Subscribe(channel.clone(), tx));
+        let r = rx.await.unwrap_or_else(|_| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "the subscription task stopped",
+            )))
+        });
         self.noted(r)?;
         self.channels.lock().insert(channel);
         Ok(())
@@ -523,10 +555,7 @@ impl RedisEngine {
         if !self.channels.lock().remove(&channel) {
             return;
         }
-        let mut sub = self.sub.clone();
-        tokio::spawn(async move {
-            let _ = sub.unsubscribe(&channel).await;
-        });
+        let _ = self.subs.send(SubCmd::Unsubscribe(channel));
     }
 
     /// Upkeep of presence across nodes: refresh this node's liveness, take back the presence

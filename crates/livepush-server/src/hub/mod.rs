@@ -311,6 +311,9 @@ impl Hub {
         };
         let room = room.clone();
         tokio::spawn(async move {
+            if room.is_retired() {
+                return;
+            }
             let retention = hub.retention();
             let next = match ask {
                 Ask::Read { since } => {
@@ -400,12 +403,34 @@ impl Hub {
         let rooms: Vec<Arc<Room>> = self.rooms.read().values().cloned().collect();
         let now = now_ms();
         let retention = self.retention();
+        let idle_after = self.config.room_idle.as_millis() as u64;
         for room in rooms {
-            if let Some(ask) = room.tick(now, retention).ask {
+            let tick = room.tick(now, retention);
+            if let Some(ask) = tick.ask {
                 self.ask(&room, ask);
+            }
+            if tick.idle && tick.idle_ms >= idle_after {
+                self.close_idle(&room);
             }
         }
         self.engine.tick();
+    }
+
+    /// Forget a room no member has used for `room_idle`, and close it in the engine (on
+    /// several nodes: unsubscribe from it). Retired under the rooms' write lock, so that no
+    /// one finds it in the map afterwards, and a join that got it before finds it retired.
+    fn close_idle(&self, room: &Arc<Room>) {
+        let mut rooms = self.rooms.write();
+        if !room.retire() {
+            return;
+        }
+        if rooms.get(&room.id).is_some_and(|r| Arc::ptr_eq(r, room)) {
+            rooms.remove(&room.id);
+            self.metrics.rooms.set(rooms.len() as i64);
+            // Still under the lock: a new room object for this id is opened (subscribed)
+            // only after this close (unsubscribe) was queued.
+            self.engine.close(&room.id);
+        }
     }
 
     pub fn room_count(&self) -> usize {

@@ -71,6 +71,10 @@ struct State {
     flags: RoomFlags,
     /// Frames delivered but not yet pushed to the members (merge window on).
     merged: Merged,
+    /// Since when (ms) the room has had no member and nothing lingering; 0 while it has.
+    idle_since: u64,
+    /// The hub closed the room: it takes no members any more (a join finds a new one).
+    retired: bool,
 }
 
 /// A room's merge window (`--merge-ms`): how long the messages it delivers are gathered
@@ -132,6 +136,8 @@ pub struct RoomInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JoinError {
     Closed,
+    /// The hub closed this room object (idle); the hub has a new one for the room.
+    Retired,
 }
 
 /// Where a room reports its terminals coming and going, when the engine counts them across
@@ -174,6 +180,8 @@ impl Room {
                     settings: merge,
                     ..Merged::default()
                 },
+                idle_since: 0,
+                retired: false,
             })),
             opening: tokio::sync::Mutex::new(()),
             presence,
@@ -444,6 +452,9 @@ impl Room {
         // yet, and its replay below covers those messages from history. Flushing after the
         // insert would send it them twice.
         st.flush_merged(&self.id);
+        if st.retired {
+            return Err(JoinError::Retired);
+        }
         if st.flags.closed {
             return Err(JoinError::Closed);
         }
@@ -550,6 +561,20 @@ impl Room {
         }
     }
 
+    /// Close the room for good if it is still idle: it takes no member any more. Returns
+    /// whether it did (the hub then forgets it and closes it in the engine).
+    pub fn retire(&self) -> bool {
+        let mut st = self.state.lock();
+        if st.members.is_empty() && st.lingering.is_empty() && st.merged.frames.is_empty() {
+            st.retired = true;
+        }
+        st.retired
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.state.lock().retired
+    }
+
     pub fn is_member(&self, conn: ConnId) -> bool {
         self.state.lock().members.contains_key(&conn)
     }
@@ -637,6 +662,16 @@ impl Room {
             st.history.pop_front();
         }
         out.idle = st.members.is_empty() && st.lingering.is_empty() && st.merged.frames.is_empty();
+        if !out.idle {
+            st.idle_since = 0;
+        } else if st.idle_since == 0 {
+            st.idle_since = now_ms;
+        }
+        out.idle_ms = if out.idle {
+            now_ms.saturating_sub(st.idle_since)
+        } else {
+            0
+        };
         out.ask = st.feed.retry();
         out
     }
@@ -647,6 +682,8 @@ impl Room {
 pub struct Tick {
     pub online_broadcast: bool,
     pub idle: bool,
+    /// How long the room has been idle (ms).
+    pub idle_ms: u64,
     /// An ask to send the engine again (the previous one failed).
     pub ask: Option<Ask>,
 }

@@ -76,7 +76,11 @@ impl Drop for Redis {
 
 /// A node: a server on its own Redis engine.
 async fn node(redis: &Redis, prefix: &str) -> TestServer {
-    let c = config();
+    node_with(redis, prefix, config()).await
+}
+
+/// A node with its own settings.
+async fn node_with(redis: &Redis, prefix: &str, c: livepush_server::Config) -> TestServer {
     let engine = RedisEngine::connect(RedisSettings {
         url: redis.url(),
         prefix: prefix.to_owned(),
@@ -466,4 +470,50 @@ async fn a_wake_leaves_from_the_node_that_received_the_keepalive() {
         .expect("a wake datagram");
     assert_eq!(wake.inbox, 1);
     assert_eq!(Some(from), a.running.wake_addr(), "from node a's socket");
+}
+
+/// A room nobody on a node uses any more is closed there after `room_idle`: the node forgets
+/// it and unsubscribes from its channel. The next join opens it again, resumes from Redis and
+/// receives what other nodes publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_room_is_closed_and_reopened_on_the_next_join() {
+    let redis = Redis::start();
+    let mut c = config();
+    c.room_idle = Duration::from_millis(300);
+    c.limits.online_interval = Duration::from_millis(100);
+    let a = node_with(&redis, "idle", c).await;
+    let b = node(&redis, "idle").await;
+    let subscribers = || {
+        redis
+            .cli(&["PUBSUB", "NUMSUB", "idle:ch:{ri}"])
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .to_owned()
+    };
+    let rooms_on_a = || a.running.app().hub.room_count();
+    let until = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + WAIT;
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    let mut t = a.terminal("t", &["ri"], false).await;
+    let (epoch, _, _) = joined(&t.join("ri", None).await);
+    until("the joined room is subscribed", &|| subscribers() == "1");
+    drop(t);
+    until("the idle room is closed on a", &|| rooms_on_a() == 0);
+    until("and unsubscribed", &|| subscribers() == "0");
+
+    b.publish("ri", "gift", json!(1)).await;
+    let mut t = a.terminal("t", &["ri"], false).await;
+    let (again, seq, recovered) = joined(&t.join("ri", Some((&epoch, 0))).await);
+    assert_eq!((again.as_str(), seq, recovered), (epoch.as_str(), 1, true));
+    assert_eq!(t.reliable(1).await, [1], "what it missed, from Redis");
+    assert_eq!(subscribers(), "1", "subscribed again");
+    b.publish("ri", "gift", json!(2)).await;
+    assert_eq!(t.reliable(1).await, [2], "and live from the other node");
+    assert_eq!(rooms_on_a(), 1);
 }

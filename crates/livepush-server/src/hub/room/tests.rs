@@ -170,6 +170,27 @@ fn close_sends_left_and_refuses_joins() {
 }
 
 #[test]
+fn only_an_idle_room_retires_and_then_refuses_joins() {
+    let (r, ret) = room(10);
+    let m = member(10);
+    r.join(1, m.clone(), None, None, Announce::Always).unwrap();
+    let t = r.tick(1_000, ret);
+    assert_eq!((t.idle, t.idle_ms), (false, 0));
+    assert!(!r.retire(), "a room with a member stays");
+    r.leave(1);
+    assert_eq!(r.tick(2_000, ret).idle_ms, 0, "idle from this tick on");
+    assert_eq!(r.tick(2_500, ret).idle_ms, 500);
+    assert!(r.retire());
+    assert!(r.is_retired());
+    assert_eq!(
+        r.join(2, member(10), None, None, Announce::Always)
+            .unwrap_err(),
+        JoinError::Retired,
+        "a join that found the retired object is told to look again"
+    );
+}
+
+#[test]
 fn online_counts_unique_terminals() {
     let (r, ret) = room(10);
     let a = member(10);
