@@ -1,139 +1,85 @@
 //! Offline terminals woken over UDP: the SDK's `WakeAgent` and the `livepush agent` CLI
 //! against a real in-process server.
 
+mod support;
+
 use std::time::Duration;
 
 use livepush_client::{
-    AgentEvent, AgentEvents, AgentState, Client, ClientConfig, ConnectReason, Event, IgnoreReason,
-    TransportMode, WakeAgent, WakeAgentConfig,
+    AgentEvent, AgentEvents, AgentState, Client, ClientConfig, ConnectReason, Event, Events,
+    IgnoreReason, TransportMode, WakeAgent, WakeAgentConfig,
 };
 use livepush_proto::wake::{Wake, WakeKey};
-use livepush_server::auth::{Claims, TokenKeys, now_ms, now_secs};
-use livepush_server::{Config, Running};
+use livepush_server::Config;
+use livepush_server::auth::now_ms;
 use serde_json::{Value, json};
+use support::process::{Lines, livepush};
+use support::wake::WakeSocket;
+use support::{PATIENCE, TestServer, next_event, token, wait_for, wait_until};
 use tokio::time::Instant;
 
-const KEY: &str = "agent-test-key";
-const SECRET: &str = "agent-test-secret-0123456789";
-/// Longest wait for anything that should happen promptly (a failure, not a pace).
-const PATIENCE: Duration = Duration::from_secs(5);
-
-fn token(sub: &str) -> String {
-    TokenKeys::new(SECRET)
-        .mint(&Claims {
-            sub: sub.into(),
-            exp: now_secs() + 600,
-            rooms: vec![],
-            send: false,
-        })
-        .expect("token")
-}
-
-struct Server {
-    running: Running,
-    /// No idle connections kept: the test counts the server's TCP connections.
-    http: reqwest::Client,
-}
-
-impl Server {
-    async fn start() -> Server {
-        Server::with(|_| {}).await
-    }
-
-    async fn with(tweak: impl FnOnce(&mut Config)) -> Server {
-        let mut c = Config::for_tests(KEY, SECRET);
-        // Upkeep (wakes for terminals that left with unacked messages) every 100 ms.
+/// A server whose upkeep (wakes for terminals that left with unacked messages) runs every
+/// 100 ms, with `tweak` applied.
+async fn server_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+    let mut s = TestServer::with(|c| {
         c.limits.online_interval = Duration::from_millis(100);
         c.wake_retry_first = Duration::from_millis(200);
-        tweak(&mut c);
-        Server {
-            running: livepush_server::start(c).await.expect("server"),
-            http: reqwest::Client::builder()
-                .pool_max_idle_per_host(0)
-                .build()
-                .expect("http"),
-        }
-    }
+        tweak(c);
+    })
+    .await;
+    // No idle connections kept: the tests count the server's TCP connections.
+    s.api.http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("http");
+    s
+}
 
-    fn url(&self) -> String {
-        self.running.url()
-    }
+/// [`server_with`] no change.
+async fn server() -> TestServer {
+    server_with(|_| {}).await
+}
 
-    async fn post_inbox(&self, terminal: &str, data: Value) -> Value {
-        let r = self
-            .http
-            .post(format!("{}/v1/terminals/{terminal}/messages", self.url()))
-            .bearer_auth(KEY)
-            .json(&json!({"type":"notice","data":data}))
-            .send()
-            .await
-            .expect("post");
-        assert_eq!(r.status(), 200);
-        r.json().await.expect("json")
-    }
+/// `livepush_connections_open{transport="ws"}` (absent = 0).
+async fn ws_connections_open(s: &TestServer) -> u64 {
+    let m = s
+        .api
+        .http
+        .get(format!("{}/metrics", s.url()))
+        .bearer_auth(support::KEY)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    m.lines()
+        .find(|l| l.starts_with("livepush_connections_open{") && l.contains("transport=\"ws\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
 
-    async fn terminal(&self, id: &str) -> Value {
-        self.http
-            .get(format!("{}/v1/terminals/{id}", self.url()))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .expect("get")
-            .json()
-            .await
-            .expect("json")
-    }
+/// Poll `check` every 10 ms until it holds (a failure after `PATIENCE`).
+async fn eventually<F, Fut>(what: &str, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    wait_until(what, deadline, Duration::from_millis(10), check).await;
+}
 
-    async fn metrics(&self) -> String {
-        self.http
-            .get(format!("{}/metrics", self.url()))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text")
-    }
-
-    /// `livepush_connections_open{transport="ws"}` (absent = 0).
-    async fn ws_connections_open(&self) -> u64 {
-        let m = self.metrics().await;
-        m.lines()
-            .find(|l| l.starts_with("livepush_connections_open{") && l.contains("transport=\"ws\""))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .map_or(0, |v| v as u64)
-    }
-
-    /// Poll `check` until it holds (a failure after `PATIENCE`).
-    async fn eventually<F, Fut>(&self, what: &str, mut check: F)
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = bool>,
-    {
-        let deadline = Instant::now() + PATIENCE;
-        while !check().await {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Wait until the server has a wake registration for `id` that is offline.
-    async fn registered_and_offline(&self, id: &str) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let t = self.terminal(id).await;
-            if t["wake"]["registered"] == json!(true) && t["online"] == json!(false) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for a wake registration, offline: {t}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
+/// Wait until the server has a wake registration for `id` that is offline.
+async fn registered_and_offline(s: &TestServer, id: &str) {
+    wait_for(
+        "a wake registration, offline",
+        Instant::now() + PATIENCE,
+        Duration::from_millis(10),
+        || s.api.terminal(id),
+        |t| t["wake"]["registered"] == json!(true) && t["online"] == json!(false),
+    )
+    .await;
 }
 
 /// ESTABLISHED TCP sockets with `port` at either end (both ends are in this process), from
@@ -162,11 +108,11 @@ fn established(port: u16) -> usize {
     n
 }
 
-fn config(s: &Server, sub: &str) -> WakeAgentConfig {
+fn config(s: &TestServer, sub: &str) -> WakeAgentConfig {
     WakeAgentConfig {
         client: ClientConfig {
             server: s.url(),
-            token: Some(token(sub)),
+            token: Some(token(sub, &[], false)),
             transport: TransportMode::WebSocket,
             backoff_base: Duration::from_millis(20),
             backoff_max: Duration::from_millis(200),
@@ -219,7 +165,7 @@ fn inbox_seqs(events: &[AgentEvent]) -> Vec<u64> {
 }
 
 /// Start an agent and wait until it is idle with a registration on the server.
-async fn idle_agent(s: &Server, c: WakeAgentConfig) -> (WakeAgent, AgentEvents, String) {
+async fn idle_agent(s: &TestServer, c: WakeAgentConfig) -> (WakeAgent, AgentEvents, String) {
     let (agent, mut events) = WakeAgent::start(c).await.expect("agent");
     let seen = until_state(&mut events, AgentState::Idle).await;
     assert_eq!(
@@ -235,29 +181,32 @@ async fn idle_agent(s: &Server, c: WakeAgentConfig) -> (WakeAgent, AgentEvents, 
         seen.contains(&AgentEvent::Credentials(creds.clone())),
         "{seen:?}"
     );
-    s.registered_and_offline(&creds.terminal).await;
+    registered_and_offline(s, &creds.terminal).await;
     (agent, events, creds.terminal)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_agent_holds_no_connection_and_is_woken_within_a_second() {
-    let s = Server::start().await;
+    let s = server().await;
     let (agent, mut events, id) = idle_agent(&s, config(&s, "settop")).await;
     assert_eq!(agent.state(), AgentState::Idle);
     assert!(agent.stats().keepalives_sent >= 1);
 
     // Idle: no TCP connection to the server at all (the test's own HTTP requests are closed
     // after each answer).
-    assert_eq!(s.ws_connections_open().await, 0);
-    let port = s.running.addr().port();
-    s.eventually("no established TCP connection to the server", || async {
+    assert_eq!(ws_connections_open(&s).await, 0);
+    let port = s.addr().port();
+    eventually("no established TCP connection to the server", || async {
         established(port) == 0
     })
     .await;
-    assert_eq!(s.terminal(&id).await["online"], false);
+    assert_eq!(s.api.terminal(&id).await["online"], false);
 
     let posted = Instant::now();
-    let answer = s.post_inbox(&id, json!({"cmd":"record"})).await;
+    let answer = s
+        .api
+        .post_inbox(&id, "notice", json!({"cmd":"record"}))
+        .await;
     assert_eq!(answer, json!({"seq":1,"online":false,"wake":"sent"}));
     let seen = until_state(&mut events, AgentState::Idle).await;
     let m = seen
@@ -291,21 +240,21 @@ async fn an_idle_agent_holds_no_connection_and_is_woken_within_a_second() {
         "woken and delivered in {:?}",
         posted.elapsed()
     );
-    s.eventually("the ack to land, and the terminal to leave", || async {
-        let t = s.terminal(&id).await;
+    eventually("the ack to land, and the terminal to leave", || async {
+        let t = s.api.terminal(&id).await;
         t["inbox"] == json!({"seq":1,"acked":1,"pending":0}) && t["online"] == json!(false)
     })
     .await;
-    assert_eq!(s.ws_connections_open().await, 0);
+    assert_eq!(ws_connections_open(&s).await, 0);
     let st = agent.stats();
     assert_eq!((st.wakes, st.sessions, st.acked), (1, 2, 1));
     agent.shutdown().await;
-    s.running.shutdown().await;
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lingering_agent_takes_new_messages_without_a_wake_then_leaves() {
-    let s = Server::start().await;
+    let s = server().await;
     let linger = Duration::from_millis(1500);
     let (agent, mut events, id) = idle_agent(
         &s,
@@ -315,14 +264,14 @@ async fn a_lingering_agent_takes_new_messages_without_a_wake_then_leaves() {
         },
     )
     .await;
-    s.post_inbox(&id, json!({"n":1})).await;
+    s.api.post_inbox(&id, "notice", json!({"n":1})).await;
     let seen = until_state(&mut events, AgentState::Lingering).await;
     let lingering_since = Instant::now();
     assert_eq!(inbox_seqs(&seen), vec![1]);
     assert!(seen.contains(&AgentEvent::Acked { seq: 1 }), "{seen:?}");
     // Online while lingering: a second message goes straight over the session.
-    assert_eq!(s.terminal(&id).await["online"], true);
-    let answer = s.post_inbox(&id, json!({"n":2})).await;
+    assert_eq!(s.api.terminal(&id).await["online"], true);
+    let answer = s.api.post_inbox(&id, "notice", json!({"n":2})).await;
     assert_eq!(answer, json!({"seq":2,"online":true,"wake":"none"}));
     let seen = until_state(&mut events, AgentState::Idle).await;
     let lingered = lingering_since.elapsed();
@@ -340,14 +289,14 @@ async fn a_lingering_agent_takes_new_messages_without_a_wake_then_leaves() {
     );
     assert!(lingered < linger + Duration::from_secs(2), "{lingered:?}");
     assert_eq!(agent.stats().wakes, 1);
-    s.eventually("the terminal to leave, everything acked", || async {
-        let t = s.terminal(&id).await;
+    eventually("the terminal to leave, everything acked", || async {
+        let t = s.api.terminal(&id).await;
         t["online"] == json!(false) && t["inbox"] == json!({"seq":2,"acked":2,"pending":0})
     })
     .await;
-    assert_eq!(s.ws_connections_open().await, 0);
+    assert_eq!(ws_connections_open(&s).await, 0);
     agent.shutdown().await;
-    s.running.shutdown().await;
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,26 +304,32 @@ async fn a_long_polling_agent_is_woken_too() {
     // A long-poll terminal counts as online for the poll grace after its last poll, and is
     // not woken meanwhile, unless it said `bye` (contract v1.1, decision 5), as the agent
     // does at the end of each session: a grace period of 10 minutes changes nothing.
-    let s = Server::with(|c| c.poll_grace = Duration::from_secs(600)).await;
+    let s = server_with(|c| c.poll_grace = Duration::from_secs(600)).await;
     let mut c = config(&s, "poller");
     c.client.transport = TransportMode::LongPoll;
     c.client.poll_wait = Duration::from_secs(2);
     let (agent, mut events, id) = idle_agent(&s, c).await;
-    assert_eq!(s.post_inbox(&id, json!({"n":1})).await["wake"], "sent");
+    assert_eq!(
+        s.api.post_inbox(&id, "notice", json!({"n":1})).await["wake"],
+        "sent"
+    );
     let seen = until_state(&mut events, AgentState::Idle).await;
     assert_eq!(inbox_seqs(&seen), vec![1]);
     assert!(seen.contains(&AgentEvent::Acked { seq: 1 }), "{seen:?}");
-    s.eventually("the ack to land", || async {
-        s.terminal(&id).await["inbox"] == json!({"seq":1,"acked":1,"pending":0})
+    eventually("the ack to land", || async {
+        s.api.terminal(&id).await["inbox"] == json!({"seq":1,"acked":1,"pending":0})
     })
     .await;
-    assert_eq!(s.terminal(&id).await["online"], false);
+    assert_eq!(s.api.terminal(&id).await["online"], false);
     // Woken again at once for the next message.
-    assert_eq!(s.post_inbox(&id, json!({"n":2})).await["wake"], "sent");
+    assert_eq!(
+        s.api.post_inbox(&id, "notice", json!({"n":2})).await["wake"],
+        "sent"
+    );
     let seen = until_state(&mut events, AgentState::Idle).await;
     assert_eq!(inbox_seqs(&seen), vec![2]);
     agent.shutdown().await;
-    s.running.shutdown().await;
+    s.shutdown().await;
 }
 
 /// Contract v1.1, decision 6: `connected` says how many unacknowledged messages the server
@@ -383,12 +338,12 @@ async fn a_long_polling_agent_is_woken_too() {
 /// waiting out its drain timeout (30 s here) for messages that will never come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_whose_inbox_expired_leaves_at_once() {
-    let s = Server::with(|c| c.inbox_ttl = Duration::from_millis(200)).await;
+    let s = server_with(|c| c.inbox_ttl = Duration::from_millis(200)).await;
     for n in 1..=2 {
-        s.post_inbox("late", json!({"n":n})).await;
+        s.api.post_inbox("late", "notice", json!({"n":n})).await;
     }
-    s.eventually("the messages to expire", || async {
-        s.terminal("late").await["inbox"] == json!({"seq":2,"acked":0,"pending":0})
+    eventually("the messages to expire", || async {
+        s.api.terminal("late").await["inbox"] == json!({"seq":2,"acked":0,"pending":0})
     })
     .await;
     let (agent, mut events) = WakeAgent::start(WakeAgentConfig {
@@ -404,12 +359,12 @@ async fn an_agent_whose_inbox_expired_leaves_at_once() {
     );
     assert_eq!(inbox_seqs(&seen), Vec::<u64>::new());
     agent.shutdown().await;
-    s.running.shutdown().await;
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_wake_datagrams_are_ignored_and_counted() {
-    let s = Server::start().await;
+    let s = server().await;
     let (agent, mut events, id) = idle_agent(&s, config(&s, "guarded")).await;
     let creds = agent.credentials().expect("credentials");
     let key = WakeKey::from_base64(&creds.wake_key).expect("key");
@@ -448,10 +403,10 @@ async fn forged_wake_datagrams_are_ignored_and_counted() {
     assert_eq!(agent.state(), AgentState::Idle);
     let st = agent.stats();
     assert_eq!((st.forged, st.wrong_terminal, st.sessions), (2, 1, 1));
-    assert_eq!(s.terminal(&id).await["online"], false);
+    assert_eq!(s.api.terminal(&id).await["online"], false);
 
     // The real thing still works.
-    s.post_inbox(&id, json!({"n":1})).await;
+    s.api.post_inbox(&id, "notice", json!({"n":1})).await;
     let seen = until_state(&mut events, AgentState::Idle).await;
     assert_eq!(inbox_seqs(&seen), vec![1]);
 
@@ -493,34 +448,24 @@ async fn forged_wake_datagrams_are_ignored_and_counted() {
         "{seen:?}"
     );
     agent.shutdown().await;
-    s.running.shutdown().await;
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_a_terminal_received_but_did_not_ack_come_again() {
-    let s = Server::start().await;
+    let s = server().await;
     let (agent, mut events, id) = idle_agent(&s, config(&s, "crashy")).await;
     // The same terminal connects with a plain client (the app in the foreground, say),
     // receives two messages, and goes away without acknowledging them.
-    let (client, mut client_events) = Client::connect(config(&s, "crashy").client).expect("client");
-    loop {
-        let e = tokio::time::timeout(PATIENCE, client_events.recv())
-            .await
-            .expect("connected in time");
-        if let Some(Event::Connected { .. }) = e {
-            break;
-        }
-    }
+    let (client, mut client_events) = connected_client(&s, "crashy").await;
     for n in 1..=2 {
-        let a = s.post_inbox(&id, json!({"n":n})).await;
+        let a = s.api.post_inbox(&id, "notice", json!({"n":n})).await;
         assert_eq!(a["online"], true);
     }
     let mut got = Vec::new();
     while got.len() < 2 {
-        if let Some(Event::Inbox(m)) = tokio::time::timeout(PATIENCE, client_events.recv())
-            .await
-            .expect("inbox in time")
-        {
+        let e = next_event(&mut client_events, Instant::now() + PATIENCE, "inbox").await;
+        if let Event::Inbox(m) = e {
             got.push(m.seq);
         }
     }
@@ -537,26 +482,26 @@ async fn messages_a_terminal_received_but_did_not_ack_come_again() {
     );
     assert_eq!(inbox_seqs(&seen), vec![1, 2]);
     assert!(seen.contains(&AgentEvent::Acked { seq: 2 }), "{seen:?}");
-    s.eventually("the ack to land", || async {
-        s.terminal(&id).await["inbox"] == json!({"seq":2,"acked":2,"pending":0})
+    eventually("the ack to land", || async {
+        s.api.terminal(&id).await["inbox"] == json!({"seq":2,"acked":2,"pending":0})
     })
     .await;
     agent.shutdown().await;
 
     // A terminal that was not running at all finds them at its first connect.
     for n in 3..=4 {
-        s.post_inbox(&id, json!({"n":n})).await;
+        s.api.post_inbox(&id, "notice", json!({"n":n})).await;
     }
     let (agent, mut events) = WakeAgent::start(config(&s, "crashy")).await.expect("agent");
     let seen = until_state(&mut events, AgentState::Idle).await;
     assert_eq!(inbox_seqs(&seen), vec![3, 4]);
     agent.shutdown().await;
-    s.running.shutdown().await;
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_safety_net_connects_when_no_wake_can_come() {
-    let s = Server::start().await;
+    let s = server().await;
     // Keepalives go to a port nobody listens on: the server never learns the address.
     let nowhere = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
     let (agent, mut events) = WakeAgent::start(WakeAgentConfig {
@@ -567,7 +512,10 @@ async fn the_safety_net_connects_when_no_wake_can_come() {
     .await
     .expect("agent");
     state(&mut events, AgentState::Idle).await;
-    let answer = s.post_inbox("unreachable", json!({"n":1})).await;
+    let answer = s
+        .api
+        .post_inbox("unreachable", "notice", json!({"n":1}))
+        .await;
     assert_eq!(answer["wake"], "none");
     let seen = until_state(&mut events, AgentState::Idle).await;
     assert_eq!(
@@ -579,16 +527,16 @@ async fn the_safety_net_connects_when_no_wake_can_come() {
     assert_eq!(inbox_seqs(&seen), vec![1]);
     drop(nowhere);
     agent.shutdown().await;
-    s.running.shutdown().await;
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_credentials_let_an_agent_sleep_from_the_start() {
-    let s = Server::start().await;
+    let s = server().await;
     let (agent, _events, id) = idle_agent(&s, config(&s, "cached")).await;
     let creds = agent.credentials().expect("credentials");
     agent.shutdown().await;
-    let before = s.terminal(&id).await["wake"]["last_keepalive_ms"]
+    let before = s.api.terminal(&id).await["wake"]["last_keepalive_ms"]
         .as_u64()
         .expect("a keepalive on record");
     let (agent, mut events) = WakeAgent::start(WakeAgentConfig {
@@ -605,42 +553,36 @@ async fn cached_credentials_let_an_agent_sleep_from_the_start() {
         "no connect"
     );
     // The new socket's keepalive moves the registration, without a connect.
-    s.eventually("the new keepalive to be recorded", || async {
-        s.terminal(&id).await["wake"]["last_keepalive_ms"]
+    eventually("the new keepalive to be recorded", || async {
+        s.api.terminal(&id).await["wake"]["last_keepalive_ms"]
             .as_u64()
             .is_some_and(|t| t > before)
     })
     .await;
     assert_eq!(agent.stats().sessions, 0);
-    s.post_inbox(&id, json!({"n":1})).await;
+    s.api.post_inbox(&id, "notice", json!({"n":1})).await;
     let seen = until_state(&mut events, AgentState::Idle).await;
     assert_eq!(inbox_seqs(&seen), vec![1]);
     agent.shutdown().await;
-    s.running.shutdown().await;
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_cli_prints_inbox_messages_as_json_lines() {
-    use tokio::io::AsyncBufReadExt;
-    let s = Server::start().await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_livepush"))
+    let s = server().await;
+    let mut child = livepush()
         .args(["agent", "--server", &s.url(), "--linger", "0s"])
-        .env("LIVEPUSH_TOKEN", token("cli-agent"))
+        .env("LIVEPUSH_TOKEN", token("cli-agent", &[], false))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn agent");
-    let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut err = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut out = Lines::new(child.stdout.take().expect("stdout"));
+    let mut err = Lines::new(child.stderr.take().expect("stderr"));
     let mut states = Vec::new();
     let mut next_state = async || -> String {
         loop {
-            let line = tokio::time::timeout(Duration::from_secs(10), err.next_line())
-                .await
-                .expect("stderr line in time")
-                .expect("read")
-                .expect("a line");
+            let line = err.next().await;
             let Ok(v) = serde_json::from_str::<Value>(&line) else {
                 continue;
             };
@@ -653,18 +595,15 @@ async fn the_agent_cli_prints_inbox_messages_as_json_lines() {
         states.push(next_state().await);
     }
     assert_eq!(states, vec!["connecting", "draining", "idle"]);
-    s.registered_and_offline("cli-agent").await;
+    registered_and_offline(&s, "cli-agent").await;
     for n in 1..=2 {
-        s.post_inbox("cli-agent", json!({"n":n})).await;
+        s.api
+            .post_inbox("cli-agent", "notice", json!({"n":n}))
+            .await;
     }
     let mut seqs = Vec::new();
     while seqs.len() < 2 {
-        let line = tokio::time::timeout(Duration::from_secs(10), out.next_line())
-            .await
-            .expect("stdout line in time")
-            .expect("read")
-            .expect("a line");
-        let v: Value = serde_json::from_str(&line).expect("one JSON object per line");
+        let v = out.next_json().await;
         assert_eq!(v["event"], "inbox");
         assert_eq!(v["type"], "notice");
         let seq = v["seq"].as_u64().expect("seq");
@@ -673,67 +612,32 @@ async fn the_agent_cli_prints_inbox_messages_as_json_lines() {
         seqs.push(seq);
     }
     assert_eq!(seqs, vec![1, 2]);
-    s.eventually("the acks to land", || async {
-        s.terminal("cli-agent").await["inbox"]["acked"] == json!(2)
+    eventually("the acks to land", || async {
+        s.api.terminal("cli-agent").await["inbox"]["acked"] == json!(2)
     })
     .await;
     let _ = child.kill().await;
-    s.running.shutdown().await;
+    s.shutdown().await;
 }
 
-/// A raw sleeping terminal (UDP only) to probe the server's wake schedule directly.
-struct RawSleeper {
-    udp: tokio::net::UdpSocket,
-    key: WakeKey,
+/// A plain SDK client of `s` as `sub` (the app in the foreground, say), once connected.
+async fn connected_client(s: &TestServer, sub: &str) -> (Client, Events) {
+    let (client, mut events) = Client::connect(config(s, sub).client).expect("client");
+    loop {
+        let e = next_event(&mut events, Instant::now() + PATIENCE, "connected").await;
+        if let Event::Connected { .. } = e {
+            return (client, events);
+        }
+    }
 }
 
-impl RawSleeper {
-    async fn new(s: &Server, id: &str) -> RawSleeper {
-        let (client, mut events) = Client::connect(config(s, id).client).expect("client");
-        loop {
-            let e = tokio::time::timeout(PATIENCE, events.recv())
-                .await
-                .expect("connected in time");
-            if let Some(Event::Connected { .. }) = e {
-                break;
-            }
-        }
-        let key = WakeKey::from_base64(&client.session().expect("session").wake_key).expect("key");
-        client.close().await;
-        RawSleeper {
-            udp: tokio::net::UdpSocket::bind("127.0.0.1:0")
-                .await
-                .expect("udp"),
-            key,
-        }
-    }
-
-    async fn keepalive(&self, s: &Server, id: &str) {
-        let d = livepush_proto::wake::Keepalive::encode(
-            id,
-            now_ms(),
-            &self.key,
-            livepush_proto::wake::KEEPALIVE_PAD_TO,
-        );
-        self.udp
-            .send_to(&d, s.running.wake_addr().expect("wake listener"))
-            .await
-            .expect("send");
-    }
-
-    async fn wake(&self, wait: Duration) -> Option<Wake> {
-        let mut buf = [0u8; 512];
-        let deadline = Instant::now() + wait;
-        loop {
-            let (n, _) = tokio::time::timeout_at(deadline, self.udp.recv_from(&mut buf))
-                .await
-                .ok()?
-                .expect("recv");
-            if let Ok(w) = Wake::verify(&buf[..n], &self.key) {
-                return Some(w);
-            }
-        }
-    }
+/// A raw sleeping terminal (UDP only) to probe the server's wake schedule directly: `id`
+/// connects once to learn its wake key, then leaves.
+async fn raw_sleeper(s: &TestServer, id: &str) -> WakeSocket {
+    let (client, _events) = connected_client(s, id).await;
+    let key = WakeKey::from_base64(&client.session().expect("session").wake_key).expect("key");
+    client.close().await;
+    WakeSocket::bind(key).await
 }
 
 /// Contract: "A terminal that goes offline while inbox messages are still unacked is woken
@@ -742,32 +646,31 @@ impl RawSleeper {
 /// before acking.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_woken_terminal_that_drops_before_acking_is_woken_again() {
-    let s = Server::start().await;
-    let sleeper = RawSleeper::new(&s, "dropper").await;
-    sleeper.keepalive(&s, "dropper").await;
-    s.registered_and_offline("dropper").await;
+    let s = server().await;
+    let sleeper = raw_sleeper(&s, "dropper").await;
+    let wake_addr = s.running.wake_addr().expect("wake listener");
+    sleeper.keepalive(wake_addr, "dropper").await;
+    registered_and_offline(&s, "dropper").await;
     assert_eq!(
-        s.post_inbox("dropper", json!({"n":1})).await["wake"],
+        s.api.post_inbox("dropper", "notice", json!({"n":1})).await["wake"],
         "sent"
     );
     assert!(sleeper.wake(PATIENCE).await.is_some());
     let (client, mut events) = Client::connect(config(&s, "dropper").client).expect("client");
     loop {
-        let e = tokio::time::timeout(PATIENCE, events.recv())
-            .await
-            .expect("inbox in time");
-        if let Some(Event::Inbox(m)) = e {
+        let e = next_event(&mut events, Instant::now() + PATIENCE, "inbox").await;
+        if let Event::Inbox(m) = e {
             assert_eq!(m.seq, 1);
             break;
         }
     }
     // Stay connected until the server's wake episode has seen the session and ended.
-    s.eventually("the wake episode to end", || async {
+    eventually("the wake episode to end", || async {
         sleeper.wake(Duration::from_millis(300)).await.is_none()
     })
     .await;
     client.close().await;
-    assert_eq!(s.terminal("dropper").await["inbox"]["acked"], 0);
+    assert_eq!(s.api.terminal("dropper").await["inbox"]["acked"], 0);
     let w = sleeper.wake(Duration::from_secs(3)).await;
     assert!(w.is_some(), "not woken again for the unacked message 1");
 }

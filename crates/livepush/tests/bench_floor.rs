@@ -1,16 +1,15 @@
 //! `livepush bench floor` end to end: the real binary, its reader child process, real
 //! loopback sockets, small numbers.
 
+mod support;
+
 use std::time::Duration;
 
-use tokio::process::Command;
+use support::process::livepush;
 
+/// `livepush bench floor` with `args`, run to the end (60 s at most).
 async fn floor(args: &[&str]) -> std::process::Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_livepush"))
-        .args(["bench", "floor"])
-        .args(args)
-        .kill_on_drop(true)
-        .output();
+    let out = livepush().args(["bench", "floor"]).args(args).output();
     tokio::time::timeout(Duration::from_secs(60), out)
         .await
         .expect("bench floor finished within 60 s")

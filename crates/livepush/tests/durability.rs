@@ -1,6 +1,8 @@
 //! The real `livepush serve` process with a data directory: restarts, `kill -9` during a
 //! publish storm, and a corrupt store.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -8,19 +10,24 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use livepush_proto::wake::WakeKey;
 use livepush_proto::{ServerFrame, split_frames};
 use serde_json::{Value, json};
+use support::wake::WakeSocket;
+use support::{Api, KEY, PATIENCE, SECRET, token, wait_for};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-const KEY: &str = "durability-test-key";
-const SECRET: &str = "durability-test-secret-0123456789";
-
+/// A `livepush serve` process on 127.0.0.1:0 with a data directory.
 struct Server {
     child: Child,
-    url: String,
+    api: Api,
 }
 
 impl Server {
+    /// Starts the server on `data_dir` and waits for its `listening on` line.
     fn spawn(data_dir: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_livepush"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -48,7 +55,20 @@ impl Server {
             .strip_prefix("livepush listening on ")
             .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
             .to_owned();
-        Server { child, url }
+        Server {
+            child,
+            api: Api::new(url),
+        }
+    }
+
+    fn url(&self) -> &str {
+        &self.api.url
+    }
+
+    /// The wake listener: UDP on the HTTP port.
+    fn wake_addr(&self) -> std::net::SocketAddr {
+        let addr = self.url().trim_start_matches("http://");
+        addr.parse().expect("addr")
     }
 
     fn kill9(mut self) {
@@ -74,9 +94,11 @@ impl Drop for Server {
     }
 }
 
-async fn publish(http: &reqwest::Client, url: &str, room: &str, body: Value) -> Option<Value> {
-    let r = http
-        .post(format!("{url}/v1/rooms/{room}/messages"))
+/// Publishes `body` to `room`; `None` when it was not accepted (the server may be dying).
+async fn try_publish(api: &Api, room: &str, body: Value) -> Option<Value> {
+    let r = api
+        .http
+        .post(format!("{}/v1/rooms/{room}/messages", api.url))
         .bearer_auth(KEY)
         .json(&body)
         .send()
@@ -88,40 +110,22 @@ async fn publish(http: &reqwest::Client, url: &str, room: &str, body: Value) -> 
     r.json().await.ok()
 }
 
-/// `GET url` with the API key, as JSON.
-async fn get_json(http: &reqwest::Client, url: &str) -> Value {
-    http.get(url)
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json")
-}
-
-async fn publish_gifts(
-    http: &reqwest::Client,
-    url: &str,
-    room: &str,
-    ns: std::ops::RangeInclusive<u64>,
-) {
+async fn publish_gifts(api: &Api, room: &str, ns: std::ops::RangeInclusive<u64>) {
     for n in ns {
-        publish(http, url, room, json!({"type":"gift","data":{"n":n}}))
-            .await
-            .expect("publish");
+        api.publish(room, "gift", json!({"n":n})).await;
     }
 }
 
-async fn history(http: &reqwest::Client, url: &str, room: &str) -> (String, u64, Vec<Value>) {
+/// The whole of `room`'s history, page by page: its epoch, latest seq and messages.
+async fn history(api: &Api, room: &str) -> (String, u64, Vec<Value>) {
     let mut since = 0;
     let mut all = Vec::new();
     loop {
-        let h: Value = get_json(
-            http,
-            &format!("{url}/v1/rooms/{room}/history?since={since}&limit=1000"),
-        )
-        .await;
+        let h = api
+            .get(&format!(
+                "/v1/rooms/{room}/history?since={since}&limit=1000"
+            ))
+            .await;
         let msgs = h["messages"].as_array().cloned().unwrap_or_default();
         let latest = h["seq"].as_u64().expect("seq");
         if msgs.is_empty() {
@@ -132,40 +136,57 @@ async fn history(http: &reqwest::Client, url: &str, room: &str) -> (String, u64,
     }
 }
 
-fn token(sub: &str) -> String {
-    livepush_server::auth::TokenKeys::new(SECRET)
-        .mint(&livepush_server::auth::Claims {
-            sub: sub.into(),
-            exp: livepush_server::auth::now_secs() + 600,
-            rooms: vec!["*".into()],
-            send: false,
-        })
-        .expect("token")
+/// A raw WebSocket terminal of a spawned server: frames as the server sends them, no SDK.
+struct Ws(WebSocketStream<MaybeTlsStream<TcpStream>>);
+
+impl Ws {
+    /// Connects to the server at `url` and sends `connect` with a token for `sub`.
+    async fn connect(url: &str, sub: &str) -> Ws {
+        let ws_url = format!("{}/v1/connect", url.replacen("http", "ws", 1));
+        let (ws, _) = tokio_tungstenite::connect_async(ws_url).await.expect("ws");
+        let mut ws = Ws(ws);
+        ws.send(json!({"op":"connect","token":token(sub, &["*"], false)}))
+            .await;
+        ws
+    }
+
+    async fn send(&mut self, frame: Value) {
+        self.0
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .expect("send");
+    }
+
+    async fn close(mut self) {
+        let _ = self.0.close(None).await;
+    }
+
+    /// The frames of the next text message (a batch), within 10 s.
+    async fn frames(&mut self) -> Vec<ServerFrame> {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), self.0.next())
+                .await
+                .expect("frame in time")
+                .expect("open")
+                .expect("ok");
+            let Message::Text(t) = m else { continue };
+            return split_frames(t.as_str())
+                .map(|line| ServerFrame::parse(line).expect("frame"))
+                .collect();
+        }
+    }
 }
 
 /// Join `room` from `(epoch, seq)` and collect `joined` plus the replayed seqs.
 async fn resume(url: &str, room: &str, epoch: &str, seq: u64, expect: usize) -> (bool, Vec<u64>) {
-    let ws_url = format!("{}/v1/connect", url.replacen("http", "ws", 1));
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.expect("ws");
-    let hello = json!({"op":"connect","token":token("resumer")});
-    ws.send(Message::Text(hello.to_string().into()))
-        .await
-        .expect("send");
-    let join = json!({"op":"join","room":room,"since":{"epoch":epoch,"seq":seq}});
-    ws.send(Message::Text(join.to_string().into()))
-        .await
-        .expect("send");
+    let mut ws = Ws::connect(url, "resumer").await;
+    ws.send(json!({"op":"join","room":room,"since":{"epoch":epoch,"seq":seq}}))
+        .await;
     let mut recovered = None;
     let mut seqs = Vec::new();
     while recovered.is_none() || seqs.len() < expect {
-        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("frame in time")
-            .expect("open")
-            .expect("ok");
-        let Message::Text(t) = m else { continue };
-        for line in split_frames(t.as_str()) {
-            match ServerFrame::parse(line).expect("frame") {
+        for frame in ws.frames().await {
+            match frame {
                 ServerFrame::Joined {
                     recovered: r,
                     epoch: e,
@@ -179,10 +200,8 @@ async fn resume(url: &str, room: &str, epoch: &str, seq: u64, expect: usize) -> 
                 // page, as a client does.
                 ServerFrame::Prompt { .. } => {
                     let since = seqs.last().copied().unwrap_or(seq);
-                    let pull = json!({"op":"pull","room":room,"since":since});
-                    ws.send(Message::Text(pull.to_string().into()))
-                        .await
-                        .expect("send");
+                    ws.send(json!({"op":"pull","room":room,"since":since}))
+                        .await;
                 }
                 ServerFrame::Pulled {
                     messages,
@@ -192,10 +211,7 @@ async fn resume(url: &str, room: &str, epoch: &str, seq: u64, expect: usize) -> 
                     seqs.extend(messages.iter().filter_map(|m| m.seq));
                     let last = seqs.last().copied().unwrap_or(seq);
                     if last < latest {
-                        let pull = json!({"op":"pull","room":room,"since":last});
-                        ws.send(Message::Text(pull.to_string().into()))
-                            .await
-                            .expect("send");
+                        ws.send(json!({"op":"pull","room":room,"since":last})).await;
                     }
                 }
                 _ => {}
@@ -212,20 +228,17 @@ type Answered = (String, u64, String, u64, u64);
 async fn kill_9_during_a_publish_storm_loses_no_answered_message() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::spawn(dir.path(), &["--durability", "batch"]);
-    let url = server.url.clone();
-    let http = reqwest::Client::new();
     let answered: Arc<Mutex<Vec<Answered>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
     for task in 0..6u64 {
-        let (http, url, answered, stop) =
-            (http.clone(), url.clone(), answered.clone(), stop.clone());
+        let (api, answered, stop) = (server.api.clone(), answered.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let room = format!("storm{}", n % 2);
                 let body = json!({"type":"gift","data":{"task":task,"n":n}});
-                match publish(&http, &url, &room, body).await {
+                match try_publish(&api, &room, body).await {
                     Some(a) => answered.lock().expect("lock").push((
                         room,
                         a["seq"].as_u64().expect("seq"),
@@ -259,7 +272,7 @@ async fn kill_9_during_a_publish_storm_loses_no_answered_message() {
 
     let server = Server::spawn(dir.path(), &["--durability", "batch"]);
     for room in ["storm0", "storm1"] {
-        let (epoch, latest, msgs) = history(&http, &server.url, room).await;
+        let (epoch, latest, msgs) = history(&server.api, room).await;
         let seqs: Vec<u64> = msgs
             .iter()
             .map(|m| m["seq"].as_u64().expect("seq"))
@@ -278,7 +291,7 @@ async fn kill_9_during_a_publish_storm_loses_no_answered_message() {
         // A terminal that had seen up to some answered seq resumes with exactly the rest.
         let from = mine.iter().map(|a| a.1).min().expect("some answered") + 3;
         let missing = (latest - from) as usize;
-        let (recovered, replay) = resume(&server.url, room, &epoch, from, missing).await;
+        let (recovered, replay) = resume(server.url(), room, &epoch, from, missing).await;
         assert!(recovered);
         assert_eq!(replay, (from + 1..=latest).collect::<Vec<_>>());
     }
@@ -288,51 +301,23 @@ async fn kill_9_during_a_publish_storm_loses_no_answered_message() {
 #[tokio::test]
 async fn restart_keeps_seq_epoch_history_and_room_state() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let http = reqwest::Client::new();
     let server = Server::spawn(dir.path(), &[]);
-    let first = publish(
-        &http,
-        &server.url,
-        "keep",
-        json!({"type":"gift","data":{"n":1}}),
-    )
-    .await
-    .expect("publish");
-    publish(
-        &http,
-        &server.url,
-        "keep",
-        json!({"type":"control","data":{"action":"mute"}}),
-    )
-    .await
-    .expect("mute");
-    publish(
-        &http,
-        &server.url,
-        "shut",
-        json!({"type":"control","data":{"action":"close"}}),
-    )
-    .await
-    .expect("close");
+    let first = server.api.publish("keep", "gift", json!({"n":1})).await;
+    let (mute, close) = (json!({"action":"mute"}), json!({"action":"close"}));
+    server.api.publish("keep", "control", mute).await;
+    server.api.publish("shut", "control", close).await;
     server.stop();
 
     let server = Server::spawn(dir.path(), &[]);
-    let info: Value = get_json(&http, &format!("{}/v1/rooms/keep", server.url)).await;
+    let info = server.api.room("keep").await;
     assert_eq!(info["epoch"], first["epoch"]);
     assert_eq!(info["seq"], 2);
     assert_eq!(info["muted"], true);
-    let shut: Value = get_json(&http, &format!("{}/v1/rooms/shut", server.url)).await;
+    let shut = server.api.room("shut").await;
     assert_eq!(shut["closed"], true);
-    let next = publish(
-        &http,
-        &server.url,
-        "keep",
-        json!({"type":"gift","data":{"n":3}}),
-    )
-    .await
-    .expect("publish");
+    let next = server.api.publish("keep", "gift", json!({"n":3})).await;
     assert_eq!(next["seq"], 3);
-    let (_, _, msgs) = history(&http, &server.url, "keep").await;
+    let (_, _, msgs) = history(&server.api, "keep").await;
     assert_eq!(msgs.len(), 3);
     assert_eq!(msgs[0]["data"], json!({"n":1}));
     server.stop();
@@ -340,9 +325,7 @@ async fn restart_keeps_seq_epoch_history_and_room_state() {
     // A brand-new data directory is a new history: new epochs.
     let other = tempfile::tempdir().expect("tempdir");
     let server = Server::spawn(other.path(), &[]);
-    let fresh = publish(&http, &server.url, "keep", json!({"type":"gift","data":{}}))
-        .await
-        .expect("publish");
+    let fresh = server.api.publish("keep", "gift", json!({})).await;
     assert_ne!(fresh["epoch"], first["epoch"]);
     assert_eq!(fresh["seq"], 1);
 }
@@ -370,9 +353,11 @@ fn corrupt_store_stops_the_server_with_a_clear_message() {
     assert_eq!(std::fs::read(&file).expect("read").len(), 64 * 1024);
 }
 
-async fn poll(http: &reqwest::Client, url: &str, body: Value) -> Vec<Value> {
-    let v: Value = http
-        .post(format!("{url}/v1/poll"))
+/// One `POST /v1/poll` (no API key: the terminal's token is in `body`); its frames.
+async fn poll(api: &Api, body: Value) -> Vec<Value> {
+    let v: Value = api
+        .http
+        .post(format!("{}/v1/poll", api.url))
         .json(&body)
         .send()
         .await
@@ -388,22 +373,19 @@ async fn poll(http: &reqwest::Client, url: &str, body: Value) -> Vec<Value> {
 #[tokio::test]
 async fn long_polls_continue_across_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let http = reqwest::Client::new();
     let server = Server::spawn(dir.path(), &[]);
-    let token = token("poller");
+    let token = token("poller", &["*"], false);
     let hello = poll(
-        &http,
-        &server.url,
+        &server.api,
         json!({"token":token,"hello":true,"rooms":{"live:lp":{}},"wait_ms":1000}),
     )
     .await;
     assert_eq!(hello[0]["op"], "connected");
     assert_eq!(hello[1]["op"], "joined");
     let epoch = hello[1]["epoch"].as_str().expect("epoch").to_owned();
-    publish_gifts(&http, &server.url, "live:lp", 1..=3).await;
+    publish_gifts(&server.api, "live:lp", 1..=3).await;
     let got = poll(
-        &http,
-        &server.url,
+        &server.api,
         json!({"token":token,"rooms":{"live:lp":{"epoch":epoch,"seq":0}},"wait_ms":1000}),
     )
     .await;
@@ -412,10 +394,9 @@ async fn long_polls_continue_across_a_restart() {
     server.kill9();
 
     let server = Server::spawn(dir.path(), &[]);
-    publish_gifts(&http, &server.url, "live:lp", 4..=5).await;
+    publish_gifts(&server.api, "live:lp", 4..=5).await;
     let got = poll(
-        &http,
-        &server.url,
+        &server.api,
         json!({"token":token,"rooms":{"live:lp":{"epoch":epoch,"seq":3}},"wait_ms":1000}),
     )
     .await;
@@ -428,125 +409,54 @@ async fn long_polls_continue_across_a_restart() {
 }
 
 /// Connect once over WebSocket to learn the terminal's wake key.
-async fn wake_key(url: &str, sub: &str) -> livepush_proto::wake::WakeKey {
-    let ws_url = format!("{}/v1/connect", url.replacen("http", "ws", 1));
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.expect("ws");
-    let hello = json!({"op":"connect","token":token(sub)});
-    ws.send(Message::Text(hello.to_string().into()))
-        .await
-        .expect("send");
+async fn wake_key(url: &str, sub: &str) -> WakeKey {
+    let mut ws = Ws::connect(url, sub).await;
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("frame in time")
-            .expect("open")
-            .expect("ok");
-        let Message::Text(t) = m else { continue };
-        for line in split_frames(t.as_str()) {
-            if let ServerFrame::Connected { wake_key, .. } =
-                ServerFrame::parse(line).expect("frame")
-            {
-                let _ = ws.close(None).await;
-                return livepush_proto::wake::WakeKey::from_base64(&wake_key).expect("key");
+        for frame in ws.frames().await {
+            if let ServerFrame::Connected { wake_key, .. } = frame {
+                ws.close().await;
+                return WakeKey::from_base64(&wake_key).expect("key");
             }
-        }
-    }
-}
-
-fn udp_addr(url: &str) -> std::net::SocketAddr {
-    url.trim_start_matches("http://").parse().expect("addr")
-}
-
-async fn wait_wake(
-    udp: &tokio::net::UdpSocket,
-    key: &livepush_proto::wake::WakeKey,
-) -> livepush_proto::wake::Wake {
-    let mut buf = [0u8; 512];
-    loop {
-        let (n, _) = tokio::time::timeout(Duration::from_secs(5), udp.recv_from(&mut buf))
-            .await
-            .expect("a wake datagram in time")
-            .expect("recv");
-        if let Ok(w) = livepush_proto::wake::Wake::verify(&buf[..n], key) {
-            return w;
         }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inboxes_and_wake_registrations_survive_kill_9() {
-    use livepush_proto::wake::{KEEPALIVE_PAD_TO, Keepalive};
     let dir = tempfile::tempdir().expect("tempdir");
-    let http = reqwest::Client::new();
     let server = Server::spawn(dir.path(), &[]);
-    let key = wake_key(&server.url, "settop").await;
-    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("udp");
-    let ka = Keepalive::encode(
-        "settop",
-        livepush_server::auth::now_ms(),
-        &key,
-        KEEPALIVE_PAD_TO,
-    );
-    udp.send_to(&ka, udp_addr(&server.url))
-        .await
-        .expect("keepalive");
-    let mut registered = false;
-    for _ in 0..200 {
-        let t: Value = get_json(&http, &format!("{}/v1/terminals/settop", server.url)).await;
-        if t["wake"]["registered"] == json!(true) {
-            registered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(registered);
+    let key = wake_key(server.url(), "settop").await;
+    let udp = WakeSocket::bind(key).await;
+    udp.keepalive(server.wake_addr(), "settop").await;
+    wait_for(
+        "the wake registration",
+        Instant::now() + PATIENCE,
+        Duration::from_millis(20),
+        || server.api.terminal("settop"),
+        |t| t["wake"]["registered"] == json!(true),
+    )
+    .await;
     let mut answered = Vec::new();
     for n in 1..=5 {
-        let r: Value = http
-            .post(format!("{}/v1/terminals/settop/messages", server.url))
-            .bearer_auth(KEY)
-            .json(&json!({"type":"cmd","data":{"n":n}}))
-            .send()
-            .await
-            .expect("post")
-            .json()
-            .await
-            .expect("json");
+        let r = server.api.post_inbox("settop", "cmd", json!({"n":n})).await;
         assert_eq!(r["wake"], "sent", "{r}");
         answered.push(r["seq"].as_u64().expect("seq"));
     }
     server.kill9();
     // Forget the wakes the first server sent.
-    let mut buf = [0u8; 512];
-    while tokio::time::timeout(Duration::from_millis(200), udp.recv_from(&mut buf))
-        .await
-        .is_ok()
-    {}
+    while udp.wake(Duration::from_millis(200)).await.is_some() {}
 
     // After the restart the server still knows where to wake the terminal, and does so for
     // the messages waiting, without a new post.
     let server = Server::spawn(dir.path(), &[]);
-    let w = wait_wake(&udp, &key).await;
+    let w = udp.wake(PATIENCE).await.expect("a wake datagram in time");
     assert_eq!((w.terminal.as_str(), w.inbox), ("settop", 5));
     // The terminal connects and finds every answered message.
-    let ws_url = format!("{}/v1/connect", server.url.replacen("http", "ws", 1));
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.expect("ws");
-    let hello = json!({"op":"connect","token":token("settop")});
-    ws.send(Message::Text(hello.to_string().into()))
-        .await
-        .expect("send");
+    let mut ws = Ws::connect(server.url(), "settop").await;
     let mut got = Vec::new();
     while got.len() < answered.len() {
-        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("frame in time")
-            .expect("open")
-            .expect("ok");
-        let Message::Text(t) = m else { continue };
-        for line in split_frames(t.as_str()) {
-            if let ServerFrame::Inbox { seq, data, .. } = ServerFrame::parse(line).expect("frame") {
+        for frame in ws.frames().await {
+            if let ServerFrame::Inbox { seq, data, .. } = frame {
                 assert_eq!(data, json!({"n": seq}));
                 got.push(seq);
             }

@@ -3,165 +3,36 @@
 //! And long-polling as contract v1.1 has it: a client behind the history skips what is gone
 //! once (decision 4), and a closing client leaves at once with `bye` (decision 5).
 
+mod support;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use livepush_client::{
     Client, ClientConfig, ClientError, Event, Events, Position, Transport, TransportMode,
 };
-use livepush_server::Config;
-use livepush_server::auth::{Claims, TokenKeys, now_secs};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use support::proxy::Proxy;
+use support::{Api, TestServer, next_event, token, wait_until};
 use tokio::time::{Instant, timeout_at};
 
-const KEY: &str = "sdk-fallback-key";
-const SECRET: &str = "sdk-fallback-secret-0123456789";
-
-/// A TCP proxy that looks at the first request of each connection: it can refuse WebSocket
-/// upgrades with `400` (as a proxy that does not do WebSocket), answer the next connection's
-/// request with `502`, and cut every live connection (no close frame, no HTTP answer).
-#[derive(Clone, Default)]
-struct Proxy {
-    conns: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
-    refuse_ws: Arc<AtomicBool>,
-    /// Upgrades refused so far.
-    refused: Arc<AtomicUsize>,
-    fail_next: Arc<AtomicBool>,
-    /// Requests answered with 502 so far.
-    failed: Arc<AtomicUsize>,
-}
-
-impl Proxy {
-    async fn start(upstream: std::net::SocketAddr, refuse_ws: bool) -> (Proxy, String) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let proxy = Proxy::default();
-        proxy.refuse_ws.store(refuse_ws, Ordering::SeqCst);
-        let p = proxy.clone();
-        tokio::spawn(async move {
-            while let Ok((down, _)) = listener.accept().await {
-                let task = tokio::spawn(p.clone().serve(down, upstream));
-                let mut conns = p.conns.lock().expect("lock");
-                conns.retain(|t| !t.is_finished());
-                conns.push(task);
-            }
-        });
-        (proxy, format!("http://{addr}"))
-    }
-
-    async fn serve(self, mut down: TcpStream, upstream: std::net::SocketAddr) {
-        // The request head (and whatever body bytes came with it).
-        let mut head = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match down.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-            if head.len() > 64 * 1024 {
-                return;
-            }
-        }
-        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-        if self.refuse_ws.load(Ordering::SeqCst) && text.contains("upgrade: websocket") {
-            self.refused.fetch_add(1, Ordering::SeqCst);
-            let body = r#"{"error":"bad_request","message":"no websockets here"}"#;
-            let answer = format!(
-                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = down.write_all(answer.as_bytes()).await;
-            return;
-        }
-        if self.fail_next.swap(false, Ordering::SeqCst) {
-            self.failed.fetch_add(1, Ordering::SeqCst);
-            let _ = down
-                .write_all(
-                    b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-                )
-                .await;
-            return;
-        }
-        let Ok(mut up) = TcpStream::connect(upstream).await else {
-            return;
-        };
-        if up.write_all(&head).await.is_err() {
-            return;
-        }
-        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-    }
-
-    /// Drop every live connection abruptly.
-    fn cut(&self) {
-        for t in self.conns.lock().expect("lock").drain(..) {
-            t.abort();
-        }
-    }
-}
-
-fn token(sub: &str, send: bool) -> String {
-    TokenKeys::new(SECRET)
-        .mint(&Claims {
-            sub: sub.into(),
-            exp: now_secs() + 600,
-            rooms: vec!["live:*".into()],
-            send,
-        })
-        .expect("token")
-}
-
-async fn publish(http: &reqwest::Client, url: &str, room: &str, ty: &str, data: Value) {
-    let r = http
-        .post(format!("{url}/v1/rooms/{room}/messages"))
-        .bearer_auth(KEY)
-        .json(&json!({"type": ty, "data": data}))
-        .send()
-        .await
-        .expect("publish");
-    assert!(r.status().is_success(), "{:?}", r.text().await);
-}
-
-/// `GET url` with the API key, as JSON.
-async fn get_json(http: &reqwest::Client, url: &str) -> Value {
-    http.get(url)
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .expect("GET")
-        .json()
-        .await
-        .expect("JSON")
-}
-
 /// The epoch of `room`.
-async fn room_epoch(http: &reqwest::Client, url: &str, room: &str) -> String {
-    let info = get_json(http, &format!("{url}/v1/rooms/{room}")).await;
+async fn room_epoch(api: &Api, room: &str) -> String {
+    let info = api.room(room).await;
     info["epoch"].as_str().expect("epoch").to_owned()
 }
 
 fn client_config(server: String, sub: &str, transport: TransportMode) -> ClientConfig {
     ClientConfig {
         server,
-        token: Some(token(sub, true)),
+        token: Some(token(sub, &["live:*"], true)),
         transport,
         backoff_base: Duration::from_millis(20),
         backoff_max: Duration::from_millis(200),
         connect_timeout: Duration::from_secs(2),
         ..ClientConfig::default()
     }
-}
-
-/// The next event, failing the test at `deadline` (also when events keep coming).
-async fn next(events: &mut Events, deadline: Instant, what: &str) -> Event {
-    assert!(Instant::now() < deadline, "timed out waiting for {what}");
-    timeout_at(deadline, events.recv())
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-        .expect("event stream open")
 }
 
 /// What a test saw on a client's event stream.
@@ -201,10 +72,9 @@ impl Seen {
 async fn refused_websocket_falls_back_to_long_polling() {
     const ROOM: &str = "live:lp";
     const TOTAL: u64 = 200;
-    let server = livepush_server::start(Config::for_tests(KEY, SECRET))
-        .await
-        .expect("server");
-    let (proxy, proxy_url) = Proxy::start(server.addr(), true).await;
+    let server = TestServer::start().await;
+    let proxy = Proxy::start(server.addr()).await;
+    proxy.refuse_websocket();
     let deadline = Instant::now() + Duration::from_secs(20);
 
     // Another terminal, on WebSocket straight to the server, to see the long-poller's chat.
@@ -219,13 +89,13 @@ async fn refused_websocket_falls_back_to_long_polling() {
     let (client, mut events) = Client::connect(ClientConfig {
         ws_retry_after: Duration::from_millis(700),
         poll_wait: Duration::from_secs(5),
-        ..client_config(proxy_url, "poller", TransportMode::Auto)
+        ..client_config(proxy.url(), "poller", TransportMode::Auto)
     })
     .expect("client");
     client.join(ROOM, None).await.expect("join");
     let mut seen = Seen::default();
     loop {
-        let e = next(&mut events, deadline, "the long-poll join").await;
+        let e = next_event(&mut events, deadline, "the long-poll join").await;
         seen.record(&e);
         if matches!(e, Event::Joined { .. }) {
             break;
@@ -233,9 +103,10 @@ async fn refused_websocket_falls_back_to_long_polling() {
     }
     assert_eq!(seen.connected, vec![Transport::Longpoll]);
     assert_eq!(client.transport(), Some(Transport::Longpoll));
-    assert!(proxy.refused.load(Ordering::SeqCst) >= 1);
+    assert!(proxy.refused() >= 1);
     loop {
-        if let Event::Joined { .. } = next(&mut watcher_events, deadline, "the watcher").await {
+        if let Event::Joined { .. } = next_event(&mut watcher_events, deadline, "the watcher").await
+        {
             break;
         }
     }
@@ -253,7 +124,7 @@ async fn refused_websocket_falls_back_to_long_polling() {
         started.elapsed()
     );
     loop {
-        match next(&mut watcher_events, deadline, "the chat").await {
+        match next_event(&mut watcher_events, deadline, "the chat").await {
             Event::Transient(m) => {
                 assert_eq!(m.data, json!({"text": "from a long-poller"}));
                 break;
@@ -264,18 +135,16 @@ async fn refused_websocket_falls_back_to_long_polling() {
     }
 
     // 200 reliable messages; one poll is cut mid-way, then the reconnect gets a 502.
-    let http = reqwest::Client::new();
-    let url = server.url();
     let publisher = {
-        let proxy = proxy.clone();
+        let (api, proxy) = (server.api.clone(), proxy.clone());
         tokio::spawn(async move {
             for n in 1..=TOTAL {
-                publish(&http, &url, ROOM, "gift", json!({"n": n})).await;
+                api.publish(ROOM, "gift", json!({"n": n})).await;
                 if n == 60 {
                     proxy.cut();
                 }
                 if n == 130 {
-                    proxy.fail_next.store(true, Ordering::SeqCst);
+                    proxy.fail_next_request();
                     proxy.cut();
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -283,7 +152,7 @@ async fn refused_websocket_falls_back_to_long_polling() {
         })
     };
     while seen.seqs.len() < TOTAL as usize {
-        let e = next(&mut events, deadline, "all reliable messages").await;
+        let e = next_event(&mut events, deadline, "all reliable messages").await;
         seen.record(&e);
     }
     publisher.await.expect("publisher");
@@ -293,29 +162,24 @@ async fn refused_websocket_falls_back_to_long_polling() {
         "each once, in order"
     );
     assert!(seen.disconnects >= 1, "the cut ended a poll: {seen:?}");
-    assert_eq!(
-        proxy.failed.load(Ordering::SeqCst),
-        1,
-        "one request got 502"
-    );
+    assert_eq!(proxy.failed(), 1, "one request got 502");
     assert!(
         seen.connected.iter().all(|t| *t == Transport::Longpoll) && seen.connected.len() >= 2,
         "{:?}",
         seen.connected
     );
     assert!(
-        proxy.refused.load(Ordering::SeqCst) >= 2,
+        proxy.refused() >= 2,
         "WebSocket is tried again after ws_retry_after"
     );
 
     // Transient messages arrive while long-polling (published until one is seen: a transient
     // published between two polls is legitimately missed).
-    let http = reqwest::Client::new();
     let mut i = 0;
     let published_seen = |seen: &Seen| seen.transients.iter().any(|t| t["i"].is_u64());
     while !published_seen(&seen) {
         i += 1;
-        publish(&http, &server.url(), ROOM, "chat", json!({"i": i})).await;
+        server.api.publish(ROOM, "chat", json!({"i": i})).await;
         let until = (Instant::now() + Duration::from_millis(300)).min(deadline);
         while let Ok(Some(e)) = timeout_at(until, events.recv()).await {
             seen.record(&e);
@@ -343,19 +207,20 @@ async fn refused_websocket_falls_back_to_long_polling() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_websocket_moves_to_long_polling_and_back() {
     const ROOM: &str = "live:flap";
-    let mut config = Config::for_tests(KEY, SECRET);
-    config.flap_threshold = 1;
-    config.flap_longpoll_for = Duration::from_secs(2);
-    let server = livepush_server::start(config).await.expect("server");
-    let (proxy, proxy_url) = Proxy::start(server.addr(), false).await;
+    let server = TestServer::with(|c| {
+        c.flap_threshold = 1;
+        c.flap_longpoll_for = Duration::from_secs(2);
+    })
+    .await;
+    let proxy = Proxy::start(server.addr()).await;
     let deadline = Instant::now() + Duration::from_secs(20);
 
     let (client, mut events) =
-        Client::connect(client_config(proxy_url, "flappy", TransportMode::Auto)).expect("client");
+        Client::connect(client_config(proxy.url(), "flappy", TransportMode::Auto)).expect("client");
     client.join(ROOM, None).await.expect("join");
     let mut seen = Seen::default();
     loop {
-        let e = next(&mut events, deadline, "the join").await;
+        let e = next_event(&mut events, deadline, "the join").await;
         seen.record(&e);
         if matches!(e, Event::Joined { .. }) {
             break;
@@ -367,14 +232,12 @@ async fn a_flapping_websocket_moves_to_long_polling_and_back() {
     let stop = Arc::new(AtomicBool::new(false));
     let published = Arc::new(AtomicU64::new(0));
     let publisher = {
-        let (stop, published) = (stop.clone(), published.clone());
-        let http = reqwest::Client::new();
-        let url = server.url();
+        let (stop, published, api) = (stop.clone(), published.clone(), server.api.clone());
         tokio::spawn(async move {
             let mut n = 0;
             while !stop.load(Ordering::SeqCst) {
                 n += 1;
-                publish(&http, &url, ROOM, "gift", json!({"n": n})).await;
+                api.publish(ROOM, "gift", json!({"n": n})).await;
                 published.store(n, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -393,7 +256,7 @@ async fn a_flapping_websocket_moves_to_long_polling_and_back() {
     let mut moved_at = None;
     let mut back_at = None;
     while back_at.is_none() {
-        let e = next(&mut events, deadline, "the move to long-polling and back").await;
+        let e = next_event(&mut events, deadline, "the move to long-polling and back").await;
         seen.record(&e);
         if let Event::Connected { transport, .. } = e {
             match (transport, moved_at) {
@@ -418,7 +281,7 @@ async fn a_flapping_websocket_moves_to_long_polling_and_back() {
     publisher.await.expect("publisher");
     let total = published.load(Ordering::SeqCst);
     while seen.seqs.len() < total as usize {
-        let e = next(&mut events, deadline, "all reliable messages").await;
+        let e = next_event(&mut events, deadline, "all reliable messages").await;
         seen.record(&e);
     }
     assert_eq!(
@@ -443,20 +306,17 @@ async fn a_flapping_websocket_moves_to_long_polling_and_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_receives_in_order_and_resumes() {
     const ROOM: &str = "live:sse";
-    let mut config = Config::for_tests(KEY, SECRET);
     // Small queues: a 100-message replay does not fit in one stream.
-    config.limits.outbox_frames = 16;
-    let server = livepush_server::start(config).await.expect("server");
-    let (proxy, proxy_url) = Proxy::start(server.addr(), false).await;
+    let server = TestServer::with(|c| c.limits.outbox_frames = 16).await;
+    let proxy = Proxy::start(server.addr()).await;
     let deadline = Instant::now() + Duration::from_secs(20);
-    let http = reqwest::Client::new();
     for n in 1..=100 {
-        publish(&http, &server.url(), ROOM, "gift", json!({"n": n})).await;
+        server.api.publish(ROOM, "gift", json!({"n": n})).await;
     }
-    let epoch = room_epoch(&http, &server.url(), ROOM).await;
+    let epoch = room_epoch(&server.api, ROOM).await;
 
     let (client, mut events) =
-        Client::connect(client_config(proxy_url, "sse", TransportMode::Sse)).expect("client");
+        Client::connect(client_config(proxy.url(), "sse", TransportMode::Sse)).expect("client");
     assert!(matches!(
         client.send(ROOM, "chat", json!({})).await,
         Err(ClientError::Unsupported(_))
@@ -471,7 +331,7 @@ async fn sse_receives_in_order_and_resumes() {
         .expect("join");
     let mut seen = Seen::default();
     while seen.seqs.len() < 100 {
-        let e = next(&mut events, deadline, "the replay").await;
+        let e = next_event(&mut events, deadline, "the replay").await;
         seen.record(&e);
     }
     assert!(
@@ -481,12 +341,11 @@ async fn sse_receives_in_order_and_resumes() {
     );
     assert!(seen.connected.iter().all(|t| *t == Transport::Sse));
 
-    let url = server.url();
     let publisher = {
-        let proxy = proxy.clone();
+        let (api, proxy) = (server.api.clone(), proxy.clone());
         tokio::spawn(async move {
             for n in 101..=200 {
-                publish(&http, &url, ROOM, "gift", json!({"n": n})).await;
+                api.publish(ROOM, "gift", json!({"n": n})).await;
                 if n == 150 {
                     proxy.cut();
                 }
@@ -495,7 +354,7 @@ async fn sse_receives_in_order_and_resumes() {
         })
     };
     while seen.seqs.len() < 200 {
-        let e = next(&mut events, deadline, "the live messages").await;
+        let e = next_event(&mut events, deadline, "the live messages").await;
         seen.record(&e);
     }
     publisher.await.expect("publisher");
@@ -516,22 +375,20 @@ async fn sse_receives_in_order_and_resumes() {
 /// like a refused WebSocket `connect` and stops the client after `auth_failure_limit`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_poll_keeps_the_dev_terminal_and_reports_refused_tokens() {
-    let mut config = Config::for_tests(KEY, SECRET);
-    config.dev = true;
-    let server = livepush_server::start(config).await.expect("server");
-    let (proxy, proxy_url) = Proxy::start(server.addr(), false).await;
+    let server = TestServer::with(|c| c.dev = true).await;
+    let proxy = Proxy::start(server.addr()).await;
     let deadline = Instant::now() + Duration::from_secs(10);
 
     let (client, mut events) = Client::connect(ClientConfig {
         token: None,
-        ..client_config(proxy_url.clone(), "unused", TransportMode::LongPoll)
+        ..client_config(proxy.url(), "unused", TransportMode::LongPoll)
     })
     .expect("client");
     client.join("live:dev", None).await.expect("join");
     let mut terminals = Vec::new();
     let mut joined = 0;
     while terminals.len() < 2 || joined < 2 {
-        match next(&mut events, deadline, "two long-poll sessions").await {
+        match next_event(&mut events, deadline, "two long-poll sessions").await {
             Event::Connected {
                 terminal,
                 transport,
@@ -554,11 +411,7 @@ async fn long_poll_keeps_the_dev_terminal_and_reports_refused_tokens() {
     }
     assert!(terminals[0].starts_with("anon-"), "{terminals:?}");
     assert_eq!(terminals[0], terminals[1], "the anonymous id is kept");
-    let list = get_json(
-        &reqwest::Client::new(),
-        &format!("{}/v1/terminals", server.url()),
-    )
-    .await;
+    let list = server.api.get("/v1/terminals").await;
     let anon = list["terminals"]
         .as_array()
         .expect("terminals")
@@ -575,11 +428,11 @@ async fn long_poll_keeps_the_dev_terminal_and_reports_refused_tokens() {
     let (client, mut events) = Client::connect(ClientConfig {
         token: Some("not-a-token".into()),
         auth_failure_limit: Some(2),
-        ..client_config(proxy_url, "unused", TransportMode::LongPoll)
+        ..client_config(proxy.url(), "unused", TransportMode::LongPoll)
     })
     .expect("client");
     for _ in 0..2 {
-        match next(&mut events, deadline, "the refusal").await {
+        match next_event(&mut events, deadline, "the refusal").await {
             Event::Error { code, room, .. } => {
                 assert_eq!(
                     (code, room),
@@ -609,7 +462,7 @@ async fn until_seq(
     let mut next_seq = from;
     let mut other = Vec::new();
     while next_seq <= seq {
-        match next(events, deadline, "the messages").await {
+        match next_event(events, deadline, "the messages").await {
             Event::Message(m) => {
                 assert_eq!((m.room.as_str(), m.seq), (room, next_seq), "{m:?}");
                 assert_eq!(m.data, json!({"n": m.seq}));
@@ -631,7 +484,7 @@ async fn until_event(
 ) -> Vec<Event> {
     let mut seen = Vec::new();
     while !seen.last().is_some_and(&done) {
-        let e = next(events, deadline, what).await;
+        let e = next_event(events, deadline, what).await;
         if !matches!(e, Event::Online { .. }) {
             seen.push(e);
         }
@@ -655,8 +508,7 @@ async fn polling_from(server: &str, sub: &str, room: &str, since: Position) -> (
 /// message, `at.seq + 1`, is delivered and nothing else happens.
 async fn stays_at(
     (client, events): (&Client, &mut Events),
-    http: &reqwest::Client,
-    url: &str,
+    api: &Api,
     room: &str,
     at: Position,
     deadline: Instant,
@@ -668,7 +520,7 @@ async fn stays_at(
     }
     assert_eq!(client.position(room), Some(at.clone()));
     let n = at.seq + 1;
-    publish(http, url, room, "gift", json!({"n": n})).await;
+    api.publish(room, "gift", json!({"n": n})).await;
     let seen = until_seq(events, room, n, n, deadline).await;
     assert!(seen.is_empty(), "{seen:?}");
 }
@@ -689,18 +541,16 @@ fn position(epoch: &str, seq: u64) -> Position {
 async fn long_poll_behind_the_history_skips_what_is_gone_once() {
     const ROOM: &str = "live:behind";
     const AHEAD: &str = "live:ahead";
-    let mut config = Config::for_tests(KEY, SECRET);
-    config.history_size = 5;
-    let server = livepush_server::start(config).await.expect("server");
-    let (url, http) = (server.url(), reqwest::Client::new());
+    let server = TestServer::with(|c| c.history_size = 5).await;
+    let (url, api) = (server.url(), &server.api);
     let deadline = Instant::now() + Duration::from_secs(20);
     for n in 1..=20 {
-        publish(&http, &url, ROOM, "gift", json!({"n": n})).await;
+        api.publish(ROOM, "gift", json!({"n": n})).await;
     }
     for n in 1..=3 {
-        publish(&http, &url, AHEAD, "gift", json!({"n": n})).await;
+        api.publish(AHEAD, "gift", json!({"n": n})).await;
     }
-    let epoch = room_epoch(&http, &url, ROOM).await;
+    let epoch = room_epoch(api, ROOM).await;
     let (client, mut events) = polling_from(&url, "behind", ROOM, position(&epoch, 3)).await;
     let seen = until_seq(&mut events, ROOM, 16, 20, deadline).await;
     assert!(
@@ -727,10 +577,10 @@ async fn long_poll_behind_the_history_skips_what_is_gone_once() {
         "{seen:?}"
     );
     let polling = (&client, &mut events);
-    stays_at(polling, &http, &url, ROOM, position(&epoch, 20), deadline).await;
+    stays_at(polling, api, ROOM, position(&epoch, 20), deadline).await;
 
     client.leave(ROOM).await.expect("leave");
-    let epoch = room_epoch(&http, &url, AHEAD).await;
+    let epoch = room_epoch(api, AHEAD).await;
     client
         .join(AHEAD, Some(position(&epoch, 10)))
         .await
@@ -752,7 +602,7 @@ async fn long_poll_behind_the_history_skips_what_is_gone_once() {
         "nothing lost: {seen:?}"
     );
     let polling = (&client, &mut events);
-    stays_at(polling, &http, &url, AHEAD, position(&epoch, 3), deadline).await;
+    stays_at(polling, api, AHEAD, position(&epoch, 3), deadline).await;
     client.close().await;
     server.shutdown().await;
 }
@@ -763,21 +613,23 @@ async fn long_poll_behind_the_history_skips_what_is_gone_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_poll_after_the_history_expired_moves_to_the_latest_seq_once() {
     const ROOM: &str = "live:expired";
-    let mut config = Config::for_tests(KEY, SECRET);
-    config.history_ttl = Duration::from_millis(300);
-    config.limits.online_interval = Duration::from_millis(50);
-    let server = livepush_server::start(config).await.expect("server");
-    let (url, http) = (server.url(), reqwest::Client::new());
+    let server = TestServer::with(|c| {
+        c.history_ttl = Duration::from_millis(300);
+        c.limits.online_interval = Duration::from_millis(50);
+    })
+    .await;
+    let (url, api) = (server.url(), &server.api);
     let deadline = Instant::now() + Duration::from_secs(20);
     for n in 1..=3 {
-        publish(&http, &url, ROOM, "gift", json!({"n": n})).await;
+        api.publish(ROOM, "gift", json!({"n": n})).await;
     }
-    let epoch = room_epoch(&http, &url, ROOM).await;
-    let history = format!("{url}/v1/rooms/{ROOM}/history?since=0");
-    while get_json(&http, &history).await["messages"] != json!([]) {
-        assert!(Instant::now() < deadline, "the history did not expire");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let epoch = room_epoch(api, ROOM).await;
+    let history = format!("/v1/rooms/{ROOM}/history?since=0");
+    let every = Duration::from_millis(50);
+    wait_until("the history to expire", deadline, every, || async {
+        api.get(&history).await["messages"] == json!([])
+    })
+    .await;
     let (client, mut events) = polling_from(&url, "expired", ROOM, position(&epoch, 1)).await;
     let seen = until_event(&mut events, deadline, "the loss", |e| {
         matches!(e, Event::Lost { .. })
@@ -803,7 +655,7 @@ async fn long_poll_after_the_history_expired_moves_to_the_latest_seq_once() {
         "{seen:?}"
     );
     let polling = (&client, &mut events);
-    stays_at(polling, &http, &url, ROOM, position(&epoch, 3), deadline).await;
+    stays_at(polling, api, ROOM, position(&epoch, 3), deadline).await;
     client.close().await;
     server.shutdown().await;
 }
@@ -814,19 +666,11 @@ async fn long_poll_after_the_history_expired_moves_to_the_latest_seq_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_poll_client_that_closes_is_offline_at_once() {
     const ROOM: &str = "live:bye";
-    let mut config = Config::for_tests(KEY, SECRET);
-    config.poll_grace = Duration::from_secs(600);
-    let server = livepush_server::start(config).await.expect("server");
-    let (url, http) = (server.url(), reqwest::Client::new());
+    let server = TestServer::with(|c| c.poll_grace = Duration::from_secs(600)).await;
+    let (url, api) = (server.url(), &server.api);
     let deadline = Instant::now() + Duration::from_secs(10);
-    let online = |who: &'static str| {
-        let (http, url) = (http.clone(), url.clone());
-        async move { get_json(&http, &format!("{url}/v1/terminals/{who}")).await["online"].clone() }
-    };
-    let room_online = || {
-        let (http, url) = (http.clone(), url.clone());
-        async move { get_json(&http, &format!("{url}/v1/rooms/{ROOM}")).await["online"].clone() }
-    };
+    let online = async |who: &str| api.terminal(who).await["online"].clone();
+    let room_online = async || api.room(ROOM).await["online"].clone();
 
     for who in ["leaver", "dropper"] {
         let (client, mut events) = Client::connect(ClientConfig {
@@ -836,7 +680,7 @@ async fn a_long_poll_client_that_closes_is_offline_at_once() {
         .expect("client");
         client.join(ROOM, None).await.expect("join");
         while !matches!(
-            next(&mut events, deadline, "the join").await,
+            next_event(&mut events, deadline, "the join").await,
             Event::Joined { .. }
         ) {}
         // Let the next poll park.
@@ -853,10 +697,11 @@ async fn a_long_poll_client_that_closes_is_offline_at_once() {
         } else {
             // Every handle dropped: the client leaves in the background.
             drop(client);
-            while online(who).await != json!(false) {
-                assert!(Instant::now() < deadline, "still online");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let every = Duration::from_millis(20);
+            wait_until("it to be offline", deadline, every, || async {
+                online(who).await == json!(false)
+            })
+            .await;
         }
         assert_eq!(room_online().await, json!(0), "{who} left the room");
     }
