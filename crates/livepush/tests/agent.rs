@@ -411,7 +411,10 @@ async fn forged_wake_datagrams_are_ignored_and_counted() {
     assert_eq!(inbox_seqs(&seen), vec![1]);
 
     // Valid wakes for what was just handled: a replay (not newer than a wake already seen)
-    // and a late repeat right after the session. Neither starts a session.
+    // and a late repeat right after the session. Neither starts a session. Timestamps are
+    // milliseconds: the late repeat must be stamped after the server's wake, not in the same
+    // millisecond (that would be a replay, rightly).
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let me = attacker.local_addr().expect("addr");
     let handled = [
         (
@@ -539,6 +542,11 @@ async fn cached_credentials_let_an_agent_sleep_from_the_start() {
     let before = s.api.terminal(&id).await["wake"]["last_keepalive_ms"]
         .as_u64()
         .expect("a keepalive on record");
+    // Keepalive timestamps are milliseconds and must grow: the server rightly drops one
+    // stamped in the same millisecond as the last as a replay. Start after that millisecond.
+    while now_ms() <= before {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let (agent, mut events) = WakeAgent::start(WakeAgentConfig {
         credentials: Some(creds),
         connect_at_start: false,
