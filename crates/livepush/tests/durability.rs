@@ -3,9 +3,8 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use livepush_proto::wake::WakeKey;
 use livepush_proto::{ServerFrame, split_frames};
 use serde_json::{Value, json};
+use support::process::ServerProcess;
 use support::wake::WakeSocket;
 use support::{Api, KEY, PATIENCE, SECRET, token, wait_for};
 use tokio::net::TcpStream;
@@ -20,78 +20,12 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-/// A `livepush serve` process on 127.0.0.1:0 with a data directory.
-struct Server {
-    child: Child,
-    api: Api,
-}
-
-impl Server {
-    /// Starts the server on `data_dir` and waits for its `listening on` line.
-    fn spawn(data_dir: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_livepush"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args([
-                "--api-key",
-                KEY,
-                "--token-secret",
-                SECRET,
-                "--history-size",
-                "100000",
-            ])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn livepush");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read listening line");
-        let url = line
-            .trim()
-            .strip_prefix("livepush listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-            .to_owned();
-        Server {
-            child,
-            api: Api::new(url),
-        }
-    }
-
-    fn url(&self) -> &str {
-        &self.api.url
-    }
-
-    /// The wake listener: UDP on the HTTP port.
-    fn wake_addr(&self) -> std::net::SocketAddr {
-        let addr = self.url().trim_start_matches("http://");
-        addr.parse().expect("addr")
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reap");
-    }
-
-    fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .expect("kill -INT");
-        let status = self.child.wait().expect("wait");
-        assert!(status.success(), "graceful stop exits 0: {status}");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `livepush serve` process on 127.0.0.1:0 with a data directory and `extra` arguments.
+fn spawn(data_dir: &Path, extra: &[&str]) -> ServerProcess {
+    let dir = data_dir.to_str().expect("a UTF-8 temporary path");
+    let mut args = vec!["--data-dir", dir, "--history-size", "100000"];
+    args.extend_from_slice(extra);
+    ServerProcess::spawn(&args)
 }
 
 /// Publishes `body` to `room`; `None` when it was not accepted (the server may be dying).
@@ -227,7 +161,7 @@ type Answered = (String, u64, String, u64, u64);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_publish_storm_loses_no_answered_message() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::spawn(dir.path(), &["--durability", "batch"]);
+    let server = spawn(dir.path(), &["--durability", "batch"]);
     let answered: Arc<Mutex<Vec<Answered>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -270,7 +204,7 @@ async fn kill_9_during_a_publish_storm_loses_no_answered_message() {
         answered.len()
     );
 
-    let server = Server::spawn(dir.path(), &["--durability", "batch"]);
+    let server = spawn(dir.path(), &["--durability", "batch"]);
     for room in ["storm0", "storm1"] {
         let (epoch, latest, msgs) = history(&server.api, room).await;
         let seqs: Vec<u64> = msgs
@@ -301,14 +235,14 @@ async fn kill_9_during_a_publish_storm_loses_no_answered_message() {
 #[tokio::test]
 async fn restart_keeps_seq_epoch_history_and_room_state() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::spawn(dir.path(), &[]);
+    let server = spawn(dir.path(), &[]);
     let first = server.api.publish("keep", "gift", json!({"n":1})).await;
     let (mute, close) = (json!({"action":"mute"}), json!({"action":"close"}));
     server.api.publish("keep", "control", mute).await;
     server.api.publish("shut", "control", close).await;
     server.stop();
 
-    let server = Server::spawn(dir.path(), &[]);
+    let server = spawn(dir.path(), &[]);
     let info = server.api.room("keep").await;
     assert_eq!(info["epoch"], first["epoch"]);
     assert_eq!(info["seq"], 2);
@@ -324,7 +258,7 @@ async fn restart_keeps_seq_epoch_history_and_room_state() {
 
     // A brand-new data directory is a new history: new epochs.
     let other = tempfile::tempdir().expect("tempdir");
-    let server = Server::spawn(other.path(), &[]);
+    let server = spawn(other.path(), &[]);
     let fresh = server.api.publish("keep", "gift", json!({})).await;
     assert_ne!(fresh["epoch"], first["epoch"]);
     assert_eq!(fresh["seq"], 1);
@@ -373,7 +307,7 @@ async fn poll(api: &Api, body: Value) -> Vec<Value> {
 #[tokio::test]
 async fn long_polls_continue_across_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::spawn(dir.path(), &[]);
+    let server = spawn(dir.path(), &[]);
     let token = token("poller", &["*"], false);
     let hello = poll(
         &server.api,
@@ -393,7 +327,7 @@ async fn long_polls_continue_across_a_restart() {
     assert_eq!(seqs, vec![1, 2, 3]);
     server.kill9();
 
-    let server = Server::spawn(dir.path(), &[]);
+    let server = spawn(dir.path(), &[]);
     publish_gifts(&server.api, "live:lp", 4..=5).await;
     let got = poll(
         &server.api,
@@ -424,10 +358,10 @@ async fn wake_key(url: &str, sub: &str) -> WakeKey {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inboxes_and_wake_registrations_survive_kill_9() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::spawn(dir.path(), &[]);
+    let server = spawn(dir.path(), &[]);
     let key = wake_key(server.url(), "settop").await;
     let udp = WakeSocket::bind(key).await;
-    udp.keepalive(server.wake_addr(), "settop").await;
+    udp.keepalive(server.addr(), "settop").await;
     wait_for(
         "the wake registration",
         Instant::now() + PATIENCE,
@@ -448,7 +382,7 @@ async fn inboxes_and_wake_registrations_survive_kill_9() {
 
     // After the restart the server still knows where to wake the terminal, and does so for
     // the messages waiting, without a new post.
-    let server = Server::spawn(dir.path(), &[]);
+    let server = spawn(dir.path(), &[]);
     let w = udp.wake(PATIENCE).await.expect("a wake datagram in time");
     assert_eq!((w.terminal.as_str(), w.inbox), ("settop", 5));
     // The terminal connects and finds every answered message.

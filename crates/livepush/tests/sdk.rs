@@ -8,20 +8,8 @@ use livepush_client::{Client, ClientConfig, Event, Events, TransportMode};
 use serde_json::{Value, json};
 use support::process::{Lines, livepush};
 use support::proxy::Proxy;
-use support::{KEY, TestServer, next_event, token};
+use support::{KEY, TestServer, fast_client, next_event, token};
 use tokio::time::Instant;
-
-fn fast_client(server: String, sub: &str) -> ClientConfig {
-    ClientConfig {
-        server,
-        token: Some(token(sub, &["live:*"], false)),
-        backoff_base: Duration::from_millis(20),
-        backoff_max: Duration::from_millis(300),
-        idle_timeout: Some(Duration::from_millis(400)),
-        ping_timeout: Duration::from_millis(300),
-        ..ClientConfig::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_survives_a_proxy_that_keeps_cutting_it() {

@@ -6,6 +6,7 @@ mod heartbeat;
 mod inbox;
 mod merge;
 mod redis;
+mod redis_server;
 mod resume;
 mod support;
 mod transports;

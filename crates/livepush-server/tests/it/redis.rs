@@ -2,8 +2,6 @@
 //! persistence), so killing or flushing it harms nobody, and several in-process servers, each
 //! with its own Redis engine (its own connections): separate nodes.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use livepush_proto::ServerFrame;
@@ -11,68 +9,8 @@ use livepush_server::engine::Retention;
 use livepush_server::engine::redis::{RedisEngine, RedisSettings};
 use serde_json::{Value, json};
 
+use crate::redis_server::Redis;
 use crate::support::*;
-
-/// A private `redis-server` for one test.
-pub struct Redis {
-    child: Child,
-    pub port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Redis {
-    pub fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (./scripts/test installs it: apt install redis-server)");
-        let r = Redis {
-            child,
-            port,
-            _dir: dir,
-        };
-        let deadline = std::time::Instant::now() + WAIT;
-        while r.cli(&["PING"]) != "PONG" {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        r
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Run `redis-cli` against it; its output, trimmed.
-    pub fn cli(&self, args: &[&str]) -> String {
-        Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A node: a server on its own Redis engine.
 async fn node(redis: &Redis, prefix: &str) -> TestServer {
@@ -309,8 +247,7 @@ async fn an_unreachable_redis_answers_unavailable() {
     a.post("/v1/rooms/rd/messages", json!({"type":"gift","data":1}))
         .await;
     assert_eq!(t.reliable(1).await, [1]);
-    let _ = redis.child.kill();
-    let _ = redis.child.wait();
+    redis.kill();
     let (status, body) = a
         .post("/v1/rooms/rd/messages", json!({"type":"gift","data":2}))
         .await;

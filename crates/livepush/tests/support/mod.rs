@@ -7,13 +7,16 @@
 
 pub mod process;
 pub mod proxy;
+// One fixture for both crates' Redis tests.
+#[path = "../../../livepush-server/tests/it/redis_server.rs"]
+pub mod redis;
 pub mod wake;
 
 use std::fmt::Display;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use livepush_client::{Event, Events};
+use livepush_client::{ClientConfig, Event, Events};
 use livepush_server::auth::{Claims, TokenKeys, now_secs};
 use livepush_server::{Config, Running};
 use serde_json::{Value, json};
@@ -192,4 +195,18 @@ pub async fn next_event(events: &mut Events, deadline: Instant, what: &str) -> E
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
         .expect("event stream open")
+}
+
+/// An SDK client for `sub` (rooms `live:*`) that notices a dead path and reconnects within
+/// a second: short back-off and watchdog.
+pub fn fast_client(server: String, sub: &str) -> ClientConfig {
+    ClientConfig {
+        server,
+        token: Some(token(sub, &["live:*"], false)),
+        backoff_base: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(300),
+        idle_timeout: Some(Duration::from_millis(400)),
+        ping_timeout: Duration::from_millis(300),
+        ..ClientConfig::default()
+    }
 }

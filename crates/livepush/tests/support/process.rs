@@ -1,5 +1,8 @@
 //! The real `livepush` binary as a child process, and the lines it writes.
 
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -34,5 +37,76 @@ impl<R: AsyncRead + Unpin> Lines<R> {
     /// The next line, which must be one JSON object (the CLI's event output).
     pub async fn next_json(&mut self) -> Value {
         serde_json::from_str(&self.next().await).expect("one JSON object per line")
+    }
+}
+
+/// A `livepush serve` process on 127.0.0.1:0 with the test key and secret, killed when
+/// dropped.
+pub struct ServerProcess {
+    child: Child,
+    pub api: super::Api,
+}
+
+impl ServerProcess {
+    /// Starts `livepush serve` with `args` added, and waits for its `listening on` line.
+    pub fn spawn(args: &[&str]) -> ServerProcess {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_livepush"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["--api-key", super::KEY, "--token-secret", super::SECRET])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn livepush");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read listening line");
+        let url = line
+            .trim()
+            .strip_prefix("livepush listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_owned();
+        ServerProcess {
+            child,
+            api: super::Api::new(url),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.api.url
+    }
+
+    /// Its address: HTTP on TCP, and the wake listener on the same port over UDP.
+    pub fn addr(&self) -> SocketAddr {
+        self.url()
+            .trim_start_matches("http://")
+            .parse()
+            .expect("addr")
+    }
+
+    /// `kill -9`: no goodbye to anyone.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+
+    /// `kill -INT` and wait: a graceful stop must exit 0.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .expect("kill -INT");
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "graceful stop exits 0: {status}");
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

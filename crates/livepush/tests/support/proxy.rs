@@ -37,13 +37,23 @@ struct State {
 impl Proxy {
     /// A proxy on 127.0.0.1:0 to `upstream`, forwarding everything until told otherwise.
     pub async fn start(upstream: SocketAddr) -> Proxy {
+        Proxy::round_robin(vec![upstream]).await
+    }
+
+    /// A load balancer without sticky sessions in front of several nodes: each new connection
+    /// goes to the next upstream in turn, skipping one that refuses it (a node that is gone).
+    pub async fn round_robin(upstreams: Vec<SocketAddr>) -> Proxy {
+        assert!(!upstreams.is_empty());
+        let upstreams: Arc<[SocketAddr]> = upstreams.into();
+        let turn = Arc::new(AtomicUsize::new(0));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(State::default());
         let s = state.clone();
         tokio::spawn(async move {
             while let Ok((down, _)) = listener.accept().await {
-                let task = tokio::spawn(serve(s.clone(), down, upstream));
+                let first = turn.fetch_add(1, Ordering::SeqCst);
+                let task = tokio::spawn(serve(s.clone(), down, upstreams.clone(), first));
                 let mut conns = s.conns.lock().expect("lock");
                 conns.retain(|t| !t.is_finished());
                 conns.push(task);
@@ -93,7 +103,7 @@ impl Proxy {
 
 /// One connection: read the request head, answer it here or forward it, then forward both
 /// ways until either side closes, the connection is cut, or frozen.
-async fn serve(state: Arc<State>, mut down: TcpStream, upstream: SocketAddr) {
+async fn serve(state: Arc<State>, mut down: TcpStream, upstreams: Arc<[SocketAddr]>, first: usize) {
     // The request head (and whatever body bytes came with it).
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
@@ -126,7 +136,14 @@ async fn serve(state: Arc<State>, mut down: TcpStream, upstream: SocketAddr) {
             .await;
         return;
     }
-    let Ok(mut up) = TcpStream::connect(upstream).await else {
+    let mut up = None;
+    for i in 0..upstreams.len() {
+        if let Ok(s) = TcpStream::connect(upstreams[(first + i) % upstreams.len()]).await {
+            up = Some(s);
+            break;
+        }
+    }
+    let Some(mut up) = up else {
         return;
     };
     // Frozen already: the server has the connection but never the request.

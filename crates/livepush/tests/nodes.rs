@@ -1,0 +1,129 @@
+//! Several real `livepush serve --redis` processes behind a load balancer without sticky
+//! sessions (a round-robin TCP proxy), with SDK clients on every transport: a node killed
+//! with SIGKILL mid-stream costs its terminals nothing reliable, and long-polls and SSE
+//! streams that land on any node see one history.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use livepush_client::{Client, ClientConfig, Event, TransportMode};
+use serde_json::json;
+use support::process::ServerProcess;
+use support::proxy::Proxy;
+use support::redis::Redis;
+use support::{PATIENCE, fast_client, next_event};
+use tokio::time::Instant;
+
+const ROOM: &str = "live:nodes";
+
+fn node(redis: &Redis) -> ServerProcess {
+    ServerProcess::spawn(&["--redis", &redis.url(), "--redis-prefix", "nodes"])
+}
+
+fn client(url: String, sub: &str, transport: TransportMode) -> ClientConfig {
+    ClientConfig {
+        transport,
+        ..fast_client(url, sub)
+    }
+}
+
+/// Three nodes, one SDK client per transport through the round-robin proxy (so each
+/// connection and each poll may land on any node); the node the WebSocket client landed on
+/// is killed with SIGKILL while a publisher on a surviving node keeps going. Every client
+/// ends with every reliable message once, in order, from one epoch, and never a failed
+/// resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_stream_costs_its_terminals_nothing() {
+    let redis = Redis::start();
+    let mut nodes: Vec<Option<ServerProcess>> = (0..3).map(|_| Some(node(&redis))).collect();
+    let addrs = nodes.iter().flatten().map(|n| n.addr()).collect();
+    let proxy = Proxy::round_robin(addrs).await;
+
+    let modes = [
+        TransportMode::WebSocket,
+        TransportMode::LongPoll,
+        TransportMode::Sse,
+    ];
+    let mut clients = Vec::new();
+    for (i, mode) in modes.into_iter().enumerate() {
+        let (c, mut events) =
+            Client::connect(client(proxy.url(), &format!("n{i}"), mode)).expect("client");
+        c.join(ROOM, None).await.expect("join");
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Event::Joined { recovered, .. } =
+                next_event(&mut events, deadline, "joined").await
+            {
+                assert!(recovered, "{mode:?}");
+                break;
+            }
+        }
+        clients.push((mode, c, events));
+    }
+    // The WebSocket client holds one connection: the first the proxy made, to node 0.
+    // The publisher uses node 2, which survives.
+    let publisher = nodes[2].as_ref().expect("node 2").api.clone();
+    const TOTAL: u64 = 300;
+    let stream = tokio::spawn(async move {
+        let mut epochs = BTreeMap::new();
+        for k in 1..=TOTAL {
+            let body = publisher.publish(ROOM, "gift", json!({ "k": k })).await;
+            assert_eq!(body["seq"], k, "one sequence across nodes");
+            *epochs.entry(body["epoch"].to_string()).or_insert(0) += 1;
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        epochs
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nodes[0].take().expect("node 0").kill9();
+    // Then every connection is cut twice: each client reconnects, to whichever node the
+    // proxy picks next (a long-poll client's keep-alive connection too).
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        proxy.cut();
+    }
+    let epochs = stream.await.expect("publisher");
+    assert_eq!(epochs.len(), 1, "one epoch throughout: {epochs:?}");
+
+    for (mode, c, mut events) in clients {
+        let deadline = Instant::now() + 4 * PATIENCE;
+        let mut seqs = Vec::new();
+        let mut resumed = 0;
+        while seqs.len() < TOTAL as usize {
+            match next_event(
+                &mut events,
+                deadline,
+                &format!("{mode:?}: message {}", seqs.len() + 1),
+            )
+            .await
+            {
+                Event::Message(m) => seqs.push(m.seq),
+                Event::Joined {
+                    recovered,
+                    resumed: r,
+                    ..
+                } => {
+                    assert!(recovered, "{mode:?}: a failed resume");
+                    resumed += usize::from(r);
+                }
+                Event::Lost { first, last, .. } => panic!("{mode:?}: lost {first}..={last}"),
+                _ => {}
+            }
+        }
+        assert_eq!(
+            seqs,
+            (1..=TOTAL).collect::<Vec<_>>(),
+            "{mode:?}: each once, in order"
+        );
+        if mode != TransportMode::LongPoll {
+            // Long-poll re-attaches quietly (no `joined` for a complete resume).
+            assert!(resumed >= 1, "{mode:?} resumed after the kill and the cuts");
+        }
+        c.close().await;
+    }
+    for n in nodes.into_iter().flatten() {
+        n.stop();
+    }
+}
