@@ -445,6 +445,16 @@ impl Inboxes {
         Ok(())
     }
 
+    /// Whether the engine accepts this keepalive as newer than any accepted on any node (see
+    /// [`InboxEngine::accept_keepalive`]).
+    pub async fn accept_keepalive(
+        &self,
+        id: &str,
+        reg: &WakeRegistration,
+    ) -> Result<bool, EngineError> {
+        self.engine.accept_keepalive(id, reg).await
+    }
+
     /// The `ts` of the last keepalive accepted for `id` (loaded from the store if needed):
     /// a keepalive not newer than it is a replay.
     pub async fn last_keepalive_ts(&self, id: &str) -> Option<u64> {

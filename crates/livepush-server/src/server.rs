@@ -368,6 +368,24 @@ fn spawn_keepalives(
                         socket.stats.keepalive("replayed");
                         continue;
                     }
+                    // Several nodes: newer than any accepted anywhere (one atomic check in
+                    // Redis). Without an answer it is not accepted: a registration that
+                    // cannot be checked must not redirect wakes.
+                    match inboxes
+                        .accept_keepalive(&reg.terminal, &reg.registration)
+                        .await
+                    {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            socket.stats.keepalive("replayed");
+                            continue;
+                        }
+                        Err(e) => {
+                            socket.stats.keepalive("unavailable");
+                            tracing::warn!(error = %e, "a keepalive could not be checked");
+                            continue;
+                        }
+                    }
                     socket.stats.keepalive("accepted");
                     if let Err(e) = inboxes.keepalive(&reg.terminal, reg.registration).await {
                         tracing::error!(error = %e, "cannot record a wake registration");

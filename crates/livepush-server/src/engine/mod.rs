@@ -247,6 +247,18 @@ pub trait InboxEngine: Send + Sync + std::fmt::Debug + 'static {
     /// Record where the terminal can be woken.
     fn set_wake(&self, terminal: &str, registration: &WakeRegistration);
 
+    /// Accept a keepalive (MAC checked, and newer than the last this node accepted) only if
+    /// it is newer than every keepalive any node accepted for the terminal, recording its
+    /// registration: `false` for a replay. Engines whose registrations belong to one node
+    /// leave the check to the node's memory ([`crate::inbox::Inboxes::last_keepalive_ts`]).
+    fn accept_keepalive<'a>(
+        &'a self,
+        _terminal: &'a str,
+        _registration: &'a WakeRegistration,
+    ) -> EngineFuture<'a, bool> {
+        Box::pin(std::future::ready(Ok(true)))
+    }
+
     /// Wake `terminal` from the node whose socket received its last keepalive, when that is
     /// another node and it is alive: `true` if the wake was handed over, `false` if this node
     /// should send it itself.

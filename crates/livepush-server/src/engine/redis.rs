@@ -255,6 +255,22 @@ end
 return 1
 "#;
 
+/// Record a keepalive's wake registration if it is newer than the one kept, whichever node
+/// wrote that: the one place keepalive replay is decided across nodes (and across node
+/// restarts). KEYS[1] the terminal's hash; ARGV[1] the keepalive's ts, ARGV[2] the registration
+/// (`ADDR SIZE TS NODE`). Returns 1 when recorded, 0 for a replay (not newer).
+const KEEPALIVE: &str = r#"
+local cur = redis.call('HGET', KEYS[1], 'wake')
+if cur then
+  local ts = tonumber(string.match(cur, '^%S+ %S+ (%d+)'))
+  if ts and ts >= tonumber(ARGV[1]) then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], 'wake', ARGV[2])
+return 1
+"#;
+
 /// A terminal's hash fields (seq, acked, wake) and its kept inbox (frame, seq).
 type TerminalRows = (Vec<Option<String>>, Vec<(Vec<u8>, u64)>);
 
@@ -1113,20 +1129,38 @@ impl InboxEngine for RedisEngine {
     }
 
     fn set_wake(&self, terminal: &str, registration: &WakeRegistration) {
+        // Through the same check as a keepalive: a late write never replaces a newer one.
         let mut conn = self.conn.clone();
         let key = self.key("term", terminal);
-        let value = encode_wake(registration, &self.id);
+        let (ts, value) = (registration.ts, encode_wake(registration, &self.id));
         tokio::spawn(async move {
-            let r: redis::RedisResult<()> = redis::cmd("HSET")
-                .arg(key)
-                .arg("wake")
+            let r: redis::RedisResult<i64> = Script::new(KEEPALIVE)
+                .key(key)
+                .arg(ts)
                 .arg(value)
-                .query_async(&mut conn)
+                .invoke_async(&mut conn)
                 .await;
             if let Err(e) = r {
                 tracing::warn!(error = %e, "a wake registration did not reach Redis");
             }
         });
+    }
+
+    fn accept_keepalive<'a>(
+        &'a self,
+        terminal: &'a str,
+        registration: &'a WakeRegistration,
+    ) -> EngineFuture<'a, bool> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let r: redis::RedisResult<i64> = Script::new(KEEPALIVE)
+                .key(self.key("term", terminal))
+                .arg(registration.ts)
+                .arg(encode_wake(registration, &self.id))
+                .invoke_async(&mut conn)
+                .await;
+            Ok(self.noted(r)? == 1)
+        })
     }
 
     fn wake_elsewhere<'a>(&'a self, terminal: &'a str) -> EngineFuture<'a, bool> {

@@ -194,8 +194,17 @@ impl Sleeper {
     }
 
     pub async fn keepalive(&self) {
-        let d = Keepalive::encode(&self.id, now_ms(), &self.key, KEEPALIVE_PAD_TO);
-        self.udp.send_to(&d, self.server).await.unwrap();
+        self.send(&self.keepalive_datagram(), self.server).await;
+    }
+
+    /// A keepalive stamped now, as sent (and as someone on the path could capture it).
+    pub fn keepalive_datagram(&self) -> Vec<u8> {
+        Keepalive::encode(&self.id, now_ms(), &self.key, KEEPALIVE_PAD_TO)
+    }
+
+    /// Send `datagram` from this terminal's socket.
+    pub async fn send(&self, datagram: &[u8], to: std::net::SocketAddr) {
+        self.udp.send_to(datagram, to).await.unwrap();
     }
 
     /// The next verified wake datagram, or None within `wait`.

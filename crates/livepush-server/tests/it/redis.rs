@@ -393,7 +393,17 @@ async fn a_wake_leaves_from_the_node_that_received_the_keepalive() {
         b.get("/v1/terminals/sleepy").await.1["wake"]["registered"] == json!(true)
     })
     .await;
-    let (status, body) = b
+    let (wake, from) = post_and_wake(&b, &sleeper).await;
+    assert_eq!(wake.inbox, 1);
+    assert_eq!(Some(from), a.running.wake_addr(), "from node a's socket");
+}
+
+/// Post a notice to the sleeping terminal through `node`: a wake is sent, and reaches it.
+async fn post_and_wake(
+    node: &TestServer,
+    sleeper: &crate::inbox::Sleeper,
+) -> (livepush_proto::wake::Wake, std::net::SocketAddr) {
+    let (status, body) = node
         .post(
             "/v1/terminals/sleepy/messages",
             json!({"type":"notice","data":{}}),
@@ -401,12 +411,10 @@ async fn a_wake_leaves_from_the_node_that_received_the_keepalive() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["wake"], "sent");
-    let (wake, from) = sleeper
+    sleeper
         .wake_from(Duration::from_secs(5))
         .await
-        .expect("a wake datagram");
-    assert_eq!(wake.inbox, 1);
-    assert_eq!(Some(from), a.running.wake_addr(), "from node a's socket");
+        .expect("a wake datagram reaches the terminal")
 }
 
 /// A room nobody on a node uses any more is closed there after `room_idle`: the node forgets
@@ -453,4 +461,51 @@ async fn an_idle_room_is_closed_and_reopened_on_the_next_join() {
     b.publish("ri", "gift", json!(2)).await;
     assert_eq!(t.reliable(1).await, [2], "and live from the other node");
     assert_eq!(rooms_on_a(), 1);
+}
+
+/// A keepalive captured on the path and replayed from another address to another node is
+/// refused there (its registration is not newer than the one Redis holds), so it cannot
+/// redirect the terminal's wakes: before the fix Redis held only the first registration of
+/// an address, and node b accepted the replay of a later keepalive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_keepalive_is_refused_on_every_node() {
+    let redis = Redis::start();
+    let a = node(&redis, "ka").await;
+    let b = node(&redis, "ka").await;
+    let sleeper = crate::inbox::Sleeper::new(&a, "sleepy").await;
+    let a_wake = a.running.wake_addr().expect("wake listener");
+    sleeper.keepalive().await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let captured = sleeper.keepalive_datagram();
+    sleeper.send(&captured, a_wake).await;
+    let ts = livepush_proto::wake::Keepalive::parse(&captured)
+        .unwrap()
+        .ts;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !redis
+        .cli(&["HGET", "ka:term:{sleepy}", "wake"])
+        .contains(&format!(" {ts} "))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second keepalive's registration in Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let b_wake = b.running.wake_addr().expect("wake listener");
+    attacker.send_to(&captured, b_wake).await.unwrap();
+    let replayed = r#"livepush_wake_keepalives_total{reason="replayed"} 1"#;
+    b.eventually("node b to count the replay", || async {
+        b.get_raw_with_key("/metrics").await.contains(replayed)
+    })
+    .await;
+
+    let (wake, _) = post_and_wake(&b, &sleeper).await;
+    assert_eq!(wake.inbox, 1);
+    let mut buf = [0u8; 512];
+    let stolen =
+        tokio::time::timeout(Duration::from_millis(500), attacker.recv_from(&mut buf)).await;
+    assert!(stolen.is_err(), "no wake went to the replaying address");
 }
