@@ -12,16 +12,18 @@ use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, BytesMut};
-use livepush_proto::{Class, validate_room};
+use livepush_proto::{Class, Transport, validate_room};
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
 use crate::app::App;
-use crate::engine::EngineError;
+use crate::clock::now_ms;
+use crate::engine::{EngineError, TerminalPresence};
 use crate::error::ApiError;
 use crate::hub::PublishError;
 use crate::inbox::InboxView;
+use crate::terminals::TerminalView;
 use livepush_proto::ErrorCode;
 
 impl From<PublishError> for ApiError {
@@ -281,53 +283,110 @@ pub struct TerminalsQuery {
     online: bool,
 }
 
-/// `GET /v1/terminals?online=true`
+/// `GET /v1/terminals?online=true`: the service list; with several nodes, what every node
+/// knows (each node's own list, and what the others shared through the engine).
 pub async fn terminals(
     State(app): State<Arc<App>>,
     query: Result<Query<TerminalsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let mut local: std::collections::BTreeMap<String, TerminalView> = app
+        .terminals
+        .list(false)
+        .into_iter()
+        .map(|v| (v.terminal.clone(), v))
+        .collect();
+    let mut ids: Vec<String> = local.keys().cloned().collect();
+    ids.extend(app.inboxes.known_terminals().await?);
+    ids.sort_unstable();
+    ids.dedup();
+    let elsewhere = app.inboxes.presence_elsewhere(&ids).await?;
+    let now = now_ms();
     let mut list = Vec::new();
-    for v in app.terminals.list(q.online) {
-        let inbox = app.inboxes.view(&v.terminal).await.ok().flatten();
-        let id = v.terminal.clone();
-        list.push(terminal_json(&app, &id, Some(v), inbox));
+    for (id, others) in ids.iter().zip(elsewhere) {
+        let view = local.remove(id);
+        let online =
+            view.as_ref().is_some_and(|v| v.online) || others.iter().any(|p| p.online(now));
+        if q.online && !online {
+            continue;
+        }
+        let inbox = app.inboxes.view(id).await.ok().flatten();
+        list.push(terminal_json(&app, id, view, inbox, &others));
     }
     Ok(Json(json!({ "terminals": list })).into_response())
 }
 
-/// `GET /v1/terminals/{id}`
+/// `GET /v1/terminals/{id}`: the same on every node.
 pub async fn terminal(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let view = app.terminals.view(&id);
     let inbox = app.inboxes.view(&id).await?;
-    if view.is_none() && inbox.is_none() {
+    let others = app
+        .inboxes
+        .presence_elsewhere(std::slice::from_ref(&id))
+        .await?
+        .pop()
+        .unwrap_or_default();
+    if view.is_none() && inbox.is_none() && others.is_empty() {
         return Err(ApiError::not_found(format!(
             "terminal {id:?} was never seen"
         )));
     }
-    Ok(Json(terminal_json(&app, &id, view, inbox)).into_response())
+    Ok(Json(terminal_json(&app, &id, view, inbox, &others)).into_response())
 }
 
+/// One terminal as the API shows it: this node's view merged with the other nodes' (online
+/// on any node; every transport in use anywhere; the latest sighting; interruptions summed,
+/// while the move to long-polling is each node's own decision).
 fn terminal_json(
     app: &App,
     id: &str,
-    v: Option<crate::terminals::TerminalView>,
+    v: Option<TerminalView>,
     inbox: Option<InboxView>,
+    others: &[TerminalPresence],
 ) -> serde_json::Value {
+    let now = now_ms();
     let inbox = inbox.unwrap_or_default();
-    let interruptions = v
+    let mut interruptions = v
         .as_ref()
         .map(|v| v.interruptions.clone())
         .unwrap_or_else(|| app.terminals.empty_interruptions());
+    interruptions.count += others.iter().map(|p| p.interruptions).sum::<u32>();
+    let mut transports = v.as_ref().map(|v| v.transports.clone()).unwrap_or_default();
+    for p in others {
+        let used = [
+            (p.ws > 0, Transport::Ws),
+            (p.polls > 0 || p.grace_until_ms > now, Transport::Longpoll),
+            (p.sse > 0, Transport::Sse),
+        ];
+        for (on, t) in used {
+            if on && !transports.contains(&t) {
+                transports.push(t);
+            }
+        }
+    }
+    transports.sort_by_key(|t| match t {
+        Transport::Ws => 0,
+        Transport::Longpoll => 1,
+        Transport::Sse => 2,
+    });
+    let online = v.as_ref().is_some_and(|v| v.online) || others.iter().any(|p| p.online(now));
+    // Seen by a node, or else the last keepalive on record.
+    let last_seen_ms = v
+        .as_ref()
+        .map(|v| v.last_seen_ms)
+        .into_iter()
+        .chain(others.iter().map(|p| p.last_seen_ms))
+        .max()
+        .or(inbox.last_keepalive_ms)
+        .unwrap_or(0);
     json!({
         "terminal": id,
-        "online": v.as_ref().is_some_and(|v| v.online),
-        "transports": v.as_ref().map(|v| v.transports.clone()).unwrap_or_default(),
-        // Seen by this process, or else the last keepalive on record.
-        "last_seen_ms": v.as_ref().map(|v| v.last_seen_ms).or(inbox.last_keepalive_ms).unwrap_or(0),
+        "online": online,
+        "transports": transports,
+        "last_seen_ms": last_seen_ms,
         "inbox": {
             "seq": inbox.position.seq,
             "acked": inbox.position.acked,

@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use serde_json::value::RawValue;
 
 use crate::clock::now_ms;
-use crate::engine::{EngineError, InboxEngine};
+use crate::engine::{EngineError, InboxEngine, TerminalPresence};
 use crate::frame::Frame;
 use crate::metrics::InboxStats;
 use crate::metrics::ReasonLabel;
@@ -443,6 +443,29 @@ impl Inboxes {
             self.engine.set_wake(id, &reg);
         }
         Ok(())
+    }
+
+    /// Several nodes: hand the service list's changes on this node to the others.
+    pub fn share_presence(&self) {
+        let changed = self.terminals.take_changed();
+        if !changed.is_empty() {
+            self.engine
+                .share_terminals(changed, self.terminals.retention());
+        }
+    }
+
+    /// What the other nodes know of each of `terminals` (nothing on one node).
+    pub async fn presence_elsewhere(
+        &self,
+        terminals: &[String],
+    ) -> Result<Vec<Vec<TerminalPresence>>, EngineError> {
+        self.engine.terminals_elsewhere(terminals).await
+    }
+
+    /// Terminals seen by any node within the retention (none on one node: the local list is
+    /// all there is).
+    pub async fn known_terminals(&self) -> Result<Vec<String>, EngineError> {
+        self.engine.known_terminals().await
     }
 
     /// Whether the engine accepts this keepalive as newer than any accepted on any node (see

@@ -243,13 +243,18 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
     let hub = Hub::new(config.clone(), rooms.clone(), metrics.clone());
     let limiters = Arc::new(Limiters::new(&config.limits));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let terminals = Arc::new(Terminals::new(TerminalSettings {
+    let terminal_settings = TerminalSettings {
         flap_threshold: config.flap_threshold,
         flap_window: config.flap_window,
         flap_longpoll_for: config.flap_longpoll_for,
         poll_grace: config.poll_grace,
         retention: config.terminal_retention,
-    }));
+    };
+    let terminals = Arc::new(if inboxes.shares_terminals() {
+        Terminals::shared(terminal_settings)
+    } else {
+        Terminals::new(terminal_settings)
+    });
     let wake_socket = udp.map(|u| {
         Arc::new(WakeSocket::new(
             u,
@@ -419,6 +424,7 @@ fn spawn_upkeep(
             }
             hub.tick();
             inboxes.tick().await;
+            inboxes.share_presence();
             n += 1;
             if n.is_multiple_of(60) {
                 limiters.retain_recent();

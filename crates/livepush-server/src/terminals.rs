@@ -7,7 +7,7 @@
 //! closes never count, so a terminal that connects briefly and leaves properly (a woken
 //! terminal, a user closing the page) is never moved.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::clock::now_ms;
+use crate::engine::TerminalPresence;
 
 /// Settings of the flap detector and of long-poll presence.
 #[derive(Debug, Clone, Copy)]
@@ -105,6 +106,16 @@ impl Entry {
         }
     }
 
+    /// WebSocket interruptions within the window.
+    fn interruptions(&self, now: u64, window: u64) -> u32 {
+        self.flaps.as_ref().map_or(0, |f| {
+            f.interruptions
+                .iter()
+                .filter(|t| now.saturating_sub(**t) <= window)
+                .count() as u32
+        })
+    }
+
     /// How long WebSocket connects are still answered with long-polling.
     fn longpoll_for(&self, now: u64) -> Option<u64> {
         let until = self.flaps.as_ref()?.longpoll_until;
@@ -146,6 +157,9 @@ pub struct Terminals {
     settings: TerminalSettings,
     /// Where [`Terminals::clock`] counts from.
     origin: Instant,
+    /// Terminals whose presence changed since [`Terminals::take_changed`], when the list is
+    /// shared between nodes (`None` on one node: nothing to collect).
+    changed: Option<Mutex<HashSet<Arc<str>>>>,
 }
 
 impl Terminals {
@@ -154,7 +168,56 @@ impl Terminals {
             map: Mutex::new(HashMap::new()),
             settings,
             origin: Instant::now(),
+            changed: None,
         }
+    }
+
+    /// How long an offline terminal stays on the list.
+    pub fn retention(&self) -> Duration {
+        self.settings.retention
+    }
+
+    /// A list shared with other nodes: changes are collected for [`Terminals::take_changed`].
+    pub fn shared(settings: TerminalSettings) -> Terminals {
+        Terminals {
+            changed: Some(Mutex::new(HashSet::new())),
+            ..Terminals::new(settings)
+        }
+    }
+
+    fn mark(&self, id: &Arc<str>) {
+        if let Some(c) = &self.changed {
+            c.lock().insert(id.clone());
+        }
+    }
+
+    /// What this node knows now of each terminal whose presence changed since the last call.
+    pub fn take_changed(&self) -> Vec<(Arc<str>, TerminalPresence)> {
+        let Some(changed) = &self.changed else {
+            return Vec::new();
+        };
+        let ids = std::mem::take(&mut *changed.lock());
+        let (now, wall) = (self.clock(), now_ms());
+        let window = ms(self.settings.flap_window);
+        let map = self.map.lock();
+        ids.into_iter()
+            .filter_map(|id| {
+                let e = map.get(&id)?;
+                let p = TerminalPresence {
+                    ws: e.ws,
+                    sse: e.sse,
+                    polls: e.polls,
+                    grace_until_ms: e
+                        .poll_grace_until
+                        .checked_sub(now)
+                        .filter(|left| *left > 0)
+                        .map_or(0, |left| wall + left),
+                    last_seen_ms: e.last_seen_ms,
+                    interruptions: e.interruptions(now, window),
+                };
+                Some((id, p))
+            })
+            .collect()
     }
 
     /// Monotonic milliseconds since `origin`, plus one so that 0 is free to mean "never".
@@ -174,6 +237,7 @@ impl Terminals {
     pub fn opened(&self, id: &Arc<str>, transport: Transport) {
         let mut map = self.map.lock();
         let now = self.clock();
+        self.mark(id);
         let e = Self::touch(&mut map, id, now);
         match transport {
             Transport::Ws => e.ws += 1,
@@ -190,6 +254,7 @@ impl Terminals {
         let mut map = self.map.lock();
         let settings = self.settings;
         let now = self.clock();
+        self.mark(id);
         let e = Self::touch(&mut map, id, now);
         match transport {
             Transport::Ws => {
@@ -226,6 +291,7 @@ impl Terminals {
     fn leave_now(&self, id: &Arc<str>, stamp: bool) {
         let mut map = self.map.lock();
         let now = self.clock();
+        self.mark(id);
         let e = Self::touch(&mut map, id, now);
         e.poll_grace_until = 0;
         if stamp {
@@ -298,12 +364,7 @@ impl Terminals {
             transports: e.transports(now),
             last_seen_ms: e.last_seen_ms,
             interruptions: Interruptions {
-                count: e.flaps.as_ref().map_or(0, |f| {
-                    f.interruptions
-                        .iter()
-                        .filter(|t| now.saturating_sub(**t) <= window)
-                        .count() as u32
-                }),
+                count: e.interruptions(now, window),
                 window_ms: window,
                 threshold: self.settings.flap_threshold,
                 longpoll_for_ms: e.longpoll_for(now),
@@ -376,6 +437,27 @@ mod tests {
 
     /// There is one entry per terminal on the list; it was 104 bytes with `Instant`s and an
     /// inline `VecDeque`. Keep it from growing back.
+    #[test]
+    fn a_shared_list_hands_over_each_change_once() {
+        assert!(Terminals::new(settings()).take_changed().is_empty());
+        let t = Terminals::shared(settings());
+        let id: Arc<str> = Arc::from("t");
+        t.opened(&id, Transport::Ws);
+        t.opened(&id, Transport::Longpoll);
+        let changed = t.take_changed();
+        assert_eq!(changed.len(), 1, "one entry per terminal");
+        let (got, p) = &changed[0];
+        assert_eq!((&**got, p.ws, p.polls, p.grace_until_ms), ("t", 1, 1, 0));
+        assert!(p.online(now_ms()));
+        assert!(t.take_changed().is_empty(), "nothing changed since");
+        t.closed(&id, Transport::Ws, false);
+        t.closed(&id, Transport::Longpoll, false);
+        let (_, p) = t.take_changed().pop().expect("changed");
+        assert_eq!((p.ws, p.polls), (0, 0));
+        assert!(p.grace_until_ms > now_ms(), "online during the poll grace");
+        assert!(!p.online(p.grace_until_ms), "and not after it");
+    }
+
     #[test]
     fn an_entry_stays_small() {
         let size = std::mem::size_of::<Entry>();

@@ -214,6 +214,27 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     fn flush(&self) -> EngineFuture<'_, ()>;
 }
 
+/// What one node knows of a terminal, shared with the other nodes so that the service list
+/// (`GET /v1/terminals`) answers the same on every node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TerminalPresence {
+    /// Sessions open on the node, per transport.
+    pub ws: u32,
+    pub sse: u32,
+    pub polls: u32,
+    /// Wall clock (ms) until which a long-poll terminal counts as online after its last poll.
+    pub grace_until_ms: u64,
+    pub last_seen_ms: u64,
+    /// WebSocket interruptions within the flap window when this was written.
+    pub interruptions: u32,
+}
+
+impl TerminalPresence {
+    pub fn online(&self, now_ms: u64) -> bool {
+        self.ws > 0 || self.sse > 0 || self.polls > 0 || self.grace_until_ms > now_ms
+    }
+}
+
 /// Inboxes shared between nodes: per-terminal direct messages sequenced and stored by the
 /// engine, acknowledgements, and wake registrations. The node holding a session of the
 /// terminal delivers what the engine hands it ([`Event::Inbox`]).
@@ -268,6 +289,30 @@ pub trait InboxEngine: Send + Sync + std::fmt::Debug + 'static {
 
     /// Terminals with unacknowledged messages (to go on waking them after a restart).
     fn pending_terminals(&self) -> EngineFuture<'_, Vec<String>>;
+
+    /// Whether the service list is shared between nodes (then the node hands its changes to
+    /// [`InboxEngine::share_terminals`] and asks [`InboxEngine::terminals_elsewhere`]).
+    fn shares_terminals(&self) -> bool {
+        false
+    }
+
+    /// What this node now knows of terminals whose presence changed here; kept for
+    /// `retention` after the terminal was last seen.
+    fn share_terminals(&self, _changed: Vec<(Arc<str>, TerminalPresence)>, _retention: Duration) {}
+
+    /// What the other live nodes know of each of `terminals` (in the same order); a node
+    /// that is gone contributes its `last_seen_ms` but no session.
+    fn terminals_elsewhere<'a>(
+        &'a self,
+        terminals: &'a [String],
+    ) -> EngineFuture<'a, Vec<Vec<TerminalPresence>>> {
+        Box::pin(std::future::ready(Ok(vec![Vec::new(); terminals.len()])))
+    }
+
+    /// Every terminal any node saw within the retention.
+    fn known_terminals(&self) -> EngineFuture<'_, Vec<String>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
 }
 
 /// Run an engine write in the background, logging a failure.

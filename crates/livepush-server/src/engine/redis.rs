@@ -43,7 +43,7 @@
 //! messages still reach local members, and [`RedisEngine::healthy`] is false. The connections
 //! reconnect by themselves.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -57,7 +57,7 @@ use tokio::sync::mpsc;
 
 use super::{
     Engine, EngineError, EngineFuture, Event, History, InboxEngine, Node, Publish, Retention,
-    Sequenced, Snapshot,
+    Sequenced, Snapshot, TerminalPresence,
 };
 use crate::clock::now_ms;
 use crate::control::Action;
@@ -535,6 +535,11 @@ impl RedisEngine {
 
     fn node_key(&self, what: &str, node: &str) -> String {
         format!("{}:{what}:{node}", self.settings.prefix)
+    }
+
+    /// Every terminal on the shared service list, scored by when it was last seen.
+    fn seen_index(&self) -> String {
+        format!("{}:seen", self.settings.prefix)
     }
 
     fn room_channel(&self, room: &str) -> String {
@@ -1200,5 +1205,106 @@ impl InboxEngine for RedisEngine {
         // Each node wakes the terminals whose keepalives it received; after a restart it
         // learns them again from their next keepalive.
         Box::pin(std::future::ready(Ok(Vec::new())))
+    }
+
+    fn shares_terminals(&self) -> bool {
+        true
+    }
+
+    fn share_terminals(&self, changed: Vec<(Arc<str>, TerminalPresence)>, retention: Duration) {
+        let mut conn = self.conn.clone();
+        let keep_ms = retention.as_millis().max(1) as u64;
+        let mut pipe = redis::pipe();
+        for (terminal, presence) in &changed {
+            let key = self.key("seen", terminal);
+            let json = serde_json::to_string(presence).unwrap_or_default();
+            pipe.cmd("HSET").arg(&key).arg(&self.id).arg(json).ignore();
+            pipe.cmd("PEXPIRE").arg(&key).arg(keep_ms).ignore();
+            pipe.cmd("ZADD")
+                .arg(self.seen_index())
+                .arg(presence.last_seen_ms)
+                .arg(&**terminal)
+                .ignore();
+        }
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(self.seen_index())
+            .arg("-inf")
+            .arg(format!("({}", now_ms().saturating_sub(keep_ms)))
+            .ignore();
+        tokio::spawn(async move {
+            let r: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "the service list did not reach Redis");
+            }
+        });
+    }
+
+    fn terminals_elsewhere<'a>(
+        &'a self,
+        terminals: &'a [String],
+    ) -> EngineFuture<'a, Vec<Vec<TerminalPresence>>> {
+        Box::pin(async move {
+            if terminals.is_empty() {
+                // An empty pipeline has no answer to parse.
+                return Ok(Vec::new());
+            }
+            let mut conn = self.conn.clone();
+            let mut pipe = redis::pipe();
+            for t in terminals {
+                pipe.cmd("HGETALL").arg(self.key("seen", t));
+            }
+            let r: redis::RedisResult<Vec<HashMap<String, String>>> =
+                pipe.query_async(&mut conn).await;
+            let views = self.noted(r)?;
+            let nodes: Vec<&String> = views
+                .iter()
+                .flat_map(|v| v.keys())
+                .filter(|n| **n != self.id)
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            let mut alive: HashMap<&String, bool> = HashMap::new();
+            if !nodes.is_empty() {
+                let mut pipe = redis::pipe();
+                for n in &nodes {
+                    pipe.cmd("EXISTS").arg(self.node_key("alive", n));
+                }
+                let r: redis::RedisResult<Vec<bool>> = pipe.query_async(&mut conn).await;
+                alive = nodes.iter().copied().zip(self.noted(r)?).collect();
+            }
+            Ok(views
+                .iter()
+                .map(|v| {
+                    v.iter()
+                        .filter(|(n, _)| **n != self.id)
+                        .filter_map(|(n, json)| {
+                            let p: TerminalPresence = serde_json::from_str(json).ok()?;
+                            Some(if alive.get(n).copied().unwrap_or(false) {
+                                p
+                            } else {
+                                // A node that is gone holds no session any more.
+                                TerminalPresence {
+                                    last_seen_ms: p.last_seen_ms,
+                                    ..TerminalPresence::default()
+                                }
+                            })
+                        })
+                        .collect()
+                })
+                .collect())
+        })
+    }
+
+    fn known_terminals(&self) -> EngineFuture<'_, Vec<String>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let r: redis::RedisResult<Vec<String>> = redis::cmd("ZRANGE")
+                .arg(self.seen_index())
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await;
+            self.noted(r)
+        })
     }
 }

@@ -509,3 +509,42 @@ async fn a_replayed_keepalive_is_refused_on_every_node() {
         tokio::time::timeout(Duration::from_millis(500), attacker.recv_from(&mut buf)).await;
     assert!(stolen.is_err(), "no wake went to the replaying address");
 }
+
+/// The service list answers the same on every node: a terminal connected to node a is online
+/// over WebSocket on node b's `GET /v1/terminals/{id}` and in its `?online=true` list, and
+/// offline on both once it left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_list_is_the_same_on_every_node() {
+    let redis = Redis::start();
+    let a = node(&redis, "svc").await;
+    let b = node(&redis, "svc").await;
+    let t = a.terminal("viewer", &["r"], false).await;
+    let seen = viewer_online("b", &b, true).await;
+    assert_eq!(seen["transports"], json!(["ws"]));
+    assert!(seen["last_seen_ms"].as_u64().unwrap() > 0);
+    viewer_online("a", &a, true).await;
+    drop(t);
+    viewer_online("b", &b, false).await;
+    viewer_online("a", &a, false).await;
+}
+
+/// Waits until `node` says terminal `viewer` is online (or not) in both its answers; returns
+/// its `GET /v1/terminals/viewer`.
+async fn viewer_online(node: &str, s: &TestServer, want: bool) -> Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, one) = s.get("/v1/terminals/viewer").await;
+        let (_, list) = s.get("/v1/terminals?online=true").await;
+        let listed = list["terminals"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|t| t["terminal"] == "viewer"));
+        if one["online"] == want && listed == want {
+            return one;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {node}: online {want}: {one} {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
