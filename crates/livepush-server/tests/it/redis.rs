@@ -548,3 +548,65 @@ async fn viewer_online(node: &str, s: &TestServer, want: bool) -> Value {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Redis restarted mid-stream (SIGKILL, then started again on the same port). With an
+/// append-only file every answered message survives and members notice nothing: the same
+/// epoch, the next seq, no `joined` in between. Without persistence the room moves to a new
+/// epoch and its members are told `joined{recovered:false}` before its seq 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_redis_loses_nothing_it_kept_and_says_so_when_it_did_not() {
+    for persistent in [true, false] {
+        let mut redis = if persistent {
+            Redis::start_persistent()
+        } else {
+            Redis::start()
+        };
+        let a = node(&redis, "restart").await;
+        let b = node(&redis, "restart").await;
+        let mut t = b.terminal("t", &["rr"], false).await;
+        let (epoch, _, _) = joined(&t.join("rr", None).await);
+        for k in 1..=20 {
+            a.publish("rr", "gift", json!(k)).await;
+        }
+        assert_eq!(t.reliable(20).await, (1..=20).collect::<Vec<_>>());
+        redis.restart();
+        // The nodes reconnect by themselves; until then a publish is refused, never sequenced.
+        let deadline = std::time::Instant::now() + WAIT;
+        let body = loop {
+            let (status, body) = a
+                .post("/v1/rooms/rr/messages", json!({"type":"gift","data":21}))
+                .await;
+            if status == 200 {
+                break body;
+            }
+            assert_eq!(status, 503, "{body}");
+            assert!(std::time::Instant::now() < deadline, "no node came back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if persistent {
+            assert_eq!(
+                (body["epoch"].as_str(), body["seq"].as_u64()),
+                (Some(epoch.as_str()), Some(21))
+            );
+            match t.next_significant().await {
+                ServerFrame::Msg(m) => assert_eq!(m.seq, Some(21)),
+                other => panic!("persistent Redis: expected seq 21 and nothing else: {other:?}"),
+            }
+        } else {
+            assert_ne!(body["epoch"], epoch.as_str());
+            assert_eq!(body["seq"], 1);
+            match t.next_significant().await {
+                ServerFrame::Joined {
+                    epoch: e,
+                    recovered,
+                    ..
+                } => {
+                    assert_ne!(e, epoch);
+                    assert!(!recovered);
+                }
+                other => panic!("empty Redis: expected the new epoch first: {other:?}"),
+            }
+            assert_eq!(t.reliable(1).await, [1]);
+        }
+    }
+}

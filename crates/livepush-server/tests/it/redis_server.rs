@@ -14,39 +14,73 @@ const STARTUP: Duration = Duration::from_secs(10);
 pub struct Redis {
     child: Child,
     pub port: u16,
+    persistent: bool,
     _dir: tempfile::TempDir,
 }
 
 impl Redis {
+    /// Without persistence: a restart loses everything.
     pub fn start() -> Redis {
+        Redis::start_with(false)
+    }
+
+    /// With an append-only file synced at every write: a restart, even after SIGKILL, loses
+    /// nothing that was answered.
+    pub fn start_persistent() -> Redis {
+        Redis::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Redis {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
         let dir = tempfile::tempdir().expect("tempdir");
-        let child = Command::new("redis-server")
+        let mut r = Redis {
+            child: Redis::spawn(port, &dir, persistent),
+            port,
+            persistent,
+            _dir: dir,
+        };
+        r.wait_ready();
+        r
+    }
+
+    fn spawn(port: u16, dir: &tempfile::TempDir, persistent: bool) -> Child {
+        let aof: &[&str] = if persistent {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
+        Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(["--save", ""])
+            .args(aof)
             .arg("--dir")
             .arg(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server (./scripts/test installs it: apt install redis-server)");
-        let r = Redis {
-            child,
-            port,
-            _dir: dir,
-        };
+            .expect("redis-server (./scripts/test installs it: apt install redis-server)")
+    }
+
+    fn wait_ready(&mut self) {
         let deadline = std::time::Instant::now() + STARTUP;
-        while r.cli(&["PING"]) != "PONG" {
+        while self.cli(&["PING"]) != "PONG" {
             assert!(
                 std::time::Instant::now() < deadline,
                 "redis-server did not start"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        r
+    }
+
+    /// SIGKILL, then start again on the same port and directory: with persistence it comes
+    /// back with its data, without it empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Redis::spawn(self.port, &self._dir, self.persistent);
+        self.wait_ready();
     }
 
     /// Kill it now (SIGKILL): a Redis that is gone.
