@@ -13,7 +13,8 @@ use serde_json::json;
 use support::process::ServerProcess;
 use support::proxy::Proxy;
 use support::redis::Redis;
-use support::{PATIENCE, fast_client, next_event};
+use support::wake::WakeSocket;
+use support::{PATIENCE, SECRET, fast_client, next_event};
 use tokio::time::Instant;
 
 const ROOM: &str = "live:nodes";
@@ -126,4 +127,45 @@ async fn a_node_killed_mid_stream_costs_its_terminals_nothing() {
     for n in nodes.into_iter().flatten() {
         n.stop();
     }
+}
+
+/// A sleeping terminal's keepalives reach node 1; a direct message posted to node 3 wakes it
+/// from node 1's socket (that holds the NAT mapping). Once node 1 is killed, the next post
+/// wakes it from node 3 itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_leaves_from_the_keepalive_node_and_from_another_once_it_is_gone() {
+    let redis = Redis::start();
+    let n1 = node(&redis);
+    let n3 = node(&redis);
+    let key = livepush_proto::wake::WakeKey::derive(SECRET.as_bytes(), "settop");
+    let udp = WakeSocket::bind(key).await;
+    udp.keepalive(n1.addr(), "settop").await;
+    let deadline = Instant::now() + PATIENCE;
+    while n3.api.terminal("settop").await["wake"]["registered"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "node 3 never saw the registration"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let post = |n: &ServerProcess, k: u64| {
+        let api = n.api.clone();
+        async move {
+            let body = api.post_inbox("settop", "notice", json!({ "k": k })).await;
+            assert_eq!(body["wake"], "sent", "{body}");
+        }
+    };
+    post(&n3, 1).await;
+    let (wake, from) = udp.wake_from(PATIENCE).await.expect("a wake");
+    assert_eq!((wake.inbox, from), (1, n1.addr()), "from node 1's socket");
+
+    n1.kill9();
+    post(&n3, 2).await;
+    // Node 1's repeats of the first wake are gone with it; the next wake is node 3's.
+    let (wake, from) = udp
+        .wake_from(PATIENCE)
+        .await
+        .expect("a wake after the kill");
+    assert_eq!((wake.inbox, from), (2, n3.addr()), "from node 3");
+    n3.stop();
 }

@@ -32,15 +32,21 @@ impl WakeSocket {
     /// The next wake signed with the key (other datagrams are skipped), or `None` when none
     /// comes `within`.
     pub async fn wake(&self, within: Duration) -> Option<Wake> {
+        self.wake_from(within).await.map(|(w, _)| w)
+    }
+
+    /// The next wake signed with the key and the address it came from (the node that sent
+    /// it), or `None` when none comes `within`.
+    pub async fn wake_from(&self, within: Duration) -> Option<(Wake, SocketAddr)> {
         let mut buf = [0u8; 512];
         let deadline = Instant::now() + within;
         loop {
-            let (n, _) = timeout_at(deadline, self.udp.recv_from(&mut buf))
+            let (n, from) = timeout_at(deadline, self.udp.recv_from(&mut buf))
                 .await
                 .ok()?
                 .expect("recv");
             if let Ok(w) = Wake::verify(&buf[..n], &self.key) {
-                return Some(w);
+                return Some((w, from));
             }
         }
     }
