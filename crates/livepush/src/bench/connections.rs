@@ -88,9 +88,10 @@ pub async fn run(a: ConnectionsBench) -> anyhow::Result<()> {
     let before = sut.sample();
     let me_before = me.sample();
     note(format!(
-        "livepush bench connections: {n} {} connections to {} over {} room(s)",
+        "livepush bench connections: {n} {} connections to {} ({} node(s)) over {} room(s)",
         sut.target.name(),
         sut.base,
+        sut.nodes(),
         rooms.len()
     ));
 
@@ -114,7 +115,7 @@ pub async fn run(a: ConnectionsBench) -> anyhow::Result<()> {
                 let t0 = Instant::now();
                 let opened = async {
                     let token = sut.token(i, room)?;
-                    let mut s = Session::open(&sut.dialer, i, room, token, None).await?;
+                    let mut s = Session::open(sut.dialer(i), i, room, token, None).await?;
                     s.until_ready(timeout).await?;
                     anyhow::Ok(s)
                 };

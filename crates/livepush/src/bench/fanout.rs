@@ -137,8 +137,12 @@ pub async fn run(a: FanoutBench) -> anyhow::Result<()> {
         _ => String::new(),
     };
     note(format!(
-        "livepush bench fanout: {n} {} subscribers in {room}, {} {class}messages of {} B{}",
+        "livepush bench fanout: {n} {} subscribers in {room}{}, {} {class}messages of {} B{}",
         sut.target.name(),
+        match sut.nodes() {
+            1 => String::new(),
+            k => format!(" spread over {k} nodes"),
+        },
         a.msgs,
         a.size,
         a.rate.map(|r| format!(" at {r}/s")).unwrap_or_default()
@@ -348,7 +352,7 @@ async fn subscriber(
 ) -> Option<u64> {
     let opened = async {
         let token = sut.token(i, room)?;
-        let mut s = Session::open(&sut.dialer, i, room, token, None).await?;
+        let mut s = Session::open(sut.dialer(i), i, room, token, None).await?;
         let (joined, early) = s.until_ready(timeout).await?;
         anyhow::Ok((s, joined, early))
     };

@@ -143,7 +143,7 @@ pub async fn run(a: ResumeBench) -> anyhow::Result<()> {
             async move {
                 let opened = async {
                     let mut s =
-                        Session::open(&sut.dialer, i, &room, tokens[i as usize].clone(), None)
+                        Session::open(sut.dialer(i), i, &room, tokens[i as usize].clone(), None)
                             .await?;
                     let (j, _) = s.until_ready(timeout).await?;
                     anyhow::Ok((s, j))
@@ -348,8 +348,14 @@ impl Terminal<'_> {
         };
         let deadline = tokio::time::Instant::from_std(go) + timeout;
         let opened = async {
-            let mut s =
-                Session::open(&self.sut.dialer, self.i, self.room, self.token, since).await?;
+            let mut s = Session::open(
+                self.sut.dialer(self.i),
+                self.i,
+                self.room,
+                self.token,
+                since,
+            )
+            .await?;
             let (j, early) = s.until_ready(timeout).await?;
             anyhow::Ok((s, j, early))
         };

@@ -95,19 +95,29 @@ pub struct ServerOpts {
     /// Print one JSON object instead of a markdown table.
     #[arg(long)]
     pub json: bool,
+    /// With --spawn: the spawned server keeps its state in this Redis (`redis://HOST:PORT/`,
+    /// which must not evict keys) under a prefix of its own, instead of `:memory:`.
+    #[arg(long)]
+    pub redis: Option<String>,
+    /// With --spawn and --redis: start this many nodes on the Redis and spread the
+    /// connections over them (connection i on node i mod N); publishes go to the first node.
+    /// The server's CPU and memory are then not reported (they are several processes').
+    #[arg(long, default_value_t = 1)]
+    pub spawn_nodes: u32,
 }
 
 /// A resolved server under test.
 #[derive(Debug)]
 pub struct Sut {
     pub target: Target,
-    /// `http://HOST:PORT` without a trailing slash.
+    /// `http://HOST:PORT` without a trailing slash (the first node, with several).
     pub base: String,
-    pub dialer: Dialer,
+    /// How to reach each node (one, unless --spawn-nodes).
+    dialers: Vec<Dialer>,
     pub probe: Option<Probe>,
     api_key: Option<String>,
     keys: Option<TokenKeys>,
-    child: Option<Child>,
+    children: Vec<Child>,
     http: reqwest::Client,
     /// A short random id of this run, in terminal ids and room names.
     pub run_id: String,
@@ -122,24 +132,37 @@ impl Sut {
     /// Resolve the options: spawn the server if asked, find its address, set up tokens.
     /// `history` raises a spawned server's `--history-size` so that a run's messages fit.
     pub async fn start(o: &ServerOpts, history: usize) -> anyhow::Result<Sut> {
-        let (base, child, api_key, secret) = if o.spawn {
+        if o.spawn_nodes != 1 && (o.redis.is_none() || !o.spawn) {
+            bail!("--spawn-nodes needs --spawn and --redis (the nodes share the Redis)");
+        }
+        if o.redis.is_some() && !o.spawn {
+            bail!("--redis configures the spawned server; use it with --spawn");
+        }
+        let (mut bases, children, api_key, secret) = if o.spawn {
             if o.target != Target::Livepush {
                 bail!(
                     "--spawn starts livepush; start {} yourself",
                     o.target.name()
                 );
             }
-            let (child, url) = spawn(o, history).await?;
+            let prefix = format!("bench-{:06x}", rand::random::<u32>() & 0xff_ffff);
+            let mut bases = Vec::new();
+            let mut children = Vec::new();
+            for node in 0..o.spawn_nodes.max(1) {
+                let (child, url) = spawn(o, history, &prefix, node).await?;
+                bases.push(url);
+                children.push(child);
+            }
             (
-                url,
-                Some(child),
+                bases,
+                children,
                 Some(SPAWN_KEY.to_owned()),
                 Some(SPAWN_SECRET.to_owned()),
             )
         } else {
             (
-                o.server.trim_end_matches('/').to_owned(),
-                None,
+                vec![o.server.trim_end_matches('/').to_owned()],
+                Vec::new(),
                 o.api_key.clone(),
                 o.token_secret.clone(),
             )
@@ -147,18 +170,15 @@ impl Sut {
         if o.target == Target::Livepush && secret.is_none() {
             bail!("livepush needs --token-secret (or LIVEPUSH_TOKEN_SECRET) to mint tokens");
         }
-        let url = url::Url::parse(&base).with_context(|| format!("--server {base}"))?;
-        let host = url
-            .host_str()
-            .context("--server has no host")?
-            .trim_matches(['[', ']']);
-        let port = url.port_or_known_default().unwrap_or(80);
-        let addr: SocketAddr = tokio::net::lookup_host((host, port))
-            .await
-            .with_context(|| format!("resolving {host}"))?
-            .next()
-            .with_context(|| format!("{host} has no address"))?;
-        let pid = child.as_ref().and_then(Child::id).or(o.server_pid);
+        let mut dialers = Vec::new();
+        for base in &bases {
+            dialers.push(dialer(o, base).await?);
+        }
+        let pid = match children.as_slice() {
+            [one] => one.id(),
+            [] => o.server_pid,
+            _ => None,
+        };
         let probe = pid.map(Probe::new);
         if let Some(p) = &probe
             && p.sample().is_none()
@@ -168,18 +188,12 @@ impl Sut {
         let run_id = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
         Ok(Sut {
             target: o.target,
-            dialer: Dialer {
-                target: o.target,
-                host: url[url::Position::BeforeHost..url::Position::AfterPort].to_owned(),
-                addr,
-                source_ips: o.source_ips,
-                source_offset: o.shard.index * o.source_ips,
-            },
-            base,
+            dialers,
+            base: bases.swap_remove(0),
             probe,
             api_key,
             keys: secret.map(|s| TokenKeys::new(&s)),
-            child,
+            children,
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(64)
                 .tcp_nodelay(true)
@@ -188,6 +202,16 @@ impl Sut {
             shard: o.shard,
             json: o.json,
         })
+    }
+
+    /// How connection `i` reaches the server: its node, with several.
+    pub fn dialer(&self, i: u64) -> &Dialer {
+        &self.dialers[(i % self.dialers.len() as u64) as usize]
+    }
+
+    /// How many nodes the connections are spread over.
+    pub fn nodes(&self) -> usize {
+        self.dialers.len()
     }
 
     /// The token of terminal `i` of this run, allowed into `room` (livepush only).
@@ -259,9 +283,9 @@ impl Sut {
         self.probe.as_ref().and_then(Probe::sample_cpu)
     }
 
-    /// Stop a spawned server (SIGTERM, then SIGKILL after 5 s).
+    /// Stop the spawned servers (SIGTERM, then SIGKILL after 5 s).
     pub async fn stop(mut self) {
-        if let Some(child) = self.child.take() {
+        for child in self.children.drain(..) {
             stop_child(child).await;
         }
     }
@@ -334,8 +358,36 @@ pub async fn start_serve(
     Ok((child, url, log))
 }
 
-/// Start `livepush serve` on a free loopback port and wait for its "listening on" line.
-async fn spawn(o: &ServerOpts, history: usize) -> anyhow::Result<(Child, String)> {
+/// How to reach the server at `base` (`http://HOST:PORT`).
+async fn dialer(o: &ServerOpts, base: &str) -> anyhow::Result<Dialer> {
+    let url = url::Url::parse(base).with_context(|| format!("--server {base}"))?;
+    let host = url
+        .host_str()
+        .context("--server has no host")?
+        .trim_matches(['[', ']']);
+    let port = url.port_or_known_default().unwrap_or(80);
+    let addr: SocketAddr = tokio::net::lookup_host((host, port))
+        .await
+        .with_context(|| format!("resolving {host}"))?
+        .next()
+        .with_context(|| format!("{host} has no address"))?;
+    Ok(Dialer {
+        target: o.target,
+        host: url[url::Position::BeforeHost..url::Position::AfterPort].to_owned(),
+        addr,
+        source_ips: o.source_ips,
+        source_offset: o.shard.index * o.source_ips,
+    })
+}
+
+/// Start `livepush serve` on a free loopback port and wait for its "listening on" line. With
+/// --redis, on the Redis under `prefix` (every node of the run shares it).
+async fn spawn(
+    o: &ServerOpts,
+    history: usize,
+    prefix: &str,
+    node: u32,
+) -> anyhow::Result<(Child, String)> {
     let bin = match &o.server_bin {
         Some(b) => b.clone(),
         None => std::env::current_exe().context("locating this binary")?,
@@ -344,8 +396,6 @@ async fn spawn(o: &ServerOpts, history: usize) -> anyhow::Result<(Child, String)
         "serve".into(),
         "--listen".into(),
         "127.0.0.1:0".into(),
-        "--data-dir".into(),
-        ":memory:".into(),
         "--api-key".into(),
         SPAWN_KEY.into(),
         "--token-secret".into(),
@@ -353,8 +403,24 @@ async fn spawn(o: &ServerOpts, history: usize) -> anyhow::Result<(Child, String)
         "--history-size".into(),
         history.max(1000).to_string(),
     ];
+    match &o.redis {
+        Some(redis) => args.extend([
+            "--redis".into(),
+            redis.clone(),
+            "--redis-prefix".into(),
+            prefix.to_owned(),
+            // No bench uses wake-ups; spare the nodes their UDP listeners.
+            "--wake-listen".into(),
+            "off".into(),
+        ]),
+        None => args.extend(["--data-dir".into(), ":memory:".into()]),
+    }
     args.extend(o.server_args.iter().cloned());
-    let (child, url, log) = start_serve(&bin, o.server_cpus.as_deref(), &args, "server").await?;
+    let name = match node {
+        0 => "server".to_owned(),
+        n => format!("server{n}"),
+    };
+    let (child, url, log) = start_serve(&bin, o.server_cpus.as_deref(), &args, &name).await?;
     eprintln!(
         "spawned {} (pid {}){} on {url}; log in {}",
         bin.display(),
