@@ -50,7 +50,8 @@ impl Shard {
 /// Options every bench that drives a server shares.
 #[derive(Debug, Args)]
 pub struct ServerOpts {
-    /// Base URL of the server under test. Ignored with --spawn.
+    /// Base URL of the server under test; several nodes of one deployment comma-separated
+    /// (connection i goes to node i mod N, publishes to the first). Ignored with --spawn.
     #[arg(long, env = "LIVEPUSH_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
     /// The kind of server: livepush, or a peer for comparison (see bench/README.md).
@@ -161,7 +162,10 @@ impl Sut {
             )
         } else {
             (
-                vec![o.server.trim_end_matches('/').to_owned()],
+                o.server
+                    .split(',')
+                    .map(|u| u.trim().trim_end_matches('/').to_owned())
+                    .collect(),
                 Vec::new(),
                 o.api_key.clone(),
                 o.token_secret.clone(),
