@@ -294,6 +294,25 @@ fn unavailable(e: redis::RedisError) -> EngineError {
     EngineError::Unavailable(e.to_string())
 }
 
+/// Run a Redis write that nobody waits for in the background. A failure is logged as
+/// `what` (at debug level when `frequent`: a write per message must not flood the log
+/// while Redis is away; `/healthz` and the answered requests say so already).
+fn spawn_write<T: Send + 'static>(
+    what: &'static str,
+    frequent: bool,
+    write: impl std::future::Future<Output = redis::RedisResult<T>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        if let Err(e) = write.await {
+            if frequent {
+                tracing::debug!(error = %e, "{what} did not reach Redis");
+            } else {
+                tracing::warn!(error = %e, "{what} did not reach Redis");
+            }
+        }
+    });
+}
+
 /// A request to the subscription task.
 enum SubCmd {
     Subscribe(String, tokio::sync::oneshot::Sender<redis::RedisResult<()>>),
@@ -880,16 +899,17 @@ impl Engine for RedisEngine {
         payload.extend_from_slice(frame);
         let channel = self.room_channel(room);
         let mut conn = self.conn.clone();
-        tokio::spawn(async move {
-            let r: redis::RedisResult<()> = redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg(payload)
-                .query_async(&mut conn)
-                .await;
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "a transient message did not reach the other nodes");
-            }
-        });
+        spawn_write(
+            "a transient message for the other nodes",
+            true,
+            async move {
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(payload)
+                    .query_async::<()>(&mut conn)
+                    .await
+            },
+        );
     }
 
     fn history(
@@ -1104,32 +1124,26 @@ impl InboxEngine for RedisEngine {
     fn ack(&self, terminal: &str, seq: u64) {
         let mut conn = self.conn.clone();
         let (t, i) = (self.key("term", terminal), self.key("inbox", terminal));
-        tokio::spawn(async move {
-            let r: redis::RedisResult<i64> = Script::new(ACK)
+        spawn_write("an inbox acknowledgement", false, async move {
+            Script::new(ACK)
                 .key(t)
                 .key(i)
                 .arg(seq)
-                .invoke_async(&mut conn)
-                .await;
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "an inbox acknowledgement did not reach Redis");
-            }
+                .invoke_async::<i64>(&mut conn)
+                .await
         });
     }
 
     fn trim(&self, terminal: &str, keep_from: u64) {
         let mut conn = self.conn.clone();
         let key = self.key("inbox", terminal);
-        tokio::spawn(async move {
-            let r: redis::RedisResult<i64> = redis::cmd("ZREMRANGEBYSCORE")
+        spawn_write("an inbox trim", true, async move {
+            redis::cmd("ZREMRANGEBYSCORE")
                 .arg(key)
                 .arg("-inf")
                 .arg(format!("({keep_from}"))
-                .query_async(&mut conn)
-                .await;
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "an inbox trim did not reach Redis");
-            }
+                .query_async::<i64>(&mut conn)
+                .await
         });
     }
 
@@ -1138,16 +1152,13 @@ impl InboxEngine for RedisEngine {
         let mut conn = self.conn.clone();
         let key = self.key("term", terminal);
         let (ts, value) = (registration.ts, encode_wake(registration, &self.id));
-        tokio::spawn(async move {
-            let r: redis::RedisResult<i64> = Script::new(KEEPALIVE)
+        spawn_write("a wake registration", false, async move {
+            Script::new(KEEPALIVE)
                 .key(key)
                 .arg(ts)
                 .arg(value)
-                .invoke_async(&mut conn)
-                .await;
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "a wake registration did not reach Redis");
-            }
+                .invoke_async::<i64>(&mut conn)
+                .await
         });
     }
 
@@ -1231,11 +1242,8 @@ impl InboxEngine for RedisEngine {
             .arg("-inf")
             .arg(format!("({}", now_ms().saturating_sub(keep_ms)))
             .ignore();
-        tokio::spawn(async move {
-            let r: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "the service list did not reach Redis");
-            }
+        spawn_write("the service list", true, async move {
+            pipe.query_async::<()>(&mut conn).await
         });
     }
 
