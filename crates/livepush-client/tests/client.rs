@@ -213,9 +213,7 @@ async fn a_prompt_is_pulled_page_by_page_up_to_its_seq() {
     client.join(ROOM, Some(pos("e1", 0))).await.unwrap();
     assert_eq!(client.position(ROOM), Some(pos("e1", 0)));
     let mut conn = server.accept().await;
-    conn.handshake("t1").await;
-    let (_, since, id) = conn.expect_join().await;
-    assert_eq!(since, Some(pos("e1", 0)));
+    let id = conn.join_resuming(ROOM, pos("e1", 0)).await;
     // The replay did not fit the server's queue: three messages, then a prompt, then live.
     conn.send(&[
         joined(id, ROOM, "e1", 250, true),
@@ -467,9 +465,7 @@ async fn a_new_epoch_resets_the_position_and_reports_the_loss() {
     let (client, mut events) = Client::connect(server.config()).unwrap();
     client.join(ROOM, Some(pos("e1", 10))).await.unwrap();
     let mut conn = server.accept().await;
-    conn.handshake("t1").await;
-    let (_, since, id) = conn.expect_join().await;
-    assert_eq!(since, Some(pos("e1", 10)));
+    let id = conn.join_resuming(ROOM, pos("e1", 10)).await;
     // The server's history restarted: it keeps seqs 2..=3 of epoch e2.
     conn.send(&[joined(id, ROOM, "e2", 3, false), msg(ROOM, 2), msg(ROOM, 3)])
         .await;

@@ -89,9 +89,7 @@ async fn a_joined_without_id_while_a_join_is_pending_waits_for_its_answer() {
     let (client, mut events) = Client::connect(server.config()).unwrap();
     client.join(ROOM, Some(pos("e1", 2))).await.unwrap();
     let mut conn = server.accept().await;
-    conn.handshake("t1").await;
-    let (_, since, id) = conn.expect_join().await;
-    assert_eq!(since, Some(pos("e1", 2)));
+    let id = conn.join_resuming(ROOM, pos("e1", 2)).await;
     assert!(matches!(
         next_event(&mut events).await,
         Event::Connected { .. }

@@ -148,6 +148,15 @@ impl Conn {
         assert!(matches!(next_event(events).await, Event::Joined { .. }));
     }
 
+    /// Complete the handshake and expect the join of `room` resuming from `since`; returns
+    /// the join's id (to answer it with).
+    pub async fn join_resuming(&mut self, room: &str, since: Position) -> Option<u64> {
+        self.handshake("t1").await;
+        let (joining, got, id) = self.expect_join().await;
+        assert_eq!((joining.as_str(), got), (room, Some(since)));
+        id
+    }
+
     /// Expect a `join`; returns (room, since, id).
     pub async fn expect_join(&mut self) -> (String, Option<Position>, Option<u64>) {
         let env = self.recv().await;
