@@ -19,6 +19,10 @@ use tokio::time::Instant;
 use crate::clock::now_ms;
 use crate::engine::TerminalPresence;
 
+/// How often at most a terminal whose shared view did not change is shared again (to
+/// refresh its `last_seen` on other nodes): see [`Terminals::take_changed`].
+pub const SHARE_REFRESH: Duration = Duration::from_secs(30);
+
 /// Settings of the flap detector and of long-poll presence.
 #[derive(Debug, Clone, Copy)]
 pub struct TerminalSettings {
@@ -37,13 +41,19 @@ pub struct TerminalSettings {
 /// only there while it has something to say, since almost no terminal is ever interrupted.
 #[derive(Debug, Default)]
 struct Entry {
-    ws: u32,
-    sse: u32,
-    polls: u32,
+    // Sessions over each transport: a process holds far fewer than 65,535 sockets.
+    ws: u16,
+    sse: u16,
+    polls: u16,
+    /// The [`Entry::shape`] of the view last shared with other nodes (0: never shared).
+    shared_shape: u8,
     /// When the terminal last said `bye` over long-polling: the low 32 bits of
     /// [`Terminals::clock`] (0: never), compared with wrapping arithmetic. In the padding
     /// beside the counters, so the entry does not grow.
     bye_at: u32,
+    /// When the view was last shared with other nodes, in whole seconds of
+    /// [`Terminals::clock`]. With `shared_shape`, in the padding: the entry does not grow.
+    shared_at: u32,
     /// A long-poll terminal stays online until then after its last poll.
     poll_grace_until: u64,
     /// Wall clock, for the API.
@@ -77,6 +87,17 @@ impl Flaps {
 }
 
 impl Entry {
+    /// What other nodes read from a shared view without a clock: over which transports the
+    /// terminal is online, and whether that hangs on a long-poll grace period (whose end
+    /// moves with every poll). Bit 7 is set so that 0 means "never shared".
+    fn shape(&self, now: u64) -> u8 {
+        0x80 | u8::from(self.ws > 0)
+            | u8::from(self.sse > 0) << 1
+            | u8::from(self.polls > 0) << 2
+            | u8::from(self.polls == 0 && self.poll_grace_until > now) << 3
+            | u8::from(self.flaps.is_some()) << 4
+    }
+
     fn online(&self, now: u64) -> bool {
         self.ws > 0 || self.sse > 0 || self.polls > 0 || self.poll_grace_until > now
     }
@@ -191,22 +212,38 @@ impl Terminals {
         }
     }
 
-    /// What this node knows now of each terminal whose presence changed since the last call.
+    /// What this node knows now of each terminal whose presence changed since the last call
+    /// in a way other nodes can see. A long-poll terminal opens and ends a poll for every
+    /// answer, and each marks it changed; while its polls follow one another, other nodes
+    /// read the same thing ("online over long-polling") from the view already shared, so it
+    /// is shared again only when its [`Entry::shape`] changes, or to refresh its
+    /// `last_seen` every [`SHARE_REFRESH`] (what other nodes show lags by at most that).
+    /// A view hanging on a grace period, or with interruptions, is always shared.
     pub fn take_changed(&self) -> Vec<(Arc<str>, TerminalPresence)> {
         let Some(changed) = &self.changed else {
             return Vec::new();
         };
         let ids = std::mem::take(&mut *changed.lock());
         let (now, wall) = (self.clock(), now_ms());
+        let secs = (now / 1000) as u32;
         let window = ms(self.settings.flap_window);
-        let map = self.map.lock();
+        let mut map = self.map.lock();
         ids.into_iter()
             .filter_map(|id| {
-                let e = map.get(&id)?;
+                let e = map.get_mut(&id)?;
+                let shape = e.shape(now);
+                let steady = shape == e.shared_shape
+                    && shape & 0x18 == 0
+                    && secs.saturating_sub(e.shared_at) < SHARE_REFRESH.as_secs() as u32;
+                if steady {
+                    return None;
+                }
+                e.shared_shape = shape;
+                e.shared_at = secs;
                 let p = TerminalPresence {
-                    ws: e.ws,
-                    sse: e.sse,
-                    polls: e.polls,
+                    ws: e.ws.into(),
+                    sse: e.sse.into(),
+                    polls: e.polls.into(),
                     grace_until_ms: e
                         .poll_grace_until
                         .checked_sub(now)
@@ -240,10 +277,10 @@ impl Terminals {
         self.mark(id);
         let e = Self::touch(&mut map, id, now);
         match transport {
-            Transport::Ws => e.ws += 1,
-            Transport::Sse => e.sse += 1,
+            Transport::Ws => e.ws = e.ws.saturating_add(1),
+            Transport::Sse => e.sse = e.sse.saturating_add(1),
             Transport::Longpoll => {
-                e.polls += 1;
+                e.polls = e.polls.saturating_add(1);
                 e.poll_grace_until = 0;
             }
         }
@@ -373,15 +410,30 @@ impl Terminals {
     }
 
     /// Forget terminals offline for longer than the retention, and release the flap state
-    /// of those no longer flapping.
+    /// of those no longer flapping. On a shared list, an online terminal whose view was
+    /// shared more than half the retention ago is shared again: other nodes forget views
+    /// older than the retention, and a WebSocket terminal may stay connected for days.
     pub fn sweep(&self) {
         let now = self.clock();
         let retention = ms(self.settings.retention);
         let window = ms(self.settings.flap_window);
-        self.map.lock().retain(|_, e| {
+        let stale = (retention / 2000) as u32;
+        let mut refresh = Vec::new();
+        self.map.lock().retain(|id, e| {
             e.prune(now, window);
-            e.online(now) || (e.last_seen != 0 && now.saturating_sub(e.last_seen) < retention)
+            let online = e.online(now);
+            if online
+                && self.changed.is_some()
+                && ((now / 1000) as u32).saturating_sub(e.shared_at) >= stale
+            {
+                e.shared_shape = 0;
+                refresh.push(id.clone());
+            }
+            online || (e.last_seen != 0 && now.saturating_sub(e.last_seen) < retention)
         });
+        for id in &refresh {
+            self.mark(id);
+        }
     }
 }
 
@@ -456,6 +508,47 @@ mod tests {
         assert_eq!((p.ws, p.polls), (0, 0));
         assert!(p.grace_until_ms > now_ms(), "online during the poll grace");
         assert!(!p.online(p.grace_until_ms), "and not after it");
+    }
+
+    /// A long-poll terminal ends and opens a poll for every answer: while its polls follow
+    /// one another, other nodes read the same view, so it is not written again (it was, on
+    /// every upkeep tick); a gap between polls (a grace period) and a new transport are.
+    #[test]
+    fn a_shared_list_skips_what_other_nodes_already_read() {
+        let t = Terminals::shared(settings());
+        let id: Arc<str> = Arc::from("lp");
+        t.opened(&id, Transport::Longpoll);
+        assert_eq!(t.take_changed().len(), 1);
+        for _ in 0..3 {
+            t.closed(&id, Transport::Longpoll, false);
+            t.opened(&id, Transport::Longpoll);
+        }
+        assert!(t.take_changed().is_empty(), "polls that follow one another");
+        t.closed(&id, Transport::Longpoll, false);
+        let (_, p) = t.take_changed().pop().expect("a gap hangs on the grace");
+        assert!(p.grace_until_ms > now_ms());
+        t.opened(&id, Transport::Longpoll);
+        assert_eq!(t.take_changed().len(), 1, "back from the gap");
+        t.opened(&id, Transport::Ws);
+        assert_eq!(t.take_changed().len(), 1, "a new transport");
+    }
+
+    /// An online terminal whose view has not changed for half the retention is shared again
+    /// at the next sweep: other nodes forget views older than the retention.
+    #[test]
+    fn a_long_connected_terminal_is_shared_again_before_others_forget_it() {
+        let t = Terminals::shared(TerminalSettings {
+            retention: Duration::from_secs(2),
+            ..settings()
+        });
+        let id: Arc<str> = Arc::from("ws");
+        t.opened(&id, Transport::Ws);
+        assert_eq!(t.take_changed().len(), 1);
+        t.sweep();
+        assert!(t.take_changed().is_empty(), "shared just now");
+        std::thread::sleep(Duration::from_millis(1100));
+        t.sweep();
+        assert_eq!(t.take_changed().len(), 1);
     }
 
     #[test]
