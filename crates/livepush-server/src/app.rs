@@ -39,6 +39,10 @@ impl Node for App {
         match event {
             Event::Inbox { terminal, message } => self.inboxes.on_inbox(terminal, message),
             Event::Wake { terminal } => self.inboxes.wake_requested(terminal),
+            Event::LinkLost => {
+                self.inboxes.relink();
+                self.hub.on_event(Event::LinkLost);
+            }
             other => self.hub.on_event(other),
         }
     }

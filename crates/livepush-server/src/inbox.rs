@@ -296,10 +296,7 @@ impl Inboxes {
         if let Some(i) = self.map.lock().get(id) {
             return Ok(i.0.clone());
         }
-        // Watch before loading: a message posted meanwhile comes as an event, and the feed of
-        // the inbox drops it if the record already had it.
-        self.engine.watch(id);
-        let record = self.engine.load_terminal(id).await?.unwrap_or_default();
+        let record = self.engine.load_and_watch(id).await?.unwrap_or_default();
         let mut map = self.map.lock();
         if let Some(i) = map.get(id) {
             return Ok(i.0.clone());
@@ -363,18 +360,55 @@ impl Inboxes {
 
     /// A direct message the engine handed over: pushed to the terminal's sessions here and
     /// kept until acknowledged (bounded). Terminals this node does not hold are not its
-    /// business.
-    pub fn on_inbox(&self, terminal: &str, message: &InboxMessage) {
+    /// business. A terminal's seqs come one after the other: a seq past the next one means
+    /// hand-overs were lost on the way (across nodes, while the subscription connection was
+    /// down), so the inbox is read again from the engine rather than delivered with a hole.
+    pub fn on_inbox(self: &Arc<Self>, terminal: &str, message: &InboxMessage) {
         let Some(inbox) = self.map.lock().get(terminal).map(|i| i.0.clone()) else {
             return;
         };
+        if message.seq > inbox.state.lock().delivered + 1 {
+            self.reload(vec![inbox]);
+            return;
+        }
+        self.deliver(&inbox, message);
+    }
+
+    /// The engine may have lost hand-overs (its subscription connection dropped, or its
+    /// data): hold every inbox held here again, and deliver what each missed.
+    pub fn relink(self: &Arc<Self>) {
+        let held = self.map.lock().iter().map(|i| i.0.clone()).collect();
+        self.reload(held);
+    }
+
+    fn reload(self: &Arc<Self>, held: Vec<Arc<Inbox>>) {
+        let inboxes = self.clone();
+        tokio::spawn(async move {
+            for inbox in held {
+                match inboxes.engine.load_and_watch(&inbox.id).await {
+                    Ok(record) => {
+                        for m in record.iter().flat_map(|r| &r.inbox) {
+                            inboxes.deliver(&inbox, m);
+                        }
+                    }
+                    Err(e) => {
+                        // The next hand-over past a hole, or the next link loss, tries again.
+                        tracing::warn!(error = %e, "cannot read inboxes again");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    fn deliver(&self, inbox: &Inbox, message: &InboxMessage) {
         let delivery = inbox.deliver(message, self.settings.max_messages);
         if let Some(keep_from) = delivery.trimmed_to {
             self.stats
                 .dropped
                 .get_or_create(&ReasonLabel { reason: "overflow" })
                 .inc_by(delivery.dropped);
-            self.engine.trim(terminal, keep_from);
+            self.engine.trim(&inbox.id, keep_from);
         }
     }
 

@@ -243,9 +243,14 @@ pub trait InboxEngine: Send + Sync + std::fmt::Debug + 'static {
     /// registration), or `None` if it was never stored.
     fn load_terminal(&self, terminal: &str) -> EngineFuture<'_, Option<TerminalRecord>>;
 
-    /// This node holds the terminal's inbox (a session, or a wake-up to send): hand it the
-    /// terminal's direct messages posted on any node, until [`InboxEngine::unwatch`].
-    fn watch(&self, _terminal: &str) {}
+    /// This node takes the terminal's inbox (a session, or a wake-up to send): from now on
+    /// hand it the terminal's direct messages posted on any node, until
+    /// [`InboxEngine::unwatch`], and load what is known of it ([`InboxEngine::load_terminal`]).
+    /// Registering comes before reading, so that a message posted meanwhile is in the record,
+    /// handed over, or both (the inbox drops a seq it already has), never neither.
+    fn load_and_watch(&self, terminal: &str) -> EngineFuture<'_, Option<TerminalRecord>> {
+        self.load_terminal(terminal)
+    }
 
     /// This node no longer holds the terminal's inbox.
     fn unwatch(&self, _terminal: &str) {}

@@ -33,8 +33,12 @@
 //!
 //! A terminal's inbox is a hash `P:term:{T}` (seq, acked, the wake registration) and a sorted
 //! set `P:inbox:{T}` of frames by seq. A post is one script ([`POST`]) that takes the next seq,
-//! stores the frame, trims to the inbox size and publishes it on `P:in:{T}`, which the nodes
-//! that hold a session of the terminal subscribe to ([`InboxEngine::watch`]).
+//! stores the frame, trims to the inbox size and publishes it on the own channel
+//! `P:node:{N}` of each node in the set `P:at:{T}`: the nodes that hold the terminal's inbox
+//! ([`InboxEngine::load_and_watch`] joins it in the same pipeline as the read). A channel per
+//! terminal would cost a subscription per connected terminal, on every node and in Redis:
+//! 0.3 KiB per idle connection on the node (docs/performance.md). A node missing from the set
+//! after a lost subscription sees the next seq jump and reads the inbox again (`inbox.rs`).
 //!
 //! # Faults
 //!
@@ -223,8 +227,12 @@ return 1
 /// a second): a killed node's terminals leave the online counts within this, plus a tick.
 pub const NODE_TTL: Duration = Duration::from_secs(10);
 
-/// An inbox post: next seq, keep the frame (as `TS FRAME`), trim to the size, announce.
-/// KEYS: terminal, inbox. ARGV: head, tail, size, channel, ts.
+/// An inbox post: next seq, keep the frame (as `TS FRAME`), trim to the size, and hand it
+/// to every node that holds the terminal's inbox, on that node's own channel. A node whose
+/// channel nobody listens to is gone (or its subscription is down: it registers again when
+/// the subscription is back, see [`Event::LinkLost`]) and leaves the terminal's node set.
+/// KEYS: terminal, inbox, the terminal's nodes. ARGV: head, tail, size, node channel prefix,
+/// ts, terminal.
 const POST: &str = r#"
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local acked = tonumber(redis.call('HGET', KEYS[1], 'acked') or '0')
@@ -236,7 +244,12 @@ if seq > acked then
     redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1)
   end
 end
-redis.call('PUBLISH', ARGV[4], 'I' .. seq .. ' ' .. ARGV[5] .. '\n' .. frame)
+local payload = 'I' .. seq .. ' ' .. ARGV[5] .. '\n' .. ARGV[6] .. '\n' .. frame
+for _, node in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if redis.call('PUBLISH', ARGV[4] .. node .. '}', payload) == 0 then
+    redis.call('SREM', KEYS[3], node)
+  end
+end
 return seq
 "#;
 
@@ -353,7 +366,9 @@ enum Wire<'a> {
         epoch: &'a str,
         seq: u64,
     },
+    /// To one node: a direct message for a terminal whose inbox it holds.
     Inbox {
+        terminal: &'a str,
         seq: u64,
         ts: u64,
         frame: &'a [u8],
@@ -416,11 +431,16 @@ fn parse_wire(payload: &[u8]) -> Option<Wire<'_>> {
             Some(Wire::Epoch { epoch, seq })
         }
         b'W' => Some(Wire::Wake { terminal: head }),
-        b'I' => Some(Wire::Inbox {
-            seq: parts.next()?.parse().ok()?,
-            ts: parts.next()?.parse().ok()?,
-            frame,
-        }),
+        b'I' => {
+            // `I<seq> <ts>\n<terminal>\n<frame>`: terminal ids hold no control characters.
+            let at = frame.iter().position(|b| *b == b'\n')?;
+            Some(Wire::Inbox {
+                terminal: std::str::from_utf8(&frame[..at]).ok()?,
+                seq: parts.next()?.parse().ok()?,
+                ts: parts.next()?.parse().ok()?,
+                frame: &frame[at + 1..],
+            })
+        }
         _ => None,
     }
 }
@@ -565,8 +585,9 @@ impl RedisEngine {
         self.key("ch", room)
     }
 
-    fn inbox_channel(&self, terminal: &str) -> String {
-        self.key("in", terminal)
+    /// The nodes holding a terminal's inbox (see [`POST`]).
+    fn holders_key(&self, terminal: &str) -> String {
+        self.key("at", terminal)
     }
 
     fn noted<T>(&self, r: redis::RedisResult<T>) -> Result<T, EngineError> {
@@ -742,8 +763,16 @@ impl RedisEngine {
                     ("node", Some(Wire::Wake { terminal })) => {
                         node.on_event(Event::Wake { terminal });
                     }
-                    ("in", Some(Wire::Inbox { seq, ts, frame })) => node.on_event(Event::Inbox {
-                        terminal: id.1,
+                    (
+                        "node",
+                        Some(Wire::Inbox {
+                            terminal,
+                            seq,
+                            ts,
+                            frame,
+                        }),
+                    ) => node.on_event(Event::Inbox {
+                        terminal,
                         message: &InboxMessage {
                             seq,
                             ts,
@@ -755,6 +784,63 @@ impl RedisEngine {
             }
             _ => {}
         }
+    }
+
+    /// A terminal's record; with `watch`, this node first joins the terminal's holders (in
+    /// the same pipeline, so before the read: see [`InboxEngine::load_and_watch`]).
+    async fn load(
+        &self,
+        terminal: String,
+        watch: bool,
+    ) -> Result<Option<TerminalRecord>, EngineError> {
+        let (t, i) = (self.key("term", &terminal), self.key("inbox", &terminal));
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        if watch {
+            pipe.cmd("SADD")
+                .arg(self.holders_key(&terminal))
+                .arg(&self.id)
+                .ignore();
+        }
+        let r: redis::RedisResult<TerminalRows> = pipe
+            .cmd("HMGET")
+            .arg(&t)
+            .arg("seq")
+            .arg("acked")
+            .arg("wake")
+            .cmd("ZRANGE")
+            .arg(&i)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await;
+        let (fields, kept) = self.noted(r)?;
+        let get = |n: usize| fields.get(n).cloned().flatten();
+        if fields.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let number = |n: usize| get(n).and_then(|v| v.parse().ok()).unwrap_or(0u64);
+        let acked = number(1);
+        Ok(Some(TerminalRecord {
+            seq: number(0),
+            acked,
+            inbox: kept
+                .into_iter()
+                .filter(|(_, s)| *s > acked)
+                .filter_map(|(member, seq)| {
+                    // `TS FRAME`
+                    let at = member.iter().position(|b| *b == b' ')?;
+                    let ts = std::str::from_utf8(&member[..at]).ok()?.parse().ok()?;
+                    Some(InboxMessage {
+                        seq,
+                        ts,
+                        frame: Bytes::copy_from_slice(&member[at + 1..]),
+                    })
+                })
+                .collect(),
+            wake: get(2).and_then(|w| decode_wake(&w).map(|(r, _)| r)),
+        }))
     }
 
     async fn open_room(&self, room: &str, keep: usize) -> Result<Snapshot, EngineError> {
@@ -1034,64 +1120,23 @@ impl Engine for RedisEngine {
 
 impl InboxEngine for RedisEngine {
     fn load_terminal(&self, terminal: &str) -> EngineFuture<'_, Option<TerminalRecord>> {
-        let (t, i) = (self.key("term", terminal), self.key("inbox", terminal));
-        Box::pin(async move {
-            let mut conn = self.conn.clone();
-            let r: redis::RedisResult<TerminalRows> = redis::pipe()
-                .cmd("HMGET")
-                .arg(&t)
-                .arg("seq")
-                .arg("acked")
-                .arg("wake")
-                .cmd("ZRANGE")
-                .arg(&i)
-                .arg(0)
-                .arg(-1)
-                .arg("WITHSCORES")
-                .query_async(&mut conn)
-                .await;
-            let (fields, kept) = self.noted(r)?;
-            let get = |n: usize| fields.get(n).cloned().flatten();
-            if fields.iter().all(Option::is_none) {
-                return Ok(None);
-            }
-            let number = |n: usize| get(n).and_then(|v| v.parse().ok()).unwrap_or(0u64);
-            let acked = number(1);
-            Ok(Some(TerminalRecord {
-                seq: number(0),
-                acked,
-                inbox: kept
-                    .into_iter()
-                    .filter(|(_, s)| *s > acked)
-                    .filter_map(|(member, seq)| {
-                        // `TS FRAME`
-                        let at = member.iter().position(|b| *b == b' ')?;
-                        let ts = std::str::from_utf8(&member[..at]).ok()?.parse().ok()?;
-                        Some(InboxMessage {
-                            seq,
-                            ts,
-                            frame: Bytes::copy_from_slice(&member[at + 1..]),
-                        })
-                    })
-                    .collect(),
-                wake: get(2).and_then(|w| decode_wake(&w).map(|(r, _)| r)),
-            }))
-        })
+        Box::pin(self.load(terminal.to_owned(), false))
     }
 
-    fn watch(&self, terminal: &str) {
-        let channel = self.inbox_channel(terminal);
-        if let Some(engine) = self.me.get().and_then(Weak::upgrade) {
-            tokio::spawn(async move {
-                if let Err(e) = engine.subscribe(channel).await {
-                    tracing::warn!(error = %e, "cannot follow a terminal's inbox");
-                }
-            });
-        }
+    fn load_and_watch(&self, terminal: &str) -> EngineFuture<'_, Option<TerminalRecord>> {
+        Box::pin(self.load(terminal.to_owned(), true))
     }
 
     fn unwatch(&self, terminal: &str) {
-        self.unsubscribe(self.inbox_channel(terminal));
+        let mut conn = self.conn.clone();
+        let (key, id) = (self.holders_key(terminal), self.id.clone());
+        spawn_write("an inbox release", true, async move {
+            redis::cmd("SREM")
+                .arg(key)
+                .arg(id)
+                .query_async::<i64>(&mut conn)
+                .await
+        });
     }
 
     fn post<'a>(
@@ -1107,9 +1152,11 @@ impl InboxEngine for RedisEngine {
                 .key(self.key("inbox", terminal))
                 .arg(&frame.head[..])
                 .arg(&frame.tail[..])
+                .key(self.holders_key(terminal))
                 .arg(self.settings.inbox_size)
-                .arg(self.inbox_channel(terminal))
+                .arg(format!("{}:node:{{", self.settings.prefix))
                 .arg(ts)
+                .arg(terminal)
                 .invoke_async(&mut conn)
                 .await;
             let seq = self.noted(r)?;

@@ -610,3 +610,69 @@ async fn a_restarted_redis_loses_nothing_it_kept_and_says_so_when_it_did_not() {
         }
     }
 }
+
+/// The next direct message of `t`: its seq and data (other frames skipped).
+async fn next_inbox(t: &mut Ws) -> (u64, Value) {
+    loop {
+        if let ServerFrame::Inbox { seq, data, .. } = t.next().await {
+            return (seq, data);
+        }
+    }
+}
+
+/// A node follows the inboxes of its terminals on its own channel: connected terminals add
+/// no subscription (one each cost memory on the node and in Redis), and a direct message
+/// posted on another node still reaches each of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inboxes_reach_their_node_without_a_subscription_per_terminal() {
+    let redis = Redis::start();
+    let a = node(&redis, "hold").await;
+    let b = node(&redis, "hold").await;
+    let channels = || redis.cli(&["PUBSUB", "CHANNELS", "hold:*"]).lines().count();
+    let before = channels();
+    let mut held = Vec::new();
+    for k in 0..10 {
+        held.push(a.terminal(&format!("h{k}"), &[], false).await);
+    }
+    assert_eq!(channels(), before, "a subscription per terminal");
+    for (k, t) in held.iter_mut().enumerate() {
+        let (status, body) = b
+            .post(
+                &format!("/v1/terminals/h{k}/messages"),
+                json!({"type":"notice","data":k}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(next_inbox(t).await, (1, json!(k)));
+    }
+}
+
+/// A hand-over lost on the way (here: a post made while Redis did not list the node as the
+/// terminal's holder, as after a lost subscription) shows as a seq past the next one: the
+/// node reads the inbox again, and the terminal gets what it missed, in order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_inbox_hand_over_is_read_again() {
+    let redis = Redis::start();
+    let a = node(&redis, "gap").await;
+    let b = node(&redis, "gap").await;
+    let mut t = a.terminal("g", &[], false).await;
+    let post = |n: u64| {
+        b.post(
+            "/v1/terminals/g/messages",
+            json!({"type":"notice","data":n}),
+        )
+    };
+    assert_eq!(post(1).await.0, 200);
+    assert_eq!(next_inbox(&mut t).await, (1, json!(1)));
+    // Both nodes hold it now: a for the session, b since it posted (to wake it if need be).
+    let holders = redis.cli(&["SMEMBERS", "gap:at:{g}"]);
+    assert_eq!(holders.lines().count(), 2, "{holders}");
+    redis.cli(&["DEL", "gap:at:{g}"]);
+    assert_eq!(post(2).await.0, 200);
+    for holder in holders.lines() {
+        redis.cli(&["SADD", "gap:at:{g}", holder]);
+    }
+    assert_eq!(post(3).await.0, 200);
+    assert_eq!(next_inbox(&mut t).await, (2, json!(2)));
+    assert_eq!(next_inbox(&mut t).await, (3, json!(3)));
+}
