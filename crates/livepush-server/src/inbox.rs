@@ -496,6 +496,33 @@ impl Inboxes {
         self.engine.terminals_elsewhere(terminals).await
     }
 
+    /// Interruptions of `terminal`'s WebSocket sessions that other nodes saw within the flap
+    /// window (0 on one node). Asked only when this node saw one too, so an ordinary connect
+    /// reads nothing from the engine; behind a balancer that spreads a flapping terminal over
+    /// N nodes, every node has seen one after at most N interruptions.
+    pub async fn interruptions_elsewhere(&self, terminal: &str) -> u32 {
+        if !self.engine.shares_terminals() || !self.terminals.interrupted(terminal) {
+            return 0;
+        }
+        let since = now_ms().saturating_sub(self.terminals.flap_window().as_millis() as u64);
+        match self
+            .engine
+            .terminals_elsewhere(&[terminal.to_owned()])
+            .await
+        {
+            Ok(views) => views
+                .iter()
+                .flatten()
+                .filter(|p| p.last_seen_ms >= since)
+                .map(|p| p.interruptions)
+                .sum(),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read interruptions seen elsewhere");
+                0
+            }
+        }
+    }
+
     /// Terminals seen by any node within the retention (none on one node: the local list is
     /// all there is).
     pub async fn known_terminals(&self) -> Result<Vec<String>, EngineError> {

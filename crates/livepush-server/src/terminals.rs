@@ -356,11 +356,37 @@ impl Terminals {
     }
 
     /// If the terminal should not use WebSocket now: how long until it may try again.
-    pub fn longpoll_for(&self, id: &str) -> Option<Duration> {
+    /// `elsewhere`: the interruptions other nodes saw within the window (behind a balancer
+    /// a flapping terminal's sessions are spread over the nodes); with this node's own above
+    /// the threshold, the terminal is moved to long-polling here too.
+    pub fn longpoll_for(&self, id: &str, elsewhere: u32) -> Option<Duration> {
+        let mut map = self.map.lock();
+        let now = self.clock();
+        let e = map.get_mut(id)?;
+        if let Some(left) = e.longpoll_for(now) {
+            return Some(Duration::from_millis(left));
+        }
+        let seen = e.interruptions(now, ms(self.settings.flap_window));
+        if elsewhere == 0 || seen + elsewhere <= self.settings.flap_threshold {
+            return None;
+        }
+        let hold = self.settings.flap_longpoll_for;
+        e.flaps.get_or_insert_default().longpoll_until = now.saturating_add(ms(hold));
+        self.mark(&Arc::from(id));
+        tracing::info!(terminal = %id, seen, elsewhere, "moving a terminal flapping across nodes to long-polling");
+        Some(hold)
+    }
+
+    /// Whether this node saw the terminal's WebSocket sessions interrupted within the flap
+    /// window: only then is it worth asking what other nodes saw.
+    pub fn interrupted(&self, id: &str) -> bool {
         let map = self.map.lock();
-        map.get(id)?
-            .longpoll_for(self.clock())
-            .map(Duration::from_millis)
+        map.get(id)
+            .is_some_and(|e| e.interruptions(self.clock(), ms(self.settings.flap_window)) > 0)
+    }
+
+    pub fn flap_window(&self) -> Duration {
+        self.settings.flap_window
     }
 
     /// The interruption counters of a terminal never seen by this process.
@@ -459,15 +485,18 @@ mod tests {
             t.opened(&id, Transport::Ws);
             t.closed(&id, Transport::Ws, false);
         }
-        assert!(t.longpoll_for("t").is_none(), "clean closes never count");
+        assert!(t.longpoll_for("t", 0).is_none(), "clean closes never count");
         for _ in 0..2 {
             t.opened(&id, Transport::Ws);
             t.closed(&id, Transport::Ws, true);
         }
-        assert!(t.longpoll_for("t").is_none(), "at the threshold: not yet");
+        assert!(
+            t.longpoll_for("t", 0).is_none(),
+            "at the threshold: not yet"
+        );
         t.opened(&id, Transport::Ws);
         t.closed(&id, Transport::Ws, true);
-        assert!(t.longpoll_for("t").is_some());
+        assert!(t.longpoll_for("t", 0).is_some());
         let v = t.view("t").unwrap();
         assert_eq!(v.interruptions.count, 3);
         assert!(!v.online);
@@ -576,7 +605,7 @@ mod tests {
         t.opened(&id, Transport::Ws);
         t.closed(&id, Transport::Ws, true);
         assert!(flaps(&t, "f"));
-        assert!(t.longpoll_for("f").is_some());
+        assert!(t.longpoll_for("f", 0).is_some());
 
         std::thread::sleep(Duration::from_millis(40));
         let v = t.view("f").unwrap();
@@ -587,7 +616,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(500));
         t.sweep();
         assert!(!flaps(&t, "f"));
-        assert!(t.longpoll_for("f").is_none());
+        assert!(t.longpoll_for("f", 0).is_none());
         assert_eq!(t.view("f").unwrap().interruptions.count, 0);
     }
 }

@@ -316,7 +316,8 @@ async fn handshake(app: &Arc<App>, mut io: Io, early: Bytes) -> Result<Handshake
             return Err(Ending::Unauthorized);
         }
     };
-    if let Some(wait) = app.terminals.longpoll_for(&terminal.id) {
+    let elsewhere = app.inboxes.interruptions_elsewhere(&terminal.id).await;
+    if let Some(wait) = app.terminals.longpoll_for(&terminal.id, elsewhere) {
         let frame = livepush_proto::encode_frame(&ServerFrame::Transport {
             use_: Transport::Longpoll,
             retry_ws_after_ms: wait.as_millis() as u64,

@@ -676,3 +676,34 @@ async fn a_lost_inbox_hand_over_is_read_again() {
     assert_eq!(next_inbox(&mut t).await, (2, json!(2)));
     assert_eq!(next_inbox(&mut t).await, (3, json!(3)));
 }
+
+/// Behind a balancer a flapping terminal's WebSocket sessions are spread over the nodes, so
+/// no node alone may see more than the threshold: the nodes add up what each saw, and the
+/// terminal is moved to long-polling as on one node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_flapping_across_nodes_is_moved_to_long_polling() {
+    let redis = Redis::start();
+    let c = livepush_server::Config {
+        flap_threshold: 2,
+        ..config()
+    };
+    let a = node_with(&redis, "flap", c.clone()).await;
+    let b = node_with(&redis, "flap", c).await;
+    // Three abrupt ends (> threshold 2): two on a, one on b.
+    for (i, n) in [&a, &b, &a].into_iter().enumerate() {
+        drop(n.terminal("flip", &[], false).await);
+        b.eventually("every node's interruptions to add up", || async {
+            b.get("/v1/terminals/flip").await.1["interruptions"]["count"] == json!(i + 1)
+        })
+        .await;
+    }
+    let mut ws = Ws::open(&b.ws_url()).await;
+    ws.send(json!({"op":"connect","token":b.token("flip", &[], false)}))
+        .await;
+    match ws.next().await {
+        ServerFrame::Transport { use_, .. } => {
+            assert_eq!(use_, livepush_proto::Transport::Longpoll);
+        }
+        other => panic!("expected transport, got {other:?}"),
+    }
+}
