@@ -6,11 +6,13 @@
 //! - `tail`: connect as a terminal and print every event as one JSON line.
 //! - `agent`: a terminal that sleeps (UDP only) until woken, then prints its inbox.
 //! - `bench`: the load generator that measures livepush (and its peers).
+//! - `config`: check a configuration file, or print one with every default.
 
 #![forbid(unsafe_code)]
 
 mod agent;
 mod bench;
+mod config_file;
 mod publish;
 mod serve;
 mod tail;
@@ -44,6 +46,11 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Load generator: measure livepush (see `livepush bench --help`).
     Bench(bench::BenchArgs),
+    /// Configuration files of `livepush serve --config FILE`.
+    Config {
+        #[command(subcommand)]
+        command: config_file::ConfigCommand,
+    },
 }
 
 /// Arguments every client command shares.
@@ -61,7 +68,7 @@ pub struct ServerArg {
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = config_file::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LIVEPUSH_LOG").unwrap_or_else(|_| {
@@ -83,6 +90,7 @@ fn main() {
                     Command::Tail(a) => tail::run(a).await,
                     Command::Agent(a) => agent::run(a).await,
                     Command::Bench(a) => bench::run(a).await,
+                    Command::Config { command } => config_file::run::<Cli>(command),
                 }
             })
         });

@@ -22,6 +22,11 @@ fn duration(s: &str) -> Result<Duration, String> {
 /// Every flag is also read from `LIVEPUSH_<FLAG>` (dashes become underscores).
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// Read settings from this TOML file: each key is a flag without its dashes
+    /// (`history-size = 500`); flags and the environment win over it. `livepush config
+    /// defaults` prints a complete one, `livepush config check FILE` checks one.
+    #[arg(long, env = "LIVEPUSH_CONFIG")]
+    config: Option<std::path::PathBuf>,
     /// Address to listen on (HTTP and WebSocket). Port 0 picks a free port.
     #[arg(long, env = "LIVEPUSH_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -317,6 +322,9 @@ impl ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(file) = &args.config {
+        tracing::info!(file = %file.display(), "settings from a configuration file");
+    }
     let mut store_options = StoreOptions::new(args.durability);
     store_options.batch_window = args.batch_window;
     let data_dir = args.data_dir.clone();
