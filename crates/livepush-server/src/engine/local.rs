@@ -23,10 +23,26 @@
 //! it is committed). Only messages already handed to the node are shown. The store is read
 //! when a room is first used after a start, and trimmed to the retention by [`Engine::tick`].
 //!
-//! If a write fails, the message is still handed over (later messages are queued behind it,
-//! and a room must never stall) and the publisher is told it failed.
+//! # Failed writes
+//!
+//! Invariant: a message is handed to the node (delivered, shown in snapshots and the history)
+//! only once its write is durable, and never after a write of its room failed before it. The
+//! store refuses every append and reset of a room after one of them failed, until the engine
+//! recovers the room ([`HistoryStore::recover`](crate::store::HistoryStore::recover)); so a
+//! write that succeeds means every earlier one of that room did, and handing over everything
+//! pending up to it stays right. The first task to see a failure of its room takes every entry
+//! still pending (none of them shown), marks them discarded, and queues a recover: a new epoch,
+//! handed to the node as an [`Event::Epoch`] once written (or once it failed: the store
+//! re-applies it with its next commit). Each discarded publish (or reset) answers with the
+//! store's error (its own, or [`StoreError::Broken`]), so a failed group commit answers every
+//! publish in it with an error and delivers none of them, and the clients of the room get a new
+//! epoch (`recovered:false`), never a hole. A message that was durable but discarded this way
+//! (its task had not yet run) is deleted by the recover. Under `--durability none` writes are
+//! answered (and handed over) before they are written; a loss there is caught by the store,
+//! which gives every room a new epoch at the next start.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use bytes::Bytes;
@@ -40,8 +56,8 @@ use super::{
 use crate::clock::now_ms;
 use crate::control::Action;
 use crate::store::{
-    InboxMessage, RoomFlags, RoomRecord, Store, StoredMessage, TerminalRecord, WakeRegistration,
-    new_epoch,
+    InboxMessage, RoomFlags, RoomRecord, Store, StoreError, StoredMessage, TerminalRecord,
+    WakeRegistration, new_epoch,
 };
 
 /// See the module documentation.
@@ -96,6 +112,8 @@ struct Pending {
     /// Order of submission (seqs restart in a new epoch; tickets do not).
     ticket: u64,
     item: Item,
+    /// Set when the entry is dropped unshown after a failed write (see "Failed writes").
+    discarded: Arc<AtomicBool>,
 }
 
 enum Item {
@@ -132,10 +150,25 @@ impl RoomState {
         }
     }
 
-    fn ticket(&mut self) -> u64 {
-        let t = self.next_ticket;
+    /// Queue `item` behind everything pending; returns its ticket and its discarded flag.
+    fn push(&mut self, item: Item) -> (u64, Arc<AtomicBool>) {
+        let ticket = self.next_ticket;
         self.next_ticket += 1;
-        t
+        let discarded = Arc::new(AtomicBool::new(false));
+        self.pending.push_back(Pending {
+            ticket,
+            item,
+            discarded: discarded.clone(),
+        });
+        (ticket, discarded)
+    }
+
+    /// Start a new history, `epoch`, for what is sequenced from now on.
+    fn renew(&mut self, epoch: Arc<str>) -> (u64, Arc<AtomicBool>) {
+        self.epoch = epoch.clone();
+        self.assigned = 0;
+        self.store_keep_from = 1;
+        self.push(Item::Reset { epoch })
     }
 
     fn first_kept(&self) -> u64 {
@@ -289,6 +322,52 @@ impl LocalEngine {
         }
     }
 
+    /// After the store answered the write of the entry `ticket`: hand it over with everything
+    /// pending before it, or, if the write failed, discard the room's pending entries and
+    /// recover it (see "Failed writes"). Ok only if the entry was handed over.
+    async fn settle(
+        &self,
+        room: &Room,
+        (ticket, discarded): (u64, Arc<AtomicBool>),
+        stored: Result<(), StoreError>,
+    ) -> Result<(), EngineError> {
+        match stored {
+            Ok(()) => self.show_through(room, ticket),
+            Err(e) => {
+                self.recover(room, ticket).await;
+                return Err(e.into());
+            }
+        }
+        if discarded.load(Ordering::SeqCst) {
+            return Err(StoreError::Broken(room.id.to_string()).into());
+        }
+        Ok(())
+    }
+
+    /// The write of the entry `failed` failed: unless an earlier failure already did, discard
+    /// every pending entry of the room and start a new epoch, handed over once the store
+    /// answered its recover.
+    async fn recover(&self, room: &Room, failed: u64) {
+        let (ticket, durable) = {
+            let mut st = room.state.lock();
+            if !st.pending.iter().any(|p| p.ticket == failed) {
+                return;
+            }
+            for p in st.pending.drain(..) {
+                p.discarded.store(true, Ordering::SeqCst);
+            }
+            let epoch: Arc<str> = Arc::from(new_epoch());
+            tracing::warn!(room = %room.id, %epoch, "a write failed: the room starts a new epoch");
+            let durable = self.store.recover(&room.id, &epoch);
+            (st.renew(epoch), durable)
+        };
+        if let Err(e) = durable.await {
+            // The store re-applies it with its next commit, before anything written after it.
+            tracing::warn!(room = %room.id, error = %e, "recovering the room failed");
+        }
+        self.show_through(room, ticket.0);
+    }
+
     fn inbox(&self, terminal: &str) -> Result<Arc<Inbox>, EngineError> {
         if let Some(i) = self.inboxes.lock().get(terminal) {
             return Ok(i.clone());
@@ -351,15 +430,11 @@ impl Engine for LocalEngine {
                 }
                 let changed = (st.flags != before).then_some(st.flags);
                 let durable = self.store.append(&room.id, &message, changed);
-                let ticket = st.ticket();
                 let flags = st.flags;
-                st.pending.push_back(Pending {
-                    ticket,
-                    item: Item::Message {
-                        message,
-                        action: p.action,
-                        flags,
-                    },
+                let ticket = st.push(Item::Message {
+                    message,
+                    action: p.action,
+                    flags,
                 });
                 let sequenced = Sequenced {
                     epoch: st.epoch.clone(),
@@ -367,10 +442,7 @@ impl Engine for LocalEngine {
                 };
                 (ticket, sequenced, durable)
             };
-            let stored = durable.await;
-            // Hand it over even if the write failed: later messages are queued behind it.
-            self.show_through(&room, ticket);
-            stored?;
+            self.settle(&room, ticket, durable.await).await?;
             Ok(sequenced)
         })
     }
@@ -419,21 +491,10 @@ impl Engine for LocalEngine {
                 let mut st = room.state.lock();
                 let epoch: Arc<str> = Arc::from(new_epoch());
                 let durable = self.store.reset(&room.id, &epoch);
-                st.epoch = epoch.clone();
-                st.assigned = 0;
-                st.store_keep_from = 1;
-                let ticket = st.ticket();
-                st.pending.push_back(Pending {
-                    ticket,
-                    item: Item::Reset {
-                        epoch: epoch.clone(),
-                    },
-                });
+                let ticket = st.renew(epoch.clone());
                 (ticket, epoch, durable)
             };
-            let stored = durable.await;
-            self.show_through(&room, ticket);
-            stored?;
+            self.settle(&room, ticket, durable.await).await?;
             Ok(Sequenced { epoch, seq: 0 })
         })
     }

@@ -67,12 +67,30 @@
 //! be made durable again. Under `sync` and `batch` every answered append is already durable,
 //! no reservation is needed and inbox seqs never jump.
 //!
+//! # Failed writes
+//!
 //! A write that fails (disk full, I/O error) resolves the futures of its batch with
-//! [`StoreError::Io`]; the writer reopens the file if redb asks for it and goes on with later
+//! [`StoreError::Io`]: redb aborts the transaction, so nothing of the batch is in the file,
+//! and no later commit writes it after all. The writer reopens the file if redb asks for it
+//! (after an I/O error redb refuses every transaction until then) and goes on with later
 //! writes. Seqs of failed appends and flags of failed updates are re-applied to the room record
-//! with the next successful batch, so a seq the hub already delivered is not handed out again
-//! after a restart; likewise the seq of a failed inbox append, the seq of a failed inbox ack
-//! and a failed wake registration are re-applied to the terminal's record.
+//! with the next successful batch, so a seq handed out is not handed out again in the same
+//! epoch after a restart; likewise the seq of a failed inbox append, the seq of a failed inbox
+//! ack and a failed wake registration are re-applied to the terminal's record.
+//!
+//! A room whose append or reset failed (one that was to be answered at its commit) is
+//! *broken*: every later append and reset of it is refused with [`StoreError::Broken`],
+//! without being written, until [`HistoryStore::recover`] gives it a new epoch. So the room's
+//! history never gets a hole (a failed seq followed by written ones), and a write that
+//! succeeds tells the engine that every earlier write of that room did too (see
+//! [`HistoryStore::recover`]). The broken set lives in the writer only: after a restart the
+//! file holds the history up to the failure, none of which was lost.
+//!
+//! Under `none` a write answered at submission may have been delivered already when its batch
+//! fails, or when a reopen drops the commits not yet made durable. The writer then keeps the
+//! dirty marker set for the rest of the run (a flush or close no longer clears it), so the next
+//! open gives every room a new epoch: resuming clients are told `recovered:false`, never
+//! replayed a history with a hole.
 //!
 //! # Size
 //!
@@ -344,6 +362,12 @@ pub(crate) enum Op {
         room: String,
         epoch: String,
     },
+    /// A reset after a failed write, which makes the room writable again (see
+    /// [`HistoryStore::recover`]).
+    Recover {
+        room: String,
+        epoch: String,
+    },
     Trim {
         room: String,
         keep_from: u64,
@@ -386,6 +410,7 @@ impl Op {
                 | Op::Append { .. }
                 | Op::Flags { .. }
                 | Op::Reset { .. }
+                | Op::Recover { .. }
                 | Op::Trim { .. }
                 | Op::AppendInbox { .. }
                 | Op::AckInbox { .. }
@@ -933,6 +958,16 @@ impl HistoryStore for RedbStore {
     fn reset(&self, room: &str, epoch: &str) -> Durable {
         self.submit(
             Op::Reset {
+                room: room.to_owned(),
+                epoch: epoch.to_owned(),
+            },
+            false,
+        )
+    }
+
+    fn recover(&self, room: &str, epoch: &str) -> Durable {
+        self.submit(
+            Op::Recover {
                 room: room.to_owned(),
                 epoch: epoch.to_owned(),
             },

@@ -1,7 +1,7 @@
 //! The writer thread: the only place write transactions happen.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -62,6 +62,11 @@ pub(super) struct Writer {
     /// `none`: inbox reservations written by commits since the last durable one; they are
     /// handed to the gate once durable.
     unpublished: HashMap<String, u64>,
+    /// Rooms whose append or reset failed: their appends and resets are refused until a
+    /// recover (see "Failed writes" in `redb.rs`).
+    broken: HashSet<String>,
+    /// `none`: a write answered at submission was lost; the dirty marker stays set.
+    lost: bool,
 }
 
 /// Why one write of a batch was refused while the others went on.
@@ -69,6 +74,8 @@ pub(super) struct Writer {
 pub(super) enum Refused {
     #[error("room {0:?} has no record")]
     NoRecord(String),
+    #[error("an earlier write of room {0:?} failed")]
+    Broken(String),
     #[error("{what} {key:?}: {reason}")]
     Unreadable {
         what: &'static str,
@@ -99,6 +106,8 @@ impl Writer {
             repairs: BTreeMap::new(),
             inbox_repairs: BTreeMap::new(),
             unpublished: HashMap::new(),
+            broken: HashSet::new(),
+            lost: false,
         }
     }
 
@@ -241,7 +250,7 @@ impl Writer {
         let mut marker = None;
         if none {
             if flush {
-                if self.dirty_on_disk && self.close_gate() {
+                if self.dirty_on_disk && !self.lost && self.close_gate() {
                     marker = Some(false);
                 }
             } else if writes && !self.dirty_on_disk {
@@ -277,9 +286,12 @@ impl Writer {
                     self.dirty_on_disk = m;
                 }
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
-                    let outcome = outcome.map_err(|e| {
-                        tracing::warn!(path = %self.shared.path.display(), error = %e, "store write refused");
-                        StoreError::io(format!("writing {}", self.shared.path.display()), e)
+                    let outcome = outcome.map_err(|e| match e {
+                        Refused::Broken(room) => StoreError::Broken(room),
+                        e => {
+                            tracing::warn!(path = %self.shared.path.display(), error = %e, "store write refused");
+                            StoreError::io(format!("writing {}", self.shared.path.display()), e)
+                        }
                     });
                     if let Some(reply) = job.reply {
                         let _ = reply.send(outcome);
@@ -358,9 +370,29 @@ impl Writer {
         gate.early = true;
     }
 
-    /// Remember what a failed batch should have done to room records.
+    /// Remember what a failed batch should have done to room records, which rooms it broke,
+    /// and whether it lost a write answered at submission.
     fn note_failure(&mut self, jobs: &[Job]) {
         for job in jobs {
+            if job.reply.is_none() && job.op.is_write() && !self.lost {
+                tracing::error!(
+                    path = %self.shared.path.display(),
+                    "a write answered before it was durable is lost: every room gets a new \
+                     epoch at the next start"
+                );
+                self.lost = true;
+            }
+            let answered_at_commit = job.reply.is_some();
+            match &job.op {
+                Op::Append { room, .. } | Op::Reset { room, .. } if answered_at_commit => {
+                    self.broken.insert(room.clone());
+                }
+                Op::Recover { room, .. } => {
+                    // Re-applied before anything submitted after it.
+                    self.broken.remove(room);
+                }
+                _ => {}
+            }
             match &job.op {
                 Op::Create { room, epoch } => {
                     self.repairs.insert(
@@ -380,7 +412,7 @@ impl Writer {
                         r.flags = *flags;
                     }
                 }
-                Op::Reset { room, epoch } => {
+                Op::Reset { room, epoch } | Op::Recover { room, epoch } => {
                     self.repairs.insert(
                         room.clone(),
                         Repair {
@@ -424,6 +456,14 @@ impl Writer {
     }
 
     fn reopen(&mut self) {
+        if self.pending_nondurable && !self.lost {
+            tracing::error!(
+                path = %self.shared.path.display(),
+                "commits answered before they were durable are lost: every room gets a new \
+                 epoch at the next start"
+            );
+            self.lost = true;
+        }
         let mut db = self.shared.db.write();
         // Release the file before opening it again.
         *db = None;
@@ -497,6 +537,7 @@ impl Writer {
             Durability::None
         })?;
         let mut outcomes = Vec::with_capacity(jobs.len());
+        let mut recovered = Vec::new();
         let mut trimmed = 0;
         let reserved;
         {
@@ -539,6 +580,13 @@ impl Writer {
             }
             for job in jobs {
                 let outcome = match &job.op {
+                    Op::Append { room, .. } | Op::Reset { room, .. }
+                        if job.reply.is_some()
+                            && self.broken.contains(room)
+                            && !recovered.contains(&room) =>
+                    {
+                        Err(Refused::Broken(room.clone()))
+                    }
                     Op::Create { room, epoch } => {
                         delete_messages(&mut messages, room, u64::MAX)?;
                         rows.insert(room.clone(), Some(fresh_row(epoch)));
@@ -571,7 +619,10 @@ impl Writer {
                         Ok(None) => Err(Refused::NoRecord(room.clone())),
                         Err(e) => Err(e),
                     },
-                    Op::Reset { room, epoch } => {
+                    Op::Reset { room, epoch } | Op::Recover { room, epoch } => {
+                        if matches!(job.op, Op::Recover { .. }) {
+                            recovered.push(room);
+                        }
                         let flags = match row_mut(&mut rows, &rooms, room)? {
                             Ok(Some(row)) => row.flags,
                             _ => RoomFlags::default(),
@@ -608,6 +659,9 @@ impl Writer {
             }
         }
         txn.commit()?;
+        for room in recovered {
+            self.broken.remove(room);
+        }
         for (terminal, r) in reserved {
             let known = self.unpublished.entry(terminal).or_default();
             *known = (*known).max(r);
