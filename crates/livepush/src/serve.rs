@@ -362,11 +362,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if dev {
         eprintln!("livepush: --dev: terminals may connect without a token");
     }
+    // Handlers first: a SIGINT or SIGTERM right after the line below stops gracefully.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     println!("livepush listening on {}", running.url());
     std::io::stdout().flush()?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = term.recv() => {}
     }
     eprintln!("livepush: shutting down");
