@@ -153,6 +153,10 @@ pub struct ServeArgs {
     /// --redis, its channel subscribed) before it is closed.
     #[arg(long, env = "LIVEPUSH_ROOM_IDLE", default_value = "60s", value_parser = duration)]
     room_idle: Duration,
+    /// Single node: most rooms kept in memory; past it the least recently used idle ones
+    /// leave (and are loaded from the store again when used).
+    #[arg(long, env = "LIVEPUSH_MAX_ROOMS", default_value_t = livepush_server::config::DEFAULT_MAX_ROOMS)]
+    max_rooms: usize,
     /// UDP address of the wake listener: `same` (the HTTP address and port, on UDP), an
     /// ADDR:PORT, or `off`.
     #[arg(long, env = "LIVEPUSH_WAKE_LISTEN", default_value = "same")]
@@ -280,6 +284,7 @@ impl ServeArgs {
             poll_grace: self.poll_grace.unwrap_or(self.poll_max_wait * 2),
             terminal_retention: self.terminal_retention,
             room_idle: self.room_idle,
+            max_rooms: self.max_rooms,
             wake_listen: self.wake_listen,
             wake_max_skew: self.wake_max_skew,
             wake_retries: self.wake_retries,

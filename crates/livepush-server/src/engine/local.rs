@@ -23,6 +23,24 @@
 //! it is committed). Only messages already handed to the node are shown. The store is read
 //! when a room is first used after a start, and trimmed to the retention by [`Engine::tick`].
 //!
+//! # Rooms in memory
+//!
+//! Invariant: the engine holds a room only while it is used. A room nobody used for the idle
+//! time ([`RoomLimits::idle`], at least [`MIN_IDLE_MS`]), with no write waiting, and that no
+//! caller holds, is dropped by [`Engine::tick`] and loaded from the store again on its next
+//! use; past [`RoomLimits::max_rooms`] rooms, the least recently used of those idle for
+//! [`MIN_IDLE_MS`] go first. So memory and the tick's work follow the rooms in use, not every
+//! room ever touched. The minimum idle time is there for `--durability none`, whose writes are
+//! answered before the store commits them: a room is reloaded only once its last write is
+//! readable (the store commits within a second), or a reload could hand out a seq again.
+//!
+//! A room that is only opened (a terminal joins or pulls it) and never published to is not
+//! written to the store: it gets an epoch in memory, and the store's record is created with
+//! its first publish or reset. So terminals cannot fill the store with empty rooms; a room
+//! dropped from memory before anything was published to it gets a new epoch when it is
+//! opened again, which only tells its terminals `recovered:false` for a history that never
+//! had anything.
+//!
 //! # Failed writes
 //!
 //! Invariant: a message is handed to the node (delivered, shown in snapshots and the history)
@@ -42,8 +60,9 @@
 //! which gives every room a new epoch at the next start.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use livepush_proto::SeqTemplate;
@@ -60,10 +79,32 @@ use crate::store::{
     WakeRegistration, new_epoch,
 };
 
+/// How many rooms the engine keeps in memory (see "Rooms in memory").
+#[derive(Debug, Clone, Copy)]
+pub struct RoomLimits {
+    /// A room unused this long (and at least [`MIN_IDLE_MS`]) leaves memory.
+    pub idle: Duration,
+    /// Most rooms kept; beyond it the least recently used leave (if idle [`MIN_IDLE_MS`]).
+    pub max_rooms: usize,
+}
+
+impl Default for RoomLimits {
+    fn default() -> Self {
+        RoomLimits {
+            idle: Duration::from_secs(60),
+            max_rooms: 100_000,
+        }
+    }
+}
+
+/// The least time a room stays in memory after its last use (see "Rooms in memory").
+pub const MIN_IDLE_MS: u64 = 10_000;
+
 /// See the module documentation.
 pub struct LocalEngine {
     store: Arc<dyn Store>,
     retention: Retention,
+    limits: RoomLimits,
     /// Every room used since the start.
     rooms: RwLock<HashMap<Arc<str>, Arc<Room>>>,
     /// Inbox sequencing state of terminals posted to recently.
@@ -82,6 +123,8 @@ impl std::fmt::Debug for LocalEngine {
 
 struct Room {
     id: Arc<str>,
+    /// When it was last used (ms).
+    used_ms: AtomicU64,
     state: Mutex<RoomState>,
 }
 
@@ -99,6 +142,8 @@ struct RoomState {
     history: VecDeque<StoredMessage>,
     /// The oldest seq the store was last asked to keep.
     store_keep_from: u64,
+    /// The store has a record of the room (see "Rooms in memory").
+    recorded: bool,
 }
 
 #[derive(Clone)]
@@ -147,6 +192,7 @@ impl RoomState {
             next_ticket: 0,
             history,
             store_keep_from,
+            recorded: true,
         }
     }
 
@@ -227,10 +273,22 @@ impl LocalEngine {
         LocalEngine {
             store,
             retention,
+            limits: RoomLimits::default(),
             rooms: RwLock::new(HashMap::new()),
             inboxes: Mutex::new(HashMap::new()),
             node: OnceLock::new(),
         }
+    }
+
+    /// Keep rooms in memory as `limits` say.
+    pub fn with_room_limits(mut self, limits: RoomLimits) -> LocalEngine {
+        self.limits = limits;
+        self
+    }
+
+    /// Rooms in memory.
+    pub fn room_count(&self) -> usize {
+        self.rooms.read().len()
     }
 
     fn node(&self) -> Option<Arc<dyn Node>> {
@@ -240,35 +298,83 @@ impl LocalEngine {
     /// The room, loaded from the store on first use; created (a new epoch) if the store never
     /// had it and `create` says so.
     fn room(&self, id: &str, create: bool) -> Result<Option<Arc<Room>>, EngineError> {
+        let now = now_ms();
+        let used = |r: &Arc<Room>| {
+            r.used_ms.store(now, Ordering::Relaxed);
+            Ok(Some(r.clone()))
+        };
         if let Some(r) = self.rooms.read().get(id) {
-            return Ok(Some(r.clone()));
+            return used(r);
         }
         let record = self.store.load_room(id, self.retention.max_messages)?;
         let mut rooms = self.rooms.write();
         if let Some(r) = rooms.get(id) {
-            return Ok(Some(r.clone()));
+            return used(r);
         }
-        let record = match record {
-            Some(record) => record,
-            None if create => {
-                let epoch = new_epoch();
-                spawn_logged("create room", self.store.create_room(id, &epoch));
+        let (record, recorded) = match record {
+            Some(record) => (record, true),
+            // Written with its first publish or reset (see "Rooms in memory").
+            None if create => (
                 RoomRecord {
-                    epoch,
+                    epoch: new_epoch(),
                     seq: 0,
                     history: Vec::new(),
                     flags: RoomFlags::default(),
-                }
-            }
+                },
+                false,
+            ),
             None => return Ok(None),
         };
         let key: Arc<str> = Arc::from(id);
         let room = Arc::new(Room {
             id: key.clone(),
-            state: Mutex::new(RoomState::from_record(record, self.retention, now_ms())),
+            used_ms: AtomicU64::new(now),
+            state: Mutex::new(RoomState {
+                recorded,
+                ..RoomState::from_record(record, self.retention, now)
+            }),
         });
         rooms.insert(key, room.clone());
         Ok(Some(room))
+    }
+
+    /// Before the first write of a room that the store has no record of: create the record
+    /// (submitted first, so written first).
+    fn record(&self, room: &Room, st: &mut RoomState) {
+        if !st.recorded {
+            st.recorded = true;
+            spawn_logged("create room", self.store.create_room(&room.id, &st.epoch));
+        }
+    }
+
+    /// Drop the rooms that are idle, and the least recently used beyond the limit (see
+    /// "Rooms in memory").
+    fn evict(&self, now: u64) {
+        let idle_ms = (self.limits.idle.as_millis() as u64).max(MIN_IDLE_MS);
+        let unused_for = |r: &Arc<Room>| {
+            // Nobody else holds it (under the map's write lock no one can take it), and no
+            // write of it is waiting.
+            let free = Arc::strong_count(r) == 1 && r.state.lock().pending.is_empty();
+            free.then(|| now.saturating_sub(r.used_ms.load(Ordering::Relaxed)))
+        };
+        let mut rooms = self.rooms.write();
+        rooms.retain(|_, r| unused_for(r).is_none_or(|t| t < idle_ms));
+        let over = rooms.len().saturating_sub(self.limits.max_rooms);
+        if over == 0 {
+            return;
+        }
+        let mut oldest: Vec<(u64, Arc<str>)> = rooms
+            .iter()
+            .filter_map(|(id, r)| {
+                unused_for(r)
+                    .filter(|t| *t >= MIN_IDLE_MS)
+                    .map(|t| (t, id.clone()))
+            })
+            .collect();
+        oldest.sort_unstable_by_key(|o| std::cmp::Reverse(o.0));
+        for (_, id) in oldest.into_iter().take(over) {
+            rooms.remove(&id);
+        }
     }
 
     fn created(&self, id: &str) -> Result<Arc<Room>, EngineError> {
@@ -429,6 +535,7 @@ impl Engine for LocalEngine {
                     st.flags = action.apply(before);
                 }
                 let changed = (st.flags != before).then_some(st.flags);
+                self.record(&room, &mut st);
                 let durable = self.store.append(&room.id, &message, changed);
                 let flags = st.flags;
                 let ticket = st.push(Item::Message {
@@ -490,6 +597,7 @@ impl Engine for LocalEngine {
             let (ticket, epoch, durable) = {
                 let mut st = room.state.lock();
                 let epoch: Arc<str> = Arc::from(new_epoch());
+                self.record(&room, &mut st);
                 let durable = self.store.reset(&room.id, &epoch);
                 let ticket = st.renew(epoch.clone());
                 (ticket, epoch, durable)
@@ -519,6 +627,7 @@ impl Engine for LocalEngine {
                 spawn_logged("trim", self.store.trim(&room.id, keep_from));
             }
         }
+        self.evict(now);
         self.inboxes.lock().retain(|_, i| {
             let st = i.state.lock();
             !st.pending.is_empty() || now.saturating_sub(st.touched_ms) < INBOX_IDLE_MS

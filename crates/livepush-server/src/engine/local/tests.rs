@@ -322,3 +322,64 @@ async fn inbox_posts_get_consecutive_seqs_and_are_handed_over() {
     e.inboxes.lock().clear();
     assert_eq!(e.post("t", &t, 3).await.unwrap().seq, 3);
 }
+
+#[tokio::test]
+async fn idle_rooms_leave_memory_and_come_back_from_the_store() {
+    let (e, _, _) = engine(100);
+    let first = publish(&e, 1, None).await.unwrap();
+    publish(&e, 2, None).await.unwrap();
+    e.evict(now_ms() + MIN_IDLE_MS - 1);
+    assert_eq!(e.room_count(), 1, "not before the idle time");
+    e.evict(now_ms() + 3_600_000);
+    assert_eq!(e.room_count(), 0);
+    // Loaded again: same epoch, same seq; the next publish goes on from it.
+    let info = e.info("r").await.unwrap().unwrap();
+    assert_eq!((info.epoch, info.seq), (first.epoch.clone(), 2));
+    assert_eq!(e.room_count(), 1);
+    let third = publish(&e, 3, None).await.unwrap();
+    assert_eq!((third.epoch, third.seq), (first.epoch, 3));
+}
+
+#[tokio::test]
+async fn past_max_rooms_the_least_recently_used_leave() {
+    let (e, _, _) = engine(100);
+    let e = Arc::into_inner(e).unwrap().with_room_limits(RoomLimits {
+        idle: Duration::from_secs(3600),
+        max_rooms: 2,
+    });
+    let now = now_ms();
+    for (n, id) in ["a", "b", "c", "d"].into_iter().enumerate() {
+        e.open(id, 0).await.unwrap();
+        e.rooms.read()[id]
+            .used_ms
+            .store(now + n as u64, Ordering::Relaxed);
+    }
+    e.evict(now + MIN_IDLE_MS - 1);
+    assert_eq!(e.room_count(), 4, "none idle long enough");
+    e.evict(now + MIN_IDLE_MS + 10);
+    let mut kept: Vec<String> = e.rooms.read().keys().map(|k| k.to_string()).collect();
+    kept.sort();
+    assert_eq!(kept, ["c", "d"]);
+}
+
+#[tokio::test]
+async fn a_room_with_a_write_waiting_stays() {
+    use futures_util::FutureExt;
+    let (e, _, store) = gated_engine();
+    let mut p = publish(&e, 1, None);
+    assert!((&mut p).now_or_never().is_none());
+    drop(p);
+    e.evict(now_ms() + 3_600_000);
+    assert_eq!(e.room_count(), 1);
+    store.open_all();
+}
+
+#[tokio::test]
+async fn opening_a_room_writes_nothing_until_its_first_publish() {
+    let (e, _, store) = engine(100);
+    let opened = e.open("r", 0).await.unwrap();
+    assert!(store.load_room("r", 10).unwrap().is_none());
+    publish(&e, 1, None).await.unwrap();
+    let record = store.load_room("r", 10).unwrap().unwrap();
+    assert_eq!((&*record.epoch, record.seq), (&*opened.epoch, 1));
+}
