@@ -324,6 +324,8 @@ impl ServeArgs {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut store_options = StoreOptions::new(args.durability);
     store_options.batch_window = args.batch_window;
+    // The store sweeps messages older than the history TTL, also of rooms nobody uses.
+    store_options.history_ttl = Some(args.history_ttl);
     let data_dir = args.data_dir.clone();
     let redis = args
         .redis

@@ -94,6 +94,12 @@
 //!
 //! # Size
 //!
+//! With [`StoreOptions::history_ttl`], the writer sweeps the rooms in key order, a bounded
+//! number ([`StoreOptions::sweep_rooms`]) every [`SWEEP_INTERVAL`], and deletes their messages
+//! older than the TTL: the engine trims only the rooms it holds in memory, so without the
+//! sweep a room nobody uses any more would keep its messages forever. A room's record (epoch,
+//! seq, flags: some 60 bytes) stays. A step that deletes nothing commits nothing.
+//!
 //! `trim` (and `trim_inbox`, `ack_inbox`) deletes in the writer, batched with other writes.
 //! redb reuses freed pages, so a steady load with steady retention keeps the file at its
 //! high-water mark; the file is compacted at open and [`RedbStore::compact`] compacts it on
@@ -144,6 +150,9 @@ pub const FILE_NAME: &str = "livepush.redb";
 /// the module documentation): the most inbox seqs a terminal skips after an unclean stop, and
 /// the number of inbox appends per terminal answered at submission per durable commit.
 pub const INBOX_RESERVE_STEP: u64 = 1024;
+
+/// How often the writer sweeps expired messages (see "Size").
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// When a write counts as done. See the module documentation for what each can lose.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -209,6 +218,12 @@ pub struct StoreOptions {
     pub verify_on_open: bool,
     /// Compact the file at open.
     pub compact_on_open: bool,
+    /// Messages older than this leave the file, also those of rooms nobody uses any more (see
+    /// "Size"); `None` keeps them until the engine trims them.
+    pub history_ttl: Option<Duration>,
+    /// Rooms looked at per sweep step (one step every [`SWEEP_INTERVAL`]): the bound on the
+    /// sweep's work per step, and so on how long it holds up other writes.
+    pub sweep_rooms: usize,
 }
 
 impl StoreOptions {
@@ -221,6 +236,8 @@ impl StoreOptions {
             cache_size: 64 * 1024 * 1024,
             verify_on_open: true,
             compact_on_open: true,
+            history_ttl: None,
+            sweep_rooms: 64,
         }
     }
 }

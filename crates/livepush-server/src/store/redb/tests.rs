@@ -967,3 +967,43 @@ fn bench_store() {
         rt.block_on(p).unwrap();
     }
 }
+
+#[test]
+fn expired_messages_of_every_room_are_swept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open_with(
+        dir.path(),
+        StoreOptions {
+            history_ttl: Some(Duration::from_secs(3600)),
+            // Several steps for the rooms below, so the cursor goes round.
+            sweep_rooms: 2,
+            ..options(DurabilityPolicy::Batch)
+        },
+    )
+    .unwrap();
+    let fresh = |seq| StoredMessage {
+        ts: crate::clock::now_ms(),
+        ..msg(seq)
+    };
+    for room in ["a", "b", "c", "d", "e"] {
+        block(store.create_room(room, "E")).unwrap();
+        // `msg` is stamped in 1970: expired; the last one is fresh.
+        append_all(&store, room, 1..=3);
+        block(store.append(room, &fresh(4), None)).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: Vec<Vec<u64>> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|r| seqs(&store.load_room(r, 10).unwrap().unwrap()))
+            .collect();
+        if left.iter().all(|s| s == &[4]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not swept: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Records stay, with their seq.
+    assert_eq!(store.load_room("e", 10).unwrap().unwrap().seq, 4);
+    assert!(store.trimmed_bytes_since_compaction() > 0);
+}

@@ -2,6 +2,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,9 +14,12 @@ use ::redb::{Durability, ReadableTable, Table};
 use super::super::{RoomFlags, StoreError, WakeRegistration};
 use super::tables::{
     INBOX, MESSAGES, META, META_DIRTY, META_INBOX_DIRTY, ROOMS, RoomRow, TERMINALS, TerminalRow,
-    Unreadable, WAKE, WAKE_UDP, encode_message, encode_wake,
+    Unreadable, WAKE, WAKE_UDP, decode_message, encode_message, encode_wake,
 };
-use super::{DurabilityPolicy, INBOX_RESERVE_STEP, Job, Op, Panicked, Shared, StoreOptions};
+use super::{
+    DurabilityPolicy, INBOX_RESERVE_STEP, Job, Op, Panicked, SWEEP_INTERVAL, Shared, StoreOptions,
+};
+use crate::clock::now_ms;
 
 /// What to re-apply to a room record after a failed batch, so that the record never falls
 /// behind what the hub already handed out (and delivered).
@@ -67,6 +71,12 @@ pub(super) struct Writer {
     broken: HashSet<String>,
     /// `none`: a write answered at submission was lost; the dirty marker stays set.
     lost: bool,
+    /// The sweep of expired messages (see "Size" in `redb.rs`): the TTL, rooms per step,
+    /// the last room swept (the next step starts after it), and when the last step ran.
+    history_ttl: Option<Duration>,
+    sweep_rooms: usize,
+    sweep_after: Option<String>,
+    last_sweep: Instant,
 }
 
 /// Why one write of a batch was refused while the others went on.
@@ -108,6 +118,10 @@ impl Writer {
             unpublished: HashMap::new(),
             broken: HashSet::new(),
             lost: false,
+            history_ttl: options.history_ttl,
+            sweep_rooms: options.sweep_rooms.max(1),
+            sweep_after: None,
+            last_sweep: Instant::now(),
         }
     }
 
@@ -130,6 +144,9 @@ impl Writer {
             match last.map(|j| j.op) {
                 None => {
                     let _ = self.commit(batch, false);
+                    if self.sweep_due().is_some_and(|due| due <= Instant::now()) {
+                        self.sweep();
+                    }
                 }
                 Some(Op::Compact(reply)) => {
                     let _ = self.commit(batch, false);
@@ -154,16 +171,19 @@ impl Writer {
         result
     }
 
-    /// The next job, doing `none`'s periodic durable commit while waiting.
+    /// The next job, doing `none`'s periodic durable commit and the sweep while waiting.
     fn next_job(&mut self) -> Option<Job> {
         if let Some(job) = self.carry.pop_front() {
             return Some(job);
         }
         loop {
-            if !self.pending_nondurable {
+            let checkpoint = self
+                .pending_nondurable
+                .then(|| self.last_durable + self.checkpoint_interval);
+            let sweep = self.sweep_due();
+            let Some(deadline) = checkpoint.into_iter().chain(sweep).min() else {
                 return self.rx.recv().ok();
-            }
-            let deadline = self.last_durable + self.checkpoint_interval;
+            };
             let now = Instant::now();
             if now < deadline {
                 match self.rx.recv_timeout(deadline - now) {
@@ -172,8 +192,81 @@ impl Writer {
                     Err(RecvTimeoutError::Timeout) => {}
                 }
             }
-            self.checkpoint();
+            let now = Instant::now();
+            if checkpoint.is_some_and(|c| c <= now) {
+                self.checkpoint();
+            }
+            if sweep.is_some_and(|s| s <= now) {
+                self.sweep();
+            }
         }
+    }
+
+    /// When the next sweep step is due, if there is a TTL.
+    fn sweep_due(&self) -> Option<Instant> {
+        self.history_ttl.map(|_| self.last_sweep + SWEEP_INTERVAL)
+    }
+
+    /// One step of the sweep of expired messages.
+    fn sweep(&mut self) {
+        self.last_sweep = Instant::now();
+        let Some(ttl) = self.history_ttl else {
+            return;
+        };
+        let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
+        if let Err(e) = self.sweep_step(cutoff) {
+            tracing::error!(path = %self.shared.path.display(), error = %e, "store sweep failed");
+            self.after_failure(&e);
+        }
+    }
+
+    /// Delete the messages with `ts < cutoff` of the next [`Writer::sweep_rooms`] rooms, in
+    /// one durable transaction if there is anything to delete.
+    fn sweep_step(&mut self, cutoff: u64) -> Result<(), ::redb::Error> {
+        let guard = self.shared.db.read();
+        let Some(db) = guard.as_ref() else {
+            return Ok(());
+        };
+        let txn = db.begin_write()?;
+        let mut deleted = 0;
+        let swept = {
+            let rooms = txn.open_table(ROOMS)?;
+            let mut messages = txn.open_table(MESSAGES)?;
+            let after = self.sweep_after.as_deref();
+            let range = match after {
+                Some(after) => rooms.range::<&str>((Bound::Excluded(after), Bound::Unbounded))?,
+                None => rooms.range::<&str>(..)?,
+            };
+            let mut swept = Vec::with_capacity(self.sweep_rooms);
+            for entry in range.take(self.sweep_rooms) {
+                swept.push(entry?.0.value().to_owned());
+            }
+            for room in &swept {
+                // Messages are in seq order, and so in time order: expired ones come first.
+                let mut keep_from = u64::MAX;
+                for entry in messages.range((room.as_str(), 0u64)..=(room.as_str(), u64::MAX))? {
+                    let (key, value) = entry?;
+                    if decode_message(value.value()).map_or(true, |(ts, _)| ts >= cutoff) {
+                        keep_from = key.value().1;
+                        break;
+                    }
+                }
+                deleted += delete_messages(&mut messages, room, keep_from)?;
+            }
+            swept
+        };
+        self.sweep_after = (swept.len() == self.sweep_rooms)
+            .then(|| swept.into_iter().last())
+            .flatten();
+        if deleted == 0 {
+            txn.abort()?;
+            return Ok(());
+        }
+        txn.commit()?;
+        self.shared
+            .trimmed_bytes
+            .fetch_add(deleted, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Collect more jobs for the batch started by `batch[0]`.
