@@ -36,10 +36,10 @@
 //!
 //! A room that is only opened (a terminal joins or pulls it) and never published to is not
 //! written to the store: it gets an epoch in memory, and the store's record is created with
-//! its first publish or reset. So terminals cannot fill the store with empty rooms; a room
-//! dropped from memory before anything was published to it gets a new epoch when it is
-//! opened again, which only tells its terminals `recovered:false` for a history that never
-//! had anything.
+//! its first publish or reset. So terminals cannot fill the store with empty rooms. Such a
+//! room leaves memory only once the node closed it ([`Engine::close`], when its last member
+//! left), since loaded again it gets a new epoch; that only tells terminals that come back
+//! `recovered:false` for a history that never had anything.
 //!
 //! # Failed writes
 //!
@@ -125,6 +125,8 @@ struct Room {
     id: Arc<str>,
     /// When it was last used (ms).
     used_ms: AtomicU64,
+    /// The node closed it (no member left), and has not opened it since.
+    closed: AtomicBool,
     state: Mutex<RoomState>,
 }
 
@@ -329,6 +331,7 @@ impl LocalEngine {
         let room = Arc::new(Room {
             id: key.clone(),
             used_ms: AtomicU64::new(now),
+            closed: AtomicBool::new(false),
             state: Mutex::new(RoomState {
                 recorded,
                 ..RoomState::from_record(record, self.retention, now)
@@ -354,7 +357,12 @@ impl LocalEngine {
         let unused_for = |r: &Arc<Room>| {
             // Nobody else holds it (under the map's write lock no one can take it), and no
             // write of it is waiting.
-            let free = Arc::strong_count(r) == 1 && r.state.lock().pending.is_empty();
+            // A room the store has no record of leaves only once the node closed it: loaded
+            // again it would get a new epoch under its members.
+            let free = Arc::strong_count(r) == 1 && {
+                let st = r.state.lock();
+                st.pending.is_empty() && (st.recorded || r.closed.load(Ordering::Relaxed))
+            };
             free.then(|| now.saturating_sub(r.used_ms.load(Ordering::Relaxed)))
         };
         let mut rooms = self.rooms.write();
@@ -503,12 +511,19 @@ impl Engine for LocalEngine {
     }
 
     fn open(&self, room: &str, keep: usize) -> EngineFuture<'_, Snapshot> {
-        let snapshot = self.created(room).map(|r| r.state.lock().snapshot(keep));
+        let snapshot = self.created(room).map(|r| {
+            r.closed.store(false, Ordering::Relaxed);
+            r.state.lock().snapshot(keep)
+        });
         Box::pin(std::future::ready(snapshot))
     }
 
-    fn close(&self, _room: &str) {
+    fn close(&self, room: &str) {
         // Every room's events are handed to the one node; it ignores rooms it does not hold.
+        // Closed, a room the store has no record of may leave memory (see "Rooms in memory").
+        if let Some(r) = self.rooms.read().get(room) {
+            r.closed.store(true, Ordering::Relaxed);
+        }
     }
 
     fn info(&self, room: &str) -> EngineFuture<'_, Option<Snapshot>> {

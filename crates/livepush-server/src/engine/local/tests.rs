@@ -350,6 +350,7 @@ async fn past_max_rooms_the_least_recently_used_leave() {
     let now = now_ms();
     for (n, id) in ["a", "b", "c", "d"].into_iter().enumerate() {
         e.open(id, 0).await.unwrap();
+        e.close(id);
         e.rooms.read()[id]
             .used_ms
             .store(now + n as u64, Ordering::Relaxed);
@@ -382,4 +383,16 @@ async fn opening_a_room_writes_nothing_until_its_first_publish() {
     publish(&e, 1, None).await.unwrap();
     let record = store.load_room("r", 10).unwrap().unwrap();
     assert_eq!((&*record.epoch, record.seq), (&*opened.epoch, 1));
+}
+
+#[tokio::test]
+async fn a_room_never_published_to_stays_until_the_node_closes_it() {
+    let (e, _, _) = engine(100);
+    let opened = e.open("r", 0).await.unwrap();
+    e.evict(now_ms() + 3_600_000);
+    assert_eq!(e.room_count(), 1, "its members would get a new epoch");
+    assert_eq!(e.info("r").await.unwrap().unwrap().epoch, opened.epoch);
+    e.close("r");
+    e.evict(now_ms() + 3_600_000);
+    assert_eq!(e.room_count(), 0);
 }
