@@ -49,6 +49,10 @@ pub struct Config {
     /// How long a room with no member on this node stays open here (its history cache kept,
     /// and on several nodes its channel subscribed) before it is closed.
     pub room_idle: Duration,
+    /// Single node: most rooms kept in memory (idle ones leave after `room_idle` anyway; past
+    /// this many, the least recently used idle for 10 s leave too). A room that left is loaded
+    /// from the store again on its next use, so clients notice nothing.
+    pub max_rooms: usize,
     /// Where the UDP wake listener binds.
     pub wake_listen: WakeListen,
     /// How far a keepalive's `ts` may be from the server's clock.
@@ -175,6 +179,9 @@ impl Default for Limits {
     }
 }
 
+/// Default of [`Config::max_rooms`] (about 60 MB of rooms at ~600 bytes each).
+pub const DEFAULT_MAX_ROOMS: usize = 100_000;
+
 impl Config {
     /// A configuration for tests and embedding: loopback on a free port, dev mode off, fixed
     /// key and secret, defaults for everything else.
@@ -195,6 +202,7 @@ impl Config {
             poll_grace: Duration::from_secs(60),
             terminal_retention: Duration::from_secs(24 * 3600),
             room_idle: Duration::from_secs(60),
+            max_rooms: DEFAULT_MAX_ROOMS,
             wake_listen: WakeListen::SameAsHttp,
             wake_max_skew: Duration::from_secs(300),
             wake_retries: 8,

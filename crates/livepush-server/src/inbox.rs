@@ -13,6 +13,32 @@
 //! grace), the server sends it a wake datagram at the address of its last verified keepalive
 //! and repeats it with back-off until the terminal connects, acknowledges, or the messages
 //! expire.
+//!
+//! # Replays across restarts
+//!
+//! A keepalive must be newer than the last one accepted for its terminal, or a captured one
+//! replayed from another address would redirect the terminal's wakes. The newest accepted
+//! `ts` is exact in memory, but it is written to the store only when the address (or size)
+//! changes and every ten minutes: one write per terminal per ten minutes instead of one per
+//! keepalive (with a keepalive every 30 s, 1 write in 20; the lost `ts` is what makes a
+//! restart interesting). So after a restart (clean or `kill -9`) the stored `ts` may be up to
+//! ten minutes behind the last accepted one. Instead of writing more, the server uses what it
+//! knows about keepalives captured before it started: each was accepted by the previous
+//! process, so its `ts` was within `wake_max_skew` of that process's clock, that is at most
+//! *start + skew*. Until then ([`Inboxes`]'s replay floor), a keepalive that would move a
+//! registration loaded from the store (to another address or size) is refused as a replay;
+//! one from the registered address and size cannot redirect anything and counts, and once this
+//! process accepted a keepalive of the terminal its `ts` is exact again. The cost: a terminal
+//! whose address changes within `wake_max_skew` (5 min by default) after a restart, before it
+//! sent a keepalive from its old address, is woken at that address until its keepalives pass
+//! the floor. A terminal with no registration at all registers at once (with `--data-dir :memory:`, or if the process died within the
+//! moment between accepting its first keepalive and writing it, a replay can then register
+//! first; the terminal's next keepalive moves it back).
+//!
+//! The same holds for an inbox forgotten while idle and loaded again: it is kept in memory
+//! for at least twice `wake_max_skew` after its last keepalive, after which every keepalive it
+//! accepted is too old to pass the skew check (its `ts` was at most its arrival plus the
+//! skew), so the stored `ts` is enough.
 
 use std::borrow::Borrow;
 use std::collections::{HashSet, VecDeque};
@@ -90,6 +116,8 @@ struct Cold {
     wake: Option<WakeRegistration>,
     /// When the registration was last written to the store (ms).
     wake_persisted_ms: u64,
+    /// `wake` was accepted by this process (its `ts` is exact), not loaded from the store.
+    wake_accepted: bool,
     /// The newest seq a finished episode tried to wake for: not retried until a newer one,
     /// or until the terminal came and left again, or moved. Only read together with `wake`,
     /// which keeps this struct alive, so it is never lost while it matters.
@@ -248,6 +276,9 @@ impl PartialEq for ById {
 
 impl Eq for ById {}
 
+/// How long an inbox nobody uses stays in memory (at least; see [`Inboxes::tick`]).
+const INBOX_IDLE_MS: u64 = 300_000;
+
 /// All inboxes of this node (loaded on demand).
 #[derive(Debug)]
 pub struct Inboxes {
@@ -256,6 +287,9 @@ pub struct Inboxes {
     terminals: Arc<Terminals>,
     wake: Option<Arc<WakeSocket>>,
     settings: InboxSettings,
+    /// Until this `ts`, a keepalive may have been captured before this process started: it
+    /// may not move a terminal's registration (see "Replays across restarts").
+    replay_floor_ms: u64,
     pub stats: InboxStats,
 }
 
@@ -267,12 +301,14 @@ impl Inboxes {
         settings: InboxSettings,
         stats: InboxStats,
     ) -> Inboxes {
+        let skew = wake.as_ref().map_or(0, |w| w.max_skew_ms());
         Inboxes {
             map: Mutex::new(HashSet::new()),
             engine,
             terminals,
             wake,
             settings,
+            replay_floor_ms: now_ms().saturating_add(skew),
             stats,
         }
     }
@@ -471,6 +507,7 @@ impl Inboxes {
             .wake
             .is_none_or(|w| w.addr != reg.addr || w.size != reg.size);
         c.wake = Some(reg);
+        c.wake_accepted = true;
         if changed || reg.ts.saturating_sub(c.wake_persisted_ms) > 600_000 {
             c.wake_persisted_ms = reg.ts;
             drop(st);
@@ -531,11 +568,26 @@ impl Inboxes {
 
     /// Whether the engine accepts this keepalive as newer than any accepted on any node (see
     /// [`InboxEngine::accept_keepalive`]).
+    /// Also `false` for a keepalive that may have been captured before this process started
+    /// and would move the terminal's registration (see "Replays across restarts").
     pub async fn accept_keepalive(
         &self,
         id: &str,
         reg: &WakeRegistration,
     ) -> Result<bool, EngineError> {
+        if reg.ts <= self.replay_floor_ms {
+            let inbox = self.get(id).await?;
+            let st = inbox.state.lock();
+            let moves = st.cold.as_deref().is_some_and(|c| {
+                !c.wake_accepted
+                    && c.wake
+                        .is_some_and(|w| w.addr != reg.addr || w.size != reg.size)
+            });
+            drop(st);
+            if moves {
+                return Ok(false);
+            }
+        }
         self.engine.accept_keepalive(id, reg).await
     }
 
@@ -585,12 +637,18 @@ impl Inboxes {
             }
         }
         let engine = &self.engine;
+        // At least twice the keepalive skew, see "Replays across restarts".
+        let idle_ms = self
+            .wake
+            .as_ref()
+            .map_or(0, |w| w.max_skew_ms().saturating_mul(2))
+            .max(INBOX_IDLE_MS);
         self.map.lock().retain(|i| {
             let st = i.0.state.lock();
             let keep = !st.sessions.is_empty()
                 || st.waking()
                 || st.unacked()
-                || now.saturating_sub(st.touched_ms) <= 300_000;
+                || now.saturating_sub(st.touched_ms) <= idle_ms;
             if !keep {
                 engine.unwatch(&i.0.id);
             }

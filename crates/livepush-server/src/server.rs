@@ -21,7 +21,7 @@ use crate::assets;
 use crate::auth::TokenKeys;
 use crate::config::Config;
 use crate::config::WakeListen;
-use crate::engine::local::LocalEngine;
+use crate::engine::local::{LocalEngine, RoomLimits};
 use crate::engine::{Engine, InboxEngine, Node, Retention};
 use crate::error::ApiError;
 use crate::hub::Hub;
@@ -193,13 +193,19 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
 
 /// Start a single-node server on a given store (the single-node engine over it).
 pub async fn start_with(config: Config, store: Arc<dyn Store>) -> Result<Running, ServerError> {
-    let engine = Arc::new(LocalEngine::new(
-        store,
-        Retention {
-            max_messages: config.history_size,
-            ttl: config.history_ttl,
-        },
-    ));
+    let engine = Arc::new(
+        LocalEngine::new(
+            store,
+            Retention {
+                max_messages: config.history_size,
+                ttl: config.history_ttl,
+            },
+        )
+        .with_room_limits(RoomLimits {
+            idle: config.room_idle,
+            max_rooms: config.max_rooms,
+        }),
+    );
     start_with_engine(config, engine).await
 }
 

@@ -9,7 +9,8 @@
 //! Safety rules, all enforced here:
 //! - a keepalive counts only if its mac verifies, its `ts` is within `wake_max_skew` of the
 //!   server's clock, and it is newer than the last one accepted for that terminal (a captured
-//!   keepalive cannot be replayed to redirect wakes);
+//!   keepalive cannot be replayed to redirect wakes), also across restarts (see "Replays
+//!   across restarts" in [`crate::inbox`]);
 //! - the server never answers a keepalive, and never sends an address a wake datagram larger
 //!   than the keepalive that address sent (no amplification);
 //! - wake datagrams go only to an address that proved the key, and are rate limited per
@@ -97,6 +98,11 @@ impl WakeSocket {
     /// Invalid datagrams are counted and skipped; this returns only verified keepalives. The
     /// caller refuses a replay (a `ts` not newer than the terminal's last one, which the
     /// engine keeps) and counts the result with [`WakeStats::keepalive`].
+    /// How far a keepalive's `ts` may be from the server's clock (`--wake-max-skew`).
+    pub fn max_skew_ms(&self) -> u64 {
+        self.max_skew_ms
+    }
+
     pub async fn next_keepalive(&self) -> std::io::Result<Registration> {
         // One byte more than any keepalive may be, so that an oversized one is noticed.
         let mut buf = [0u8; 1025];

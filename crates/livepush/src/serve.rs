@@ -158,6 +158,10 @@ pub struct ServeArgs {
     /// --redis, its channel subscribed) before it is closed.
     #[arg(long, env = "LIVEPUSH_ROOM_IDLE", default_value = "60s", value_parser = duration)]
     room_idle: Duration,
+    /// Single node: most rooms kept in memory; past it the least recently used idle ones
+    /// leave (and are loaded from the store again when used).
+    #[arg(long, env = "LIVEPUSH_MAX_ROOMS", default_value_t = livepush_server::config::DEFAULT_MAX_ROOMS)]
+    max_rooms: usize,
     /// UDP address of the wake listener: `same` (the HTTP address and port, on UDP), an
     /// ADDR:PORT, or `off`.
     #[arg(long, env = "LIVEPUSH_WAKE_LISTEN", default_value = "same")]
@@ -285,6 +289,7 @@ impl ServeArgs {
             poll_grace: self.poll_grace.unwrap_or(self.poll_max_wait * 2),
             terminal_retention: self.terminal_retention,
             room_idle: self.room_idle,
+            max_rooms: self.max_rooms,
             wake_listen: self.wake_listen,
             wake_max_skew: self.wake_max_skew,
             wake_retries: self.wake_retries,
@@ -327,6 +332,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let mut store_options = StoreOptions::new(args.durability);
     store_options.batch_window = args.batch_window;
+    // The store sweeps messages older than the history TTL, also of rooms nobody uses.
+    store_options.history_ttl = Some(args.history_ttl);
     let data_dir = args.data_dir.clone();
     let redis = args
         .redis
@@ -370,11 +377,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if dev {
         eprintln!("livepush: --dev: terminals may connect without a token");
     }
+    // Handlers first: a SIGINT or SIGTERM right after the line below stops gracefully.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     println!("livepush listening on {}", running.url());
     std::io::stdout().flush()?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = term.recv() => {}
     }
     eprintln!("livepush: shutting down");

@@ -23,11 +23,46 @@
 //! it is committed). Only messages already handed to the node are shown. The store is read
 //! when a room is first used after a start, and trimmed to the retention by [`Engine::tick`].
 //!
-//! If a write fails, the message is still handed over (later messages are queued behind it,
-//! and a room must never stall) and the publisher is told it failed.
+//! # Rooms in memory
+//!
+//! Invariant: the engine holds a room only while it is used. A room nobody used for the idle
+//! time ([`RoomLimits::idle`], at least [`MIN_IDLE_MS`]), with no write waiting, and that no
+//! caller holds, is dropped by [`Engine::tick`] and loaded from the store again on its next
+//! use; past [`RoomLimits::max_rooms`] rooms, the least recently used of those idle for
+//! [`MIN_IDLE_MS`] go first. So memory and the tick's work follow the rooms in use, not every
+//! room ever touched. The minimum idle time is there for `--durability none`, whose writes are
+//! answered before the store commits them: a room is reloaded only once its last write is
+//! readable (the store commits within a second), or a reload could hand out a seq again.
+//!
+//! A room that is only opened (a terminal joins or pulls it) and never published to is not
+//! written to the store: it gets an epoch in memory, and the store's record is created with
+//! its first publish or reset. So terminals cannot fill the store with empty rooms. Such a
+//! room leaves memory only once the node closed it ([`Engine::close`], when its last member
+//! left), since loaded again it gets a new epoch; that only tells terminals that come back
+//! `recovered:false` for a history that never had anything.
+//!
+//! # Failed writes
+//!
+//! Invariant: a message is handed to the node (delivered, shown in snapshots and the history)
+//! only once its write is durable, and never after a write of its room failed before it. The
+//! store refuses every append and reset of a room after one of them failed, until the engine
+//! recovers the room ([`HistoryStore::recover`](crate::store::HistoryStore::recover)); so a
+//! write that succeeds means every earlier one of that room did, and handing over everything
+//! pending up to it stays right. The first task to see a failure of its room takes every entry
+//! still pending (none of them shown), marks them discarded, and queues a recover: a new epoch,
+//! handed to the node as an [`Event::Epoch`] once written (or once it failed: the store
+//! re-applies it with its next commit). Each discarded publish (or reset) answers with the
+//! store's error (its own, or [`StoreError::Broken`]), so a failed group commit answers every
+//! publish in it with an error and delivers none of them, and the clients of the room get a new
+//! epoch (`recovered:false`), never a hole. A message that was durable but discarded this way
+//! (its task had not yet run) is deleted by the recover. Under `--durability none` writes are
+//! answered (and handed over) before they are written; a loss there is caught by the store,
+//! which gives every room a new epoch at the next start.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use livepush_proto::SeqTemplate;
@@ -40,14 +75,36 @@ use super::{
 use crate::clock::now_ms;
 use crate::control::Action;
 use crate::store::{
-    InboxMessage, RoomFlags, RoomRecord, Store, StoredMessage, TerminalRecord, WakeRegistration,
-    new_epoch,
+    InboxMessage, RoomFlags, RoomRecord, Store, StoreError, StoredMessage, TerminalRecord,
+    WakeRegistration, new_epoch,
 };
+
+/// How many rooms the engine keeps in memory (see "Rooms in memory").
+#[derive(Debug, Clone, Copy)]
+pub struct RoomLimits {
+    /// A room unused this long (and at least [`MIN_IDLE_MS`]) leaves memory.
+    pub idle: Duration,
+    /// Most rooms kept; beyond it the least recently used leave (if idle [`MIN_IDLE_MS`]).
+    pub max_rooms: usize,
+}
+
+impl Default for RoomLimits {
+    fn default() -> Self {
+        RoomLimits {
+            idle: Duration::from_secs(60),
+            max_rooms: 100_000,
+        }
+    }
+}
+
+/// The least time a room stays in memory after its last use (see "Rooms in memory").
+pub const MIN_IDLE_MS: u64 = 10_000;
 
 /// See the module documentation.
 pub struct LocalEngine {
     store: Arc<dyn Store>,
     retention: Retention,
+    limits: RoomLimits,
     /// Every room used since the start.
     rooms: RwLock<HashMap<Arc<str>, Arc<Room>>>,
     /// Inbox sequencing state of terminals posted to recently.
@@ -66,6 +123,10 @@ impl std::fmt::Debug for LocalEngine {
 
 struct Room {
     id: Arc<str>,
+    /// When it was last used (ms).
+    used_ms: AtomicU64,
+    /// The node closed it (no member left), and has not opened it since.
+    closed: AtomicBool,
     state: Mutex<RoomState>,
 }
 
@@ -83,6 +144,8 @@ struct RoomState {
     history: VecDeque<StoredMessage>,
     /// The oldest seq the store was last asked to keep.
     store_keep_from: u64,
+    /// The store has a record of the room (see "Rooms in memory").
+    recorded: bool,
 }
 
 #[derive(Clone)]
@@ -96,6 +159,8 @@ struct Pending {
     /// Order of submission (seqs restart in a new epoch; tickets do not).
     ticket: u64,
     item: Item,
+    /// Set when the entry is dropped unshown after a failed write (see "Failed writes").
+    discarded: Arc<AtomicBool>,
 }
 
 enum Item {
@@ -129,13 +194,29 @@ impl RoomState {
             next_ticket: 0,
             history,
             store_keep_from,
+            recorded: true,
         }
     }
 
-    fn ticket(&mut self) -> u64 {
-        let t = self.next_ticket;
+    /// Queue `item` behind everything pending; returns its ticket and its discarded flag.
+    fn push(&mut self, item: Item) -> (u64, Arc<AtomicBool>) {
+        let ticket = self.next_ticket;
         self.next_ticket += 1;
-        t
+        let discarded = Arc::new(AtomicBool::new(false));
+        self.pending.push_back(Pending {
+            ticket,
+            item,
+            discarded: discarded.clone(),
+        });
+        (ticket, discarded)
+    }
+
+    /// Start a new history, `epoch`, for what is sequenced from now on.
+    fn renew(&mut self, epoch: Arc<str>) -> (u64, Arc<AtomicBool>) {
+        self.epoch = epoch.clone();
+        self.assigned = 0;
+        self.store_keep_from = 1;
+        self.push(Item::Reset { epoch })
     }
 
     fn first_kept(&self) -> u64 {
@@ -194,10 +275,22 @@ impl LocalEngine {
         LocalEngine {
             store,
             retention,
+            limits: RoomLimits::default(),
             rooms: RwLock::new(HashMap::new()),
             inboxes: Mutex::new(HashMap::new()),
             node: OnceLock::new(),
         }
+    }
+
+    /// Keep rooms in memory as `limits` say.
+    pub fn with_room_limits(mut self, limits: RoomLimits) -> LocalEngine {
+        self.limits = limits;
+        self
+    }
+
+    /// Rooms in memory.
+    pub fn room_count(&self) -> usize {
+        self.rooms.read().len()
     }
 
     fn node(&self) -> Option<Arc<dyn Node>> {
@@ -207,35 +300,89 @@ impl LocalEngine {
     /// The room, loaded from the store on first use; created (a new epoch) if the store never
     /// had it and `create` says so.
     fn room(&self, id: &str, create: bool) -> Result<Option<Arc<Room>>, EngineError> {
+        let now = now_ms();
+        let used = |r: &Arc<Room>| {
+            r.used_ms.store(now, Ordering::Relaxed);
+            Ok(Some(r.clone()))
+        };
         if let Some(r) = self.rooms.read().get(id) {
-            return Ok(Some(r.clone()));
+            return used(r);
         }
         let record = self.store.load_room(id, self.retention.max_messages)?;
         let mut rooms = self.rooms.write();
         if let Some(r) = rooms.get(id) {
-            return Ok(Some(r.clone()));
+            return used(r);
         }
-        let record = match record {
-            Some(record) => record,
-            None if create => {
-                let epoch = new_epoch();
-                spawn_logged("create room", self.store.create_room(id, &epoch));
+        let (record, recorded) = match record {
+            Some(record) => (record, true),
+            // Written with its first publish or reset (see "Rooms in memory").
+            None if create => (
                 RoomRecord {
-                    epoch,
+                    epoch: new_epoch(),
                     seq: 0,
                     history: Vec::new(),
                     flags: RoomFlags::default(),
-                }
-            }
+                },
+                false,
+            ),
             None => return Ok(None),
         };
         let key: Arc<str> = Arc::from(id);
         let room = Arc::new(Room {
             id: key.clone(),
-            state: Mutex::new(RoomState::from_record(record, self.retention, now_ms())),
+            used_ms: AtomicU64::new(now),
+            closed: AtomicBool::new(false),
+            state: Mutex::new(RoomState {
+                recorded,
+                ..RoomState::from_record(record, self.retention, now)
+            }),
         });
         rooms.insert(key, room.clone());
         Ok(Some(room))
+    }
+
+    /// Before the first write of a room that the store has no record of: create the record
+    /// (submitted first, so written first).
+    fn record(&self, room: &Room, st: &mut RoomState) {
+        if !st.recorded {
+            st.recorded = true;
+            spawn_logged("create room", self.store.create_room(&room.id, &st.epoch));
+        }
+    }
+
+    /// Drop the rooms that are idle, and the least recently used beyond the limit (see
+    /// "Rooms in memory").
+    fn evict(&self, now: u64) {
+        let idle_ms = (self.limits.idle.as_millis() as u64).max(MIN_IDLE_MS);
+        let unused_for = |r: &Arc<Room>| {
+            // Nobody else holds it (under the map's write lock no one can take it), and no
+            // write of it is waiting.
+            // A room the store has no record of leaves only once the node closed it: loaded
+            // again it would get a new epoch under its members.
+            let free = Arc::strong_count(r) == 1 && {
+                let st = r.state.lock();
+                st.pending.is_empty() && (st.recorded || r.closed.load(Ordering::Relaxed))
+            };
+            free.then(|| now.saturating_sub(r.used_ms.load(Ordering::Relaxed)))
+        };
+        let mut rooms = self.rooms.write();
+        rooms.retain(|_, r| unused_for(r).is_none_or(|t| t < idle_ms));
+        let over = rooms.len().saturating_sub(self.limits.max_rooms);
+        if over == 0 {
+            return;
+        }
+        let mut oldest: Vec<(u64, Arc<str>)> = rooms
+            .iter()
+            .filter_map(|(id, r)| {
+                unused_for(r)
+                    .filter(|t| *t >= MIN_IDLE_MS)
+                    .map(|t| (t, id.clone()))
+            })
+            .collect();
+        oldest.sort_unstable_by_key(|o| std::cmp::Reverse(o.0));
+        for (_, id) in oldest.into_iter().take(over) {
+            rooms.remove(&id);
+        }
     }
 
     fn created(&self, id: &str) -> Result<Arc<Room>, EngineError> {
@@ -289,6 +436,52 @@ impl LocalEngine {
         }
     }
 
+    /// After the store answered the write of the entry `ticket`: hand it over with everything
+    /// pending before it, or, if the write failed, discard the room's pending entries and
+    /// recover it (see "Failed writes"). Ok only if the entry was handed over.
+    async fn settle(
+        &self,
+        room: &Room,
+        (ticket, discarded): (u64, Arc<AtomicBool>),
+        stored: Result<(), StoreError>,
+    ) -> Result<(), EngineError> {
+        match stored {
+            Ok(()) => self.show_through(room, ticket),
+            Err(e) => {
+                self.recover(room, ticket).await;
+                return Err(e.into());
+            }
+        }
+        if discarded.load(Ordering::SeqCst) {
+            return Err(StoreError::Broken(room.id.to_string()).into());
+        }
+        Ok(())
+    }
+
+    /// The write of the entry `failed` failed: unless an earlier failure already did, discard
+    /// every pending entry of the room and start a new epoch, handed over once the store
+    /// answered its recover.
+    async fn recover(&self, room: &Room, failed: u64) {
+        let (ticket, durable) = {
+            let mut st = room.state.lock();
+            if !st.pending.iter().any(|p| p.ticket == failed) {
+                return;
+            }
+            for p in st.pending.drain(..) {
+                p.discarded.store(true, Ordering::SeqCst);
+            }
+            let epoch: Arc<str> = Arc::from(new_epoch());
+            tracing::warn!(room = %room.id, %epoch, "a write failed: the room starts a new epoch");
+            let durable = self.store.recover(&room.id, &epoch);
+            (st.renew(epoch), durable)
+        };
+        if let Err(e) = durable.await {
+            // The store re-applies it with its next commit, before anything written after it.
+            tracing::warn!(room = %room.id, error = %e, "recovering the room failed");
+        }
+        self.show_through(room, ticket.0);
+    }
+
     fn inbox(&self, terminal: &str) -> Result<Arc<Inbox>, EngineError> {
         if let Some(i) = self.inboxes.lock().get(terminal) {
             return Ok(i.clone());
@@ -318,12 +511,19 @@ impl Engine for LocalEngine {
     }
 
     fn open(&self, room: &str, keep: usize) -> EngineFuture<'_, Snapshot> {
-        let snapshot = self.created(room).map(|r| r.state.lock().snapshot(keep));
+        let snapshot = self.created(room).map(|r| {
+            r.closed.store(false, Ordering::Relaxed);
+            r.state.lock().snapshot(keep)
+        });
         Box::pin(std::future::ready(snapshot))
     }
 
-    fn close(&self, _room: &str) {
+    fn close(&self, room: &str) {
         // Every room's events are handed to the one node; it ignores rooms it does not hold.
+        // Closed, a room the store has no record of may leave memory (see "Rooms in memory").
+        if let Some(r) = self.rooms.read().get(room) {
+            r.closed.store(true, Ordering::Relaxed);
+        }
     }
 
     fn info(&self, room: &str) -> EngineFuture<'_, Option<Snapshot>> {
@@ -350,16 +550,13 @@ impl Engine for LocalEngine {
                     st.flags = action.apply(before);
                 }
                 let changed = (st.flags != before).then_some(st.flags);
+                self.record(&room, &mut st);
                 let durable = self.store.append(&room.id, &message, changed);
-                let ticket = st.ticket();
                 let flags = st.flags;
-                st.pending.push_back(Pending {
-                    ticket,
-                    item: Item::Message {
-                        message,
-                        action: p.action,
-                        flags,
-                    },
+                let ticket = st.push(Item::Message {
+                    message,
+                    action: p.action,
+                    flags,
                 });
                 let sequenced = Sequenced {
                     epoch: st.epoch.clone(),
@@ -367,10 +564,7 @@ impl Engine for LocalEngine {
                 };
                 (ticket, sequenced, durable)
             };
-            let stored = durable.await;
-            // Hand it over even if the write failed: later messages are queued behind it.
-            self.show_through(&room, ticket);
-            stored?;
+            self.settle(&room, ticket, durable.await).await?;
             Ok(sequenced)
         })
     }
@@ -418,22 +612,12 @@ impl Engine for LocalEngine {
             let (ticket, epoch, durable) = {
                 let mut st = room.state.lock();
                 let epoch: Arc<str> = Arc::from(new_epoch());
+                self.record(&room, &mut st);
                 let durable = self.store.reset(&room.id, &epoch);
-                st.epoch = epoch.clone();
-                st.assigned = 0;
-                st.store_keep_from = 1;
-                let ticket = st.ticket();
-                st.pending.push_back(Pending {
-                    ticket,
-                    item: Item::Reset {
-                        epoch: epoch.clone(),
-                    },
-                });
+                let ticket = st.renew(epoch.clone());
                 (ticket, epoch, durable)
             };
-            let stored = durable.await;
-            self.show_through(&room, ticket);
-            stored?;
+            self.settle(&room, ticket, durable.await).await?;
             Ok(Sequenced { epoch, seq: 0 })
         })
     }
@@ -458,6 +642,7 @@ impl Engine for LocalEngine {
                 spawn_logged("trim", self.store.trim(&room.id, keep_from));
             }
         }
+        self.evict(now);
         self.inboxes.lock().retain(|_, i| {
             let st = i.state.lock();
             !st.pending.is_empty() || now.saturating_sub(st.touched_ms) < INBOX_IDLE_MS

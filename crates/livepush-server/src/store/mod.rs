@@ -67,6 +67,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("storage is shut down")]
     Closed,
+    /// An earlier write of the room failed; everything written after it was refused or
+    /// discarded (never delivered) and the room starts a new epoch.
+    #[error("an earlier write of room {0:?} failed")]
+    Broken(String),
 }
 
 impl StoreError {
@@ -112,6 +116,17 @@ pub trait HistoryStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Start a new history of `room`: `epoch`, seq 0, no messages; its flags stay.
     fn reset(&self, room: &str, epoch: &str) -> Durable;
+
+    /// After a failed write of `room`: start a new history as [`HistoryStore::reset`] does,
+    /// and accept the room's writes again. A store whose writes can fail must, once an
+    /// append or reset of a room that is answered at its commit has failed, fail every later
+    /// append and reset of that room until this recover: so when a write of a room succeeds,
+    /// every write of it submitted before (since the last recover) succeeded too, which is
+    /// what lets the engine hand a message over as soon as its own write is durable. Stores
+    /// that never fail a write need nothing more than a reset.
+    fn recover(&self, room: &str, epoch: &str) -> Durable {
+        self.reset(room, epoch)
+    }
 
     /// Forget messages of `room` with `seq < keep_from` (out of the retention).
     fn trim(&self, room: &str, keep_from: u64) -> Durable;

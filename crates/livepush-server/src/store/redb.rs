@@ -67,14 +67,38 @@
 //! be made durable again. Under `sync` and `batch` every answered append is already durable,
 //! no reservation is needed and inbox seqs never jump.
 //!
+//! # Failed writes
+//!
 //! A write that fails (disk full, I/O error) resolves the futures of its batch with
-//! [`StoreError::Io`]; the writer reopens the file if redb asks for it and goes on with later
+//! [`StoreError::Io`]: redb aborts the transaction, so nothing of the batch is in the file,
+//! and no later commit writes it after all. The writer reopens the file if redb asks for it
+//! (after an I/O error redb refuses every transaction until then) and goes on with later
 //! writes. Seqs of failed appends and flags of failed updates are re-applied to the room record
-//! with the next successful batch, so a seq the hub already delivered is not handed out again
-//! after a restart; likewise the seq of a failed inbox append, the seq of a failed inbox ack
-//! and a failed wake registration are re-applied to the terminal's record.
+//! with the next successful batch, so a seq handed out is not handed out again in the same
+//! epoch after a restart; likewise the seq of a failed inbox append, the seq of a failed inbox
+//! ack and a failed wake registration are re-applied to the terminal's record.
+//!
+//! A room whose append or reset failed (one that was to be answered at its commit) is
+//! *broken*: every later append and reset of it is refused with [`StoreError::Broken`],
+//! without being written, until [`HistoryStore::recover`] gives it a new epoch. So the room's
+//! history never gets a hole (a failed seq followed by written ones), and a write that
+//! succeeds tells the engine that every earlier write of that room did too (see
+//! [`HistoryStore::recover`]). The broken set lives in the writer only: after a restart the
+//! file holds the history up to the failure, none of which was lost.
+//!
+//! Under `none` a write answered at submission may have been delivered already when its batch
+//! fails, or when a reopen drops the commits not yet made durable. The writer then keeps the
+//! dirty marker set for the rest of the run (a flush or close no longer clears it), so the next
+//! open gives every room a new epoch: resuming clients are told `recovered:false`, never
+//! replayed a history with a hole.
 //!
 //! # Size
+//!
+//! With [`StoreOptions::history_ttl`], the writer sweeps the rooms in key order, a bounded
+//! number ([`StoreOptions::sweep_rooms`]) every [`SWEEP_INTERVAL`], and deletes their messages
+//! older than the TTL: the engine trims only the rooms it holds in memory, so without the
+//! sweep a room nobody uses any more would keep its messages forever. A room's record (epoch,
+//! seq, flags: some 60 bytes) stays. A step that deletes nothing commits nothing.
 //!
 //! `trim` (and `trim_inbox`, `ack_inbox`) deletes in the writer, batched with other writes.
 //! redb reuses freed pages, so a steady load with steady retention keeps the file at its
@@ -126,6 +150,9 @@ pub const FILE_NAME: &str = "livepush.redb";
 /// the module documentation): the most inbox seqs a terminal skips after an unclean stop, and
 /// the number of inbox appends per terminal answered at submission per durable commit.
 pub const INBOX_RESERVE_STEP: u64 = 1024;
+
+/// How often the writer sweeps expired messages (see "Size").
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// When a write counts as done. See the module documentation for what each can lose.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -191,6 +218,12 @@ pub struct StoreOptions {
     pub verify_on_open: bool,
     /// Compact the file at open.
     pub compact_on_open: bool,
+    /// Messages older than this leave the file, also those of rooms nobody uses any more (see
+    /// "Size"); `None` keeps them until the engine trims them.
+    pub history_ttl: Option<Duration>,
+    /// Rooms looked at per sweep step (one step every [`SWEEP_INTERVAL`]): the bound on the
+    /// sweep's work per step, and so on how long it holds up other writes.
+    pub sweep_rooms: usize,
 }
 
 impl StoreOptions {
@@ -203,6 +236,8 @@ impl StoreOptions {
             cache_size: 64 * 1024 * 1024,
             verify_on_open: true,
             compact_on_open: true,
+            history_ttl: None,
+            sweep_rooms: 64,
         }
     }
 }
@@ -344,6 +379,12 @@ pub(crate) enum Op {
         room: String,
         epoch: String,
     },
+    /// A reset after a failed write, which makes the room writable again (see
+    /// [`HistoryStore::recover`]).
+    Recover {
+        room: String,
+        epoch: String,
+    },
     Trim {
         room: String,
         keep_from: u64,
@@ -386,6 +427,7 @@ impl Op {
                 | Op::Append { .. }
                 | Op::Flags { .. }
                 | Op::Reset { .. }
+                | Op::Recover { .. }
                 | Op::Trim { .. }
                 | Op::AppendInbox { .. }
                 | Op::AckInbox { .. }
@@ -933,6 +975,16 @@ impl HistoryStore for RedbStore {
     fn reset(&self, room: &str, epoch: &str) -> Durable {
         self.submit(
             Op::Reset {
+                room: room.to_owned(),
+                epoch: epoch.to_owned(),
+            },
+            false,
+        )
+    }
+
+    fn recover(&self, room: &str, epoch: &str) -> Durable {
+        self.submit(
+            Op::Recover {
                 room: room.to_owned(),
                 epoch: epoch.to_owned(),
             },

@@ -3,12 +3,9 @@
 use std::sync::Arc;
 
 use livepush_proto::ServerFrame;
-use livepush_server::store::{
-    Durable, HistoryStore, InboxMessage, InboxStore, MemoryStore, RoomFlags, RoomRecord,
-    StoreError, StoredMessage, TerminalRecord, WakeRegistration,
-};
 use serde_json::json;
 
+use crate::faulty::FaultyStore;
 use crate::support::*;
 
 #[tokio::test]
@@ -270,71 +267,12 @@ async fn close_and_open() {
     assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
 }
 
-/// A store that fails for one room, to show `internal`.
-#[derive(Debug, Default)]
-struct FailingStore(MemoryStore);
-
-#[derive(Debug, thiserror::Error)]
-#[error("disk on fire")]
-struct OnFire;
-
-impl HistoryStore for FailingStore {
-    fn load_room(&self, room: &str, keep: usize) -> Result<Option<RoomRecord>, StoreError> {
-        if room == "broken" {
-            return Err(StoreError::io("reading", OnFire));
-        }
-        self.0.load_room(room, keep)
-    }
-    fn read(
-        &self,
-        room: &str,
-        since: u64,
-        upto: u64,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
-        self.0.read(room, since, upto, limit, max_bytes)
-    }
-    fn create_room(&self, room: &str, epoch: &str) -> Durable {
-        self.0.create_room(room, epoch)
-    }
-    fn append(&self, room: &str, m: &StoredMessage, f: Option<RoomFlags>) -> Durable {
-        self.0.append(room, m, f)
-    }
-    fn reset(&self, room: &str, epoch: &str) -> Durable {
-        self.0.reset(room, epoch)
-    }
-    fn trim(&self, room: &str, k: u64) -> Durable {
-        self.0.trim(room, k)
-    }
-}
-
-impl InboxStore for FailingStore {
-    fn load_terminal(&self, t: &str) -> Result<Option<TerminalRecord>, StoreError> {
-        self.0.load_terminal(t)
-    }
-    fn append_inbox(&self, t: &str, m: &InboxMessage) -> Durable {
-        self.0.append_inbox(t, m)
-    }
-    fn ack_inbox(&self, t: &str, seq: u64) -> Durable {
-        self.0.ack_inbox(t, seq)
-    }
-    fn trim_inbox(&self, t: &str, k: u64) -> Durable {
-        self.0.trim_inbox(t, k)
-    }
-    fn set_wake(&self, t: &str, r: &WakeRegistration) -> Durable {
-        self.0.set_wake(t, r)
-    }
-    fn terminals_with_pending_inbox(&self) -> Result<Vec<String>, StoreError> {
-        self.0.terminals_with_pending_inbox()
-    }
-}
-
 #[tokio::test]
 async fn internal() {
-    let running = livepush_server::start_with(config(), Arc::new(FailingStore::default()))
-        .await
-        .unwrap();
+    let running =
+        livepush_server::start_with(config(), Arc::new(FaultyStore::unreadable("broken")))
+            .await
+            .unwrap();
     let s = TestServer {
         running,
         http: reqwest::Client::new(),

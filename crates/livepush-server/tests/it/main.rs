@@ -1,7 +1,9 @@
 //! Integration tests: a real server on 127.0.0.1:0, real sockets.
 
 mod api;
+mod durability;
 mod errors;
+mod faulty;
 mod heartbeat;
 mod inbox;
 mod merge;

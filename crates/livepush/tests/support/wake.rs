@@ -23,10 +23,12 @@ impl WakeSocket {
     }
 
     /// Sends `terminal`'s keepalive, signed now and padded as the agent pads it, to the
-    /// server's wake listener at `to`: the server then knows where to wake it.
-    pub async fn keepalive(&self, to: SocketAddr, terminal: &str) {
+    /// server's wake listener at `to`: the server then knows where to wake it. Returns the
+    /// datagram (what an eavesdropper could capture and replay).
+    pub async fn keepalive(&self, to: SocketAddr, terminal: &str) -> Vec<u8> {
         let datagram = Keepalive::encode(terminal, now_ms(), &self.key, KEEPALIVE_PAD_TO);
         self.udp.send_to(&datagram, to).await.expect("keepalive");
+        datagram
     }
 
     /// The next wake signed with the key (other datagrams are skipped), or `None` when none

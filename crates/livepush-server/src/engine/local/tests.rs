@@ -64,18 +64,31 @@ fn publish(e: &LocalEngine, n: u64, action: Option<Action>) -> EngineFuture<'_, 
     })
 }
 
-/// A store whose appends are durable only when the test says so (in submission order, as
-/// every store's are).
+type Gate = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
+
+/// A store whose appends are durable (or fail) only when the test says so (in submission
+/// order, as every store's are).
 #[derive(Debug, Default)]
 struct Gated {
     inner: MemoryStore,
-    gates: PlMutex<Vec<tokio::sync::oneshot::Sender<()>>>,
+    gates: PlMutex<Vec<Gate>>,
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("no space left on device (test)")]
+struct DiskFull;
 
 impl Gated {
     fn open_all(&self) {
         for gate in self.gates.lock().drain(..) {
-            let _ = gate.send(());
+            let _ = gate.send(Ok(()));
+        }
+    }
+
+    /// Fail every waiting append, as a failed group commit does.
+    fn fail_all(&self) {
+        for gate in self.gates.lock().drain(..) {
+            let _ = gate.send(Err(StoreError::io("writing (test)", DiskFull)));
         }
     }
 }
@@ -106,10 +119,7 @@ impl HistoryStore for Gated {
         drop(self.inner.append(room, message, flags));
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.gates.lock().push(tx);
-        Box::pin(async move {
-            let _ = rx.await;
-            Ok(())
-        })
+        Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Closed)) })
     }
     fn reset(&self, room: &str, epoch: &str) -> crate::store::Durable {
         self.inner.reset(room, epoch)
@@ -140,9 +150,7 @@ impl InboxStore for Gated {
     }
 }
 
-#[tokio::test]
-async fn messages_are_handed_over_once_in_order_before_their_publish_is_answered() {
-    use futures_util::FutureExt;
+fn gated_engine() -> (LocalEngine, Arc<Recorder>, Arc<Gated>) {
     let store = Arc::new(Gated::default());
     let e = LocalEngine::new(
         store.clone(),
@@ -154,6 +162,13 @@ async fn messages_are_handed_over_once_in_order_before_their_publish_is_answered
     let rec = Arc::new(Recorder::default());
     let node: Arc<dyn Node> = rec.clone();
     e.attach(Arc::downgrade(&node));
+    (e, rec, store)
+}
+
+#[tokio::test]
+async fn messages_are_handed_over_once_in_order_before_their_publish_is_answered() {
+    use futures_util::FutureExt;
+    let (e, rec, store) = gated_engine();
     // Sequenced in this order (each polled once), both waiting for the store.
     let mut a = publish(&e, 1, None);
     let mut b = publish(&e, 2, None);
@@ -167,6 +182,75 @@ async fn messages_are_handed_over_once_in_order_before_their_publish_is_answered
     assert_eq!(*rec.0.lock(), [format!("{epoch}:1"), format!("{epoch}:2")]);
     assert_eq!(a.await.unwrap().seq, 1);
     assert_eq!(rec.0.lock().len(), 2, "nothing twice");
+}
+
+#[tokio::test]
+async fn a_failed_group_commit_delivers_none_of_it_and_starts_a_new_epoch() {
+    use futures_util::FutureExt;
+    let (e, rec, store) = gated_engine();
+    let mut first = publish(&e, 1, None);
+    assert!((&mut first).now_or_never().is_none());
+    store.open_all();
+    let old = first.await.unwrap().epoch;
+    // One group of three, whose commit fails; the last one's task happens to run first.
+    let mut group: Vec<_> = (2..=4).map(|n| publish(&e, n, None)).collect();
+    for p in &mut group {
+        assert!(p.now_or_never().is_none());
+    }
+    store.fail_all();
+    for p in group.into_iter().rev() {
+        assert!(
+            p.await.is_err(),
+            "every publish of the group is answered with an error"
+        );
+    }
+    let new = e.info("r").await.unwrap().unwrap().epoch;
+    assert_ne!(new, old);
+    assert_eq!(
+        *rec.0.lock(),
+        [format!("{old}:1"), format!("epoch {new}:0")],
+        "none of the group is handed over"
+    );
+    let h = e.history("r", 0, 100, usize::MAX).await.unwrap().unwrap();
+    assert_eq!(
+        (h.epoch.clone(), h.latest, h.messages.len()),
+        (new.clone(), 0, 0)
+    );
+    // The room goes on in its new epoch.
+    let mut next = publish(&e, 5, None);
+    assert!((&mut next).now_or_never().is_none());
+    store.open_all();
+    let next = next.await.unwrap();
+    assert_eq!((next.epoch, next.seq), (new.clone(), 1));
+    assert_eq!(rec.0.lock().last().unwrap(), &format!("{new}:1"));
+}
+
+#[tokio::test]
+async fn a_durable_message_discarded_by_an_earlier_failure_is_not_answered_ok() {
+    use futures_util::FutureExt;
+    let (e, rec, store) = gated_engine();
+    let mut a = publish(&e, 1, None);
+    let mut b = publish(&e, 2, None);
+    assert!((&mut a).now_or_never().is_none() && (&mut b).now_or_never().is_none());
+    // `a` is durable, `b` failed, and `b`'s task runs first: it discards `a` as well (the
+    // recover deletes it), so `a` must not be answered as published.
+    let gates: Vec<Gate> = store.gates.lock().drain(..).collect();
+    let mut gates = gates.into_iter();
+    let _ = gates.next().unwrap().send(Ok(()));
+    let _ = gates
+        .next()
+        .unwrap()
+        .send(Err(StoreError::io("writing (test)", DiskFull)));
+    assert!(b.await.is_err());
+    assert!(matches!(
+        a.await,
+        Err(EngineError::Store(StoreError::Broken(_)))
+    ));
+    assert!(
+        rec.0.lock().iter().all(|l| l.starts_with("epoch ")),
+        "{:?}",
+        rec.0.lock()
+    );
 }
 
 #[tokio::test]
@@ -237,4 +321,78 @@ async fn inbox_posts_get_consecutive_seqs_and_are_handed_over() {
     // A terminal forgotten and posted to again goes on from the stored seq.
     e.inboxes.lock().clear();
     assert_eq!(e.post("t", &t, 3).await.unwrap().seq, 3);
+}
+
+#[tokio::test]
+async fn idle_rooms_leave_memory_and_come_back_from_the_store() {
+    let (e, _, _) = engine(100);
+    let first = publish(&e, 1, None).await.unwrap();
+    publish(&e, 2, None).await.unwrap();
+    e.evict(now_ms() + MIN_IDLE_MS - 1);
+    assert_eq!(e.room_count(), 1, "not before the idle time");
+    e.evict(now_ms() + 3_600_000);
+    assert_eq!(e.room_count(), 0);
+    // Loaded again: same epoch, same seq; the next publish goes on from it.
+    let info = e.info("r").await.unwrap().unwrap();
+    assert_eq!((info.epoch, info.seq), (first.epoch.clone(), 2));
+    assert_eq!(e.room_count(), 1);
+    let third = publish(&e, 3, None).await.unwrap();
+    assert_eq!((third.epoch, third.seq), (first.epoch, 3));
+}
+
+#[tokio::test]
+async fn past_max_rooms_the_least_recently_used_leave() {
+    let (e, _, _) = engine(100);
+    let e = Arc::into_inner(e).unwrap().with_room_limits(RoomLimits {
+        idle: Duration::from_secs(3600),
+        max_rooms: 2,
+    });
+    let now = now_ms();
+    for (n, id) in ["a", "b", "c", "d"].into_iter().enumerate() {
+        e.open(id, 0).await.unwrap();
+        e.close(id);
+        e.rooms.read()[id]
+            .used_ms
+            .store(now + n as u64, Ordering::Relaxed);
+    }
+    e.evict(now + MIN_IDLE_MS - 1);
+    assert_eq!(e.room_count(), 4, "none idle long enough");
+    e.evict(now + MIN_IDLE_MS + 10);
+    let mut kept: Vec<String> = e.rooms.read().keys().map(|k| k.to_string()).collect();
+    kept.sort();
+    assert_eq!(kept, ["c", "d"]);
+}
+
+#[tokio::test]
+async fn a_room_with_a_write_waiting_stays() {
+    use futures_util::FutureExt;
+    let (e, _, store) = gated_engine();
+    let mut p = publish(&e, 1, None);
+    assert!((&mut p).now_or_never().is_none());
+    drop(p);
+    e.evict(now_ms() + 3_600_000);
+    assert_eq!(e.room_count(), 1);
+    store.open_all();
+}
+
+#[tokio::test]
+async fn opening_a_room_writes_nothing_until_its_first_publish() {
+    let (e, _, store) = engine(100);
+    let opened = e.open("r", 0).await.unwrap();
+    assert!(store.load_room("r", 10).unwrap().is_none());
+    publish(&e, 1, None).await.unwrap();
+    let record = store.load_room("r", 10).unwrap().unwrap();
+    assert_eq!((&*record.epoch, record.seq), (&*opened.epoch, 1));
+}
+
+#[tokio::test]
+async fn a_room_never_published_to_stays_until_the_node_closes_it() {
+    let (e, _, _) = engine(100);
+    let opened = e.open("r", 0).await.unwrap();
+    e.evict(now_ms() + 3_600_000);
+    assert_eq!(e.room_count(), 1, "its members would get a new epoch");
+    assert_eq!(e.info("r").await.unwrap().unwrap().epoch, opened.epoch);
+    e.close("r");
+    e.evict(now_ms() + 3_600_000);
+    assert_eq!(e.room_count(), 0);
 }

@@ -531,17 +531,24 @@ fn open_flaky(dir: &Path, policy: DurabilityPolicy, fail: &Arc<AtomicBool>) -> R
     RedbStore::open_inner(dir.join(FILE_NAME), options(policy), opener).unwrap()
 }
 
+/// A flaky store with room "r" (epoch "E", messages 1 and 2) whose append of 3 just failed;
+/// `fail` is still set.
+fn with_failed_append(dir: &Path, policy: DurabilityPolicy, fail: &Arc<AtomicBool>) -> RedbStore {
+    let store = open_flaky(dir, policy, fail);
+    block(store.create_room("r", "E")).unwrap();
+    append_all(&store, "r", 1..=2);
+    fail.store(true, Ordering::SeqCst);
+    let failed = block(store.append("r", &msg(3), None));
+    assert!(matches!(failed, Err(StoreError::Io { .. })), "{failed:?}");
+    store
+}
+
 #[test]
 fn write_failures_are_reported_and_the_writer_recovers() {
     for policy in [DurabilityPolicy::Batch, DurabilityPolicy::Sync] {
         let dir = tempfile::tempdir().unwrap();
         let fail = Arc::new(AtomicBool::new(false));
-        let store = open_flaky(dir.path(), policy, &fail);
-        block(store.create_room("r", "E")).unwrap();
-        append_all(&store, "r", 1..=2);
-        fail.store(true, Ordering::SeqCst);
-        let failed = block(store.append("r", &msg(3), None));
-        assert!(matches!(failed, Err(StoreError::Io { .. })), "{failed:?}");
+        let store = with_failed_append(dir.path(), policy, &fail);
         let failed = block(store.set_flags(
             "r",
             RoomFlags {
@@ -551,18 +558,63 @@ fn write_failures_are_reported_and_the_writer_recovers() {
         ));
         assert!(matches!(failed, Err(StoreError::Io { .. })), "{failed:?}");
         fail.store(false, Ordering::SeqCst);
-        append_all(&store, "r", 4..=5);
+        // The room is broken: later appends and resets are refused, not written after a hole.
+        let refused = block(store.append("r", &msg(4), None));
+        assert!(matches!(refused, Err(StoreError::Broken(_))), "{refused:?}");
+        let refused = block(store.reset("r", "E1"));
+        assert!(matches!(refused, Err(StoreError::Broken(_))), "{refused:?}");
         let record = store.load_room("r", 10).unwrap().unwrap();
-        // The failed message is gone, but its seq and the failed flags were not forgotten.
-        assert_eq!(seqs(&record), [1, 2, 4, 5]);
-        assert_eq!(record.seq, 5);
+        // The failed message is gone (no later commit wrote it after all), but its seq and
+        // the failed flags were not forgotten.
+        assert_eq!(seqs(&record), [1, 2]);
+        assert_eq!((record.seq, record.epoch.as_str()), (3, "E"));
         assert!(record.flags.muted);
+        // A recover starts a new epoch and makes the room writable again.
+        block(store.recover("r", "E2")).unwrap();
+        append_all(&store, "r", 1..=2);
         drop(store);
         let store = open(dir.path(), policy);
         let record = store.load_room("r", 10).unwrap().unwrap();
-        assert_eq!(seqs(&record), [1, 2, 4, 5]);
-        assert_eq!(record.epoch, "E");
+        assert_eq!(seqs(&record), [1, 2]);
+        assert_eq!(record.epoch, "E2");
+        assert!(record.flags.muted);
     }
+}
+
+#[test]
+fn a_failed_recover_is_reapplied_before_later_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    let store = with_failed_append(dir.path(), DurabilityPolicy::Batch, &fail);
+    assert!(block(store.recover("r", "E2")).is_err());
+    fail.store(false, Ordering::SeqCst);
+    append_all(&store, "r", [1]);
+    let record = store.load_room("r", 10).unwrap().unwrap();
+    assert_eq!((record.epoch.as_str(), seqs(&record)), ("E2", vec![1]));
+}
+
+#[test]
+fn a_lost_write_under_none_renews_epochs_even_after_a_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    {
+        let store = open_flaky(dir.path(), DurabilityPolicy::None, &fail);
+        block(store.create_room("r", "E")).unwrap();
+        append_all(&store, "r", 1..=2);
+        fail.store(true, Ordering::SeqCst);
+        // Answered (and so delivered) at once, then lost with its batch.
+        block(store.append("r", &msg(3), None)).unwrap();
+        assert!(block(store.flush()).is_err());
+        fail.store(false, Ordering::SeqCst);
+        store.close().unwrap();
+    }
+    let store = open(dir.path(), DurabilityPolicy::None);
+    let record = store.load_room("r", 10).unwrap().unwrap();
+    // The reopen after the failure dropped the commits not yet durable (1 and 2 as well).
+    assert_ne!(
+        record.epoch, "E",
+        "a history that lost what it showed keeps no epoch"
+    );
 }
 
 #[test]
@@ -570,11 +622,7 @@ fn failed_last_append_still_advances_the_seq() {
     let dir = tempfile::tempdir().unwrap();
     let fail = Arc::new(AtomicBool::new(false));
     {
-        let store = open_flaky(dir.path(), DurabilityPolicy::Batch, &fail);
-        block(store.create_room("r", "E")).unwrap();
-        append_all(&store, "r", 1..=2);
-        fail.store(true, Ordering::SeqCst);
-        assert!(block(store.append("r", &msg(3), None)).is_err());
+        let store = with_failed_append(dir.path(), DurabilityPolicy::Batch, &fail);
         fail.store(false, Ordering::SeqCst);
         // Closing applies what the failed batch owed the room record.
         store.close().unwrap();
@@ -918,4 +966,44 @@ fn bench_store() {
     for p in pending {
         rt.block_on(p).unwrap();
     }
+}
+
+#[test]
+fn expired_messages_of_every_room_are_swept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open_with(
+        dir.path(),
+        StoreOptions {
+            history_ttl: Some(Duration::from_secs(3600)),
+            // Several steps for the rooms below, so the cursor goes round.
+            sweep_rooms: 2,
+            ..options(DurabilityPolicy::Batch)
+        },
+    )
+    .unwrap();
+    let fresh = |seq| StoredMessage {
+        ts: crate::clock::now_ms(),
+        ..msg(seq)
+    };
+    for room in ["a", "b", "c", "d", "e"] {
+        block(store.create_room(room, "E")).unwrap();
+        // `msg` is stamped in 1970: expired; the last one is fresh.
+        append_all(&store, room, 1..=3);
+        block(store.append(room, &fresh(4), None)).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: Vec<Vec<u64>> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|r| seqs(&store.load_room(r, 10).unwrap().unwrap()))
+            .collect();
+        if left.iter().all(|s| s == &[4]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not swept: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Records stay, with their seq.
+    assert_eq!(store.load_room("e", 10).unwrap().unwrap().seq, 4);
+    assert!(store.trimmed_bytes_since_compaction() > 0);
 }

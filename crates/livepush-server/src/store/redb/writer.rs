@@ -1,7 +1,8 @@
 //! The writer thread: the only place write transactions happen.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,9 +14,12 @@ use ::redb::{Durability, ReadableTable, Table};
 use super::super::{RoomFlags, StoreError, WakeRegistration};
 use super::tables::{
     INBOX, MESSAGES, META, META_DIRTY, META_INBOX_DIRTY, ROOMS, RoomRow, TERMINALS, TerminalRow,
-    Unreadable, WAKE, WAKE_UDP, encode_message, encode_wake,
+    Unreadable, WAKE, WAKE_UDP, decode_message, encode_message, encode_wake,
 };
-use super::{DurabilityPolicy, INBOX_RESERVE_STEP, Job, Op, Panicked, Shared, StoreOptions};
+use super::{
+    DurabilityPolicy, INBOX_RESERVE_STEP, Job, Op, Panicked, SWEEP_INTERVAL, Shared, StoreOptions,
+};
+use crate::clock::now_ms;
 
 /// What to re-apply to a room record after a failed batch, so that the record never falls
 /// behind what the hub already handed out (and delivered).
@@ -62,6 +66,17 @@ pub(super) struct Writer {
     /// `none`: inbox reservations written by commits since the last durable one; they are
     /// handed to the gate once durable.
     unpublished: HashMap<String, u64>,
+    /// Rooms whose append or reset failed: their appends and resets are refused until a
+    /// recover (see "Failed writes" in `redb.rs`).
+    broken: HashSet<String>,
+    /// `none`: a write answered at submission was lost; the dirty marker stays set.
+    lost: bool,
+    /// The sweep of expired messages (see "Size" in `redb.rs`): the TTL, rooms per step,
+    /// the last room swept (the next step starts after it), and when the last step ran.
+    history_ttl: Option<Duration>,
+    sweep_rooms: usize,
+    sweep_after: Option<String>,
+    last_sweep: Instant,
 }
 
 /// Why one write of a batch was refused while the others went on.
@@ -69,6 +84,8 @@ pub(super) struct Writer {
 pub(super) enum Refused {
     #[error("room {0:?} has no record")]
     NoRecord(String),
+    #[error("an earlier write of room {0:?} failed")]
+    Broken(String),
     #[error("{what} {key:?}: {reason}")]
     Unreadable {
         what: &'static str,
@@ -99,6 +116,12 @@ impl Writer {
             repairs: BTreeMap::new(),
             inbox_repairs: BTreeMap::new(),
             unpublished: HashMap::new(),
+            broken: HashSet::new(),
+            lost: false,
+            history_ttl: options.history_ttl,
+            sweep_rooms: options.sweep_rooms.max(1),
+            sweep_after: None,
+            last_sweep: Instant::now(),
         }
     }
 
@@ -121,6 +144,9 @@ impl Writer {
             match last.map(|j| j.op) {
                 None => {
                     let _ = self.commit(batch, false);
+                    if self.sweep_due().is_some_and(|due| due <= Instant::now()) {
+                        self.sweep();
+                    }
                 }
                 Some(Op::Compact(reply)) => {
                     let _ = self.commit(batch, false);
@@ -145,16 +171,19 @@ impl Writer {
         result
     }
 
-    /// The next job, doing `none`'s periodic durable commit while waiting.
+    /// The next job, doing `none`'s periodic durable commit and the sweep while waiting.
     fn next_job(&mut self) -> Option<Job> {
         if let Some(job) = self.carry.pop_front() {
             return Some(job);
         }
         loop {
-            if !self.pending_nondurable {
+            let checkpoint = self
+                .pending_nondurable
+                .then(|| self.last_durable + self.checkpoint_interval);
+            let sweep = self.sweep_due();
+            let Some(deadline) = checkpoint.into_iter().chain(sweep).min() else {
                 return self.rx.recv().ok();
-            }
-            let deadline = self.last_durable + self.checkpoint_interval;
+            };
             let now = Instant::now();
             if now < deadline {
                 match self.rx.recv_timeout(deadline - now) {
@@ -163,8 +192,81 @@ impl Writer {
                     Err(RecvTimeoutError::Timeout) => {}
                 }
             }
-            self.checkpoint();
+            let now = Instant::now();
+            if checkpoint.is_some_and(|c| c <= now) {
+                self.checkpoint();
+            }
+            if sweep.is_some_and(|s| s <= now) {
+                self.sweep();
+            }
         }
+    }
+
+    /// When the next sweep step is due, if there is a TTL.
+    fn sweep_due(&self) -> Option<Instant> {
+        self.history_ttl.map(|_| self.last_sweep + SWEEP_INTERVAL)
+    }
+
+    /// One step of the sweep of expired messages.
+    fn sweep(&mut self) {
+        self.last_sweep = Instant::now();
+        let Some(ttl) = self.history_ttl else {
+            return;
+        };
+        let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
+        if let Err(e) = self.sweep_step(cutoff) {
+            tracing::error!(path = %self.shared.path.display(), error = %e, "store sweep failed");
+            self.after_failure(&e);
+        }
+    }
+
+    /// Delete the messages with `ts < cutoff` of the next [`Writer::sweep_rooms`] rooms, in
+    /// one durable transaction if there is anything to delete.
+    fn sweep_step(&mut self, cutoff: u64) -> Result<(), ::redb::Error> {
+        let guard = self.shared.db.read();
+        let Some(db) = guard.as_ref() else {
+            return Ok(());
+        };
+        let txn = db.begin_write()?;
+        let mut deleted = 0;
+        let swept = {
+            let rooms = txn.open_table(ROOMS)?;
+            let mut messages = txn.open_table(MESSAGES)?;
+            let after = self.sweep_after.as_deref();
+            let range = match after {
+                Some(after) => rooms.range::<&str>((Bound::Excluded(after), Bound::Unbounded))?,
+                None => rooms.range::<&str>(..)?,
+            };
+            let mut swept = Vec::with_capacity(self.sweep_rooms);
+            for entry in range.take(self.sweep_rooms) {
+                swept.push(entry?.0.value().to_owned());
+            }
+            for room in &swept {
+                // Messages are in seq order, and so in time order: expired ones come first.
+                let mut keep_from = u64::MAX;
+                for entry in messages.range((room.as_str(), 0u64)..=(room.as_str(), u64::MAX))? {
+                    let (key, value) = entry?;
+                    if decode_message(value.value()).map_or(true, |(ts, _)| ts >= cutoff) {
+                        keep_from = key.value().1;
+                        break;
+                    }
+                }
+                deleted += delete_messages(&mut messages, room, keep_from)?;
+            }
+            swept
+        };
+        self.sweep_after = (swept.len() == self.sweep_rooms)
+            .then(|| swept.into_iter().last())
+            .flatten();
+        if deleted == 0 {
+            txn.abort()?;
+            return Ok(());
+        }
+        txn.commit()?;
+        self.shared
+            .trimmed_bytes
+            .fetch_add(deleted, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Collect more jobs for the batch started by `batch[0]`.
@@ -241,7 +343,7 @@ impl Writer {
         let mut marker = None;
         if none {
             if flush {
-                if self.dirty_on_disk && self.close_gate() {
+                if self.dirty_on_disk && !self.lost && self.close_gate() {
                     marker = Some(false);
                 }
             } else if writes && !self.dirty_on_disk {
@@ -277,9 +379,12 @@ impl Writer {
                     self.dirty_on_disk = m;
                 }
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
-                    let outcome = outcome.map_err(|e| {
-                        tracing::warn!(path = %self.shared.path.display(), error = %e, "store write refused");
-                        StoreError::io(format!("writing {}", self.shared.path.display()), e)
+                    let outcome = outcome.map_err(|e| match e {
+                        Refused::Broken(room) => StoreError::Broken(room),
+                        e => {
+                            tracing::warn!(path = %self.shared.path.display(), error = %e, "store write refused");
+                            StoreError::io(format!("writing {}", self.shared.path.display()), e)
+                        }
                     });
                     if let Some(reply) = job.reply {
                         let _ = reply.send(outcome);
@@ -358,9 +463,29 @@ impl Writer {
         gate.early = true;
     }
 
-    /// Remember what a failed batch should have done to room records.
+    /// Remember what a failed batch should have done to room records, which rooms it broke,
+    /// and whether it lost a write answered at submission.
     fn note_failure(&mut self, jobs: &[Job]) {
         for job in jobs {
+            if job.reply.is_none() && job.op.is_write() && !self.lost {
+                tracing::error!(
+                    path = %self.shared.path.display(),
+                    "a write answered before it was durable is lost: every room gets a new \
+                     epoch at the next start"
+                );
+                self.lost = true;
+            }
+            let answered_at_commit = job.reply.is_some();
+            match &job.op {
+                Op::Append { room, .. } | Op::Reset { room, .. } if answered_at_commit => {
+                    self.broken.insert(room.clone());
+                }
+                Op::Recover { room, .. } => {
+                    // Re-applied before anything submitted after it.
+                    self.broken.remove(room);
+                }
+                _ => {}
+            }
             match &job.op {
                 Op::Create { room, epoch } => {
                     self.repairs.insert(
@@ -380,7 +505,7 @@ impl Writer {
                         r.flags = *flags;
                     }
                 }
-                Op::Reset { room, epoch } => {
+                Op::Reset { room, epoch } | Op::Recover { room, epoch } => {
                     self.repairs.insert(
                         room.clone(),
                         Repair {
@@ -424,6 +549,14 @@ impl Writer {
     }
 
     fn reopen(&mut self) {
+        if self.pending_nondurable && !self.lost {
+            tracing::error!(
+                path = %self.shared.path.display(),
+                "commits answered before they were durable are lost: every room gets a new \
+                 epoch at the next start"
+            );
+            self.lost = true;
+        }
         let mut db = self.shared.db.write();
         // Release the file before opening it again.
         *db = None;
@@ -497,6 +630,7 @@ impl Writer {
             Durability::None
         })?;
         let mut outcomes = Vec::with_capacity(jobs.len());
+        let mut recovered = Vec::new();
         let mut trimmed = 0;
         let reserved;
         {
@@ -539,6 +673,13 @@ impl Writer {
             }
             for job in jobs {
                 let outcome = match &job.op {
+                    Op::Append { room, .. } | Op::Reset { room, .. }
+                        if job.reply.is_some()
+                            && self.broken.contains(room)
+                            && !recovered.contains(&room) =>
+                    {
+                        Err(Refused::Broken(room.clone()))
+                    }
                     Op::Create { room, epoch } => {
                         delete_messages(&mut messages, room, u64::MAX)?;
                         rows.insert(room.clone(), Some(fresh_row(epoch)));
@@ -571,7 +712,10 @@ impl Writer {
                         Ok(None) => Err(Refused::NoRecord(room.clone())),
                         Err(e) => Err(e),
                     },
-                    Op::Reset { room, epoch } => {
+                    Op::Reset { room, epoch } | Op::Recover { room, epoch } => {
+                        if matches!(job.op, Op::Recover { .. }) {
+                            recovered.push(room);
+                        }
                         let flags = match row_mut(&mut rows, &rooms, room)? {
                             Ok(Some(row)) => row.flags,
                             _ => RoomFlags::default(),
@@ -608,6 +752,9 @@ impl Writer {
             }
         }
         txn.commit()?;
+        for room in recovered {
+            self.broken.remove(room);
+        }
         for (terminal, r) in reserved {
             let known = self.unpublished.entry(terminal).or_default();
             *known = (*known).max(r);
