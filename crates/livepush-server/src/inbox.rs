@@ -575,7 +575,7 @@ impl Inboxes {
         id: &str,
         reg: &WakeRegistration,
     ) -> Result<bool, EngineError> {
-        if reg.ts <= self.replay_floor_ms {
+        if reg.ts <= self.replay_floor_ms && !self.engine.remembers_every_keepalive() {
             let inbox = self.get(id).await?;
             let st = inbox.state.lock();
             let moves = st.cold.as_deref().is_some_and(|c| {

@@ -292,6 +292,14 @@ pub trait InboxEngine: Send + Sync + std::fmt::Debug + 'static {
         Box::pin(std::future::ready(Ok(false)))
     }
 
+    /// Whether [`InboxEngine::accept_keepalive`] compares with every keepalive ever accepted
+    /// (true with Redis, where each one is written), so that a node needs no guard of its own
+    /// against keepalives captured before it started (see `inbox.rs`, "Replays across
+    /// restarts"): the single-node store keeps the newest `ts` only now and then.
+    fn remembers_every_keepalive(&self) -> bool {
+        false
+    }
+
     /// Terminals with unacknowledged messages (to go on waking them after a restart).
     fn pending_terminals(&self) -> EngineFuture<'_, Vec<String>>;
 

@@ -1259,6 +1259,10 @@ impl InboxEngine for RedisEngine {
         })
     }
 
+    fn remembers_every_keepalive(&self) -> bool {
+        true
+    }
+
     fn pending_terminals(&self) -> EngineFuture<'_, Vec<String>> {
         // Each node wakes the terminals whose keepalives it received; after a restart it
         // learns them again from their next keepalive.

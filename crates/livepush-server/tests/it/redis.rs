@@ -707,3 +707,34 @@ async fn a_terminal_flapping_across_nodes_is_moved_to_long_polling() {
         other => panic!("expected transport, got {other:?}"),
     }
 }
+
+/// Redis keeps every accepted keepalive's `ts`, so a node that just started needs no replay
+/// floor of its own (the single node's guard against keepalives captured before a restart,
+/// which holds back address changes for `--wake-max-skew`): a terminal that moved to another
+/// address is followed there at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_follows_a_terminal_that_moved_at_once() {
+    let redis = Redis::start();
+    let a = node(&redis, "moved").await;
+    let before = crate::inbox::Sleeper::new(&a, "sleepy").await;
+    before.keepalive().await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while redis
+        .cli(&["HGET", "moved:term:{sleepy}", "wake"])
+        .is_empty()
+    {
+        assert!(std::time::Instant::now() < deadline, "the registration");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let b = node(&redis, "moved").await;
+    let after = crate::inbox::Sleeper::new(&b, "sleepy").await;
+    after.keepalive().await;
+    let accepted = r#"livepush_wake_keepalives_total{reason="accepted"} 1"#;
+    b.eventually(
+        "node b to accept the moved terminal's keepalive",
+        || async { b.get_raw_with_key("/metrics").await.contains(accepted) },
+    )
+    .await;
+    let (wake, _) = post_and_wake(&b, &after).await;
+    assert_eq!(wake.inbox, 1);
+}
