@@ -146,6 +146,9 @@ pub struct Session {
     ended: bool,
     /// A join waits for its room to open in the background ([`Hub::adopt_later`]).
     joins_in_background: bool,
+    /// In a frame-rate episode: a frame was refused and none accepted since. The episode's
+    /// first refusal is answered with one `rate_limited`, the rest are dropped silently.
+    throttled: bool,
 }
 
 impl Session {
@@ -176,6 +179,7 @@ impl Session {
             transport,
             ended: false,
             joins_in_background: false,
+            throttled: false,
         }
     }
 
@@ -313,15 +317,20 @@ impl Session {
     }
 
     /// Handle exactly one frame (one JSON value, which may span lines: long-poll `ops`).
-    /// Returns false when the frame rate limit refused it.
+    /// Returns false when the frame rate limit refused it. One `rate_limited` answers a
+    /// whole episode of refused frames (until a frame is accepted again): a client that
+    /// floods is not answered with a flood.
     pub fn handle_frame(&mut self, text: &str) -> bool {
         if self.frames.check().is_err() {
-            self.error(FrameError::new(
-                ErrorCode::RateLimited,
-                "too many frames; slow down",
-            ));
+            if !std::mem::replace(&mut self.throttled, true) {
+                self.error(FrameError::new(
+                    ErrorCode::RateLimited,
+                    "too many frames; slow down (frames are dropped until the rate allows)",
+                ));
+            }
             return false;
         }
+        self.throttled = false;
         match ClientEnvelope::parse(text) {
             Ok(env) => self.handle(env),
             Err(e) => self.error(e),
