@@ -642,6 +642,13 @@ impl Driver {
             }
             std::ops::ControlFlow::Continue(())
         });
+        // Pongs wait in the driver's buffer, not the outbox, but count against its hard
+        // limit: a peer that pings without reading is closed as a slow consumer.
+        if let Some(unsent) = self.out.unsent()
+            && self.session.outbox().hold(unsent.len())
+        {
+            return Some(Ending::SlowConsumer);
+        }
         match fed {
             Err(e) => {
                 tracing::debug!(error = %e, "websocket protocol error");

@@ -1,6 +1,8 @@
 //! Connection-level bounds: what a client that floods, stops reading or holds a request open
 //! gets, and that the server stays bounded meanwhile.
 
+use std::time::Duration;
+
 use futures_util::{SinkExt, StreamExt};
 use livepush_proto::{ServerFrame, split_frames};
 use serde_json::json;
@@ -59,4 +61,49 @@ async fn a_frame_flood_earns_one_rate_limited_per_episode() {
     assert!(
         matches!(errors[0], ServerFrame::Error { code, .. } if code.as_str() == "rate_limited")
     );
+}
+
+/// A peer that sends WebSocket pings and reads nothing is closed as a slow consumer once the
+/// pongs waiting for it pass `outbox_max_bytes`, instead of having them buffered without
+/// bound until the write timeout.
+#[tokio::test]
+async fn pings_without_reading_make_a_slow_consumer() {
+    let mut c = config();
+    c.limits.outbox_max_bytes = 64 * 1024;
+    c.limits.write_batch_bytes = 16 * 1024;
+    c.limits.write_timeout = Duration::from_secs(120);
+    let s = TestServer::with(c).await;
+    // A small receive buffer, so that little of what the server writes fits on the way.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let tcp = socket.connect(s.running.addr()).await.expect("connect");
+    let (mut ws, _) = tokio_tungstenite::client_async(s.ws_url(), tcp)
+        .await
+        .expect("upgrade");
+    let token = s.token("t", &["r"], false);
+    ws.send(Message::Text(
+        json!({"op":"connect","token":token}).to_string().into(),
+    ))
+    .await
+    .expect("connect");
+    let flood = tokio::spawn(async move {
+        // Enough pongs to fill both sockets' buffers many times over; the server ends the
+        // connection long before, and then a send fails.
+        for _ in 0..200_000 {
+            if ws
+                .send(Message::Ping(vec![b'x'; 125].into()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    s.eventually("the pinging peer closed as a slow consumer", || async {
+        s.get_raw_with_key("/metrics")
+            .await
+            .contains("livepush_disconnects_total{reason=\"slow_consumer\"} 1")
+    })
+    .await;
+    flood.abort();
 }
