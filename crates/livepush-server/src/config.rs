@@ -61,6 +61,10 @@ pub struct Config {
     /// Wake datagrams per minute per terminal, and their burst.
     pub wake_rate_per_minute: u32,
     pub wake_burst: u32,
+    /// How long a graceful shutdown may take in all. Terminals are told to reconnect and
+    /// requests in flight may finish until a quarter of it (at most 2 s) is left; then
+    /// whatever is still open is dropped, and the rest is the store's flush.
+    pub shutdown_timeout: Duration,
     /// Unacknowledged inbox messages kept per terminal.
     pub inbox_size: usize,
     /// Age after which an unacknowledged inbox message is dropped.
@@ -202,10 +206,18 @@ impl Config {
             wake_retry_max: Duration::from_secs(60),
             wake_rate_per_minute: 20,
             wake_burst: 5,
+            shutdown_timeout: Duration::from_secs(10),
             inbox_size: 100,
             inbox_ttl: Duration::from_secs(24 * 3600),
             limits: Limits::default(),
         }
+    }
+
+    /// How long connections may drain at shutdown: [`Config::shutdown_timeout`] less what
+    /// is kept for the store's flush (a quarter, at most 2 s).
+    pub fn shutdown_drain(&self) -> Duration {
+        let reserve = (self.shutdown_timeout / 4).min(Duration::from_secs(2));
+        self.shutdown_timeout - reserve
     }
 
     /// Refuse settings that cannot work, with a message that says which one.

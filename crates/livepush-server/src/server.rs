@@ -47,7 +47,9 @@ pub enum ServerError {
 }
 
 /// Accept connections and serve HTTP/1.1 on them until `stop`, then wait for the requests in
-/// flight.
+/// flight, each for at most `drain`: a client that never sends its body, or stops reading
+/// a response (an SSE stream), is dropped then, so that shutdown finishes whatever clients
+/// do.
 ///
 /// This is `axum::serve` without one layer. axum serves through hyper-util's automatic
 /// HTTP/1-or-2 connection, which wraps the socket in a private type, so a WebSocket upgrade
@@ -59,6 +61,7 @@ async fn serve(
     listener: TcpListener,
     router: Router,
     header_timeout: Duration,
+    drain: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     // Every connection task holds a receiver; `closed()` resolves once they are all gone.
@@ -95,9 +98,15 @@ async fn serve(
                 ended = conn.as_mut() => ended,
                 () = stopped(&mut stop) => {
                     // Finish the request in flight, then close (long-polls answer at once on
-                    // shutdown; upgraded connections are no longer hyper's).
+                    // shutdown, SSE streams end; upgraded connections are no longer hyper's).
                     conn.as_mut().graceful_shutdown();
-                    conn.await
+                    match tokio::time::timeout(drain, conn).await {
+                        Ok(ended) => ended,
+                        Err(_) => {
+                            tracing::debug!("connection dropped at the shutdown deadline");
+                            Ok(())
+                        }
+                    }
                 }
             };
             if let Err(e) = ended {
@@ -170,11 +179,25 @@ impl Running {
         &self.connections
     }
 
-    /// Stop accepting, close every session with "going away", wait for the server task, and
-    /// make everything the engine was given durable.
-    pub async fn shutdown(self) {
+    /// Stop accepting, close every session with "going away" (WebSocket close 1001, parked
+    /// long-polls answered, SSE streams ended), let requests in flight finish, and make
+    /// everything the engine was given durable, all within the configured
+    /// `shutdown_timeout`: connections get [`Config::shutdown_drain`] of it, and whatever
+    /// is still open then is dropped.
+    pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        let _ = self.task.await;
+        let drain = self.app.config.shutdown_drain();
+        let connections = self.connections.clone();
+        let task = &mut self.task;
+        let drained = tokio::time::timeout(drain, async move {
+            let _ = task.await;
+            connections.ended().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("shutdown deadline reached; dropping the connections still open");
+            self.task.abort();
+        }
         if let Err(e) = self.engine.flush().await {
             tracing::error!(error = %e, "store flush at shutdown failed");
         }
@@ -325,6 +348,7 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
         listener,
         router(app.clone(), connections.clone()),
         header_timeout,
+        config.shutdown_drain(),
         shutdown_rx,
     ));
     Ok(Running {

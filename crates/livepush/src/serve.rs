@@ -181,6 +181,11 @@ pub struct ServeArgs {
     /// Age after which an unacknowledged inbox message is dropped.
     #[arg(long, env = "LIVEPUSH_INBOX_TTL", default_value = "24h", value_parser = duration)]
     inbox_ttl: Duration,
+    /// How long a graceful stop (SIGTERM, Ctrl-C) may take: terminals are told to
+    /// reconnect, requests in flight may finish, then the rest is dropped and the store
+    /// flushed; the process exits within this time whatever clients do.
+    #[arg(long, env = "LIVEPUSH_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    shutdown_timeout: Duration,
     /// Accept queue of the HTTP listener (capped by the kernel's net.core.somaxconn).
     #[arg(long, env = "LIVEPUSH_LISTEN_BACKLOG", default_value_t = Limits::default().listen_backlog)]
     listen_backlog: u32,
@@ -287,6 +292,7 @@ impl ServeArgs {
             wake_retry_max: self.wake_retry_max,
             wake_rate_per_minute: self.wake_rate,
             wake_burst: self.wake_burst,
+            shutdown_timeout: self.shutdown_timeout,
             inbox_size: self.inbox_size,
             inbox_ttl: self.inbox_ttl,
             limits: Limits {

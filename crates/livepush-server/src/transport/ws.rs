@@ -219,9 +219,19 @@ async fn handshake(app: &Arc<App>, mut io: Io, early: Bytes) -> Result<Handshake
     let mut buf = vec![0u8; READ_CHUNK];
     let mut early = early;
     let deadline = tokio::time::Instant::now() + limits.connect_timeout;
+    let mut shutdown = app.shutdown.clone();
     while first.is_none() {
         let n = if early.is_empty() {
-            match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
+            let read = tokio::select! {
+                read = tokio::time::timeout_at(deadline, io.read(&mut buf)) => Some(read),
+                _ = shutdown.wait_for(|s| *s) => None,
+            };
+            let Some(read) = read else {
+                let close = wsframe::close_frame(close_code::GOING_AWAY, "shutdown");
+                let _ = write_within(&mut io, write_timeout, &close).await;
+                return Err(Ending::Shutdown);
+            };
+            match read {
                 Err(_) => {
                     refuse(
                         &mut io,

@@ -104,6 +104,27 @@ impl ServerProcess {
     }
 }
 
+impl ServerProcess {
+    /// `kill -TERM`, and wait for the exit at most `within`: the exit status and how long it
+    /// took, or `None` when the process is still running then.
+    pub fn terminate(&mut self, within: Duration) -> Option<(std::process::ExitStatus, Duration)> {
+        let pid = self.child.id().to_string();
+        let start = std::time::Instant::now();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        // Another process's exit: no event to await from here, so look every 10 ms.
+        while start.elapsed() < within {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some((status, start.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
 impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
