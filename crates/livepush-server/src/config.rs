@@ -150,6 +150,19 @@ pub struct Limits {
     pub max_poll_bytes: usize,
     /// Accept queue of the HTTP listener (the kernel caps it at `net.core.somaxconn`).
     pub listen_backlog: u32,
+    /// Time a client has to send a whole request body, from the end of its head; past it
+    /// the request is answered 408 and the connection closed. A body declared larger than
+    /// the route's limit is answered 413 at once, without reading it.
+    pub body_timeout: Duration,
+    /// HTTP connections one source address may hold open at once: requests, long-polls, SSE
+    /// streams and WebSocket handshakes (an open WebSocket session no longer counts; it is
+    /// bounded by `max_sessions_per_terminal`). Past it a new connection is answered 429
+    /// `rate_limited` and closed.
+    pub max_connections_per_address: usize,
+    /// Sessions one terminal may hold open at once, over any mix of transports (a
+    /// WebSocket, an SSE stream, a poll in progress). Past it a WebSocket `connect` is
+    /// answered `rate_limited` and closed with 4029; a poll or SSE stream gets HTTP 429.
+    pub max_sessions_per_terminal: usize,
 }
 
 impl Default for Limits {
@@ -175,6 +188,9 @@ impl Default for Limits {
             poll_max_wait: Duration::from_secs(30),
             max_poll_bytes: 256 * 1024,
             listen_backlog: 4096,
+            body_timeout: Duration::from_secs(30),
+            max_connections_per_address: 4096,
+            max_sessions_per_terminal: 16,
         }
     }
 }
@@ -244,6 +260,14 @@ impl Config {
             ("--inbox-size", self.inbox_size),
             ("--wake-rate", self.wake_rate_per_minute as usize),
             ("--frame-rate", self.limits.frame_rate as usize),
+            (
+                "--max-connections-per-address",
+                self.limits.max_connections_per_address,
+            ),
+            (
+                "--max-sessions-per-terminal",
+                self.limits.max_sessions_per_terminal,
+            ),
         ];
         if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Zero(name));

@@ -1,16 +1,21 @@
 //! Wiring: build the hub, the routes and the background upkeep, and run them on a listener.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::{Body, HttpBody};
 use axum::extract::{Request, State};
-use axum::http::header;
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
+use futures_util::StreamExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use livepush_proto::ErrorCode;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -27,7 +32,7 @@ use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::inbox::{InboxSettings, Inboxes};
 use crate::metrics::Metrics;
-use crate::ratelimit::Limiters;
+use crate::ratelimit::{Admission, Counts, Limiters};
 use crate::store::{MemoryStore, Store};
 use crate::terminals::{TerminalSettings, Terminals};
 use crate::transport;
@@ -57,9 +62,15 @@ pub enum ServerError {
 /// box and the wrapper). Serving HTTP/1.1 with hyper directly lets the WebSocket transport
 /// take the `TcpStream` itself back ([`transport::ws`] downcasts the upgrade). livepush
 /// speaks HTTP/1.1 only (WebSocket, long-poll and SSE all work over it).
+///
+/// Each connection is admitted against `addresses` (`max_connections_per_address`) first: a
+/// source address past it gets a 429 and the connection is closed. The [`Admission`] rides
+/// in every request's extensions, so that a WebSocket handshake keeps its address counted
+/// until the session opens.
 async fn serve(
     listener: TcpListener,
     router: Router,
+    addresses: Arc<Counts<IpAddr>>,
     header_timeout: Duration,
     drain: Duration,
     mut stop: watch::Receiver<bool>,
@@ -72,9 +83,9 @@ async fn serve(
         .header_read_timeout(header_timeout);
     let http = http;
     loop {
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     accept_failed(e).await;
                     continue;
@@ -82,11 +93,18 @@ async fn serve(
             },
             _ = stopped(&mut stop) => break,
         };
+        let Some(admission) = addresses.admit(peer.ip()) else {
+            refuse_address(tcp, addresses.max());
+            continue;
+        };
         // Nagle would only delay pushes: the outbox already coalesces them into few writes.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let service = TowerToHyperService::new(router.clone());
+        let service = Admitted {
+            router: TowerToHyperService::new(router.clone()),
+            admission,
+        };
         let conn = http
             .serve_connection(TokioIo::new(tcp), service)
             .with_upgrades();
@@ -118,6 +136,116 @@ async fn serve(
     drop(listener);
     drop(done);
     all_done.closed().await;
+}
+
+/// The router, with each request carrying its connection's [`Admission`].
+#[derive(Debug, Clone)]
+struct Admitted {
+    router: TowerToHyperService<Router>,
+    admission: Admission,
+}
+
+impl hyper::service::Service<Request<hyper::body::Incoming>> for Admitted {
+    type Response = <TowerToHyperService<Router> as hyper::service::Service<
+        Request<hyper::body::Incoming>,
+    >>::Response;
+    type Error = <TowerToHyperService<Router> as hyper::service::Service<
+        Request<hyper::body::Incoming>,
+    >>::Error;
+    type Future = <TowerToHyperService<Router> as hyper::service::Service<
+        Request<hyper::body::Incoming>,
+    >>::Future;
+
+    fn call(&self, mut req: Request<hyper::body::Incoming>) -> Self::Future {
+        req.extensions_mut().insert(self.admission.clone());
+        self.router.call(req)
+    }
+}
+
+/// Answer a connection from an address past `max_connections_per_address` with a JSON 429
+/// and close it. In a task of its own, bounded to a second: the answer is written, and what
+/// the client sent meanwhile is read and dropped, so that closing does not reset the
+/// connection under the answer.
+fn refuse_address(mut tcp: tokio::net::TcpStream, max: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = serde_json::json!({
+        "error": ErrorCode::RateLimited.as_str(),
+        "message": format!(
+            "too many connections from this address (max_connections_per_address {max})"
+        ),
+    })
+    .to_string();
+    let answer = format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            tcp.write_all(answer.as_bytes()).await?;
+            tcp.shutdown().await?;
+            let mut sink = [0u8; 1024];
+            while tcp.read(&mut sink).await? > 0 {}
+            std::io::Result::Ok(())
+        })
+        .await;
+    });
+}
+
+/// What a route reads a request body under: its size limit (and the setting that names
+/// it), and the time the whole body may take.
+#[derive(Debug, Clone, Copy)]
+struct BodyBound {
+    limit: usize,
+    setting: &'static str,
+    timeout: Duration,
+}
+
+/// Bound a request's body: a declared `Content-Length` over the limit is answered 413 at
+/// once, and a body that has not fully arrived within `body_timeout` (counted from the end
+/// of the head) ends the request with 408. The handler's own read still enforces the limit
+/// on bodies without a declared length.
+async fn bound_body(State(bound): State<BodyBound>, req: Request, next: Next) -> Response {
+    if let Some(len) = req.body().size_hint().exact()
+        && len > bound.limit as u64
+    {
+        return ApiError::too_large(format!(
+            "request body of {len} bytes exceeds {} {}",
+            bound.setting, bound.limit
+        ))
+        .into_response();
+    }
+    if req.body().is_end_stream() {
+        return next.run(req).await;
+    }
+    let expired = Arc::new(AtomicBool::new(false));
+    let deadline = tokio::time::Instant::now() + bound.timeout;
+    let (parts, body) = req.into_parts();
+    let flag = expired.clone();
+    let data = body.into_data_stream().take_until(async move {
+        tokio::time::sleep_until(deadline).await;
+        flag.store(true, Ordering::Relaxed);
+    });
+    let res = next
+        .run(Request::from_parts(parts, Body::from_stream(data)))
+        .await;
+    if expired.load(Ordering::Relaxed) {
+        let mut res = ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::BadRequest,
+            format!(
+                "the request body did not arrive within body_timeout ({} ms)",
+                bound.timeout.as_millis()
+            ),
+        )
+        .into_response();
+        res.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return res;
+    }
+    res
 }
 
 /// Resolves once the server is shutting down (or its shutdown sender is gone).
@@ -333,6 +461,7 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
     let node: Arc<dyn Node> = app.clone();
     rooms.attach(Arc::downgrade(&node));
 
+    let addresses = limiters.addresses.clone();
     spawn_upkeep(
         config.limits.online_interval,
         hub,
@@ -347,6 +476,7 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
     let task = tokio::spawn(serve(
         listener,
         router(app.clone(), connections.clone()),
+        addresses,
         header_timeout,
         config.shutdown_drain(),
         shutdown_rx,
@@ -462,6 +592,19 @@ fn spawn_upkeep(
 }
 
 fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router {
+    let limits = &app.config.limits;
+    let bound = |limit, setting| {
+        axum::middleware::from_fn_with_state(
+            BodyBound {
+                limit,
+                setting,
+                timeout: limits.body_timeout,
+            },
+            bound_body,
+        )
+    };
+    let publish_bound = bound(limits.max_publish_bytes, "max_publish_bytes");
+    let poll_bound = bound(limits.max_poll_bytes, "max_poll_bytes");
     let api = Router::new()
         .route("/v1/rooms/{room}/messages", post(api::publish))
         .route(
@@ -473,6 +616,7 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
         .route("/v1/terminals/{id}", get(api::terminal))
         .route("/v1/terminals/{id}/messages", post(api::post_inbox))
         .route("/metrics", get(api::metrics))
+        .route_layer(publish_bound)
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             api::require_api_key,
@@ -489,9 +633,10 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
             any(move |State(app): State<Arc<App>>, req: Request| {
                 let connections = connections.clone();
                 async move { connect(app, connections, req).await }
-            }),
+            })
+            .layer(poll_bound.clone()),
         )
-        .route("/v1/poll", post(poll))
+        .route("/v1/poll", post(poll).layer(poll_bound))
         .route("/v1/sse", get(sse))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)

@@ -57,6 +57,8 @@ pub enum Ending {
     AfterBye,
     /// An SSE stream ended after a `prompt` (the client cannot pull; it reconnects).
     Prompted,
+    /// Refused: the terminal already held `max_sessions_per_terminal` sessions.
+    TooManySessions,
 }
 
 impl Ending {
@@ -75,6 +77,7 @@ impl Ending {
             Ending::Bye => "bye",
             Ending::AfterBye => "after_bye",
             Ending::Prompted => "prompted",
+            Ending::TooManySessions => "too_many_sessions",
         }
     }
 
@@ -152,9 +155,17 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session of `terminal` over `transport` begins: it is counted on the service list and
-    /// in the connection metrics until [`Session::end`].
-    pub fn start(app: &Arc<App>, terminal: Terminal, transport: Transport) -> Session {
+    /// A session of `terminal` over `transport` begins: it is counted on the service list,
+    /// in the connection metrics and against `max_sessions_per_terminal` until
+    /// [`Session::end`]. Refused (nothing counted) when the terminal already holds that many.
+    pub fn start(
+        app: &Arc<App>,
+        terminal: Terminal,
+        transport: Transport,
+    ) -> Result<Session, TooManySessions> {
+        if !app.limiters.sessions.take(&terminal.id) {
+            return Err(TooManySessions(app.limiters.sessions.max()));
+        }
         let limits = &app.config.limits;
         let outbox = Arc::new(Outbox::new(
             OutboxLimits {
@@ -168,7 +179,7 @@ impl Session {
         app.metrics.connections_total.get_or_create(&l).inc();
         app.metrics.connections_open.get_or_create(&l).inc();
         app.terminals.opened(&terminal.id, transport);
-        Session {
+        Ok(Session {
             conn: app.hub.next_conn_id(),
             app: app.clone(),
             terminal,
@@ -180,7 +191,7 @@ impl Session {
             ended: false,
             joins_in_background: false,
             throttled: false,
-        }
+        })
     }
 
     /// The session ends: it leaves its rooms (a long-poll session lingers in them for the
@@ -211,6 +222,7 @@ impl Session {
         self.app
             .terminals
             .closed(&self.terminal.id, self.transport, ending.is_interruption());
+        self.app.limiters.sessions.give_back(&self.terminal.id);
         match ending {
             Ending::Bye => self.app.terminals.bye(&self.terminal.id),
             Ending::AfterBye => self.app.terminals.after_bye(&self.terminal.id),
@@ -654,6 +666,22 @@ impl Session {
     pub fn error(&self, e: FrameError) {
         self.app.metrics.client_errors.inc();
         self.outbox.reply(&e.to_frame());
+    }
+}
+
+/// A session refused because its terminal already holds `max_sessions_per_terminal` (the
+/// number given) sessions.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("this terminal already holds {0} sessions (max_sessions_per_terminal); close one first")]
+pub struct TooManySessions(pub usize);
+
+impl From<TooManySessions> for crate::error::ApiError {
+    fn from(e: TooManySessions) -> Self {
+        crate::error::ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            e.to_string(),
+        )
     }
 }
 

@@ -189,6 +189,17 @@ pub struct ServeArgs {
     /// Accept queue of the HTTP listener (capped by the kernel's net.core.somaxconn).
     #[arg(long, env = "LIVEPUSH_LISTEN_BACKLOG", default_value_t = Limits::default().listen_backlog)]
     listen_backlog: u32,
+    /// Time a client has to send a whole request body (after its head); past it: 408.
+    #[arg(long, env = "LIVEPUSH_BODY_TIMEOUT", default_value = "30s", value_parser = duration)]
+    body_timeout: Duration,
+    /// HTTP connections one source address may hold open at once (requests, long-polls, SSE
+    /// streams, WebSocket handshakes; open WebSocket sessions do not count); past it: 429.
+    #[arg(long, env = "LIVEPUSH_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = Limits::default().max_connections_per_address)]
+    max_connections_per_address: usize,
+    /// Sessions (WebSocket, SSE stream, poll in progress) one terminal may hold open at once;
+    /// past it a WebSocket gets `rate_limited` and close 4029, a poll or SSE stream 429.
+    #[arg(long, env = "LIVEPUSH_MAX_SESSIONS_PER_TERMINAL", default_value_t = Limits::default().max_sessions_per_terminal)]
+    max_sessions_per_terminal: usize,
 }
 
 fn generated(what: &str, notes: &mut Vec<String>) -> String {
@@ -315,6 +326,9 @@ impl ServeArgs {
                 poll_max_wait: self.poll_max_wait,
                 max_poll_bytes: self.max_poll_bytes,
                 listen_backlog: self.listen_backlog,
+                body_timeout: self.body_timeout,
+                max_connections_per_address: self.max_connections_per_address,
+                max_sessions_per_terminal: self.max_sessions_per_terminal,
                 ..Limits::default()
             },
         };

@@ -90,7 +90,7 @@ async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
     })?;
     let mut poll = Poll {
         started: app.terminals.stamp(),
-        session: Session::start(&app, terminal, Transport::Longpoll),
+        session: Session::start(&app, terminal, Transport::Longpoll)?,
     };
     if body.bye {
         poll.session.load_inbox().await;

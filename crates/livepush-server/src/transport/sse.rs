@@ -89,7 +89,7 @@ async fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         AuthError::BadTerminalId => ApiError::bad_request(e.to_string()),
         _ => ApiError::unauthorized(e.to_string()),
     })?;
-    let mut session = Session::start(&app, terminal, Transport::Sse);
+    let mut session = Session::start(&app, terminal, Transport::Sse)?;
     session.open(None, None, true).await;
     for room in &rooms {
         let since = positions

@@ -37,6 +37,7 @@ use crate::frame;
 use crate::outbox::{
     Batch, CloseReason, SIGNAL_DEAD, SIGNAL_PING, SIGNAL_SHUTDOWN, SIGNAL_STALLED,
 };
+use crate::ratelimit::Admission;
 use crate::reactor::{Conn, Reactor, Socket, Tick};
 use crate::session::{self, Ending, Session};
 
@@ -48,6 +49,8 @@ pub mod close_code {
     pub const SLOW_CONSUMER: u16 = 4001;
     /// No valid `connect` frame (missing, late, or a bad token).
     pub const UNAUTHORIZED: u16 = 4003;
+    /// The terminal already holds `max_sessions_per_terminal` sessions.
+    pub const TOO_MANY_SESSIONS: u16 = 4029;
     /// A normal close (the terminal was told to use another transport).
     pub const NORMAL: u16 = 1000;
     /// The server is shutting down.
@@ -87,8 +90,11 @@ pub fn upgrade(app: Arc<App>, connections: Arc<Connections>, mut req: Request) -
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
+    // The source address stays counted until the handshake is over.
+    let admission = req.extensions().get::<Admission>().cloned();
     drop(req);
     tokio::spawn(async move {
+        let _admission = admission;
         match on_upgrade
             .await
             .map(Upgraded::downcast::<TokioIo<TcpStream>>)
@@ -341,9 +347,18 @@ async fn handshake(app: &Arc<App>, mut io: Io, early: Bytes) -> Result<Handshake
         answer_close(&mut io, write_timeout).await;
         return Err(Ending::ClientClose);
     }
+    let session = match Session::start(app, terminal, Transport::Ws) {
+        Ok(session) => session,
+        Err(e) => {
+            let close = (close_code::TOO_MANY_SESSIONS, "too_many_sessions");
+            let refusal = (ErrorCode::RateLimited, e.to_string());
+            refuse_with(&mut io, env.id, refusal, close, write_timeout).await;
+            return Err(Ending::TooManySessions);
+        }
+    };
     Ok(Handshake {
         io,
-        session: Session::start(app, terminal, Transport::Ws),
+        session,
         connect_id: env.id,
         texts,
         decoder,
@@ -358,13 +373,22 @@ async fn answer_close(io: &mut Io, limit: Duration) {
 
 /// Send an `unauthorized` error and close with 4003.
 async fn refuse(io: &mut Io, id: Option<u64>, message: &str, limit: Duration) {
-    let frame =
-        livepush_proto::encode_frame(&ServerFrame::error(id, ErrorCode::Unauthorized, message));
+    let refusal = (ErrorCode::Unauthorized, message.to_owned());
+    let close = (close_code::UNAUTHORIZED, "unauthorized");
+    refuse_with(io, id, refusal, close, limit).await;
+}
+
+/// Refuse a handshake: an `error` frame with `code` and `message`, then a close frame.
+async fn refuse_with(
+    io: &mut Io,
+    id: Option<u64>,
+    (code, message): (ErrorCode, String),
+    (close, reason): (u16, &str),
+    limit: Duration,
+) {
+    let frame = livepush_proto::encode_frame(&ServerFrame::error(id, code, message));
     let mut out = wsframe::text_frame(&frame);
-    out.extend_from_slice(&wsframe::close_frame(
-        close_code::UNAUTHORIZED,
-        "unauthorized",
-    ));
+    out.extend_from_slice(&wsframe::close_frame(close, reason));
     let _ = write_within(io, limit, &out).await;
 }
 

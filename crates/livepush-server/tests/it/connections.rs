@@ -1,11 +1,14 @@
 //! Connection-level bounds: what a client that floods, stops reading or holds a request open
 //! gets, and that the server stays bounded meanwhile.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use livepush_proto::{ServerFrame, split_frames};
-use serde_json::json;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::*;
@@ -106,4 +109,179 @@ async fn pings_without_reading_make_a_slow_consumer() {
     })
     .await;
     flood.abort();
+}
+
+/// A connection that sent `head` (and nothing after it).
+async fn sent(addr: SocketAddr, head: &str) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(head.as_bytes()).await.expect("head");
+    tcp
+}
+
+/// The HTTP answer on `tcp`: its status and JSON body (read up to its `content-length`).
+async fn answer(tcp: &mut TcpStream) -> (u16, Value) {
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .expect("a content-length");
+                if buf.len() >= end + 4 + len {
+                    let status = head[9..12].parse().expect("a status");
+                    let body = serde_json::from_slice(&buf[end + 4..end + 4 + len]);
+                    return (status, body.expect("a JSON body"));
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tcp.read(&mut chunk).await.expect("read");
+            assert!(
+                n > 0,
+                "closed before a whole answer: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("an answer in time")
+}
+
+/// A request whose body does not arrive within `body_timeout` is answered 408 with a JSON
+/// error, on the terminal transports and on the API alike.
+#[tokio::test]
+async fn a_body_that_never_arrives_is_answered_408() {
+    let mut c = config();
+    c.limits.body_timeout = Duration::from_millis(300);
+    let s = TestServer::with(c).await;
+    for head in [
+        "POST /v1/poll HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"tok".to_owned(),
+        format!(
+            "POST /v1/rooms/r/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\
+             Content-Length: 100\r\n\r\n"
+        ),
+    ] {
+        let mut tcp = sent(s.running.addr(), &head).await;
+        let (status, body) = answer(&mut tcp).await;
+        assert_eq!(status, 408, "{body}");
+        assert_eq!(body["error"], "bad_request", "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("body_timeout"),
+            "{body}"
+        );
+    }
+}
+
+/// A body declared larger than the route's limit is refused with 413 before any of it is
+/// read (the body timeout is far away here).
+#[tokio::test]
+async fn a_declared_body_over_the_limit_is_refused_at_once() {
+    let mut c = config();
+    c.limits.body_timeout = Duration::from_secs(600);
+    let s = TestServer::with(c).await;
+    for (head, setting) in [
+        (
+            format!(
+                "POST /v1/rooms/r/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\
+                 Content-Length: 10000000000\r\n\r\n"
+            ),
+            "max_publish_bytes",
+        ),
+        (
+            "POST /v1/poll HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n".to_owned(),
+            "max_poll_bytes",
+        ),
+    ] {
+        let mut tcp = sent(s.running.addr(), &head).await;
+        let (status, body) = answer(&mut tcp).await;
+        assert_eq!(status, 413, "{body}");
+        assert_eq!(body["error"], "too_large", "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains(setting),
+            "{body}"
+        );
+    }
+}
+
+/// `GET /healthz` on a fresh connection.
+async fn healthz(addr: SocketAddr) -> (u16, Value) {
+    let head = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    answer(&mut sent(addr, head).await).await
+}
+
+/// An address holding `max_connections_per_address` connections gets a JSON 429 for the
+/// next one, a WebSocket upgrade included; once one closes, it is served again.
+#[tokio::test]
+async fn connections_per_address_are_capped_with_a_429() {
+    let mut c = config();
+    c.limits.max_connections_per_address = 2;
+    let s = TestServer::with(c).await;
+    let addr = s.running.addr();
+    let first = TcpStream::connect(addr).await.expect("connect");
+    let _second = TcpStream::connect(addr).await.expect("connect");
+    let (status, body) = healthz(addr).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"], "rate_limited", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_connections_per_address"),
+        "{body}"
+    );
+    match tokio_tungstenite::connect_async(s.ws_url()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 429),
+        other => panic!("expected a refused upgrade, got {:?}", other.map(|_| ())),
+    }
+    drop(first);
+    s.eventually("a connection is admitted again", || async {
+        healthz(addr).await.0 == 200
+    })
+    .await;
+}
+
+/// A terminal holding `max_sessions_per_terminal` sessions is refused another one: over
+/// WebSocket with `rate_limited` and close 4029, over long-poll and SSE with a JSON 429.
+/// Other terminals are not affected, and a session that ends makes room.
+#[tokio::test]
+async fn sessions_per_terminal_are_capped() {
+    let mut c = config();
+    c.limits.max_sessions_per_terminal = 2;
+    let s = TestServer::with(c).await;
+    let mut first = s.terminal("t", &["r"], false).await;
+    let _second = s.terminal("t", &["r"], false).await;
+    let _other = s.terminal("u", &["r"], false).await;
+
+    let mut third = Ws::open(&s.ws_url()).await;
+    third
+        .send(json!({"op":"connect","token":s.token("t", &["r"], false)}))
+        .await;
+    let message = third.expect_error("rate_limited").await;
+    assert!(message.contains("max_sessions_per_terminal"), "{message}");
+    assert!(third.try_next().await.is_none());
+    assert_eq!(third.closed.as_ref().map(|c| c.0), Some(4029));
+
+    let token = s.token("t", &["r"], false);
+    let (status, body) = s
+        .post("/v1/poll", json!({"token": token, "wait_ms": 0}))
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("rate_limited")),
+        "{body}"
+    );
+    let r = s.get_raw(&format!("/v1/sse?token={token}&rooms=r")).await;
+    assert_eq!(r.status().as_u16(), 429);
+
+    first.inner.close(None).await.expect("close");
+    s.eventually("a session of t opens again", || async {
+        let mut ws = Ws::open(&s.ws_url()).await;
+        ws.send(json!({"op":"connect","token":s.token("t", &["r"], false)}))
+            .await;
+        matches!(ws.next().await, ServerFrame::Connected { .. })
+    })
+    .await;
 }
