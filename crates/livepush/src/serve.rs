@@ -194,8 +194,10 @@ pub struct ServeArgs {
     body_timeout: Duration,
     /// HTTP connections one source address may hold open at once (requests, long-polls, SSE
     /// streams, WebSocket handshakes; open WebSocket sessions do not count); past it: 429.
-    #[arg(long, env = "LIVEPUSH_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = Limits::default().max_connections_per_address)]
-    max_connections_per_address: usize,
+    /// Default: 4096, or a quarter of the process's open-files limit if that is lower, so
+    /// that one address cannot take every file descriptor and lock other clients out.
+    #[arg(long, env = "LIVEPUSH_MAX_CONNECTIONS_PER_ADDRESS")]
+    max_connections_per_address: Option<usize>,
     /// Sessions (WebSocket, SSE stream, poll in progress) one terminal may hold open at once;
     /// past it a WebSocket gets `rate_limited` and close 4029, a poll or SSE stream 429.
     #[arg(long, env = "LIVEPUSH_MAX_SESSIONS_PER_TERMINAL", default_value_t = Limits::default().max_sessions_per_terminal)]
@@ -258,6 +260,16 @@ fn spawn_compaction(store: Arc<RedbStore>) {
             }
         }
     });
+}
+
+/// `--max-connections-per-address` when not given: the library's default, or a quarter of
+/// the open-files limit if lower (at least 1).
+fn default_connections_per_address() -> usize {
+    let default = Limits::default().max_connections_per_address;
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, _)) => default.min(usize::try_from(soft / 4).unwrap_or(usize::MAX).max(1)),
+        Err(_) => default,
+    }
 }
 
 impl ServeArgs {
@@ -327,7 +339,9 @@ impl ServeArgs {
                 max_poll_bytes: self.max_poll_bytes,
                 listen_backlog: self.listen_backlog,
                 body_timeout: self.body_timeout,
-                max_connections_per_address: self.max_connections_per_address,
+                max_connections_per_address: self
+                    .max_connections_per_address
+                    .unwrap_or_else(default_connections_per_address),
                 max_sessions_per_terminal: self.max_sessions_per_terminal,
                 ..Limits::default()
             },
