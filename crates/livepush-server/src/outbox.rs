@@ -117,7 +117,7 @@ impl Caps {
 }
 
 /// Requests to a connection's driver raised by its reactor's tick (`Driver::tick` in
-/// `transport/ws.rs`: ping, dead peer, stalled write, shutdown), and the times the tick
+/// `transport/ws.rs`: ping, dead peer, stalled write, shutdown, token expiry), and the times the tick
 /// decides them from. Times are [`crate::clock::clock_ms`] values.
 #[derive(Debug, Default)]
 pub struct Signals {
@@ -140,6 +140,8 @@ pub const SIGNAL_DEAD: u8 = 2;
 pub const SIGNAL_STALLED: u8 = 4;
 /// The server is shutting down: close with 1001.
 pub const SIGNAL_SHUTDOWN: u8 = 8;
+/// The session's token expired: `unauthorized`, then close with 4003.
+pub const SIGNAL_EXPIRED: u8 = 16;
 
 impl Signals {
     pub fn heard(&self, now_ms: u64) {

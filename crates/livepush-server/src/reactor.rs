@@ -70,6 +70,8 @@ pub trait Conn: Send + 'static {
 pub struct Tick {
     /// [`crate::clock::clock_ms`] at this tick.
     pub now_ms: u64,
+    /// [`crate::clock::now_secs`] at this tick (wall clock, for token expiry).
+    pub unix_secs: u64,
     /// The server is shutting down.
     pub stopping: bool,
 }
@@ -462,6 +464,7 @@ impl<C: Conn> Shard<C> {
     fn sweep(&mut self) {
         let tick = Tick {
             now_ms: crate::clock::clock_ms(),
+            unix_secs: crate::clock::now_secs(),
             stopping: self.stopping,
         };
         for (slot, entry) in self.slots.iter_mut().enumerate() {
@@ -500,6 +503,7 @@ impl<C: Conn> Shard<C> {
             // Handed over after the shutdown sweep: it still gets its "going away".
             entry.conn.tick(&Tick {
                 now_ms: crate::clock::clock_ms(),
+                unix_secs: crate::clock::now_secs(),
                 stopping: true,
             });
         }

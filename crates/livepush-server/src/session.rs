@@ -152,6 +152,10 @@ pub struct Session {
     /// In a frame-rate episode: a frame was refused and none accepted since. The episode's
     /// first refusal is answered with one `rate_limited`, the rest are dropped silently.
     throttled: bool,
+    /// When the session's token stops being accepted (its `exp` plus the leeway), in Unix
+    /// seconds; 0: never (a dev terminal without a token). 32 bits fit in the padding next
+    /// to the flags, so the session does not grow.
+    expires: u32,
 }
 
 impl Session {
@@ -191,7 +195,34 @@ impl Session {
             ended: false,
             joins_in_background: false,
             throttled: false,
+            expires: 0,
         })
+    }
+
+    /// The session lives as long as `token` (the one [`crate::auth::identify`] accepted for
+    /// it): once its `exp` plus the verification leeway has passed, the transport ends the
+    /// session ([`Session::expired`]) and the client reconnects with a fresh token.
+    pub fn expires_with(&mut self, token: Option<&str>) {
+        self.expires = token.and_then(token_exp).map_or(0, |exp| {
+            u32::try_from(exp.saturating_add(TOKEN_LEEWAY_SECS)).unwrap_or(u32::MAX)
+        });
+    }
+
+    /// When the token expires, in Unix seconds, if it does.
+    pub fn expires_at(&self) -> Option<u64> {
+        (self.expires != 0).then_some(u64::from(self.expires))
+    }
+
+    /// How long until the token has expired (rounded up to the next second), if it does.
+    pub fn expires_in(&self) -> Option<std::time::Duration> {
+        let now = crate::clock::now_secs();
+        self.expires_at()
+            .map(|t| std::time::Duration::from_secs(t.saturating_sub(now) + 1))
+    }
+
+    /// Whether the token has expired at `now_secs`.
+    pub fn expired(&self, now_secs: u64) -> bool {
+        self.expires_at().is_some_and(|t| now_secs > t)
     }
 
     /// The session ends: it leaves its rooms (a long-poll session lingers in them for the
@@ -667,6 +698,33 @@ impl Session {
         self.app.metrics.client_errors.inc();
         self.outbox.reply(&e.to_frame());
     }
+}
+
+/// The `exp` leeway of [`crate::auth::TokenKeys::verify`]: a token is accepted until
+/// `exp + 5`.
+const TOKEN_LEEWAY_SECS: u64 = 5;
+
+/// The `exp` claim of a token that was verified already: read back from its payload, since
+/// [`crate::auth::Terminal`] does not carry it.
+fn token_exp(token: &str) -> Option<u64> {
+    use base64::Engine;
+    #[derive(serde::Deserialize)]
+    struct Exp {
+        exp: u64,
+    }
+    let payload = token.split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    serde_json::from_slice::<Exp>(&json).ok().map(|e| e.exp)
+}
+
+/// The `error` frame that ends a session whose token expired.
+pub fn token_expired() -> FrameError {
+    FrameError::new(
+        ErrorCode::Unauthorized,
+        "token expired; reconnect with a fresh token",
+    )
 }
 
 /// A session refused because its terminal already holds `max_sessions_per_terminal` (the

@@ -35,7 +35,7 @@ use crate::clock::clock_ms;
 use crate::error::ApiError;
 use crate::frame;
 use crate::outbox::{
-    Batch, CloseReason, SIGNAL_DEAD, SIGNAL_PING, SIGNAL_SHUTDOWN, SIGNAL_STALLED,
+    Batch, CloseReason, SIGNAL_DEAD, SIGNAL_EXPIRED, SIGNAL_PING, SIGNAL_SHUTDOWN, SIGNAL_STALLED,
 };
 use crate::ratelimit::Admission;
 use crate::reactor::{Conn, Reactor, Socket, Tick};
@@ -347,7 +347,7 @@ async fn handshake(app: &Arc<App>, mut io: Io, early: Bytes) -> Result<Handshake
         answer_close(&mut io, write_timeout).await;
         return Err(Ending::ClientClose);
     }
-    let session = match Session::start(app, terminal, Transport::Ws) {
+    let mut session = match Session::start(app, terminal, Transport::Ws) {
         Ok(session) => session,
         Err(e) => {
             let close = (close_code::TOO_MANY_SESSIONS, "too_many_sessions");
@@ -356,6 +356,7 @@ async fn handshake(app: &Arc<App>, mut io: Io, early: Bytes) -> Result<Handshake
             return Err(Ending::TooManySessions);
         }
     };
+    session.expires_with(token.as_deref());
     Ok(Handshake {
         io,
         session,
@@ -455,13 +456,17 @@ impl Conn for Driver {
     /// Raise what is due: a ping every `heartbeat` from the connection's start, "dead" when
     /// nothing was heard for
     /// `heartbeat + heartbeat_timeout`, "stalled" when a write has been blocked for
-    /// `write_timeout`, and the shutdown. Two atomic reads when nothing is due.
+    /// `write_timeout`, "expired" once the session's token has, and the shutdown. Two
+    /// atomic reads when nothing is due.
     fn tick(&mut self, tick: &Tick) -> bool {
         let config = &self.session.app().config;
         let signals = self.session.outbox().signals();
         let mut bits = 0;
         if tick.stopping {
             bits |= SIGNAL_SHUTDOWN;
+        }
+        if self.session.expired(tick.unix_secs) {
+            bits |= SIGNAL_EXPIRED;
         }
         let dead_after = (config.heartbeat + config.heartbeat_timeout).as_millis() as u64;
         if tick.now_ms.saturating_sub(signals.last_heard()) >= dead_after {
@@ -515,6 +520,17 @@ impl Driver {
             }
             if signals & SIGNAL_SHUTDOWN != 0 {
                 self.close(close_code::GOING_AWAY, "shutdown", Ending::Shutdown);
+            } else if signals & SIGNAL_EXPIRED != 0 && self.closing.is_none() {
+                // Ahead of whatever is still queued: the session ends here.
+                self.session.app().metrics.client_errors.inc();
+                let frame = session::token_expired().to_frame();
+                let text = wsframe::text_frame(&livepush_proto::encode_frame(&frame));
+                self.out.buf().extend_from_slice(&text);
+                self.close(
+                    close_code::UNAUTHORIZED,
+                    "token_expired",
+                    Ending::Unauthorized,
+                );
             } else if signals & SIGNAL_DEAD != 0 {
                 self.close(
                     close_code::HEARTBEAT_TIMEOUT,

@@ -285,3 +285,57 @@ async fn sessions_per_terminal_are_capped() {
     })
     .await;
 }
+
+/// A token for `sub` (room `r`) that the server accepts for about two more seconds: `exp`
+/// three seconds ago, within the five seconds of leeway.
+fn expiring_token(sub: &str) -> String {
+    use livepush_server::auth::{Claims, TokenKeys, now_secs};
+    TokenKeys::new(SECRET)
+        .mint(&Claims {
+            sub: sub.into(),
+            exp: now_secs() - 3,
+            rooms: vec!["r".into()],
+            send: false,
+        })
+        .expect("mint")
+}
+
+/// A session does not outlive its token: a WebSocket gets `unauthorized` ("token expired")
+/// and close 4003, an SSE stream gets the same `error` and ends, and a parked poll is
+/// answered (the next poll with that token is refused 401).
+#[tokio::test]
+async fn sessions_end_when_their_token_expires() {
+    let s = TestServer::start().await;
+    let mut ws = Ws::open(&s.ws_url()).await;
+    let token = expiring_token("t");
+    ws.send(json!({"op":"connect","token":token})).await;
+    assert!(matches!(ws.next().await, ServerFrame::Connected { .. }));
+    let sse = s.get_raw(&format!("/v1/sse?token={token}&rooms=r")).await;
+    assert_eq!(sse.status().as_u16(), 200);
+    let poll = s.post("/v1/poll", json!({"token": token, "wait_ms": 25_000}));
+
+    let (status, body) = tokio::time::timeout(WAIT, poll)
+        .await
+        .expect("the parked poll is answered when its token expires");
+    assert_eq!(status, 200, "{body}");
+    let message = ws.expect_error("unauthorized").await;
+    assert!(message.contains("token expired"), "{message}");
+    assert!(ws.try_next().await.is_none());
+    assert_eq!(ws.closed.as_ref().map(|c| c.0), Some(4003));
+    let stream = tokio::time::timeout(WAIT, async {
+        let mut sse = sse;
+        let mut text = String::new();
+        while let Some(chunk) = sse.chunk().await.expect("sse chunk") {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        text
+    })
+    .await
+    .expect("the SSE stream ends");
+    assert!(stream.contains("\"code\":\"unauthorized\""), "{stream}");
+    assert!(stream.contains("token expired"), "{stream}");
+    let (status, _) = s
+        .post("/v1/poll", json!({"token": token, "wait_ms": 0}))
+        .await;
+    assert_eq!(status, 401);
+}
