@@ -105,18 +105,20 @@ impl Counts<IpAddr> {
     /// Admit a connection from `ip`, if it holds fewer than the maximum. Clones of the
     /// [`Admission`] share its one count, given back when the last is dropped.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admission> {
-        self.take(&ip).then(|| {
-            Admission(Arc::new(Admitted {
+        self.take(&ip).then(|| Admission {
+            _held: Arc::new(Admitted {
                 counts: self.clone(),
                 ip,
-            }))
+            }),
         })
     }
 }
 
 /// One admitted connection of a source address (see [`Counts::admit`]).
 #[derive(Debug, Clone)]
-pub struct Admission(#[allow(dead_code)] Arc<Admitted>);
+pub struct Admission {
+    _held: Arc<Admitted>,
+}
 
 #[derive(Debug)]
 struct Admitted {

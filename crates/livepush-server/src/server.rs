@@ -162,11 +162,17 @@ impl hyper::service::Service<Request<hyper::body::Incoming>> for Admitted {
     }
 }
 
+/// Refusals that may linger at once (see [`refuse_address`]).
+const LINGERING_REFUSALS: usize = 64;
+
 /// Answer a connection from an address past `max_connections_per_address` with a JSON 429
-/// and close it. In a task of its own, bounded to a second: the answer is written, and what
-/// the client sent meanwhile is read and dropped, so that closing does not reset the
-/// connection under the answer.
+/// and close it. Normally in a task of its own, bounded to a second: the answer is written,
+/// and what the client sent meanwhile is read and dropped, so that closing does not reset
+/// the connection under the answer. Past [`LINGERING_REFUSALS`] such tasks (a flood), the
+/// answer is only offered to the socket and the connection closed at once, so that refusals
+/// cannot pile up file descriptors themselves.
 fn refuse_address(mut tcp: tokio::net::TcpStream, max: usize) {
+    static LINGERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = serde_json::json!({
         "error": ErrorCode::RateLimited.as_str(),
@@ -180,6 +186,11 @@ fn refuse_address(mut tcp: tokio::net::TcpStream, max: usize) {
          content-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
+    if LINGERING.fetch_add(1, Ordering::Relaxed) >= LINGERING_REFUSALS {
+        LINGERING.fetch_sub(1, Ordering::Relaxed);
+        let _ = tcp.try_write(answer.as_bytes());
+        return;
+    }
     tokio::spawn(async move {
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             tcp.write_all(answer.as_bytes()).await?;
@@ -189,6 +200,7 @@ fn refuse_address(mut tcp: tokio::net::TcpStream, max: usize) {
             std::io::Result::Ok(())
         })
         .await;
+        LINGERING.fetch_sub(1, Ordering::Relaxed);
     });
 }
 
