@@ -234,9 +234,22 @@ async fn bound_body(State(bound): State<BodyBound>, req: Request, next: Next) ->
     let deadline = tokio::time::Instant::now() + bound.timeout;
     let (parts, body) = req.into_parts();
     let flag = expired.clone();
-    let data = body.into_data_stream().take_until(async move {
-        tokio::time::sleep_until(deadline).await;
-        flag.store(true, Ordering::Relaxed);
+    // At the deadline the body fails (it must not just end: a prefix that parses would be
+    // taken for the whole body).
+    let data = futures_util::stream::unfold(Some(body.into_data_stream()), move |data| {
+        let flag = flag.clone();
+        async move {
+            let mut data = data?;
+            match tokio::time::timeout_at(deadline, data.next()).await {
+                Ok(Some(chunk)) => Some((chunk, Some(data))),
+                Ok(None) => None,
+                Err(_) => {
+                    flag.store(true, Ordering::Relaxed);
+                    let timeout = axum::Error::new("request body timeout (body_timeout)");
+                    Some((Err(timeout), None))
+                }
+            }
+        }
     });
     let res = next
         .run(Request::from_parts(parts, Body::from_stream(data)))

@@ -175,6 +175,26 @@ async fn a_body_that_never_arrives_is_answered_408() {
     }
 }
 
+/// A body cut short by `body_timeout` is an error, never a shorter body: a publish whose
+/// first bytes already form valid JSON is not published when the rest never comes.
+#[tokio::test]
+async fn a_body_cut_by_the_timeout_is_not_acted_on() {
+    let mut c = config();
+    c.limits.body_timeout = Duration::from_millis(300);
+    let s = TestServer::with(c).await;
+    let body = r#"{"type":"gift","data":{"n":1}}"#;
+    let head = format!(
+        "POST /v1/rooms/cut/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len() + 10
+    );
+    let mut tcp = sent(s.running.addr(), &head).await;
+    let (status, answer) = answer(&mut tcp).await;
+    assert_eq!(status, 408, "{answer}");
+    let (status, room) = s.get("/v1/rooms/cut").await;
+    assert_eq!(status, 404, "nothing was published: {room}");
+}
+
 /// A body declared larger than the route's limit is refused with 413 before any of it is
 /// read (the body timeout is far away here).
 #[tokio::test]
