@@ -65,6 +65,10 @@ pub struct Config {
     /// Wake datagrams per minute per terminal, and their burst.
     pub wake_rate_per_minute: u32,
     pub wake_burst: u32,
+    /// How long a graceful shutdown may take in all. Terminals are told to reconnect and
+    /// requests in flight may finish until a quarter of it (at most 2 s) is left; then
+    /// whatever is still open is dropped, and the rest is the store's flush.
+    pub shutdown_timeout: Duration,
     /// Unacknowledged inbox messages kept per terminal.
     pub inbox_size: usize,
     /// Age after which an unacknowledged inbox message is dropped.
@@ -150,6 +154,19 @@ pub struct Limits {
     pub max_poll_bytes: usize,
     /// Accept queue of the HTTP listener (the kernel caps it at `net.core.somaxconn`).
     pub listen_backlog: u32,
+    /// Time a client has to send a whole request body, from the end of its head; past it
+    /// the request is answered 408 and the connection closed. A body declared larger than
+    /// the route's limit is answered 413 at once, without reading it.
+    pub body_timeout: Duration,
+    /// HTTP connections one source address may hold open at once: requests, long-polls, SSE
+    /// streams and WebSocket handshakes (an open WebSocket session no longer counts; it is
+    /// bounded by `max_sessions_per_terminal`). Past it a new connection is answered 429
+    /// `rate_limited` and closed.
+    pub max_connections_per_address: usize,
+    /// Sessions one terminal may hold open at once, over any mix of transports (a
+    /// WebSocket, an SSE stream, a poll in progress). Past it a WebSocket `connect` is
+    /// answered `rate_limited` and closed with 4029; a poll or SSE stream gets HTTP 429.
+    pub max_sessions_per_terminal: usize,
 }
 
 impl Default for Limits {
@@ -175,6 +192,9 @@ impl Default for Limits {
             poll_max_wait: Duration::from_secs(30),
             max_poll_bytes: 256 * 1024,
             listen_backlog: 4096,
+            body_timeout: Duration::from_secs(30),
+            max_connections_per_address: 4096,
+            max_sessions_per_terminal: 16,
         }
     }
 }
@@ -210,10 +230,18 @@ impl Config {
             wake_retry_max: Duration::from_secs(60),
             wake_rate_per_minute: 20,
             wake_burst: 5,
+            shutdown_timeout: Duration::from_secs(10),
             inbox_size: 100,
             inbox_ttl: Duration::from_secs(24 * 3600),
             limits: Limits::default(),
         }
+    }
+
+    /// How long connections may drain at shutdown: [`Config::shutdown_timeout`] less what
+    /// is kept for the store's flush (a quarter, at most 2 s).
+    pub fn shutdown_drain(&self) -> Duration {
+        let reserve = (self.shutdown_timeout / 4).min(Duration::from_secs(2));
+        self.shutdown_timeout - reserve
     }
 
     /// Refuse settings that cannot work, with a message that says which one.
@@ -240,6 +268,14 @@ impl Config {
             ("--inbox-size", self.inbox_size),
             ("--wake-rate", self.wake_rate_per_minute as usize),
             ("--frame-rate", self.limits.frame_rate as usize),
+            (
+                "--max-connections-per-address",
+                self.limits.max_connections_per_address,
+            ),
+            (
+                "--max-sessions-per-terminal",
+                self.limits.max_sessions_per_terminal,
+            ),
         ];
         if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Zero(name));

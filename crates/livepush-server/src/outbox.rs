@@ -11,9 +11,12 @@
 //!   messages up to seq N" and, once the queue has drained, sends one `prompt{room,seq}` so the
 //!   terminal pulls at its own pace. Further reliable messages of that room fold into the same
 //!   prompt until it has been sent. Nothing reliable is lost: it is all in the room's history.
-//! - the **hard limit** (`outbox_max_bytes`): replies (`pulled`, `joined`, errors) are always
-//!   queued, but if the queue ever holds more bytes than this the outbox is closed with
-//!   [`CloseReason::SlowConsumer`]; the terminal reconnects and resumes from its last seq.
+//! - the **hard limit** (`outbox_max_bytes`): replies (`pulled`, `joined`, `pong`, errors)
+//!   are always queued, but if the queue ever holds more bytes than this the outbox is
+//!   closed with [`CloseReason::SlowConsumer`]; the terminal reconnects and resumes from its
+//!   last seq. Control replies a writer keeps outside the queue (WebSocket pongs) count
+//!   against the same limit ([`Outbox::hold`]): no reply a client provokes can grow without
+//!   bound while it does not read.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -114,7 +117,7 @@ impl Caps {
 }
 
 /// Requests to a connection's driver raised by its reactor's tick (`Driver::tick` in
-/// `transport/ws.rs`: ping, dead peer, stalled write, shutdown), and the times the tick
+/// `transport/ws.rs`: ping, dead peer, stalled write, shutdown, token expiry), and the times the tick
 /// decides them from. Times are [`crate::clock::clock_ms`] values.
 #[derive(Debug, Default)]
 pub struct Signals {
@@ -137,6 +140,8 @@ pub const SIGNAL_DEAD: u8 = 2;
 pub const SIGNAL_STALLED: u8 = 4;
 /// The server is shutting down: close with 1001.
 pub const SIGNAL_SHUTDOWN: u8 = 8;
+/// The session's token expired: `unauthorized`, then close with 4003.
+pub const SIGNAL_EXPIRED: u8 = 16;
 
 impl Signals {
     pub fn heard(&self, now_ms: u64) {
@@ -254,13 +259,7 @@ impl Outbox {
             st.significant += 1;
         }
         if st.bytes > self.limits.hard_bytes() {
-            st.closed = Some(CloseReason::SlowConsumer);
-            st.frames.clear();
-            st.bytes = 0;
-            st.significant = 0;
-            self.stats.slow_consumer_closes.inc();
-            drop(st);
-            self.waker.wake();
+            self.overflow(st);
             return Pushed::Closed;
         }
         // Wake the writer when the queue becomes non-empty, and a parked long-poll when the
@@ -273,6 +272,34 @@ impl Outbox {
             self.waker.wake();
         }
         outcome
+    }
+
+    /// Past the hard limit: discard the queue, close as a slow consumer, wake the writer.
+    fn overflow(&self, mut st: parking_lot::MutexGuard<'_, State>) {
+        st.closed = Some(CloseReason::SlowConsumer);
+        st.frames.clear();
+        st.bytes = 0;
+        st.significant = 0;
+        self.stats.slow_consumer_closes.inc();
+        drop(st);
+        self.waker.wake();
+    }
+
+    /// Count `held` bytes that the writer keeps outside the queue (WebSocket pongs and close
+    /// frames written from its own buffer, which the socket has not taken yet) against the
+    /// hard limit, together with what is queued: a peer that sends pings but reads nothing
+    /// is a slow consumer like any other. Past the limit the outbox closes as
+    /// [`CloseReason::SlowConsumer`]; returns whether it is closed.
+    pub fn hold(&self, held: usize) -> bool {
+        let st = self.state.lock();
+        if st.closed.is_some() {
+            return true;
+        }
+        if st.bytes.saturating_add(held) > self.limits.hard_bytes() {
+            self.overflow(st);
+            return true;
+        }
+        false
     }
 
     /// Queue a typed reply frame.

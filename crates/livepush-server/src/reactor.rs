@@ -70,6 +70,8 @@ pub trait Conn: Send + 'static {
 pub struct Tick {
     /// [`crate::clock::clock_ms`] at this tick.
     pub now_ms: u64,
+    /// [`crate::clock::now_secs`] at this tick (wall clock, for token expiry).
+    pub unix_secs: u64,
     /// The server is shutting down.
     pub stopping: bool,
 }
@@ -200,6 +202,8 @@ impl Socket {
 pub struct Reactor<C> {
     shards: Box<[Arc<Shared<C>>]>,
     next: AtomicUsize,
+    /// Every shard task holds a receiver until it ends: `closed()` resolves once all have.
+    alive: watch::Sender<()>,
 }
 
 impl<C: Conn> Reactor<C> {
@@ -210,6 +214,7 @@ impl<C: Conn> Reactor<C> {
         sweep: Sweep,
         stop: watch::Receiver<bool>,
     ) -> io::Result<Reactor<C>> {
+        let (alive, shard_alive) = watch::channel(());
         let shards = (0..shards.max(1))
             .map(|_| {
                 let shared = Arc::new(Shared {
@@ -222,14 +227,26 @@ impl<C: Conn> Reactor<C> {
                     live: AtomicUsize::new(0),
                 });
                 let shard = Shard::new(shared.clone(), sweep)?;
-                tokio::spawn(shard.run(stop.clone()));
+                let run = shard.run(stop.clone());
+                let shard_alive = shard_alive.clone();
+                tokio::spawn(async move {
+                    run.await;
+                    drop(shard_alive);
+                });
                 Ok(shared)
             })
             .collect::<io::Result<Box<[_]>>>()?;
         Ok(Reactor {
             shards,
             next: AtomicUsize::new(0),
+            alive,
         })
+    }
+
+    /// Resolves once every shard has ended: the server is stopping and every connection
+    /// has ended (a WebSocket with its close frame written, or given up on).
+    pub async fn ended(&self) {
+        self.alive.closed().await
     }
 
     /// Connections in the shards' slots.
@@ -447,6 +464,7 @@ impl<C: Conn> Shard<C> {
     fn sweep(&mut self) {
         let tick = Tick {
             now_ms: crate::clock::clock_ms(),
+            unix_secs: crate::clock::now_secs(),
             stopping: self.stopping,
         };
         for (slot, entry) in self.slots.iter_mut().enumerate() {
@@ -485,6 +503,7 @@ impl<C: Conn> Shard<C> {
             // Handed over after the shutdown sweep: it still gets its "going away".
             entry.conn.tick(&Tick {
                 now_ms: crate::clock::clock_ms(),
+                unix_secs: crate::clock::now_secs(),
                 stopping: true,
             });
         }
@@ -855,6 +874,9 @@ mod tests {
         .expect("the shard ends once its connections have");
         assert!(seen.iter().all(|s| s.lock().stopping));
         assert!(reactor.is_empty());
+        tokio::time::timeout(Duration::from_secs(5), reactor.ended())
+            .await
+            .expect("ended() resolves once every shard has ended");
     }
 
     /// Once stopped with nothing left, a shard ends, and a late connection is abandoned

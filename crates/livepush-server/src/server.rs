@@ -1,16 +1,21 @@
 //! Wiring: build the hub, the routes and the background upkeep, and run them on a listener.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::{Body, HttpBody};
 use axum::extract::{Request, State};
-use axum::http::header;
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
+use futures_util::StreamExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use livepush_proto::ErrorCode;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -27,7 +32,7 @@ use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::inbox::{InboxSettings, Inboxes};
 use crate::metrics::Metrics;
-use crate::ratelimit::Limiters;
+use crate::ratelimit::{Admission, Counts, Limiters};
 use crate::store::{MemoryStore, Store};
 use crate::terminals::{TerminalSettings, Terminals};
 use crate::transport;
@@ -47,7 +52,9 @@ pub enum ServerError {
 }
 
 /// Accept connections and serve HTTP/1.1 on them until `stop`, then wait for the requests in
-/// flight.
+/// flight, each for at most `drain`: a client that never sends its body, or stops reading
+/// a response (an SSE stream), is dropped then, so that shutdown finishes whatever clients
+/// do.
 ///
 /// This is `axum::serve` without one layer. axum serves through hyper-util's automatic
 /// HTTP/1-or-2 connection, which wraps the socket in a private type, so a WebSocket upgrade
@@ -55,10 +62,17 @@ pub enum ServerError {
 /// box and the wrapper). Serving HTTP/1.1 with hyper directly lets the WebSocket transport
 /// take the `TcpStream` itself back ([`transport::ws`] downcasts the upgrade). livepush
 /// speaks HTTP/1.1 only (WebSocket, long-poll and SSE all work over it).
+///
+/// Each connection is admitted against `addresses` (`max_connections_per_address`) first: a
+/// source address past it gets a 429 and the connection is closed. The [`Admission`] rides
+/// in every request's extensions, so that a WebSocket handshake keeps its address counted
+/// until the session opens.
 async fn serve(
     listener: TcpListener,
     router: Router,
+    addresses: Arc<Counts<IpAddr>>,
     header_timeout: Duration,
+    drain: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     // Every connection task holds a receiver; `closed()` resolves once they are all gone.
@@ -69,9 +83,9 @@ async fn serve(
         .header_read_timeout(header_timeout);
     let http = http;
     loop {
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     accept_failed(e).await;
                     continue;
@@ -79,11 +93,18 @@ async fn serve(
             },
             _ = stopped(&mut stop) => break,
         };
+        let Some(admission) = addresses.admit(peer.ip()) else {
+            refuse_address(tcp, addresses.max());
+            continue;
+        };
         // Nagle would only delay pushes: the outbox already coalesces them into few writes.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let service = TowerToHyperService::new(router.clone());
+        let service = Admitted {
+            router: TowerToHyperService::new(router.clone()),
+            admission,
+        };
         let conn = http
             .serve_connection(TokioIo::new(tcp), service)
             .with_upgrades();
@@ -95,9 +116,15 @@ async fn serve(
                 ended = conn.as_mut() => ended,
                 () = stopped(&mut stop) => {
                     // Finish the request in flight, then close (long-polls answer at once on
-                    // shutdown; upgraded connections are no longer hyper's).
+                    // shutdown, SSE streams end; upgraded connections are no longer hyper's).
                     conn.as_mut().graceful_shutdown();
-                    conn.await
+                    match tokio::time::timeout(drain, conn).await {
+                        Ok(ended) => ended,
+                        Err(_) => {
+                            tracing::debug!("connection dropped at the shutdown deadline");
+                            Ok(())
+                        }
+                    }
                 }
             };
             if let Err(e) = ended {
@@ -109,6 +136,141 @@ async fn serve(
     drop(listener);
     drop(done);
     all_done.closed().await;
+}
+
+/// The router, with each request carrying its connection's [`Admission`].
+#[derive(Debug, Clone)]
+struct Admitted {
+    router: TowerToHyperService<Router>,
+    admission: Admission,
+}
+
+impl hyper::service::Service<Request<hyper::body::Incoming>> for Admitted {
+    type Response = <TowerToHyperService<Router> as hyper::service::Service<
+        Request<hyper::body::Incoming>,
+    >>::Response;
+    type Error = <TowerToHyperService<Router> as hyper::service::Service<
+        Request<hyper::body::Incoming>,
+    >>::Error;
+    type Future = <TowerToHyperService<Router> as hyper::service::Service<
+        Request<hyper::body::Incoming>,
+    >>::Future;
+
+    fn call(&self, mut req: Request<hyper::body::Incoming>) -> Self::Future {
+        req.extensions_mut().insert(self.admission.clone());
+        self.router.call(req)
+    }
+}
+
+/// Refusals that may linger at once (see [`refuse_address`]).
+const LINGERING_REFUSALS: usize = 64;
+
+/// Answer a connection from an address past `max_connections_per_address` with a JSON 429
+/// and close it. Normally in a task of its own, bounded to a second: the answer is written,
+/// and what the client sent meanwhile is read and dropped, so that closing does not reset
+/// the connection under the answer. Past [`LINGERING_REFUSALS`] such tasks (a flood), the
+/// answer is only offered to the socket and the connection closed at once, so that refusals
+/// cannot pile up file descriptors themselves.
+fn refuse_address(mut tcp: tokio::net::TcpStream, max: usize) {
+    static LINGERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = serde_json::json!({
+        "error": ErrorCode::RateLimited.as_str(),
+        "message": format!(
+            "too many connections from this address (max_connections_per_address {max})"
+        ),
+    })
+    .to_string();
+    let answer = format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if LINGERING.fetch_add(1, Ordering::Relaxed) >= LINGERING_REFUSALS {
+        LINGERING.fetch_sub(1, Ordering::Relaxed);
+        let _ = tcp.try_write(answer.as_bytes());
+        return;
+    }
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            tcp.write_all(answer.as_bytes()).await?;
+            tcp.shutdown().await?;
+            let mut sink = [0u8; 1024];
+            while tcp.read(&mut sink).await? > 0 {}
+            std::io::Result::Ok(())
+        })
+        .await;
+        LINGERING.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// What a route reads a request body under: its size limit (and the setting that names
+/// it), and the time the whole body may take.
+#[derive(Debug, Clone, Copy)]
+struct BodyBound {
+    limit: usize,
+    setting: &'static str,
+    timeout: Duration,
+}
+
+/// Bound a request's body: a declared `Content-Length` over the limit is answered 413 at
+/// once, and a body that has not fully arrived within `body_timeout` (counted from the end
+/// of the head) ends the request with 408. The handler's own read still enforces the limit
+/// on bodies without a declared length.
+async fn bound_body(State(bound): State<BodyBound>, req: Request, next: Next) -> Response {
+    if let Some(len) = req.body().size_hint().exact()
+        && len > bound.limit as u64
+    {
+        return ApiError::too_large(format!(
+            "request body of {len} bytes exceeds {} {}",
+            bound.setting, bound.limit
+        ))
+        .into_response();
+    }
+    if req.body().is_end_stream() {
+        return next.run(req).await;
+    }
+    let expired = Arc::new(AtomicBool::new(false));
+    let deadline = tokio::time::Instant::now() + bound.timeout;
+    let (parts, body) = req.into_parts();
+    let flag = expired.clone();
+    // At the deadline the body fails (it must not just end: a prefix that parses would be
+    // taken for the whole body).
+    let data = futures_util::stream::unfold(Some(body.into_data_stream()), move |data| {
+        let flag = flag.clone();
+        async move {
+            let mut data = data?;
+            match tokio::time::timeout_at(deadline, data.next()).await {
+                Ok(Some(chunk)) => Some((chunk, Some(data))),
+                Ok(None) => None,
+                Err(_) => {
+                    flag.store(true, Ordering::Relaxed);
+                    let timeout = axum::Error::new("request body timeout (body_timeout)");
+                    Some((Err(timeout), None))
+                }
+            }
+        }
+    });
+    let res = next
+        .run(Request::from_parts(parts, Body::from_stream(data)))
+        .await;
+    if expired.load(Ordering::Relaxed) {
+        let mut res = ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::BadRequest,
+            format!(
+                "the request body did not arrive within body_timeout ({} ms)",
+                bound.timeout.as_millis()
+            ),
+        )
+        .into_response();
+        res.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return res;
+    }
+    res
 }
 
 /// Resolves once the server is shutting down (or its shutdown sender is gone).
@@ -170,11 +332,25 @@ impl Running {
         &self.connections
     }
 
-    /// Stop accepting, close every session with "going away", wait for the server task, and
-    /// make everything the engine was given durable.
-    pub async fn shutdown(self) {
+    /// Stop accepting, close every session with "going away" (WebSocket close 1001, parked
+    /// long-polls answered, SSE streams ended), let requests in flight finish, and make
+    /// everything the engine was given durable, all within the configured
+    /// `shutdown_timeout`: connections get [`Config::shutdown_drain`] of it, and whatever
+    /// is still open then is dropped.
+    pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        let _ = self.task.await;
+        let drain = self.app.config.shutdown_drain();
+        let connections = self.connections.clone();
+        let task = &mut self.task;
+        let drained = tokio::time::timeout(drain, async move {
+            let _ = task.await;
+            connections.ended().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("shutdown deadline reached; dropping the connections still open");
+            self.task.abort();
+        }
         if let Err(e) = self.engine.flush().await {
             tracing::error!(error = %e, "store flush at shutdown failed");
         }
@@ -316,6 +492,7 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
     let node: Arc<dyn Node> = app.clone();
     rooms.attach(Arc::downgrade(&node));
 
+    let addresses = limiters.addresses.clone();
     spawn_upkeep(
         config.limits.online_interval,
         hub,
@@ -330,7 +507,9 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
     let task = tokio::spawn(serve(
         listener,
         router(app.clone(), connections.clone()),
+        addresses,
         header_timeout,
+        config.shutdown_drain(),
         shutdown_rx,
     ));
     Ok(Running {
@@ -444,6 +623,19 @@ fn spawn_upkeep(
 }
 
 fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router {
+    let limits = &app.config.limits;
+    let bound = |limit, setting| {
+        axum::middleware::from_fn_with_state(
+            BodyBound {
+                limit,
+                setting,
+                timeout: limits.body_timeout,
+            },
+            bound_body,
+        )
+    };
+    let publish_bound = bound(limits.max_publish_bytes, "max_publish_bytes");
+    let poll_bound = bound(limits.max_poll_bytes, "max_poll_bytes");
     let api = Router::new()
         .route("/v1/rooms/{room}/messages", post(api::publish))
         .route(
@@ -455,6 +647,7 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
         .route("/v1/terminals/{id}", get(api::terminal))
         .route("/v1/terminals/{id}/messages", post(api::post_inbox))
         .route("/metrics", get(api::metrics))
+        .route_layer(publish_bound)
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             api::require_api_key,
@@ -471,9 +664,10 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
             any(move |State(app): State<Arc<App>>, req: Request| {
                 let connections = connections.clone();
                 async move { connect(app, connections, req).await }
-            }),
+            })
+            .layer(poll_bound.clone()),
         )
-        .route("/v1/poll", post(poll))
+        .route("/v1/poll", post(poll).layer(poll_bound))
         .route("/v1/sse", get(sse))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)

@@ -57,6 +57,8 @@ pub enum Ending {
     AfterBye,
     /// An SSE stream ended after a `prompt` (the client cannot pull; it reconnects).
     Prompted,
+    /// Refused: the terminal already held `max_sessions_per_terminal` sessions.
+    TooManySessions,
 }
 
 impl Ending {
@@ -75,6 +77,7 @@ impl Ending {
             Ending::Bye => "bye",
             Ending::AfterBye => "after_bye",
             Ending::Prompted => "prompted",
+            Ending::TooManySessions => "too_many_sessions",
         }
     }
 
@@ -146,12 +149,27 @@ pub struct Session {
     ended: bool,
     /// A join waits for its room to open in the background ([`Hub::adopt_later`]).
     joins_in_background: bool,
+    /// In a frame-rate episode: a frame was refused and none accepted since. The episode's
+    /// first refusal is answered with one `rate_limited`, the rest are dropped silently.
+    throttled: bool,
+    /// When the session's token stops being accepted (its `exp` plus the leeway), in Unix
+    /// seconds; 0: never (a dev terminal without a token). 32 bits fit in the padding next
+    /// to the flags, so the session does not grow.
+    expires: u32,
 }
 
 impl Session {
-    /// A session of `terminal` over `transport` begins: it is counted on the service list and
-    /// in the connection metrics until [`Session::end`].
-    pub fn start(app: &Arc<App>, terminal: Terminal, transport: Transport) -> Session {
+    /// A session of `terminal` over `transport` begins: it is counted on the service list,
+    /// in the connection metrics and against `max_sessions_per_terminal` until
+    /// [`Session::end`]. Refused (nothing counted) when the terminal already holds that many.
+    pub fn start(
+        app: &Arc<App>,
+        terminal: Terminal,
+        transport: Transport,
+    ) -> Result<Session, TooManySessions> {
+        if !app.limiters.sessions.take(&terminal.id) {
+            return Err(TooManySessions(app.limiters.sessions.max()));
+        }
         let limits = &app.config.limits;
         let outbox = Arc::new(Outbox::new(
             OutboxLimits {
@@ -165,7 +183,7 @@ impl Session {
         app.metrics.connections_total.get_or_create(&l).inc();
         app.metrics.connections_open.get_or_create(&l).inc();
         app.terminals.opened(&terminal.id, transport);
-        Session {
+        Ok(Session {
             conn: app.hub.next_conn_id(),
             app: app.clone(),
             terminal,
@@ -176,7 +194,35 @@ impl Session {
             transport,
             ended: false,
             joins_in_background: false,
-        }
+            throttled: false,
+            expires: 0,
+        })
+    }
+
+    /// The session lives as long as `token` (the one [`crate::auth::identify`] accepted for
+    /// it): once its `exp` plus the verification leeway has passed, the transport ends the
+    /// session ([`Session::expired`]) and the client reconnects with a fresh token.
+    pub fn expires_with(&mut self, token: Option<&str>) {
+        self.expires = token.and_then(token_exp).map_or(0, |exp| {
+            u32::try_from(exp.saturating_add(TOKEN_LEEWAY_SECS)).unwrap_or(u32::MAX)
+        });
+    }
+
+    /// When the token expires, in Unix seconds, if it does.
+    pub fn expires_at(&self) -> Option<u64> {
+        (self.expires != 0).then_some(u64::from(self.expires))
+    }
+
+    /// How long until the token has expired (rounded up to the next second), if it does.
+    pub fn expires_in(&self) -> Option<std::time::Duration> {
+        let now = crate::clock::now_secs();
+        self.expires_at()
+            .map(|t| std::time::Duration::from_secs(t.saturating_sub(now) + 1))
+    }
+
+    /// Whether the token has expired at `now_secs`.
+    pub fn expired(&self, now_secs: u64) -> bool {
+        self.expires_at().is_some_and(|t| now_secs > t)
     }
 
     /// The session ends: it leaves its rooms (a long-poll session lingers in them for the
@@ -207,6 +253,7 @@ impl Session {
         self.app
             .terminals
             .closed(&self.terminal.id, self.transport, ending.is_interruption());
+        self.app.limiters.sessions.give_back(&self.terminal.id);
         match ending {
             Ending::Bye => self.app.terminals.bye(&self.terminal.id),
             Ending::AfterBye => self.app.terminals.after_bye(&self.terminal.id),
@@ -313,15 +360,20 @@ impl Session {
     }
 
     /// Handle exactly one frame (one JSON value, which may span lines: long-poll `ops`).
-    /// Returns false when the frame rate limit refused it.
+    /// Returns false when the frame rate limit refused it. One `rate_limited` answers a
+    /// whole episode of refused frames (until a frame is accepted again): a client that
+    /// floods is not answered with a flood.
     pub fn handle_frame(&mut self, text: &str) -> bool {
         if self.frames.check().is_err() {
-            self.error(FrameError::new(
-                ErrorCode::RateLimited,
-                "too many frames; slow down",
-            ));
+            if !std::mem::replace(&mut self.throttled, true) {
+                self.error(FrameError::new(
+                    ErrorCode::RateLimited,
+                    "too many frames; slow down (frames are dropped until the rate allows)",
+                ));
+            }
             return false;
         }
+        self.throttled = false;
         match ClientEnvelope::parse(text) {
             Ok(env) => self.handle(env),
             Err(e) => self.error(e),
@@ -645,6 +697,49 @@ impl Session {
     pub fn error(&self, e: FrameError) {
         self.app.metrics.client_errors.inc();
         self.outbox.reply(&e.to_frame());
+    }
+}
+
+/// The `exp` leeway of [`crate::auth::TokenKeys::verify`]: a token is accepted until
+/// `exp + 5`.
+const TOKEN_LEEWAY_SECS: u64 = 5;
+
+/// The `exp` claim of a token that was verified already: read back from its payload, since
+/// [`crate::auth::Terminal`] does not carry it.
+fn token_exp(token: &str) -> Option<u64> {
+    use base64::Engine;
+    #[derive(serde::Deserialize)]
+    struct Exp {
+        exp: u64,
+    }
+    let payload = token.split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    serde_json::from_slice::<Exp>(&json).ok().map(|e| e.exp)
+}
+
+/// The `error` frame that ends a session whose token expired.
+pub fn token_expired() -> FrameError {
+    FrameError::new(
+        ErrorCode::Unauthorized,
+        "token expired; reconnect with a fresh token",
+    )
+}
+
+/// A session refused because its terminal already holds `max_sessions_per_terminal` (the
+/// number given) sessions.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("this terminal already holds {0} sessions (max_sessions_per_terminal); close one first")]
+pub struct TooManySessions(pub usize);
+
+impl From<TooManySessions> for crate::error::ApiError {
+    fn from(e: TooManySessions) -> Self {
+        crate::error::ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            e.to_string(),
+        )
     }
 }
 

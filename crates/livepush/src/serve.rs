@@ -190,9 +190,27 @@ pub struct ServeArgs {
     /// Age after which an unacknowledged inbox message is dropped.
     #[arg(long, env = "LIVEPUSH_INBOX_TTL", default_value = "24h", value_parser = duration)]
     inbox_ttl: Duration,
+    /// How long a graceful stop (SIGTERM, Ctrl-C) may take: terminals are told to
+    /// reconnect, requests in flight may finish, then the rest is dropped and the store
+    /// flushed; the process exits within this time whatever clients do.
+    #[arg(long, env = "LIVEPUSH_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    shutdown_timeout: Duration,
     /// Accept queue of the HTTP listener (capped by the kernel's net.core.somaxconn).
     #[arg(long, env = "LIVEPUSH_LISTEN_BACKLOG", default_value_t = Limits::default().listen_backlog)]
     listen_backlog: u32,
+    /// Time a client has to send a whole request body (after its head); past it: 408.
+    #[arg(long, env = "LIVEPUSH_BODY_TIMEOUT", default_value = "30s", value_parser = duration)]
+    body_timeout: Duration,
+    /// HTTP connections one source address may hold open at once (requests, long-polls, SSE
+    /// streams, WebSocket handshakes; open WebSocket sessions do not count); past it: 429.
+    /// Default: 4096, or a quarter of the process's open-files limit if that is lower, so
+    /// that one address cannot take every file descriptor and lock other clients out.
+    #[arg(long, env = "LIVEPUSH_MAX_CONNECTIONS_PER_ADDRESS")]
+    max_connections_per_address: Option<usize>,
+    /// Sessions (WebSocket, SSE stream, poll in progress) one terminal may hold open at once;
+    /// past it a WebSocket gets `rate_limited` and close 4029, a poll or SSE stream 429.
+    #[arg(long, env = "LIVEPUSH_MAX_SESSIONS_PER_TERMINAL", default_value_t = Limits::default().max_sessions_per_terminal)]
+    max_sessions_per_terminal: usize,
 }
 
 fn generated(what: &str, notes: &mut Vec<String>) -> String {
@@ -253,6 +271,16 @@ fn spawn_compaction(store: Arc<RedbStore>) {
     });
 }
 
+/// `--max-connections-per-address` when not given: the library's default, or a quarter of
+/// the open-files limit if lower (at least 1).
+fn default_connections_per_address() -> usize {
+    let default = Limits::default().max_connections_per_address;
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, _)) => default.min(usize::try_from(soft / 4).unwrap_or(usize::MAX).max(1)),
+        Err(_) => default,
+    }
+}
+
 impl ServeArgs {
     /// The configuration, and notes to print once it is known to be valid.
     fn into_config(self) -> anyhow::Result<(Config, Vec<String>)> {
@@ -297,6 +325,7 @@ impl ServeArgs {
             wake_retry_max: self.wake_retry_max,
             wake_rate_per_minute: self.wake_rate,
             wake_burst: self.wake_burst,
+            shutdown_timeout: self.shutdown_timeout,
             inbox_size: self.inbox_size,
             inbox_ttl: self.inbox_ttl,
             limits: Limits {
@@ -319,6 +348,11 @@ impl ServeArgs {
                 poll_max_wait: self.poll_max_wait,
                 max_poll_bytes: self.max_poll_bytes,
                 listen_backlog: self.listen_backlog,
+                body_timeout: self.body_timeout,
+                max_connections_per_address: self
+                    .max_connections_per_address
+                    .unwrap_or_else(default_connections_per_address),
+                max_sessions_per_terminal: self.max_sessions_per_terminal,
                 ..Limits::default()
             },
         };

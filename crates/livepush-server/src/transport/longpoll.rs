@@ -90,8 +90,9 @@ async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
     })?;
     let mut poll = Poll {
         started: app.terminals.stamp(),
-        session: Session::start(&app, terminal, Transport::Longpoll),
+        session: Session::start(&app, terminal, Transport::Longpoll)?,
     };
+    poll.session.expires_with(body.token.as_deref());
     if body.bye {
         poll.session.load_inbox().await;
         let answer = bye(&app, &mut poll.session, &body);
@@ -216,7 +217,12 @@ async fn exchange(app: &App, session: &mut Session, body: PollBody) -> Response 
         // One JSON value each (possibly pretty-printed): not newline-separated batches.
         session.handle_frame(op.get());
     }
-    let wait = Duration::from_millis(body.wait_ms.unwrap_or(25_000)).min(limits.poll_max_wait);
+    let mut wait = Duration::from_millis(body.wait_ms.unwrap_or(25_000)).min(limits.poll_max_wait);
+    // A poll does not outlive its token: it answers when the token expires, and the next
+    // poll needs a fresh one.
+    if let Some(left) = session.expires_in() {
+        wait = wait.min(left);
+    }
     let outbox = session.outbox().clone();
     let mut shutdown = app.shutdown.clone();
     tokio::select! {

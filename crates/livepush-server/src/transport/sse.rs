@@ -89,7 +89,8 @@ async fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         AuthError::BadTerminalId => ApiError::bad_request(e.to_string()),
         _ => ApiError::unauthorized(e.to_string()),
     })?;
-    let mut session = Session::start(&app, terminal, Transport::Sse);
+    let mut session = Session::start(&app, terminal, Transport::Sse)?;
+    session.expires_with(q.token.as_deref());
     session.open(None, None, true).await;
     for room in &rooms {
         let since = positions
@@ -129,13 +130,32 @@ fn events(state: StreamState) -> impl Stream<Item = Result<Event, Infallible>> {
             st.session.end(Ending::Prompted);
             return None;
         }
+        let expiry = st.session.expires_in();
+        let expired = async move {
+            match expiry {
+                Some(left) => tokio::time::sleep(left).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut expired = std::pin::pin!(expired);
         let frames = loop {
-            tokio::select! {
-                _ = st.outbox.ready() => {}
+            let token_expired = tokio::select! {
+                _ = st.outbox.ready() => false,
                 _ = st.shutdown.wait_for(|s| *s) => {
                     st.session.end(Ending::Shutdown);
                     return None;
                 }
+                () = &mut expired => true,
+            };
+            if token_expired {
+                // The stream does not outlive its token: say so, and end.
+                st.session.app().metrics.client_errors.inc();
+                st.session.end(Ending::Unauthorized);
+                st.done = true;
+                let frame = crate::session::token_expired().to_frame();
+                let data = livepush_proto::encode_frame(&frame);
+                let event = Event::default().data(String::from_utf8_lossy(&data));
+                return Some((Ok(event), st));
             }
             match st.outbox.take(usize::MAX) {
                 Batch::Frames(f) if f.is_empty() => continue,

@@ -35,8 +35,9 @@ use crate::clock::clock_ms;
 use crate::error::ApiError;
 use crate::frame;
 use crate::outbox::{
-    Batch, CloseReason, SIGNAL_DEAD, SIGNAL_PING, SIGNAL_SHUTDOWN, SIGNAL_STALLED,
+    Batch, CloseReason, SIGNAL_DEAD, SIGNAL_EXPIRED, SIGNAL_PING, SIGNAL_SHUTDOWN, SIGNAL_STALLED,
 };
+use crate::ratelimit::Admission;
 use crate::reactor::{Conn, Reactor, Socket, Tick};
 use crate::session::{self, Ending, Session};
 
@@ -48,6 +49,8 @@ pub mod close_code {
     pub const SLOW_CONSUMER: u16 = 4001;
     /// No valid `connect` frame (missing, late, or a bad token).
     pub const UNAUTHORIZED: u16 = 4003;
+    /// The terminal already holds `max_sessions_per_terminal` sessions.
+    pub const TOO_MANY_SESSIONS: u16 = 4029;
     /// A normal close (the terminal was told to use another transport).
     pub const NORMAL: u16 = 1000;
     /// The server is shutting down.
@@ -87,8 +90,11 @@ pub fn upgrade(app: Arc<App>, connections: Arc<Connections>, mut req: Request) -
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
+    // The source address stays counted until the handshake is over.
+    let admission = req.extensions().get::<Admission>().cloned();
     drop(req);
     tokio::spawn(async move {
+        let _admission = admission;
         match on_upgrade
             .await
             .map(Upgraded::downcast::<TokioIo<TcpStream>>)
@@ -219,9 +225,19 @@ async fn handshake(app: &Arc<App>, mut io: Io, early: Bytes) -> Result<Handshake
     let mut buf = vec![0u8; READ_CHUNK];
     let mut early = early;
     let deadline = tokio::time::Instant::now() + limits.connect_timeout;
+    let mut shutdown = app.shutdown.clone();
     while first.is_none() {
         let n = if early.is_empty() {
-            match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
+            let read = tokio::select! {
+                read = tokio::time::timeout_at(deadline, io.read(&mut buf)) => Some(read),
+                _ = shutdown.wait_for(|s| *s) => None,
+            };
+            let Some(read) = read else {
+                let close = wsframe::close_frame(close_code::GOING_AWAY, "shutdown");
+                let _ = write_within(&mut io, write_timeout, &close).await;
+                return Err(Ending::Shutdown);
+            };
+            match read {
                 Err(_) => {
                     refuse(
                         &mut io,
@@ -332,9 +348,19 @@ async fn handshake(app: &Arc<App>, mut io: Io, early: Bytes) -> Result<Handshake
         answer_close(&mut io, write_timeout).await;
         return Err(Ending::ClientClose);
     }
+    let mut session = match Session::start(app, terminal, Transport::Ws) {
+        Ok(session) => session,
+        Err(e) => {
+            let close = (close_code::TOO_MANY_SESSIONS, "too_many_sessions");
+            let refusal = (ErrorCode::RateLimited, e.to_string());
+            refuse_with(&mut io, env.id, refusal, close, write_timeout).await;
+            return Err(Ending::TooManySessions);
+        }
+    };
+    session.expires_with(token.as_deref());
     Ok(Handshake {
         io,
-        session: Session::start(app, terminal, Transport::Ws),
+        session,
         connect_id: env.id,
         texts,
         decoder,
@@ -349,13 +375,22 @@ async fn answer_close(io: &mut Io, limit: Duration) {
 
 /// Send an `unauthorized` error and close with 4003.
 async fn refuse(io: &mut Io, id: Option<u64>, message: &str, limit: Duration) {
-    let frame =
-        livepush_proto::encode_frame(&ServerFrame::error(id, ErrorCode::Unauthorized, message));
+    let refusal = (ErrorCode::Unauthorized, message.to_owned());
+    let close = (close_code::UNAUTHORIZED, "unauthorized");
+    refuse_with(io, id, refusal, close, limit).await;
+}
+
+/// Refuse a handshake: an `error` frame with `code` and `message`, then a close frame.
+async fn refuse_with(
+    io: &mut Io,
+    id: Option<u64>,
+    (code, message): (ErrorCode, String),
+    (close, reason): (u16, &str),
+    limit: Duration,
+) {
+    let frame = livepush_proto::encode_frame(&ServerFrame::error(id, code, message));
     let mut out = wsframe::text_frame(&frame);
-    out.extend_from_slice(&wsframe::close_frame(
-        close_code::UNAUTHORIZED,
-        "unauthorized",
-    ));
+    out.extend_from_slice(&wsframe::close_frame(close, reason));
     let _ = write_within(io, limit, &out).await;
 }
 
@@ -422,13 +457,17 @@ impl Conn for Driver {
     /// Raise what is due: a ping every `heartbeat` from the connection's start, "dead" when
     /// nothing was heard for
     /// `heartbeat + heartbeat_timeout`, "stalled" when a write has been blocked for
-    /// `write_timeout`, and the shutdown. Two atomic reads when nothing is due.
+    /// `write_timeout`, "expired" once the session's token has, and the shutdown. Two
+    /// atomic reads when nothing is due.
     fn tick(&mut self, tick: &Tick) -> bool {
         let config = &self.session.app().config;
         let signals = self.session.outbox().signals();
         let mut bits = 0;
         if tick.stopping {
             bits |= SIGNAL_SHUTDOWN;
+        }
+        if self.session.expired(tick.unix_secs) {
+            bits |= SIGNAL_EXPIRED;
         }
         let dead_after = (config.heartbeat + config.heartbeat_timeout).as_millis() as u64;
         if tick.now_ms.saturating_sub(signals.last_heard()) >= dead_after {
@@ -482,6 +521,17 @@ impl Driver {
             }
             if signals & SIGNAL_SHUTDOWN != 0 {
                 self.close(close_code::GOING_AWAY, "shutdown", Ending::Shutdown);
+            } else if signals & SIGNAL_EXPIRED != 0 && self.closing.is_none() {
+                // Ahead of whatever is still queued: the session ends here.
+                self.session.app().metrics.client_errors.inc();
+                let frame = session::token_expired().to_frame();
+                let text = wsframe::text_frame(&livepush_proto::encode_frame(&frame));
+                self.out.buf().extend_from_slice(&text);
+                self.close(
+                    close_code::UNAUTHORIZED,
+                    "token_expired",
+                    Ending::Unauthorized,
+                );
             } else if signals & SIGNAL_DEAD != 0 {
                 self.close(
                     close_code::HEARTBEAT_TIMEOUT,
@@ -643,6 +693,13 @@ impl Driver {
             }
             std::ops::ControlFlow::Continue(())
         });
+        // Pongs wait in the driver's buffer, not the outbox, but count against its hard
+        // limit: a peer that pings without reading is closed as a slow consumer.
+        if let Some(unsent) = self.out.unsent()
+            && self.session.outbox().hold(unsent.len())
+        {
+            return Some(Ending::SlowConsumer);
+        }
         match fed {
             Err(e) => {
                 tracing::debug!(error = %e, "websocket protocol error");

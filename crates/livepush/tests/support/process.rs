@@ -50,7 +50,23 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `livepush serve` with `args` added, and waits for its `listening on` line.
     pub fn spawn(args: &[&str]) -> ServerProcess {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_livepush"))
+        ServerProcess::spawn_in(
+            std::process::Command::new(env!("CARGO_BIN_EXE_livepush")),
+            args,
+        )
+    }
+
+    /// Starts `livepush serve` with `args` added under a limit of `files` open files
+    /// (`ulimit -n`, through the shell).
+    pub fn spawn_with_open_files(files: u32, args: &[&str]) -> ServerProcess {
+        let mut shell = std::process::Command::new("sh");
+        let script = format!("ulimit -n {files} && exec \"$0\" \"$@\"");
+        shell.args(["-c", &script, env!("CARGO_BIN_EXE_livepush")]);
+        ServerProcess::spawn_in(shell, args)
+    }
+
+    fn spawn_in(mut command: std::process::Command, args: &[&str]) -> ServerProcess {
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(["--api-key", super::KEY, "--token-secret", super::SECRET])
             .args(args)
@@ -101,6 +117,27 @@ impl ServerProcess {
             .expect("kill -INT");
         let status = self.child.wait().expect("wait");
         assert!(status.success(), "graceful stop exits 0: {status}");
+    }
+}
+
+impl ServerProcess {
+    /// `kill -TERM`, and wait for the exit at most `within`: the exit status and how long it
+    /// took, or `None` when the process is still running then.
+    pub fn terminate(&mut self, within: Duration) -> Option<(std::process::ExitStatus, Duration)> {
+        let pid = self.child.id().to_string();
+        let start = std::time::Instant::now();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        // Another process's exit: no event to await from here, so look every 10 ms.
+        while start.elapsed() < within {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some((status, start.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
     }
 }
 
