@@ -115,6 +115,12 @@ pub struct Limits {
     pub send_rate: u32,
     /// Burst of terminal `send`s allowed at once per terminal.
     pub send_burst: u32,
+    /// Rooms a terminal may open on this node per second (token bucket refill): a join or
+    /// pull of a room not open here brings it into memory (with `--redis`, a subscription).
+    /// Beyond: `rate_limited`. Rooms already open cost nothing and are not counted.
+    pub room_open_rate: u32,
+    /// Burst of rooms a terminal may open at once (a client resuming many rooms).
+    pub room_open_burst: u32,
     /// Client frames per second allowed per connection (any op); beyond: `rate_limited`.
     pub frame_rate: u32,
     /// Burst of client frames allowed per connection.
@@ -177,6 +183,8 @@ impl Default for Limits {
             max_send_bytes: 4 * 1024,
             send_rate: 5,
             send_burst: 10,
+            room_open_rate: 10,
+            room_open_burst: 50,
             frame_rate: 50,
             frame_burst: 200,
             outbox_frames: 1024,

@@ -20,6 +20,8 @@ use crate::config::Limits;
 #[derive(Debug)]
 pub struct Limiters {
     pub(crate) send: DefaultKeyedRateLimiter<Arc<str>>,
+    /// Rooms a terminal brings into this node's memory (`room_open_rate`).
+    pub(crate) room_opens: DefaultKeyedRateLimiter<Arc<str>>,
     pub(crate) frame_quota: Quota,
     /// Open sessions per terminal, any transport (`max_sessions_per_terminal`).
     pub(crate) sessions: Counts<Arc<str>>,
@@ -37,6 +39,7 @@ impl Limiters {
     pub fn new(l: &Limits) -> Limiters {
         Limiters {
             send: RateLimiter::keyed(quota(l.send_rate, l.send_burst)),
+            room_opens: RateLimiter::keyed(quota(l.room_open_rate, l.room_open_burst)),
             frame_quota: quota(l.frame_rate, l.frame_burst),
             sessions: Counts::new(l.max_sessions_per_terminal),
             addresses: Arc::new(Counts::new(l.max_connections_per_address)),
@@ -45,8 +48,10 @@ impl Limiters {
 
     /// Forget terminals that have not sent for a while (called periodically).
     pub fn retain_recent(&self) {
-        self.send.retain_recent();
-        self.send.shrink_to_fit();
+        for limiter in [&self.send, &self.room_opens] {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
     }
 }
 

@@ -474,6 +474,26 @@ impl Session {
     }
 
     /// Check a join before the room is needed: granted, and within the rooms limit.
+    /// A room not open on this node costs memory (and with `--redis` a subscription) once a
+    /// terminal uses it: a terminal may open at most `room_open_rate` a second (burst
+    /// `room_open_burst`), or a `*` grant would let it fill the node with rooms.
+    fn may_open(&self, room: &str) -> Result<(), FrameError> {
+        if self.app.hub.open_room(room).is_some()
+            || self
+                .app
+                .limiters
+                .room_opens
+                .check_key(&self.terminal.id)
+                .is_ok()
+        {
+            return Ok(());
+        }
+        Err(FrameError::new(
+            ErrorCode::RateLimited,
+            format!("opening rooms too fast (room_open_rate); retry {room:?} later"),
+        ))
+    }
+
     fn may_join(&mut self, room: &str) -> Result<(), FrameError> {
         self.granted(room)?;
         let max = self.app.config.limits.max_rooms_per_connection;
@@ -491,6 +511,7 @@ impl Session {
                     format!("at most {max} rooms per connection (max_rooms_per_connection)"),
                 ));
             }
+            self.may_open(room)?;
         }
         Ok(())
     }
@@ -631,7 +652,10 @@ impl Session {
         let limit = limit.unwrap_or(cap).min(cap) as usize;
         let r = match self.joined(room) {
             Some(r) => r.clone(),
-            None => match self.app.hub.room(room).now_or_never() {
+            None => match self
+                .may_open(room)
+                .map(|()| self.app.hub.room(room).now_or_never())?
+            {
                 Some(r) => r.map_err(internal)?,
                 None => {
                     return Err(FrameError::new(

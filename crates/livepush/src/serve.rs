@@ -95,6 +95,13 @@ pub struct ServeArgs {
     /// Burst of terminal sends per terminal.
     #[arg(long, env = "LIVEPUSH_SEND_BURST", default_value_t = Limits::default().send_burst)]
     send_burst: u32,
+    /// Rooms a terminal may open per second on this node (joins or pulls of rooms not open
+    /// here; rooms already open are not counted).
+    #[arg(long, env = "LIVEPUSH_ROOM_OPEN_RATE", default_value_t = Limits::default().room_open_rate)]
+    room_open_rate: u32,
+    /// Burst of rooms a terminal may open at once.
+    #[arg(long, env = "LIVEPUSH_ROOM_OPEN_BURST", default_value_t = Limits::default().room_open_burst)]
+    room_open_burst: u32,
     /// Client frames per second per connection.
     #[arg(long, env = "LIVEPUSH_FRAME_RATE", default_value_t = Limits::default().frame_rate)]
     frame_rate: u32,
@@ -334,6 +341,8 @@ impl ServeArgs {
                 max_send_bytes: self.max_send_bytes,
                 send_rate: self.send_rate,
                 send_burst: self.send_burst,
+                room_open_rate: self.room_open_rate,
+                room_open_burst: self.room_open_burst,
                 frame_rate: self.frame_rate,
                 frame_burst: self.frame_burst,
                 outbox_frames: self.outbox_frames,

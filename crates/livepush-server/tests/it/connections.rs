@@ -359,3 +359,28 @@ async fn sessions_end_when_their_token_expires() {
         .await;
     assert_eq!(status, 401);
 }
+
+/// A terminal with a `*` grant may not fill the node with rooms: opening rooms that are not
+/// open here is rate limited per terminal (`room_open_rate`), while joining a room already
+/// open costs nothing and is never refused for it.
+#[tokio::test]
+async fn a_terminal_may_open_only_so_many_rooms_a_second() {
+    let mut c = config();
+    c.limits.room_open_rate = 1;
+    c.limits.room_open_burst = 3;
+    let s = TestServer::with(c).await;
+    let mut other = s.terminal("other", &["busy"], false).await;
+    joined(&other.join("busy", None).await);
+    let mut t = s.terminal("greedy", &["*"], false).await;
+    for k in 0..3 {
+        joined(&t.join(&format!("new-{k}"), None).await);
+    }
+    match t.join("new-3", None).await {
+        ServerFrame::Error { code, message, .. } => {
+            assert_eq!(code.as_str(), "rate_limited", "{message}");
+            assert!(message.contains("room_open_rate"), "{message}");
+        }
+        other => panic!("expected rate_limited, got {other:?}"),
+    }
+    joined(&t.join("busy", None).await);
+}
