@@ -255,11 +255,24 @@ struct Inbox {
     state: Mutex<InboxState>,
 }
 
+/// An inbox post between its sequencing and its hand-over. Entries leave the front of the
+/// queue once their write's outcome is known: a durable one is handed to the node, a failed
+/// one is dropped (its seq stays a hole: acks are cumulative, and a node that sees a seq jump
+/// reads the inbox again), and the post is answered then. So a message is delivered only once
+/// durable, in seq order, and its post resolves after its hand-over. The outcome is recorded
+/// by a task of its own, so a post whose caller went away does not hold back later ones.
+struct PendingPost {
+    seq: u64,
+    message: InboxMessage,
+    outcome: Option<Result<(), StoreError>>,
+    answer: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+}
+
 struct InboxState {
     /// The last inbox seq handed out.
     assigned: u64,
-    /// Sequenced messages waiting for the store, in seq order.
-    pending: VecDeque<InboxMessage>,
+    /// Sequenced messages waiting for the store, in seq order (see [`PendingPost`]).
+    pending: VecDeque<PendingPost>,
     /// When the last message was posted (ms), for forgetting idle terminals.
     touched_ms: u64,
 }
@@ -672,7 +685,7 @@ impl InboxEngine for LocalEngine {
     ) -> EngineFuture<'a, InboxMessage> {
         Box::pin(async move {
             let inbox = self.inbox(terminal)?;
-            let (message, durable) = {
+            let (message, durable, answered) = {
                 let mut st = inbox.state.lock();
                 st.assigned += 1;
                 st.touched_ms = ts;
@@ -682,26 +695,42 @@ impl InboxEngine for LocalEngine {
                     frame: frame.with_seq(st.assigned),
                 };
                 let durable = self.store.append_inbox(terminal, &message);
-                st.pending.push_back(message.clone());
-                (message, durable)
+                let (answer, answered) = tokio::sync::oneshot::channel();
+                st.pending.push_back(PendingPost {
+                    seq: message.seq,
+                    message: message.clone(),
+                    outcome: None,
+                    answer,
+                });
+                (message, durable, answered)
             };
-            let stored = durable.await;
-            // Handed over in seq order, written or not (as rooms do).
-            let node = self.node();
-            let mut st = inbox.state.lock();
-            while st.pending.front().is_some_and(|m| m.seq <= message.seq) {
-                let Some(m) = st.pending.pop_front() else {
-                    break;
-                };
-                if let Some(node) = &node {
-                    node.on_event(Event::Inbox {
-                        terminal,
-                        message: &m,
-                    });
+            let (node, seq, terminal_id) = (self.node(), message.seq, terminal.to_owned());
+            tokio::spawn(async move {
+                let stored = durable.await;
+                let mut st = inbox.state.lock();
+                if let Some(p) = st.pending.iter_mut().find(|p| p.seq == seq) {
+                    p.outcome = Some(stored);
                 }
-            }
-            drop(st);
-            stored?;
+                while st.pending.front().is_some_and(|p| p.outcome.is_some()) {
+                    let Some(PendingPost {
+                        message,
+                        outcome: Some(outcome),
+                        answer,
+                        ..
+                    }) = st.pending.pop_front()
+                    else {
+                        break;
+                    };
+                    if let (Ok(()), Some(node)) = (&outcome, &node) {
+                        node.on_event(Event::Inbox {
+                            terminal: &terminal_id,
+                            message: &message,
+                        });
+                    }
+                    let _ = answer.send(outcome);
+                }
+            });
+            answered.await.unwrap_or(Err(StoreError::Closed))?;
             Ok(message)
         })
     }
