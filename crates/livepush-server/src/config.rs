@@ -109,6 +109,11 @@ pub struct Limits {
     pub max_frame_bytes: usize,
     /// Largest HTTP request body for publish (bytes). Larger: 413 `too_large`.
     pub max_publish_bytes: usize,
+    /// Largest batch publish request body (`POST /v1/publish`, bytes). Larger: 413
+    /// `too_large` for the whole request.
+    pub max_batch_bytes: usize,
+    /// Most messages in one batch publish. More: 413 `too_large` for the whole request.
+    pub max_batch_messages: usize,
     /// Largest `data` of a terminal `send` (bytes, as JSON). Larger: `too_large`.
     pub max_send_bytes: usize,
     /// Terminal `send`s allowed per second per terminal (token bucket refill).
@@ -180,6 +185,8 @@ impl Default for Limits {
         Limits {
             max_frame_bytes: 64 * 1024,
             max_publish_bytes: 64 * 1024,
+            max_batch_bytes: 1024 * 1024,
+            max_batch_messages: 1000,
             max_send_bytes: 4 * 1024,
             send_rate: 5,
             send_burst: 10,

@@ -9,7 +9,7 @@ use livepush_proto::ErrorCode;
 use serde_json::json;
 
 /// A JSON error answer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: ErrorCode,

@@ -635,6 +635,7 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
         )
     };
     let publish_bound = bound(limits.max_publish_bytes, "max_publish_bytes");
+    let batch_bound = bound(limits.max_batch_bytes, "max_batch_bytes");
     let poll_bound = bound(limits.max_poll_bytes, "max_poll_bytes");
     let api = Router::new()
         .route("/v1/rooms/{room}/messages", post(api::publish))
@@ -648,6 +649,7 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
         .route("/v1/terminals/{id}/messages", post(api::post_inbox))
         .route("/metrics", get(api::metrics))
         .route_layer(publish_bound)
+        .route("/v1/publish", post(api::batch::publish).layer(batch_bound))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             api::require_api_key,

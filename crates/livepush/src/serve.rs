@@ -86,6 +86,13 @@ pub struct ServeArgs {
     /// Largest publish request body (bytes).
     #[arg(long, env = "LIVEPUSH_MAX_PUBLISH_BYTES", default_value_t = Limits::default().max_publish_bytes)]
     max_publish_bytes: usize,
+    /// Largest batch publish body (`POST /v1/publish`, bytes); each message's `data` is also
+    /// bounded by --max-publish-bytes.
+    #[arg(long, env = "LIVEPUSH_MAX_BATCH_BYTES", default_value_t = Limits::default().max_batch_bytes)]
+    max_batch_bytes: usize,
+    /// Most messages in one batch publish.
+    #[arg(long, env = "LIVEPUSH_MAX_BATCH_MESSAGES", default_value_t = Limits::default().max_batch_messages)]
+    max_batch_messages: usize,
     /// Largest `data` of a terminal `send` (bytes).
     #[arg(long, env = "LIVEPUSH_MAX_SEND_BYTES", default_value_t = Limits::default().max_send_bytes)]
     max_send_bytes: usize,
@@ -338,6 +345,8 @@ impl ServeArgs {
             limits: Limits {
                 max_frame_bytes: self.max_frame_bytes,
                 max_publish_bytes: self.max_publish_bytes,
+                max_batch_bytes: self.max_batch_bytes,
+                max_batch_messages: self.max_batch_messages,
                 max_send_bytes: self.max_send_bytes,
                 send_rate: self.send_rate,
                 send_burst: self.send_burst,

@@ -100,6 +100,15 @@ impl Default for RoomLimits {
 /// The least time a room stays in memory after its last use (see "Rooms in memory").
 pub const MIN_IDLE_MS: u64 = 10_000;
 
+/// A reliable message between its sequencing and its write: the room, its queue ticket, its
+/// answer, and the write.
+type Started = (
+    Arc<Room>,
+    (u64, Arc<AtomicBool>),
+    Sequenced,
+    crate::store::Durable,
+);
+
 /// See the module documentation.
 pub struct LocalEngine {
     store: Arc<dyn Store>,
@@ -449,6 +458,51 @@ impl LocalEngine {
         }
     }
 
+    /// A reliable message sequenced (its seq, the room's flags) and handed to the store, not
+    /// yet durable: see [`LocalEngine::settled`].
+    fn sequence(&self, p: Publish<'_>) -> Result<Started, EngineError> {
+        let room = self.created(p.room)?;
+        let (ticket, sequenced, durable) = {
+            let mut st = room.state.lock();
+            st.assigned += 1;
+            let seq = st.assigned;
+            let message = StoredMessage {
+                seq,
+                ts: p.ts,
+                frame: p.frame.with_seq(seq),
+            };
+            let before = st.flags;
+            if let Some(action) = p.action {
+                st.flags = action.apply(before);
+            }
+            let changed = (st.flags != before).then_some(st.flags);
+            self.record(&room, &mut st);
+            let durable = self.store.append(&room.id, &message, changed);
+            let flags = st.flags;
+            let ticket = st.push(Item::Message {
+                message,
+                action: p.action,
+                flags,
+            });
+            let sequenced = Sequenced {
+                epoch: st.epoch.clone(),
+                seq,
+            };
+            (ticket, sequenced, durable)
+        };
+        Ok((room, ticket, sequenced, durable))
+    }
+
+    /// Wait for a sequenced message's write, and hand it over (see "Failed writes").
+    async fn settled(
+        &self,
+        started: Result<Started, EngineError>,
+    ) -> Result<Sequenced, EngineError> {
+        let (room, ticket, sequenced, durable) = started?;
+        self.settle(&room, ticket, durable.await).await?;
+        Ok(sequenced)
+    }
+
     /// After the store answered the write of the entry `ticket`: hand it over with everything
     /// pending before it, or, if the write failed, discard the room's pending entries and
     /// recover it (see "Failed writes"). Ok only if the entry was handed over.
@@ -547,38 +601,17 @@ impl Engine for LocalEngine {
     }
 
     fn publish<'a>(&'a self, p: Publish<'a>) -> EngineFuture<'a, Sequenced> {
+        Box::pin(async move { self.settled(self.sequence(p)).await })
+    }
+
+    fn publish_many<'a>(
+        &'a self,
+        batch: &'a [Publish<'a>],
+    ) -> EngineFuture<'a, Vec<Result<Sequenced, EngineError>>> {
         Box::pin(async move {
-            let room = self.created(p.room)?;
-            let (ticket, sequenced, durable) = {
-                let mut st = room.state.lock();
-                st.assigned += 1;
-                let seq = st.assigned;
-                let message = StoredMessage {
-                    seq,
-                    ts: p.ts,
-                    frame: p.frame.with_seq(seq),
-                };
-                let before = st.flags;
-                if let Some(action) = p.action {
-                    st.flags = action.apply(before);
-                }
-                let changed = (st.flags != before).then_some(st.flags);
-                self.record(&room, &mut st);
-                let durable = self.store.append(&room.id, &message, changed);
-                let flags = st.flags;
-                let ticket = st.push(Item::Message {
-                    message,
-                    action: p.action,
-                    flags,
-                });
-                let sequenced = Sequenced {
-                    epoch: st.epoch.clone(),
-                    seq,
-                };
-                (ticket, sequenced, durable)
-            };
-            self.settle(&room, ticket, durable.await).await?;
-            Ok(sequenced)
+            // Every message sequenced and handed to the store before any write is awaited.
+            let started: Vec<_> = batch.iter().map(|p| self.sequence(*p)).collect();
+            Ok(futures_util::future::join_all(started.into_iter().map(|s| self.settled(s))).await)
         })
     }
 

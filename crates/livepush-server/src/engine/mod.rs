@@ -175,6 +175,15 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     /// Sequence, store and hand over a reliable message; see the module documentation.
     fn publish<'a>(&'a self, message: Publish<'a>) -> EngineFuture<'a, Sequenced>;
 
+    /// [`Engine::publish`] for several messages at once (batch publish): one answer per
+    /// message, in order; messages to one room are sequenced in the order given. Both
+    /// engines make it one store commit (the single node sequences them all before awaiting
+    /// any write, so its group commit takes them together) or one Redis round trip.
+    fn publish_many<'a>(
+        &'a self,
+        batch: &'a [Publish<'a>],
+    ) -> EngineFuture<'a, Vec<Result<Sequenced, EngineError>>>;
+
     /// Tell the other nodes that have `room` open about a transient message.
     fn broadcast(&self, room: &str, frame: &Bytes);
 

@@ -56,7 +56,7 @@ use bytes::Bytes;
 use livepush_proto::SeqTemplate;
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{PushInfo, PushKind, Script, Value};
+use redis::{PushInfo, PushKind, Script, ScriptInvocation, Value};
 use tokio::sync::mpsc;
 
 use super::{
@@ -585,6 +585,30 @@ impl RedisEngine {
         self.key("ch", room)
     }
 
+    /// The [`PUBLISH`] script's call for one message.
+    fn publish_invocation<'s>(&self, script: &'s Script, p: &Publish<'_>) -> ScriptInvocation<'s> {
+        let (field, value) = match p.action {
+            Some(Action::Close) => ("closed", "1"),
+            Some(Action::Open) => ("closed", "0"),
+            Some(Action::Mute) => ("muted", "1"),
+            Some(Action::Unmute) => ("muted", "0"),
+            Some(Action::StreamSwitch) | None => ("", ""),
+        };
+        let mut invocation = script.key(self.key("room", p.room));
+        invocation
+            .key(self.key("hist", p.room))
+            .arg(&p.frame.head[..])
+            .arg(&p.frame.tail[..])
+            .arg(p.ts)
+            .arg(self.settings.retention.max_messages)
+            .arg(new_epoch())
+            .arg(field)
+            .arg(value)
+            .arg(self.room_channel(p.room))
+            .arg(action_name(p.action));
+        invocation
+    }
+
     /// The nodes holding a terminal's inbox (see [`POST`]).
     fn holders_key(&self, terminal: &str) -> String {
         self.key("at", terminal)
@@ -947,26 +971,10 @@ impl Engine for RedisEngine {
 
     fn publish<'a>(&'a self, p: Publish<'a>) -> EngineFuture<'a, Sequenced> {
         Box::pin(async move {
-            let (field, value) = match p.action {
-                Some(Action::Close) => ("closed", "1"),
-                Some(Action::Open) => ("closed", "0"),
-                Some(Action::Mute) => ("muted", "1"),
-                Some(Action::Unmute) => ("muted", "0"),
-                Some(Action::StreamSwitch) | None => ("", ""),
-            };
+            let script = Script::new(PUBLISH);
             let mut conn = self.conn.clone();
-            let r: redis::RedisResult<(String, u64)> = Script::new(PUBLISH)
-                .key(self.key("room", p.room))
-                .key(self.key("hist", p.room))
-                .arg(&p.frame.head[..])
-                .arg(&p.frame.tail[..])
-                .arg(p.ts)
-                .arg(self.settings.retention.max_messages)
-                .arg(new_epoch())
-                .arg(field)
-                .arg(value)
-                .arg(self.room_channel(p.room))
-                .arg(action_name(p.action))
+            let r: redis::RedisResult<(String, u64)> = self
+                .publish_invocation(&script, &p)
                 .invoke_async(&mut conn)
                 .await;
             let (epoch, seq) = self.noted(r)?;
@@ -974,6 +982,46 @@ impl Engine for RedisEngine {
                 epoch: Arc::from(epoch),
                 seq,
             })
+        })
+    }
+
+    fn publish_many<'a>(
+        &'a self,
+        batch: &'a [Publish<'a>],
+    ) -> EngineFuture<'a, Vec<Result<Sequenced, EngineError>>> {
+        Box::pin(async move {
+            if batch.is_empty() {
+                return Ok(Vec::new());
+            }
+            // One round trip: the script loaded (a no-op if it is) and run once per message,
+            // in order; each message's error is its own.
+            let script = Script::new(PUBLISH);
+            let invocations: Vec<_> = batch
+                .iter()
+                .map(|p| self.publish_invocation(&script, p))
+                .collect();
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors().load_script(&script);
+            for i in &invocations {
+                pipe.invoke_script(i);
+            }
+            let mut conn = self.conn.clone();
+            let r: redis::RedisResult<Vec<redis::RedisResult<Value>>> =
+                pipe.query_async(&mut conn).await;
+            let answers = self.noted(r)?;
+            Ok(answers
+                .into_iter()
+                .skip(1)
+                .map(|a| {
+                    let (epoch, seq): (String, u64) =
+                        redis::from_redis_value(a.map_err(unavailable)?)
+                            .map_err(|e| unavailable(e.into()))?;
+                    Ok(Sequenced {
+                        epoch: Arc::from(epoch),
+                        seq,
+                    })
+                })
+                .collect())
         })
     }
 

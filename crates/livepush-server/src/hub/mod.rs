@@ -26,7 +26,7 @@ pub use room::{Announce, JoinError, Joined, Member, MergeWindow, Page, Room, Roo
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::control::{Action, CONTROL_TYPE, ControlError};
-use crate::engine::{Engine, EngineError, Event, Publish, Retention};
+use crate::engine::{Engine, EngineError, Event, Publish, Retention, Sequenced};
 use crate::frame::Frame;
 use crate::metrics::Metrics;
 use crate::outbox::{ConnId, Outbox};
@@ -46,6 +46,44 @@ pub enum PublishError {
     Engine(#[from] EngineError),
 }
 
+/// One message of a batch publish.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchMessage<'a> {
+    pub room: &'a str,
+    pub ty: &'a str,
+    pub data: &'a RawValue,
+    pub class: Option<Class>,
+}
+
+/// A message checked for publishing.
+enum Prepared<'a> {
+    Transient {
+        room: &'a str,
+        ty: &'a str,
+        data: &'a RawValue,
+    },
+    Reliable(ReliableMessage<'a>),
+}
+
+/// A reliable message encoded but for its seq.
+struct ReliableMessage<'a> {
+    room: &'a str,
+    frame: SeqTemplate,
+    ts: u64,
+    action: Option<Action>,
+}
+
+impl ReliableMessage<'_> {
+    fn publish(&self) -> Publish<'_> {
+        Publish {
+            room: self.room,
+            frame: &self.frame,
+            ts: self.ts,
+            action: self.action,
+        }
+    }
+}
+
 /// The answer to a publish.
 #[derive(Debug, Clone)]
 pub struct Published {
@@ -55,6 +93,16 @@ pub struct Published {
     /// Live deliveries queued on this node (transient only; reliable fan-out is not counted
     /// here to keep the answer independent of who happens to be connected).
     pub delivered: Option<usize>,
+}
+
+impl Published {
+    fn reliable(s: Sequenced) -> Published {
+        Published {
+            epoch: s.epoch,
+            seq: Some(s.seq),
+            delivered: None,
+        }
+    }
 }
 
 /// A page of a room's history, read from the engine (`GET /v1/rooms/{room}/history`).
@@ -207,6 +255,89 @@ impl Hub {
         data: &RawValue,
         class: Option<Class>,
     ) -> Result<Published, PublishError> {
+        match self.prepare(room, ty, data, class)? {
+            Prepared::Transient { room, ty, data } => self.publish_transient(room, ty, data).await,
+            Prepared::Reliable(r) => {
+                let sequenced = self.engine.publish(r.publish()).await;
+                self.metrics.record_publish(Class::Reliable, 0);
+                Ok(Published::reliable(sequenced?))
+            }
+        }
+    }
+
+    /// Publish several messages (batch publish): one answer per message, in order; a refused
+    /// message does not stop the others. Consecutive reliable messages go to the engine
+    /// together ([`Engine::publish_many`]: one store commit, or one Redis round trip); a
+    /// transient message is sent once the reliable ones before it are answered, so messages
+    /// to one room keep their order.
+    pub async fn publish_batch(
+        &self,
+        batch: &[BatchMessage<'_>],
+    ) -> Vec<Result<Published, PublishError>> {
+        let mut items = Vec::with_capacity(batch.len());
+        let mut answers = Vec::with_capacity(batch.len());
+        for m in batch {
+            match self.prepare(m.room, m.ty, m.data, m.class) {
+                Ok(p) => {
+                    items.push(Some(p));
+                    answers.push(None);
+                }
+                Err(e) => {
+                    items.push(None);
+                    answers.push(Some(Err(e)));
+                }
+            }
+        }
+        let mut run = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            match item {
+                Some(Prepared::Reliable(r)) => run.push((i, r)),
+                Some(Prepared::Transient { room, ty, data }) => {
+                    self.publish_run(&mut run, &mut answers).await;
+                    answers[i] = Some(self.publish_transient(room, ty, data).await);
+                }
+                None => {}
+            }
+        }
+        self.publish_run(&mut run, &mut answers).await;
+        answers
+            .into_iter()
+            .map(|a| a.expect("every message of a batch is answered"))
+            .collect()
+    }
+
+    /// Hand a run of consecutive reliable messages of a batch to the engine at once.
+    async fn publish_run(
+        &self,
+        run: &mut Vec<(usize, &ReliableMessage<'_>)>,
+        answers: &mut [Option<Result<Published, PublishError>>],
+    ) {
+        if run.is_empty() {
+            return;
+        }
+        let publishes: Vec<Publish<'_>> = run.iter().map(|(_, r)| r.publish()).collect();
+        let sequenced = self.engine.publish_many(&publishes).await;
+        for (k, (i, _)) in run.drain(..).enumerate() {
+            self.metrics.record_publish(Class::Reliable, 0);
+            let answer = match &sequenced {
+                Ok(all) => all
+                    .get(k)
+                    .cloned()
+                    .unwrap_or_else(|| Err(EngineError::Unavailable("no answer".into()))),
+                Err(e) => Err(e.clone()),
+            };
+            answers[i] = Some(answer.map(Published::reliable).map_err(PublishError::from));
+        }
+    }
+
+    /// Check a message to publish and encode it (all but the seq, for a reliable one).
+    fn prepare<'a>(
+        &self,
+        room: &'a str,
+        ty: &'a str,
+        data: &'a RawValue,
+        class: Option<Class>,
+    ) -> Result<Prepared<'a>, PublishError> {
         validate_room(room)?;
         validate_type(ty)?;
         let class = self.class_for(ty, class)?;
@@ -215,38 +346,34 @@ impl Hub {
         } else {
             None
         };
-        let ts = now_ms();
-        match class {
-            Class::Transient => {
-                // A transient publish creates the room like any other use of it.
-                let r = self.room(room).await?;
-                let delivered = self.send_transient(&r, ty, data);
-                Ok(Published {
-                    epoch: r.info().epoch,
-                    seq: None,
-                    delivered: Some(delivered),
-                })
-            }
+        Ok(match class {
+            Class::Transient => Prepared::Transient { room, ty, data },
             Class::Reliable => {
-                let frame = SeqTemplate::msg(room, ty, data, ts);
-                let sequenced = self
-                    .engine
-                    .publish(Publish {
-                        room,
-                        frame: &frame,
-                        ts,
-                        action,
-                    })
-                    .await;
-                self.metrics.record_publish(Class::Reliable, 0);
-                let sequenced = sequenced?;
-                Ok(Published {
-                    epoch: sequenced.epoch,
-                    seq: Some(sequenced.seq),
-                    delivered: None,
+                let ts = now_ms();
+                Prepared::Reliable(ReliableMessage {
+                    room,
+                    frame: SeqTemplate::msg(room, ty, data, ts),
+                    ts,
+                    action,
                 })
             }
-        }
+        })
+    }
+
+    async fn publish_transient(
+        &self,
+        room: &str,
+        ty: &str,
+        data: &RawValue,
+    ) -> Result<Published, PublishError> {
+        // A transient publish creates the room like any other use of it.
+        let r = self.room(room).await?;
+        let delivered = self.send_transient(&r, ty, data);
+        Ok(Published {
+            epoch: r.info().epoch,
+            seq: None,
+            delivered: Some(delivered),
+        })
     }
 
     /// A transient message (published, or sent by a terminal): delivered to this node's

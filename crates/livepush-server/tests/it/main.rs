@@ -1,6 +1,7 @@
 //! Integration tests: a real server on 127.0.0.1:0, real sockets.
 
 mod api;
+mod batch;
 mod connections;
 mod durability;
 mod errors;

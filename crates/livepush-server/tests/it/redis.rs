@@ -738,3 +738,27 @@ async fn a_new_node_follows_a_terminal_that_moved_at_once() {
     let (wake, _) = post_and_wake(&b, &after).await;
     assert_eq!(wake.inbox, 1);
 }
+
+/// A batch publish through Redis (one pipeline): each message sequenced in Redis, in order,
+/// one answer each, and delivered on another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_publish_is_sequenced_in_redis() {
+    let redis = Redis::start();
+    let a = node(&redis, "batch").await;
+    let b = node(&redis, "batch").await;
+    let mut t = b.terminal("t", &["x"], false).await;
+    joined(&t.join("x", None).await);
+    let messages: Vec<Value> = (1..=5)
+        .map(|k| json!({"room": if k % 2 == 0 { "y" } else { "x" }, "type":"gift","data":k}))
+        .collect();
+    let (status, body) = a.post("/v1/publish", json!({ "messages": messages })).await;
+    assert_eq!(status, 200, "{body}");
+    let seqs: Vec<u64> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["seq"].as_u64().expect("a seq"))
+        .collect();
+    assert_eq!(seqs, [1, 1, 2, 2, 3]);
+    assert_eq!(t.reliable(3).await, [1, 2, 3]);
+}

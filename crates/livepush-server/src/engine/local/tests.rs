@@ -314,6 +314,34 @@ async fn history_and_snapshots_show_only_what_was_handed_over_and_kept() {
     assert!(e.history("never", 0, 1, 1).await.unwrap().is_none());
 }
 
+/// A batch is sequenced in the order given and every write is handed to the store before any
+/// is awaited, so the group commit takes them together (one commit, not one per message).
+#[tokio::test]
+async fn a_batch_is_sequenced_in_order_and_written_together() {
+    use futures_util::FutureExt;
+    let (e, rec, store) = gated_engine();
+    let batch: Vec<Publish<'_>> = (1..=3)
+        .map(|n| Publish {
+            room: "r",
+            frame: template(n),
+            ts: 1,
+            action: None,
+        })
+        .collect();
+    let mut all = e.publish_many(&batch);
+    assert!((&mut all).now_or_never().is_none());
+    assert_eq!(store.gates.lock().len(), 3, "every write waits at once");
+    store.open_all();
+    let seqs: Vec<u64> = all
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap().seq)
+        .collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(rec.0.lock().len(), 3);
+}
+
 /// An inbox post whose write failed is never handed over (it was, "as rooms do"), and a post
 /// written after it is handed over and answered even when the caller of the failed one went
 /// away before its write was answered.

@@ -1,0 +1,131 @@
+//! `POST /v1/publish`: batch publish (contract v1.1, "Integration surface").
+//!
+//! A backend announcing a notice to 2,000 rooms, or flushing a queue, sends one request:
+//! `{"messages":[{"room","type","data","class"?}, …]}`. The answer has one entry per message,
+//! in order: `{"epoch","seq"}` for a reliable one, `{}` for a transient one, or
+//! `{"error","message"}` for one refused (the others still go). A message whose shape is
+//! wrong is refused alone, not the request. The reliable messages go to the engine together
+//! ([`crate::hub::Hub::publish_batch`]: one store commit, or one Redis round trip). Bounded by
+//! `max_batch_messages` and `max_batch_bytes` (413 `too_large` for the whole request).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use livepush_proto::{Class, ErrorCode};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use super::ApiError;
+use crate::App;
+use crate::hub::BatchMessage;
+
+#[derive(Debug, Deserialize)]
+struct Batch {
+    messages: Vec<Box<RawValue>>,
+}
+
+/// One message as sent; checked on its own so that a bad one refuses only itself.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Item {
+    room: String,
+    #[serde(rename = "type")]
+    ty: String,
+    data: Box<RawValue>,
+    #[serde(default)]
+    class: Option<Class>,
+}
+
+/// `POST /v1/publish`
+pub async fn publish(State(app): State<Arc<App>>, req: Request) -> Result<Response, ApiError> {
+    let limits = &app.config.limits;
+    let limit = limits.max_batch_bytes;
+    let body = axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::TooLarge,
+                format!("request body exceeds max_batch_bytes {limit}"),
+            )
+        })?;
+    let batch: Batch = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid JSON body (expected {{\"messages\":[…]}}): {e}"
+        ))
+    })?;
+    let max = limits.max_batch_messages;
+    if batch.messages.len() > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::TooLarge,
+            format!(
+                "{} messages exceed max_batch_messages {max}",
+                batch.messages.len()
+            ),
+        ));
+    }
+    let items: Vec<Result<Item, ApiError>> = batch
+        .messages
+        .iter()
+        .map(|m| {
+            let item: Item = serde_json::from_str(m.get())
+                .map_err(|e| ApiError::bad_request(format!("invalid message: {e}")))?;
+            let max = limits.max_publish_bytes;
+            if item.data.get().len() > max {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorCode::TooLarge,
+                    format!("`data` exceeds max_publish_bytes {max}"),
+                ));
+            }
+            Ok(item)
+        })
+        .collect();
+    let accepted: Vec<BatchMessage<'_>> = items
+        .iter()
+        .filter_map(|i| i.as_ref().ok())
+        .map(|i| BatchMessage {
+            room: &i.room,
+            ty: &i.ty,
+            data: &i.data,
+            class: i.class,
+        })
+        .collect();
+    let mut published = app.hub.publish_batch(&accepted).await.into_iter();
+    let results: Vec<Value> = items
+        .iter()
+        .map(|i| {
+            let answer = match i {
+                Err(e) => Err(e.clone()),
+                Ok(_) => match published.next() {
+                    Some(p) => p.map_err(ApiError::from),
+                    None => Err(ApiError::internal("a message of the batch got no answer")),
+                },
+            };
+            match answer {
+                Ok(p) => match p.seq {
+                    Some(seq) => json!({"epoch": &*p.epoch, "seq": seq}),
+                    None => json!({}),
+                },
+                Err(e) => json!({"error": e.code.as_str(), "message": e.message}),
+            }
+        })
+        .collect();
+    Ok(Json(json!({ "results": results })).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_item_with_an_unknown_field_is_refused_alone() {
+        assert!(serde_json::from_str::<Item>(r#"{"room":"r","type":"t","data":1}"#).is_ok());
+        assert!(serde_json::from_str::<Item>(r#"{"room":"r","type":"t","data":1,"x":2}"#).is_err());
+    }
+}
