@@ -12,6 +12,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -73,6 +74,22 @@ impl WakeStats {
     }
 }
 
+/// Calls of the engine's shared backend (Redis with `--redis`; none on one node).
+#[derive(Debug, Default, Clone)]
+pub struct EngineStats {
+    /// Calls answered or failed (scripts, pipelines, reads).
+    pub calls: Counter,
+    /// Calls that failed (timeouts, connection losses, errors from Redis).
+    pub errors: Counter,
+    /// The subscription connection was lost (then every open room reads what it missed).
+    pub link_lost: Counter,
+}
+
+/// Latency buckets in seconds: 0.5 ms to about 8 s, doubling.
+fn latency() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 15))
+}
+
 /// Every metric the server exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -88,16 +105,23 @@ pub struct Metrics {
     pub merge: MergeStats,
     pub inbox: InboxStats,
     pub wake: WakeStats,
+    /// From a publish call to its answer, by class: for a reliable message this is the
+    /// store's (or Redis's) share; for a transient one, the fan-out on this node.
+    pub publish_seconds: Family<ClassLabel, Histogram, fn() -> Histogram>,
+    /// From a reliable message's publish (its `ts`, wall clock, ms) to its fan-out into this
+    /// node's members' queues: the engine's share, across nodes with `--redis`.
+    pub fanout_delay_seconds: Histogram,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics::new()
+        Metrics::new(None)
     }
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    /// `engine`: the shared backend's counters, when there is one.
+    pub fn new(engine: Option<EngineStats>) -> Metrics {
         let mut registry = Registry::with_prefix("livepush");
         let m = Metrics {
             registry: Registry::default(),
@@ -112,6 +136,8 @@ impl Metrics {
             merge: MergeStats::default(),
             inbox: InboxStats::default(),
             wake: WakeStats::default(),
+            publish_seconds: Family::new_with_constructor(latency),
+            fanout_delay_seconds: latency(),
         };
         // One line per metric: name, help, the metric (registered by a clone sharing it).
         macro_rules! register {
@@ -136,7 +162,16 @@ impl Metrics {
             "inbox_dropped", "Inbox messages dropped unacknowledged, by reason", m.inbox.dropped;
             "wake_keepalives", "UDP keepalives received, by result", m.wake.keepalives;
             "wake_datagrams", "Wake datagrams, by result", m.wake.wakes;
+            "publish_seconds", "From a publish call to its answer, by class (reliable: the store's or Redis's share)", m.publish_seconds;
+            "fanout_delay_seconds", "From a reliable message's publish to its fan-out into this node's member queues", m.fanout_delay_seconds;
         );
+        if let Some(e) = engine {
+            register!(
+                "engine_calls", "Calls of the shared backend (Redis)", e.calls;
+                "engine_errors", "Failed calls of the shared backend (Redis): timeouts, lost connections, errors", e.errors;
+                "engine_link_lost", "Losses of the subscription connection to the shared backend (Redis)", e.link_lost;
+            );
+        }
         Metrics { registry, ..m }
     }
 
@@ -149,6 +184,14 @@ impl Metrics {
         if transient_delivered > 0 {
             self.transient_deliveries.inc_by(transient_delivered as u64);
         }
+    }
+
+    pub fn observe_publish(&self, class: Class, took: std::time::Duration) {
+        self.publish_seconds
+            .get_or_create(&ClassLabel {
+                class: class.as_str(),
+            })
+            .observe(took.as_secs_f64());
     }
 
     /// The Prometheus text exposition.

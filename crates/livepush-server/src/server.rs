@@ -421,7 +421,7 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
     let keys = TokenKeys::new(&config.token_secret);
     let wake_keys = WakeKeys::new(&config.token_secret);
     let config = Arc::new(config);
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(rooms.stats()));
     let hub = Hub::new(config.clone(), rooms.clone(), metrics.clone());
     let limiters = Arc::new(Limiters::new(&config.limits));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -175,6 +175,11 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     /// Sequence, store and hand over a reliable message; see the module documentation.
     fn publish<'a>(&'a self, message: Publish<'a>) -> EngineFuture<'a, Sequenced>;
 
+    /// Counters of the shared backend's calls, for `/metrics` (none on one node).
+    fn stats(&self) -> Option<crate::metrics::EngineStats> {
+        None
+    }
+
     /// [`Engine::publish`] for several messages at once (batch publish): one answer per
     /// message, in order; messages to one room are sequenced in the order given. Both
     /// engines make it one store commit (the single node sequences them all before awaiting

@@ -65,6 +65,7 @@ use super::{
 };
 use crate::clock::now_ms;
 use crate::control::Action;
+use crate::metrics::EngineStats;
 use crate::store::{
     InboxMessage, RoomFlags, StoredMessage, TerminalRecord, WakeRegistration, new_epoch,
 };
@@ -119,6 +120,8 @@ pub struct RedisEngine {
     id: String,
     /// The engine itself, for background tasks.
     me: OnceLock<Weak<RedisEngine>>,
+    /// Calls, errors and link losses, for `/metrics`.
+    stats: EngineStats,
 }
 
 impl std::fmt::Debug for RedisEngine {
@@ -551,6 +554,7 @@ impl RedisEngine {
             healthy: AtomicBool::new(true),
             id: new_epoch(),
             me: OnceLock::new(),
+            stats: EngineStats::default(),
         });
         let _ = engine.me.set(Arc::downgrade(&engine));
         engine.check_boot().await;
@@ -616,6 +620,10 @@ impl RedisEngine {
 
     fn noted<T>(&self, r: redis::RedisResult<T>) -> Result<T, EngineError> {
         self.healthy.store(r.is_ok(), Ordering::Relaxed);
+        self.stats.calls.inc();
+        if r.is_err() {
+            self.stats.errors.inc();
+        }
         r.map_err(unavailable)
     }
 
@@ -738,7 +746,10 @@ impl RedisEngine {
             return;
         };
         match push.kind {
-            PushKind::Disconnection => node.on_event(Event::LinkLost),
+            PushKind::Disconnection => {
+                self.stats.link_lost.inc();
+                node.on_event(Event::LinkLost);
+            }
             PushKind::Message => {
                 let (Some(channel), Some(payload)) = (
                     push.data.first().and_then(string_of),
@@ -967,6 +978,10 @@ impl Engine for RedisEngine {
                 history: Vec::new(),
             }))
         })
+    }
+
+    fn stats(&self) -> Option<EngineStats> {
+        Some(self.stats.clone())
     }
 
     fn publish<'a>(&'a self, p: Publish<'a>) -> EngineFuture<'a, Sequenced> {

@@ -15,6 +15,7 @@ mod room;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use bytes::Bytes;
 use livepush_proto::{Class, SeqTemplate, encode_msg, validate_room, validate_type};
@@ -255,11 +256,19 @@ impl Hub {
         data: &RawValue,
         class: Option<Class>,
     ) -> Result<Published, PublishError> {
+        let started = Instant::now();
         match self.prepare(room, ty, data, class)? {
-            Prepared::Transient { room, ty, data } => self.publish_transient(room, ty, data).await,
+            Prepared::Transient { room, ty, data } => {
+                let published = self.publish_transient(room, ty, data).await;
+                self.metrics
+                    .observe_publish(Class::Transient, started.elapsed());
+                published
+            }
             Prepared::Reliable(r) => {
                 let sequenced = self.engine.publish(r.publish()).await;
                 self.metrics.record_publish(Class::Reliable, 0);
+                self.metrics
+                    .observe_publish(Class::Reliable, started.elapsed());
                 Ok(Published::reliable(sequenced?))
             }
         }
@@ -485,6 +494,9 @@ impl Hub {
                 message,
                 action,
             } => {
+                self.metrics
+                    .fanout_delay_seconds
+                    .observe(now_ms().saturating_sub(message.ts) as f64 / 1000.0);
                 // Loading rooms too: their feed keeps what arrives until the snapshot.
                 let r = self.rooms.read().get(room).cloned();
                 if let Some(r) = r

@@ -178,4 +178,14 @@ async fn metrics_are_exported() {
         text.contains("livepush_published_total{class=\"reliable\"} 1"),
         "{text}"
     );
+    // Latencies: publish to answer (the store's share) and publish to fan-out.
+    assert!(
+        text.contains("livepush_publish_seconds_count{class=\"reliable\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("livepush_fanout_delay_seconds_count 1"), "{text}");
+    assert!(
+        !text.contains("livepush_engine_calls"),
+        "no shared backend on one node"
+    );
 }

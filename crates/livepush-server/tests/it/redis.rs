@@ -761,4 +761,7 @@ async fn a_batch_publish_is_sequenced_in_redis() {
         .collect();
     assert_eq!(seqs, [1, 1, 2, 2, 3]);
     assert_eq!(t.reliable(3).await, [1, 2, 3]);
+    let metrics = a.get_raw_with_key("/metrics").await;
+    assert!(metrics.contains("livepush_engine_calls_total"), "{metrics}");
+    assert!(metrics.contains("livepush_engine_errors_total 0"), "{metrics}");
 }
