@@ -86,7 +86,7 @@ pub async fn require_api_key(
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(bearer_credentials);
         match given {
             Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => {}
             Some(_) => {
@@ -106,6 +106,15 @@ pub async fn require_api_key(
         }
     }
     Ok(next.run(req).await)
+}
+
+/// The credentials of an `Authorization: Bearer KEY` value. The scheme is case-insensitive
+/// and followed by one or more spaces (RFC 7235 §2.1).
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim_start_matches(' '))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

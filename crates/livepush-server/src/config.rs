@@ -11,6 +11,9 @@ use livepush_proto::Class;
 /// Longest merge window accepted (`Limits::merge_window`).
 pub const MAX_MERGE_WINDOW: Duration = Duration::from_secs(1);
 
+/// Shortest API key accepted (bytes), as for the token secret: a short key can be guessed.
+pub const MIN_API_KEY_LEN: usize = 16;
+
 /// Everything `livepush serve` can be told.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -146,6 +149,9 @@ pub struct Limits {
     pub max_poll_bytes: usize,
     /// Accept queue of the HTTP listener (the kernel caps it at `net.core.somaxconn`).
     pub listen_backlog: u32,
+    /// Longest a terminal token may still be valid: a token whose `exp` is further from now is
+    /// refused (`unauthorized`), so no token lives forever whatever `exp` it was signed with.
+    pub max_token_ttl: Duration,
 }
 
 impl Default for Limits {
@@ -171,6 +177,7 @@ impl Default for Limits {
             poll_max_wait: Duration::from_secs(30),
             max_poll_bytes: 256 * 1024,
             listen_backlog: 4096,
+            max_token_ttl: crate::auth::DEFAULT_MAX_TOKEN_TTL,
         }
     }
 }
@@ -222,6 +229,14 @@ impl Config {
         if self.token_secret.len() < 16 {
             return Err(ConfigError::ShortSecret);
         }
+        if self
+            .api_key
+            .as_ref()
+            .is_some_and(|k| k.len() < MIN_API_KEY_LEN)
+        {
+            return Err(ConfigError::ShortApiKey);
+        }
+
         let nonzero = [
             ("--heartbeat-ms", self.heartbeat.as_millis() as usize),
             ("--history-size", self.history_size),
@@ -232,6 +247,10 @@ impl Config {
             ("--inbox-size", self.inbox_size),
             ("--wake-rate", self.wake_rate_per_minute as usize),
             ("--frame-rate", self.limits.frame_rate as usize),
+            (
+                "--max-token-ttl",
+                self.limits.max_token_ttl.as_secs() as usize,
+            ),
         ];
         if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Zero(name));
@@ -259,6 +278,9 @@ pub enum ConfigError {
     KeyIsSecret,
     #[error("the token secret must be at least 16 bytes")]
     ShortSecret,
+    #[error("the API key (--api-key) must be at least {MIN_API_KEY_LEN} bytes")]
+    ShortApiKey,
+
     #[error("{0} must be greater than 0")]
     Zero(&'static str),
     #[error("--outbox-max-bytes must be at least --write-batch-bytes")]
@@ -359,7 +381,7 @@ mod tests {
 
     #[test]
     fn dev_only_on_loopback() {
-        let mut c = Config::for_tests("key-key-key", "secret-secret-secret");
+        let mut c = Config::for_tests("key-key-key-key-key", "secret-secret-secret");
         c.dev = true;
         assert!(c.validate().is_ok());
         c.listen = "0.0.0.0:8080".parse().unwrap();
@@ -367,8 +389,23 @@ mod tests {
     }
 
     #[test]
+    fn short_api_keys_are_refused() {
+        for key in ["", "k", "fifteen-bytes!!"] {
+            let c = Config::for_tests(key, "secret-secret-secret");
+            let e = c.validate().unwrap_err();
+            assert_eq!(e, ConfigError::ShortApiKey, "{key:?}");
+            assert!(e.to_string().contains("--api-key"), "{e}");
+        }
+        assert!(
+            Config::for_tests("sixteen-bytes!!!", "secret-secret-secret")
+                .validate()
+                .is_ok()
+        );
+    }
+
+    #[test]
     fn merge_window_is_off_by_default_and_bounded() {
-        let mut c = Config::for_tests("key-key-key", "secret-secret-secret");
+        let mut c = Config::for_tests("key-key-key-key-key", "secret-secret-secret");
         assert_eq!(c.limits.merge_window, Duration::ZERO);
         c.limits.merge_window = Duration::from_millis(20);
         assert!(c.validate().is_ok());

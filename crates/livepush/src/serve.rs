@@ -25,7 +25,8 @@ pub struct ServeArgs {
     /// Address to listen on (HTTP and WebSocket). Port 0 picks a free port.
     #[arg(long, env = "LIVEPUSH_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// API key for the HTTP API (`Authorization: Bearer KEY`). Generated and printed if absent.
+    /// API key for the HTTP API (`Authorization: Bearer KEY`), at least 16 bytes. Generated
+    /// and printed if absent.
     #[arg(long, env = "LIVEPUSH_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Secret that terminal tokens are signed with (HS256). Generated and printed if absent.
@@ -146,6 +147,10 @@ pub struct ServeArgs {
     /// Largest long-poll request body (bytes).
     #[arg(long, env = "LIVEPUSH_MAX_POLL_BYTES", default_value_t = Limits::default().max_poll_bytes)]
     max_poll_bytes: usize,
+    /// Longest a terminal token may still be valid: a token whose `exp` is further from now
+    /// is refused as unauthorized.
+    #[arg(long, env = "LIVEPUSH_MAX_TOKEN_TTL", default_value = "7d", value_parser = duration)]
+    max_token_ttl: Duration,
     /// How long an offline terminal stays on the service list.
     #[arg(long, env = "LIVEPUSH_TERMINAL_RETENTION", default_value = "24h", value_parser = duration)]
     terminal_retention: Duration,
@@ -309,6 +314,7 @@ impl ServeArgs {
                 poll_max_wait: self.poll_max_wait,
                 max_poll_bytes: self.max_poll_bytes,
                 listen_backlog: self.listen_backlog,
+                max_token_ttl: self.max_token_ttl,
                 ..Limits::default()
             },
         };
