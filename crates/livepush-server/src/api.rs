@@ -124,6 +124,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Refuse a `data` value nested deeper than `max_json_depth` (400 `bad_request`).
+fn data_depth(app: &App, data: &RawValue) -> Result<(), ApiError> {
+    let max = app.config.limits.max_json_depth;
+    if livepush_proto::nesting_exceeds(data.get(), max) {
+        return Err(ApiError::bad_request(format!(
+            "`data` nests more than max_json_depth ({max}) levels"
+        )));
+    }
+    Ok(())
+}
+
 fn room_param(room: &str) -> Result<(), ApiError> {
     validate_room(room).map_err(|e| ApiError::bad_request(e.to_string()))
 }
@@ -144,6 +155,7 @@ pub async fn publish(
     JsonBody(body): JsonBody<PublishBody>,
 ) -> Result<Response, ApiError> {
     room_param(&room)?;
+    data_depth(&app, &body.data)?;
     let p = app
         .hub
         .publish(&room, &body.ty, &body.data, body.class)
@@ -429,6 +441,7 @@ pub async fn post_inbox(
         )));
     }
     livepush_proto::validate_type(&body.ty).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    data_depth(&app, &body.data)?;
     let posted = app.inboxes.post(&id, &body.ty, &body.data).await?;
     Ok(Json(json!({
         "seq": posted.seq,

@@ -14,6 +14,11 @@ pub const MAX_MERGE_WINDOW: Duration = Duration::from_secs(1);
 /// Shortest API key accepted (bytes), as for the token secret: a short key can be guessed.
 pub const MIN_API_KEY_LEN: usize = 16;
 
+/// Highest `Limits::max_json_depth` accepted. serde_json (and so the Rust SDK, and any client
+/// built on it) refuses documents nested deeper than 128 levels, and a `data` value reaches a
+/// client inside up to 3 levels of frame (`pulled.messages[i].data`): 100 leaves room.
+pub const MAX_JSON_DEPTH: usize = 100;
+
 /// Everything `livepush serve` can be told.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -149,6 +154,11 @@ pub struct Limits {
     pub max_poll_bytes: usize,
     /// Accept queue of the HTTP listener (the kernel caps it at `net.core.somaxconn`).
     pub listen_backlog: u32,
+    /// Deepest nesting of arrays and objects in a message's `data` (a publish, an inbox post, a
+    /// terminal `send`; `{}` is 1, a number 0). Deeper: HTTP 400 `bad_request`, or a
+    /// `bad_frame` error frame. Keeps every message decodable by clients with a recursion
+    /// limit (serde_json's is 128). At most [`MAX_JSON_DEPTH`].
+    pub max_json_depth: usize,
     /// Longest a terminal token may still be valid: a token whose `exp` is further from now is
     /// refused (`unauthorized`), so no token lives forever whatever `exp` it was signed with.
     pub max_token_ttl: Duration,
@@ -177,6 +187,7 @@ impl Default for Limits {
             poll_max_wait: Duration::from_secs(30),
             max_poll_bytes: 256 * 1024,
             listen_backlog: 4096,
+            max_json_depth: 32,
             max_token_ttl: crate::auth::DEFAULT_MAX_TOKEN_TTL,
         }
     }
@@ -236,7 +247,9 @@ impl Config {
         {
             return Err(ConfigError::ShortApiKey);
         }
-
+        if self.limits.max_json_depth > MAX_JSON_DEPTH {
+            return Err(ConfigError::JsonTooDeep);
+        }
         let nonzero = [
             ("--heartbeat-ms", self.heartbeat.as_millis() as usize),
             ("--history-size", self.history_size),
@@ -247,6 +260,7 @@ impl Config {
             ("--inbox-size", self.inbox_size),
             ("--wake-rate", self.wake_rate_per_minute as usize),
             ("--frame-rate", self.limits.frame_rate as usize),
+            ("--max-json-depth", self.limits.max_json_depth),
             (
                 "--max-token-ttl",
                 self.limits.max_token_ttl.as_secs() as usize,
@@ -280,7 +294,10 @@ pub enum ConfigError {
     ShortSecret,
     #[error("the API key (--api-key) must be at least {MIN_API_KEY_LEN} bytes")]
     ShortApiKey,
-
+    #[error(
+        "--max-json-depth must be at most {MAX_JSON_DEPTH} (clients decode at most 128 levels)"
+    )]
+    JsonTooDeep,
     #[error("{0} must be greater than 0")]
     Zero(&'static str),
     #[error("--outbox-max-bytes must be at least --write-batch-bytes")]
@@ -400,6 +417,21 @@ mod tests {
             Config::for_tests("sixteen-bytes!!!", "secret-secret-secret")
                 .validate()
                 .is_ok()
+        );
+    }
+
+    #[test]
+    fn json_depth_is_bounded_by_what_clients_decode() {
+        let mut c = Config::for_tests("key-key-key-key-key", "secret-secret-secret");
+        assert_eq!(c.limits.max_json_depth, 32);
+        c.limits.max_json_depth = MAX_JSON_DEPTH + 1;
+        assert_eq!(c.validate(), Err(ConfigError::JsonTooDeep));
+        c.limits.max_json_depth = 0;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--max-json-depth")
         );
     }
 

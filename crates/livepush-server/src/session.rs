@@ -322,7 +322,7 @@ impl Session {
             ));
             return false;
         }
-        match ClientEnvelope::parse(text) {
+        match ClientEnvelope::parse_limited(text, self.app.config.limits.max_json_depth) {
             Ok(env) => self.handle(env),
             Err(e) => self.error(e),
         }

@@ -147,6 +147,10 @@ pub struct ServeArgs {
     /// Largest long-poll request body (bytes).
     #[arg(long, env = "LIVEPUSH_MAX_POLL_BYTES", default_value_t = Limits::default().max_poll_bytes)]
     max_poll_bytes: usize,
+    /// Deepest nesting of arrays and objects in a message's `data` (publish, inbox post,
+    /// terminal send): deeper is refused (HTTP 400, or a `bad_frame` error). At most 100.
+    #[arg(long, env = "LIVEPUSH_MAX_JSON_DEPTH", default_value_t = Limits::default().max_json_depth)]
+    max_json_depth: usize,
     /// Longest a terminal token may still be valid: a token whose `exp` is further from now
     /// is refused as unauthorized.
     #[arg(long, env = "LIVEPUSH_MAX_TOKEN_TTL", default_value = "7d", value_parser = duration)]
@@ -314,6 +318,7 @@ impl ServeArgs {
                 poll_max_wait: self.poll_max_wait,
                 max_poll_bytes: self.max_poll_bytes,
                 listen_backlog: self.listen_backlog,
+                max_json_depth: self.max_json_depth,
                 max_token_ttl: self.max_token_ttl,
                 ..Limits::default()
             },

@@ -1,6 +1,7 @@
 //! Integration tests: a real server on 127.0.0.1:0, real sockets.
 
 mod api;
+mod depth;
 mod errors;
 mod heartbeat;
 mod inbox;
