@@ -95,6 +95,7 @@ mod agent;
 mod backoff;
 mod config;
 mod connection;
+mod skipped;
 mod tracker;
 mod wire;
 

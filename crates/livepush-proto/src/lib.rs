@@ -25,6 +25,6 @@ pub use ids::{
 };
 pub use json::{DEFAULT_MAX_JSON_DEPTH, nesting_exceeds};
 pub use server::{
-    InboxPosition, Message, SeqTemplate, ServerFrame, Transport, encode_frame, encode_msg,
-    encode_pulled,
+    InboxPosition, Message, SeqTemplate, ServerFrame, Transport, Undecodable, encode_frame,
+    encode_msg, encode_pulled,
 };
