@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use livepush_client::{Client, ClientConfig, ErrorCode, Event, Transport};
+use livepush_client::{Client, ErrorCode, Event};
 use serde_json::{Value, json};
 
 const ROOM: &str = "live:1";
@@ -80,37 +80,8 @@ async fn over_websocket_an_undecodable_message_is_reported_and_skipped() {
 
 #[tokio::test]
 async fn over_long_poll_an_undecodable_message_moves_the_position_on() {
-    let mut polls = FakePolls::start().await;
-    let (client, mut events) = Client::connect(ClientConfig {
-        token: Some("tok".into()),
-        ..polls.config()
-    })
-    .unwrap();
-    client.join(ROOM, None).await.unwrap();
-    let mut poll = polls.next().await;
-    let mut frames = vec![connected_lp(
-        "t1",
-        json!({"seq": 0, "acked": 0, "pending": 0}),
-    )];
-    if poll.body["rooms"] == json!({}) {
-        poll.answer(json!({"frames": frames}));
-        frames = Vec::new();
-        poll = polls.next().await;
-    }
-    frames.push(joined(None, ROOM, "e1", 0, true));
-    frames.extend([msg(ROOM, 1), deep_msg(2), msg(ROOM, 3)]);
-    poll.answer(json!({"frames": frames}));
-    assert!(matches!(
-        next_event(&mut events).await,
-        Event::Connected {
-            transport: Transport::Longpoll,
-            ..
-        }
-    ));
-    assert!(matches!(
-        next_event(&mut events).await,
-        Event::Joined { .. }
-    ));
+    let (mut polls, _client, mut events) =
+        polling_client(ROOM, 0, &[msg(ROOM, 1), deep_msg(2), msg(ROOM, 3)]).await;
     assert_eq!(next_seqs(&mut events, ROOM, 1).await, vec![1]);
     expect_skipped(&mut events, Some(2)).await;
     assert_eq!(next_seqs(&mut events, ROOM, 1).await, vec![3]);
