@@ -80,3 +80,32 @@ async fn data_nested_deeper_than_max_json_depth_is_refused_everywhere() {
         "{frames:?}"
     );
 }
+
+/// The limit is the configured one on every way in, not the default.
+#[tokio::test]
+async fn max_json_depth_is_the_configured_value() {
+    let mut c = config();
+    c.limits.max_json_depth = 40;
+    let s = TestServer::with(c).await;
+    let (st, b) = s
+        .post(
+            "/v1/rooms/r/messages",
+            json!({"type":"gift","data":nested(40)}),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+    let mut t = s.terminal("t", &["*"], true).await;
+    t.join("chat:1", None).await;
+    t.send(json!({"op":"send","room":"chat:1","type":"chat","data":nested(40)}))
+        .await;
+    loop {
+        match t.next().await {
+            ServerFrame::Msg(m) => break assert_eq!(m.data, nested(40)),
+            ServerFrame::Online { .. } => continue,
+            other => panic!("expected the chat message, got {other:?}"),
+        }
+    }
+    t.send(json!({"op":"send","room":"chat:1","type":"chat","data":nested(41)}))
+        .await;
+    t.expect_error("bad_frame").await;
+}
