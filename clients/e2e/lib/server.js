@@ -10,7 +10,7 @@ import { waitFor } from './events.js';
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 /** The server binary (`cargo build -p livepush`); override with LIVEPUSH_BIN. */
 export const BIN = process.env.LIVEPUSH_BIN || path.join(ROOT, 'target/debug/livepush');
-export const API_KEY = 'K';
+export const API_KEY = 'e2e-api-key-0123456789';
 export const TOKEN_SECRET = '0123456789abcdef0123';
 
 /** @type {boolean|undefined} */

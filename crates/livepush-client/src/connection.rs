@@ -54,6 +54,7 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{ClientConfig, TransportMode};
+use crate::skipped::Skipped;
 use crate::tracker::{Effect, RoomTracker};
 use crate::wire;
 use crate::{ClientError, Command, DisconnectReason, Event, InboxMessage, SessionInfo, Shared};
@@ -299,6 +300,8 @@ pub(crate) struct Worker {
     auth_failures: u32,
     /// Highest inbox seq handed to the application.
     inbox_delivered: u64,
+    /// Messages whose `data` could not be decoded, reported instead of delivered.
+    skipped: Skipped,
     next_id: u64,
     /// The caller of [`Client::close`](crate::Client::close), answered when the task ends.
     close_reply: Option<Reply>,
@@ -340,6 +343,7 @@ impl Worker {
             rng: StdRng::from_os_rng(),
             auth_failures: 0,
             inbox_delivered: 0,
+            skipped: Skipped::default(),
             next_id: 0,
             close_reply: None,
         }
@@ -376,6 +380,33 @@ impl Worker {
 
     fn emit(&mut self, ev: Event) {
         self.outbox.push(ev);
+    }
+
+    /// Read one server frame, tolerating `data` that cannot be decoded (see
+    /// [`crate::skipped`]); `None` when there is nothing to handle.
+    fn decode(&mut self, line: &str) -> Option<ServerFrame> {
+        match ServerFrame::parse_tolerant(line) {
+            Ok((frame, bad)) => self.admit(frame, bad),
+            Err(e) => {
+                warn!(error = %e, frame = %truncate(line), "livepush: unreadable frame skipped");
+                None
+            }
+        }
+    }
+
+    /// A frame with the `data` values it could not decode: report what must be, and
+    /// return the frame to handle.
+    fn admit(
+        &mut self,
+        frame: ServerFrame,
+        bad: Vec<livepush_proto::Undecodable>,
+    ) -> Option<ServerFrame> {
+        let (frame, report) = self.skipped.admit(frame, bad);
+        if let Some(ev) = report {
+            warn!(?ev, "livepush: undecodable message skipped");
+            self.emit(ev);
+        }
+        frame
     }
 
     // ---- states without a session ----------------------------------------------------
@@ -911,11 +942,8 @@ impl Worker {
     /// One WebSocket text message: one or more frames.
     fn on_text(&mut self, s: &mut Session, text: &str) -> Result<(), DisconnectReason> {
         for line in split_frames(text) {
-            match ServerFrame::parse(line) {
-                Ok(frame) => self.on_frame(s, frame)?,
-                Err(e) => {
-                    warn!(error = %e, frame = %truncate(line), "livepush: unreadable frame skipped")
-                }
+            if let Some(frame) = self.decode(line) {
+                self.on_frame(s, frame)?;
             }
         }
         Ok(())
@@ -1017,7 +1045,8 @@ impl Worker {
             ServerFrame::Inbox { seq, ty, data, ts } => {
                 if seq > self.inbox_delivered {
                     self.inbox_delivered = seq;
-                    self.emit(Event::Inbox(InboxMessage { seq, ty, data, ts }));
+                    let ev = self.skipped.take_inbox(seq);
+                    self.emit(ev.unwrap_or(Event::Inbox(InboxMessage { seq, ty, data, ts })));
                 }
             }
             ServerFrame::Transport {
@@ -1141,7 +1170,8 @@ impl Worker {
             match e {
                 Effect::Deliver(m) => {
                     self.shared.set_position(room, Some(m.position()));
-                    self.emit(Event::Message(m));
+                    let ev = self.skipped.take_room(room, m.seq);
+                    self.emit(ev.unwrap_or(Event::Message(m)));
                 }
                 Effect::Lost { first, last } => {
                     warn!(%room, first, last, "livepush: reliable messages lost");

@@ -95,6 +95,7 @@ mod agent;
 mod backoff;
 mod config;
 mod connection;
+mod skipped;
 mod tracker;
 mod wire;
 
@@ -266,6 +267,11 @@ pub enum Event {
     /// [`ClientConfig::auth_failure_limit`]. A join refused with `room_closed`, `forbidden`,
     /// `bad_frame`, `too_large` or `unauthorized` unregisters the room (it is not retried);
     /// one refused with `rate_limited` or `internal` is retried with back-off.
+    ///
+    /// Also reports, with `bad_frame` and a message ending in "skipped", a message whose
+    /// `data` could not be decoded (nested deeper than serde_json reads): it comes where the
+    /// message would have been delivered, and the message's seq counts as handled (no gap,
+    /// not asked for again).
     Error {
         code: ErrorCode,
         message: String,

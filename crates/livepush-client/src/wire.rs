@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use livepush_proto::{ClientEnvelope, InboxPosition, Position, Positions, ServerFrame};
+use livepush_proto::{
+    ClientEnvelope, InboxPosition, Position, Positions, ServerFrame, Undecodable,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite;
@@ -95,6 +97,9 @@ struct Answer {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct PollAnswer {
     pub frames: Vec<ServerFrame>,
+    /// For each of `frames`, the `data` values it carried that could not be decoded (see
+    /// [`crate::skipped`]).
+    pub undecodable: Vec<Vec<Undecodable>>,
     pub inbox: Option<InboxPosition>,
 }
 
@@ -108,18 +113,19 @@ pub(crate) fn parse_answer(body: &[u8]) -> Result<PollAnswer, String> {
         .frames
         .or(answer.ops)
         .ok_or_else(|| "poll answer without `frames`".to_owned())?;
-    let frames = raw
+    let (frames, undecodable) = raw
         .iter()
-        .filter_map(|raw| match ServerFrame::parse(raw.get()) {
+        .filter_map(|raw| match ServerFrame::parse_tolerant(raw.get()) {
             Ok(f) => Some(f),
             Err(e) => {
                 warn!(error = %e, "livepush: unreadable frame skipped");
                 None
             }
         })
-        .collect();
+        .unzip();
     Ok(PollAnswer {
         frames,
+        undecodable,
         inbox: answer.inbox,
     })
 }

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use livepush_client::{Client, ClientConfig, Event, InboxPosition, Transport};
+use livepush_client::{Client, ClientConfig, Event, InboxPosition};
 use serde_json::{Value, json};
 
 const ROOM: &str = "live:1";
@@ -24,38 +24,14 @@ fn position(seq: u64, acked: u64, pending: u64) -> InboxPosition {
     }
 }
 
-/// Answer the hello poll with `connected`, and the poll that carries ROOM first (the hello
-/// poll or the next) with the fresh join at e1:`seq` and `more`.
+/// [`hello_lp`] for ROOM.
 async fn hello(
     polls: &mut FakePolls,
     events: &mut livepush_client::Events,
     seq: u64,
     more: &[Value],
 ) {
-    let mut poll = polls.next().await;
-    assert_eq!(poll.body["hello"], true);
-    let mut frames = vec![connected_lp(
-        "t1",
-        json!({"seq": 0, "acked": 0, "pending": 0}),
-    )];
-    if poll.body["rooms"] == json!({}) {
-        // The hello poll went out before the join was registered.
-        poll.answer(json!({"frames": frames}));
-        frames = Vec::new();
-        poll = polls.next().await;
-    }
-    assert_eq!(poll.body["rooms"], json!({ROOM: {}}));
-    frames.push(joined(None, ROOM, "e1", seq, true));
-    frames.extend_from_slice(more);
-    poll.answer(json!({"frames": frames}));
-    assert!(matches!(
-        next_event(events).await,
-        Event::Connected {
-            transport: Transport::Longpoll,
-            ..
-        }
-    ));
-    assert!(matches!(next_event(events).await, Event::Joined { .. }));
+    hello_lp(polls, events, ROOM, seq, more).await;
 }
 
 #[tokio::test]

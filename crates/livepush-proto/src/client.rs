@@ -10,6 +10,7 @@ use serde_json::value::RawValue;
 
 use crate::error::FrameError;
 use crate::ids::{Position, validate_epoch, validate_room, validate_type};
+use crate::json::{DEFAULT_MAX_JSON_DEPTH, nesting_exceeds};
 
 /// One client frame with its optional request `id`, which the reply or error echoes.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -112,9 +113,16 @@ impl ClientEnvelope {
         }
     }
 
-    /// Parse one frame (one JSON object). Every refusal is a `bad_frame` error that carries
-    /// the request `id` when the object had a readable one.
+    /// Parse one frame (one JSON object), with a `send`'s `data` nested at most
+    /// [`DEFAULT_MAX_JSON_DEPTH`] levels deep (see [`ClientEnvelope::parse_limited`]).
     pub fn parse(text: &str) -> Result<ClientEnvelope, FrameError> {
+        Self::parse_limited(text, DEFAULT_MAX_JSON_DEPTH)
+    }
+
+    /// Parse one frame (one JSON object). Every refusal is a `bad_frame` error that carries
+    /// the request `id` when the object had a readable one; a `send` whose `data` nests
+    /// arrays and objects more than `max_json_depth` levels deep is refused too.
+    pub fn parse_limited(text: &str, max_json_depth: usize) -> Result<ClientEnvelope, FrameError> {
         let flat: Flat<'_> = serde_json::from_str(text)
             .map_err(|e| FrameError::bad_frame(format!("not a JSON frame object: {e}")))?;
         let id = match &flat.id {
@@ -124,12 +132,12 @@ impl ClientEnvelope {
                     .ok_or_else(|| FrameError::bad_frame("`id` must be a non-negative integer"))?,
             ),
         };
-        Self::from_flat(flat)
+        Self::from_flat(flat, max_json_depth)
             .map(|frame| ClientEnvelope { id, frame })
             .map_err(|e| e.with_id(id))
     }
 
-    fn from_flat(f: Flat<'_>) -> Result<ClientFrame, FrameError> {
+    fn from_flat(f: Flat<'_>, max_json_depth: usize) -> Result<ClientFrame, FrameError> {
         let op =
             f.op.ok_or_else(|| FrameError::bad_frame("frame has no `op`"))?;
         let op: &str = &op;
@@ -179,6 +187,11 @@ impl ClientEnvelope {
                 let ty = f.ty.unwrap_or_else(|| "chat".to_owned());
                 validate_type(&ty).map_err(|e| FrameError::bad_frame(e.to_string()))?;
                 let data = need(f.data, op, "data")?;
+                if nesting_exceeds(data.get(), max_json_depth) {
+                    return Err(FrameError::bad_frame(format!(
+                        "`send`: `data` nests more than max_json_depth ({max_json_depth}) levels"
+                    )));
+                }
                 ClientFrame::Send { room, ty, data }
             }
             "ack" => {
@@ -262,6 +275,24 @@ mod tests {
         assert!(e.message.contains("epoch"));
         let e = ClientEnvelope::parse(r#"[1,2]"#).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadFrame);
+    }
+
+    #[test]
+    fn send_data_nested_too_deep_is_a_bad_frame() {
+        let send = |levels: usize| {
+            format!(
+                r#"{{"op":"send","room":"r","id":4,"data":{}{}}}"#,
+                "[".repeat(levels),
+                "]".repeat(levels)
+            )
+        };
+        assert!(ClientEnvelope::parse(&send(DEFAULT_MAX_JSON_DEPTH)).is_ok());
+        let e = ClientEnvelope::parse(&send(DEFAULT_MAX_JSON_DEPTH + 1)).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadFrame, Some(4)));
+        assert!(e.message.contains("max_json_depth"), "{}", e.message);
+        // The limit is the caller's.
+        assert!(ClientEnvelope::parse_limited(&send(3), 2).is_err());
+        assert!(ClientEnvelope::parse_limited(&send(200), 200).is_ok());
     }
 
     proptest! {

@@ -12,6 +12,7 @@ mod client;
 mod codec;
 mod error;
 mod ids;
+mod json;
 mod server;
 pub mod wake;
 
@@ -22,7 +23,8 @@ pub use ids::{
     Class, InvalidId, MAX_EPOCH_LEN, MAX_ROOM_LEN, MAX_TYPE_LEN, Position, Positions,
     PositionsError, validate_epoch, validate_room, validate_type,
 };
+pub use json::{DEFAULT_MAX_JSON_DEPTH, nesting_exceeds};
 pub use server::{
-    InboxPosition, Message, SeqTemplate, ServerFrame, Transport, encode_frame, encode_msg,
-    encode_pulled,
+    InboxPosition, Message, SeqTemplate, ServerFrame, Transport, Undecodable, encode_frame,
+    encode_msg, encode_pulled,
 };

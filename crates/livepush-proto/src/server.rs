@@ -118,10 +118,63 @@ pub enum ServerFrame {
     },
 }
 
+/// A `data` value of a frame that [`ServerFrame::parse_tolerant`] could not decode (most
+/// likely nested deeper than serde_json's recursion limit of 128 levels, envelope included,
+/// which a server without a nesting limit lets through).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undecodable {
+    /// The `room` of the message, `None` for an `inbox` message.
+    pub room: Option<String>,
+    /// The message's `seq` (room or inbox), `None` for a transient message.
+    pub seq: Option<u64>,
+    /// Why it could not be decoded.
+    pub error: String,
+}
+
+/// A JSON object's members, each kept as raw JSON. `RawValue` skips a value without
+/// recursing, so this reads objects of any depth.
+type RawMembers = std::collections::BTreeMap<String, Box<RawValue>>;
+
 impl ServerFrame {
     /// Parse one server frame (used by clients and tests).
     pub fn parse(text: &str) -> Result<ServerFrame, serde_json::Error> {
         serde_json::from_str(text)
+    }
+
+    /// Parse one server frame, tolerating `data` values that cannot be decoded: each (the
+    /// `data` of a `msg` or an `inbox`, or of a message inside `pulled`) becomes `null` and
+    /// is named in the list returned with the frame, so that a client still learns the
+    /// frame's position (room, seq) and keeps the rest of it (the other messages of a
+    /// `pulled`). Fails as [`ServerFrame::parse`] does when anything else is wrong.
+    pub fn parse_tolerant(
+        text: &str,
+    ) -> Result<(ServerFrame, Vec<Undecodable>), serde_json::Error> {
+        let strict = match ServerFrame::parse(text) {
+            Ok(frame) => return Ok((frame, Vec::new())),
+            Err(e) => e,
+        };
+        let Ok(mut top) = serde_json::from_str::<RawMembers>(text) else {
+            return Err(strict);
+        };
+        let mut bad = Vec::new();
+        null_undecodable_data(&mut top, &mut bad);
+        if let Some(raw) = top.get("messages") {
+            let Ok(mut messages) = serde_json::from_str::<Vec<RawMembers>>(raw.get()) else {
+                return Err(strict);
+            };
+            for m in &mut messages {
+                null_undecodable_data(m, &mut bad);
+            }
+            top.insert(
+                "messages".to_owned(),
+                serde_json::value::to_raw_value(&messages)?,
+            );
+        }
+        if bad.is_empty() {
+            return Err(strict);
+        }
+        let frame = serde_json::from_str(&serde_json::to_string(&top)?)?;
+        Ok((frame, bad))
     }
 
     pub fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
@@ -131,6 +184,23 @@ impl ServerFrame {
             message: message.into(),
             room: None,
         }
+    }
+}
+
+/// Replace the `data` member of `m` by `null` if it cannot be decoded, and say so in `bad`.
+fn null_undecodable_data(m: &mut RawMembers, bad: &mut Vec<Undecodable>) {
+    let Some(data) = m.get("data") else { return };
+    let Err(e) = serde_json::from_str::<serde_json::Value>(data.get()) else {
+        return;
+    };
+    let field = |name: &str| m.get(name).map(|raw| raw.get());
+    bad.push(Undecodable {
+        room: field("room").and_then(|r| serde_json::from_str(r).ok()),
+        seq: field("seq").and_then(|s| serde_json::from_str(s).ok()),
+        error: e.to_string(),
+    });
+    if let Ok(null) = RawValue::from_string("null".to_owned()) {
+        m.insert("data".to_owned(), null);
     }
 }
 
@@ -272,6 +342,59 @@ pub fn encode_pulled(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn nested(levels: usize) -> String {
+        format!("{}{}", "[".repeat(levels), "]".repeat(levels))
+    }
+
+    #[test]
+    fn tolerant_parsing_keeps_the_frame_around_undecodable_data() {
+        let deep = nested(200);
+        assert!(
+            ServerFrame::parse(&format!(
+                r#"{{"op":"msg","room":"r","type":"t","data":{deep},"seq":3,"ts":1}}"#
+            ))
+            .is_err()
+        );
+        let (f, bad) = ServerFrame::parse_tolerant(&format!(
+            r#"{{"op":"msg","room":"r","type":"t","data":{deep},"seq":3,"ts":1}}"#
+        ))
+        .unwrap();
+        assert!(
+            matches!(f, ServerFrame::Msg(Message { seq: Some(3), ref data, .. }) if data.is_null())
+        );
+        assert_eq!((bad[0].room.as_deref(), bad[0].seq), (Some("r"), Some(3)));
+        assert!(bad[0].error.contains("recursion"), "{}", bad[0].error);
+        let (f, bad) = ServerFrame::parse_tolerant(&format!(
+            r#"{{"op":"pulled","room":"r","epoch":"e","seq":3,"recovered":true,"messages":[
+                {{"op":"msg","room":"r","type":"t","data":1,"seq":2,"ts":1}},
+                {{"op":"msg","room":"r","type":"t","data":{deep},"seq":3,"ts":1}}]}}"#
+        ))
+        .unwrap();
+        let ServerFrame::Pulled { messages, .. } = f else {
+            panic!("{f:?}")
+        };
+        assert_eq!(messages.len(), 2);
+        assert_eq!(messages[0].data, serde_json::json!(1));
+        assert!(messages[1].data.is_null());
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].seq, Some(3));
+        let (f, bad) = ServerFrame::parse_tolerant(&format!(
+            r#"{{"op":"inbox","seq":4,"type":"t","data":{deep},"ts":1}}"#
+        ))
+        .unwrap();
+        assert!(matches!(f, ServerFrame::Inbox { seq: 4, .. }));
+        assert_eq!((bad[0].room.as_deref(), bad[0].seq), (None, Some(4)));
+        // Anything else wrong is still an error, and good frames have nothing to report.
+        assert!(ServerFrame::parse_tolerant(r#"{"op":"msg","room":"r"}"#).is_err());
+        assert!(ServerFrame::parse_tolerant("nope").is_err());
+        assert!(
+            ServerFrame::parse_tolerant(r#"{"op":"pong"}"#)
+                .unwrap()
+                .1
+                .is_empty()
+        );
+    }
 
     #[test]
     fn msg_round_trips() {

@@ -10,6 +10,13 @@
 //!   than it sent, so a terminal pads its keepalives to at least the size of a wake datagram.
 //! - wake, server → terminal: `{"wake":T,"inbox":N,"ts":MS,"mac":HEX}`, mac over `"T|N|MS"`,
 //!   at most [`MAX_WAKE_BYTES`] bytes.
+//!
+//! Datagrams are read as JSON, with every escape JSON allows (`"\u0065"`, `"a\/b"`, `"\""`):
+//! the mac covers the decoded strings (`T` is the terminal id itself, UTF-8, as in the token's
+//! `sub`) and the decimal digits of the numbers, never the bytes as the sender escaped them,
+//! so any JSON encoder can write a keepalive the server verifies.
+
+use std::borrow::Cow;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -103,21 +110,27 @@ fn unreachable_hmac() -> HmacSha256 {
     <HmacSha256 as Mac>::new_from_slice(b"k").unwrap_or_else(|_| unreachable!())
 }
 
+// Strings are `Cow`: borrowed when the sender wrote them without escapes, owned when it
+// used any (`\u0065`, `\/`, `\"`), which every JSON encoder may do.
 #[derive(Serialize, Deserialize)]
 struct KeepaliveWire<'a> {
-    hello: &'a str,
+    #[serde(borrow)]
+    hello: Cow<'a, str>,
     ts: u64,
-    mac: &'a str,
-    #[serde(default, skip_serializing_if = "str::is_empty")]
-    pad: &'a str,
+    #[serde(borrow)]
+    mac: Cow<'a, str>,
+    #[serde(default, borrow, skip_serializing_if = "str::is_empty")]
+    pad: Cow<'a, str>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct WakeWire<'a> {
-    wake: &'a str,
+    #[serde(borrow)]
+    wake: Cow<'a, str>,
     inbox: u64,
     ts: u64,
-    mac: &'a str,
+    #[serde(borrow)]
+    mac: Cow<'a, str>,
 }
 
 /// A keepalive that has been read but not yet verified: the server must look up the key of
@@ -138,9 +151,9 @@ impl Keepalive {
             return Err(WakeError::Malformed("bad terminal id".into()));
         }
         Ok(Keepalive {
-            terminal: w.hello.to_owned(),
+            terminal: w.hello.into_owned(),
             ts: w.ts,
-            mac: w.mac.to_owned(),
+            mac: w.mac.into_owned(),
         })
     }
 
@@ -157,10 +170,10 @@ impl Keepalive {
     pub fn encode(terminal: &str, ts: u64, key: &WakeKey, pad_to: usize) -> Vec<u8> {
         let mac = key.sign(&format!("{terminal}|{ts}"));
         let bare = serde_json::to_vec(&KeepaliveWire {
-            hello: terminal,
+            hello: terminal.into(),
             ts,
-            mac: &mac,
-            pad: "",
+            mac: (&mac).into(),
+            pad: "".into(),
         })
         .unwrap_or_default();
         // `,"pad":""` costs 9 bytes before any padding.
@@ -170,10 +183,10 @@ impl Keepalive {
         }
         let pad = "0".repeat(need.max(1));
         serde_json::to_vec(&KeepaliveWire {
-            hello: terminal,
+            hello: terminal.into(),
             ts,
-            mac: &mac,
-            pad: &pad,
+            mac: mac.into(),
+            pad: pad.into(),
         })
         .unwrap_or(bare)
     }
@@ -192,10 +205,10 @@ impl Wake {
     pub fn encode(&self, key: &WakeKey) -> Vec<u8> {
         let mac = key.sign(&format!("{}|{}|{}", self.terminal, self.inbox, self.ts));
         serde_json::to_vec(&WakeWire {
-            wake: &self.terminal,
+            wake: (&self.terminal).into(),
             inbox: self.inbox,
             ts: self.ts,
-            mac: &mac,
+            mac: mac.into(),
         })
         .unwrap_or_default()
     }
@@ -204,9 +217,9 @@ impl Wake {
     pub fn verify(datagram: &[u8], key: &WakeKey) -> Result<Wake, WakeError> {
         let w: WakeWire<'_> =
             serde_json::from_slice(datagram).map_err(|e| WakeError::Malformed(e.to_string()))?;
-        key.check(&format!("{}|{}|{}", w.wake, w.inbox, w.ts), w.mac)?;
+        key.check(&format!("{}|{}|{}", w.wake, w.inbox, w.ts), &w.mac)?;
         Ok(Wake {
-            terminal: w.wake.to_owned(),
+            terminal: w.wake.into_owned(),
             inbox: w.inbox,
             ts: w.ts,
         })
@@ -294,7 +307,89 @@ mod tests {
         assert!(WakeKey::from_base64("").is_err());
     }
 
+    /// A JSON string literal of `s` in which each character is written in one of the ways
+    /// JSON allows, chosen by `how` (PHP's and Go's encoders escape `/`, `<`, non-ASCII).
+    fn escaped(s: &str, how: &[u8]) -> String {
+        let mut out = String::from("\"");
+        for (i, c) in s.chars().enumerate() {
+            let pick = how.get(i % how.len().max(1)).copied().unwrap_or(0) % 3;
+            match (c, pick) {
+                ('"', 0) | ('\\', 0) => out.push_str(&format!("\\{c}")),
+                ('/', 0) => out.push_str("\\/"),
+                (c, 0 | 1) if (c as u32) >= 0x20 && c != '"' && c != '\\' => out.push(c),
+                (c, _) => {
+                    let mut units = [0u16; 2];
+                    for u in c.encode_utf16(&mut units) {
+                        out.push_str(&format!("\\u{u:04X}"));
+                    }
+                }
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    fn keepalive_with_id_literal(id: &str, literal: &str, ts: u64) -> Vec<u8> {
+        let mac = key().sign(&format!("{id}|{ts}"));
+        format!(r#"{{"hello":{literal},"ts":{ts},"mac":"{mac}","pad":"\u0030\/"}}"#).into_bytes()
+    }
+
+    #[test]
+    fn keepalives_with_escaped_ids_verify() {
+        // The mac covers the decoded id, however the sender's encoder escaped it.
+        for (id, literal) in [
+            ("box-7", r#""\u0062ox-7""#),
+            ("a/b", r#""a\/b""#),
+            ("q\"uote", r#""q\"uote""#),
+            ("back\\slash", r#""back\\slash""#),
+            ("é", r#""\u00e9""#),
+            ("😀", r#""\ud83d\ude00""#),
+        ] {
+            let d = keepalive_with_id_literal(id, literal, 1000);
+            let ka = Keepalive::parse(&d).unwrap_or_else(|e| panic!("{literal}: {e}"));
+            assert_eq!(ka.terminal, id);
+            assert_eq!(ka.verify(&key(), 1000, 0), Ok(()), "{literal}");
+        }
+        // Ids with `"` or `\` round-trip through `encode` (serde_json escapes them).
+        let d = Keepalive::encode("a\"b\\c", 7, &key(), KEEPALIVE_PAD_TO);
+        let ka = Keepalive::parse(&d).unwrap();
+        assert_eq!(ka.terminal, "a\"b\\c");
+        assert_eq!(ka.verify(&key(), 7, 0), Ok(()));
+    }
+
+    #[test]
+    fn wakes_with_escaped_ids_verify() {
+        let w = Wake {
+            terminal: "a\"b/c".into(),
+            inbox: 3,
+            ts: 9,
+        };
+        assert_eq!(Wake::verify(&w.encode(&key()), &key()), Ok(w.clone()));
+        let mac = key().sign("a\"b/c|3|9");
+        let d = format!(r#"{{"wake":"a\"b\/\u0063","inbox":3,"ts":9,"mac":"{mac}"}}"#);
+        assert_eq!(Wake::verify(d.as_bytes(), &key()), Ok(w));
+    }
+
     proptest! {
+        // Any id serde_json can write, written with any mix of JSON's escapes, parses back to
+        // the same id and verifies.
+        #[test]
+        fn any_escaping_of_any_id_round_trips(
+            id in "\\PC{1,40}|[\"\\\\/\\x00-\\x1f]{1,10}",
+            how in proptest::collection::vec(any::<u8>(), 1..16),
+            ts in any::<u64>(),
+        ) {
+            prop_assume!(id.len() <= 128);
+            let encoded = Keepalive::encode(&id, ts, &key(), KEEPALIVE_PAD_TO);
+            let ka = Keepalive::parse(&encoded).unwrap();
+            prop_assert_eq!(&ka.terminal, &id);
+            prop_assert_eq!(ka.verify(&key(), ts, 0), Ok(()));
+            let d = keepalive_with_id_literal(&id, &escaped(&id, &how), ts);
+            let ka = Keepalive::parse(&d).unwrap();
+            prop_assert_eq!(&ka.terminal, &id);
+            prop_assert_eq!(ka.verify(&key(), ts, 0), Ok(()));
+        }
+
         #[test]
         fn parsing_never_panics(b in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = Keepalive::parse(&b);

@@ -88,7 +88,7 @@ pub async fn require_api_key(
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(bearer_credentials);
         match given {
             Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => {}
             Some(_) => {
@@ -110,11 +110,31 @@ pub async fn require_api_key(
     Ok(next.run(req).await)
 }
 
+/// The credentials of an `Authorization: Bearer KEY` value. The scheme is case-insensitive
+/// and followed by one or more spaces (RFC 7235 §2.1).
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim_start_matches(' '))
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Refuse a `data` value nested deeper than `max_json_depth` (400 `bad_request`).
+pub(crate) fn data_depth(app: &App, data: &RawValue) -> Result<(), ApiError> {
+    let max = app.config.limits.max_json_depth;
+    if livepush_proto::nesting_exceeds(data.get(), max) {
+        return Err(ApiError::bad_request(format!(
+            "`data` nests more than max_json_depth ({max}) levels"
+        )));
+    }
+    Ok(())
 }
 
 fn room_param(room: &str) -> Result<(), ApiError> {
@@ -137,6 +157,7 @@ pub async fn publish(
     JsonBody(body): JsonBody<PublishBody>,
 ) -> Result<Response, ApiError> {
     room_param(&room)?;
+    data_depth(&app, &body.data)?;
     let p = app
         .hub
         .publish(&room, &body.ty, &body.data, body.class)
@@ -422,6 +443,7 @@ pub async fn post_inbox(
         )));
     }
     livepush_proto::validate_type(&body.ty).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    data_depth(&app, &body.data)?;
     let posted = app.inboxes.post(&id, &body.ty, &body.data).await?;
     Ok(Json(json!({
         "seq": posted.seq,

@@ -3,8 +3,14 @@
 //! A token names the terminal (`sub`), expires (`exp`), lists the rooms it may join (`rooms`,
 //! where a trailing `*` matches a prefix) and says whether it may send chat (`send`). The API
 //! key is a different secret with a different use; it is never accepted as a token.
+//!
+//! A token is accepted only between its `nbf` (if any) and its `exp`, each with
+//! [`LEEWAY_SECS`] of clock skew allowed, and only if its `exp` is at most `max_token_ttl`
+//! ([`crate::config::Limits::max_token_ttl`]) from now: a token cannot be valid for longer than
+//! that, whatever `exp` it was signed with (`exp` = 2^64-1 is not "never expires").
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -14,6 +20,12 @@ pub use crate::clock::{now_ms, now_secs};
 
 /// Longest terminal id accepted in `sub`.
 pub const MAX_TERMINAL_LEN: usize = 128;
+
+/// Clock skew allowed on `exp` and `nbf`, in seconds.
+pub const LEEWAY_SECS: u64 = 5;
+
+/// Default of [`crate::config::Limits::max_token_ttl`]: seven days.
+pub const DEFAULT_MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The claims of a terminal token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +86,10 @@ pub enum AuthError {
     Missing,
     #[error("token expired")]
     Expired,
+    #[error("token not valid yet (`nbf` is in the future)")]
+    NotYetValid,
+    #[error("token `exp` is more than max_token_ttl ({} s) from now", .0.as_secs())]
+    TooLong(Duration),
     #[error("invalid token: {0}")]
     Invalid(String),
     /// Dev mode: the anonymous terminal id a client gave back is not a terminal id.
@@ -127,6 +143,7 @@ pub struct TokenKeys {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    max_ttl: Duration,
 }
 
 impl std::fmt::Debug for TokenKeys {
@@ -136,15 +153,25 @@ impl std::fmt::Debug for TokenKeys {
 }
 
 impl TokenKeys {
+    /// Keys for `secret`, accepting tokens whose `exp` is at most [`DEFAULT_MAX_TOKEN_TTL`]
+    /// from now.
     pub fn new(secret: &str) -> TokenKeys {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 5;
+        validation.validate_nbf = true;
+        validation.leeway = LEEWAY_SECS;
         TokenKeys {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
             decoding: DecodingKey::from_secret(secret.as_bytes()),
             validation,
+            max_ttl: DEFAULT_MAX_TOKEN_TTL,
         }
+    }
+
+    /// Refuse tokens whose `exp` is more than `max_ttl` from now.
+    pub fn with_max_ttl(mut self, max_ttl: Duration) -> TokenKeys {
+        self.max_ttl = max_ttl;
+        self
     }
 
     /// Sign a token for `claims`.
@@ -153,14 +180,23 @@ impl TokenKeys {
             .map_err(|e| AuthError::Invalid(e.to_string()))
     }
 
-    /// Check a token's signature, algorithm, expiry and subject.
+    /// Check a token's signature, algorithm, validity period (`nbf`, `exp`, `max_ttl`) and
+    /// subject.
     pub fn verify(&self, token: &str) -> Result<Terminal, AuthError> {
+        use jsonwebtoken::errors::ErrorKind;
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 _ => AuthError::Invalid(e.to_string()),
             })?;
         let c = data.claims;
+        let latest = now_secs()
+            .saturating_add(self.max_ttl.as_secs())
+            .saturating_add(LEEWAY_SECS);
+        if c.exp > latest {
+            return Err(AuthError::TooLong(self.max_ttl));
+        }
         if !valid_terminal_id(&c.sub) {
             return Err(AuthError::Invalid(format!(
                 "`sub` must be 1 to {MAX_TERMINAL_LEN} printable characters"
@@ -238,6 +274,54 @@ mod tests {
             &*identify(&k, true, Some(&t), Some("ignored")).unwrap().id,
             "t1"
         );
+    }
+
+    /// A token with exactly these claims (beyond what [`Claims`] can say).
+    fn raw_token(k: &TokenKeys, claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap()
+    }
+
+    #[test]
+    fn a_token_is_refused_before_its_nbf() {
+        let k = TokenKeys::new("0123456789abcdef");
+        let exp = now_secs() + 600;
+        let early = raw_token(
+            &k,
+            serde_json::json!({"sub": "t1", "exp": exp, "nbf": now_secs() + 300}),
+        );
+        let e = k.verify(&early).unwrap_err();
+        assert!(e.to_string().contains("not valid yet"), "{e}");
+        // Within the leeway, and in the past: valid.
+        for nbf in [now_secs() + 2, now_secs() - 300] {
+            let t = raw_token(&k, serde_json::json!({"sub": "t1", "exp": exp, "nbf": nbf}));
+            assert!(k.verify(&t).is_ok(), "nbf {nbf}");
+        }
+    }
+
+    #[test]
+    fn a_token_may_not_live_longer_than_max_token_ttl() {
+        let k = TokenKeys::new("0123456789abcdef");
+        for exp in [
+            u64::MAX,
+            i64::MAX as u64,
+            now_secs() + DEFAULT_MAX_TOKEN_TTL.as_secs() + 60,
+        ] {
+            let t = raw_token(&k, serde_json::json!({"sub": "t1", "exp": exp}));
+            let e = k.verify(&t).unwrap_err();
+            assert!(e.to_string().contains("max_token_ttl"), "exp {exp}: {e}");
+        }
+        let t = raw_token(
+            &k,
+            serde_json::json!({"sub": "t1", "exp": now_secs() + DEFAULT_MAX_TOKEN_TTL.as_secs()}),
+        );
+        assert!(k.verify(&t).is_ok());
+        // The bound is a setting.
+        let short = TokenKeys::new("0123456789abcdef").with_max_ttl(Duration::from_secs(60));
+        let t = raw_token(
+            &short,
+            serde_json::json!({"sub": "t1", "exp": now_secs() + 600}),
+        );
+        assert!(short.verify(&t).is_err());
     }
 
     #[test]

@@ -11,6 +11,14 @@ use livepush_proto::Class;
 /// Longest merge window accepted (`Limits::merge_window`).
 pub const MAX_MERGE_WINDOW: Duration = Duration::from_secs(1);
 
+/// Shortest API key accepted (bytes), as for the token secret: a short key can be guessed.
+pub const MIN_API_KEY_LEN: usize = 16;
+
+/// Highest `Limits::max_json_depth` accepted. serde_json (and so the Rust SDK, and any client
+/// built on it) refuses documents nested deeper than 128 levels, and a `data` value reaches a
+/// client inside up to 3 levels of frame (`pulled.messages[i].data`): 100 leaves room.
+pub const MAX_JSON_DEPTH: usize = 100;
+
 /// Everything `livepush serve` can be told.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -178,6 +186,14 @@ pub struct Limits {
     /// WebSocket, an SSE stream, a poll in progress). Past it a WebSocket `connect` is
     /// answered `rate_limited` and closed with 4029; a poll or SSE stream gets HTTP 429.
     pub max_sessions_per_terminal: usize,
+    /// Deepest nesting of arrays and objects in a message's `data` (a publish, an inbox post, a
+    /// terminal `send`; `{}` is 1, a number 0). Deeper: HTTP 400 `bad_request`, or a
+    /// `bad_frame` error frame. Keeps every message decodable by clients with a recursion
+    /// limit (serde_json's is 128). At most [`MAX_JSON_DEPTH`].
+    pub max_json_depth: usize,
+    /// Longest a terminal token may still be valid: a token whose `exp` is further from now is
+    /// refused (`unauthorized`), so no token lives forever whatever `exp` it was signed with.
+    pub max_token_ttl: Duration,
 }
 
 impl Default for Limits {
@@ -210,6 +226,8 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(30),
             max_connections_per_address: 4096,
             max_sessions_per_terminal: 16,
+            max_json_depth: 32,
+            max_token_ttl: crate::auth::DEFAULT_MAX_TOKEN_TTL,
         }
     }
 }
@@ -273,6 +291,16 @@ impl Config {
         if self.token_secret.len() < 16 {
             return Err(ConfigError::ShortSecret);
         }
+        if self
+            .api_key
+            .as_ref()
+            .is_some_and(|k| k.len() < MIN_API_KEY_LEN)
+        {
+            return Err(ConfigError::ShortApiKey);
+        }
+        if self.limits.max_json_depth > MAX_JSON_DEPTH {
+            return Err(ConfigError::JsonTooDeep);
+        }
         let nonzero = [
             ("--heartbeat-ms", self.heartbeat.as_millis() as usize),
             ("--history-size", self.history_size),
@@ -290,6 +318,11 @@ impl Config {
             (
                 "--max-sessions-per-terminal",
                 self.limits.max_sessions_per_terminal,
+            ),
+            ("--max-json-depth", self.limits.max_json_depth),
+            (
+                "--max-token-ttl",
+                self.limits.max_token_ttl.as_secs() as usize,
             ),
         ];
         if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
@@ -318,6 +351,12 @@ pub enum ConfigError {
     KeyIsSecret,
     #[error("the token secret must be at least 16 bytes")]
     ShortSecret,
+    #[error("the API key (--api-key) must be at least {MIN_API_KEY_LEN} bytes")]
+    ShortApiKey,
+    #[error(
+        "--max-json-depth must be at most {MAX_JSON_DEPTH} (clients decode at most 128 levels)"
+    )]
+    JsonTooDeep,
     #[error("{0} must be greater than 0")]
     Zero(&'static str),
     #[error("--outbox-max-bytes must be at least --write-batch-bytes")]
@@ -418,7 +457,7 @@ mod tests {
 
     #[test]
     fn dev_only_on_loopback() {
-        let mut c = Config::for_tests("key-key-key", "secret-secret-secret");
+        let mut c = Config::for_tests("key-key-key-key-key", "secret-secret-secret");
         c.dev = true;
         assert!(c.validate().is_ok());
         c.listen = "0.0.0.0:8080".parse().unwrap();
@@ -426,8 +465,38 @@ mod tests {
     }
 
     #[test]
+    fn short_api_keys_are_refused() {
+        for key in ["", "k", "fifteen-bytes!!"] {
+            let c = Config::for_tests(key, "secret-secret-secret");
+            let e = c.validate().unwrap_err();
+            assert_eq!(e, ConfigError::ShortApiKey, "{key:?}");
+            assert!(e.to_string().contains("--api-key"), "{e}");
+        }
+        assert!(
+            Config::for_tests("sixteen-bytes!!!", "secret-secret-secret")
+                .validate()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn json_depth_is_bounded_by_what_clients_decode() {
+        let mut c = Config::for_tests("key-key-key-key-key", "secret-secret-secret");
+        assert_eq!(c.limits.max_json_depth, 32);
+        c.limits.max_json_depth = MAX_JSON_DEPTH + 1;
+        assert_eq!(c.validate(), Err(ConfigError::JsonTooDeep));
+        c.limits.max_json_depth = 0;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--max-json-depth")
+        );
+    }
+
+    #[test]
     fn merge_window_is_off_by_default_and_bounded() {
-        let mut c = Config::for_tests("key-key-key", "secret-secret-secret");
+        let mut c = Config::for_tests("key-key-key-key-key", "secret-secret-secret");
         assert_eq!(c.limits.merge_window, Duration::ZERO);
         c.limits.merge_window = Duration::from_millis(20);
         assert!(c.validate().is_ok());

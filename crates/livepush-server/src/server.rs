@@ -418,7 +418,7 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
         ),
     };
     let wake_addr = udp.as_ref().and_then(|u| u.local_addr().ok());
-    let keys = TokenKeys::new(&config.token_secret);
+    let keys = TokenKeys::new(&config.token_secret).with_max_ttl(config.limits.max_token_ttl);
     let wake_keys = WakeKeys::new(&config.token_secret);
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new(rooms.stats()));

@@ -374,7 +374,7 @@ impl Session {
             return false;
         }
         self.throttled = false;
-        match ClientEnvelope::parse(text) {
+        match ClientEnvelope::parse_limited(text, self.app.config.limits.max_json_depth) {
             Ok(env) => self.handle(env),
             Err(e) => self.error(e),
         }

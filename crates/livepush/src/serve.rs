@@ -30,7 +30,8 @@ pub struct ServeArgs {
     /// Address to listen on (HTTP and WebSocket). Port 0 picks a free port.
     #[arg(long, env = "LIVEPUSH_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// API key for the HTTP API (`Authorization: Bearer KEY`). Generated and printed if absent.
+    /// API key for the HTTP API (`Authorization: Bearer KEY`), at least 16 bytes. Generated
+    /// and printed if absent.
     #[arg(long, env = "LIVEPUSH_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Secret that terminal tokens are signed with (HS256). Generated and printed if absent.
@@ -165,6 +166,14 @@ pub struct ServeArgs {
     /// Largest long-poll request body (bytes).
     #[arg(long, env = "LIVEPUSH_MAX_POLL_BYTES", default_value_t = Limits::default().max_poll_bytes)]
     max_poll_bytes: usize,
+    /// Deepest nesting of arrays and objects in a message's `data` (publish, inbox post,
+    /// terminal send): deeper is refused (HTTP 400, or a `bad_frame` error). At most 100.
+    #[arg(long, env = "LIVEPUSH_MAX_JSON_DEPTH", default_value_t = Limits::default().max_json_depth)]
+    max_json_depth: usize,
+    /// Longest a terminal token may still be valid: a token whose `exp` is further from now
+    /// is refused as unauthorized.
+    #[arg(long, env = "LIVEPUSH_MAX_TOKEN_TTL", default_value = "7d", value_parser = duration)]
+    max_token_ttl: Duration,
     /// How long an offline terminal stays on the service list.
     #[arg(long, env = "LIVEPUSH_TERMINAL_RETENTION", default_value = "24h", value_parser = duration)]
     terminal_retention: Duration,
@@ -371,6 +380,8 @@ impl ServeArgs {
                     .max_connections_per_address
                     .unwrap_or_else(default_connections_per_address),
                 max_sessions_per_terminal: self.max_sessions_per_terminal,
+                max_json_depth: self.max_json_depth,
+                max_token_ttl: self.max_token_ttl,
                 ..Limits::default()
             },
         };

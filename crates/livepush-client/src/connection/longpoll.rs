@@ -443,7 +443,16 @@ impl Worker {
         answer: PollAnswer,
         connected: &mut bool,
     ) -> Result<(), PollError> {
-        let PollAnswer { frames, inbox } = answer;
+        let PollAnswer {
+            frames,
+            undecodable,
+            inbox,
+        } = answer;
+        let frames: Vec<ServerFrame> = frames
+            .into_iter()
+            .zip(undecodable)
+            .filter_map(|(frame, bad)| self.admit(frame, bad))
+            .collect();
         // Rooms whose position moved since the poll was sent (another answer came between),
         // or that are no longer followed.
         let changed: HashSet<&str> = poll

@@ -143,12 +143,8 @@ impl Worker {
                     deadline = Instant::now() + idle;
                     for event in parser.feed(&bytes) {
                         for line in split_frames(&event.data) {
-                            let frame = match ServerFrame::parse(line) {
-                                Ok(f) => f,
-                                Err(e) => {
-                                    warn!(error = %e, frame = %truncate(line), "livepush: unreadable frame skipped");
-                                    continue;
-                                }
+                            let Some(frame) = self.decode(line) else {
+                                continue;
                             };
                             match frame {
                                 ServerFrame::Connected { terminal, transport, heartbeat_ms, inbox, wake_key, .. } if !connected => {

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use livepush_client::{ClientConfig, Event, Position, TransportMode};
+use livepush_client::{ClientConfig, Event, Position, Transport, TransportMode};
 use livepush_proto::{ClientEnvelope, ClientFrame, split_frames};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -290,6 +290,58 @@ async fn serve_polls(mut tcp: TcpStream, polls: mpsc::UnboundedSender<PollReques
             return;
         }
     }
+}
+
+/// Answer the hello poll with `connected`, and the poll that carries room first (the hello
+/// poll or the next) with the fresh join at e1:`seq` and `more`; read `Connected` and `Joined`.
+pub async fn hello_lp(
+    polls: &mut FakePolls,
+    events: &mut livepush_client::Events,
+    room: &str,
+    seq: u64,
+    more: &[Value],
+) {
+    let mut poll = polls.next().await;
+    assert_eq!(poll.body["hello"], true);
+    let mut frames = vec![connected_lp(
+        "t1",
+        json!({"seq": 0, "acked": 0, "pending": 0}),
+    )];
+    if poll.body["rooms"] == json!({}) {
+        // The hello poll went out before the join was registered.
+        poll.answer(json!({"frames": frames}));
+        frames = Vec::new();
+        poll = polls.next().await;
+    }
+    assert_eq!(poll.body["rooms"], json!({ room: {} }));
+    frames.push(joined(None, room, "e1", seq, true));
+    frames.extend_from_slice(more);
+    poll.answer(json!({"frames": frames}));
+    assert!(matches!(
+        next_event(events).await,
+        Event::Connected {
+            transport: Transport::Longpoll,
+            ..
+        }
+    ));
+    assert!(matches!(next_event(events).await, Event::Joined { .. }));
+}
+
+/// A long-polling client with a token, joined to `room` through [`hello_lp`].
+pub async fn polling_client(
+    room: &str,
+    seq: u64,
+    more: &[Value],
+) -> (FakePolls, livepush_client::Client, livepush_client::Events) {
+    let mut polls = FakePolls::start().await;
+    let config = ClientConfig {
+        token: Some("tok".into()),
+        ..polls.config()
+    };
+    let (client, mut events) = livepush_client::Client::connect(config).unwrap();
+    client.join(room, None).await.unwrap();
+    hello_lp(&mut polls, &mut events, room, seq, more).await;
+    (polls, client, events)
 }
 
 /// A `connected` frame as a long-poll answer carries it.

@@ -83,6 +83,7 @@ pub async fn publish(State(app): State<Arc<App>>, req: Request) -> Result<Respon
                     format!("`data` exceeds max_publish_bytes {max}"),
                 ));
             }
+            super::data_depth(&app, &item.data)?;
             Ok(item)
         })
         .collect();

@@ -43,6 +43,36 @@ async fn api_key_is_required() {
     assert_eq!(r.status(), 200);
 }
 
+/// RFC 7235 §2.1: the auth scheme is case-insensitive, and one or more spaces separate it
+/// from the credentials.
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let s = TestServer::start().await;
+    let url = format!("{}/v1/rooms/r/messages", s.url());
+    let with = |auth: String| {
+        s.http
+            .post(&url)
+            .header("authorization", auth)
+            .json(&json!({"type":"gift","data":{}}))
+            .send()
+    };
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        for gap in [" ", "  "] {
+            let r = with(format!("{scheme}{gap}{KEY}")).await.unwrap();
+            assert_eq!(r.status(), 200, "{scheme:?}{gap:?}");
+        }
+    }
+    for wrong in [
+        format!("Basic {KEY}"),
+        format!("Bearer{KEY}"),
+        format!("Bearer {KEY}x"),
+        KEY.to_owned(),
+    ] {
+        let r = with(wrong.clone()).await.unwrap();
+        assert_eq!(r.status(), 401, "{wrong:?}");
+    }
+}
+
 #[tokio::test]
 async fn bad_requests_get_json_errors() {
     let mut c = config();
@@ -183,7 +213,10 @@ async fn metrics_are_exported() {
         text.contains("livepush_publish_seconds_count{class=\"reliable\"} 1"),
         "{text}"
     );
-    assert!(text.contains("livepush_fanout_delay_seconds_count 1"), "{text}");
+    assert!(
+        text.contains("livepush_fanout_delay_seconds_count 1"),
+        "{text}"
+    );
     assert!(
         !text.contains("livepush_engine_calls"),
         "no shared backend on one node"

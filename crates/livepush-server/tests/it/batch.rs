@@ -13,6 +13,8 @@ async fn a_batch_answers_each_message_in_order() {
     let s = TestServer::start().await;
     let mut t = s.terminal("viewer", &["a", "b"], false).await;
     joined(&t.join("a", None).await);
+    let deep: serde_json::Value =
+        serde_json::from_str(&format!("{}1{}", "[".repeat(40), "]".repeat(40))).unwrap();
     let (status, body) = s
         .post(
             "/v1/publish",
@@ -22,13 +24,14 @@ async fn a_batch_answers_each_message_in_order() {
                 {"room":"a","type":"chat","data":"hi","class":"transient"},
                 {"room":"bad room!","type":"gift","data":3},
                 {"room":"a","type":"gift"},
+                {"room":"a","type":"gift","data":deep},
                 {"room":"a","type":"gift","data":4},
             ]}),
         )
         .await;
     assert_eq!(status, 200, "{body}");
     let r = body["results"].as_array().expect("results");
-    assert_eq!(r.len(), 6, "{body}");
+    assert_eq!(r.len(), 7, "{body}");
     assert_eq!(
         (r[0]["seq"].as_u64(), r[1]["seq"].as_u64()),
         (Some(1), Some(1))
@@ -38,7 +41,12 @@ async fn a_batch_answers_each_message_in_order() {
     assert_eq!(r[3]["error"], "bad_request", "{body}");
     assert_eq!(r[4]["error"], "bad_request", "{body}");
     assert!(r[4]["message"].as_str().unwrap().contains("data"), "{body}");
-    assert_eq!(r[5]["seq"], 2);
+    assert_eq!(r[5]["error"], "bad_request", "{body}");
+    assert!(
+        r[5]["message"].as_str().unwrap().contains("max_json_depth"),
+        "{body}"
+    );
+    assert_eq!(r[6]["seq"], 2);
     // Room a's member: 1, the transient chat, then 2.
     let mut got = Vec::new();
     while got.len() < 3 {

@@ -3,6 +3,7 @@
 mod api;
 mod batch;
 mod connections;
+mod depth;
 mod durability;
 mod errors;
 mod faulty;

@@ -763,5 +763,8 @@ async fn a_batch_publish_is_sequenced_in_redis() {
     assert_eq!(t.reliable(3).await, [1, 2, 3]);
     let metrics = a.get_raw_with_key("/metrics").await;
     assert!(metrics.contains("livepush_engine_calls_total"), "{metrics}");
-    assert!(metrics.contains("livepush_engine_errors_total 0"), "{metrics}");
+    assert!(
+        metrics.contains("livepush_engine_errors_total 0"),
+        "{metrics}"
+    );
 }

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub const KEY: &str = "test-api-key";
+pub const KEY: &str = "test-api-key-0123456789";
 pub const SECRET: &str = "test-token-secret-0123456789";
 /// How long a test waits for something that should happen promptly on loopback.
 pub const WAIT: Duration = Duration::from_secs(10);
