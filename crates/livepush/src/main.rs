@@ -11,6 +11,7 @@
 
 mod agent;
 mod bench;
+mod proxy;
 mod publish;
 mod serve;
 mod tail;
