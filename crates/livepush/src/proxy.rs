@@ -349,13 +349,9 @@ async fn forward(state: &State, ctl: &Ctl, down: &mut TcpStream, up: &mut TcpStr
         tokio::select! {
             r = down_r.read(&mut to_server) => {
                 let n = match r { Ok(0) | Err(_) => return Ended::Closed, Ok(n) => n };
-                match pass(&to_server[..n], &mut up_w, &mut budget_to_server).await {
-                    Passed::Yes => {}
-                    Passed::Failed => return Ended::Closed,
-                    Passed::Cut => {
-                        state.cut_to_server.fetch_add(1, Ordering::Relaxed);
-                        return Ended::Cut;
-                    }
+                let cuts = &state.cut_to_server;
+                if let Some(end) = pass(&to_server[..n], &mut up_w, &mut budget_to_server, cuts).await {
+                    return end;
                 }
             }
             r = up_r.read(&mut to_client) => {
@@ -364,13 +360,9 @@ async fn forward(state: &State, ctl: &Ctl, down: &mut TcpStream, up: &mut TcpStr
                     state.discarded.fetch_add(n as u64, Ordering::Relaxed);
                     continue;
                 }
-                match pass(&to_client[..n], &mut down_w, &mut budget_to_client).await {
-                    Passed::Yes => {}
-                    Passed::Failed => return Ended::Closed,
-                    Passed::Cut => {
-                        state.cut_to_client.fetch_add(1, Ordering::Relaxed);
-                        return Ended::Cut;
-                    }
+                let cuts = &state.cut_to_client;
+                if let Some(end) = pass(&to_client[..n], &mut down_w, &mut budget_to_client, cuts).await {
+                    return end;
                 }
             }
             () = ctl.notify.notified() => match lock(&ctl.cut).take() {
@@ -394,30 +386,29 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-enum Passed {
-    Yes,
-    Failed,
-    /// The budget ran out: what it allowed was written, the rest not.
-    Cut,
-}
-
-/// Write `bytes` on, or only as many as `budget` still allows.
-async fn pass(bytes: &[u8], to: &mut WriteHalf<'_>, budget: &mut Option<u64>) -> Passed {
+/// Write `bytes` on, or only as many as `budget` still allows. `None` to go on; else how
+/// forwarding ends: a failed write, or the budget ran out (counted in `cuts`).
+async fn pass(
+    bytes: &[u8],
+    to: &mut WriteHalf<'_>,
+    budget: &mut Option<u64>,
+    cuts: &AtomicU64,
+) -> Option<Ended> {
     let allowed = match *budget {
         Some(left) if (bytes.len() as u64) > left => left as usize,
         _ => bytes.len(),
     };
     if to.write_all(&bytes[..allowed]).await.is_err() {
-        return Passed::Failed;
+        return Some(Ended::Closed);
     }
-    match budget {
-        Some(_) if allowed < bytes.len() => Passed::Cut,
-        Some(left) => {
-            *left -= allowed as u64;
-            Passed::Yes
-        }
-        None => Passed::Yes,
+    if allowed < bytes.len() {
+        cuts.fetch_add(1, Ordering::Relaxed);
+        return Some(Ended::Cut);
     }
+    if let Some(left) = budget {
+        *left -= allowed as u64;
+    }
+    None
 }
 
 impl State {
