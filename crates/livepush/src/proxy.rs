@@ -44,6 +44,10 @@ pub enum Cut {
     AfterBytes(Direction, u64),
     /// After this long, whatever is in flight.
     After(Duration),
+    /// The path goes silent at once: what either side sends is read and thrown away, the
+    /// sockets stay open; cut after this long unless a side gives up first (a client's
+    /// watchdog should).
+    Stall(Duration),
 }
 
 /// Cuts done so far, by what triggered them.
@@ -52,13 +56,19 @@ pub struct Cuts {
     pub after_bytes_to_server: u64,
     pub after_bytes_to_client: u64,
     pub after_time: u64,
+    /// Connections stalled ([`Cut::Stall`]), however they ended.
+    pub stalled: u64,
     /// Connections dropped by [`Proxy::cut`] (all at once).
     pub all_at_once: u64,
 }
 
 impl Cuts {
     pub fn total(&self) -> u64 {
-        self.after_bytes_to_server + self.after_bytes_to_client + self.after_time + self.all_at_once
+        self.after_bytes_to_server
+            + self.after_bytes_to_client
+            + self.after_time
+            + self.stalled
+            + self.all_at_once
     }
 }
 
@@ -89,6 +99,7 @@ struct State {
     cut_to_server: AtomicU64,
     cut_to_client: AtomicU64,
     cut_time: AtomicU64,
+    stalled: AtomicU64,
     cut_all: AtomicU64,
     accepted: AtomicU64,
 }
@@ -198,6 +209,7 @@ impl Proxy {
             after_bytes_to_server: s.cut_to_server.load(Ordering::Relaxed),
             after_bytes_to_client: s.cut_to_client.load(Ordering::Relaxed),
             after_time: s.cut_time.load(Ordering::Relaxed),
+            stalled: s.stalled.load(Ordering::Relaxed),
             all_at_once: s.cut_all.load(Ordering::Relaxed),
         }
     }
@@ -345,10 +357,14 @@ async fn forward(state: &State, ctl: &Ctl, down: &mut TcpStream, up: &mut TcpStr
     let mut budget_to_server: Option<u64> = None;
     let mut budget_to_client: Option<u64> = None;
     let mut deadline: Option<Instant> = None;
+    let mut stalled = false;
     loop {
         tokio::select! {
             r = down_r.read(&mut to_server) => {
                 let n = match r { Ok(0) | Err(_) => return Ended::Closed, Ok(n) => n };
+                if stalled {
+                    continue;
+                }
                 let cuts = &state.cut_to_server;
                 if let Some(end) = pass(&to_server[..n], &mut up_w, &mut budget_to_server, cuts).await {
                     return end;
@@ -356,6 +372,9 @@ async fn forward(state: &State, ctl: &Ctl, down: &mut TcpStream, up: &mut TcpStr
             }
             r = up_r.read(&mut to_client) => {
                 let n = match r { Ok(0) | Err(_) => return Ended::Closed, Ok(n) => n };
+                if stalled {
+                    continue;
+                }
                 if state.discard.load(Ordering::Relaxed) {
                     state.discarded.fetch_add(n as u64, Ordering::Relaxed);
                     continue;
@@ -369,10 +388,17 @@ async fn forward(state: &State, ctl: &Ctl, down: &mut TcpStream, up: &mut TcpStr
                 Some(Cut::AfterBytes(Direction::ToServer, n)) => budget_to_server = Some(n),
                 Some(Cut::AfterBytes(Direction::ToClient, n)) => budget_to_client = Some(n),
                 Some(Cut::After(d)) => deadline = Some(Instant::now() + d),
+                Some(Cut::Stall(d)) => {
+                    state.stalled.fetch_add(1, Ordering::Relaxed);
+                    stalled = true;
+                    deadline = Some(Instant::now() + d);
+                }
                 None => {}
             },
             () = sleep_until(deadline), if deadline.is_some() => {
-                state.cut_time.fetch_add(1, Ordering::Relaxed);
+                if !stalled {
+                    state.cut_time.fetch_add(1, Ordering::Relaxed);
+                }
                 return Ended::Cut;
             }
             () = state.frozen() => return Ended::Frozen,

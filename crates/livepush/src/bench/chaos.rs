@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use livepush_client::{Client, ClientConfig, Event, Transport, TransportMode};
+use livepush_client::{Client, ClientConfig, DisconnectReason, Event, Transport, TransportMode};
 use livepush_server::auth::{Claims, TokenKeys, now_secs};
 use serde::Serialize;
 use tokio::process::{Child, Command};
@@ -163,6 +163,8 @@ struct Figures {
     /// Terminals that had not received every room's last answered message by the end.
     unfinished: u64,
     disconnects: u64,
+    /// Disconnects by the SDK's watchdog (a silent path: the proxy's stalls).
+    watchdog: u64,
     /// Sessions started, by transport.
     sessions_ws: u64,
     sessions_longpoll: u64,
@@ -181,6 +183,7 @@ impl Figures {
         self.not_recovered += o.not_recovered;
         self.unfinished += o.unfinished;
         self.disconnects += o.disconnects;
+        self.watchdog += o.watchdog;
         self.sessions_ws += o.sessions_ws;
         self.sessions_longpoll += o.sessions_longpoll;
         self.sessions_sse += o.sessions_sse;
@@ -325,6 +328,7 @@ impl RoomSeen {
 struct Seen {
     rooms: HashMap<String, RoomSeen>,
     disconnects: u64,
+    watchdog: u64,
     sessions: [u64; 3],
 }
 
@@ -350,7 +354,12 @@ impl Seen {
             Event::Lost { room, first, last } => {
                 self.rooms.entry(room).or_default().lost(first, last)
             }
-            Event::Disconnected { .. } => self.disconnects += 1,
+            Event::Disconnected { reason, .. } => {
+                self.disconnects += 1;
+                if reason == DisconnectReason::HeartbeatTimeout {
+                    self.watchdog += 1;
+                }
+            }
             Event::Connected { transport, .. } => {
                 let i = match transport {
                     Transport::Ws => 0,
@@ -493,11 +502,21 @@ impl Server {
             (None, Some(s)) => format!("signal {s}"),
             _ => "unknown".to_owned(),
         };
-        let (child, url, _) =
-            start_serve(&self.bin, self.cpus.as_deref(), &self.args, "chaos").await?;
+        let (child, url, log) = start_serve(
+            &self.bin,
+            self.cpus.as_deref(),
+            &self.args,
+            "chaos-restarted",
+        )
+        .await?;
         if url != self.url {
             bail!("the restarted server listens on {url}, not {}", self.url);
         }
+        note(format!(
+            "restarted (pid {}); log in {}",
+            child.id().unwrap_or(0),
+            log.display()
+        ));
         self.child = child;
         Ok(Restarted {
             mode,
@@ -721,6 +740,7 @@ async fn soak(a: &ChaosBench, run_id: &str, data_dir: &Path) -> anyhow::Result<R
         }
         let seen = t.seen.lock().unwrap_or_else(|e| e.into_inner());
         f.disconnects += seen.disconnects;
+        f.watchdog += seen.watchdog;
         f.sessions_ws += seen.sessions[0];
         f.sessions_longpoll += seen.sessions[1];
         f.sessions_sse += seen.sessions[2];
@@ -917,17 +937,23 @@ async fn cutter(proxy: Proxy, target: u64, rate: f64, mut stop: watch::Receiver<
     }
 }
 
-/// A cut at random: after up to 16 KiB to the client (mid-frame, mid-answer), up to 1 KiB to
-/// the server (mid-request), or up to 1 s.
+/// A cut at random: after up to 16 KiB to the client (mid-frame, mid-answer, 40 %), up to
+/// 1 KiB to the server (mid-request, 20 %), up to 1 s (35 %), or a stall that only the
+/// client's watchdog ends (5 %; cut after 30 s if it does not).
 fn random_cut() -> Cut {
     use rand::Rng;
     let mut rng = rand::rng();
-    match rng.random_range(0..10) {
-        0..4 => Cut::AfterBytes(Direction::ToClient, rng.random_range(0..16 * 1024)),
-        4..6 => Cut::AfterBytes(Direction::ToServer, rng.random_range(0..1024)),
-        _ => Cut::After(Duration::from_millis(rng.random_range(0..1000))),
+    match rng.random_range(0..20) {
+        0..8 => Cut::AfterBytes(Direction::ToClient, rng.random_range(0..16 * 1024)),
+        8..12 => Cut::AfterBytes(Direction::ToServer, rng.random_range(0..1024)),
+        12..19 => Cut::After(Duration::from_millis(rng.random_range(0..1000))),
+        _ => Cut::Stall(STALL_CAP),
     }
 }
+
+/// How long a stalled connection is kept before the proxy cuts it (far above every watchdog
+/// of the terminals: theirs must end it).
+const STALL_CAP: Duration = Duration::from_secs(30);
 
 fn table(r: &Report) -> Table {
     let mut t = Table::new(format!(
@@ -951,12 +977,13 @@ fn table(r: &Report) -> Table {
         ),
     );
     t.row(
-        "cuts: to client / to server / timed / total (while publishing)",
+        "cuts: to client / to server / timed / stalled / total (while publishing)",
         format!(
-            "{} / {} / {} / {} ({})",
+            "{} / {} / {} / {} / {} ({})",
             count(r.cuts.after_bytes_to_client),
             count(r.cuts.after_bytes_to_server),
             count(r.cuts.after_time),
+            count(r.cuts.stalled),
             count(r.cuts_total),
             count(r.cuts_while_publishing)
         ),
@@ -1006,10 +1033,14 @@ fn table(r: &Report) -> Table {
             ),
         );
         t.row(
-            format!("{}: disconnects, sessions ws / longpoll / sse", f.kind),
             format!(
-                "{}, {} / {} / {}",
+                "{}: disconnects (by the watchdog), sessions ws / longpoll / sse",
+                f.kind
+            ),
+            format!(
+                "{} ({}), {} / {} / {}",
                 count(f.disconnects),
+                count(f.watchdog),
                 count(f.sessions_ws),
                 count(f.sessions_longpoll),
                 count(f.sessions_sse)
