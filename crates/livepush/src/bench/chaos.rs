@@ -757,10 +757,11 @@ async fn soak(a: &ChaosBench, run_id: &str, data_dir: &Path) -> anyhow::Result<R
     for f in &per_kind {
         total.add(f);
     }
-    for t in terminals {
+    futures_util::future::join_all(terminals.into_iter().map(|t| async move {
         let _ = tokio::time::timeout(Duration::from_secs(3), t.client.close()).await;
         t.task.abort();
-    }
+    }))
+    .await;
     let cuts = proxy.cuts();
     let r = Report {
         bench: "chaos",
