@@ -40,7 +40,8 @@ pub enum Direction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cut {
     /// Once this many more bytes went this way: the cut may fall in the middle of a frame,
-    /// an HTTP answer or a request.
+    /// an HTTP answer or a request. If they do not come within [`BYTES_WAIT`], it is cut
+    /// then (and counted as timed), so that no armed connection waits forever.
     AfterBytes(Direction, u64),
     /// After this long, whatever is in flight.
     After(Duration),
@@ -49,6 +50,9 @@ pub enum Cut {
     /// watchdog should).
     Stall(Duration),
 }
+
+/// How long a [`Cut::AfterBytes`] waits for its bytes.
+pub const BYTES_WAIT: Duration = Duration::from_secs(2);
 
 /// Cuts done so far, by what triggered them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -200,6 +204,15 @@ impl Proxy {
         *lock(&live.ctl.cut) = Some(how);
         live.ctl.notify.notify_one();
         true
+    }
+
+    /// Live connections armed to cut themselves (or stalled) that have not yet.
+    pub fn armed(&self) -> u64 {
+        let conns = lock(&self.state.conns);
+        conns
+            .values()
+            .filter(|l| l.ctl.armed.load(Ordering::Relaxed))
+            .count() as u64
     }
 
     /// Cuts done so far.
@@ -385,8 +398,13 @@ async fn forward(state: &State, ctl: &Ctl, down: &mut TcpStream, up: &mut TcpStr
                 }
             }
             () = ctl.notify.notified() => match lock(&ctl.cut).take() {
-                Some(Cut::AfterBytes(Direction::ToServer, n)) => budget_to_server = Some(n),
-                Some(Cut::AfterBytes(Direction::ToClient, n)) => budget_to_client = Some(n),
+                Some(Cut::AfterBytes(direction, n)) => {
+                    match direction {
+                        Direction::ToServer => budget_to_server = Some(n),
+                        Direction::ToClient => budget_to_client = Some(n),
+                    }
+                    deadline = Some(Instant::now() + BYTES_WAIT);
+                }
                 Some(Cut::After(d)) => deadline = Some(Instant::now() + d),
                 Some(Cut::Stall(d)) => {
                     state.stalled.fetch_add(1, Ordering::Relaxed);

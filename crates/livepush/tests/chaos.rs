@@ -48,6 +48,10 @@ async fn survives(restart: &str, exit: &str) {
     let (ok, r) = chaos(&["--restart", restart]).await;
     assert_eq!(r["answered"], 500, "{r:#}");
     assert!(r["cuts_total"].as_u64().expect("cuts") >= 100, "{r:#}");
+    assert!(
+        r["cuts_while_publishing"].as_u64().expect("cuts") >= 20,
+        "{r:#}"
+    );
     assert_eq!(r["restart"]["exit"], exit, "{r:#}");
     let kinds = r["per_transport"].as_array().expect("per transport");
     assert_eq!(kinds.len(), 3);

@@ -431,6 +431,10 @@ impl Server {
                 // within the run.
                 "--flap-retry-ws-after",
                 "3s",
+                // Traffic every second on a quiet path, so that the terminals' 3 s watchdog
+                // fires only on the proxy's stalls.
+                "--heartbeat-ms",
+                "1000",
             ]
             .map(str::to_owned),
         );
@@ -926,10 +930,10 @@ async fn cutter(proxy: Proxy, target: u64, rate: f64, mut stop: watch::Receiver<
             _ = stop.changed() => return,
             _ = tick.tick() => {}
         }
-        let done = proxy.cuts().total();
+        // Armed cuts that have not fired yet count against what is due; at most a few per
+        // tick.
+        let done = proxy.cuts().total() + proxy.armed();
         let due = ((start.elapsed().as_secs_f64() * rate) as u64).min(target);
-        // Armed cuts that have not fired yet count against what is due, roughly: arm at
-        // most a few per tick.
         for _ in 0..due.saturating_sub(done).min(4) {
             if !proxy.cut_one(random_cut()) {
                 break;
