@@ -45,9 +45,9 @@ pub enum Cut {
     AfterBytes(Direction, u64),
     /// After this long, whatever is in flight.
     After(Duration),
-    /// The path goes silent at once: what either side sends is read and thrown away, the
-    /// sockets stay open; cut after this long unless a side gives up first (a client's
-    /// watchdog should).
+    /// The path goes dead at once, as a network that vanished: nothing is read from either
+    /// side any more (their writes pile up, then block), the sockets stay open; cut after
+    /// this long. Only a client's watchdog can notice before.
     Stall(Duration),
 }
 
@@ -118,6 +118,8 @@ struct Live {
 struct Ctl {
     cut: Mutex<Option<Cut>>,
     armed: AtomicBool,
+    /// A stall began (counted already, the connection lives on).
+    stalled: AtomicBool,
     notify: Notify,
 }
 
@@ -206,12 +208,14 @@ impl Proxy {
         true
     }
 
-    /// Live connections armed to cut themselves (or stalled) that have not yet.
+    /// Live connections armed to cut themselves that have not yet (nor begun a stall).
     pub fn armed(&self) -> u64 {
         let conns = lock(&self.state.conns);
         conns
             .values()
-            .filter(|l| l.ctl.armed.load(Ordering::Relaxed))
+            .filter(|l| {
+                l.ctl.armed.load(Ordering::Relaxed) && !l.ctl.stalled.load(Ordering::Relaxed)
+            })
             .count() as u64
     }
 
@@ -373,21 +377,15 @@ async fn forward(state: &State, ctl: &Ctl, down: &mut TcpStream, up: &mut TcpStr
     let mut stalled = false;
     loop {
         tokio::select! {
-            r = down_r.read(&mut to_server) => {
+            r = down_r.read(&mut to_server), if !stalled => {
                 let n = match r { Ok(0) | Err(_) => return Ended::Closed, Ok(n) => n };
-                if stalled {
-                    continue;
-                }
                 let cuts = &state.cut_to_server;
                 if let Some(end) = pass(&to_server[..n], &mut up_w, &mut budget_to_server, cuts).await {
                     return end;
                 }
             }
-            r = up_r.read(&mut to_client) => {
+            r = up_r.read(&mut to_client), if !stalled => {
                 let n = match r { Ok(0) | Err(_) => return Ended::Closed, Ok(n) => n };
-                if stalled {
-                    continue;
-                }
                 if state.discard.load(Ordering::Relaxed) {
                     state.discarded.fetch_add(n as u64, Ordering::Relaxed);
                     continue;
@@ -408,6 +406,7 @@ async fn forward(state: &State, ctl: &Ctl, down: &mut TcpStream, up: &mut TcpStr
                 Some(Cut::After(d)) => deadline = Some(Instant::now() + d),
                 Some(Cut::Stall(d)) => {
                     state.stalled.fetch_add(1, Ordering::Relaxed);
+                    ctl.stalled.store(true, Ordering::Relaxed);
                     stalled = true;
                     deadline = Some(Instant::now() + d);
                 }

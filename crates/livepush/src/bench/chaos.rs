@@ -943,8 +943,8 @@ async fn cutter(proxy: Proxy, target: u64, rate: f64, mut stop: watch::Receiver<
 }
 
 /// A cut at random: after up to 16 KiB to the client (mid-frame, mid-answer, 40 %), up to
-/// 1 KiB to the server (mid-request, 20 %), up to 1 s (35 %), or a stall that only the
-/// client's watchdog ends (5 %; cut after 30 s if it does not).
+/// 1 KiB to the server (mid-request, 20 %), up to 1 s (35 %), or a stall: a dead path that
+/// only the client's watchdog notices (5 %; cut after 20 s).
 fn random_cut() -> Cut {
     use rand::Rng;
     let mut rng = rand::rng();
@@ -957,8 +957,8 @@ fn random_cut() -> Cut {
 }
 
 /// How long a stalled connection is kept before the proxy cuts it (far above every watchdog
-/// of the terminals: theirs must end it).
-const STALL_CAP: Duration = Duration::from_secs(30);
+/// of the terminals: theirs must notice first).
+const STALL_CAP: Duration = Duration::from_secs(20);
 
 fn table(r: &Report) -> Table {
     let mut t = Table::new(format!(
