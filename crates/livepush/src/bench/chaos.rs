@@ -10,7 +10,9 @@
 //! (`recovered:false`, [`Event::Lost`]), which is counted apart. Loss, duplicates and
 //! reordering are reported per transport and make the command fail.
 
-use std::collections::{BTreeSet, HashMap};
+mod check;
+
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +28,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use self::check::{Figures, Ledger, RoomSeen};
 use super::client::{FirstError, staggered};
 use super::report::{self, Table, count};
 use super::server::{SPAWN_KEY, SPAWN_SECRET, serve_args, start_serve, stop_child};
@@ -142,185 +145,6 @@ struct Restarted {
     killed_after_timeout: bool,
     /// From the signal until the new process listened.
     down_ms: f64,
-}
-
-/// The check's figures for a group of terminals.
-#[derive(Debug, Default, Clone, Serialize)]
-struct Figures {
-    kind: String,
-    terminals: u64,
-    /// Answered messages the terminals had to receive.
-    expected: u64,
-    delivered: u64,
-    /// Expected, never delivered, not reported gone.
-    lost: u64,
-    duplicates: u64,
-    reordered: u64,
-    /// Expected, reported gone by the SDK (`Event::Lost`), not delivered.
-    reported_lost: u64,
-    /// `joined` with `recovered:false`.
-    not_recovered: u64,
-    /// Terminals that had not received every room's last answered message by the end.
-    unfinished: u64,
-    disconnects: u64,
-    /// Disconnects by the SDK's watchdog (a silent path: the proxy's stalls).
-    watchdog: u64,
-    /// Sessions started, by transport.
-    sessions_ws: u64,
-    sessions_longpoll: u64,
-    sessions_sse: u64,
-}
-
-impl Figures {
-    fn add(&mut self, o: &Figures) {
-        self.terminals += o.terminals;
-        self.expected += o.expected;
-        self.delivered += o.delivered;
-        self.lost += o.lost;
-        self.duplicates += o.duplicates;
-        self.reordered += o.reordered;
-        self.reported_lost += o.reported_lost;
-        self.not_recovered += o.not_recovered;
-        self.unfinished += o.unfinished;
-        self.disconnects += o.disconnects;
-        self.watchdog += o.watchdog;
-        self.sessions_ws += o.sessions_ws;
-        self.sessions_longpoll += o.sessions_longpoll;
-        self.sessions_sse += o.sessions_sse;
-    }
-
-    fn violations(&self) -> u64 {
-        self.lost + self.duplicates + self.reordered + self.unfinished
-    }
-}
-
-/// Every answered publish: per room, per epoch, the seqs.
-#[derive(Debug, Default)]
-struct Ledger {
-    rooms: HashMap<String, HashMap<String, BTreeSet<u64>>>,
-}
-
-impl Ledger {
-    fn answer(&mut self, room: &str, epoch: &str, seq: u64) {
-        self.rooms
-            .entry(room.to_owned())
-            .or_default()
-            .entry(epoch.to_owned())
-            .or_default()
-            .insert(seq);
-    }
-
-    /// The newest answered `(epoch, seq)` of `room`: the epoch with the highest seq.
-    fn last(&self, room: &str) -> Option<(&str, u64)> {
-        self.rooms.get(room)?.iter().fold(None, |best, (e, seqs)| {
-            let s = *seqs.last()?;
-            match best {
-                Some((_, b)) if b >= s => best,
-                _ => Some((e.as_str(), s)),
-            }
-        })
-    }
-}
-
-/// What one terminal saw of one room, in the order the SDK handed it over.
-#[derive(Debug, Default)]
-struct RoomSeen {
-    /// The epochs seen, in order; messages name them by index.
-    epochs: Vec<String>,
-    /// Per epoch: the seq of the first `joined` in it (where the terminal came in).
-    base: HashMap<usize, u64>,
-    /// `(epoch index, seq)` of each message.
-    msgs: Vec<(usize, u64)>,
-    /// `(epoch index, first, last)` of each `Lost`.
-    lost: Vec<(usize, u64, u64)>,
-    not_recovered: u64,
-}
-
-impl RoomSeen {
-    fn epoch(&mut self, epoch: &str) -> usize {
-        match self.epochs.iter().position(|e| e == epoch) {
-            Some(i) => i,
-            None => {
-                self.epochs.push(epoch.to_owned());
-                self.epochs.len() - 1
-            }
-        }
-    }
-
-    fn joined(&mut self, epoch: &str, seq: u64, recovered: bool) {
-        let e = self.epoch(epoch);
-        self.base.entry(e).or_insert(seq);
-        if !recovered {
-            self.not_recovered += 1;
-        }
-    }
-
-    fn message(&mut self, epoch: &str, seq: u64) {
-        let e = self.epoch(epoch);
-        self.msgs.push((e, seq));
-    }
-
-    /// `Lost` names seqs of the room's current epoch: the last one seen.
-    fn lost(&mut self, first: u64, last: u64) {
-        let e = self.epochs.len().saturating_sub(1);
-        self.lost.push((e, first, last));
-    }
-
-    /// The newest `(epoch, seq)` handed over.
-    fn last(&self) -> Option<(&str, u64)> {
-        self.msgs.last().map(|&(e, s)| (self.epochs[e].as_str(), s))
-    }
-
-    /// Check what was seen against what was answered; adds to `f`, returns the seqs seen
-    /// that nobody was answered for.
-    fn check(&self, answered: Option<&HashMap<String, BTreeSet<u64>>>, f: &mut Figures) -> u64 {
-        let mut seen: Vec<BTreeSet<u64>> = vec![BTreeSet::new(); self.epochs.len()];
-        let mut newest: Vec<Option<u64>> = vec![None; self.epochs.len()];
-        for &(e, s) in &self.msgs {
-            f.delivered += 1;
-            if !seen[e].insert(s) {
-                f.duplicates += 1;
-            } else if newest[e].is_some_and(|n| s < n) {
-                f.reordered += 1;
-            }
-            newest[e] = newest[e].max(Some(s));
-        }
-        f.not_recovered += self.not_recovered;
-        let mut unanswered = 0;
-        let empty = HashMap::new();
-        let answered = answered.unwrap_or(&empty);
-        for (i, epoch) in self.epochs.iter().enumerate() {
-            let mine = answered.get(epoch);
-            unanswered += seen[i]
-                .iter()
-                .filter(|s| !mine.is_some_and(|m| m.contains(s)))
-                .count() as u64;
-        }
-        for (epoch, seqs) in answered {
-            let e = self.epochs.iter().position(|x| x == epoch);
-            // An epoch the terminal never joined in: everything of it is owed (it came in
-            // before the first message, so it must have followed the room into it).
-            let base = e.and_then(|e| self.base.get(&e).copied()).unwrap_or(0);
-            for &s in seqs.range(base + 1..) {
-                f.expected += 1;
-                let got = e.is_some_and(|e| seen[e].contains(&s));
-                if got {
-                    continue;
-                }
-                let said_gone = e.is_some_and(|e| {
-                    self.lost
-                        .iter()
-                        .any(|&(le, a, b)| le == e && (a..=b).contains(&s))
-                });
-                if said_gone {
-                    f.reported_lost += 1;
-                } else {
-                    f.lost += 1;
-                }
-            }
-        }
-        unanswered
-    }
 }
 
 /// What one terminal saw, and how its connection fared.
@@ -1058,80 +882,4 @@ fn table(r: &Report) -> Table {
     t.row("unanswered seqs received", count(r.unanswered_seqs));
     t.row("soak time", format!("{:.1} s", r.seconds));
     t
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn answered(seqs: &[u64]) -> HashMap<String, BTreeSet<u64>> {
-        HashMap::from([("e1".to_owned(), seqs.iter().copied().collect())])
-    }
-
-    fn check(seen: &RoomSeen, seqs: &[u64]) -> (Figures, u64) {
-        let mut f = Figures::default();
-        let extra = seen.check(Some(&answered(seqs)), &mut f);
-        (f, extra)
-    }
-
-    #[test]
-    fn a_clean_run_has_nothing_to_report() {
-        let mut s = RoomSeen::default();
-        s.joined("e1", 2, true);
-        for q in 3..=6 {
-            s.message("e1", q);
-        }
-        let (f, extra) = check(&s, &[1, 2, 3, 4, 5, 6]);
-        assert_eq!(
-            (f.expected, f.delivered, f.violations(), extra),
-            (4, 4, 0, 0)
-        );
-    }
-
-    #[test]
-    fn loss_duplicates_and_reordering_are_told_apart() {
-        let mut s = RoomSeen::default();
-        s.joined("e1", 0, true);
-        for q in [1, 3, 2, 3, 5] {
-            s.message("e1", q);
-        }
-        let (f, _) = check(&s, &[1, 2, 3, 4, 5]);
-        assert_eq!((f.lost, f.duplicates, f.reordered), (1, 1, 1));
-    }
-
-    #[test]
-    fn what_the_sdk_said_is_gone_is_counted_apart() {
-        let mut s = RoomSeen::default();
-        s.joined("e1", 0, true);
-        s.message("e1", 1);
-        s.joined("e1", 4, false);
-        s.lost(2, 3);
-        s.message("e1", 4);
-        let (f, _) = check(&s, &[1, 2, 3, 4]);
-        assert_eq!((f.lost, f.reported_lost, f.not_recovered), (0, 2, 1));
-    }
-
-    #[test]
-    fn unanswered_seqs_and_a_new_epoch() {
-        let mut s = RoomSeen::default();
-        s.joined("e1", 0, true);
-        s.message("e1", 1);
-        // Seq 2 was stored but its answer lost: seen, never answered.
-        s.message("e1", 2);
-        let mut f = Figures::default();
-        let mut answered = answered(&[1]);
-        // An epoch the terminal never saw: all of it is owed.
-        answered.insert("e2".to_owned(), BTreeSet::from([1, 2]));
-        assert_eq!(s.check(Some(&answered), &mut f), 1);
-        assert_eq!(f.lost, 2);
-    }
-
-    #[test]
-    fn the_ledger_knows_the_newest_message_of_a_room() {
-        let mut l = Ledger::default();
-        assert_eq!(l.last("r"), None);
-        l.answer("r", "e1", 5);
-        l.answer("r", "e1", 3);
-        assert_eq!(l.last("r"), Some(("e1", 5)));
-    }
 }
