@@ -13,6 +13,7 @@
 mod agent;
 mod bench;
 mod config_file;
+mod proxy;
 mod publish;
 mod serve;
 mod tail;

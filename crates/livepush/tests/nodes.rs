@@ -41,7 +41,7 @@ async fn a_node_killed_mid_stream_costs_its_terminals_nothing() {
     let redis = Redis::start();
     let mut nodes: Vec<Option<ServerProcess>> = (0..3).map(|_| Some(node(&redis))).collect();
     let addrs = nodes.iter().flatten().map(|n| n.addr()).collect();
-    let proxy = Proxy::round_robin(addrs).await;
+    let proxy = Proxy::round_robin(addrs).await.expect("proxy");
 
     let clients = one_client_per_transport(&proxy, ROOM).await;
     // The WebSocket client holds one connection: the first the proxy made, to node 0.
@@ -147,7 +147,9 @@ async fn all_once_in_order(mode: TransportMode, mut events: Events, total: u64) 
 async fn three_publishers_on_three_nodes_reach_every_transport_once_in_order() {
     let redis = Redis::start();
     let nodes: Vec<ServerProcess> = (0..3).map(|_| node(&redis)).collect();
-    let proxy = Proxy::round_robin(nodes.iter().map(|n| n.addr()).collect()).await;
+    let proxy = Proxy::round_robin(nodes.iter().map(|n| n.addr()).collect())
+        .await
+        .expect("proxy");
     let clients = one_client_per_transport(&proxy, "live:three").await;
     const EACH: u64 = 100;
     let publishers: Vec<_> = nodes

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_survives_a_proxy_that_keeps_cutting_it() {
     let server = TestServer::start().await;
-    let proxy = Proxy::start(server.addr()).await;
+    let proxy = Proxy::start(server.addr()).await.expect("proxy");
     let (client, mut events) = Client::connect(fast_client(proxy.url(), "viewer")).expect("client");
     client.join("live:cut", None).await.expect("join");
     // Wait for the first join so that every message below is owed to this client.

@@ -73,7 +73,7 @@ async fn refused_websocket_falls_back_to_long_polling() {
     const ROOM: &str = "live:lp";
     const TOTAL: u64 = 200;
     let server = TestServer::start().await;
-    let proxy = Proxy::start(server.addr()).await;
+    let proxy = Proxy::start(server.addr()).await.expect("proxy");
     proxy.refuse_websocket();
     let deadline = Instant::now() + Duration::from_secs(20);
 
@@ -212,7 +212,7 @@ async fn a_flapping_websocket_moves_to_long_polling_and_back() {
         c.flap_longpoll_for = Duration::from_secs(2);
     })
     .await;
-    let proxy = Proxy::start(server.addr()).await;
+    let proxy = Proxy::start(server.addr()).await.expect("proxy");
     let deadline = Instant::now() + Duration::from_secs(20);
 
     let (client, mut events) =
@@ -308,7 +308,7 @@ async fn sse_receives_in_order_and_resumes() {
     const ROOM: &str = "live:sse";
     // Small queues: a 100-message replay does not fit in one stream.
     let server = TestServer::with(|c| c.limits.outbox_frames = 16).await;
-    let proxy = Proxy::start(server.addr()).await;
+    let proxy = Proxy::start(server.addr()).await.expect("proxy");
     let deadline = Instant::now() + Duration::from_secs(20);
     for n in 1..=100 {
         server.api.publish(ROOM, "gift", json!({"n": n})).await;
@@ -376,7 +376,7 @@ async fn sse_receives_in_order_and_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_poll_keeps_the_dev_terminal_and_reports_refused_tokens() {
     let server = TestServer::with(|c| c.dev = true).await;
-    let proxy = Proxy::start(server.addr()).await;
+    let proxy = Proxy::start(server.addr()).await.expect("proxy");
     let deadline = Instant::now() + Duration::from_secs(10);
 
     let (client, mut events) = Client::connect(ClientConfig {

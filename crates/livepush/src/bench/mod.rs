@@ -10,10 +10,13 @@
 //! - `wake`: N idle terminals without a connection, woken over UDP; time until delivered.
 //! - `floor`: no server: what a round of one write per loopback connection costs on this
 //!   machine, the floor under any server's paced fan-out.
+//! - `chaos`: SDK terminals on every transport through a proxy that cuts at random, a
+//!   server restart on the durable store: every answered message exactly once, in order.
 //!
 //! The last three speak to livepush or to a peer server (`--target ws|socketio|nchan`) and
 //! measure a local server from /proc. See `bench/README.md` for how to run them.
 
+mod chaos;
 mod client;
 mod connections;
 mod fanout;
@@ -57,6 +60,10 @@ enum BenchCommand {
     /// No server: N loopback connections written to round after round (blocking writes, a
     /// busy-polling reader on another core). The floor under any server's paced fan-out here.
     Floor(floor::FloorBench),
+    /// WebSocket, long-poll and SSE terminals of the Rust SDK through a proxy that cuts their
+    /// connections at random, reliable messages, a server restart in the middle: loss,
+    /// duplicates and reordering per transport (must all be 0).
+    Chaos(chaos::ChaosBench),
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -78,6 +85,10 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Floor(f) => {
             raise_nofile();
             floor::run(f).await
+        }
+        BenchCommand::Chaos(c) => {
+            raise_nofile();
+            chaos::run(c).await
         }
     }
 }

@@ -48,7 +48,7 @@ struct Row {
     errors: u64,
 }
 
-const KEY: &str = "bench-api-key";
+const KEY: &str = "bench-api-key-0123456789";
 
 async fn one(
     a: &PublishBench,

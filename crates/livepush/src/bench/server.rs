@@ -126,8 +126,26 @@ pub struct Sut {
     pub json: bool,
 }
 
-const SPAWN_KEY: &str = "bench-api-key-0123456789";
-const SPAWN_SECRET: &str = "bench-token-secret-0123456789";
+/// The API key and token secret of a server the bench spawns.
+pub const SPAWN_KEY: &str = "bench-api-key-0123456789";
+pub const SPAWN_SECRET: &str = "bench-token-secret-0123456789";
+
+/// `serve` on `listen` with [`SPAWN_KEY`] and [`SPAWN_SECRET`] and a history that keeps a
+/// run's `history` messages (at least the default 1000): the arguments every spawned server
+/// starts with.
+pub fn serve_args(listen: &str, history: usize) -> Vec<String> {
+    vec![
+        "serve".into(),
+        "--listen".into(),
+        listen.into(),
+        "--api-key".into(),
+        SPAWN_KEY.into(),
+        "--token-secret".into(),
+        SPAWN_SECRET.into(),
+        "--history-size".into(),
+        history.max(1000).to_string(),
+    ]
+}
 
 impl Sut {
     /// Resolve the options: spawn the server if asked, find its address, set up tokens.
@@ -396,17 +414,7 @@ async fn spawn(
         Some(b) => b.clone(),
         None => std::env::current_exe().context("locating this binary")?,
     };
-    let mut args: Vec<String> = vec![
-        "serve".into(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--api-key".into(),
-        SPAWN_KEY.into(),
-        "--token-secret".into(),
-        SPAWN_SECRET.into(),
-        "--history-size".into(),
-        history.max(1000).to_string(),
-    ];
+    let mut args = serve_args("127.0.0.1:0", history);
     match &o.redis {
         Some(redis) => args.extend([
             "--redis".into(),

@@ -6,6 +6,8 @@
 #![allow(dead_code)]
 
 pub mod process;
+// The proxy of `livepush bench chaos`, shared with the tests.
+#[path = "../../src/proxy.rs"]
 pub mod proxy;
 // One fixture for both crates' Redis tests.
 #[path = "../../../livepush-server/tests/it/redis_server.rs"]
