@@ -155,6 +155,19 @@ fn scalar(v: &Value) -> Option<String> {
     }
 }
 
+/// The `log-level` a configuration file sets, if any (read again on SIGHUP).
+pub fn log_level(file: &Path) -> anyhow::Result<Option<String>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the configuration file {}", file.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+    match table.get("log-level") {
+        None => Ok(None),
+        Some(Value::String(level)) => Ok(Some(level.clone())),
+        Some(_) => Err(anyhow!("{}: `log-level` must be a string", file.display())),
+    }
+}
+
 /// clap's message without its `error: ` and the usage lines after it.
 fn first_line(rendered: &str) -> String {
     let line = rendered.lines().next().unwrap_or_default();

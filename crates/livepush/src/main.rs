@@ -13,6 +13,7 @@
 mod agent;
 mod bench;
 mod config_file;
+mod logging;
 mod proxy;
 mod publish;
 mod serve;
@@ -70,14 +71,13 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() {
     let cli: Cli = config_file::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LIVEPUSH_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("warn,livepush=info,livepush_client=warn")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let log_level = match &cli.command {
+        Command::Serve(a) => logging::init(a.log_format, a.log_level.as_deref()),
+        _ => logging::init(
+            logging::LogFormat::Text,
+            std::env::var("LIVEPUSH_LOG").ok().as_deref(),
+        ),
+    };
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -85,7 +85,7 @@ fn main() {
         .and_then(|rt| {
             rt.block_on(async move {
                 match cli.command {
-                    Command::Serve(a) => serve::run(*a).await,
+                    Command::Serve(a) => serve::run(*a, log_level).await,
                     Command::Publish(a) => publish::run(a).await,
                     Command::Token(a) => token::run(a),
                     Command::Tail(a) => tail::run(a).await,

@@ -27,6 +27,15 @@ pub struct ServeArgs {
     /// defaults` prints a complete one, `livepush config check FILE` checks one.
     #[arg(long, env = "LIVEPUSH_CONFIG")]
     config: Option<std::path::PathBuf>,
+    /// Log format on stderr: `text` (one readable line per event) or `json` (one object per
+    /// line, for log collectors).
+    #[arg(long, env = "LIVEPUSH_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: crate::logging::LogFormat,
+    /// What to log: a tracing filter directive, e.g. `info` or
+    /// `warn,livepush_server::inbox=debug`. SIGHUP re-reads it from the --config file, so it
+    /// changes without a restart. [default: warn,livepush=info,livepush_client=warn]
+    #[arg(long, env = "LIVEPUSH_LOG", value_parser = log_directive)]
+    pub log_level: Option<String>,
     /// Address to listen on (HTTP and WebSocket). Port 0 picks a free port.
     #[arg(long, env = "LIVEPUSH_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -389,7 +398,16 @@ impl ServeArgs {
     }
 }
 
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+fn log_directive(s: &str) -> Result<String, String> {
+    crate::logging::parse(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+pub async fn run(args: ServeArgs, log_level: crate::logging::LogLevel) -> anyhow::Result<()> {
+    if let Some(file) = args.config.clone() {
+        spawn_log_reload(file, log_level)?;
+    }
     if let Some(file) = &args.config {
         tracing::info!(file = %file.display(), "settings from a configuration file");
     }
@@ -455,5 +473,30 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(DataStore::Redb(s)) = store {
         s.close().context("closing the store")?;
     }
+    Ok(())
+}
+
+/// On SIGHUP, apply the `log-level` of the configuration file again (or the default when the
+/// file has none): a running server's logging changes without a restart.
+fn spawn_log_reload(
+    file: std::path::PathBuf,
+    log_level: crate::logging::LogLevel,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let applied = crate::config_file::log_level(&file).and_then(|level| {
+                let level = level.unwrap_or_else(|| crate::logging::DEFAULT_LEVEL.to_owned());
+                log_level.set(&level).map(|()| level)
+            });
+            match applied {
+                Ok(level) => {
+                    tracing::warn!(%level, file = %file.display(), "SIGHUP: log level reloaded")
+                }
+                Err(e) => tracing::warn!(error = %e, "SIGHUP: the log level stays as it was"),
+            }
+        }
+    });
     Ok(())
 }

@@ -89,3 +89,72 @@ fn a_bad_file_stops_the_server_and_config_check_names_the_line() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `--log-format json` writes one JSON object per line, and SIGHUP applies the file's
+/// `log-level` again while the server runs.
+#[test]
+fn json_logs_and_a_log_level_reloaded_on_sighup() {
+    let f = file("listen = \"127.0.0.1:0\"\nwake-listen = \"off\"\nlog-level = \"info\"\n");
+    let path = f.path().to_str().expect("utf-8 path");
+    let mut child = livepush(
+        &[
+            "serve",
+            "--data-dir",
+            ":memory:",
+            "--config",
+            path,
+            "--log-format",
+            "json",
+        ],
+        &[],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn livepush");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("listening line");
+    assert!(line.starts_with("livepush listening on"), "{line}");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    std::thread::spawn(move || {
+        for l in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let next_json = |what: &str| -> serde_json::Value {
+        loop {
+            let l = rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("no log line: {what}"));
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l)
+                && v["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(what))
+            {
+                return v;
+            }
+            assert!(
+                !l.starts_with('{') || l.ends_with('}'),
+                "not one object per line: {l}"
+            );
+        }
+    };
+    let first = next_json("settings from a configuration file");
+    assert_eq!(first["level"], "INFO", "{first}");
+    std::fs::write(
+        f.path(),
+        "listen = \"127.0.0.1:0\"\nlog-level = \"debug\"\n",
+    )
+    .expect("write");
+    let pid = child.id().to_string();
+    Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill -HUP");
+    let reloaded = next_json("log level reloaded");
+    assert_eq!(reloaded["fields"]["level"], "debug", "{reloaded}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
