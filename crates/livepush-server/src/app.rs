@@ -28,6 +28,8 @@ pub struct App {
     /// Per-terminal inboxes and wake-ups.
     pub inboxes: Arc<Inboxes>,
     pub wake_keys: WakeKeys,
+    /// The backend's send hook, if one is configured.
+    pub send_hook: Option<Arc<crate::hooks::SendHook>>,
     /// Flips to `true` when the server shuts down; long-lived sessions watch it.
     pub shutdown: watch::Receiver<bool>,
 }

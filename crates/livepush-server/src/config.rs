@@ -61,6 +61,9 @@ pub struct Config {
     /// this many, the least recently used idle for 10 s leave too). A room that left is loaded
     /// from the store again on its next use, so clients notice nothing.
     pub max_rooms: usize,
+    /// The send hook (`--send-hook`): terminal sends go to the backend first (see
+    /// [`crate::hooks`]). `None`: sends go out as they are.
+    pub send_hook: Option<SendHookSettings>,
     /// Where the UDP wake listener binds.
     pub wake_listen: WakeListen,
     /// How far a keepalive's `ts` may be from the server's clock.
@@ -256,6 +259,7 @@ impl Config {
             terminal_retention: Duration::from_secs(24 * 3600),
             room_idle: Duration::from_secs(60),
             max_rooms: DEFAULT_MAX_ROOMS,
+            send_hook: None,
             wake_listen: WakeListen::SameAsHttp,
             wake_max_skew: Duration::from_secs(300),
             wake_retries: 8,
@@ -279,6 +283,20 @@ impl Config {
 
     /// Refuse settings that cannot work, with a message that says which one.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(h) = &self.send_hook {
+            if h.secret.len() < 16 {
+                return Err(ConfigError::HookSecret);
+            }
+            if !h.url.starts_with("http://") {
+                return Err(ConfigError::HookUrl(h.url.clone()));
+            }
+            if h.timeout.is_zero() {
+                return Err(ConfigError::Zero("--send-hook-timeout"));
+            }
+            if h.concurrency == 0 {
+                return Err(ConfigError::Zero("--send-hook-concurrency"));
+            }
+        }
         if self.dev && !self.listen.ip().is_loopback() {
             return Err(ConfigError::DevNotOnLoopback(self.listen));
         }
@@ -359,6 +377,10 @@ pub enum ConfigError {
     JsonTooDeep,
     #[error("{0} must be greater than 0")]
     Zero(&'static str),
+    #[error("--send-hook needs --hook-secret of at least 16 bytes (its requests are signed)")]
+    HookSecret,
+    #[error("--send-hook must be an http:// URL (the backend next to livepush), not {0:?}")]
+    HookUrl(String),
     #[error("--outbox-max-bytes must be at least --write-batch-bytes")]
     OutboxBelowBatch,
     #[error(
@@ -366,6 +388,31 @@ pub enum ConfigError {
         MAX_MERGE_WINDOW.as_millis()
     )]
     MergeTooLong,
+}
+
+/// The send hook's settings (see [`crate::hooks`]).
+#[derive(Debug, Clone)]
+pub struct SendHookSettings {
+    /// Where a terminal's `send` is POSTed first.
+    pub url: String,
+    /// Key of the requests' HMAC-SHA256 signature (`X-Livepush-Signature`).
+    pub secret: String,
+    /// Longest the backend may take; past it the send counts as a hook failure.
+    pub timeout: Duration,
+    /// What a hook failure does to the send.
+    pub failure: HookFailure,
+    /// Hook requests in flight at once on this node; past it a send counts as a failure.
+    pub concurrency: usize,
+}
+
+/// What a send hook failure (no answer in time, an error, an answer that is none of
+/// allow, reject, rewrite) does to the send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookFailure {
+    /// Refused: the sender gets `error{code:"unavailable"}` (the default).
+    Closed,
+    /// Sent as it was.
+    Open,
 }
 
 /// A `--class` setting that cannot be applied.

@@ -51,6 +51,7 @@ pub mod control;
 pub mod engine;
 pub mod error;
 pub mod frame;
+pub mod hooks;
 pub mod hub;
 pub mod inbox;
 pub mod metrics;

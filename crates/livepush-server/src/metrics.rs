@@ -85,6 +85,30 @@ pub struct EngineStats {
     pub link_lost: Counter,
 }
 
+/// The backend hooks' calls.
+#[derive(Debug, Clone)]
+pub struct HookStats {
+    /// How long the send hook took to answer (or to fail).
+    pub seconds: Histogram,
+    /// Send hook failures, by reason: timeout, error, busy, bad_answer.
+    pub failures: Family<ReasonLabel, Counter>,
+}
+
+impl Default for HookStats {
+    fn default() -> Self {
+        HookStats {
+            seconds: latency(),
+            failures: Family::default(),
+        }
+    }
+}
+
+impl HookStats {
+    pub fn failure(&self, reason: &'static str) {
+        self.failures.get_or_create(&ReasonLabel { reason }).inc();
+    }
+}
+
 /// Latency buckets in seconds: 0.5 ms to about 8 s, doubling.
 fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 15))
@@ -111,6 +135,7 @@ pub struct Metrics {
     /// From a reliable message's publish (its `ts`, wall clock, ms) to its fan-out into this
     /// node's members' queues: the engine's share, across nodes with `--redis`.
     pub fanout_delay_seconds: Histogram,
+    pub hooks: HookStats,
 }
 
 impl Default for Metrics {
@@ -138,6 +163,7 @@ impl Metrics {
             wake: WakeStats::default(),
             publish_seconds: Family::new_with_constructor(latency),
             fanout_delay_seconds: latency(),
+            hooks: HookStats::default(),
         };
         // One line per metric: name, help, the metric (registered by a clone sharing it).
         macro_rules! register {
@@ -164,6 +190,8 @@ impl Metrics {
             "wake_datagrams", "Wake datagrams, by result", m.wake.wakes;
             "publish_seconds", "From a publish call to its answer, by class (reliable: the store's or Redis's share)", m.publish_seconds;
             "fanout_delay_seconds", "From a reliable message's publish to its fan-out into this node's member queues", m.fanout_delay_seconds;
+            "send_hook_seconds", "How long the send hook took to answer or fail", m.hooks.seconds;
+            "send_hook_failures", "Send hook failures, by reason (timeout, error, busy, bad_answer)", m.hooks.failures;
         );
         if let Some(e) = engine {
             register!(

@@ -487,6 +487,10 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
         terminals: terminals.clone(),
         inboxes: inboxes.clone(),
         wake_keys,
+        send_hook: config
+            .send_hook
+            .clone()
+            .map(|s| Arc::new(crate::hooks::SendHook::new(s, metrics.hooks.clone()))),
         shutdown: shutdown_rx.clone(),
     });
     let node: Arc<dyn Node> = app.clone();

@@ -26,6 +26,7 @@ use serde_json::value::RawValue;
 use crate::app::App;
 use crate::auth::Terminal;
 use crate::clock::now_ms;
+use crate::hooks::{SendHook, Verdict};
 use crate::hub::{Announce, JoinError, Member, Room};
 use crate::inbox::Inbox;
 use crate::metrics::{ReasonLabel, TransportLabel};
@@ -409,9 +410,9 @@ impl Session {
             ClientFrame::Pull { room, since, limit } => self
                 .pull(&room, since, limit, id)
                 .map_err(|e| e.with_room(&room)),
-            ClientFrame::Send { room, ty, data } => {
-                self.send(&room, &ty, &data).map_err(|e| e.with_room(&room))
-            }
+            ClientFrame::Send { room, ty, data } => self
+                .send(&room, &ty, &data, id)
+                .map_err(|e| e.with_room(&room)),
             ClientFrame::Ack { inbox } => {
                 // Every transport opens (or, for a `bye` poll, loads) the inbox first.
                 if let Some(i) = &self.inbox {
@@ -672,7 +673,13 @@ impl Session {
         Ok(())
     }
 
-    fn send(&mut self, room: &str, ty: &str, data: &RawValue) -> Result<(), FrameError> {
+    fn send(
+        &mut self,
+        room: &str,
+        ty: &str,
+        data: &RawValue,
+        id: Option<u64>,
+    ) -> Result<(), FrameError> {
         if !self.terminal.grants.may_send() {
             return Err(FrameError::new(
                 ErrorCode::Forbidden,
@@ -713,8 +720,50 @@ impl Session {
                 "sending too fast (send_rate)",
             ));
         }
-        self.app.hub.send_transient(r, ty, data);
+        match &self.app.send_hook {
+            None => {
+                self.app.hub.send_transient(r, ty, data);
+            }
+            Some(hook) => self.send_through_hook(hook.clone(), r.clone(), ty, data, id),
+        }
         Ok(())
+    }
+
+    /// The backend decides first (see [`crate::hooks`]), in a task of its own: the session,
+    /// and every other room, go on meanwhile. A room muted while the hook ran gets nothing.
+    fn send_through_hook(
+        &self,
+        hook: Arc<SendHook>,
+        room: Arc<Room>,
+        ty: &str,
+        data: &RawValue,
+        id: Option<u64>,
+    ) {
+        let (app, outbox) = (self.app.clone(), self.outbox.clone());
+        let terminal = self.terminal.id.clone();
+        let (ty, data) = (ty.to_owned(), data.to_owned());
+        let limits = (
+            app.config.limits.max_send_bytes,
+            app.config.limits.max_json_depth,
+        );
+        tokio::spawn(async move {
+            let refused = match hook.check(&terminal, &room.id, &ty, &data, limits).await {
+                _ if room.flags().muted => {
+                    FrameError::new(ErrorCode::Muted, format!("room {:?} is muted", &*room.id))
+                }
+                Verdict::Allow => {
+                    app.hub.send_transient(&room, &ty, &data);
+                    return;
+                }
+                Verdict::Rewrite(data) => {
+                    app.hub.send_transient(&room, &ty, &data);
+                    return;
+                }
+                Verdict::Reject(e) => e,
+            };
+            app.metrics.client_errors.inc();
+            outbox.reply(&refused.with_id(id).with_room(&room.id).to_frame());
+        });
     }
 
     /// Queue an `error` frame.

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use std::sync::Arc;
 
+use livepush_server::config::{HookFailure, SendHookSettings};
 use livepush_server::engine::Retention;
 use livepush_server::engine::redis::{RedisEngine, RedisSettings};
 use livepush_server::store::{DurabilityPolicy, MemoryStore, RedbStore, Store, StoreOptions};
@@ -227,6 +228,30 @@ pub struct ServeArgs {
     /// flushed; the process exits within this time whatever clients do.
     #[arg(long, env = "LIVEPUSH_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = duration)]
     shutdown_timeout: Duration,
+    /// POST every terminal `send` to this URL first: the backend allows it, rejects it (the
+    /// sender gets an error) or rewrites its data (docs/protocol.md, "Send hook").
+    #[arg(long, env = "LIVEPUSH_SEND_HOOK")]
+    send_hook: Option<String>,
+    /// Key of the hook requests' signature (`X-Livepush-Signature: sha256=HMAC`), at least
+    /// 16 bytes; required with --send-hook.
+    #[arg(long, env = "LIVEPUSH_HOOK_SECRET", hide_env_values = true)]
+    hook_secret: Option<String>,
+    /// Longest the send hook may take; past it the send counts as a hook failure.
+    #[arg(long, env = "LIVEPUSH_SEND_HOOK_TIMEOUT", default_value = "2s", value_parser = duration)]
+    send_hook_timeout: Duration,
+    /// What a send hook failure does: `closed` refuses the send (`unavailable`), `open` sends
+    /// it as it was.
+    #[arg(
+        long,
+        env = "LIVEPUSH_SEND_HOOK_FAILURE",
+        value_enum,
+        default_value = "closed"
+    )]
+    send_hook_failure: HookFailureArg,
+    /// Send hook requests in flight at once on this node; past it a send counts as a failure
+    /// (a slow backend never builds a queue).
+    #[arg(long, env = "LIVEPUSH_SEND_HOOK_CONCURRENCY", default_value_t = 256)]
+    send_hook_concurrency: usize,
     /// Accept queue of the HTTP listener (capped by the kernel's net.core.somaxconn).
     #[arg(long, env = "LIVEPUSH_LISTEN_BACKLOG", default_value_t = Limits::default().listen_backlog)]
     listen_backlog: u32,
@@ -358,6 +383,16 @@ impl ServeArgs {
             wake_rate_per_minute: self.wake_rate,
             wake_burst: self.wake_burst,
             shutdown_timeout: self.shutdown_timeout,
+            send_hook: self.send_hook.map(|url| SendHookSettings {
+                url,
+                secret: self.hook_secret.unwrap_or_default(),
+                timeout: self.send_hook_timeout,
+                failure: match self.send_hook_failure {
+                    HookFailureArg::Closed => HookFailure::Closed,
+                    HookFailureArg::Open => HookFailure::Open,
+                },
+                concurrency: self.send_hook_concurrency,
+            }),
             inbox_size: self.inbox_size,
             inbox_ttl: self.inbox_ttl,
             limits: Limits {
@@ -396,6 +431,13 @@ impl ServeArgs {
         };
         Ok((config, notes))
     }
+}
+
+/// `--send-hook-failure`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum HookFailureArg {
+    Closed,
+    Open,
 }
 
 fn log_directive(s: &str) -> Result<String, String> {

@@ -8,6 +8,7 @@ mod durability;
 mod errors;
 mod faulty;
 mod heartbeat;
+mod hooks;
 mod inbox;
 mod merge;
 mod redis;
