@@ -11,6 +11,7 @@ use std::sync::Arc;
 use livepush_server::engine::Retention;
 use livepush_server::engine::redis::{RedisEngine, RedisSettings};
 use livepush_server::store::{DurabilityPolicy, MemoryStore, RedbStore, Store, StoreOptions};
+use livepush_server::tls::TlsFiles;
 use livepush_server::{ClassMap, Config, Limits, WakeListen};
 use rand::Rng;
 use rand::distr::Alphanumeric;
@@ -30,6 +31,14 @@ pub struct ServeArgs {
     /// Address to listen on (HTTP and WebSocket). Port 0 picks a free port.
     #[arg(long, env = "LIVEPUSH_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Serve `https://` and `wss://` with this certificate chain (PEM, leaf first). Needs
+    /// --tls-key. Both files are read again on SIGHUP: new connections get the new
+    /// certificate, open ones keep theirs, and a bad file is logged and changes nothing.
+    #[arg(long, env = "LIVEPUSH_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "LIVEPUSH_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
     /// API key for the HTTP API (`Authorization: Bearer KEY`). Generated and printed if absent.
     #[arg(long, env = "LIVEPUSH_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -299,6 +308,12 @@ impl ServeArgs {
             None => generated("token secret (--token-secret)", &mut notes),
         };
         let heartbeat = Duration::from_millis(self.heartbeat_ms);
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => anyhow::bail!("--tls-cert needs --tls-key (the certificate's key)"),
+            (None, Some(_)) => anyhow::bail!("--tls-key needs --tls-cert (the certificate)"),
+        };
         let config = Config {
             listen: self.listen,
             api_key,
@@ -328,6 +343,7 @@ impl ServeArgs {
             shutdown_timeout: self.shutdown_timeout,
             inbox_size: self.inbox_size,
             inbox_ttl: self.inbox_ttl,
+            tls,
             limits: Limits {
                 max_frame_bytes: self.max_frame_bytes,
                 max_publish_bytes: self.max_publish_bytes,
@@ -357,6 +373,16 @@ impl ServeArgs {
             },
         };
         Ok((config, notes))
+    }
+}
+
+/// SIGHUP: read the TLS certificate and key again. A bad file is logged and changes nothing.
+fn reload_tls(running: &livepush_server::Running) {
+    match running.reload_tls() {
+        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: TLS certificate not reloaded; the previous one stays")
+        }
     }
 }
 
@@ -415,11 +441,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // SIGHUP reloads the certificate; without TLS it keeps its default action.
+    let mut hup = match running.is_tls() {
+        true => Some(signal(SignalKind::hangup())?),
+        false => None,
+    };
     println!("livepush listening on {}", running.url());
     std::io::stdout().flush()?;
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
+    loop {
+        tokio::select! {
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+            Some(_) = async { hup.as_mut()?.recv().await } => reload_tls(&running),
+        }
     }
     eprintln!("livepush: shutting down");
     running.shutdown().await;
