@@ -48,7 +48,21 @@ fn client(certs: &[&CertificateDer<'static>]) -> tokio_rustls::TlsConnector {
 }
 
 async fn connect(tls: &tokio_rustls::TlsConnector, addr: SocketAddr) -> TlsStream<TcpStream> {
-    let tcp = TcpStream::connect(addr).await.unwrap();
+    connect_with(tls, addr, None).await
+}
+
+/// `recv_buffer`: a fixed receive buffer (no autotuning), so that a client that does not
+/// read backs the server's socket up soon.
+async fn connect_with(
+    tls: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    recv_buffer: Option<u32>,
+) -> TlsStream<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    let tcp = socket.connect(addr).await.unwrap();
     let name = ServerName::try_from("localhost").unwrap();
     tokio::time::timeout(WAIT, tls.connect(name, tcp))
         .await
@@ -99,7 +113,16 @@ async fn https(
 
 /// A terminal over `wss://`, after `connected`.
 async fn terminal(server: &TestServer, tls: &tokio_rustls::TlsConnector, sub: &str) -> Ws {
-    let stream = connect(tls, server.running.addr()).await;
+    terminal_with(server, tls, sub, None).await
+}
+
+async fn terminal_with(
+    server: &TestServer,
+    tls: &tokio_rustls::TlsConnector,
+    sub: &str,
+    recv_buffer: Option<u32>,
+) -> Ws {
+    let stream = connect_with(tls, server.running.addr(), recv_buffer).await;
     let (inner, _) = tokio_tungstenite::client_async(
         "wss://localhost/v1/connect",
         MaybeTlsStream::Rustls(stream),
@@ -256,4 +279,48 @@ async fn a_bad_certificate_fails_the_start() {
     .await
     .expect_err("no certificate file");
     assert!(err.to_string().contains("missing.pem"), "{err}");
+}
+
+/// A wss client that stops reading backs the server's socket up (writes find it full, and
+/// rustls holds ciphertext); once it reads again, each message arrives whole.
+#[tokio::test]
+async fn a_backed_up_wss_connection_gets_everything_once_it_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = self_signed();
+    let files = TlsFiles {
+        cert: dir.path().join("cert.pem"),
+        key: dir.path().join("key.pem"),
+    };
+    write(&files, &a);
+    let mut c = config();
+    c.tls = Some(files);
+    c.limits.max_publish_bytes = 8 << 20;
+    c.limits.outbox_max_bytes = 16 << 20;
+    c.history_size = 2;
+    let server = TestServer::with(c).await;
+    let addr = server.running.addr();
+    let tls = client(&[&a.2]);
+    let mut ws = terminal_with(&server, &tls, "slow", Some(64 << 10)).await;
+    assert!(matches!(
+        ws.join("tls", None).await,
+        ServerFrame::Joined { .. }
+    ));
+    // Each message is more than the socket buffers hold (the server's send buffer grows to
+    // 4 MiB at most with Linux's defaults): the server's writes stop at a full socket until
+    // the client reads.
+    let pad = "y".repeat(6 << 20);
+    for i in 0..10 {
+        let (status, body) = https(
+            &tls,
+            addr,
+            "POST",
+            "/v1/rooms/tls/messages",
+            Some(json!({"type": "chat", "data": {"i": i, "pad": pad}})),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(received(&mut ws).await["i"], json!(i));
+    }
+    server.running.shutdown().await;
 }
