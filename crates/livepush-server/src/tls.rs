@@ -84,10 +84,6 @@ impl Tls {
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(self.current.read().clone())
     }
-
-    pub fn files(&self) -> &TlsFiles {
-        &self.files
-    }
 }
 
 fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
