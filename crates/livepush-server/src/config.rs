@@ -84,6 +84,9 @@ pub struct Config {
     pub inbox_size: usize,
     /// Age after which an unacknowledged inbox message is dropped.
     pub inbox_ttl: Duration,
+    /// Serve `https://` and `wss://` with this certificate and key (PEM), reloaded by
+    /// [`crate::Running::reload_tls`]. `None`: plain HTTP.
+    pub tls: Option<crate::tls::TlsFiles>,
     pub limits: Limits,
 }
 
@@ -270,6 +273,7 @@ impl Config {
             shutdown_timeout: Duration::from_secs(10),
             inbox_size: 100,
             inbox_ttl: Duration::from_secs(24 * 3600),
+            tls: None,
             limits: Limits::default(),
         }
     }

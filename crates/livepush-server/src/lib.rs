@@ -35,6 +35,8 @@
 //! - [`terminals`], [`inbox`] and [`wake`]: the service list, per-terminal inboxes (behind
 //!   the sibling seam [`engine::InboxEngine`]), and UDP wake-up of idle terminals.
 //! - [`assets`]: the browser client and the demo page, served by the server.
+//! - [`tls`]: `https://` and `wss://` (`Config::tls`): the reloadable certificate, and the
+//!   sans-IO TLS layer an open `wss://` connection reads and writes through in the reactor.
 //!
 //! Start one with [`start`] (in-memory store), [`start_with`] (a given store) or
 //! [`start_with_engine`].
@@ -62,6 +64,7 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod terminals;
+pub mod tls;
 pub mod transport;
 pub mod wake;
 

@@ -197,6 +197,57 @@ impl Socket {
     }
 }
 
+/// What a connection reads and writes through: its [`Socket`] itself (plain TCP), or a layer
+/// over it ([`crate::tls::Stream`]). The same edge-triggered contract either way: `Pending`
+/// means the socket said "would block", and its readiness brings the connection back.
+pub trait Wire: Send + 'static {
+    /// The socket underneath, for registration and readiness.
+    fn socket(&mut self) -> &mut Socket;
+    /// Whether a read might find something without waiting for the socket.
+    fn may_read(&self) -> bool;
+    /// Read bytes for the connection. `Ready(Ok(0))` is the end of the stream.
+    fn poll_read(&mut self, buf: &mut [u8]) -> Poll<io::Result<usize>>;
+    /// Take bytes from the connection (some may wait in the layer for [`Wire::poll_flush`]).
+    fn poll_write(&mut self, buf: &[u8]) -> Poll<io::Result<usize>>;
+    /// Write out what the layer holds. `Ready(Ok(true))` if it held something.
+    fn poll_flush(&mut self) -> Poll<io::Result<bool>>;
+    /// End the sending side (best effort).
+    fn shutdown_write(&mut self);
+    /// Write `bytes` now if the socket takes them, without waiting (a last word).
+    fn write_now(&mut self, bytes: &[u8]);
+}
+
+impl Wire for Socket {
+    fn socket(&mut self) -> &mut Socket {
+        self
+    }
+
+    fn may_read(&self) -> bool {
+        Socket::may_read(self)
+    }
+
+    fn poll_read(&mut self, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        Socket::poll_read(self, buf)
+    }
+
+    fn poll_write(&mut self, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Socket::poll_write(self, buf)
+    }
+
+    /// Nothing is held: every write went to the socket.
+    fn poll_flush(&mut self) -> Poll<io::Result<bool>> {
+        Poll::Ready(Ok(false))
+    }
+
+    fn shutdown_write(&mut self) {
+        Socket::shutdown_write(self)
+    }
+
+    fn write_now(&mut self, bytes: &[u8]) {
+        Socket::write_now(self, bytes)
+    }
+}
+
 /// The shards of one server, and the round-robin that deals connections to them.
 #[derive(Debug)]
 pub struct Reactor<C> {

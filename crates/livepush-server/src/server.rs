@@ -35,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::ratelimit::{Admission, Counts, Limiters};
 use crate::store::{MemoryStore, Store};
 use crate::terminals::{TerminalSettings, Terminals};
+use crate::tls::{Tls, TlsError};
 use crate::transport;
 use crate::wake::{WakeKeys, WakeSocket};
 
@@ -44,6 +45,8 @@ pub enum ServerError {
     Config(#[from] crate::config::ConfigError),
     #[error("cannot create the WebSocket reactor's epoll set: {0}")]
     Reactor(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -60,8 +63,13 @@ pub enum ServerError {
 /// HTTP/1-or-2 connection, which wraps the socket in a private type, so a WebSocket upgrade
 /// comes out as a boxed socket behind two indirections (~180 bytes per connection for the
 /// box and the wrapper). Serving HTTP/1.1 with hyper directly lets the WebSocket transport
-/// take the `TcpStream` itself back ([`transport::ws`] downcasts the upgrade). livepush
+/// take the `TcpStream` (or the `TlsStream` over it) itself back ([`transport::ws`] downcasts the
+/// upgrade). livepush
 /// speaks HTTP/1.1 only (WebSocket, long-poll and SSE all work over it).
+///
+/// With `tls`, every connection is a TLS one: the handshake (within `header_timeout`) comes
+/// first, with the certificate loaded last, and hyper serves the `TlsStream` (which a
+/// WebSocket upgrade hands to the reactor). Without it nothing is wrapped.
 ///
 /// Each connection is admitted against `addresses` (`max_connections_per_address`) first: a
 /// source address past it gets a 429 and the connection is closed. The [`Admission`] rides
@@ -69,6 +77,7 @@ pub enum ServerError {
 /// until the session opens.
 async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     router: Router,
     addresses: Arc<Counts<IpAddr>>,
     header_timeout: Duration,
@@ -105,30 +114,29 @@ async fn serve(
             router: TowerToHyperService::new(router.clone()),
             admission,
         };
-        let conn = http
-            .serve_connection(TokioIo::new(tcp), service)
-            .with_upgrades();
-        let mut stop = stop.clone();
+        let stop = stop.clone();
         let done = done.clone();
+        let http = http.clone();
+        let Some(tls) = &tls else {
+            tokio::spawn(async move {
+                serve_connection(&http, TokioIo::new(tcp), service, stop, drain).await;
+                drop(done);
+            });
+            continue;
+        };
+        let acceptor = tls.acceptor();
         tokio::spawn(async move {
-            let mut conn = std::pin::pin!(conn);
-            let ended = tokio::select! {
-                ended = conn.as_mut() => ended,
-                () = stopped(&mut stop) => {
-                    // Finish the request in flight, then close (long-polls answer at once on
-                    // shutdown, SSE streams end; upgraded connections are no longer hyper's).
-                    conn.as_mut().graceful_shutdown();
-                    match tokio::time::timeout(drain, conn).await {
-                        Ok(ended) => ended,
-                        Err(_) => {
-                            tracing::debug!("connection dropped at the shutdown deadline");
-                            Ok(())
-                        }
-                    }
-                }
+            let mut stop = stop;
+            let accepted = tokio::select! {
+                accepted = tokio::time::timeout(header_timeout, acceptor.accept(tcp)) => accepted,
+                () = stopped(&mut stop) => return,
             };
-            if let Err(e) = ended {
-                tracing::trace!(error = %e, "http connection ended with an error");
+            match accepted {
+                Ok(Ok(tls)) => {
+                    serve_connection(&http, TokioIo::new(tls), service, stop, drain).await;
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!("no TLS handshake in time (header_timeout)"),
             }
             drop(done);
         });
@@ -136,6 +144,39 @@ async fn serve(
     drop(listener);
     drop(done);
     all_done.closed().await;
+}
+
+/// Serve HTTP/1.1 on one connection (upgrades included) until it ends, or until `stop` and
+/// then for at most `drain`.
+async fn serve_connection<I>(
+    http: &hyper::server::conn::http1::Builder,
+    io: I,
+    service: Admitted,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let conn = http.serve_connection(io, service).with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        () = stopped(&mut stop) => {
+            // Finish the request in flight, then close (long-polls answer at once on
+            // shutdown, SSE streams end; upgraded connections are no longer hyper's).
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(drain, conn).await {
+                Ok(ended) => ended,
+                Err(_) => {
+                    tracing::debug!("connection dropped at the shutdown deadline");
+                    Ok(())
+                }
+            }
+        }
+    };
+    if let Err(e) = ended {
+        tracing::trace!(error = %e, "http connection ended with an error");
+    }
 }
 
 /// The router, with each request carrying its connection's [`Admission`].
@@ -303,6 +344,8 @@ pub struct Running {
     engine: Arc<dyn Engine>,
     /// The open WebSocket connections, driven by one task per tokio worker.
     connections: Arc<transport::ws::Connections>,
+    /// The certificate, when serving TLS.
+    tls: Option<Arc<Tls>>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -318,9 +361,25 @@ impl Running {
         self.wake_addr
     }
 
-    /// `http://ADDR`.
+    /// `http://ADDR`, or `https://ADDR` when serving TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Whether the server speaks TLS (`Config::tls`).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Read the TLS certificate and key again (`livepush serve` does on SIGHUP): new
+    /// connections get the new certificate, open ones keep theirs. On error (a missing or
+    /// bad file) nothing changes and the error says why. Without TLS, nothing to do.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        match &self.tls {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
     }
 
     pub fn app(&self) -> &Arc<App> {
@@ -394,6 +453,11 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
     let rooms: Arc<dyn Engine> = engine.clone();
     let inboxes: Arc<dyn InboxEngine> = engine;
     config.validate()?;
+    // Before anything listens: a bad certificate fails the start.
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(Tls::load(files.clone())?)),
+        None => None,
+    };
     let listener = listen(config.listen, config.limits.listen_backlog).map_err(|source| {
         ServerError::Bind {
             addr: config.listen,
@@ -510,6 +574,7 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
     let header_timeout = config.limits.header_timeout;
     let task = tokio::spawn(serve(
         listener,
+        tls.clone(),
         router(app.clone(), connections.clone()),
         addresses,
         header_timeout,
@@ -522,6 +587,7 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
         app,
         engine: rooms,
         connections,
+        tls,
         shutdown: shutdown_tx,
         task,
     })

@@ -12,6 +12,7 @@ use livepush_server::config::{HookFailure, SendHookSettings};
 use livepush_server::engine::Retention;
 use livepush_server::engine::redis::{RedisEngine, RedisSettings};
 use livepush_server::store::{DurabilityPolicy, MemoryStore, RedbStore, Store, StoreOptions};
+use livepush_server::tls::TlsFiles;
 use livepush_server::{ClassMap, Config, Limits, WakeListen};
 use rand::Rng;
 use rand::distr::Alphanumeric;
@@ -40,6 +41,14 @@ pub struct ServeArgs {
     /// Address to listen on (HTTP and WebSocket). Port 0 picks a free port.
     #[arg(long, env = "LIVEPUSH_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Serve `https://` and `wss://` with this certificate chain (PEM, leaf first). Needs
+    /// --tls-key. Both files are read again on SIGHUP: new connections get the new
+    /// certificate, open ones keep theirs, and a bad file is logged and changes nothing.
+    #[arg(long, env = "LIVEPUSH_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "LIVEPUSH_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
     /// API key for the HTTP API (`Authorization: Bearer KEY`), at least 16 bytes. Generated
     /// and printed if absent.
     #[arg(long, env = "LIVEPUSH_API_KEY", hide_env_values = true)]
@@ -356,6 +365,12 @@ impl ServeArgs {
             None => generated("token secret (--token-secret)", &mut notes),
         };
         let heartbeat = Duration::from_millis(self.heartbeat_ms);
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => anyhow::bail!("--tls-cert needs --tls-key (the certificate's key)"),
+            (None, Some(_)) => anyhow::bail!("--tls-key needs --tls-cert (the certificate)"),
+        };
         let config = Config {
             listen: self.listen,
             api_key,
@@ -395,6 +410,7 @@ impl ServeArgs {
             }),
             inbox_size: self.inbox_size,
             inbox_ttl: self.inbox_ttl,
+            tls,
             limits: Limits {
                 max_frame_bytes: self.max_frame_bytes,
                 max_publish_bytes: self.max_publish_bytes,
@@ -430,6 +446,16 @@ impl ServeArgs {
             },
         };
         Ok((config, notes))
+    }
+}
+
+/// SIGHUP: read the TLS certificate and key again. A bad file is logged and changes nothing.
+fn reload_tls(running: &livepush_server::Running) {
+    match running.reload_tls() {
+        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: TLS certificate not reloaded; the previous one stays")
+        }
     }
 }
 
@@ -504,11 +530,19 @@ pub async fn run(args: ServeArgs, log_level: crate::logging::LogLevel) -> anyhow
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // SIGHUP reloads the certificate; without TLS it keeps its default action.
+    let mut hup = match running.is_tls() {
+        true => Some(signal(SignalKind::hangup())?),
+        false => None,
+    };
     println!("livepush listening on {}", running.url());
     std::io::stdout().flush()?;
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
+    loop {
+        tokio::select! {
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+            Some(_) = async { hup.as_mut()?.recv().await } => reload_tls(&running),
+        }
     }
     eprintln!("livepush: shutting down");
     running.shutdown().await;

@@ -13,6 +13,11 @@
 //!
 //! Whatever the outbox holds when the driver runs goes out as one WebSocket text frame
 //! (frames joined by `\n`) and one write, so a burst costs one write per connection.
+//!
+//! Over TLS (`wss://`) the same driver reads and writes through a [`crate::tls::Stream`]
+//! (rustls driven on the raw socket) instead of the bare [`Socket`], and the reactor keeps it
+//! boxed ([`Connection::Tls`]), so a plain connection's state is the same size as without
+//! TLS.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -22,12 +27,12 @@ use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use livepush_proto::{ClientEnvelope, ClientFrame, ErrorCode, ServerFrame, Transport};
 use livepush_wsframe::{self as wsframe, DecodeError, Decoder, Event, OpCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 
 use crate::app::App;
 use crate::auth::identify;
@@ -38,7 +43,7 @@ use crate::outbox::{
     Batch, CloseReason, SIGNAL_DEAD, SIGNAL_EXPIRED, SIGNAL_PING, SIGNAL_SHUTDOWN, SIGNAL_STALLED,
 };
 use crate::ratelimit::Admission;
-use crate::reactor::{Conn, Reactor, Socket, Tick};
+use crate::reactor::{Conn, Reactor, Socket, Tick, Wire};
 use crate::session::{self, Ending, Session};
 
 /// WebSocket close codes livepush uses (4000-4999 is the application range).
@@ -65,12 +70,87 @@ const READ_CHUNK: usize = 4096;
 /// Rounds of read/write work a driver does before it yields to other tasks.
 const ROUNDS_PER_POLL: u32 = 64;
 
-/// The socket during the handshake: taken back from hyper after the upgrade (see
-/// `server::serve`), still tokio's. The open connection moves it into the [`Reactor`].
-type Io = TcpStream;
+/// The connection during the handshake: taken back from hyper after the upgrade (see
+/// `server::serve`), still tokio's: the `TcpStream`, or the `TlsStream` over it. The open
+/// connection moves it into the [`Reactor`] as a [`Wire`].
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Wire: Wire + std::fmt::Debug;
+    /// Take the socket (and TLS state) from tokio.
+    fn into_wire(self) -> std::io::Result<Self::Wire>;
+    /// The open connection, as the reactor keeps it.
+    fn connection(driver: Driver<Self::Wire>) -> Connection;
+}
+
+impl Io for TcpStream {
+    type Wire = Socket;
+
+    fn into_wire(self) -> std::io::Result<Socket> {
+        Socket::from_tokio(self)
+    }
+
+    fn connection(driver: Driver) -> Connection {
+        Connection::Plain(driver)
+    }
+}
+
+impl Io for TlsStream<TcpStream> {
+    type Wire = crate::tls::Stream;
+
+    fn into_wire(self) -> std::io::Result<crate::tls::Stream> {
+        let (tcp, conn) = self.into_inner();
+        Ok(crate::tls::Stream::new(Socket::from_tokio(tcp)?, conn))
+    }
+
+    fn connection(driver: Driver<crate::tls::Stream>) -> Connection {
+        Connection::Tls(Box::new(driver))
+    }
+}
+
+/// An open WebSocket connection in the reactor. A plain one is its [`Driver`] in place; a
+/// TLS one (rustls's state is tens of KiB anyway) sits behind a box, so that it costs a
+/// plain connection nothing: the enum is no larger than a plain `Driver` (a size test says
+/// so).
+// Deliberately unboxed: the plain variant is the common case, and boxing it would add an
+// allocation and a pointer to every plain connection.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Connection {
+    Plain(Driver),
+    Tls(Box<Driver<crate::tls::Stream>>),
+}
+
+impl Conn for Connection {
+    fn socket(&mut self) -> &mut Socket {
+        match self {
+            Connection::Plain(d) => d.socket(),
+            Connection::Tls(d) => d.socket(),
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self {
+            Connection::Plain(d) => d.poll(cx),
+            Connection::Tls(d) => d.poll(cx),
+        }
+    }
+
+    fn tick(&mut self, tick: &Tick) -> bool {
+        match self {
+            Connection::Plain(d) => d.tick(tick),
+            Connection::Tls(d) => d.tick(tick),
+        }
+    }
+
+    fn abandon(&mut self, stopping: bool) {
+        match self {
+            Connection::Plain(d) => d.abandon(stopping),
+            Connection::Tls(d) => d.abandon(stopping),
+        }
+    }
+}
 
 /// The server's WebSocket connections, driven by one task per core.
-pub type Connections = Reactor<Driver>;
+pub type Connections = Reactor<Connection>;
 
 /// Answer a WebSocket upgrade request (RFC 6455 §4.2) and run the connection once hyper
 /// hands over the socket.
@@ -95,13 +175,22 @@ pub fn upgrade(app: Arc<App>, connections: Arc<Connections>, mut req: Request) -
     drop(req);
     tokio::spawn(async move {
         let _admission = admission;
-        match on_upgrade
-            .await
-            .map(Upgraded::downcast::<TokioIo<TcpStream>>)
-        {
-            Ok(Ok(parts)) => start(app, &connections, parts.io.into_inner(), parts.read_buf).await,
-            Ok(Err(_)) => tracing::error!("websocket upgrade of a connection that is not TCP"),
-            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "websocket upgrade failed");
+                return;
+            }
+        };
+        let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                return start(app, &connections, parts.io.into_inner(), parts.read_buf).await;
+            }
+            Err(upgraded) => upgraded,
+        };
+        match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+            Ok(parts) => start(app, &connections, parts.io.into_inner(), parts.read_buf).await,
+            Err(_) => tracing::error!("websocket upgrade of a connection that is not TCP"),
         }
     });
     let mut res = StatusCode::SWITCHING_PROTOCOLS.into_response();
@@ -161,16 +250,16 @@ fn check_upgrade(method: &axum::http::Method, h: &HeaderMap) -> Result<Vec<u8>, 
 /// The handshake's state (read buffer, timeout, the frames that came with `connect`) lives
 /// in this task and is freed when it ends; what every open connection keeps is exactly a
 /// `Driver` in a reactor slot.
-async fn start(app: Arc<App>, connections: &Connections, io: Io, early: Bytes) {
+async fn start<I: Io>(app: Arc<App>, connections: &Connections, io: I, early: Bytes) {
     match open(&app, io, early).await {
-        Ok(driver) => connections.adopt(driver),
+        Ok(driver) => connections.adopt(I::connection(driver)),
         Err(ending) => session::refused(&app, Transport::Ws, ending),
     }
 }
 
 /// Handshake, open the session, handle what the client sent along with `connect`, and count
 /// the terminal online.
-async fn open(app: &Arc<App>, io: Io, early: Bytes) -> Result<Driver, Ending> {
+async fn open<I: Io>(app: &Arc<App>, io: I, early: Bytes) -> Result<Driver<I::Wire>, Ending> {
     let Handshake {
         io,
         mut session,
@@ -178,7 +267,7 @@ async fn open(app: &Arc<App>, io: Io, early: Bytes) -> Result<Driver, Ending> {
         texts,
         decoder,
     } = Box::pin(handshake(app, io, early)).await?;
-    let io = Socket::from_tokio(io).map_err(|e| {
+    let io = io.into_wire().map_err(|e| {
         tracing::debug!(error = %e, "cannot take the websocket's socket from tokio");
         Ending::Reset
     })?;
@@ -200,8 +289,8 @@ async fn open(app: &Arc<App>, io: Io, early: Bytes) -> Result<Driver, Ending> {
 }
 
 /// What a successful handshake yields.
-struct Handshake {
-    io: Io,
+struct Handshake<I> {
+    io: I,
     session: Session,
     connect_id: Option<u64>,
     /// Frames the client sent after `connect`, in the same or later messages.
@@ -213,7 +302,7 @@ struct Handshake {
 /// Wait for the `connect` frame (within `connect_timeout`), check its token, and tell a
 /// flapping terminal to use long-polling. `early`: bytes the client sent right behind its
 /// upgrade request, which hyper had already read.
-async fn handshake(app: &Arc<App>, mut io: Io, early: Bytes) -> Result<Handshake, Ending> {
+async fn handshake<I: Io>(app: &Arc<App>, mut io: I, early: Bytes) -> Result<Handshake<I>, Ending> {
     let limits = &app.config.limits;
     let write_timeout = limits.write_timeout;
     let mut decoder = Decoder::new(max_message(app));
@@ -368,21 +457,21 @@ async fn handshake(app: &Arc<App>, mut io: Io, early: Bytes) -> Result<Handshake
 }
 
 /// Answer the client's close frame (RFC 6455 §5.5.1) and end the TCP connection.
-async fn answer_close(io: &mut Io, limit: Duration) {
+async fn answer_close<I: Io>(io: &mut I, limit: Duration) {
     let _ = write_within(io, limit, &wsframe::close_frame(close_code::NORMAL, "")).await;
     let _ = io.shutdown().await;
 }
 
 /// Send an `unauthorized` error and close with 4003.
-async fn refuse(io: &mut Io, id: Option<u64>, message: &str, limit: Duration) {
+async fn refuse<I: Io>(io: &mut I, id: Option<u64>, message: &str, limit: Duration) {
     let refusal = (ErrorCode::Unauthorized, message.to_owned());
     let close = (close_code::UNAUTHORIZED, "unauthorized");
     refuse_with(io, id, refusal, close, limit).await;
 }
 
 /// Refuse a handshake: an `error` frame with `code` and `message`, then a close frame.
-async fn refuse_with(
-    io: &mut Io,
+async fn refuse_with<I: Io>(
+    io: &mut I,
     id: Option<u64>,
     (code, message): (ErrorCode, String),
     (close, reason): (u16, &str),
@@ -395,7 +484,7 @@ async fn refuse_with(
 }
 
 /// Write and flush within a time limit; errors only matter as "it did not go out".
-async fn write_within(io: &mut Io, limit: Duration, bytes: &[u8]) -> Result<(), Ending> {
+async fn write_within<I: Io>(io: &mut I, limit: Duration, bytes: &[u8]) -> Result<(), Ending> {
     let write = async {
         io.write_all(bytes).await?;
         io.flush().await
@@ -432,8 +521,8 @@ fn ending_for(e: &DecodeError) -> Ending {
 /// A connection's state between wake-ups: everything an idle connection costs besides its
 /// reactor slot and waker, and the session's outbox.
 #[derive(Debug)]
-pub struct Driver {
-    io: Socket,
+pub struct Driver<W = Socket> {
+    io: W,
     decoder: Decoder,
     session: Session,
     /// Bytes taken from the outbox (or control frames) that the socket has not accepted yet.
@@ -443,9 +532,9 @@ pub struct Driver {
     closing: Option<Ending>,
 }
 
-impl Conn for Driver {
+impl<W: Wire + std::fmt::Debug> Conn for Driver<W> {
     fn socket(&mut self) -> &mut Socket {
-        &mut self.io
+        self.io.socket()
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -501,7 +590,7 @@ impl Conn for Driver {
     }
 }
 
-impl Driver {
+impl<W: Wire> Driver<W> {
     /// The connection ended: leave rooms and detach from the inbox before the terminal
     /// counts as gone (a terminal seen offline has no live session anywhere).
     fn finish(&mut self, ending: Ending) {
@@ -645,7 +734,16 @@ impl Driver {
                 }
             }
         }
-        if self.out.clear() {
+        // What a layer over the socket (TLS) still holds goes out too.
+        let held = match self.io.poll_flush() {
+            Poll::Ready(Ok(held)) => held,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {
+                signals.blocked(Some(clock_ms()));
+                return Poll::Pending;
+            }
+        };
+        if self.out.clear() | held {
             // The batch's memory went back: an idle connection holds no write buffer.
             signals.blocked(None);
         }
@@ -669,7 +767,7 @@ impl Driver {
             // Waiting for our close frame to go out; the client's frames no longer matter.
             return None;
         }
-        let Driver {
+        let Self {
             decoder,
             session,
             out,
@@ -791,5 +889,7 @@ mod tests {
         // (the next is 256). mio's socket carries 8 more bytes under debug assertions.
         let limit = if cfg!(debug_assertions) { 232 } else { 216 };
         assert!(driver <= limit, "Driver grew to {driver} bytes");
+        // What the reactor keeps is a `Connection`: TLS must not cost a plain one a byte.
+        assert_eq!(std::mem::size_of::<Connection>(), driver);
     }
 }

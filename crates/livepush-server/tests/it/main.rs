@@ -15,5 +15,6 @@ mod redis;
 mod redis_server;
 mod resume;
 mod support;
+mod tls;
 mod transports;
 mod websocket;

@@ -164,6 +164,11 @@ impl Ws {
         let (inner, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("ws connect");
+        Ws::over(inner)
+    }
+
+    /// A client over a connection opened by the test (a TLS one).
+    pub fn over(inner: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Ws {
         Ws {
             inner,
             pending: VecDeque::new(),
