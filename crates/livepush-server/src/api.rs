@@ -62,19 +62,28 @@ impl<T: serde::de::DeserializeOwned> FromRequest<Arc<App>> for JsonBody<T> {
 
     async fn from_request(req: Request, state: &Arc<App>) -> Result<Self, ApiError> {
         let limit = state.config.limits.max_publish_bytes;
-        let body = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    ErrorCode::TooLarge,
-                    format!("request body exceeds max_publish_bytes {limit}"),
-                )
-            })?;
+        let body = read_body(req, limit, "max_publish_bytes").await?;
         serde_json::from_slice(&body)
             .map(JsonBody)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
     }
+}
+
+/// A request body of at most `limit` bytes; past it 413 `too_large` naming `setting`.
+pub(crate) async fn read_body(
+    req: Request,
+    limit: usize,
+    setting: &str,
+) -> Result<bytes::Bytes, ApiError> {
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::TooLarge,
+                format!("request body exceeds {setting} {limit}"),
+            )
+        })
 }
 
 /// Check `Authorization: Bearer API_KEY` (the whole API except `/healthz`).

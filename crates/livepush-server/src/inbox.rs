@@ -371,13 +371,22 @@ impl Inboxes {
     /// Post a direct message. Answered once durable; delivered to open sessions (when the
     /// engine hands it back), or a wake datagram goes out if the terminal is offline and
     /// registered.
-    pub async fn post(&self, id: &str, ty: &str, data: &RawValue) -> Result<Posted, EngineError> {
+    pub async fn post(
+        self: &Arc<Self>,
+        id: &str,
+        ty: &str,
+        data: &RawValue,
+    ) -> Result<Posted, EngineError> {
         let inbox = self.get(id).await?;
         let ts = now_ms();
         let frame = livepush_proto::SeqTemplate::inbox(ty, data, ts);
         let posted = self.engine.post(id, &frame, ts).await;
         self.stats.posted.inc();
         let message = posted?;
+        // Across nodes the engine's hand-over of this message reaches this node later, on its
+        // channel: take it now (the hand-over then finds it delivered), so that a wake sent
+        // from here names it, and this node's sessions get it at once.
+        self.on_inbox(id, &message);
         let online = inbox.has_sessions() || self.terminals.is_online(id);
         let wake_sent = if online {
             false

@@ -1,6 +1,8 @@
 //! `livepush serve --config FILE` as a user runs it: flags > environment > file > defaults,
 //! `LIVEPUSH_CONFIG` names the file, and a bad file stops the server with the key's line.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 
@@ -15,20 +17,9 @@ fn livepush(args: &[&str], env: &[(&str, &str)]) -> Command {
 
 /// The address `livepush serve` says it listens on.
 fn listening(args: &[&str], env: &[(&str, &str)]) -> String {
-    let mut child = livepush(&["serve", "--data-dir", ":memory:"], env)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn livepush");
-    let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let line = stdout
-        .lines()
-        .map_while(Result::ok)
-        .find(|l| l.starts_with("livepush listening on "))
-        .unwrap_or_default();
-    let _ = child.kill();
-    let _ = child.wait();
+    let mut command = livepush(&["serve", "--data-dir", ":memory:"], env);
+    command.args(args);
+    let line = support::process::listening_line(command);
     line.trim_start_matches("livepush listening on http://")
         .rsplit_once(':')
         .map(|(host, _)| host.to_owned())

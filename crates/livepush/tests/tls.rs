@@ -1,7 +1,8 @@
 //! `livepush serve --tls-cert FILE --tls-key FILE` as a user runs it.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+mod support;
+
+use std::process::Command;
 
 fn livepush(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_livepush"));
@@ -44,19 +45,10 @@ fn serve_with_a_certificate_listens_on_https() {
         format!("tls-cert = {:?}\ntls-key = {:?}\n", cert, key),
     )
     .expect("write");
-    let mut child = livepush(&["--config", config.to_str().expect("utf-8 path")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn livepush");
-    let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let line = stdout
-        .lines()
-        .map_while(Result::ok)
-        .find(|l| l.starts_with("livepush listening on "))
-        .unwrap_or_default();
-    let _ = child.kill();
-    let _ = child.wait();
+    let line = support::process::listening_line(livepush(&[
+        "--config",
+        config.to_str().expect("utf-8 path"),
+    ]));
     assert!(
         line.starts_with("livepush listening on https://127.0.0.1:"),
         "{line:?}"

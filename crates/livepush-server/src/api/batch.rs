@@ -43,16 +43,7 @@ struct Item {
 /// `POST /v1/publish`
 pub async fn publish(State(app): State<Arc<App>>, req: Request) -> Result<Response, ApiError> {
     let limits = &app.config.limits;
-    let limit = limits.max_batch_bytes;
-    let body = axum::body::to_bytes(req.into_body(), limit)
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::TooLarge,
-                format!("request body exceeds max_batch_bytes {limit}"),
-            )
-        })?;
+    let body = super::read_body(req, limits.max_batch_bytes, "max_batch_bytes").await?;
     let batch: Batch = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "invalid JSON body (expected {{\"messages\":[…]}}): {e}"

@@ -147,3 +147,22 @@ impl Drop for ServerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Run `command` (a `livepush serve`), and return the `livepush listening on …` line it prints
+/// (empty if it printed none before exiting); the process is then killed.
+pub fn listening_line(mut command: std::process::Command) -> String {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn livepush");
+    let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let line = stdout
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("livepush listening on "))
+        .unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    line
+}
