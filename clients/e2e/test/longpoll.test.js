@@ -7,7 +7,7 @@ import { describe, test } from 'node:test';
 import { LivepushClient } from '../../js/livepush.js';
 import { record, tapFetch, waitFor } from '../lib/events.js';
 import { startProxy } from '../lib/proxy.js';
-import { longPollsEnded, mintToken, withServer } from '../lib/server.js';
+import { API_KEY, longPollsEnded, mintToken, withServer } from '../lib/server.js';
 
 /**
  * A long-polling client of `room` resuming from `since`, with short parks.
@@ -63,7 +63,7 @@ describe('long-polling against the server (contract v1.1)', { concurrency: false
       for (let i = 1; i <= 3; i++) await server.publish(room, 'gift', { n: i });
       const { epoch } = await server.room(room);
       await waitFor(async () => {
-        const res = await fetch(`${server.url}/v1/rooms/${room}/history?since=0`, { headers: { authorization: 'Bearer K' } });
+        const res = await fetch(`${server.url}/v1/rooms/${room}/history?since=0`, { headers: { authorization: `Bearer ${API_KEY}` } });
         return (await res.json()).messages.length === 0;
       }, 10_000, 'the history to expire');
       const client = resume(server, room, { epoch, seq: 1 });
