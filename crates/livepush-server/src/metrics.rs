@@ -110,7 +110,7 @@ impl HookStats {
 }
 
 /// Latency buckets in seconds: 0.5 ms to about 8 s, doubling.
-fn latency() -> Histogram {
+pub fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 15))
 }
 
@@ -140,13 +140,14 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics::new(None)
+        Metrics::new(None, None)
     }
 }
 
 impl Metrics {
-    /// `engine`: the shared backend's counters, when there is one.
-    pub fn new(engine: Option<EngineStats>) -> Metrics {
+    /// `engine`: the shared backend's counters, when there is one; `store_commits`: how long
+    /// the embedded store's commits take, when it has a file.
+    pub fn new(engine: Option<EngineStats>, store_commits: Option<Histogram>) -> Metrics {
         let mut registry = Registry::with_prefix("livepush");
         let m = Metrics {
             registry: Registry::default(),
@@ -193,6 +194,13 @@ impl Metrics {
             "send_hook_seconds", "How long the send hook took to answer or fail", m.hooks.seconds;
             "send_hook_failures", "Send hook failures, by reason (timeout, error, busy, bad_answer)", m.hooks.failures;
         );
+        if let Some(h) = store_commits {
+            registry.register(
+                "store_commit_seconds",
+                "How long the embedded store takes to write a batch (its transaction, with the fsync when durable)",
+                h,
+            );
+        }
         if let Some(e) = engine {
             register!(
                 "engine_calls", "Calls of the shared backend (Redis)", e.calls;

@@ -485,7 +485,7 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
     let keys = TokenKeys::new(&config.token_secret).with_max_ttl(config.limits.max_token_ttl);
     let wake_keys = WakeKeys::new(&config.token_secret);
     let config = Arc::new(config);
-    let metrics = Arc::new(Metrics::new(rooms.stats()));
+    let metrics = Arc::new(Metrics::new(rooms.stats(), rooms.store_commit_seconds()));
     let hub = Hub::new(config.clone(), rooms.clone(), metrics.clone());
     let limiters = Arc::new(Limiters::new(&config.limits));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

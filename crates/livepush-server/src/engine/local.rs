@@ -571,6 +571,10 @@ impl LocalEngine {
 }
 
 impl Engine for LocalEngine {
+    fn store_commit_seconds(&self) -> Option<prometheus_client::metrics::histogram::Histogram> {
+        self.store.commit_seconds()
+    }
+
     fn attach(&self, node: Weak<dyn Node>) {
         if self.node.set(node).is_err() {
             tracing::warn!("an engine can serve one node; a second attach was ignored");

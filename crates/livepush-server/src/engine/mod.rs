@@ -180,6 +180,11 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
         None
     }
 
+    /// How long the embedded store's commits take, for `/metrics` (none on Redis or in memory).
+    fn store_commit_seconds(&self) -> Option<prometheus_client::metrics::histogram::Histogram> {
+        None
+    }
+
     /// [`Engine::publish`] for several messages at once (batch publish): one answer per
     /// message, in order; messages to one room are sequenced in the order given. Both
     /// engines make it one store commit (the single node sequences them all before awaiting

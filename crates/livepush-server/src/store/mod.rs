@@ -92,6 +92,11 @@ pub type Durable = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 /// A home for room histories. Implementations: [`MemoryStore`] (nothing survives a restart)
 /// and [`RedbStore`] (the embedded durable store).
 pub trait HistoryStore: Send + Sync + std::fmt::Debug + 'static {
+    /// How long this store's commits take, for `/metrics` (stores without a file: none).
+    fn commit_seconds(&self) -> Option<prometheus_client::metrics::histogram::Histogram> {
+        None
+    }
+
     /// What is known about `room`, or `None` if the store has never seen it. `history`
     /// holds at most the newest `keep` messages.
     fn load_room(&self, room: &str, keep: usize) -> Result<Option<RoomRecord>, StoreError>;

@@ -482,6 +482,8 @@ pub(crate) struct Shared {
     closed: AtomicBool,
     trimmed_bytes: AtomicU64,
     opener: Opener,
+    /// How long each write transaction takes, fsync included (see `Writer::write`).
+    commit_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Shared {
@@ -627,6 +629,7 @@ impl RedbStore {
             closed: AtomicBool::new(false),
             trimmed_bytes: AtomicU64::new(0),
             opener,
+            commit_seconds: crate::metrics::latency(),
         });
         let writer = writer::Writer::new(shared.clone(), rx, &options);
         let handle = thread::Builder::new()
@@ -933,6 +936,10 @@ fn closed() -> Durable {
 }
 
 impl HistoryStore for RedbStore {
+    fn commit_seconds(&self) -> Option<prometheus_client::metrics::histogram::Histogram> {
+        Some(self.shared.commit_seconds.clone())
+    }
+
     fn load_room(&self, room: &str, keep: usize) -> Result<Option<RoomRecord>, StoreError> {
         self.read_room(room, keep).map_err(|e| self.read_error(e))
     }

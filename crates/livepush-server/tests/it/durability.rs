@@ -64,3 +64,31 @@ async fn a_failed_commit_is_answered_with_an_error_and_never_delivered_nor_shown
         }
     }
 }
+
+/// The embedded store's commits are timed for `/metrics` (the store's share of a publish).
+#[tokio::test]
+async fn store_commits_are_timed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = livepush_server::store::RedbStore::open(
+        dir.path(),
+        livepush_server::store::DurabilityPolicy::Sync,
+    )
+    .unwrap();
+    let running = livepush_server::start_with(config(), Arc::new(store))
+        .await
+        .unwrap();
+    let s = TestServer {
+        running,
+        http: reqwest::Client::new(),
+    };
+    s.publish("r", "gift", json!({"n": 1})).await;
+    let metrics = s.get_raw_with_key("/metrics").await;
+    assert!(
+        metrics.contains("livepush_store_commit_seconds_count"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("livepush_store_commit_seconds_count 0"),
+        "{metrics}"
+    );
+}

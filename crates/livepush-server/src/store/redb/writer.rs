@@ -623,6 +623,7 @@ impl Writer {
         let Some(db) = guard.as_ref() else {
             return Err(::redb::Error::DatabaseClosed);
         };
+        let started = Instant::now();
         let mut txn = db.begin_write()?;
         txn.set_durability(if durable {
             Durability::Immediate
@@ -752,6 +753,9 @@ impl Writer {
             }
         }
         txn.commit()?;
+        self.shared
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
         for room in recovered {
             self.broken.remove(room);
         }
