@@ -89,3 +89,59 @@ async fn over_long_poll_an_undecodable_message_moves_the_position_on() {
     let next = polls.next().await;
     assert_eq!(next.position(ROOM), Some(pos("e1", 3)));
 }
+
+/// Over SSE: the undecodable message in the middle of an event is reported and skipped, the
+/// ones around it are delivered, and the stream is not reopened for it (a reopen would replay
+/// it: the hot loop this guards against).
+#[tokio::test]
+async fn over_sse_an_undecodable_message_is_reported_and_skipped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = livepush_client::ClientConfig {
+        server: format!("http://{}", listener.local_addr().unwrap()),
+        transport: livepush_client::TransportMode::Sse,
+        token: Some("tok".into()),
+        ..livepush_client::ClientConfig::default()
+    };
+    let (client, mut events) = Client::connect(config).unwrap();
+    client.join(ROOM, None).await.unwrap();
+    let (mut stream, _) = tokio::time::timeout(STEP, listener.accept())
+        .await
+        .expect("the SSE request")
+        .unwrap();
+    let mut head = vec![0u8; 4096];
+    let n = stream.read(&mut head).await.unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("GET /v1/sse?"));
+    let mut connected = connected_lp("t1", json!({"seq": 0, "acked": 0, "pending": 0}));
+    connected["transport"] = json!("sse");
+    let event = |frames: &[Value]| {
+        let lines: Vec<String> = frames.iter().map(|f| format!("data: {f}\n")).collect();
+        format!("{}\n", lines.concat())
+    };
+    let body = format!(
+        "{}{}",
+        event(&[connected, joined(None, ROOM, "e1", 0, true)]),
+        event(&[msg(ROOM, 1), deep_msg(2), msg(ROOM, 3)])
+    );
+    stream
+        .write_all(
+            format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n{body}").as_bytes(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_event(&mut events).await,
+        Event::Connected { .. }
+    ));
+    assert!(matches!(
+        next_event(&mut events).await,
+        Event::Joined { .. }
+    ));
+    assert_eq!(next_seqs(&mut events, ROOM, 1).await, vec![1]);
+    expect_skipped(&mut events, Some(2)).await;
+    assert_eq!(next_seqs(&mut events, ROOM, 1).await, vec![3]);
+    assert_eq!(client.position(ROOM), Some(pos("e1", 3)));
+    let reopened = tokio::time::timeout(std::time::Duration::from_millis(500), listener.accept());
+    assert!(reopened.await.is_err(), "the stream was reopened");
+    drop(stream);
+}
