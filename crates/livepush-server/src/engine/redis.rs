@@ -49,7 +49,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, LazyLock, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -286,6 +286,25 @@ end
 redis.call('HSET', KEYS[1], 'wake', ARGV[2])
 return 1
 "#;
+
+/// Each script, hashed once: redis-rs computes a script's SHA1 in `Script::new`, which a
+/// publish, a presence change or an inbox post would otherwise do on every call.
+macro_rules! hashed {
+    ($($name:ident = $source:ident;)*) => {
+        $(static $name: LazyLock<Script> = LazyLock::new(|| Script::new($source));)*
+    };
+}
+hashed! {
+    PUBLISH_SCRIPT = PUBLISH;
+    OPEN_SCRIPT = OPEN;
+    HISTORY_SCRIPT = HISTORY;
+    RESET_SCRIPT = RESET;
+    PRESENCE_SCRIPT = PRESENCE;
+    REAP_SCRIPT = REAP;
+    POST_SCRIPT = POST;
+    ACK_SCRIPT = ACK;
+    KEEPALIVE_SCRIPT = KEEPALIVE;
+}
 
 /// A terminal's hash fields (seq, acked, wake) and its kept inbox (frame, seq).
 type TerminalRows = (Vec<Option<String>>, Vec<(Vec<u8>, u64)>);
@@ -590,7 +609,7 @@ impl RedisEngine {
     }
 
     /// The [`PUBLISH`] script's call for one message.
-    fn publish_invocation<'s>(&self, script: &'s Script, p: &Publish<'_>) -> ScriptInvocation<'s> {
+    fn publish_invocation(&self, p: &Publish<'_>) -> ScriptInvocation<'static> {
         let (field, value) = match p.action {
             Some(Action::Close) => ("closed", "1"),
             Some(Action::Open) => ("closed", "0"),
@@ -598,7 +617,7 @@ impl RedisEngine {
             Some(Action::Unmute) => ("muted", "0"),
             Some(Action::StreamSwitch) | None => ("", ""),
         };
-        let mut invocation = script.key(self.key("room", p.room));
+        let mut invocation = PUBLISH_SCRIPT.key(self.key("room", p.room));
         invocation
             .key(self.key("hist", p.room))
             .arg(&p.frame.head[..])
@@ -679,7 +698,7 @@ impl RedisEngine {
                 .await;
             if let Ok(false) = alive {
                 tracing::info!(node = %node, "a node stopped: its terminals leave the online counts");
-                let _: redis::RedisResult<i64> = Script::new(REAP)
+                let _: redis::RedisResult<i64> = REAP_SCRIPT
                     .key(self.node_key("npres", node))
                     .key(&nodes)
                     .arg(&self.settings.prefix)
@@ -880,7 +899,7 @@ impl RedisEngine {
 
     async fn open_room(&self, room: &str, keep: usize) -> Result<Snapshot, EngineError> {
         let mut conn = self.conn.clone();
-        let v: redis::RedisResult<Value> = Script::new(OPEN)
+        let v: redis::RedisResult<Value> = OPEN_SCRIPT
             .key(self.key("room", room))
             .key(self.key("hist", room))
             .key(self.key("pres", room))
@@ -986,12 +1005,9 @@ impl Engine for RedisEngine {
 
     fn publish<'a>(&'a self, p: Publish<'a>) -> EngineFuture<'a, Sequenced> {
         Box::pin(async move {
-            let script = Script::new(PUBLISH);
             let mut conn = self.conn.clone();
-            let r: redis::RedisResult<(String, u64)> = self
-                .publish_invocation(&script, &p)
-                .invoke_async(&mut conn)
-                .await;
+            let r: redis::RedisResult<(String, u64)> =
+                self.publish_invocation(&p).invoke_async(&mut conn).await;
             let (epoch, seq) = self.noted(r)?;
             Ok(Sequenced {
                 epoch: Arc::from(epoch),
@@ -1010,13 +1026,9 @@ impl Engine for RedisEngine {
             }
             // One round trip: the script loaded (a no-op if it is) and run once per message,
             // in order; each message's error is its own.
-            let script = Script::new(PUBLISH);
-            let invocations: Vec<_> = batch
-                .iter()
-                .map(|p| self.publish_invocation(&script, p))
-                .collect();
+            let invocations: Vec<_> = batch.iter().map(|p| self.publish_invocation(p)).collect();
             let mut pipe = redis::pipe();
-            pipe.ignore_errors().load_script(&script);
+            pipe.ignore_errors().load_script(&PUBLISH_SCRIPT);
             for i in &invocations {
                 pipe.invoke_script(i);
             }
@@ -1071,7 +1083,7 @@ impl Engine for RedisEngine {
         let room = room.to_owned();
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let r: redis::RedisResult<Value> = Script::new(HISTORY)
+            let r: redis::RedisResult<Value> = HISTORY_SCRIPT
                 .key(self.key("room", &room))
                 .key(self.key("hist", &room))
                 .arg(since + 1)
@@ -1117,7 +1129,7 @@ impl Engine for RedisEngine {
         let room = room.to_owned();
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let r: redis::RedisResult<String> = Script::new(RESET)
+            let r: redis::RedisResult<String> = RESET_SCRIPT
                 .key(self.key("room", &room))
                 .key(self.key("hist", &room))
                 .arg(new_epoch())
@@ -1153,7 +1165,7 @@ impl Engine for RedisEngine {
         let (room, terminal) = (room.to_owned(), terminal.to_owned());
         tokio::spawn(async move {
             let mut conn = engine.conn.clone();
-            let r: redis::RedisResult<u64> = Script::new(PRESENCE)
+            let r: redis::RedisResult<u64> = PRESENCE_SCRIPT
                 .key(engine.key("pres", &room))
                 .key(engine.node_key("npres", &engine.id))
                 .arg(&terminal)
@@ -1210,7 +1222,7 @@ impl InboxEngine for RedisEngine {
     ) -> EngineFuture<'a, InboxMessage> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let r: redis::RedisResult<u64> = Script::new(POST)
+            let r: redis::RedisResult<u64> = POST_SCRIPT
                 .key(self.key("term", terminal))
                 .key(self.key("inbox", terminal))
                 .arg(&frame.head[..])
@@ -1235,7 +1247,7 @@ impl InboxEngine for RedisEngine {
         let mut conn = self.conn.clone();
         let (t, i) = (self.key("term", terminal), self.key("inbox", terminal));
         spawn_write("an inbox acknowledgement", false, async move {
-            Script::new(ACK)
+            ACK_SCRIPT
                 .key(t)
                 .key(i)
                 .arg(seq)
@@ -1263,7 +1275,7 @@ impl InboxEngine for RedisEngine {
         let key = self.key("term", terminal);
         let (ts, value) = (registration.ts, encode_wake(registration, &self.id));
         spawn_write("a wake registration", false, async move {
-            Script::new(KEEPALIVE)
+            KEEPALIVE_SCRIPT
                 .key(key)
                 .arg(ts)
                 .arg(value)
@@ -1279,7 +1291,7 @@ impl InboxEngine for RedisEngine {
     ) -> EngineFuture<'a, bool> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let r: redis::RedisResult<i64> = Script::new(KEEPALIVE)
+            let r: redis::RedisResult<i64> = KEEPALIVE_SCRIPT
                 .key(self.key("term", terminal))
                 .arg(registration.ts)
                 .arg(encode_wake(registration, &self.id))
