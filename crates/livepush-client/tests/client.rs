@@ -108,12 +108,7 @@ async fn connects_joins_and_receives_reliable_and_transient() {
 
 #[tokio::test]
 async fn reconnects_and_resumes_with_the_last_delivered_seq() {
-    let server = FakeServer::start().await;
-    let (client, mut events) = Client::connect(server.config()).unwrap();
-    client.join(ROOM, None).await.unwrap();
-
-    let mut conn = server.accept().await;
-    conn.join_fresh(&mut events, ROOM).await;
+    let (server, client, mut events, mut conn) = joined_ws_client(ROOM).await;
     conn.send(&[msg(ROOM, 1), msg(ROOM, 2), msg(ROOM, 3)]).await;
     assert_eq!(next_seqs(&mut events, ROOM, 3).await, vec![1, 2, 3]);
 
@@ -553,11 +548,7 @@ fn connect_needs_a_runtime() {
 
 #[tokio::test]
 async fn garbage_from_the_server_is_skipped() {
-    let server = FakeServer::start().await;
-    let (client, mut events) = Client::connect(server.config()).unwrap();
-    client.join(ROOM, None).await.unwrap();
-    let mut conn = server.accept().await;
-    conn.join_fresh(&mut events, ROOM).await;
+    let (_server, _client, mut events, mut conn) = joined_ws_client(ROOM).await;
     conn.ws
         .send(tokio_tungstenite::tungstenite::Message::text(
             "not json\n{\"op\":\"warp\"}\n{\"op\":\"msg\",\"room\":1}\n[]",

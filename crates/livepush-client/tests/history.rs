@@ -20,11 +20,7 @@ async fn quiet(conn: &mut Conn) {
 
 #[tokio::test]
 async fn a_history_pushed_while_live_is_adopted_without_rejoin_or_pull() {
-    let server = FakeServer::start().await;
-    let (client, mut events) = Client::connect(server.config()).unwrap();
-    client.join(ROOM, None).await.unwrap();
-    let mut conn = server.accept().await;
-    conn.join_fresh(&mut events, ROOM).await;
+    let (server, client, mut events, mut conn) = joined_ws_client(ROOM).await;
     conn.send(&[msg(ROOM, 1), msg(ROOM, 2), msg(ROOM, 5)]).await;
     assert_eq!(next_seqs(&mut events, ROOM, 2).await, vec![1, 2]);
     let (_, since, _, pull_id) = conn.expect_pull().await;
@@ -108,11 +104,7 @@ async fn a_joined_without_id_while_a_join_is_pending_waits_for_its_answer() {
 
 #[tokio::test]
 async fn a_pull_from_beyond_the_latest_seq_moves_the_position_back_once() {
-    let server = FakeServer::start().await;
-    let (client, mut events) = Client::connect(server.config()).unwrap();
-    client.join(ROOM, None).await.unwrap();
-    let mut conn = server.accept().await;
-    conn.join_fresh(&mut events, ROOM).await;
+    let (_server, client, mut events, mut conn) = joined_ws_client(ROOM).await;
     let live: Vec<_> = (1..=10).map(|s| msg(ROOM, s)).collect();
     conn.send(&live).await;
     assert_eq!(next_seqs(&mut events, ROOM, 10).await.len(), 10);

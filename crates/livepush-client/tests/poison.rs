@@ -40,11 +40,7 @@ async fn expect_skipped(events: &mut livepush_client::Events, seq: Option<u64>) 
 
 #[tokio::test]
 async fn over_websocket_an_undecodable_message_is_reported_and_skipped() {
-    let server = FakeServer::start().await;
-    let (client, mut events) = Client::connect(server.config()).unwrap();
-    client.join(ROOM, None).await.unwrap();
-    let mut conn = server.accept().await;
-    conn.join_fresh(&mut events, ROOM).await;
+    let (_server, client, mut events, mut conn) = joined_ws_client(ROOM).await;
     let deep_chat = json!({"op": "msg", "room": ROOM, "type": "chat", "data": deep(), "ts": 1});
     conn.send(&[
         msg(ROOM, 1),

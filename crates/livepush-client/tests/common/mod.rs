@@ -176,6 +176,24 @@ impl Conn {
     }
 }
 
+/// A WebSocket client of a fresh [`FakeServer`], joined to `room` (fresh, at e1:0): the
+/// server (for reconnects), the client, its events and the server's side of the connection.
+pub async fn joined_ws_client(
+    room: &str,
+) -> (
+    FakeServer,
+    livepush_client::Client,
+    livepush_client::Events,
+    Conn,
+) {
+    let server = FakeServer::start().await;
+    let (client, mut events) = livepush_client::Client::connect(server.config()).unwrap();
+    client.join(room, None).await.unwrap();
+    let mut conn = server.accept().await;
+    conn.join_fresh(&mut events, room).await;
+    (server, client, events, conn)
+}
+
 /// A scripted long-poll endpoint: every HTTP request (any path, any connection, keep-alive
 /// included) is handed to the test as a [`PollRequest`], and answered `200` with the JSON the
 /// test gives. A request the test drops is answered by closing its connection.

@@ -13,13 +13,7 @@ use crate::support::*;
 #[tokio::test]
 async fn a_failed_commit_is_answered_with_an_error_and_never_delivered_nor_shown() {
     let store = Arc::new(FaultyStore::default());
-    let running = livepush_server::start_with(config(), store.clone())
-        .await
-        .unwrap();
-    let s = TestServer {
-        running,
-        http: reqwest::Client::new(),
-    };
+    let s = TestServer::with_store(store.clone()).await;
     let mut a = s.terminal("a", &["r"], false).await;
     a.join("r", None).await;
     let first = s.publish("r", "gift", json!({"n": 1})).await;
@@ -74,13 +68,7 @@ async fn store_commits_are_timed() {
         livepush_server::store::DurabilityPolicy::Sync,
     )
     .unwrap();
-    let running = livepush_server::start_with(config(), Arc::new(store))
-        .await
-        .unwrap();
-    let s = TestServer {
-        running,
-        http: reqwest::Client::new(),
-    };
+    let s = TestServer::with_store(Arc::new(store)).await;
     s.publish("r", "gift", json!({"n": 1})).await;
     let metrics = s.get_raw_with_key("/metrics").await;
     assert!(

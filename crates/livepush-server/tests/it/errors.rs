@@ -269,14 +269,7 @@ async fn close_and_open() {
 
 #[tokio::test]
 async fn internal() {
-    let running =
-        livepush_server::start_with(config(), Arc::new(FaultyStore::unreadable("broken")))
-            .await
-            .unwrap();
-    let s = TestServer {
-        running,
-        http: reqwest::Client::new(),
-    };
+    let s = TestServer::with_store(Arc::new(FaultyStore::unreadable("broken"))).await;
     let mut t = s.terminal("t", &["*"], false).await;
     t.send(json!({"op":"join","room":"broken","id":1})).await;
     match t.next().await {

@@ -31,23 +31,11 @@ async fn node_with(redis: &Redis, prefix: &str, c: livepush_server::Config) -> T
     })
     .await
     .expect("redis engine");
-    let running = livepush_server::start_with_engine(c, engine)
-        .await
-        .expect("node starts");
-    TestServer {
-        running,
-        http: reqwest::Client::new(),
-    }
-}
-
-fn seqs(frames: &[ServerFrame]) -> Vec<u64> {
-    frames
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::Msg(m) => m.seq,
-            _ => None,
-        })
-        .collect()
+    TestServer::of(
+        livepush_server::start_with_engine(c, engine)
+            .await
+            .expect("node starts"),
+    )
 }
 
 /// Three nodes, a terminal on each, publishers on every node: every terminal gets every

@@ -32,7 +32,22 @@ impl TestServer {
     }
 
     pub async fn with(config: Config) -> TestServer {
-        let running = livepush_server::start(config).await.expect("server starts");
+        TestServer::of(livepush_server::start(config).await.expect("server starts"))
+    }
+
+    /// A server on `store` (a durable or a failing one) with the test settings.
+    pub async fn with_store(
+        store: std::sync::Arc<dyn livepush_server::store::Store>,
+    ) -> TestServer {
+        TestServer::of(
+            livepush_server::start_with(config(), store)
+                .await
+                .expect("server starts"),
+        )
+    }
+
+    /// The test handle of a server already started.
+    pub fn of(running: Running) -> TestServer {
         TestServer {
             running,
             http: reqwest::Client::new(),
@@ -274,4 +289,15 @@ pub fn joined(f: &ServerFrame) -> (String, u64, bool) {
         } => (epoch.clone(), *seq, *recovered),
         other => panic!("expected joined, got {other:?}"),
     }
+}
+
+/// The seqs of the reliable messages among `frames`, in order.
+pub fn seqs(frames: &[ServerFrame]) -> Vec<u64> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Msg(m) => m.seq,
+            _ => None,
+        })
+        .collect()
 }

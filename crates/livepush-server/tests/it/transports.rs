@@ -30,16 +30,6 @@ impl TestServer {
     }
 }
 
-fn seqs(frames: &[ServerFrame]) -> Vec<u64> {
-    frames
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::Msg(m) => m.seq,
-            _ => None,
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn long_poll_join_receive_send_ack() {
     let s = TestServer::start().await;
