@@ -93,3 +93,20 @@ export async function waitForJoined(page, room, transport, timeout = 15_000) {
 
 /** @param {number} ms */
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * Save a screenshot of `page` as `target/screenshots/NAME.png` (from the repository root),
+ * for a person to look at after the run.
+ * @param {import('playwright-core').Page} page
+ * @param {string} name
+ */
+export async function screenshot(page, name) {
+  const { mkdir } = await import('node:fs/promises');
+  const path = await import('node:path');
+  const { fileURLToPath } = await import('node:url');
+  const dir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../target/screenshots');
+  await mkdir(dir, { recursive: true });
+  const file = path.join(dir, `${name}.png`);
+  await page.screenshot({ path: file });
+  return file;
+}

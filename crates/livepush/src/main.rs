@@ -13,6 +13,7 @@
 mod agent;
 mod bench;
 mod config_file;
+mod firstrun;
 mod logging;
 mod proxy;
 mod publish;

@@ -277,6 +277,14 @@ pub struct ServeArgs {
     /// past it a WebSocket gets `rate_limited` and close 4029, a poll or SSE stream 429.
     #[arg(long, env = "LIVEPUSH_MAX_SESSIONS_PER_TERMINAL", default_value_t = Limits::default().max_sessions_per_terminal)]
     max_sessions_per_terminal: usize,
+    /// Rooms of the viewer token for the demo page (`/`): when `serve` generated its own
+    /// token secret it prints `open URL/#token=…` after its `listening` line; a trailing `*`
+    /// matches a prefix. Comma-separated or repeated.
+    #[arg(long, env = "LIVEPUSH_DEMO_ROOMS", value_delimiter = ',', default_values = ["live:demo", "demo:*"])]
+    demo_rooms: Vec<String>,
+    /// Lifetime of that viewer token (at most --max-token-ttl); 0s prints none.
+    #[arg(long, env = "LIVEPUSH_DEMO_TOKEN_TTL", default_value = "24h", value_parser = duration)]
+    demo_token_ttl: Duration,
 }
 
 fn generated(what: &str, notes: &mut Vec<String>) -> String {
@@ -484,12 +492,18 @@ pub async fn run(args: ServeArgs, log_level: crate::logging::LogLevel) -> anyhow
     // The store sweeps messages older than the history TTL, also of rooms nobody uses.
     store_options.history_ttl = Some(args.history_ttl);
     let data_dir = args.data_dir.clone();
+    let demo = crate::firstrun::DemoPage {
+        rooms: args.demo_rooms.clone(),
+        ttl: args.demo_token_ttl,
+        secret_generated: args.token_secret.is_none(),
+    };
     let redis = args
         .redis
         .clone()
         .map(|url| (url, args.redis_prefix.clone(), args.redis_timeout));
     let (config, notes) = args.into_config()?;
     config.validate().context("invalid configuration")?;
+    let demo = demo.prepare(&config)?;
     for n in notes {
         eprintln!("{n}");
     }
@@ -536,6 +550,7 @@ pub async fn run(args: ServeArgs, log_level: crate::logging::LogLevel) -> anyhow
         false => None,
     };
     println!("livepush listening on {}", running.url());
+    demo.print(&running.url());
     std::io::stdout().flush()?;
     loop {
         tokio::select! {
