@@ -123,15 +123,21 @@ export async function startServer({ args = [] } = {}) {
       return line ? Number(line.slice(series.length + 1)) : 0;
     },
     logs: () => stderr,
-    async stop() {
-      if (child.exitCode !== null || child.signalCode !== null) return;
-      const exited = new Promise((resolve) => child.once('exit', resolve));
-      child.kill('SIGTERM');
-      const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
-      await exited;
-      clearTimeout(timer);
-    },
+    stop: () => stopProcess(child),
   };
+}
+
+/**
+ * Stop a process gracefully (SIGTERM), or with SIGKILL after 5 s; resolves once it exited.
+ * @param {import('node:child_process').ChildProcess} child
+ */
+export async function stopProcess(child) {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  child.kill('SIGTERM');
+  const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+  await exited;
+  clearTimeout(timer);
 }
 
 /**

@@ -1,12 +1,19 @@
 // End-to-end: the demo live room (clients/demo, served by the real server) in headless
 // Chromium. Each test starts its own `livepush serve --dev`.
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { after, before, describe, test } from 'node:test';
 
-import { launch, listedSeqs, openDemo, sleep, waitForCount, waitForJoined } from '../lib/browser.js';
+import { launch, listedSeqs, openDemo, screenshot, sleep, waitForCount, waitForJoined } from '../lib/browser.js';
 import { waitFor } from '../lib/events.js';
 import { startProxy } from '../lib/proxy.js';
-import { longPollsEnded, mintToken, startServer } from '../lib/server.js';
+import { API_KEY, BIN, TOKEN_SECRET, longPollsEnded, mintToken, startServer } from '../lib/server.js';
+
+/** Most elements the demo page may hold under any traffic: its lists are capped (MAX_CHAT
+ * lines of 3 elements, MAX_RELIABLE = 200 events of 4), plus the page itself. */
+const DOM_BOUND = 1500;
+/** The page's MAX_CHAT (clients/demo/app.js). */
+const MAX_CHAT = 150;
 
 /** @type {import('playwright-core').Browser} */
 let browser;
@@ -393,6 +400,114 @@ describe('demo live room', { concurrency: false }, () => {
       });
     });
   }
+
+  test('(i) under `livepush demo` traffic for 10 s: no page error, a bounded DOM, and every part of the show', {
+    timeout: 90_000,
+  }, async () => {
+    await scenario({}, async ({ server, track, cleanup }) => {
+      const room = 'live:demo';
+      const { page, consoleLines, context } = await openDemo(browser, `${server.url}/?room=${room}`);
+      track(consoleLines);
+      cleanup(() => context.close());
+      await waitForJoined(page, room, 'websocket');
+      // Frame gaps, to see whether the page keeps up.
+      await page.evaluate(() => {
+        const w = /** @type {any} */ (window);
+        w.frames = [];
+        let last = performance.now();
+        const frame = (/** @type {number} */ t) => {
+          w.frames.push(t - last);
+          last = t;
+          if (w.frames.length < 5000) requestAnimationFrame(frame);
+        };
+        requestAnimationFrame(frame);
+      });
+
+      const demo = spawn(BIN, [
+        'demo', '--server', server.url, '--api-key', API_KEY, '--token-secret', TOKEN_SECRET,
+        '--rooms', room, '--chat-rate', '400', '--gift-rate', '3', '--envelope-rate', '1',
+        '--quiz-every', '5s', '--quiz-time', '2s', '--control-every', '2s', '--mute-for', '1s',
+        '--viewers', '20', '--duration', '10s',
+      ], { stdio: ['ignore', 'ignore', 'pipe'] });
+      let demoLog = '';
+      demo.stderr.setEncoding('utf8');
+      demo.stderr.on('data', (d) => { demoLog += d; });
+      const exited = new Promise((resolve) => demo.once('exit', (code) => resolve(code)));
+      cleanup(() => { if (demo.exitCode === null) demo.kill('SIGKILL'); });
+
+      /** What the page showed, sampled every 250 ms while the show runs. */
+      const seen = { maxNodes: 0, maxChat: 0, maxOnline: 0, quizClock: false, answer: false, bursts: false, big: false, muted: false, enter: false, streams: new Set() };
+      let shot = false;
+      const started = Date.now();
+      while (demo.exitCode === null && Date.now() - started < 20_000) {
+        const s = await page.evaluate(() => ({
+          nodes: document.getElementsByTagName('*').length,
+          chat: document.querySelector('[data-testid="chat-list"]')?.childElementCount ?? 0,
+          online: Number(document.querySelector('[data-testid="online"]')?.textContent),
+          clock: /^\d+ s$/.test(document.querySelector('[data-testid="quiz-clock"]')?.textContent ?? ''),
+          answer: !!document.querySelector('[data-testid="quiz-options"] li.correct'),
+          bursts: !!document.querySelector('[data-testid="gift-burst"]'),
+          big: !!document.querySelector('[data-testid="gift-big"]'),
+          muted: /** @type {HTMLInputElement} */ (document.querySelector('[data-testid="chat-input"]')).disabled,
+          stream: document.querySelector('[data-testid="stream"]')?.textContent ?? '',
+          enter: /entered the room/.test(document.querySelector('[data-testid="chat-list"]')?.textContent ?? ''),
+        }));
+        seen.maxNodes = Math.max(seen.maxNodes, s.nodes);
+        seen.maxChat = Math.max(seen.maxChat, s.chat);
+        seen.maxOnline = Math.max(seen.maxOnline, s.online);
+        seen.quizClock ||= s.clock;
+        seen.answer ||= s.answer;
+        seen.bursts ||= s.bursts;
+        seen.big ||= s.big;
+        seen.muted ||= s.muted;
+        seen.enter ||= s.enter;
+        seen.streams.add(s.stream);
+        if (!shot && Date.now() - started > 6000 && s.bursts && !(await page.isHidden('[data-testid="quiz"]'))) {
+          await screenshot(page, 'demo-traffic');
+          shot = true;
+        }
+        await sleep(250);
+      }
+      assert.equal(await exited, 0, `livepush demo failed:\n${demoLog}`);
+      if (!shot) await screenshot(page, 'demo-traffic');
+      const frames = await page.evaluate(() => /** @type {any} */ (window).frames.slice(1));
+      const sorted = [...frames].sort((a, b) => a - b);
+      const p95 = sorted[Math.floor(sorted.length * 0.95)] ?? 0;
+      console.log(`demo traffic: ${frames.length} frames, p95 gap ${p95.toFixed(1)} ms, max ${sorted.at(-1)?.toFixed(1)} ms; ${JSON.stringify({ ...seen, streams: [...seen.streams] })}`);
+
+      assert.ok(seen.maxNodes <= DOM_BOUND, `at most ${DOM_BOUND} elements, saw ${seen.maxNodes}`);
+      assert.ok(seen.maxChat <= MAX_CHAT, `at most ${MAX_CHAT} chat lines, saw ${seen.maxChat}`);
+      assert.equal(seen.maxChat, MAX_CHAT, 'the chat list filled up to its cap');
+      assert.ok(seen.maxOnline >= 5, `simulated viewers move the online count (max ${seen.maxOnline})`);
+      assert.ok(seen.quizClock, 'a quiz counted down');
+      assert.ok(seen.answer, "the quiz's answer was shown");
+      assert.ok(seen.bursts && seen.big, 'gift animations ran');
+      assert.ok(seen.muted, 'the mute disabled the chat box');
+      assert.ok(seen.streams.size >= 2, `the stream switched: ${[...seen.streams]}`);
+      const types = new Set(await page.$$eval('[data-testid="reliable-item"]', (els) => els.map((e) => /** @type {HTMLElement} */ (e).dataset.type)));
+      for (const t of ['gift', 'red_envelope', 'quiz', 'control']) assert.ok(types.has(t), `a ${t} in the events list`);
+      assert.ok(seen.enter, 'entry notices in the chat');
+      assert.equal(await page.getAttribute('[data-testid="state"]', 'data-state'), 'connected');
+
+      // No missing glyphs: the text the show uses is drawn from fonts that have it.
+      await page.evaluate(() => {
+        const probe = document.createElement('div');
+        probe.id = 'font-probe';
+        probe.textContent = 'gg 🔥🚀❤️ 主播好 こんにちは 안녕하세요 ¥8.88';
+        document.body.append(probe);
+      });
+      const cdp = await context.newCDPSession(page);
+      await cdp.send('DOM.enable');
+      await cdp.send('CSS.enable');
+      const { root } = await cdp.send('DOM.getDocument', { depth: 0 });
+      const { nodeId } = await cdp.send('DOM.querySelector', { nodeId: root.nodeId, selector: '#font-probe' });
+      const { fonts } = await cdp.send('CSS.getPlatformFontsForNode', { nodeId });
+      const families = fonts.map((f) => f.familyName).join(', ');
+      assert.match(families, /Noto Color Emoji/, `emoji from an emoji font (fonts used: ${families})`);
+      assert.match(families, /Noto Sans CJK/, `CJK from a CJK font (fonts used: ${families})`);
+      assert.deepEqual(pageErrors(consoleLines), []);
+    });
+  });
 
   test('room picker and control messages (quiz, mute, unmute)', { timeout: 60_000 }, async () => {
     await scenario({}, async ({ server, track, cleanup }) => {

@@ -13,7 +13,7 @@ import { after, before, test } from 'node:test';
 
 import { launch, screenshot } from '../lib/browser.js';
 import { waitFor } from '../lib/events.js';
-import { BIN } from '../lib/server.js';
+import { BIN, stopProcess } from '../lib/server.js';
 
 /** @type {import('playwright-core').Browser} */
 let browser;
@@ -40,14 +40,7 @@ function serveLikeANewcomer(dir) {
   }
   return {
     output: () => out,
-    async stop() {
-      if (child.exitCode !== null || child.signalCode !== null) return;
-      const exited = new Promise((resolve) => child.once('exit', resolve));
-      child.kill('SIGTERM');
-      const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
-      await exited;
-      clearTimeout(timer);
-    },
+    stop: () => stopProcess(child),
   };
 }
 

@@ -5,6 +5,7 @@
 //! - `token`: mint a terminal token.
 //! - `tail`: connect as a terminal and print every event as one JSON line.
 //! - `agent`: a terminal that sleeps (UDP only) until woken, then prints its inbox.
+//! - `demo`: drive rooms like a live show (for the demo page).
 //! - `bench`: the load generator that measures livepush (and its peers).
 //! - `config`: check a configuration file, or print one with every default.
 
@@ -13,6 +14,7 @@
 mod agent;
 mod bench;
 mod config_file;
+mod demo;
 mod firstrun;
 mod logging;
 mod proxy;
@@ -47,6 +49,8 @@ enum Command {
     /// Run a terminal that holds no connection while idle, is woken over UDP, and prints
     /// every inbox message as one JSON line.
     Agent(agent::AgentArgs),
+    /// Drive rooms like a live show: chat, entries, gifts, quizzes, controls, viewers.
+    Demo(demo::DemoArgs),
     /// Load generator: measure livepush (see `livepush bench --help`).
     Bench(bench::BenchArgs),
     /// Configuration files of `livepush serve --config FILE`.
@@ -92,6 +96,7 @@ fn main() {
                     Command::Tail(a) => tail::run(a).await,
                     Command::Agent(a) => agent::run(a).await,
                     Command::Bench(a) => bench::run(a).await,
+                    Command::Demo(a) => demo::run(a).await,
                     Command::Config { command } => config_file::run::<Cli>(command),
                 }
             })
