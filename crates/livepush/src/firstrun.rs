@@ -78,14 +78,14 @@ impl DemoLink {
     /// After the `listening` line: the address to open (stdout) and what it is (stderr).
     pub fn print(&self, url: &str) {
         let page = format!("{}/", browser_url(url));
-        let ttl = humantime::format_duration(self.ttl);
+        let ttl = short(self.ttl);
         if self.dev {
             println!("open {page}");
             eprintln!("livepush: that address is the demo live room (--dev: no token needed)");
         } else if let Some(token) = &self.token {
             println!("open {page}#token={token}");
             eprintln!(
-                "livepush: that address is the demo live room, with a viewer token for rooms {} valid {ttl}; \
+                "livepush: that address is the demo live room, with a viewer token for rooms {} valid for {ttl}; \
                  its \"Try it\" buttons ask for the API key printed above",
                 self.rooms
             );
@@ -100,6 +100,17 @@ impl DemoLink {
     }
 }
 
+/// A duration as `livepush token --ttl` takes it, in its largest whole unit: `1d`, `90m`.
+fn short(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        _ if s > 0 && s.is_multiple_of(86_400) => format!("{}d", s / 86_400),
+        _ if s > 0 && s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        _ if s > 0 && s.is_multiple_of(60) => format!("{}m", s / 60),
+        _ => format!("{s}s"),
+    }
+}
+
 /// The address a browser on this machine opens: an unspecified listen address becomes loopback.
 fn browser_url(url: &str) -> String {
     url.replacen("://0.0.0.0:", "://127.0.0.1:", 1)
@@ -109,6 +120,14 @@ fn browser_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ttl_in_its_largest_unit() {
+        assert_eq!(short(Duration::from_secs(86_400)), "1d");
+        assert_eq!(short(Duration::from_secs(7200)), "2h");
+        assert_eq!(short(Duration::from_secs(5400)), "90m");
+        assert_eq!(short(Duration::from_millis(1500)), "1s");
+    }
 
     #[test]
     fn browser_url_opens_loopback() {
