@@ -106,7 +106,7 @@ pub struct NodeRecord {
     pub connections: PerTransport,
     /// Terminals online here, in all and per transport.
     pub terminals: OnlineCounts,
-    /// Rooms this node holds in memory.
+    /// Rooms this node holds open (the admin room aside).
     pub rooms_open: u64,
     pub published: Published,
     /// Transient messages queued to connections.
@@ -195,6 +195,7 @@ impl Admin {
         };
         let published = |class| m.published.get_or_create(&ClassLabel { class }).get();
         let (inboxes, pending) = self.inboxes.backlog();
+        let (rooms, rooms_open) = self.busiest_rooms(self.limits.admin_rooms);
         let now = now_ms();
         NodeRecord {
             id: self.id.clone(),
@@ -209,7 +210,7 @@ impl Admin {
                 sse: open("sse"),
             },
             terminals: self.terminals.online_counts(),
-            rooms_open: self.hub.room_count() as u64,
+            rooms_open,
             published: Published {
                 reliable: published("reliable"),
                 transient: published("transient"),
@@ -228,12 +229,13 @@ impl Admin {
                     .get_or_create(&ReasonLabel { reason: "sent" })
                     .get(),
             },
-            rooms: self.busiest_rooms(self.limits.admin_rooms),
+            rooms,
         }
     }
 
-    /// This node's open rooms (the admin room aside), busiest first, at most `limit`.
-    fn busiest_rooms(&self, limit: usize) -> Vec<RoomFigures> {
+    /// This node's open rooms (the admin room aside), busiest first, at most `limit`, and
+    /// how many there are.
+    fn busiest_rooms(&self, limit: usize) -> (Vec<RoomFigures>, u64) {
         let mut rooms: Vec<RoomFigures> = self
             .hub
             .rooms()
@@ -253,8 +255,9 @@ impl Admin {
                 }
             })
             .collect();
+        let open = rooms.len() as u64;
         by_activity(&mut rooms, limit);
-        rooms
+        (rooms, open)
     }
 
     /// Share this node's record and gather every node's into a snapshot listing at most

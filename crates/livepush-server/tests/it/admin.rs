@@ -199,6 +199,11 @@ async fn the_admin_token_grants_the_admin_room_only_and_it_carries_live_snapshot
         .send(json!({"op":"send","room":room.as_str(),"type":"chat","data":{}}))
         .await;
     admin.expect_error("forbidden").await;
+    let (_, stats) = s.get("/v1/admin/stats").await;
+    assert_eq!(
+        stats["nodes"][0]["rooms_open"], 1,
+        "the admin room aside: {stats}"
+    );
 
     // Snapshots arrive by themselves, and follow the room's online count.
     let mut seen_two = false;
