@@ -272,7 +272,8 @@ function render(snap) {
   const roomsBefore = new Map((before?.rooms || []).map((/** @type {any} */ r) => [r.room, r]));
   const nodes = snap.nodes;
 
-  $('updated').textContent = `updated ${new Date(snap.ts).toLocaleTimeString()}`;
+  $('updated').textContent = `updated ${new Date(snap.ts).toLocaleTimeString()}${
+    snap.complete === false ? ' · other nodes unreadable (shared store down)' : ''}`;
   $('nodes-count').textContent = String(nodes.length);
   const t = (/** @type {string} */ k) => sum(nodes, (n) => n.terminals[k]);
   $('terminals-online').textContent = num(t('online'));

@@ -30,7 +30,7 @@ use tokio::sync::watch;
 
 use crate::clock::now_ms;
 use crate::config::Limits;
-use crate::engine::{Engine, EngineError};
+use crate::engine::Engine;
 use crate::frame::Frame;
 use crate::hub::Hub;
 use crate::inbox::Inboxes;
@@ -137,6 +137,9 @@ pub struct Snapshot {
     pub rooms: Vec<RoomFigures>,
     /// Distinct rooms the nodes listed, before the limit.
     pub rooms_listed: u64,
+    /// False when the other nodes' figures could not be read (the shared store does not
+    /// answer): the snapshot then has this node's alone.
+    pub complete: bool,
 }
 
 /// The node's admin side: what it reads its figures from, and its identity.
@@ -261,11 +264,18 @@ impl Admin {
     }
 
     /// Share this node's record and gather every node's into a snapshot listing at most
-    /// `limit` rooms.
-    pub async fn snapshot(&self, limit: usize) -> Result<Snapshot, EngineError> {
+    /// `limit` rooms. When the shared store does not answer, this node's record alone
+    /// (`complete: false`): the page is most wanted then.
+    pub async fn snapshot(&self, limit: usize) -> Snapshot {
         let mine = self.record();
         let json = serde_json::to_string(&mine).unwrap_or_default();
-        let shared = self.engine().node_stats(&json, self.record_ttl()).await?;
+        let (shared, complete) = match self.engine().node_stats(&json, self.record_ttl()).await {
+            Ok(shared) => (shared, true),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot gather the other nodes' admin records");
+                (Vec::new(), false)
+            }
+        };
         let mut nodes: Vec<NodeRecord> = shared
             .iter()
             .filter_map(|s| serde_json::from_str::<NodeRecord>(s).ok())
@@ -287,14 +297,15 @@ impl Admin {
         let rooms_listed = rooms.len() as u64;
         let mut rooms: Vec<RoomFigures> = rooms.into_values().collect();
         by_activity(&mut rooms, limit);
-        Ok(Snapshot {
+        Snapshot {
             ts: now_ms(),
             node: self.id.clone(),
             interval_ms: self.limits.admin_interval.as_millis() as u64,
             nodes,
             rooms,
             rooms_listed,
-        })
+            complete,
+        }
     }
 
     /// Every `admin_interval`: while the admin room has members on this node, send them a
@@ -313,13 +324,7 @@ impl Admin {
                 if room.is_none() && !self.engine().shares_presence() {
                     continue;
                 }
-                let snapshot = match self.snapshot(self.limits.admin_rooms).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "cannot gather the nodes' admin records");
-                        continue;
-                    }
-                };
+                let snapshot = self.snapshot(self.limits.admin_rooms).await;
                 let Some(room) = room else { continue };
                 let Ok(data) = serde_json::value::to_raw_value(&snapshot) else {
                     continue;

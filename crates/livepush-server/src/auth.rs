@@ -337,8 +337,13 @@ mod tests {
         let g = Grants::new(vec![], false);
         assert!(!g.may_join("any"));
         assert!(Grants::everything().may_join("any"));
+    }
+
+    #[test]
+    fn wildcards_never_reach_reserved_rooms() {
         assert!(!Grants::everything().may_join("_livepush.admin"));
         assert!(!Grants::new(vec!["_livepush.*".into()], false).may_join("_livepush.admin"));
         assert!(Grants::new(vec!["_livepush.admin".into()], false).may_join("_livepush.admin"));
+        assert!(Grants::new(vec!["_*".into()], false).may_join("_other"));
     }
 }

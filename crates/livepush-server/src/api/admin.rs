@@ -42,8 +42,7 @@ pub async fn stats(
         }
         Some(n) => n.min(max),
     };
-    let snapshot = app.admin.snapshot(limit).await?;
-    Ok(Json(snapshot).into_response())
+    Ok(Json(app.admin.snapshot(limit).await).into_response())
 }
 
 /// `POST /v1/admin/token`: a terminal token for the admin room only (no body).

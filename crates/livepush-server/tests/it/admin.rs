@@ -105,6 +105,7 @@ async fn stats_show_the_node_and_each_room_with_its_online_count_history_and_fla
         &json!({"room":"live:1","online":1,"seq":3,"history":3,"members":1,"closed":false,"muted":false})
     );
     assert_eq!(stats["rooms_listed"], 1);
+    assert_eq!(stats["complete"], true);
 
     // Inbox backlog: two posts to an offline terminal's inbox.
     for _ in 0..2 {
@@ -276,7 +277,25 @@ async fn with_redis_every_node_is_listed_on_every_node() {
     b.running.shutdown().await;
     a.eventually("node b leaves the list", || async {
         let (_, stats) = a.get("/v1/admin/stats").await;
-        stats["nodes"].as_array().is_some_and(|n| n.len() == 1)
+        stats["nodes"].as_array().is_some_and(|n| n.len() == 1) && stats["complete"] == true
+    })
+    .await;
+}
+
+/// Without Redis, a node still answers with its own figures, marked incomplete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_a_node_shows_itself_alone() {
+    let mut redis = Redis::start();
+    let a = node_with(&redis, "adm-down", fast()).await;
+    let (_, stats) = a.get("/v1/admin/stats").await;
+    assert_eq!(stats["complete"], true, "{stats}");
+    redis.kill();
+    a.eventually("an incomplete snapshot of this node", || async {
+        let (status, stats) = a.get("/v1/admin/stats").await;
+        status == 200
+            && stats["complete"] == false
+            && stats["nodes"].as_array().is_some_and(|n| n.len() == 1)
+            && stats["nodes"][0]["id"] == stats["node"]
     })
     .await;
 }
