@@ -129,6 +129,17 @@ describe('admin page', { concurrency: false }, () => {
       await page.waitForSelector('[data-testid="dashboard"]:not([hidden])', { timeout: 10_000 });
       await waitForOnline(page, room, '0');
       assert.equal(await page.isHidden('[data-testid="signin"]'), true);
+
+      // The feed over SSE: reopening the room from the API shows on the page live.
+      await page.goto(`${server.url}/admin?transport=sse`);
+      await page.waitForFunction(
+        () => document.querySelector('[data-testid="feed-state"]')?.textContent?.includes('live · sse'),
+        null,
+        { timeout: 10_000 },
+      );
+      await waitForOnline(page, room, '0');
+      await server.publish(room, 'control', { action: 'open' });
+      await page.waitForSelector(`[data-testid="room-row"][data-room="${room}"] [data-testid="room-close"]`, { timeout: 10_000 });
       assert.deepEqual(consoleLines.filter((l) => l.startsWith('[pageerror]')), []);
     } catch (e) {
       console.error(consoleLines.join('\n'));
