@@ -3,6 +3,7 @@
 //! Every error is JSON `{"error":CODE,"message":TEXT}` with the contract's status codes; no
 //! request, however malformed, gets a plain-text or empty error.
 
+pub mod admin;
 pub mod batch;
 
 use std::sync::Arc;

@@ -32,6 +32,8 @@ pub struct App {
     pub send_hook: Option<Arc<crate::hooks::SendHook>>,
     /// Flips to `true` when the server shuts down; long-lived sessions watch it.
     pub shutdown: watch::Receiver<bool>,
+    /// The admin page's figures and live feed.
+    pub admin: Arc<crate::admin::Admin>,
 }
 
 /// The node the engine hands its events to: room events to the hub, inbox messages to the

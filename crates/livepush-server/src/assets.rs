@@ -1,4 +1,5 @@
-//! Static files embedded in the binary: the browser client and the demo live room.
+//! Static files embedded in the binary: the browser client, the demo live room and the admin
+//! page.
 
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -37,4 +38,23 @@ pub async fn demo_js() -> Response {
 /// `GET /demo/style.css`
 pub async fn demo_css() -> Response {
     file("text/css; charset=utf-8", DEMO_CSS)
+}
+
+const ADMIN_HTML: &str = include_str!("../../../clients/admin/index.html");
+const ADMIN_JS: &str = include_str!("../../../clients/admin/app.js");
+const ADMIN_CSS: &str = include_str!("../../../clients/admin/style.css");
+
+/// `GET /admin`: the admin page (it asks for the API key; see [`crate::admin`]).
+pub async fn admin_html() -> Response {
+    file("text/html; charset=utf-8", ADMIN_HTML)
+}
+
+/// `GET /admin/app.js`
+pub async fn admin_js() -> Response {
+    file("text/javascript; charset=utf-8", ADMIN_JS)
+}
+
+/// `GET /admin/style.css`
+pub async fn admin_css() -> Response {
+    file("text/css; charset=utf-8", ADMIN_CSS)
 }

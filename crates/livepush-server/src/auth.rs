@@ -27,6 +27,11 @@ pub const LEEWAY_SECS: u64 = 5;
 /// Default of [`crate::config::Limits::max_token_ttl`]: seven days.
 pub const DEFAULT_MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Rooms whose id starts with this are livepush's own (the admin feed,
+/// [`crate::admin::ADMIN_ROOM`]): a wildcard grant never reaches them (see
+/// [`Grants::may_join`]).
+pub const RESERVED_ROOM_PREFIX: &str = "_livepush.";
+
 /// The claims of a terminal token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
@@ -61,9 +66,12 @@ impl Grants {
         Grants::new(vec!["*".to_owned()], true)
     }
 
+    /// Whether a grant names `room`: exactly, or by a prefix pattern (`live:*`). A pattern
+    /// never reaches a reserved room ([`RESERVED_ROOM_PREFIX`], the admin page's feed), not
+    /// even `*` or dev mode's grant: only a grant naming it exactly does.
     pub fn may_join(&self, room: &str) -> bool {
         self.rooms.iter().any(|g| match g.strip_suffix('*') {
-            Some(prefix) => room.starts_with(prefix),
+            Some(prefix) => room.starts_with(prefix) && !room.starts_with(RESERVED_ROOM_PREFIX),
             None => &**g == room,
         })
     }
@@ -329,5 +337,13 @@ mod tests {
         let g = Grants::new(vec![], false);
         assert!(!g.may_join("any"));
         assert!(Grants::everything().may_join("any"));
+    }
+
+    #[test]
+    fn wildcards_never_reach_reserved_rooms() {
+        assert!(!Grants::everything().may_join("_livepush.admin"));
+        assert!(!Grants::new(vec!["_livepush.*".into()], false).may_join("_livepush.admin"));
+        assert!(Grants::new(vec!["_livepush.admin".into()], false).may_join("_livepush.admin"));
+        assert!(Grants::new(vec!["_*".into()], false).may_join("_other"));
     }
 }

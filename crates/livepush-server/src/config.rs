@@ -200,6 +200,17 @@ pub struct Limits {
     /// Longest a terminal token may still be valid: a token whose `exp` is further from now is
     /// refused (`unauthorized`), so no token lives forever whatever `exp` it was signed with.
     pub max_token_ttl: Duration,
+    /// The admin page's cadence ([`crate::admin`]): how often a node sends its stats to the
+    /// admin room while someone watches there, and, with several nodes, shares its stats
+    /// record through the engine (a record lives [`crate::admin::RECORD_LIFETIME_INTERVALS`]
+    /// intervals).
+    pub admin_interval: Duration,
+    /// Most rooms an admin stats snapshot lists (the busiest by online count), and the
+    /// default and bound of `GET /v1/admin/stats?limit=`.
+    pub admin_rooms: usize,
+    /// How long a token minted by `POST /v1/admin/token` for the admin room is valid (the
+    /// page mints a new one before it expires).
+    pub admin_token_ttl: Duration,
 }
 
 impl Default for Limits {
@@ -234,6 +245,9 @@ impl Default for Limits {
             max_sessions_per_terminal: 16,
             max_json_depth: 32,
             max_token_ttl: crate::auth::DEFAULT_MAX_TOKEN_TTL,
+            admin_interval: Duration::from_secs(1),
+            admin_rooms: 100,
+            admin_token_ttl: Duration::from_secs(600),
         }
     }
 }
@@ -345,6 +359,15 @@ impl Config {
             (
                 "--max-token-ttl",
                 self.limits.max_token_ttl.as_secs() as usize,
+            ),
+            (
+                "--admin-interval",
+                self.limits.admin_interval.as_millis() as usize,
+            ),
+            ("--admin-rooms", self.limits.admin_rooms),
+            (
+                "--admin-token-ttl",
+                self.limits.admin_token_ttl.as_secs() as usize,
             ),
         ];
         if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {

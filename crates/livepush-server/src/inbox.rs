@@ -569,6 +569,14 @@ impl Inboxes {
         }
     }
 
+    /// The inboxes this node holds in memory, and the unacknowledged messages they keep in
+    /// all: the inbox backlog the admin page shows.
+    pub fn backlog(&self) -> (u64, u64) {
+        let inboxes: Vec<Arc<Inbox>> = self.map.lock().iter().map(|b| b.0.clone()).collect();
+        let pending = inboxes.iter().map(|i| i.position().pending).sum();
+        (inboxes.len() as u64, pending)
+    }
+
     /// Terminals seen by any node within the retention (none on one node: the local list is
     /// all there is).
     pub async fn known_terminals(&self) -> Result<Vec<String>, EngineError> {

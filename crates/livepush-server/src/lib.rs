@@ -34,7 +34,9 @@
 //! - [`control`]: control commands (close, open, mute, unmute, stream switch).
 //! - [`terminals`], [`inbox`] and [`wake`]: the service list, per-terminal inboxes (behind
 //!   the sibling seam [`engine::InboxEngine`]), and UDP wake-up of idle terminals.
-//! - [`assets`]: the browser client and the demo page, served by the server.
+//! - [`assets`]: the browser client, the demo page and the admin page, served by the server.
+//! - [`admin`]: the admin page's figures (`GET /v1/admin/stats`, handled in `api::admin`) and
+//!   their live feed into the reserved admin room.
 //! - [`tls`]: `https://` and `wss://` (`Config::tls`): the reloadable certificate, and the
 //!   sans-IO TLS layer an open `wss://` connection reads and writes through in the reactor.
 //!
@@ -43,6 +45,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod assets;

@@ -542,6 +542,14 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
         transport::ws::Connections::start(workers, sweep, shutdown_rx.clone())
             .map_err(|e| ServerError::Reactor(e.to_string()))?,
     );
+    let admin = Arc::new(crate::admin::Admin::new(
+        config.limits.clone(),
+        metrics.clone(),
+        hub.clone(),
+        terminals.clone(),
+        inboxes.clone(),
+    ));
+    admin.clone().spawn_feed(shutdown_rx.clone());
     let app = Arc::new(App {
         config: config.clone(),
         metrics: metrics.clone(),
@@ -556,6 +564,7 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
             .clone()
             .map(|s| Arc::new(crate::hooks::SendHook::new(s, metrics.hooks.clone()))),
         shutdown: shutdown_rx.clone(),
+        admin,
     });
     let node: Arc<dyn Node> = app.clone();
     rooms.attach(Arc::downgrade(&node));
@@ -718,6 +727,8 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
         .route("/v1/terminals/{id}", get(api::terminal))
         .route("/v1/terminals/{id}/messages", post(api::post_inbox))
         .route("/metrics", get(api::metrics))
+        .route("/v1/admin/stats", get(api::admin::stats))
+        .route("/v1/admin/token", post(api::admin::token))
         .route_layer(publish_bound)
         .route("/v1/publish", post(api::batch::publish).layer(batch_bound))
         .route_layer(axum::middleware::from_fn_with_state(
@@ -731,6 +742,9 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
         .route("/livepush.js", get(assets::client_js))
         .route("/demo/app.js", get(assets::demo_js))
         .route("/demo/style.css", get(assets::demo_css))
+        .route("/admin", get(assets::admin_html))
+        .route("/admin/app.js", get(assets::admin_js))
+        .route("/admin/style.css", get(assets::admin_css))
         .route(
             "/v1/connect",
             any(move |State(app): State<Arc<App>>, req: Request| {

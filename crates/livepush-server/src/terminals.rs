@@ -183,6 +183,15 @@ pub struct Terminals {
     changed: Option<Mutex<HashSet<Arc<str>>>>,
 }
 
+/// See [`Terminals::online_counts`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OnlineCounts {
+    pub online: u64,
+    pub ws: u64,
+    pub longpoll: u64,
+    pub sse: u64,
+}
+
 impl Terminals {
     pub fn new(settings: TerminalSettings) -> Terminals {
         Terminals {
@@ -405,6 +414,21 @@ impl Terminals {
         let e = map.get_mut(id)?;
         e.prune(now, ms(self.settings.flap_window));
         Some(self.render(id, e, now))
+    }
+
+    /// Terminals online on this node: in all, and over each transport (WebSocket,
+    /// long-polling, SSE; a terminal may use several), for the admin page.
+    pub fn online_counts(&self) -> OnlineCounts {
+        let map = self.map.lock();
+        let now = self.clock();
+        let mut c = OnlineCounts::default();
+        for e in map.values().filter(|e| e.online(now)) {
+            c.online += 1;
+            c.ws += u64::from(e.ws > 0);
+            c.longpoll += u64::from(e.polls > 0 || e.poll_grace_until > now);
+            c.sse += u64::from(e.sse > 0);
+        }
+        c
     }
 
     pub fn list(&self, online_only: bool) -> Vec<TerminalView> {

@@ -193,6 +193,16 @@ pub struct ServeArgs {
     /// is refused as unauthorized.
     #[arg(long, env = "LIVEPUSH_MAX_TOKEN_TTL", default_value = "7d", value_parser = duration)]
     max_token_ttl: Duration,
+    /// The admin page's cadence: how often a node sends its stats to the admin page while one
+    /// watches it, and (with --redis) shares them with the other nodes.
+    #[arg(long, env = "LIVEPUSH_ADMIN_INTERVAL", default_value = "1s", value_parser = duration)]
+    admin_interval: Duration,
+    /// Most rooms the admin page and `GET /v1/admin/stats` list (the busiest).
+    #[arg(long, env = "LIVEPUSH_ADMIN_ROOMS", default_value_t = Limits::default().admin_rooms)]
+    admin_rooms: usize,
+    /// How long the admin page's token for its live feed is valid (it renews it).
+    #[arg(long, env = "LIVEPUSH_ADMIN_TOKEN_TTL", default_value = "10m", value_parser = duration)]
+    admin_token_ttl: Duration,
     /// How long an offline terminal stays on the service list.
     #[arg(long, env = "LIVEPUSH_TERMINAL_RETENTION", default_value = "24h", value_parser = duration)]
     terminal_retention: Duration,
@@ -450,6 +460,9 @@ impl ServeArgs {
                 max_sessions_per_terminal: self.max_sessions_per_terminal,
                 max_json_depth: self.max_json_depth,
                 max_token_ttl: self.max_token_ttl,
+                admin_interval: self.admin_interval,
+                admin_rooms: self.admin_rooms,
+                admin_token_ttl: self.admin_token_ttl,
                 ..Limits::default()
             },
         };

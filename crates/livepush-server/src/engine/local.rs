@@ -703,6 +703,11 @@ impl Engine for LocalEngine {
         let flush = self.store.flush();
         Box::pin(async move { Ok(flush.await?) })
     }
+
+    fn node_stats<'a>(&'a self, mine: &'a str, _ttl: Duration) -> EngineFuture<'a, Vec<String>> {
+        // One node: nothing to share.
+        Box::pin(std::future::ready(Ok(vec![mine.to_owned()])))
+    }
 }
 
 impl InboxEngine for LocalEngine {

@@ -231,6 +231,11 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
 
     /// Resolves once everything submitted so far is durable (called at shutdown).
     fn flush(&self) -> EngineFuture<'_, ()>;
+
+    /// Share this node's stats record (opaque JSON, for the admin page: [`crate::admin`]) for
+    /// `ttl`, and list the records of every node that shared one within its `ttl`, this
+    /// node's included. On one node that is `mine` alone.
+    fn node_stats<'a>(&'a self, mine: &'a str, ttl: Duration) -> EngineFuture<'a, Vec<String>>;
 }
 
 /// What one node knows of a terminal, shared with the other nodes so that the service list

@@ -1191,6 +1191,43 @@ impl Engine for RedisEngine {
     fn flush(&self) -> EngineFuture<'_, ()> {
         Box::pin(std::future::ready(Ok(())))
     }
+
+    /// Each node's record is a key `P:nstats:N` that expires after `ttl`, indexed in the
+    /// sorted set `P:nstats` by when it was written (entries older than `ttl` are dropped
+    /// on every call): one pipeline to write and list, one `MGET` to read.
+    fn node_stats<'a>(&'a self, mine: &'a str, ttl: Duration) -> EngineFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let index = format!("{}:nstats", self.settings.prefix);
+            let ttl_ms = ttl.as_millis().max(1) as u64;
+            let now = now_ms();
+            let r: redis::RedisResult<((), (), (), Vec<String>)> = redis::pipe()
+                .cmd("SET")
+                .arg(self.node_key("nstats", &self.id))
+                .arg(mine)
+                .arg("PX")
+                .arg(ttl_ms)
+                .cmd("ZADD")
+                .arg(&index)
+                .arg(now)
+                .arg(&self.id)
+                .cmd("ZREMRANGEBYSCORE")
+                .arg(&index)
+                .arg("-inf")
+                .arg(format!("({}", now.saturating_sub(ttl_ms)))
+                .cmd("ZRANGE")
+                .arg(&index)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await;
+            let (_, _, _, nodes) = self.noted(r)?;
+            let keys: Vec<String> = nodes.iter().map(|n| self.node_key("nstats", n)).collect();
+            let r: redis::RedisResult<Vec<Option<String>>> =
+                redis::cmd("MGET").arg(&keys).query_async(&mut conn).await;
+            Ok(self.noted(r)?.into_iter().flatten().collect())
+        })
+    }
 }
 
 impl InboxEngine for RedisEngine {

@@ -572,6 +572,11 @@ impl Hub {
         }
     }
 
+    /// Every room this node holds (open or loading), for the admin page ([`crate::admin`]).
+    pub fn rooms(&self) -> Vec<Arc<Room>> {
+        self.rooms.read().values().cloned().collect()
+    }
+
     pub fn room_count(&self) -> usize {
         self.rooms.read().len()
     }

@@ -627,6 +627,13 @@ impl Room {
         self.state.lock().flags
     }
 
+    /// Reliable messages this node keeps of the room (its history cache), and its members on
+    /// this node: what the admin page shows ([`crate::admin`]).
+    pub fn depth(&self) -> (usize, usize) {
+        let st = self.state.lock();
+        (st.history.len(), st.members.len())
+    }
+
     /// Periodic upkeep: broadcast the online count if it changed since the last broadcast,
     /// drop history older than the ttl, and say whether the room is idle (no member, nothing
     /// pending) and what to ask the engine again if an ask failed.

@@ -1,5 +1,6 @@
 //! Integration tests: a real server on 127.0.0.1:0, real sockets.
 
+mod admin;
 mod api;
 mod batch;
 mod connections;

@@ -18,7 +18,11 @@ async fn node(redis: &Redis, prefix: &str) -> TestServer {
 }
 
 /// A node with its own settings.
-async fn node_with(redis: &Redis, prefix: &str, c: livepush_server::Config) -> TestServer {
+pub(crate) async fn node_with(
+    redis: &Redis,
+    prefix: &str,
+    c: livepush_server::Config,
+) -> TestServer {
     let engine = RedisEngine::connect(RedisSettings {
         url: redis.url(),
         prefix: prefix.to_owned(),
