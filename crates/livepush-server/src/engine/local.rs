@@ -41,6 +41,30 @@
 //! left), since loaded again it gets a new epoch; that only tells terminals that come back
 //! `recovered:false` for a history that never had anything.
 //!
+//! # Rooms leaving the store
+//!
+//! Invariant: the store keeps a room's record (epoch, last seq, flags) only while it retains
+//! something of it: a message, or flags other than the default. When a room leaves memory
+//! with nothing retained (its whole history trimmed by the retention), no member (the node
+//! does not hold it: never opened, or closed since), no write waiting and default flags, the
+//! engine asks the store to forget the record
+//! ([`HistoryStore::forget`](crate::store::HistoryStore::forget), conditional on the epoch, so
+//! a newer record is never deleted) instead of dropping it at once. Until the store answered,
+//! the room stays in memory as its own tombstone: it already has a fresh epoch, not recorded,
+//! so a use racing the forget never loads the record being deleted, and its first write
+//! creates the new record after the forget (the store writes in submission order). The next
+//! use of a forgotten room, also after a restart, gets a new epoch, with seqs from 1: terminals
+//! that resume are told `recovered:false`, and there was nothing retained to replay; no seq
+//! is handed out twice under one epoch. The store answers a forget only once a read no longer
+//! sees the record, under `--durability none` too. A failed forget is logged and leaves the
+//! record: the room, once it leaves memory, is loaded from it on its next use.
+//!
+//! Rooms with flags (muted, closed) keep their record: a close or mute must outlive its
+//! control message's retention, or an expired "close" would reopen the room. A room that left
+//! memory with retained messages keeps its record until it is used again and its history has
+//! expired by then; the store's own sweep (`--history-ttl` on redb) deletes the messages of
+//! rooms nobody uses, not their records.
+//!
 //! # Failed writes
 //!
 //! Invariant: a message is handed to the node (delivered, shown in snapshots and the history)
@@ -59,7 +83,7 @@
 //! answered (and handed over) before they are written; a loss there is caught by the store,
 //! which gives every room a new epoch at the next start.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -114,8 +138,10 @@ pub struct LocalEngine {
     store: Arc<dyn Store>,
     retention: Retention,
     limits: RoomLimits,
-    /// Every room used since the start.
+    /// The rooms in memory (see "Rooms in memory").
     rooms: RwLock<HashMap<Arc<str>, Arc<Room>>>,
+    /// The rooms the node holds: opened, and not closed since (in memory or not).
+    held: Mutex<HashSet<Arc<str>>>,
     /// Inbox sequencing state of terminals posted to recently.
     inboxes: Mutex<HashMap<Arc<str>, Arc<Inbox>>>,
     node: OnceLock<Weak<dyn Node>>,
@@ -134,8 +160,6 @@ struct Room {
     id: Arc<str>,
     /// When it was last used (ms).
     used_ms: AtomicU64,
-    /// The node closed it (no member left), and has not opened it since.
-    closed: AtomicBool,
     state: Mutex<RoomState>,
 }
 
@@ -299,6 +323,7 @@ impl LocalEngine {
             retention,
             limits: RoomLimits::default(),
             rooms: RwLock::new(HashMap::new()),
+            held: Mutex::new(HashSet::new()),
             inboxes: Mutex::new(HashMap::new()),
             node: OnceLock::new(),
         }
@@ -353,7 +378,6 @@ impl LocalEngine {
         let room = Arc::new(Room {
             id: key.clone(),
             used_ms: AtomicU64::new(now),
-            closed: AtomicBool::new(false),
             state: Mutex::new(RoomState {
                 recorded,
                 ..RoomState::from_record(record, self.retention, now)
@@ -373,22 +397,24 @@ impl LocalEngine {
     }
 
     /// Drop the rooms that are idle, and the least recently used beyond the limit (see
-    /// "Rooms in memory").
+    /// "Rooms in memory"); forget those with nothing retained (see "Rooms leaving the store").
     fn evict(&self, now: u64) {
         let idle_ms = (self.limits.idle.as_millis() as u64).max(MIN_IDLE_MS);
+        // Lock order: the rooms' map, then `held` (nothing takes them the other way round).
+        let mut rooms = self.rooms.write();
+        let held = self.held.lock();
         let unused_for = |r: &Arc<Room>| {
-            // Nobody else holds it (under the map's write lock no one can take it), and no
-            // write of it is waiting.
+            // Nobody else holds it (under the map's write lock no one can take it; nor does a
+            // forget of its former record), and no write of it is waiting.
             // A room the store has no record of leaves only once the node closed it: loaded
             // again it would get a new epoch under its members.
             let free = Arc::strong_count(r) == 1 && {
                 let st = r.state.lock();
-                st.pending.is_empty() && (st.recorded || r.closed.load(Ordering::Relaxed))
+                st.pending.is_empty() && (st.recorded || !held.contains(&r.id))
             };
             free.then(|| now.saturating_sub(r.used_ms.load(Ordering::Relaxed)))
         };
-        let mut rooms = self.rooms.write();
-        rooms.retain(|_, r| unused_for(r).is_none_or(|t| t < idle_ms));
+        rooms.retain(|_, r| unused_for(r).is_none_or(|t| t < idle_ms) || self.forget(r, &held));
         let over = rooms.len().saturating_sub(self.limits.max_rooms);
         if over == 0 {
             return;
@@ -403,8 +429,41 @@ impl LocalEngine {
             .collect();
         oldest.sort_unstable_by_key(|o| std::cmp::Reverse(o.0));
         for (_, id) in oldest.into_iter().take(over) {
-            rooms.remove(&id);
+            if !rooms.get(&id).is_some_and(|r| self.forget(r, &held)) {
+                rooms.remove(&id);
+            }
         }
+    }
+
+    /// A room leaving memory: if nothing of it is retained, no member holds it and its flags
+    /// are the default, ask the store to forget its record and keep the room, with a fresh
+    /// epoch that is not recorded, until the store answered (see "Rooms leaving the store").
+    /// Returns whether it did (the room stays).
+    fn forget(&self, room: &Arc<Room>, held: &HashSet<Arc<str>>) -> bool {
+        let mut st = room.state.lock();
+        let retained = !st.history.is_empty() || st.flags != RoomFlags::default();
+        if !st.recorded || retained || held.contains(&room.id) {
+            return false;
+        }
+        let fresh: Arc<str> = Arc::from(new_epoch());
+        let former = std::mem::replace(&mut st.epoch, fresh.clone());
+        st.shown = Shown {
+            epoch: fresh,
+            seq: 0,
+            flags: RoomFlags::default(),
+        };
+        st.assigned = 0;
+        st.store_keep_from = 1;
+        st.recorded = false;
+        let forgotten = self.store.forget(&room.id, &former);
+        // Held until the store answered: the room does not leave memory before.
+        let tombstone = room.clone();
+        tokio::spawn(async move {
+            if let Err(e) = forgotten.await {
+                tracing::warn!(room = %tombstone.id, error = %e, "forgetting a room failed: its record stays");
+            }
+        });
+        true
     }
 
     fn created(&self, id: &str) -> Result<Arc<Room>, EngineError> {
@@ -583,7 +642,7 @@ impl Engine for LocalEngine {
 
     fn open(&self, room: &str, keep: usize) -> EngineFuture<'_, Snapshot> {
         let snapshot = self.created(room).map(|r| {
-            r.closed.store(false, Ordering::Relaxed);
+            self.held.lock().insert(r.id.clone());
             r.state.lock().snapshot(keep)
         });
         Box::pin(std::future::ready(snapshot))
@@ -592,9 +651,7 @@ impl Engine for LocalEngine {
     fn close(&self, room: &str) {
         // Every room's events are handed to the one node; it ignores rooms it does not hold.
         // Closed, a room the store has no record of may leave memory (see "Rooms in memory").
-        if let Some(r) = self.rooms.read().get(room) {
-            r.closed.store(true, Ordering::Relaxed);
-        }
+        self.held.lock().remove(room);
     }
 
     fn info(&self, room: &str) -> EngineFuture<'_, Option<Snapshot>> {

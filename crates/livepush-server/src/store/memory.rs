@@ -116,6 +116,22 @@ impl HistoryStore for MemoryStore {
         }
         ready()
     }
+
+    fn forget(&self, room: &str, epoch: &str) -> Durable {
+        let mut rooms = self.rooms.lock();
+        if rooms.get(room).is_some_and(|r| r.epoch == epoch) {
+            rooms.remove(room);
+        }
+        ready()
+    }
+}
+
+impl MemoryStore {
+    /// Room records kept (tests: how many rooms the store still knows).
+    #[cfg(test)]
+    pub(crate) fn room_records(&self) -> usize {
+        self.rooms.lock().len()
+    }
 }
 
 impl InboxStore for MemoryStore {
@@ -216,6 +232,24 @@ mod tests {
         let r = s.load_room("r", 10).unwrap().unwrap();
         assert_eq!((r.epoch.as_str(), r.seq, r.history.len()), ("E2", 0, 0));
         assert!(r.flags.muted, "a reset keeps the flags");
+    }
+
+    /// A forget deletes the record of the epoch it names, never a newer one.
+    #[test]
+    fn forgets_a_room_only_under_the_epoch_it_names() {
+        let s = MemoryStore::default();
+        done(s.create_room("r", "E1"));
+        done(s.append("r", &msg(1), None));
+        done(s.forget("r", "E0"));
+        assert_eq!(
+            s.load_room("r", 10).unwrap().unwrap().seq,
+            1,
+            "a stale epoch: kept"
+        );
+        done(s.forget("r", "E1"));
+        assert_eq!(s.load_room("r", 10).unwrap(), None);
+        assert!(s.read("r", 0, 10, 10, usize::MAX).unwrap().is_empty());
+        assert_eq!(s.room_records(), 0);
     }
 
     #[test]

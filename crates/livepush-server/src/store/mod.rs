@@ -136,6 +136,17 @@ pub trait HistoryStore: Send + Sync + std::fmt::Debug + 'static {
     /// Forget messages of `room` with `seq < keep_from` (out of the retention).
     fn trim(&self, room: &str, keep_from: u64) -> Durable;
 
+    /// Delete `room`'s record and messages, if its epoch is still `epoch` (so a newer record
+    /// is never deleted): the engine asks for it once nothing of the room is retained (see
+    /// "Rooms leaving the store" in [`crate::engine::local`]); the room's next use starts a
+    /// new epoch. Resolves once a [`HistoryStore::load_room`] no longer sees the record (under
+    /// every durability policy: never at submission). Stores that cannot forget keep the
+    /// record, which is always safe.
+    fn forget(&self, room: &str, epoch: &str) -> Durable {
+        let _ = (room, epoch);
+        ready()
+    }
+
     /// Resolves once everything submitted so far is durable (called at shutdown).
     fn flush(&self) -> Durable {
         ready()

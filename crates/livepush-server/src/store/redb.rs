@@ -389,6 +389,12 @@ pub(crate) enum Op {
         room: String,
         keep_from: u64,
     },
+    /// Delete the room's record and messages if its epoch is this one (never answered at
+    /// submission: see [`HistoryStore::forget`]).
+    Forget {
+        room: String,
+        epoch: String,
+    },
     AppendInbox {
         terminal: String,
         seq: u64,
@@ -429,6 +435,7 @@ impl Op {
                 | Op::Reset { .. }
                 | Op::Recover { .. }
                 | Op::Trim { .. }
+                | Op::Forget { .. }
                 | Op::AppendInbox { .. }
                 | Op::AckInbox { .. }
                 | Op::TrimInbox { .. }
@@ -466,6 +473,9 @@ impl Gate {
             Op::AppendInbox { terminal, seq, .. } => {
                 self.reserved.get(terminal).is_some_and(|r| seq <= r)
             }
+            // Answered once committed (readable), so a room is never loaded from a record
+            // about to be deleted.
+            Op::Forget { .. } => false,
             _ => true,
         }
     }
@@ -692,6 +702,15 @@ impl RedbStore {
     /// dropping the store does the same.
     pub fn close(&self) -> Result<(), StoreError> {
         self.stop(Op::Close)
+    }
+
+    /// Room records in the file (tests: how many rooms the store still knows).
+    #[cfg(test)]
+    pub(crate) fn room_records(&self) -> u64 {
+        let guard = self.shared.db.read();
+        let db = guard.as_ref().expect("open");
+        let txn = db.begin_read().unwrap();
+        ::redb::ReadableTableMetadata::len(&txn.open_table(ROOMS).unwrap()).unwrap()
     }
 
     /// Stop as a crash would: the writer stops without marking the file clean.
@@ -1004,6 +1023,16 @@ impl HistoryStore for RedbStore {
             Op::Trim {
                 room: room.to_owned(),
                 keep_from,
+            },
+            false,
+        )
+    }
+
+    fn forget(&self, room: &str, epoch: &str) -> Durable {
+        self.submit(
+            Op::Forget {
+                room: room.to_owned(),
+                epoch: epoch.to_owned(),
             },
             false,
         )

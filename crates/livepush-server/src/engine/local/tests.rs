@@ -70,7 +70,7 @@ type Gate = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 /// order, as every store's are).
 #[derive(Debug, Default)]
 struct Gated {
-    inner: MemoryStore,
+    inner: Arc<MemoryStore>,
     gates: PlMutex<Vec<Gate>>,
 }
 
@@ -131,6 +131,15 @@ impl HistoryStore for Gated {
     }
     fn trim(&self, room: &str, keep_from: u64) -> crate::store::Durable {
         self.inner.trim(room, keep_from)
+    }
+    /// Applied when its gate opens (as a store that has not committed it yet).
+    fn forget(&self, room: &str, epoch: &str) -> crate::store::Durable {
+        let (gate, inner) = (self.gate(), self.inner.clone());
+        let (room, epoch) = (room.to_owned(), epoch.to_owned());
+        Box::pin(async move {
+            gate.await?;
+            inner.forget(&room, &epoch).await
+        })
     }
 }
 
@@ -452,4 +461,158 @@ async fn a_room_never_published_to_stays_until_the_node_closes_it() {
     e.close("r");
     e.evict(now_ms() + 3_600_000);
     assert_eq!(e.room_count(), 0);
+}
+
+/// A publish to `room` stamped `ts` (1: long expired under any retention).
+fn publish_to<'a>(
+    e: &'a LocalEngine,
+    room: &'a str,
+    ts: u64,
+    action: Option<Action>,
+) -> EngineFuture<'a, Sequenced> {
+    e.publish(Publish {
+        room,
+        frame: template(1),
+        ts,
+        action,
+    })
+}
+
+/// Until every forget the engine asked for is answered (they are answered by spawned tasks).
+async fn forgets_answered(e: &LocalEngine) {
+    for _ in 0..1000 {
+        // The task waiting for a forget holds its room.
+        if e.rooms.read().values().all(|r| Arc::strong_count(r) == 1) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("forgets not answered");
+}
+
+const LATER: u64 = 3_600_000;
+
+#[tokio::test]
+async fn a_room_whose_history_expired_leaves_the_store() {
+    let (e, _, store) = engine(100);
+    let first = publish(&e, 1, None).await.unwrap();
+    e.tick();
+    e.evict(now_ms() + LATER);
+    forgets_answered(&e).await;
+    e.evict(now_ms() + LATER);
+    assert_eq!(e.room_count(), 0);
+    assert_eq!(store.load_room("r", 10).unwrap(), None);
+    assert_eq!(store.room_records(), 0);
+    assert!(
+        e.info("r").await.unwrap().is_none(),
+        "as if never published to"
+    );
+    // Its next use: a new epoch, seqs from 1.
+    let next = publish(&e, 2, None).await.unwrap();
+    assert_ne!(next.epoch, first.epoch);
+    assert_eq!(next.seq, 1);
+    let record = store.load_room("r", 10).unwrap().unwrap();
+    assert_eq!((&*record.epoch, record.seq), (&*next.epoch, 1));
+}
+
+#[tokio::test]
+async fn rooms_with_something_retained_or_a_member_keep_their_record() {
+    let (e, _, store) = engine(100);
+    publish_to(&e, "recent", now_ms(), None).await.unwrap();
+    publish_to(&e, "muted", 1, Some(Action::Mute))
+        .await
+        .unwrap();
+    publish_to(&e, "closed", 1, Some(Action::Close))
+        .await
+        .unwrap();
+    e.open("held", 0).await.unwrap();
+    publish_to(&e, "held", 1, None).await.unwrap();
+    publish_to(&e, "expired", 1, None).await.unwrap();
+    e.tick();
+    e.evict(now_ms() + LATER);
+    forgets_answered(&e).await;
+    e.evict(now_ms() + LATER);
+    assert_eq!(e.room_count(), 0);
+    for room in ["recent", "muted", "closed", "held"] {
+        assert!(store.load_room(room, 10).unwrap().is_some(), "{room}");
+    }
+    assert_eq!(store.load_room("expired", 10).unwrap(), None);
+    // Once the node closed it, a held room with nothing retained goes too.
+    e.close("held");
+    e.info("held").await.unwrap().unwrap();
+    e.tick();
+    e.evict(now_ms() + LATER);
+    forgets_answered(&e).await;
+    assert_eq!(store.load_room("held", 10).unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_use_racing_the_forget_gets_a_new_epoch() {
+    use futures_util::FutureExt;
+    let (e, rec, store) = gated_engine();
+    let mut p = publish(&e, 1, None);
+    assert!((&mut p).now_or_never().is_none());
+    store.open_all();
+    let first = p.await.unwrap();
+    e.tick();
+    e.evict(now_ms() + LATER);
+    // The forget is not answered yet: the room stays, as its own tombstone.
+    e.evict(now_ms() + LATER);
+    assert_eq!(e.room_count(), 1);
+    let mut p = publish(&e, 2, None);
+    assert!((&mut p).now_or_never().is_none());
+    store.open_all();
+    let second = p.await.unwrap();
+    assert_ne!(
+        second.epoch, first.epoch,
+        "no seq of the old epoch is handed out again"
+    );
+    assert_eq!(second.seq, 1);
+    // Its record was created before the forget was applied, which left it alone.
+    let record = store.inner.load_room("r", 10).unwrap().unwrap();
+    assert_eq!((&*record.epoch, record.seq), (&*second.epoch, 1));
+    assert_eq!(
+        *rec.0.lock(),
+        [format!("{}:1", first.epoch), format!("{}:1", second.epoch)]
+    );
+}
+
+#[tokio::test]
+async fn thousands_of_rooms_published_once_leave_the_store() {
+    const ROOMS: usize = 2_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        crate::store::RedbStore::open_with(
+            dir.path(),
+            crate::store::StoreOptions::new(crate::store::DurabilityPolicy::Batch),
+        )
+        .unwrap(),
+    );
+    let e = LocalEngine::new(
+        store.clone(),
+        Retention {
+            max_messages: 100,
+            ttl: Duration::from_secs(60),
+        },
+    );
+    let names: Vec<String> = (0..ROOMS).map(|n| format!("room-{n}")).collect();
+    let batch: Vec<Publish<'_>> = names
+        .iter()
+        .map(|room| Publish {
+            room,
+            frame: template(1),
+            ts: 1,
+            action: None,
+        })
+        .collect();
+    for result in e.publish_many(&batch).await.unwrap() {
+        result.unwrap();
+    }
+    assert_eq!(store.room_records(), ROOMS as u64);
+    e.tick();
+    e.evict(now_ms() + LATER);
+    forgets_answered(&e).await;
+    e.evict(now_ms() + LATER);
+    assert_eq!(e.room_count(), 0);
+    assert_eq!(store.room_records(), 0);
 }
