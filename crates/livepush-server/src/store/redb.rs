@@ -4,8 +4,8 @@
 //!
 //! # Writes
 //!
-//! Every write (room create, append, flags, trim; inbox append, ack, trim; wake registration;
-//! flush) goes through one channel to one writer thread, which owns all write transactions.
+//! Every write (room create, append, flags, trim, forget; inbox append, ack, trim; wake
+//! registration; flush) goes through one channel to one writer thread, which owns all write transactions.
 //! Futures therefore resolve in submission order, room and inbox writes alike (the hub relies
 //! on it), and a slow disk never blocks the caller, only its answer. Reads
 //! ([`HistoryStore::load_room`], [`InboxStore::load_terminal`],
@@ -98,7 +98,10 @@
 //! number ([`StoreOptions::sweep_rooms`]) every [`SWEEP_INTERVAL`], and deletes their messages
 //! older than the TTL: the engine trims only the rooms it holds in memory, so without the
 //! sweep a room nobody uses any more would keep its messages forever. A room's record (epoch,
-//! seq, flags: some 60 bytes) stays. A step that deletes nothing commits nothing.
+//! seq, flags: some 60 bytes) stays until the engine forgets it
+//! ([`HistoryStore::forget`]: a room with nothing retained leaving its memory; deleted only if
+//! its epoch is still the one named, and never answered at submission, also under `none`, so
+//! an answered forget is what a read sees). A step that deletes nothing commits nothing.
 //!
 //! `trim` (and `trim_inbox`, `ack_inbox`) deletes in the writer, batched with other writes.
 //! redb reuses freed pages, so a steady load with steady retention keeps the file at its
