@@ -60,10 +60,14 @@
 //! record: the room, once it leaves memory, is loaded from it on its next use.
 //!
 //! Rooms with flags (muted, closed) keep their record: a close or mute must outlive its
-//! control message's retention, or an expired "close" would reopen the room. A room that left
-//! memory with retained messages keeps its record until it is used again and its history has
-//! expired by then; the store's own sweep (`--history-ttl` on redb) deletes the messages of
-//! rooms nobody uses, not their records.
+//! control message's retention, or an expired "close" would reopen the room.
+//!
+//! Rooms not in memory (they left it with messages retained, or were not used since the
+//! start) are found by a sweep of the store's records in key order, [`RoomLimits::sweep_rooms`]
+//! of them per [`Engine::tick`] (`--store-sweep-rooms`): one whose newest message is past the
+//! retention, with no member, is taken into memory as a tombstone and forgotten as above. A
+//! record it read is not acted on if any room left memory meanwhile (it may predate that
+//! room's last write); the next round looks again.
 //!
 //! # Failed writes
 //!
@@ -103,20 +107,28 @@ use crate::store::{
     WakeRegistration, new_epoch,
 };
 
-/// How many rooms the engine keeps in memory (see "Rooms in memory").
+/// How many rooms the engine keeps in memory (see "Rooms in memory"), and how fast it sweeps
+/// the stored ones (see "Rooms leaving the store").
 #[derive(Debug, Clone, Copy)]
 pub struct RoomLimits {
     /// A room unused this long (and at least [`MIN_IDLE_MS`]) leaves memory.
     pub idle: Duration,
     /// Most rooms kept; beyond it the least recently used leave (if idle [`MIN_IDLE_MS`]).
     pub max_rooms: usize,
+    /// Stored rooms looked at per [`Engine::tick`] by the sweep of rooms not in memory: the
+    /// bound on its store reads per tick.
+    pub sweep_rooms: usize,
 }
+
+/// Default of [`RoomLimits::sweep_rooms`].
+pub const DEFAULT_SWEEP_ROOMS: usize = 64;
 
 impl Default for RoomLimits {
     fn default() -> Self {
         RoomLimits {
             idle: Duration::from_secs(60),
             max_rooms: 100_000,
+            sweep_rooms: DEFAULT_SWEEP_ROOMS,
         }
     }
 }
@@ -142,6 +154,11 @@ pub struct LocalEngine {
     rooms: RwLock<HashMap<Arc<str>, Arc<Room>>>,
     /// The rooms the node holds: opened, and not closed since (in memory or not).
     held: Mutex<HashSet<Arc<str>>>,
+    /// Rooms dropped from memory so far: the sweep of stored rooms does not act on a record
+    /// it read before one left (it may be stale; see [`LocalEngine::sweep_store`]).
+    dropped: AtomicU64,
+    /// Where the next step of the sweep of stored rooms starts (after this room).
+    sweep_after: Mutex<Option<String>>,
     /// Inbox sequencing state of terminals posted to recently.
     inboxes: Mutex<HashMap<Arc<str>, Arc<Inbox>>>,
     node: OnceLock<Weak<dyn Node>>,
@@ -324,6 +341,8 @@ impl LocalEngine {
             limits: RoomLimits::default(),
             rooms: RwLock::new(HashMap::new()),
             held: Mutex::new(HashSet::new()),
+            dropped: AtomicU64::new(0),
+            sweep_after: Mutex::new(None),
             inboxes: Mutex::new(HashMap::new()),
             node: OnceLock::new(),
         }
@@ -414,7 +433,10 @@ impl LocalEngine {
             };
             free.then(|| now.saturating_sub(r.used_ms.load(Ordering::Relaxed)))
         };
+        let before = rooms.len();
         rooms.retain(|_, r| unused_for(r).is_none_or(|t| t < idle_ms) || self.forget(r, &held));
+        self.dropped
+            .fetch_add((before - rooms.len()) as u64, Ordering::SeqCst);
         let over = rooms.len().saturating_sub(self.limits.max_rooms);
         if over == 0 {
             return;
@@ -431,6 +453,7 @@ impl LocalEngine {
         for (_, id) in oldest.into_iter().take(over) {
             if !rooms.get(&id).is_some_and(|r| self.forget(r, &held)) {
                 rooms.remove(&id);
+                self.dropped.fetch_add(1, Ordering::SeqCst);
             }
         }
     }
@@ -464,6 +487,66 @@ impl LocalEngine {
             }
         });
         true
+    }
+
+    /// One step of the sweep of the store's rooms that are not in memory (see "Rooms leaving
+    /// the store"): the next [`RoomLimits::sweep_rooms`] of them in key order; those with
+    /// nothing retained and no member are taken into memory as tombstones and forgotten, as if
+    /// they had just left memory.
+    fn sweep_store(&self, now: u64) {
+        let limit = self.limits.sweep_rooms;
+        if limit == 0 {
+            return;
+        }
+        let mut after = self.sweep_after.lock();
+        let ids = match self.store.rooms_after(after.as_deref(), limit) {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the stored rooms to sweep");
+                return;
+            }
+        };
+        *after = (ids.len() == limit).then(|| ids.last().cloned()).flatten();
+        drop(after);
+        let cutoff = now.saturating_sub(self.retention.ttl.as_millis() as u64);
+        let keep = self.retention.max_messages.min(1);
+        for id in ids {
+            if self.rooms.read().contains_key(id.as_str()) || self.held.lock().contains(id.as_str())
+            {
+                continue;
+            }
+            let dropped = self.dropped.load(Ordering::SeqCst);
+            let record = match self.store.load_room(&id, keep) {
+                Ok(Some(record)) => record,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(room = %id, error = %e, "cannot read a stored room to sweep");
+                    continue;
+                }
+            };
+            // Messages are in seq order, and so in time order: the newest says it all.
+            let expired = record.history.last().is_none_or(|m| m.ts < cutoff);
+            if !expired {
+                continue;
+            }
+            let mut rooms = self.rooms.write();
+            // Loaded, or left memory since the read (the record may be older than its last
+            // write): left for the next round.
+            if rooms.contains_key(id.as_str()) || self.dropped.load(Ordering::SeqCst) != dropped {
+                continue;
+            }
+            let key: Arc<str> = Arc::from(id);
+            let room = Arc::new(Room {
+                id: key.clone(),
+                // Leaves memory at the first eviction once forgotten.
+                used_ms: AtomicU64::new(0),
+                state: Mutex::new(RoomState::from_record(record, self.retention, now)),
+            });
+            // Not if it has flags (or is held after all).
+            if self.forget(&room, &self.held.lock()) {
+                rooms.insert(key, room);
+            }
+        }
     }
 
     fn created(&self, id: &str) -> Result<Arc<Room>, EngineError> {
@@ -750,6 +833,7 @@ impl Engine for LocalEngine {
             }
         }
         self.evict(now);
+        self.sweep_store(now);
         self.inboxes.lock().retain(|_, i| {
             let st = i.state.lock();
             !st.pending.is_empty() || now.saturating_sub(st.touched_ms) < INBOX_IDLE_MS

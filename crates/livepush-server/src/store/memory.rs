@@ -6,7 +6,8 @@
 //! Writes apply at once, so every [`Durable`] is ready when it is returned and futures trivially
 //! resolve in submission order.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
 
 use parking_lot::Mutex;
 
@@ -18,7 +19,8 @@ use super::{
 /// Everything in memory. See the module documentation.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    rooms: Mutex<HashMap<String, Room>>,
+    /// In key order, for [`HistoryStore::rooms_after`].
+    rooms: Mutex<BTreeMap<String, Room>>,
     terminals: Mutex<HashMap<String, TerminalRecord>>,
 }
 
@@ -123,6 +125,16 @@ impl HistoryStore for MemoryStore {
             rooms.remove(room);
         }
         ready()
+    }
+
+    fn rooms_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        let rooms = self.rooms.lock();
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(rooms
+            .range::<str, _>((from, Bound::Unbounded))
+            .take(limit)
+            .map(|(id, _)| id.clone())
+            .collect())
     }
 }
 

@@ -147,6 +147,14 @@ pub trait HistoryStore: Send + Sync + std::fmt::Debug + 'static {
         ready()
     }
 
+    /// Up to `limit` rooms the store has a record of, in key order, after `after` (from the
+    /// first with `None`): for the engine's sweep of rooms not in memory. Stores that list
+    /// none (the default) have a room's record forgotten only once the room is used again.
+    fn rooms_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        let _ = (after, limit);
+        Ok(Vec::new())
+    }
+
     /// Resolves once everything submitted so far is durable (called at shutdown).
     fn flush(&self) -> Durable {
         ready()

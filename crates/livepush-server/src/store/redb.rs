@@ -99,7 +99,7 @@
 //! older than the TTL: the engine trims only the rooms it holds in memory, so without the
 //! sweep a room nobody uses any more would keep its messages forever. A room's record (epoch,
 //! seq, flags: some 60 bytes) stays until the engine forgets it
-//! ([`HistoryStore::forget`]: a room with nothing retained leaving its memory; deleted only if
+//! ([`HistoryStore::forget`]: once nothing of the room is retained; deleted only if
 //! its epoch is still the one named, and never answered at submission, also under `none`, so
 //! an answered forget is what a read sees). A step that deletes nothing commits nothing.
 //!
@@ -117,6 +117,7 @@ mod writer;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::ops::Bound;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -908,6 +909,28 @@ impl RedbStore {
         Ok(out)
     }
 
+    fn read_room_ids(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, ::redb::Error> {
+        let guard = self.shared.db.read();
+        let Some(db) = guard.as_ref() else {
+            return Err(::redb::Error::DatabaseClosed);
+        };
+        let txn = db.begin_read()?;
+        let rooms = txn.open_table(ROOMS)?;
+        let range = match after {
+            Some(after) => rooms.range::<&str>((Bound::Excluded(after), Bound::Unbounded))?,
+            None => rooms.range::<&str>(..)?,
+        };
+        let mut ids = Vec::new();
+        for entry in range.take(limit) {
+            ids.push(entry?.0.value().to_owned());
+        }
+        Ok(ids)
+    }
+
     fn read_room(&self, room: &str, keep: usize) -> Result<Option<RoomRecord>, ::redb::Error> {
         let guard = self.shared.db.read();
         let Some(db) = guard.as_ref() else {
@@ -1029,6 +1052,11 @@ impl HistoryStore for RedbStore {
             },
             false,
         )
+    }
+
+    fn rooms_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.read_room_ids(after, limit)
+            .map_err(|e| self.read_error(e))
     }
 
     fn forget(&self, room: &str, epoch: &str) -> Durable {

@@ -412,6 +412,7 @@ async fn past_max_rooms_the_least_recently_used_leave() {
     let e = Arc::into_inner(e).unwrap().with_room_limits(RoomLimits {
         idle: Duration::from_secs(3600),
         max_rooms: 2,
+        sweep_rooms: 0,
     });
     let now = now_ms();
     for (n, id) in ["a", "b", "c", "d"].into_iter().enumerate() {
@@ -613,6 +614,107 @@ async fn thousands_of_rooms_published_once_leave_the_store() {
     e.evict(now_ms() + LATER);
     forgets_answered(&e).await;
     e.evict(now_ms() + LATER);
+    assert_eq!(e.room_count(), 0);
+    assert_eq!(store.room_records(), 0);
+}
+
+#[tokio::test]
+async fn stored_rooms_not_in_memory_are_swept_too() {
+    let store = Arc::new(MemoryStore::default());
+    let message = |ts| StoredMessage {
+        seq: 1,
+        ts,
+        frame: Bytes::from_static(b"{}"),
+    };
+    for room in ["expired", "recent", "muted", "held", "reset"] {
+        store.create_room(room, "E1").await.unwrap();
+    }
+    for room in ["expired", "muted", "held"] {
+        let flags = (room == "muted").then_some(RoomFlags {
+            muted: true,
+            closed: false,
+        });
+        store.append(room, &message(1), flags).await.unwrap();
+    }
+    store
+        .append("recent", &message(now_ms()), None)
+        .await
+        .unwrap();
+    let e = LocalEngine::new(
+        store.clone(),
+        Retention {
+            max_messages: 100,
+            ttl: Duration::from_secs(3600),
+        },
+    )
+    .with_room_limits(RoomLimits {
+        sweep_rooms: 2,
+        ..RoomLimits::default()
+    });
+    e.held.lock().insert(Arc::from("held"));
+    // Three steps of two rooms go round the five once.
+    for _ in 0..3 {
+        e.tick();
+    }
+    assert!(
+        e.sweep_after.lock().is_none(),
+        "round done: the next starts over"
+    );
+    forgets_answered(&e).await;
+    e.tick();
+    assert_eq!(e.room_count(), 0, "the tombstones left memory");
+    let mut kept: Vec<String> = store.rooms_after(None, 10).unwrap();
+    kept.sort();
+    assert_eq!(kept, ["held", "muted", "recent"]);
+}
+
+#[tokio::test]
+async fn rooms_published_once_before_a_restart_leave_the_store() {
+    const ROOMS: usize = 1_000;
+    let dir = tempfile::tempdir().unwrap();
+    let open = || {
+        Arc::new(
+            crate::store::RedbStore::open_with(
+                dir.path(),
+                crate::store::StoreOptions::new(crate::store::DurabilityPolicy::Batch),
+            )
+            .unwrap(),
+        )
+    };
+    let retention = Retention {
+        max_messages: 100,
+        ttl: Duration::from_secs(60),
+    };
+    {
+        let store = open();
+        let e = LocalEngine::new(store.clone(), retention);
+        let names: Vec<String> = (0..ROOMS).map(|n| format!("room-{n}")).collect();
+        let batch: Vec<Publish<'_>> = names
+            .iter()
+            .map(|room| Publish {
+                room,
+                frame: template(1),
+                ts: 1,
+                action: None,
+            })
+            .collect();
+        for result in e.publish_many(&batch).await.unwrap() {
+            result.unwrap();
+        }
+        store.flush().await.unwrap();
+    }
+    let store = open();
+    assert_eq!(store.room_records(), ROOMS as u64);
+    let e = LocalEngine::new(store.clone(), retention).with_room_limits(RoomLimits {
+        sweep_rooms: 300,
+        ..RoomLimits::default()
+    });
+    // Four steps go round once; each forget is answered by the store's writer.
+    for _ in 0..4 {
+        e.tick();
+        forgets_answered(&e).await;
+    }
+    e.tick();
     assert_eq!(e.room_count(), 0);
     assert_eq!(store.room_records(), 0);
 }
