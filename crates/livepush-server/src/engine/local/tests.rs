@@ -718,3 +718,27 @@ async fn rooms_published_once_before_a_restart_leave_the_store() {
     assert_eq!(e.room_count(), 0);
     assert_eq!(store.room_records(), 0);
 }
+
+#[tokio::test]
+async fn a_failed_forget_keeps_the_record_and_the_room_comes_back_from_it() {
+    use futures_util::FutureExt;
+    let (e, _, store) = gated_engine();
+    let mut p = publish(&e, 1, None);
+    assert!((&mut p).now_or_never().is_none());
+    store.open_all();
+    let first = p.await.unwrap();
+    e.tick();
+    e.evict(now_ms() + LATER);
+    store.fail_all();
+    forgets_answered(&e).await;
+    e.evict(now_ms() + LATER);
+    assert_eq!(e.room_count(), 0);
+    let record = store.inner.load_room("r", 10).unwrap().unwrap();
+    assert_eq!((&*record.epoch, record.seq), (&*first.epoch, 1));
+    // Loaded from the record: the same epoch goes on, no seq handed out twice.
+    let mut p = publish(&e, 2, None);
+    assert!((&mut p).now_or_never().is_none());
+    store.open_all();
+    let next = p.await.unwrap();
+    assert_eq!((next.epoch, next.seq), (first.epoch, 2));
+}
