@@ -768,30 +768,20 @@ async fn room_keys_expire_after_the_history_retention() {
     let most = (c.history_ttl + ROOM_KEY_MARGIN).as_millis() as i64;
     let a = node_with(&redis, "exp", c).await;
     let pttl = |key: &str| -> i64 { redis.cli(&["PTTL", key]).parse().expect("an integer") };
-    let (status, body) = a
-        .post("/v1/rooms/rx/messages", json!({"type":"gift","data":1}))
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let publish = async |room: &str, body: Value| {
+        let (status, answer) = a.post(&format!("/v1/rooms/{room}/messages"), body).await;
+        assert_eq!(status, 200, "{answer}");
+    };
+    publish("rx", json!({"type":"gift","data":1})).await;
     for key in ["exp:room:{rx}", "exp:hist:{rx}"] {
         let ttl = pttl(key);
         assert!(ttl > 0 && ttl <= most, "{key}: {ttl}");
     }
-    let (status, body) = a
-        .post(
-            "/v1/rooms/rc/messages",
-            json!({"type":"control","data":{"action":"close"}}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let control = |action| json!({"type":"control","data":{"action":action}});
+    publish("rc", control("close")).await;
     assert_eq!(pttl("exp:room:{rc}"), -1, "a closed room stays closed");
     assert!(pttl("exp:hist:{rc}") > 0);
     // Opened again, it expires again.
-    let (status, body) = a
-        .post(
-            "/v1/rooms/rc/messages",
-            json!({"type":"control","data":{"action":"open"}}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    publish("rc", control("open")).await;
     assert!(pttl("exp:room:{rc}") > 0);
 }

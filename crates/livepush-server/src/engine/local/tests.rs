@@ -547,23 +547,31 @@ async fn rooms_with_something_retained_or_a_member_keep_their_record() {
     assert_eq!(store.load_room("held", 10).unwrap(), None);
 }
 
-#[tokio::test]
-async fn a_use_racing_the_forget_gets_a_new_epoch() {
+/// Publish message `n` to "r" through the gated store (answered only once its gate opens).
+async fn publish_gated(e: &LocalEngine, store: &Gated, n: u64) -> Sequenced {
     use futures_util::FutureExt;
-    let (e, rec, store) = gated_engine();
-    let mut p = publish(&e, 1, None);
+    let mut p = publish(e, n, None);
     assert!((&mut p).now_or_never().is_none());
     store.open_all();
-    let first = p.await.unwrap();
+    p.await.unwrap()
+}
+
+/// "r" published to once, its history expired, and leaving memory: its forget asked for.
+async fn forgetting_gated(e: &LocalEngine, store: &Gated) -> Sequenced {
+    let first = publish_gated(e, store, 1).await;
     e.tick();
     e.evict(now_ms() + LATER);
+    first
+}
+
+#[tokio::test]
+async fn a_use_racing_the_forget_gets_a_new_epoch() {
+    let (e, rec, store) = gated_engine();
+    let first = forgetting_gated(&e, &store).await;
     // The forget is not answered yet: the room stays, as its own tombstone.
     e.evict(now_ms() + LATER);
     assert_eq!(e.room_count(), 1);
-    let mut p = publish(&e, 2, None);
-    assert!((&mut p).now_or_never().is_none());
-    store.open_all();
-    let second = p.await.unwrap();
+    let second = publish_gated(&e, &store, 2).await;
     assert_ne!(
         second.epoch, first.epoch,
         "no seq of the old epoch is handed out again"
@@ -578,25 +586,21 @@ async fn a_use_racing_the_forget_gets_a_new_epoch() {
     );
 }
 
-#[tokio::test]
-async fn thousands_of_rooms_published_once_leave_the_store() {
-    const ROOMS: usize = 2_000;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(
-        crate::store::RedbStore::open_with(
-            dir.path(),
-            crate::store::StoreOptions::new(crate::store::DurabilityPolicy::Batch),
-        )
-        .unwrap(),
-    );
-    let e = LocalEngine::new(
-        store.clone(),
-        Retention {
-            max_messages: 100,
-            ttl: Duration::from_secs(60),
-        },
-    );
-    let names: Vec<String> = (0..ROOMS).map(|n| format!("room-{n}")).collect();
+/// A redb store in `dir`, group commit.
+fn redb(dir: &std::path::Path) -> Arc<crate::store::RedbStore> {
+    let options = crate::store::StoreOptions::new(crate::store::DurabilityPolicy::Batch);
+    Arc::new(crate::store::RedbStore::open_with(dir, options).unwrap())
+}
+
+/// Retention of the tests with many rooms: their messages (stamped 1970) are all past it.
+const SHORT: Retention = Retention {
+    max_messages: 100,
+    ttl: Duration::from_secs(60),
+};
+
+/// Publish one long-expired message to each of `rooms` rooms.
+async fn publish_once(e: &LocalEngine, rooms: usize) {
+    let names: Vec<String> = (0..rooms).map(|n| format!("room-{n}")).collect();
     let batch: Vec<Publish<'_>> = names
         .iter()
         .map(|room| Publish {
@@ -609,6 +613,15 @@ async fn thousands_of_rooms_published_once_leave_the_store() {
     for result in e.publish_many(&batch).await.unwrap() {
         result.unwrap();
     }
+}
+
+#[tokio::test]
+async fn thousands_of_rooms_published_once_leave_the_store() {
+    const ROOMS: usize = 2_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = redb(dir.path());
+    let e = LocalEngine::new(store.clone(), SHORT);
+    publish_once(&e, ROOMS).await;
     assert_eq!(store.room_records(), ROOMS as u64);
     e.tick();
     e.evict(now_ms() + LATER);
@@ -672,40 +685,14 @@ async fn stored_rooms_not_in_memory_are_swept_too() {
 async fn rooms_published_once_before_a_restart_leave_the_store() {
     const ROOMS: usize = 1_000;
     let dir = tempfile::tempdir().unwrap();
-    let open = || {
-        Arc::new(
-            crate::store::RedbStore::open_with(
-                dir.path(),
-                crate::store::StoreOptions::new(crate::store::DurabilityPolicy::Batch),
-            )
-            .unwrap(),
-        )
-    };
-    let retention = Retention {
-        max_messages: 100,
-        ttl: Duration::from_secs(60),
-    };
     {
-        let store = open();
-        let e = LocalEngine::new(store.clone(), retention);
-        let names: Vec<String> = (0..ROOMS).map(|n| format!("room-{n}")).collect();
-        let batch: Vec<Publish<'_>> = names
-            .iter()
-            .map(|room| Publish {
-                room,
-                frame: template(1),
-                ts: 1,
-                action: None,
-            })
-            .collect();
-        for result in e.publish_many(&batch).await.unwrap() {
-            result.unwrap();
-        }
+        let store = redb(dir.path());
+        publish_once(&LocalEngine::new(store.clone(), SHORT), ROOMS).await;
         store.flush().await.unwrap();
     }
-    let store = open();
+    let store = redb(dir.path());
     assert_eq!(store.room_records(), ROOMS as u64);
-    let e = LocalEngine::new(store.clone(), retention).with_room_limits(RoomLimits {
+    let e = LocalEngine::new(store.clone(), SHORT).with_room_limits(RoomLimits {
         sweep_rooms: 300,
         ..RoomLimits::default()
     });
@@ -721,14 +708,8 @@ async fn rooms_published_once_before_a_restart_leave_the_store() {
 
 #[tokio::test]
 async fn a_failed_forget_keeps_the_record_and_the_room_comes_back_from_it() {
-    use futures_util::FutureExt;
     let (e, _, store) = gated_engine();
-    let mut p = publish(&e, 1, None);
-    assert!((&mut p).now_or_never().is_none());
-    store.open_all();
-    let first = p.await.unwrap();
-    e.tick();
-    e.evict(now_ms() + LATER);
+    let first = forgetting_gated(&e, &store).await;
     store.fail_all();
     forgets_answered(&e).await;
     e.evict(now_ms() + LATER);
@@ -736,9 +717,6 @@ async fn a_failed_forget_keeps_the_record_and_the_room_comes_back_from_it() {
     let record = store.inner.load_room("r", 10).unwrap().unwrap();
     assert_eq!((&*record.epoch, record.seq), (&*first.epoch, 1));
     // Loaded from the record: the same epoch goes on, no seq handed out twice.
-    let mut p = publish(&e, 2, None);
-    assert!((&mut p).now_or_never().is_none());
-    store.open_all();
-    let next = p.await.unwrap();
+    let next = publish_gated(&e, &store, 2).await;
     assert_eq!((next.epoch, next.seq), (first.epoch, 2));
 }
