@@ -61,6 +61,9 @@ pub struct Config {
     /// this many, the least recently used idle for 10 s leave too). A room that left is loaded
     /// from the store again on its next use, so clients notice nothing.
     pub max_rooms: usize,
+    /// Single node: stored rooms not in memory looked at per upkeep tick, to forget those with
+    /// nothing retained (see "Rooms leaving the store" in [`crate::engine::local`]); 0: none.
+    pub store_sweep_rooms: usize,
     /// The send hook (`--send-hook`): terminal sends go to the backend first (see
     /// [`crate::hooks`]). `None`: sends go out as they are.
     pub send_hook: Option<SendHookSettings>,
@@ -276,6 +279,7 @@ impl Config {
             terminal_retention: Duration::from_secs(24 * 3600),
             room_idle: Duration::from_secs(60),
             max_rooms: DEFAULT_MAX_ROOMS,
+            store_sweep_rooms: crate::engine::local::DEFAULT_SWEEP_ROOMS,
             send_hook: None,
             wake_listen: WakeListen::SameAsHttp,
             wake_max_skew: Duration::from_secs(300),

@@ -439,6 +439,7 @@ pub async fn start_with(config: Config, store: Arc<dyn Store>) -> Result<Running
         .with_room_limits(RoomLimits {
             idle: config.room_idle,
             max_rooms: config.max_rooms,
+            sweep_rooms: config.store_sweep_rooms,
         }),
     );
     start_with_engine(config, engine).await

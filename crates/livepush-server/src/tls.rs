@@ -135,6 +135,13 @@ impl Stream {
     pub fn new(socket: Socket, conn: rustls::ServerConnection) -> Stream {
         Stream { socket, conn }
     }
+
+    /// rustls holds ciphertext the socket has not taken yet (tests: a write left some
+    /// behind).
+    #[cfg(test)]
+    pub(crate) fn holds_ciphertext(&self) -> bool {
+        self.conn.wants_write()
+    }
 }
 
 /// The socket as `io::Read`/`io::Write` for rustls: "not ready" is `WouldBlock`.

@@ -214,6 +214,10 @@ pub struct ServeArgs {
     /// leave (and are loaded from the store again when used).
     #[arg(long, env = "LIVEPUSH_MAX_ROOMS", default_value_t = livepush_server::config::DEFAULT_MAX_ROOMS)]
     max_rooms: usize,
+    /// Single node: stored rooms not in memory looked at per second, to delete those whose
+    /// history expired (and that are neither muted nor closed); 0 turns the sweep off.
+    #[arg(long, env = "LIVEPUSH_STORE_SWEEP_ROOMS", default_value_t = livepush_server::engine::local::DEFAULT_SWEEP_ROOMS)]
+    store_sweep_rooms: usize,
     /// UDP address of the wake listener: `same` (the HTTP address and port, on UDP), an
     /// ADDR:PORT, or `off`.
     #[arg(long, env = "LIVEPUSH_WAKE_LISTEN", default_value = "same")]
@@ -408,6 +412,7 @@ impl ServeArgs {
             terminal_retention: self.terminal_retention,
             room_idle: self.room_idle,
             max_rooms: self.max_rooms,
+            store_sweep_rooms: self.store_sweep_rooms,
             wake_listen: self.wake_listen,
             wake_max_skew: self.wake_max_skew,
             wake_retries: self.wake_retries,

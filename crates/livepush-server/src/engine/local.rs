@@ -41,6 +41,34 @@
 //! left), since loaded again it gets a new epoch; that only tells terminals that come back
 //! `recovered:false` for a history that never had anything.
 //!
+//! # Rooms leaving the store
+//!
+//! Invariant: the store keeps a room's record (epoch, last seq, flags) only while it retains
+//! something of it: a message, or flags other than the default. When a room leaves memory
+//! with nothing retained (its whole history trimmed by the retention), no member (the node
+//! does not hold it: never opened, or closed since), no write waiting and default flags, the
+//! engine asks the store to forget the record
+//! ([`HistoryStore::forget`](crate::store::HistoryStore::forget), conditional on the epoch, so
+//! a newer record is never deleted) instead of dropping it at once. Until the store answered,
+//! the room stays in memory as its own tombstone: it already has a fresh epoch, not recorded,
+//! so a use racing the forget never loads the record being deleted, and its first write
+//! creates the new record after the forget (the store writes in submission order). The next
+//! use of a forgotten room, also after a restart, gets a new epoch, with seqs from 1: terminals
+//! that resume are told `recovered:false`, and there was nothing retained to replay; no seq
+//! is handed out twice under one epoch. The store answers a forget only once a read no longer
+//! sees the record, under `--durability none` too. A failed forget is logged and leaves the
+//! record: the room, once it leaves memory, is loaded from it on its next use.
+//!
+//! Rooms with flags (muted, closed) keep their record: a close or mute must outlive its
+//! control message's retention, or an expired "close" would reopen the room.
+//!
+//! Rooms not in memory (they left it with messages retained, or were not used since the
+//! start) are found by a sweep of the store's records in key order, [`RoomLimits::sweep_rooms`]
+//! of them per [`Engine::tick`] (`--store-sweep-rooms`): one whose newest message is past the
+//! retention, with no member, is taken into memory as a tombstone and forgotten as above. A
+//! record it read is not acted on if any room left memory meanwhile (it may predate that
+//! room's last write); the next round looks again.
+//!
 //! # Failed writes
 //!
 //! Invariant: a message is handed to the node (delivered, shown in snapshots and the history)
@@ -59,7 +87,7 @@
 //! answered (and handed over) before they are written; a loss there is caught by the store,
 //! which gives every room a new epoch at the next start.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -79,20 +107,28 @@ use crate::store::{
     WakeRegistration, new_epoch,
 };
 
-/// How many rooms the engine keeps in memory (see "Rooms in memory").
+/// How many rooms the engine keeps in memory (see "Rooms in memory"), and how fast it sweeps
+/// the stored ones (see "Rooms leaving the store").
 #[derive(Debug, Clone, Copy)]
 pub struct RoomLimits {
     /// A room unused this long (and at least [`MIN_IDLE_MS`]) leaves memory.
     pub idle: Duration,
     /// Most rooms kept; beyond it the least recently used leave (if idle [`MIN_IDLE_MS`]).
     pub max_rooms: usize,
+    /// Stored rooms looked at per [`Engine::tick`] by the sweep of rooms not in memory: the
+    /// bound on its store reads per tick.
+    pub sweep_rooms: usize,
 }
+
+/// Default of [`RoomLimits::sweep_rooms`].
+pub const DEFAULT_SWEEP_ROOMS: usize = 64;
 
 impl Default for RoomLimits {
     fn default() -> Self {
         RoomLimits {
             idle: Duration::from_secs(60),
             max_rooms: 100_000,
+            sweep_rooms: DEFAULT_SWEEP_ROOMS,
         }
     }
 }
@@ -114,8 +150,15 @@ pub struct LocalEngine {
     store: Arc<dyn Store>,
     retention: Retention,
     limits: RoomLimits,
-    /// Every room used since the start.
+    /// The rooms in memory (see "Rooms in memory").
     rooms: RwLock<HashMap<Arc<str>, Arc<Room>>>,
+    /// The rooms the node holds: opened, and not closed since (in memory or not).
+    held: Mutex<HashSet<Arc<str>>>,
+    /// Rooms dropped from memory so far: the sweep of stored rooms does not act on a record
+    /// it read before one left (it may be stale; see [`LocalEngine::sweep_store`]).
+    dropped: AtomicU64,
+    /// Where the next step of the sweep of stored rooms starts (after this room).
+    sweep_after: Mutex<Option<String>>,
     /// Inbox sequencing state of terminals posted to recently.
     inboxes: Mutex<HashMap<Arc<str>, Arc<Inbox>>>,
     node: OnceLock<Weak<dyn Node>>,
@@ -134,8 +177,6 @@ struct Room {
     id: Arc<str>,
     /// When it was last used (ms).
     used_ms: AtomicU64,
-    /// The node closed it (no member left), and has not opened it since.
-    closed: AtomicBool,
     state: Mutex<RoomState>,
 }
 
@@ -299,6 +340,9 @@ impl LocalEngine {
             retention,
             limits: RoomLimits::default(),
             rooms: RwLock::new(HashMap::new()),
+            held: Mutex::new(HashSet::new()),
+            dropped: AtomicU64::new(0),
+            sweep_after: Mutex::new(None),
             inboxes: Mutex::new(HashMap::new()),
             node: OnceLock::new(),
         }
@@ -353,7 +397,6 @@ impl LocalEngine {
         let room = Arc::new(Room {
             id: key.clone(),
             used_ms: AtomicU64::new(now),
-            closed: AtomicBool::new(false),
             state: Mutex::new(RoomState {
                 recorded,
                 ..RoomState::from_record(record, self.retention, now)
@@ -373,22 +416,27 @@ impl LocalEngine {
     }
 
     /// Drop the rooms that are idle, and the least recently used beyond the limit (see
-    /// "Rooms in memory").
+    /// "Rooms in memory"); forget those with nothing retained (see "Rooms leaving the store").
     fn evict(&self, now: u64) {
         let idle_ms = (self.limits.idle.as_millis() as u64).max(MIN_IDLE_MS);
+        // Lock order: the rooms' map, then `held` (nothing takes them the other way round).
+        let mut rooms = self.rooms.write();
+        let held = self.held.lock();
         let unused_for = |r: &Arc<Room>| {
-            // Nobody else holds it (under the map's write lock no one can take it), and no
-            // write of it is waiting.
+            // Nobody else holds it (under the map's write lock no one can take it; nor does a
+            // forget of its former record), and no write of it is waiting.
             // A room the store has no record of leaves only once the node closed it: loaded
             // again it would get a new epoch under its members.
             let free = Arc::strong_count(r) == 1 && {
                 let st = r.state.lock();
-                st.pending.is_empty() && (st.recorded || r.closed.load(Ordering::Relaxed))
+                st.pending.is_empty() && (st.recorded || !held.contains(&r.id))
             };
             free.then(|| now.saturating_sub(r.used_ms.load(Ordering::Relaxed)))
         };
-        let mut rooms = self.rooms.write();
-        rooms.retain(|_, r| unused_for(r).is_none_or(|t| t < idle_ms));
+        let before = rooms.len();
+        rooms.retain(|_, r| unused_for(r).is_none_or(|t| t < idle_ms) || self.forget(r, &held));
+        self.dropped
+            .fetch_add((before - rooms.len()) as u64, Ordering::SeqCst);
         let over = rooms.len().saturating_sub(self.limits.max_rooms);
         if over == 0 {
             return;
@@ -403,7 +451,101 @@ impl LocalEngine {
             .collect();
         oldest.sort_unstable_by_key(|o| std::cmp::Reverse(o.0));
         for (_, id) in oldest.into_iter().take(over) {
-            rooms.remove(&id);
+            if !rooms.get(&id).is_some_and(|r| self.forget(r, &held)) {
+                rooms.remove(&id);
+                self.dropped.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// A room leaving memory: if nothing of it is retained, no member holds it and its flags
+    /// are the default, ask the store to forget its record and keep the room, with a fresh
+    /// epoch that is not recorded, until the store answered (see "Rooms leaving the store").
+    /// Returns whether it did (the room stays).
+    fn forget(&self, room: &Arc<Room>, held: &HashSet<Arc<str>>) -> bool {
+        let mut st = room.state.lock();
+        let retained = !st.history.is_empty() || st.flags != RoomFlags::default();
+        if !st.recorded || retained || held.contains(&room.id) {
+            return false;
+        }
+        let fresh: Arc<str> = Arc::from(new_epoch());
+        let former = std::mem::replace(&mut st.epoch, fresh.clone());
+        st.shown = Shown {
+            epoch: fresh,
+            seq: 0,
+            flags: RoomFlags::default(),
+        };
+        st.assigned = 0;
+        st.store_keep_from = 1;
+        st.recorded = false;
+        let forgotten = self.store.forget(&room.id, &former);
+        // Held until the store answered: the room does not leave memory before.
+        let tombstone = room.clone();
+        tokio::spawn(async move {
+            if let Err(e) = forgotten.await {
+                tracing::warn!(room = %tombstone.id, error = %e, "forgetting a room failed: its record stays");
+            }
+        });
+        true
+    }
+
+    /// One step of the sweep of the store's rooms that are not in memory (see "Rooms leaving
+    /// the store"): the next [`RoomLimits::sweep_rooms`] of them in key order; those with
+    /// nothing retained and no member are taken into memory as tombstones and forgotten, as if
+    /// they had just left memory.
+    fn sweep_store(&self, now: u64) {
+        let limit = self.limits.sweep_rooms;
+        if limit == 0 {
+            return;
+        }
+        let mut after = self.sweep_after.lock();
+        let ids = match self.store.rooms_after(after.as_deref(), limit) {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the stored rooms to sweep");
+                return;
+            }
+        };
+        *after = (ids.len() == limit).then(|| ids.last().cloned()).flatten();
+        drop(after);
+        let cutoff = now.saturating_sub(self.retention.ttl.as_millis() as u64);
+        let keep = self.retention.max_messages.min(1);
+        for id in ids {
+            if self.rooms.read().contains_key(id.as_str()) || self.held.lock().contains(id.as_str())
+            {
+                continue;
+            }
+            let dropped = self.dropped.load(Ordering::SeqCst);
+            let record = match self.store.load_room(&id, keep) {
+                Ok(Some(record)) => record,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(room = %id, error = %e, "cannot read a stored room to sweep");
+                    continue;
+                }
+            };
+            // Messages are in seq order, and so in time order: the newest says it all.
+            let expired = record.history.last().is_none_or(|m| m.ts < cutoff);
+            if !expired {
+                continue;
+            }
+            let mut rooms = self.rooms.write();
+            // Loaded, or left memory since the read (the record may be older than its last
+            // write): left for the next round.
+            if rooms.contains_key(id.as_str()) || self.dropped.load(Ordering::SeqCst) != dropped {
+                continue;
+            }
+            let key: Arc<str> = Arc::from(id);
+            let room = Arc::new(Room {
+                id: key.clone(),
+                // Leaves memory at the first eviction once forgotten.
+                used_ms: AtomicU64::new(0),
+                state: Mutex::new(RoomState::from_record(record, self.retention, now)),
+            });
+            // Not if it has flags (or is held after all).
+            if self.forget(&room, &self.held.lock()) {
+                rooms.insert(key, room);
+            }
         }
     }
 
@@ -583,7 +725,7 @@ impl Engine for LocalEngine {
 
     fn open(&self, room: &str, keep: usize) -> EngineFuture<'_, Snapshot> {
         let snapshot = self.created(room).map(|r| {
-            r.closed.store(false, Ordering::Relaxed);
+            self.held.lock().insert(r.id.clone());
             r.state.lock().snapshot(keep)
         });
         Box::pin(std::future::ready(snapshot))
@@ -592,9 +734,7 @@ impl Engine for LocalEngine {
     fn close(&self, room: &str) {
         // Every room's events are handed to the one node; it ignores rooms it does not hold.
         // Closed, a room the store has no record of may leave memory (see "Rooms in memory").
-        if let Some(r) = self.rooms.read().get(room) {
-            r.closed.store(true, Ordering::Relaxed);
-        }
+        self.held.lock().remove(room);
     }
 
     fn info(&self, room: &str) -> EngineFuture<'_, Option<Snapshot>> {
@@ -693,6 +833,7 @@ impl Engine for LocalEngine {
             }
         }
         self.evict(now);
+        self.sweep_store(now);
         self.inboxes.lock().retain(|_, i| {
             let st = i.state.lock();
             !st.pending.is_empty() || now.saturating_sub(st.touched_ms) < INBOX_IDLE_MS

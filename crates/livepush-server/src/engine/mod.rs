@@ -169,7 +169,7 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     fn close(&self, room: &str);
 
     /// What is known of `room` without creating it or opening it (`None`: never published to
-    /// or joined). No history.
+    /// or joined, or forgotten since, once nothing of it was retained). No history.
     fn info(&self, room: &str) -> EngineFuture<'_, Option<Snapshot>>;
 
     /// Sequence, store and hand over a reliable message; see the module documentation.

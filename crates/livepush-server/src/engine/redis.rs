@@ -25,6 +25,13 @@
 //! open room re-reads what it missed once the connection is back (the client resubscribes by
 //! itself).
 //!
+//! A room's keys expire (`PEXPIRE`) [`ROOM_KEY_MARGIN`] after its history's retention
+//! (`--history-ttl`), counted from its last publish, reset or open: by then every message in
+//! the stream is past the retention, so an unused room leaves Redis with nothing lost. Its next
+//! use creates it again under a new epoch, as for a room lost with a Redis restart. A room with
+//! flags (muted, closed) keeps its hash `P:room:{R}` (`PERSIST`): a close or mute outlives its
+//! message's retention; only its stream expires.
+//!
 //! A lost Redis dataset is detected by a boot key (`P:boot`, a random value set once): a node
 //! that finds it changed or missing tells every open room to re-read its state, which gives
 //! the room a new epoch; members are told `joined{recovered:false}`.
@@ -133,10 +140,36 @@ impl std::fmt::Debug for RedisEngine {
     }
 }
 
+/// How long a room's Redis keys outlive its history's retention after its last publish, reset
+/// or open (see "Rooms"): room keys expire after `--history-ttl` plus this margin, which
+/// covers the clocks of the nodes stamping messages differing.
+pub const ROOM_KEY_MARGIN: Duration = Duration::from_secs(60);
+
+/// Lua, the start of each script that writes a room: `expire_room(ms)` lets the room's keys
+/// (KEYS[1] the hash, KEYS[2] the stream) expire in `ms`, but keeps a hash with flags (see
+/// "Rooms").
+macro_rules! expire_room_lua {
+    () => {
+        r#"
+local function expire_room(ms)
+  local flags = redis.call('HMGET', KEYS[1], 'muted', 'closed')
+  if flags[1] == '1' or flags[2] == '1' then
+    redis.call('PERSIST', KEYS[1])
+  else
+    redis.call('PEXPIRE', KEYS[1], ms)
+  end
+  redis.call('PEXPIRE', KEYS[2], ms)
+end
+"#
+    };
+}
+
 /// A reliable publish: ensure the room (a fresh epoch if Redis does not have it), next seq,
-/// append, flags, announce. KEYS: room, history. ARGV: head, tail, ts, history size, fresh
-/// epoch, flag field or "", flag value, channel, action name or "".
-const PUBLISH: &str = r#"
+/// append, flags, expiry, announce. KEYS: room, history. ARGV: head, tail, ts, history size,
+/// fresh epoch, flag field or "", flag value, channel, action name or "", key expiry (ms).
+const PUBLISH: &str = concat!(
+    expire_room_lua!(),
+    r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[5]
@@ -149,19 +182,24 @@ redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], seq .. '-1', 't', ARGV[3], 'f', f
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[1], ARGV[6], ARGV[7])
 end
+expire_room(ARGV[10])
 redis.call('PUBLISH', ARGV[8], 'R' .. epoch .. ' ' .. seq .. ' ' .. ARGV[3] .. ' ' .. ARGV[9] .. '\n' .. frame)
 return {epoch, seq}
-"#;
+"#
+);
 
-/// Open a room: create it if missing; its state, newest kept messages and online count.
-/// KEYS: room, history, presence. ARGV: fresh epoch, how many messages.
-const OPEN: &str = r#"
+/// Open a room: create it if missing, expiry; its state, newest kept messages and online
+/// count. KEYS: room, history, presence. ARGV: fresh epoch, how many messages, key expiry (ms).
+const OPEN: &str = concat!(
+    expire_room_lua!(),
+    r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[1]
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
 end
+expire_room(ARGV[3])
 local st = redis.call('HMGET', KEYS[1], 'seq', 'muted', 'closed')
 local n = tonumber(ARGV[2])
 local hist = {}
@@ -169,7 +207,8 @@ if n > 0 then
   hist = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', n)
 end
 return {epoch, st[1], st[2] or '0', st[3] or '0', hist, redis.call('HLEN', KEYS[3])}
-"#;
+"#
+);
 
 /// A page of history. KEYS: room, history. ARGV: first seq wanted, count.
 const HISTORY: &str = r#"
@@ -183,13 +222,17 @@ return {st[1], st[2], first, page}
 "#;
 
 /// Start a new history of a room, keeping its flags. KEYS: room, history. ARGV: fresh epoch,
-/// channel.
-const RESET: &str = r#"
+/// channel, key expiry (ms).
+const RESET: &str = concat!(
+    expire_room_lua!(),
+    r#"
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', 0)
+expire_room(ARGV[3])
 redis.call('PUBLISH', ARGV[2], 'E' .. ARGV[1] .. ' 0')
 return ARGV[1]
-"#;
+"#
+);
 
 /// A terminal became present in a room on this node (or left it): each terminal counts once
 /// across nodes; this node's contributions are remembered so that another node can take them
@@ -608,6 +651,13 @@ impl RedisEngine {
         self.key("ch", room)
     }
 
+    /// When a room's keys expire after its last write (see "Rooms"), in ms; at most what
+    /// Redis takes.
+    fn room_keys_ms(&self) -> u64 {
+        let ms = (self.settings.retention.ttl.saturating_add(ROOM_KEY_MARGIN)).as_millis();
+        ms.min(i64::MAX as u128 / 2) as u64
+    }
+
     /// The [`PUBLISH`] script's call for one message.
     fn publish_invocation(&self, p: &Publish<'_>) -> ScriptInvocation<'static> {
         let (field, value) = match p.action {
@@ -628,7 +678,8 @@ impl RedisEngine {
             .arg(field)
             .arg(value)
             .arg(self.room_channel(p.room))
-            .arg(action_name(p.action));
+            .arg(action_name(p.action))
+            .arg(self.room_keys_ms());
         invocation
     }
 
@@ -905,6 +956,7 @@ impl RedisEngine {
             .key(self.key("pres", room))
             .arg(new_epoch())
             .arg(keep)
+            .arg(self.room_keys_ms())
             .invoke_async(&mut conn)
             .await;
         let v = self.noted(v)?;
@@ -1134,6 +1186,7 @@ impl Engine for RedisEngine {
                 .key(self.key("hist", &room))
                 .arg(new_epoch())
                 .arg(self.room_channel(&room))
+                .arg(self.room_keys_ms())
                 .invoke_async(&mut conn)
                 .await;
             let epoch = self.noted(r)?;

@@ -6,7 +6,8 @@
 //! Writes apply at once, so every [`Durable`] is ready when it is returned and futures trivially
 //! resolve in submission order.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
 
 use parking_lot::Mutex;
 
@@ -18,7 +19,8 @@ use super::{
 /// Everything in memory. See the module documentation.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    rooms: Mutex<HashMap<String, Room>>,
+    /// In key order, for [`HistoryStore::rooms_after`].
+    rooms: Mutex<BTreeMap<String, Room>>,
     terminals: Mutex<HashMap<String, TerminalRecord>>,
 }
 
@@ -115,6 +117,32 @@ impl HistoryStore for MemoryStore {
             }
         }
         ready()
+    }
+
+    fn forget(&self, room: &str, epoch: &str) -> Durable {
+        let mut rooms = self.rooms.lock();
+        if rooms.get(room).is_some_and(|r| r.epoch == epoch) {
+            rooms.remove(room);
+        }
+        ready()
+    }
+
+    fn rooms_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        let rooms = self.rooms.lock();
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(rooms
+            .range::<str, _>((from, Bound::Unbounded))
+            .take(limit)
+            .map(|(id, _)| id.clone())
+            .collect())
+    }
+}
+
+impl MemoryStore {
+    /// Room records kept (tests: how many rooms the store still knows).
+    #[cfg(test)]
+    pub(crate) fn room_records(&self) -> usize {
+        self.rooms.lock().len()
     }
 }
 
@@ -216,6 +244,24 @@ mod tests {
         let r = s.load_room("r", 10).unwrap().unwrap();
         assert_eq!((r.epoch.as_str(), r.seq, r.history.len()), ("E2", 0, 0));
         assert!(r.flags.muted, "a reset keeps the flags");
+    }
+
+    /// A forget deletes the record of the epoch it names, never a newer one.
+    #[test]
+    fn forgets_a_room_only_under_the_epoch_it_names() {
+        let s = MemoryStore::default();
+        done(s.create_room("r", "E1"));
+        done(s.append("r", &msg(1), None));
+        done(s.forget("r", "E0"));
+        assert_eq!(
+            s.load_room("r", 10).unwrap().unwrap().seq,
+            1,
+            "a stale epoch: kept"
+        );
+        done(s.forget("r", "E1"));
+        assert_eq!(s.load_room("r", 10).unwrap(), None);
+        assert!(s.read("r", 0, 10, 10, usize::MAX).unwrap().is_empty());
+        assert_eq!(s.room_records(), 0);
     }
 
     #[test]

@@ -136,6 +136,25 @@ pub trait HistoryStore: Send + Sync + std::fmt::Debug + 'static {
     /// Forget messages of `room` with `seq < keep_from` (out of the retention).
     fn trim(&self, room: &str, keep_from: u64) -> Durable;
 
+    /// Delete `room`'s record and messages, if its epoch is still `epoch` (so a newer record
+    /// is never deleted): the engine asks for it once nothing of the room is retained (see
+    /// "Rooms leaving the store" in [`crate::engine::local`]); the room's next use starts a
+    /// new epoch. Resolves once a [`HistoryStore::load_room`] no longer sees the record (under
+    /// every durability policy: never at submission). Stores that cannot forget keep the
+    /// record, which is always safe.
+    fn forget(&self, room: &str, epoch: &str) -> Durable {
+        let _ = (room, epoch);
+        ready()
+    }
+
+    /// Up to `limit` rooms the store has a record of, in key order, after `after` (from the
+    /// first with `None`): for the engine's sweep of rooms not in memory. Stores that list
+    /// none (the default) have a room's record forgotten only once the room is used again.
+    fn rooms_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        let _ = (after, limit);
+        Ok(Vec::new())
+    }
+
     /// Resolves once everything submitted so far is durable (called at shutdown).
     fn flush(&self) -> Durable {
         ready()

@@ -4,8 +4,8 @@
 //!
 //! # Writes
 //!
-//! Every write (room create, append, flags, trim; inbox append, ack, trim; wake registration;
-//! flush) goes through one channel to one writer thread, which owns all write transactions.
+//! Every write (room create, append, flags, trim, forget; inbox append, ack, trim; wake
+//! registration; flush) goes through one channel to one writer thread, which owns all write transactions.
 //! Futures therefore resolve in submission order, room and inbox writes alike (the hub relies
 //! on it), and a slow disk never blocks the caller, only its answer. Reads
 //! ([`HistoryStore::load_room`], [`InboxStore::load_terminal`],
@@ -98,7 +98,10 @@
 //! number ([`StoreOptions::sweep_rooms`]) every [`SWEEP_INTERVAL`], and deletes their messages
 //! older than the TTL: the engine trims only the rooms it holds in memory, so without the
 //! sweep a room nobody uses any more would keep its messages forever. A room's record (epoch,
-//! seq, flags: some 60 bytes) stays. A step that deletes nothing commits nothing.
+//! seq, flags: some 60 bytes) stays until the engine forgets it
+//! ([`HistoryStore::forget`]: once nothing of the room is retained; deleted only if
+//! its epoch is still the one named, and never answered at submission, also under `none`, so
+//! an answered forget is what a read sees). A step that deletes nothing commits nothing.
 //!
 //! `trim` (and `trim_inbox`, `ack_inbox`) deletes in the writer, batched with other writes.
 //! redb reuses freed pages, so a steady load with steady retention keeps the file at its
@@ -114,6 +117,7 @@ mod writer;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::ops::Bound;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -389,6 +393,12 @@ pub(crate) enum Op {
         room: String,
         keep_from: u64,
     },
+    /// Delete the room's record and messages if its epoch is this one (never answered at
+    /// submission: see [`HistoryStore::forget`]).
+    Forget {
+        room: String,
+        epoch: String,
+    },
     AppendInbox {
         terminal: String,
         seq: u64,
@@ -429,6 +439,7 @@ impl Op {
                 | Op::Reset { .. }
                 | Op::Recover { .. }
                 | Op::Trim { .. }
+                | Op::Forget { .. }
                 | Op::AppendInbox { .. }
                 | Op::AckInbox { .. }
                 | Op::TrimInbox { .. }
@@ -466,6 +477,9 @@ impl Gate {
             Op::AppendInbox { terminal, seq, .. } => {
                 self.reserved.get(terminal).is_some_and(|r| seq <= r)
             }
+            // Answered once committed (readable), so a room is never loaded from a record
+            // about to be deleted.
+            Op::Forget { .. } => false,
             _ => true,
         }
     }
@@ -694,6 +708,15 @@ impl RedbStore {
         self.stop(Op::Close)
     }
 
+    /// Room records in the file (tests: how many rooms the store still knows).
+    #[cfg(test)]
+    pub(crate) fn room_records(&self) -> u64 {
+        let guard = self.shared.db.read();
+        let db = guard.as_ref().expect("open");
+        let txn = db.begin_read().unwrap();
+        ::redb::ReadableTableMetadata::len(&txn.open_table(ROOMS).unwrap()).unwrap()
+    }
+
     /// Stop as a crash would: the writer stops without marking the file clean.
     #[cfg(test)]
     pub(crate) fn crash(&self) {
@@ -886,6 +909,28 @@ impl RedbStore {
         Ok(out)
     }
 
+    fn read_room_ids(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, ::redb::Error> {
+        let guard = self.shared.db.read();
+        let Some(db) = guard.as_ref() else {
+            return Err(::redb::Error::DatabaseClosed);
+        };
+        let txn = db.begin_read()?;
+        let rooms = txn.open_table(ROOMS)?;
+        let range = match after {
+            Some(after) => rooms.range::<&str>((Bound::Excluded(after), Bound::Unbounded))?,
+            None => rooms.range::<&str>(..)?,
+        };
+        let mut ids = Vec::new();
+        for entry in range.take(limit) {
+            ids.push(entry?.0.value().to_owned());
+        }
+        Ok(ids)
+    }
+
     fn read_room(&self, room: &str, keep: usize) -> Result<Option<RoomRecord>, ::redb::Error> {
         let guard = self.shared.db.read();
         let Some(db) = guard.as_ref() else {
@@ -1004,6 +1049,21 @@ impl HistoryStore for RedbStore {
             Op::Trim {
                 room: room.to_owned(),
                 keep_from,
+            },
+            false,
+        )
+    }
+
+    fn rooms_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.read_room_ids(after, limit)
+            .map_err(|e| self.read_error(e))
+    }
+
+    fn forget(&self, room: &str, epoch: &str) -> Durable {
+        self.submit(
+            Op::Forget {
+                room: room.to_owned(),
+                epoch: epoch.to_owned(),
             },
             false,
         )

@@ -893,3 +893,6 @@ mod tests {
         assert_eq!(std::mem::size_of::<Connection>(), driver);
     }
 }
+
+#[cfg(test)]
+mod tls_tests;

@@ -760,3 +760,32 @@ async fn a_batch_publish_is_sequenced_in_redis() {
         "{metrics}"
     );
 }
+
+/// A room's keys expire once its history's retention (plus a margin) has passed since its last
+/// write, so unused rooms leave Redis; a room with flags keeps its hash, only its stream expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_keys_expire_after_the_history_retention() {
+    use livepush_server::engine::redis::ROOM_KEY_MARGIN;
+    let redis = Redis::start();
+    let mut c = config();
+    c.history_ttl = Duration::from_secs(5);
+    let most = (c.history_ttl + ROOM_KEY_MARGIN).as_millis() as i64;
+    let a = node_with(&redis, "exp", c).await;
+    let pttl = |key: &str| -> i64 { redis.cli(&["PTTL", key]).parse().expect("an integer") };
+    let publish = async |room: &str, body: Value| {
+        let (status, answer) = a.post(&format!("/v1/rooms/{room}/messages"), body).await;
+        assert_eq!(status, 200, "{answer}");
+    };
+    publish("rx", json!({"type":"gift","data":1})).await;
+    for key in ["exp:room:{rx}", "exp:hist:{rx}"] {
+        let ttl = pttl(key);
+        assert!(ttl > 0 && ttl <= most, "{key}: {ttl}");
+    }
+    let control = |action| json!({"type":"control","data":{"action":action}});
+    publish("rc", control("close")).await;
+    assert_eq!(pttl("exp:room:{rc}"), -1, "a closed room stays closed");
+    assert!(pttl("exp:hist:{rc}") > 0);
+    // Opened again, it expires again.
+    publish("rc", control("open")).await;
+    assert!(pttl("exp:room:{rc}") > 0);
+}

@@ -70,7 +70,7 @@ type Gate = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 /// order, as every store's are).
 #[derive(Debug, Default)]
 struct Gated {
-    inner: MemoryStore,
+    inner: Arc<MemoryStore>,
     gates: PlMutex<Vec<Gate>>,
 }
 
@@ -131,6 +131,15 @@ impl HistoryStore for Gated {
     }
     fn trim(&self, room: &str, keep_from: u64) -> crate::store::Durable {
         self.inner.trim(room, keep_from)
+    }
+    /// Applied when its gate opens (as a store that has not committed it yet).
+    fn forget(&self, room: &str, epoch: &str) -> crate::store::Durable {
+        let (gate, inner) = (self.gate(), self.inner.clone());
+        let (room, epoch) = (room.to_owned(), epoch.to_owned());
+        Box::pin(async move {
+            gate.await?;
+            inner.forget(&room, &epoch).await
+        })
     }
 }
 
@@ -403,6 +412,7 @@ async fn past_max_rooms_the_least_recently_used_leave() {
     let e = Arc::into_inner(e).unwrap().with_room_limits(RoomLimits {
         idle: Duration::from_secs(3600),
         max_rooms: 2,
+        sweep_rooms: 0,
     });
     let now = now_ms();
     for (n, id) in ["a", "b", "c", "d"].into_iter().enumerate() {
@@ -452,4 +462,261 @@ async fn a_room_never_published_to_stays_until_the_node_closes_it() {
     e.close("r");
     e.evict(now_ms() + 3_600_000);
     assert_eq!(e.room_count(), 0);
+}
+
+/// A publish to `room` stamped `ts` (1: long expired under any retention).
+fn publish_to<'a>(
+    e: &'a LocalEngine,
+    room: &'a str,
+    ts: u64,
+    action: Option<Action>,
+) -> EngineFuture<'a, Sequenced> {
+    e.publish(Publish {
+        room,
+        frame: template(1),
+        ts,
+        action,
+    })
+}
+
+/// Until every forget the engine asked for is answered (they are answered by spawned tasks).
+async fn forgets_answered(e: &LocalEngine) {
+    for _ in 0..1000 {
+        // The task waiting for a forget holds its room.
+        if e.rooms.read().values().all(|r| Arc::strong_count(r) == 1) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("forgets not answered");
+}
+
+const LATER: u64 = 3_600_000;
+
+#[tokio::test]
+async fn a_room_whose_history_expired_leaves_the_store() {
+    let (e, _, store) = engine(100);
+    let first = publish(&e, 1, None).await.unwrap();
+    e.tick();
+    e.evict(now_ms() + LATER);
+    forgets_answered(&e).await;
+    e.evict(now_ms() + LATER);
+    assert_eq!(e.room_count(), 0);
+    assert_eq!(store.load_room("r", 10).unwrap(), None);
+    assert_eq!(store.room_records(), 0);
+    assert!(
+        e.info("r").await.unwrap().is_none(),
+        "as if never published to"
+    );
+    // Its next use: a new epoch, seqs from 1.
+    let next = publish(&e, 2, None).await.unwrap();
+    assert_ne!(next.epoch, first.epoch);
+    assert_eq!(next.seq, 1);
+    let record = store.load_room("r", 10).unwrap().unwrap();
+    assert_eq!((&*record.epoch, record.seq), (&*next.epoch, 1));
+}
+
+#[tokio::test]
+async fn rooms_with_something_retained_or_a_member_keep_their_record() {
+    let (e, _, store) = engine(100);
+    publish_to(&e, "recent", now_ms(), None).await.unwrap();
+    publish_to(&e, "muted", 1, Some(Action::Mute))
+        .await
+        .unwrap();
+    publish_to(&e, "closed", 1, Some(Action::Close))
+        .await
+        .unwrap();
+    e.open("held", 0).await.unwrap();
+    publish_to(&e, "held", 1, None).await.unwrap();
+    publish_to(&e, "expired", 1, None).await.unwrap();
+    e.tick();
+    e.evict(now_ms() + LATER);
+    forgets_answered(&e).await;
+    e.evict(now_ms() + LATER);
+    assert_eq!(e.room_count(), 0);
+    for room in ["recent", "muted", "closed", "held"] {
+        assert!(store.load_room(room, 10).unwrap().is_some(), "{room}");
+    }
+    assert_eq!(store.load_room("expired", 10).unwrap(), None);
+    // Once the node closed it, a held room with nothing retained goes too.
+    e.close("held");
+    e.info("held").await.unwrap().unwrap();
+    e.tick();
+    e.evict(now_ms() + LATER);
+    forgets_answered(&e).await;
+    assert_eq!(store.load_room("held", 10).unwrap(), None);
+}
+
+/// Publish message `n` to "r" through the gated store (answered only once its gate opens).
+async fn publish_gated(e: &LocalEngine, store: &Gated, n: u64) -> Sequenced {
+    use futures_util::FutureExt;
+    let mut p = publish(e, n, None);
+    assert!((&mut p).now_or_never().is_none());
+    store.open_all();
+    p.await.unwrap()
+}
+
+/// "r" published to once, its history expired, and leaving memory: its forget asked for.
+async fn forgetting_gated(e: &LocalEngine, store: &Gated) -> Sequenced {
+    let first = publish_gated(e, store, 1).await;
+    e.tick();
+    e.evict(now_ms() + LATER);
+    first
+}
+
+#[tokio::test]
+async fn a_use_racing_the_forget_gets_a_new_epoch() {
+    let (e, rec, store) = gated_engine();
+    let first = forgetting_gated(&e, &store).await;
+    // The forget is not answered yet: the room stays, as its own tombstone.
+    e.evict(now_ms() + LATER);
+    assert_eq!(e.room_count(), 1);
+    let second = publish_gated(&e, &store, 2).await;
+    assert_ne!(
+        second.epoch, first.epoch,
+        "no seq of the old epoch is handed out again"
+    );
+    assert_eq!(second.seq, 1);
+    // Its record was created before the forget was applied, which left it alone.
+    let record = store.inner.load_room("r", 10).unwrap().unwrap();
+    assert_eq!((&*record.epoch, record.seq), (&*second.epoch, 1));
+    assert_eq!(
+        *rec.0.lock(),
+        [format!("{}:1", first.epoch), format!("{}:1", second.epoch)]
+    );
+}
+
+/// A redb store in `dir`, group commit.
+fn redb(dir: &std::path::Path) -> Arc<crate::store::RedbStore> {
+    let options = crate::store::StoreOptions::new(crate::store::DurabilityPolicy::Batch);
+    Arc::new(crate::store::RedbStore::open_with(dir, options).unwrap())
+}
+
+/// Retention of the tests with many rooms: their messages (stamped 1970) are all past it.
+const SHORT: Retention = Retention {
+    max_messages: 100,
+    ttl: Duration::from_secs(60),
+};
+
+/// Publish one long-expired message to each of `rooms` rooms.
+async fn publish_once(e: &LocalEngine, rooms: usize) {
+    let names: Vec<String> = (0..rooms).map(|n| format!("room-{n}")).collect();
+    let batch: Vec<Publish<'_>> = names
+        .iter()
+        .map(|room| Publish {
+            room,
+            frame: template(1),
+            ts: 1,
+            action: None,
+        })
+        .collect();
+    for result in e.publish_many(&batch).await.unwrap() {
+        result.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn thousands_of_rooms_published_once_leave_the_store() {
+    const ROOMS: usize = 2_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = redb(dir.path());
+    let e = LocalEngine::new(store.clone(), SHORT);
+    publish_once(&e, ROOMS).await;
+    assert_eq!(store.room_records(), ROOMS as u64);
+    e.tick();
+    e.evict(now_ms() + LATER);
+    forgets_answered(&e).await;
+    e.evict(now_ms() + LATER);
+    assert_eq!(e.room_count(), 0);
+    assert_eq!(store.room_records(), 0);
+}
+
+#[tokio::test]
+async fn stored_rooms_not_in_memory_are_swept_too() {
+    let store = Arc::new(MemoryStore::default());
+    let message = |ts| StoredMessage {
+        seq: 1,
+        ts,
+        frame: Bytes::from_static(b"{}"),
+    };
+    for room in ["expired", "recent", "muted", "held", "reset"] {
+        store.create_room(room, "E1").await.unwrap();
+    }
+    for room in ["expired", "muted", "held"] {
+        let flags = (room == "muted").then_some(RoomFlags {
+            muted: true,
+            closed: false,
+        });
+        store.append(room, &message(1), flags).await.unwrap();
+    }
+    store
+        .append("recent", &message(now_ms()), None)
+        .await
+        .unwrap();
+    let e = LocalEngine::new(
+        store.clone(),
+        Retention {
+            max_messages: 100,
+            ttl: Duration::from_secs(3600),
+        },
+    )
+    .with_room_limits(RoomLimits {
+        sweep_rooms: 2,
+        ..RoomLimits::default()
+    });
+    e.held.lock().insert(Arc::from("held"));
+    // Three steps of two rooms go round the five once.
+    for _ in 0..3 {
+        e.tick();
+    }
+    assert!(
+        e.sweep_after.lock().is_none(),
+        "round done: the next starts over"
+    );
+    forgets_answered(&e).await;
+    e.tick();
+    assert_eq!(e.room_count(), 0, "the tombstones left memory");
+    let mut kept: Vec<String> = store.rooms_after(None, 10).unwrap();
+    kept.sort();
+    assert_eq!(kept, ["held", "muted", "recent"]);
+}
+
+#[tokio::test]
+async fn rooms_published_once_before_a_restart_leave_the_store() {
+    const ROOMS: usize = 1_000;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = redb(dir.path());
+        publish_once(&LocalEngine::new(store.clone(), SHORT), ROOMS).await;
+        store.flush().await.unwrap();
+    }
+    let store = redb(dir.path());
+    assert_eq!(store.room_records(), ROOMS as u64);
+    let e = LocalEngine::new(store.clone(), SHORT).with_room_limits(RoomLimits {
+        sweep_rooms: 300,
+        ..RoomLimits::default()
+    });
+    // Four steps go round once; each forget is answered by the store's writer.
+    for _ in 0..4 {
+        e.tick();
+        forgets_answered(&e).await;
+    }
+    e.tick();
+    assert_eq!(e.room_count(), 0);
+    assert_eq!(store.room_records(), 0);
+}
+
+#[tokio::test]
+async fn a_failed_forget_keeps_the_record_and_the_room_comes_back_from_it() {
+    let (e, _, store) = gated_engine();
+    let first = forgetting_gated(&e, &store).await;
+    store.fail_all();
+    forgets_answered(&e).await;
+    e.evict(now_ms() + LATER);
+    assert_eq!(e.room_count(), 0);
+    let record = store.inner.load_room("r", 10).unwrap().unwrap();
+    assert_eq!((&*record.epoch, record.seq), (&*first.epoch, 1));
+    // Loaded from the record: the same epoch goes on, no seq handed out twice.
+    let next = publish_gated(&e, &store, 2).await;
+    assert_eq!((next.epoch, next.seq), (first.epoch, 2));
 }

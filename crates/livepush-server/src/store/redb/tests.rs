@@ -355,6 +355,55 @@ fn data_dir_is_created() {
     assert!(matches!(err, OpenError::CreateDir { .. }), "{err:?}");
 }
 
+/// A forgotten room stays forgotten after a reopen; a forget naming a stale epoch deletes
+/// nothing.
+#[test]
+fn forgotten_rooms_stay_forgotten_and_stale_forgets_do_nothing() {
+    for policy in ALL {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path(), policy);
+            for room in ["gone", "renewed", "kept"] {
+                block(store.create_room(room, "E1")).unwrap();
+                append_all(&store, room, 1..=3);
+            }
+            block(store.reset("renewed", "E2")).unwrap();
+            append_all(&store, "renewed", 1..=2);
+            block(store.forget("gone", "E1")).unwrap();
+            // Answered: a read no longer sees it (under `none` too: never answered early).
+            assert_eq!(store.load_room("gone", 10).unwrap(), None, "{policy}");
+            block(store.forget("renewed", "E1")).unwrap();
+            block(store.forget("never", "E1")).unwrap();
+            assert_eq!(store.room_records(), 2);
+            block(store.flush()).unwrap();
+        }
+        let store = open(dir.path(), policy);
+        assert_eq!(store.load_room("gone", 10).unwrap(), None, "{policy}");
+        assert!(
+            store
+                .read("gone", 0, 10, 10, usize::MAX)
+                .unwrap()
+                .is_empty()
+        );
+        let renewed = store.load_room("renewed", 10).unwrap().unwrap();
+        assert_eq!((renewed.epoch.as_str(), seqs(&renewed)), ("E2", vec![1, 2]));
+        assert_eq!(
+            seqs(&store.load_room("kept", 10).unwrap().unwrap()),
+            [1, 2, 3]
+        );
+        // Used again: a new record from scratch.
+        block(store.create_room("gone", "E3")).unwrap();
+        append_all(&store, "gone", 1..=1);
+        block(store.flush()).unwrap();
+        let again = store.load_room("gone", 10).unwrap().unwrap();
+        assert_eq!(
+            (again.epoch.as_str(), seqs(&again)),
+            ("E3", vec![1]),
+            "{policy}"
+        );
+    }
+}
+
 #[test]
 fn unclean_stop_under_none_renews_epochs() {
     let dir = tempfile::tempdir().unwrap();

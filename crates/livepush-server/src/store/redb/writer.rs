@@ -735,14 +735,27 @@ impl Writer {
                         trimmed += delete_messages(&mut messages, room, *keep_from)?;
                         Ok(())
                     }
+                    Op::Forget { room, epoch } => match row_mut(&mut rows, &rooms, room)? {
+                        Ok(Some(row)) if row.epoch == *epoch => {
+                            trimmed += delete_messages(&mut messages, room, u64::MAX)?;
+                            // Deleted when the touched records are written back.
+                            rows.insert(room.clone(), None);
+                            Ok(())
+                        }
+                        // Gone already, or a newer epoch: nothing to forget.
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e),
+                    },
                     op => terminals.apply(op)?,
                 };
                 outcomes.push(outcome);
             }
             for (room, row) in rows {
-                if let Some(row) = row {
-                    rooms.insert(room.as_str(), row.encode().as_slice())?;
-                }
+                match row {
+                    Some(row) => rooms.insert(room.as_str(), row.encode().as_slice())?,
+                    // No record, or a forgotten one.
+                    None => rooms.remove(room.as_str())?,
+                };
             }
             trimmed += terminals.trimmed;
             reserved = terminals.finish(self.policy == DurabilityPolicy::None)?;
