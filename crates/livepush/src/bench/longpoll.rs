@@ -11,8 +11,6 @@
 //!
 //! [`LpProto`] is the pure part (requests out, answers in); [`LongPoll`] the thin IO.
 
-use std::fmt::Write as _;
-
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -34,13 +32,17 @@ pub struct LpProto {
 #[derive(Debug)]
 enum Kind {
     Livepush {
-        token: Option<String>,
+        /// `"token":"…",` (JSON, written once).
+        token_field: String,
+        /// The room id as a JSON string.
+        room_json: String,
         /// Reads the frames (`connected`, `joined`, `msg`, `error`, …).
-        frames: Proto,
+        frames: Box<Proto>,
         /// The next poll says `hello` (until one is answered).
         hello: bool,
-        /// The room's position: `None` until a `joined` gave the epoch.
+        /// The room's position: `None` until a `joined` gave the epoch (as JSON too).
         epoch: Option<String>,
+        epoch_json: String,
         seq: u64,
         /// A `joined` came in the answer being read: its seq, the position unless a
         /// reliable message follows it (contract v1.1, decision 4).
@@ -63,10 +65,14 @@ impl LpProto {
     pub fn new(target: Target, room: &str, token: Option<String>) -> anyhow::Result<LpProto> {
         let kind = match target {
             Target::Livepush => Kind::Livepush {
-                token,
-                frames: Proto::new(Target::Livepush, room, None, None),
+                token_field: token
+                    .map(|t| format!(r#""token":{},"#, json_str(&t)))
+                    .unwrap_or_default(),
+                room_json: json_str(room),
+                frames: Box::new(Proto::new(Target::Livepush, room, None, None)),
                 hello: true,
                 epoch: None,
+                epoch_json: String::new(),
                 seq: 0,
                 joined_seq: None,
             },
@@ -98,56 +104,61 @@ impl LpProto {
         }
     }
 
-    /// The next poll, written to `out` (cleared first), for the server at `host`.
+    /// The next poll, written to `out` (cleared first), for the server at `host`. Allocates
+    /// nothing once `out` has grown to a request's size.
     pub fn request(&self, host: &str, out: &mut Vec<u8>) {
+        use std::io::Write as _;
         out.clear();
-        let mut s = String::with_capacity(512);
         match &self.kind {
             Kind::Livepush {
-                token,
+                token_field,
+                room_json,
                 hello,
                 epoch,
+                epoch_json,
                 seq,
                 ..
             } => {
-                s.push('{');
-                if let Some(t) = token {
-                    let _ = write!(s, r#""token":{},"#, json_str(t));
-                }
-                if *hello {
-                    s.push_str(r#""hello":true,"#);
-                }
-                let _ = write!(s, r#""rooms":{{{}:"#, json_str(&self.room));
-                match epoch {
-                    Some(e) => {
-                        let _ = write!(s, r#"{{"epoch":{},"seq":{seq}}}"#, json_str(e));
-                    }
-                    None => s.push_str("{}"),
-                }
-                let _ = write!(s, r#"}},"wait_ms":{WAIT_MS}}}"#);
-                let _ = std::io::Write::write_fmt(
+                let hello = if *hello { r#""hello":true,"# } else { "" };
+                // {TOKEN HELLO "rooms":{ROOM:POSITION},"wait_ms":W}
+                let position = match epoch {
+                    Some(_) => 9 + epoch_json.len() + 7 + digits(*seq) + 1,
+                    None => 2,
+                };
+                let len = 1
+                    + token_field.len()
+                    + hello.len()
+                    + r#""rooms":{"#.len()
+                    + room_json.len()
+                    + 1
+                    + position
+                    + r#"},"wait_ms":"#.len()
+                    + digits(WAIT_MS)
+                    + 1;
+                let _ = write!(
                     out,
-                    format_args!(
-                        "POST /v1/poll HTTP/1.1\r\nHost: {host}\r\n\
-                         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                        s.len()
-                    ),
+                    "POST /v1/poll HTTP/1.1\r\nHost: {host}\r\n\
+                     Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n\
+                     {{{token_field}{hello}\"rooms\":{{{room_json}:"
                 );
-                out.extend_from_slice(s.as_bytes());
+                let _ = match epoch {
+                    Some(_) => write!(out, r#"{{"epoch":{epoch_json},"seq":{seq}}}"#),
+                    None => write!(out, "{{}}"),
+                };
+                let _ = write!(out, r#"}},"wait_ms":{WAIT_MS}}}"#);
             }
             Kind::Nchan {
                 last_modified,
                 etag,
             } => {
-                let _ = write!(s, "GET /lp/{} HTTP/1.1\r\nHost: {host}\r\n", self.room);
+                let _ = write!(out, "GET /lp/{} HTTP/1.1\r\nHost: {host}\r\n", self.room);
                 if let Some(v) = last_modified {
-                    let _ = write!(s, "If-Modified-Since: {v}\r\n");
+                    let _ = write!(out, "If-Modified-Since: {v}\r\n");
                 }
                 if let Some(v) = etag {
-                    let _ = write!(s, "If-None-Match: {v}\r\n");
+                    let _ = write!(out, "If-None-Match: {v}\r\n");
                 }
-                s.push_str("\r\n");
-                out.extend_from_slice(s.as_bytes());
+                out.extend_from_slice(b"\r\n");
             }
         }
     }
@@ -159,6 +170,7 @@ impl LpProto {
                 frames,
                 hello,
                 epoch,
+                epoch_json,
                 seq,
                 joined_seq,
                 ..
@@ -190,7 +202,10 @@ impl LpProto {
                         Event::Ready {
                             epoch: e, seq: s, ..
                         } => {
-                            epoch.clone_from(e);
+                            if *epoch != *e {
+                                epoch.clone_from(e);
+                                *epoch_json = e.as_deref().map(json_str).unwrap_or_default();
+                            }
                             *joined_seq = Some(*s);
                         }
                         Event::Msg(Delivery { seq: Some(s), .. }) => {
@@ -247,6 +262,11 @@ fn refused(status: u16, body: &[u8]) -> Event {
         "answered {status}: {}",
         clip(&String::from_utf8_lossy(body))
     ))
+}
+
+/// Decimal digits of `n`.
+fn digits(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |d| d as usize + 1)
 }
 
 fn json_str(s: &str) -> String {
