@@ -11,6 +11,8 @@ use anyhow::{Context as _, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::targets::Event;
+
 /// The largest answer head accepted.
 const MAX_HEAD: usize = 16 << 10;
 /// The largest body (long-poll answer) accepted.
@@ -311,6 +313,36 @@ impl HttpConn {
     /// End abruptly (a TCP reset).
     pub fn abort(self) {
         let _ = self.tcp.set_zero_linger();
+    }
+}
+
+/// The events of a subscriber's last step, cleared by the next one.
+#[derive(Debug, Default)]
+pub struct Handout {
+    pub list: Vec<Event>,
+    handed_out: bool,
+}
+
+impl Handout {
+    /// The events of a session's opening: handed out at once (the first step clears them).
+    pub fn opened(list: Vec<Event>) -> Handout {
+        Handout {
+            list,
+            handed_out: true,
+        }
+    }
+
+    /// At a step's start: forget what the last step handed out.
+    pub fn start(&mut self) {
+        if std::mem::take(&mut self.handed_out) {
+            self.list.clear();
+        }
+    }
+
+    /// Whether there is anything to hand out (the next step's start clears it).
+    pub fn ready(&mut self) -> bool {
+        self.handed_out = !self.list.is_empty();
+        self.handed_out
     }
 }
 

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::client::Dialer;
-use super::http_client::{Head, HttpConn};
+use super::http_client::{Handout, Head, HttpConn};
 use super::targets::{Delivery, Event, Proto, Stamp, Target, clip};
 
 /// How long a livepush poll may be parked (the JS client's default).
@@ -282,14 +282,15 @@ const MAX_RETRIES: u32 = 3;
 pub struct LongPoll {
     dialer: Dialer,
     i: u64,
-    conn: Option<HttpConn>,
+    /// `None` between a connection the server ended and the next.
+    pub(super) conn: Option<HttpConn>,
     proto: LpProto,
     /// A poll was sent and its answer not read yet.
     in_flight: bool,
     /// The request being sent, then the answer's body (kept for the next poll).
     buf: Vec<u8>,
-    events: Vec<Event>,
-    handed_out: bool,
+    /// The events of the last step.
+    pub(super) events: Handout,
     /// Connections opened again after the server ended one.
     pub reconnects: u64,
 }
@@ -312,8 +313,7 @@ impl LongPoll {
             proto,
             in_flight: false,
             buf: Vec::new(),
-            events,
-            handed_out: true,
+            events: Handout::opened(events),
             reconnects: 0,
         };
         lp.send().await?;
@@ -336,9 +336,7 @@ impl LongPoll {
     /// the answer's events in [`LongPoll::events`]. Polls again (on a new connection if the
     /// server closed one) until an answer has events. Cancel it only to end the terminal.
     pub async fn step(&mut self) -> anyhow::Result<bool> {
-        if std::mem::take(&mut self.handed_out) {
-            self.events.clear();
-        }
+        self.events.start();
         let mut retries = 0;
         loop {
             if !self.in_flight {
@@ -364,25 +362,13 @@ impl LongPoll {
             if head.close {
                 self.conn = None;
             }
-            self.proto.answer(&head, &self.buf, &mut self.events);
+            self.proto.answer(&head, &self.buf, &mut self.events.list);
             if self.buf.capacity() > 64 << 10 {
                 self.buf = Vec::new();
             }
-            if !self.events.is_empty() {
-                self.handed_out = true;
+            if self.events.ready() {
                 return Ok(true);
             }
-        }
-    }
-
-    pub fn events(&self) -> &[Event] {
-        &self.events
-    }
-
-    /// Give up the parked poll (a reset; the server keeps the terminal for its grace).
-    pub fn abort(self) {
-        if let Some(c) = self.conn {
-            c.abort();
         }
     }
 }
@@ -392,6 +378,7 @@ mod tests {
     use super::*;
     use crate::bench::http_client::{Framing, parse_head};
     use crate::bench::targets::payload;
+    use crate::bench::targets::tests::msgs as seqs;
     use serde_json::{Value, json};
 
     fn ok() -> Head {
@@ -435,16 +422,6 @@ mod tests {
             m["seq"] = s.into();
         }
         m
-    }
-
-    fn seqs(events: &[Event]) -> Vec<(Option<u64>, u64)> {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Msg(d) => Some((d.seq, d.stamp.n)),
-                _ => None,
-            })
-            .collect()
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 use anyhow::{Context as _, bail};
 
 use super::client::Dialer;
-use super::http_client::{Chunked, Framing, Head, HttpConn, query_escape};
+use super::http_client::{Chunked, Framing, Handout, Head, HttpConn, query_escape};
 use super::targets::{Delivery, Event, Proto, Stamp, Target, clip};
 
 /// The longest line of an event stream accepted.
@@ -188,7 +188,8 @@ const MAX_RETRIES: u32 = 3;
 pub struct SseStream {
     dialer: Dialer,
     i: u64,
-    conn: Option<HttpConn>,
+    /// `None` between a connection the server ended and the next.
+    pub(super) conn: Option<HttpConn>,
     /// The head of the current stream was read.
     open: bool,
     /// The body's chunked decoder (`None`: not chunked).
@@ -197,8 +198,8 @@ pub struct SseStream {
     body: Vec<u8>,
     parser: SseParser,
     proto: SseProto,
-    events: Vec<Event>,
-    handed_out: bool,
+    /// The events of the last step.
+    pub(super) events: Handout,
     /// Streams opened again after the server ended one.
     pub reconnects: u64,
 }
@@ -220,8 +221,7 @@ impl SseStream {
             body: Vec::new(),
             parser: SseParser::default(),
             proto: SseProto::new(dialer.target, room, token)?,
-            events: Vec::new(),
-            handed_out: false,
+            events: Handout::default(),
             reconnects: 0,
         };
         s.connect().await?;
@@ -243,9 +243,7 @@ impl SseStream {
     /// [`SseStream::events`]. A stream the server ends is opened again with `Last-Event-ID`.
     /// Cancel it only to end the terminal.
     pub async fn step(&mut self) -> anyhow::Result<bool> {
-        if std::mem::take(&mut self.handed_out) {
-            self.events.clear();
-        }
+        self.events.start();
         let mut retries = 0;
         loop {
             if self.conn.is_none() {
@@ -267,7 +265,7 @@ impl SseStream {
                     }
                     Err(e) => return Err(e),
                 };
-                self.proto.opened(&head, &mut self.events)?;
+                self.proto.opened(&head, &mut self.events.list)?;
                 self.chunked = (head.framing == Framing::Chunked).then(Chunked::default);
                 self.open = true;
                 false
@@ -282,7 +280,7 @@ impl SseStream {
                 None => self.body.append(&mut conn.buf),
             }
             let done = ended || self.chunked.as_ref().is_some_and(Chunked::done);
-            let (proto, events) = (&mut self.proto, &mut self.events);
+            let (proto, events) = (&mut self.proto, &mut self.events.list);
             self.parser
                 .feed(&self.body, &mut |item| proto.item(item, events))?;
             self.body.clear();
@@ -292,21 +290,9 @@ impl SseStream {
             } else {
                 retries = 0;
             }
-            if !self.events.is_empty() {
-                self.handed_out = true;
+            if self.events.ready() {
                 return Ok(true);
             }
-        }
-    }
-
-    pub fn events(&self) -> &[Event] {
-        &self.events
-    }
-
-    /// Close the stream (a reset).
-    pub fn abort(self) {
-        if let Some(c) = self.conn {
-            c.abort();
         }
     }
 }
@@ -316,6 +302,7 @@ mod tests {
     use super::*;
     use crate::bench::http_client::parse_head;
     use crate::bench::targets::payload;
+    use crate::bench::targets::tests::msgs;
 
     fn items(p: &mut SseParser, input: &[u8]) -> Vec<String> {
         let mut got = Vec::new();
@@ -389,14 +376,7 @@ mod tests {
                 recovered: true
             }
         );
-        let msgs: Vec<_> = out
-            .iter()
-            .filter_map(|e| match e {
-                Event::Msg(d) => Some((d.seq, d.stamp.n)),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(msgs, vec![(Some(5), 0), (None, 1)]);
+        assert_eq!(msgs(&out), vec![(Some(5), 0), (None, 1)]);
         // The id of an event not yet ended does not count.
         assert!(p.request("h").contains("Last-Event-ID: r:1:E:5\r\n"));
         let mut bad = Head {

@@ -526,7 +526,7 @@ pub fn publish_request(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use serde_json::{Value, json};
 
@@ -547,7 +547,8 @@ mod tests {
         (out, replies)
     }
 
-    fn msgs(events: &[Event]) -> Vec<(Option<u64>, u64)> {
+    /// The deliveries among `events`: (seq, payload index).
+    pub fn msgs(events: &[Event]) -> Vec<(Option<u64>, u64)> {
         events
             .iter()
             .filter_map(|e| match e {

@@ -71,8 +71,8 @@ impl Sub {
     pub fn events(&self) -> &[Event] {
         match self {
             Sub::Ws(s) => s.events(),
-            Sub::Longpoll(s) => s.events(),
-            Sub::Sse(s) => s.events(),
+            Sub::Longpoll(s) => &s.events.list,
+            Sub::Sse(s) => &s.events.list,
         }
     }
 
@@ -102,12 +102,16 @@ impl Sub {
         }
     }
 
-    /// End: a WebSocket with a close frame; a parked poll or a stream given up.
+    /// End: a WebSocket with a close frame; a parked poll or a stream given up (a reset;
+    /// a long-polling livepush terminal stays in the room for the server's poll grace).
     pub async fn close(self) {
-        match self {
-            Sub::Ws(s) => s.close().await,
-            Sub::Longpoll(s) => s.abort(),
-            Sub::Sse(s) => s.abort(),
+        let conn = match self {
+            Sub::Ws(s) => return s.close().await,
+            Sub::Longpoll(s) => s.conn,
+            Sub::Sse(s) => s.conn,
+        };
+        if let Some(c) = conn {
+            c.abort();
         }
     }
 
