@@ -42,7 +42,8 @@ FULL=${FULL:-0}
 usage() {
     sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'
     cat <<'EOF'
-Flags:  --full            issue-size loads (19k idle, 10k×1000 burst, 10k×10/s paced, 10k×100 resume)
+Flags:  --full            issue-size loads (19k idle, 10k×1000 burst, 10k×10/s paced, 10k×100 resume,
+                          10k parked polls / SSE streams, 5k long-poll / 10k SSE × 10/s)
         --targets "A B"   subset of: livepush ws socketio nchan
         --scratch DIR     scratch directory (npm packages, nginx config, logs, JSON)
         --no-build        do not run cargo build
