@@ -27,6 +27,11 @@
 #   paced    PACED_SUBS subscribers, PACED_RATE msg/s for PACED_SECS s (issue: 10,000 × 10/s)
 #   resume   RESUME_TERMINALS drop, RESUME_BEHIND later resume (issue: 10,000 × 100),
 #            livepush only (the peers have no resume)
+#   lp-idle / sse-idle    HTTP_IDLE_CONNS parked long-polls / open SSE streams held HOLD
+#            (issue 18: 10,000), livepush and nchan only (nchan: /lp/ROOM, /es/ROOM)
+#   lp-paced / sse-paced  LP_SUBS long-poll / SSE_SUBS SSE subscribers, PACED_RATE msg/s for
+#            PACED_SECS s (issue 18: 5,000 long-poll × 10/s; 10,000 SSE), livepush and nchan
+#   LOADS="lp-idle lp-paced" runs only those loads (default: all of them).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -35,9 +40,10 @@ cd "$ROOT"
 # ---- parameters -------------------------------------------------------------------------
 FULL=${FULL:-0}
 usage() {
-    sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'
     cat <<'EOF'
-Flags:  --full            issue-size loads (19k idle, 10k×1000 burst, 10k×10/s paced, 10k×100 resume)
+Flags:  --full            issue-size loads (19k idle, 10k×1000 burst, 10k×10/s paced, 10k×100 resume,
+                          10k parked polls / SSE streams, 5k long-poll / 10k SSE × 10/s)
         --targets "A B"   subset of: livepush ws socketio nchan
         --scratch DIR     scratch directory (npm packages, nginx config, logs, JSON)
         --no-build        do not run cargo build
@@ -45,7 +51,7 @@ Flags:  --full            issue-size loads (19k idle, 10k×1000 burst, 10k×10/s
         -h, --help
 Env:    IDLE_CONNS HOLD BURST_SUBS BURST_MSGS PACED_SUBS PACED_RATE PACED_SECS
         RESUME_TERMINALS RESUME_BEHIND SIZE SERVER_CPU BENCH_CPU CONCURRENCY PUBLISHERS
-        TARGETS SCRATCH NO_BUILD NO_INSTALL OUT
+        HTTP_IDLE_CONNS LP_SUBS SSE_SUBS LOADS TARGETS SCRATCH NO_BUILD NO_INSTALL OUT
 EOF
 }
 while [[ $# -gt 0 ]]; do
@@ -64,6 +70,7 @@ if [[ $FULL == 1 ]]; then
     : "${IDLE_CONNS:=19000}" "${BURST_SUBS:=10000}" "${BURST_MSGS:=1000}"
     : "${PACED_SUBS:=10000}" "${PACED_RATE:=10}" "${PACED_SECS:=60}"
     : "${RESUME_TERMINALS:=10000}" "${RESUME_BEHIND:=100}" "${HOLD:=10s}"
+    : "${HTTP_IDLE_CONNS:=10000}" "${LP_SUBS:=5000}" "${SSE_SUBS:=10000}"
 fi
 IDLE_CONNS=${IDLE_CONNS:-2000}
 HOLD=${HOLD:-3s}
@@ -74,6 +81,10 @@ PACED_RATE=${PACED_RATE:-10}
 PACED_SECS=${PACED_SECS:-10}
 RESUME_TERMINALS=${RESUME_TERMINALS:-1000}
 RESUME_BEHIND=${RESUME_BEHIND:-100}
+HTTP_IDLE_CONNS=${HTTP_IDLE_CONNS:-1000}
+LP_SUBS=${LP_SUBS:-1000}
+SSE_SUBS=${SSE_SUBS:-1000}
+LOADS=${LOADS:-idle burst paced resume lp-idle lp-paced sse-idle sse-paced}
 SIZE=${SIZE:-64}
 SERVER_CPU=${SERVER_CPU:-0}
 BENCH_CPU=${BENCH_CPU:-1}
@@ -126,7 +137,7 @@ NCPU=$(nproc)
 (( NCPU >= 2 )) || log "warning: $NCPU CPU(s): server and load generator will share a core"
 HARD_NOFILE=$(ulimit -Hn)
 ulimit -n "$HARD_NOFILE" 2>/dev/null || true
-for n in "$IDLE_CONNS" "$BURST_SUBS" "$PACED_SUBS"; do
+for n in "$IDLE_CONNS" "$BURST_SUBS" "$PACED_SUBS" "$HTTP_IDLE_CONNS" "$LP_SUBS" "$SSE_SUBS"; do
     if [[ $HARD_NOFILE != unlimited ]] && (( n + 100 > HARD_NOFILE )); then
         die "$n connections need more open files than the hard limit ($HARD_NOFILE); lower the load"
     fi
@@ -249,6 +260,14 @@ http {
             nchan_channel_id \$1;
             nchan_websocket_ping_interval 25;
         }
+        location ~ ^/lp/(.+)\$ {
+            nchan_subscriber longpoll;
+            nchan_channel_id \$1;
+        }
+        location ~ ^/es/(.+)\$ {
+            nchan_subscriber eventsource;
+            nchan_channel_id \$1;
+        }
     }
 }
 EOF
@@ -292,6 +311,13 @@ run_load() { # target load
                 (( BURST_MSGS > history )) && history=$BURST_MSGS ;;
         paced)  args=(fanout --subs "$PACED_SUBS" --msgs "$PACED_MSGS" --rate "$PACED_RATE" --size "$SIZE" --publishers "$PUBLISHERS") ;;
         resume) args=(resume --terminals "$RESUME_TERMINALS" --behind "$RESUME_BEHIND" --size "$SIZE") ;;
+        lp-idle|sse-idle)
+                local tr=longpoll; [[ $load == sse-* ]] && tr=sse
+                args=(connections --transport "$tr" --conns "$HTTP_IDLE_CONNS" --hold "$HOLD") ;;
+        lp-paced|sse-paced)
+                local tr=longpoll subs=$LP_SUBS; [[ $load == sse-* ]] && tr=sse subs=$SSE_SUBS
+                args=(fanout --transport "$tr" --subs "$subs" --msgs "$PACED_MSGS" --rate "$PACED_RATE" --size "$SIZE" --publishers "$PUBLISHERS") ;;
+        *)      die "unknown load $load (see --help)" ;;
     esac
     if ! start_server "$t" "$history"; then
         RESULT[$t-$load]="server did not start (log: $SCRATCH/logs/$t.log)"
@@ -321,12 +347,13 @@ run_load() { # target load
     sleep 1 # let TIME_WAIT sockets and the CPU settle between runs
 }
 
-LOADS=(idle burst paced resume)
 for t in $TARGETS; do
     case $t in livepush|ws|socketio|nchan) ;; *) die "unknown target $t" ;; esac
     if [[ -n ${SKIP[$t]:-} ]]; then log "skipping $t: ${SKIP[$t]}"; continue; fi
-    for load in "${LOADS[@]}"; do
+    for load in $LOADS; do
         [[ $load == resume && $t != livepush ]] && continue
+        # Long-poll and SSE: livepush against nchan's long-poll and EventSource subscribers.
+        [[ $load == lp-* || $load == sse-* ]] && [[ $t != livepush && $t != nchan ]] && continue
         run_load "$t" "$load"
     done
 done
@@ -334,7 +361,8 @@ done
 # ---- report ---------------------------------------------------------------------------------
 ELAPSED=$(( $(date +%s) - T0 ))
 export SCRATCH TARGETS IDLE_CONNS HOLD BURST_SUBS BURST_MSGS PACED_SUBS PACED_RATE PACED_SECS \
-    PACED_MSGS RESUME_TERMINALS RESUME_BEHIND SIZE SERVER_CPU BENCH_CPU ELAPSED COMMANDS FULL
+    PACED_MSGS RESUME_TERMINALS RESUME_BEHIND SIZE SERVER_CPU BENCH_CPU ELAPSED COMMANDS FULL \
+    HTTP_IDLE_CONNS LP_SUBS SSE_SUBS
 SKIPS=$SCRATCH/skips.txt
 : >"$SKIPS"
 for t in "${!SKIP[@]}"; do want "$t" && printf '%s\t%s\n' "$t" "${SKIP[$t]}" >>"$SKIPS"; done

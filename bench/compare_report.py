@@ -10,7 +10,7 @@ scratch = env["SCRATCH"]
 targets = env["TARGETS"].split()
 loaded = {}
 for t in targets:
-    for load in ("idle", "burst", "paced", "resume"):
+    for load in ("idle", "burst", "paced", "resume", "lp-idle", "lp-paced", "sse-idle", "sse-paced"):
         p = os.path.join(scratch, "json", f"{t}-{load}.json")
         if os.path.exists(p):
             with open(p) as f:
@@ -149,6 +149,35 @@ LOADS = {
     ),
 }
 
+# Long-poll and SSE (issue 18): livepush against nchan's long-poll (`/lp/ROOM`) and
+# EventSource (`/es/ROOM`) subscribers on the same room size.
+def http_idle(kind, name):
+    return (
+        lambda: f"{kind} (issue 18): {int(env['HTTP_IDLE_CONNS']):,} {name} held for {env['HOLD']}; nchan column: nchan's {'long-poll' if kind == 'Long-poll' else 'EventSource'} subscriber",
+        [row for row in LOADS["idle"][1] if row[0] != "connects/s"],
+    )
+
+
+def http_paced(kind, subs):
+    return (
+        lambda: f"{kind} fan-out (issue 18): {int(env[subs]):,} subscribers, {env['PACED_RATE']} msg/s for {env['PACED_SECS']} s ({int(env['PACED_MSGS']):,} messages of {env['SIZE']} B); nchan column: nchan's {'long-poll' if kind == 'Long-poll' else 'EventSource'} subscriber",
+        LOADS["paced"][1] + [("polls / streams reconnected", lambda r: r.get("reconnects"), False)],
+    )
+
+
+LOADS["lp-idle"] = http_idle("Long-poll", "parked polls")
+LOADS["lp-paced"] = http_paced("Long-poll", "LP_SUBS")
+LOADS["sse-idle"] = http_idle("SSE", "open streams")
+LOADS["sse-paced"] = http_paced("SSE", "SSE_SUBS")
+# The issue's targets: livepush at most half of nchan's figure, i.e. a ratio nchan / livepush
+# of at least 2 in these rows.
+TARGET_ROWS = {
+    "lp-idle": "server RSS per connection, KiB",
+    "sse-idle": "server RSS per connection, KiB",
+    "lp-paced": "server CPU per delivery, µs",
+    "sse-paced": "server CPU per delivery, µs",
+}
+
 out = []
 w = out.append
 w(f"# livepush side by side — {env.get('STAMP_HUMAN', '')}".rstrip(" —"))
@@ -184,6 +213,20 @@ for load, (title, rows) in LOADS.items():
                 c += ratio(v, b)
             cells.append(c)
         w(f"| {label} | " + " | ".join(cells) + " |")
+    if load in TARGET_ROWS and "livepush" in cols and "nchan" in cols:
+        fn = next(f for label, f, _ in rows if label == TARGET_ROWS[load])
+        try:
+            lp, nc = fn(loaded[("livepush", load)]), fn(loaded[("nchan", load)])
+        except (KeyError, TypeError):
+            lp = nc = None
+        if lp is None or nc is None or isinstance(lp, str) or isinstance(nc, str):
+            verdict = "not measured"
+        elif lp <= 0.5 * nc:
+            verdict = f"yes ({lp / nc:.2f}× nchan)" if nc else "not measured"
+        else:
+            verdict = f"no ({lp / nc:.2f}× nchan)" if nc else "not measured"
+        w("")
+        w(f"Issue 18 target, {TARGET_ROWS[load]} ≤ 0.5× nchan: **{verdict}**")
     errs = [(t, loaded[(t, load)].get("first_error")) for t in cols]
     errs = [(t, e) for t, e in errs if e]
     for t, e in errs:

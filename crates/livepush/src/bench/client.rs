@@ -62,6 +62,15 @@ impl Dialer {
     /// Open connection number `i`: TCP from its source address, then the WebSocket handshake
     /// to the target's URL for `room`.
     pub async fn open(&self, i: u64, room: &str) -> anyhow::Result<Ws> {
+        let tcp = self.connect(i).await?;
+        let url = self.target.ws_url(&self.host, room);
+        Ws::handshake(tcp, &url)
+            .await
+            .with_context(|| format!("WebSocket handshake with {url}"))
+    }
+
+    /// Open TCP connection number `i` from its source address (no delay).
+    pub async fn connect(&self, i: u64) -> anyhow::Result<TcpStream> {
         let socket = match self.addr {
             SocketAddr::V4(_) => TcpSocket::new_v4(),
             SocketAddr::V6(_) => TcpSocket::new_v6(),
@@ -77,10 +86,7 @@ impl Dialer {
             .await
             .with_context(|| format!("connect to {}", self.addr))?;
         tcp.set_nodelay(true).ok();
-        let url = self.target.ws_url(&self.host, room);
-        Ws::handshake(tcp, &url)
-            .await
-            .with_context(|| format!("WebSocket handshake with {url}"))
+        Ok(tcp)
     }
 }
 
@@ -435,23 +441,7 @@ impl Session {
                 }
             }
             first = false;
-            for e in &self.events {
-                match e {
-                    Event::Ready {
-                        epoch,
-                        seq,
-                        recovered,
-                    } => {
-                        joined = Some(Joined {
-                            epoch: epoch.clone(),
-                            seq: *seq,
-                            recovered: *recovered,
-                        })
-                    }
-                    Event::Msg(d) => early.push(*d),
-                    Event::Error(e) => bail!("{e}"),
-                }
-            }
+            scan_ready(&self.events, &mut joined, &mut early)?;
             if let Some(j) = joined {
                 return Ok((j, early));
             }
@@ -475,6 +465,33 @@ impl Session {
         let _ = self.ws.tcp.set_zero_linger();
         drop(self);
     }
+}
+
+/// Read the events of a subscriber that is not ready yet: the `Ready` to `joined`,
+/// deliveries (a replay that came with it) to `early`; an error ends the handshake.
+pub fn scan_ready(
+    events: &[Event],
+    joined: &mut Option<Joined>,
+    early: &mut Vec<Delivery>,
+) -> anyhow::Result<()> {
+    for e in events {
+        match e {
+            Event::Ready {
+                epoch,
+                seq,
+                recovered,
+            } => {
+                *joined = Some(Joined {
+                    epoch: epoch.clone(),
+                    seq: *seq,
+                    recovered: *recovered,
+                })
+            }
+            Event::Msg(d) => early.push(*d),
+            Event::Error(e) => bail!("{e}"),
+        }
+    }
+    Ok(())
 }
 
 /// What one subscriber received of the `expected` messages, keyed by index 0..expected

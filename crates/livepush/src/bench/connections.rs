@@ -10,11 +10,12 @@ use clap::Args;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::client::{FirstError, Session, secs_since, staggered};
+use super::client::{FirstError, secs_since, staggered};
 use super::proc::{Probe, ProcessUse};
 use super::report::{self, Histogram, Latency, Table, bytes, count, per};
 use super::server::{ServerOpts, Sut};
 use super::targets::Event;
+use super::transport::{Sub, Transport};
 use super::{bar, duration, nofile_limit, note};
 
 #[derive(Debug, Args)]
@@ -33,12 +34,17 @@ pub struct ConnectionsBench {
     /// Give up on a connection whose handshake takes longer.
     #[arg(long, default_value = "30s", value_parser = duration)]
     timeout: Duration,
+    /// What each terminal holds: a WebSocket, a parked long-poll (the next one sent as soon
+    /// as one is answered) or an open SSE stream (livepush and nchan only for the last two).
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    transport: Transport,
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
     bench: &'static str,
     target: &'static str,
+    transport: &'static str,
     shard: String,
     requested: u64,
     connected: u64,
@@ -88,8 +94,9 @@ pub async fn run(a: ConnectionsBench) -> anyhow::Result<()> {
     let before = sut.sample();
     let me_before = me.sample();
     note(format!(
-        "livepush bench connections: {n} {} connections to {} ({} node(s)) over {} room(s)",
+        "livepush bench connections: {n} {} {} connections to {} ({} node(s)) over {} room(s)",
         sut.target.name(),
+        a.transport.name(),
         sut.base,
         sut.nodes(),
         rooms.len()
@@ -101,7 +108,7 @@ pub async fn run(a: ConnectionsBench) -> anyhow::Result<()> {
     let started = Instant::now();
     let handles = {
         let (sut, c, pb, rooms) = (sut.clone(), c.clone(), pb.clone(), Arc::new(rooms));
-        let timeout = a.timeout;
+        let (timeout, transport) = (a.timeout, a.transport);
         staggered(n, a.server.concurrency, move |i, permit| {
             let (sut, c, pb, rooms, mut stop) = (
                 sut.clone(),
@@ -115,7 +122,7 @@ pub async fn run(a: ConnectionsBench) -> anyhow::Result<()> {
                 let t0 = Instant::now();
                 let opened = async {
                     let token = sut.token(i, room)?;
-                    let mut s = Session::open(sut.dialer(i), i, room, token, None).await?;
+                    let mut s = Sub::open(transport, sut.dialer(i), i, room, token).await?;
                     s.until_ready(timeout).await?;
                     anyhow::Ok(s)
                 };
@@ -182,6 +189,7 @@ pub async fn run(a: ConnectionsBench) -> anyhow::Result<()> {
     let r = Report {
         bench: "connections",
         target: sut.target.name(),
+        transport: a.transport.name(),
         shard: format!("{}/{}", sut.shard.index, sut.shard.count),
         requested: n,
         connected,
@@ -225,9 +233,10 @@ fn fail(c: &Counters, pb: &indicatif::ProgressBar, e: anyhow::Error) {
 
 fn table(r: &Report) -> Table {
     let mut t = Table::new(format!(
-        "bench connections: {} × {} (shard {})",
+        "bench connections: {} × {} {} (shard {})",
         count(r.requested),
         r.target,
+        r.transport,
         r.shard
     ));
     t.row(

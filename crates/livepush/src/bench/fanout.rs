@@ -12,11 +12,12 @@ use indicatif::{MultiProgress, ProgressDrawTarget};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::client::{FirstError, Session, Tracker, key_of, staggered};
+use super::client::{FirstError, Tracker, key_of, staggered};
 use super::proc::{Probe, ProcessUse, Sample};
 use super::report::{self, Histogram, Latency, Table, bytes, count, per};
 use super::server::{ServerOpts, Sut};
 use super::targets::{Class, Event, Target, now_micros, payload};
+use super::transport::{Sub, Transport};
 use super::{bar, duration, follow, nofile_limit, note};
 
 #[derive(Debug, Args)]
@@ -57,12 +58,17 @@ pub struct FanoutBench {
     /// Give up on a subscriber whose handshake takes longer.
     #[arg(long, default_value = "30s", value_parser = duration)]
     timeout: Duration,
+    /// How subscribers receive: WebSocket, long-poll (one parked poll each) or SSE
+    /// (livepush and nchan only for the last two).
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    transport: Transport,
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
     bench: &'static str,
     target: &'static str,
+    transport: &'static str,
     class: &'static str,
     shard: String,
     room: String,
@@ -95,6 +101,8 @@ struct Report {
     deliveries_per_second: f64,
     latency: Latency,
     connections_dropped: u64,
+    /// Long-poll connections or SSE streams opened again after the server ended one.
+    reconnects: u64,
     error_frames: u64,
     server: Option<ProcessUse>,
     server_cpu_per_delivery_us: Option<f64>,
@@ -113,6 +121,7 @@ struct Shared {
     stray: AtomicU64,
     errors: AtomicU64,
     dropped: AtomicU64,
+    reconnects: AtomicU64,
     /// Set just before the stop signal: subscriber loops check it after every read.
     stopping: AtomicBool,
     /// Time of the latest delivery, µs since the epoch.
@@ -137,8 +146,9 @@ pub async fn run(a: FanoutBench) -> anyhow::Result<()> {
         _ => String::new(),
     };
     note(format!(
-        "livepush bench fanout: {n} {} subscribers in {room}{}, {} {class}messages of {} B{}",
+        "livepush bench fanout: {n} {} {} subscribers in {room}{}, {} {class}messages of {} B{}",
         sut.target.name(),
+        a.transport.name(),
         match sut.nodes() {
             1 => String::new(),
             k => format!(" spread over {k} nodes"),
@@ -154,7 +164,7 @@ pub async fn run(a: FanoutBench) -> anyhow::Result<()> {
     let pb = bar(n, "subscribing");
     let subscribers = {
         let (sut, sh, pb, room) = (sut.clone(), sh.clone(), pb.clone(), room.clone());
-        let (m, timeout) = (a.msgs, a.timeout);
+        let (m, timeout, transport) = (a.msgs, a.timeout, a.transport);
         staggered(n, a.server.concurrency, move |i, permit| {
             let (sut, sh, pb, room, stop) = (
                 sut.clone(),
@@ -164,7 +174,10 @@ pub async fn run(a: FanoutBench) -> anyhow::Result<()> {
                 stop_rx.clone(),
             );
             async move {
-                let r = subscriber(&sut, &sh, i, &room, m, by_seq, timeout, permit, stop).await;
+                let r = subscriber(
+                    &sut, &sh, transport, i, &room, m, by_seq, timeout, permit, stop,
+                )
+                .await;
                 pb.inc(1);
                 r
             }
@@ -291,6 +304,7 @@ pub async fn run(a: FanoutBench) -> anyhow::Result<()> {
     let r = Report {
         bench: "fanout",
         target: sut.target.name(),
+        transport: a.transport.name(),
         class: a.class.name(),
         shard: format!("{}/{}", sut.shard.index, sut.shard.count),
         room,
@@ -319,6 +333,7 @@ pub async fn run(a: FanoutBench) -> anyhow::Result<()> {
         deliveries_per_second: per(deliveries as f64, window_seconds),
         latency: sh.latency.summary_ms(),
         connections_dropped: sh.dropped.load(Ordering::Relaxed),
+        reconnects: sh.reconnects.load(Ordering::Relaxed),
         error_frames: sh.errors.load(Ordering::Relaxed),
         server_cpu_per_delivery_us: server.map(|s| per(s.cpu_s() * 1e6, deliveries as f64)),
         server,
@@ -342,6 +357,7 @@ pub(super) fn usage(p: &Probe, a: Option<&Sample>, b: Option<&Sample>) -> Option
 async fn subscriber(
     sut: &Sut,
     sh: &Shared,
+    transport: Transport,
     i: u64,
     room: &str,
     m: u64,
@@ -352,7 +368,7 @@ async fn subscriber(
 ) -> Option<u64> {
     let opened = async {
         let token = sut.token(i, room)?;
-        let mut s = Session::open(sut.dialer(i), i, room, token, None).await?;
+        let mut s = Sub::open(transport, sut.dialer(i), i, room, token).await?;
         let (joined, early) = s.until_ready(timeout).await?;
         anyhow::Ok((s, joined, early))
     };
@@ -425,6 +441,7 @@ async fn subscriber(
     }
     sh.duplicates.fetch_add(t.duplicates, Ordering::Relaxed);
     sh.stray.fetch_add(t.stray, Ordering::Relaxed);
+    sh.reconnects.fetch_add(s.reconnects(), Ordering::Relaxed);
     if !*stop.borrow() {
         // Dropped early: wait for the end so that the close below does not race the run.
         let _ = stop.changed().await;
@@ -502,11 +519,12 @@ pub(super) fn spawn_publishers(
 
 fn table(r: &Report) -> Table {
     let mut t = Table::new(format!(
-        "bench fanout: {} subscribers × {} messages of {} B, {} {} (shard {})",
+        "bench fanout: {} subscribers × {} messages of {} B, {} {} {} (shard {})",
         count(r.subscribers),
         count(r.messages),
         r.size_bytes,
         r.target,
+        r.transport,
         r.class,
         r.shard
     ));
@@ -574,6 +592,9 @@ fn table(r: &Report) -> Table {
         t.row("stray (out-of-range seq)", count(r.stray));
     }
     t.row("connections dropped", count(r.connections_dropped));
+    if r.transport != "ws" {
+        t.row("polls / streams reconnected", count(r.reconnects));
+    }
     if r.error_frames > 0 {
         t.row("error frames", count(r.error_frames));
     }

@@ -2,10 +2,10 @@
 //! here, printed as ratios measured in one run.
 //!
 //! - `publish`: reliable publishes per second under each durability policy (in-process).
-//! - `connections`: hold N WebSocket connections; connect rate and server memory per
-//!   connection.
-//! - `fanout`: N subscribers in one room, M messages; deliveries per second, latency, loss,
-//!   server CPU per delivery.
+//! - `connections`: hold N WebSocket connections (or parked long-polls, or SSE streams:
+//!   `--transport`); connect rate and server memory per connection.
+//! - `fanout`: N subscribers in one room (over WebSocket, long-poll or SSE), M messages;
+//!   deliveries per second, latency, loss, server CPU per delivery.
 //! - `resume`: N terminals drop at once, K messages later they all resume; time to recover.
 //! - `wake`: N idle terminals without a connection, woken over UDP; time until delivered.
 //! - `floor`: no server: what a round of one write per loopback connection costs on this
@@ -21,12 +21,16 @@ mod client;
 mod connections;
 mod fanout;
 mod floor;
+mod http_client;
+mod longpoll;
 mod proc;
 mod publish;
 mod report;
 mod resume;
 mod server;
+mod sse;
 mod targets;
+mod transport;
 mod wake;
 
 use std::sync::Arc;

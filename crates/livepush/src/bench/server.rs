@@ -427,6 +427,16 @@ async fn spawn(
         ]),
         None => args.extend(["--data-dir".into(), ":memory:".into()]),
     }
+    // Parked long-polls and SSE streams count against the per-address cap (4096, or a
+    // quarter of the open files): lift it, unless asked otherwise, so that a run from few
+    // source addresses is not refused with 429 by the protection rather than the load.
+    if !o
+        .server_args
+        .iter()
+        .any(|a| a.starts_with("--max-connections-per-address"))
+    {
+        args.push("--max-connections-per-address=1000000".into());
+    }
     args.extend(o.server_args.iter().cloned());
     let name = match node {
         0 => "server".to_owned(),

@@ -294,6 +294,11 @@ impl Proto {
         }
     }
 
+    /// Read one livepush frame (a long-poll answer's frame, an SSE `data:` line).
+    pub fn feed_frame(&mut self, line: &str, out: &mut Vec<Event>, replies: &mut Vec<String>) {
+        self.livepush_frame(line, out, replies);
+    }
+
     fn livepush_frame(&mut self, line: &str, out: &mut Vec<Event>, replies: &mut Vec<String>) {
         if let Some((seq, stamp)) = fast_msg(line) {
             if let Some(s) = seq {
@@ -486,7 +491,7 @@ fn sio_event(rest: &str) -> Option<Stamp> {
     }
 }
 
-fn clip(s: &str) -> &str {
+pub fn clip(s: &str) -> &str {
     match s.char_indices().nth(120) {
         Some((i, _)) => &s[..i],
         None => s,
@@ -521,7 +526,7 @@ pub fn publish_request(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use serde_json::{Value, json};
 
@@ -542,7 +547,8 @@ mod tests {
         (out, replies)
     }
 
-    fn msgs(events: &[Event]) -> Vec<(Option<u64>, u64)> {
+    /// The deliveries among `events`: (seq, payload index).
+    pub fn msgs(events: &[Event]) -> Vec<(Option<u64>, u64)> {
         events
             .iter()
             .filter_map(|e| match e {
