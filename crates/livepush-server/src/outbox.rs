@@ -224,6 +224,17 @@ impl Outbox {
 
     /// Queue a frame; what it is ([`Frame::what`]) decides what the soft limit does to it.
     pub fn push(&self, frame: Frame) -> Pushed {
+        self.push_with(frame, true)
+    }
+
+    /// Queue a frame as a reply is queued, whatever the soft limit says (the hard limit
+    /// still holds): the first message of a join's replay, so that every join moves its
+    /// terminal forward (see [`crate::hub::Room::join`]).
+    pub fn push_past_soft_limit(&self, frame: Frame) -> Pushed {
+        self.push_with(frame, false)
+    }
+
+    fn push_with(&self, frame: Frame, soft: bool) -> Pushed {
         let mut st = self.state.lock();
         if st.closed.is_some() {
             return Pushed::Closed;
@@ -232,6 +243,7 @@ impl Outbox {
         let ambient = matches!(frame.what(), What::Ambient);
         let outcome = match frame.what() {
             What::Reply | What::Joined { .. } | What::Prompt { .. } => Pushed::Queued,
+            _ if !soft => Pushed::Queued,
             What::Transient | What::Ambient if full => {
                 self.stats.dropped_transient.inc();
                 return Pushed::Dropped;

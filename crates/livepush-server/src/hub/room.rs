@@ -492,19 +492,28 @@ impl Room {
         if let Some(from) = from {
             // A replay takes at most the free frame slots and half the free bytes of the
             // outbox, so that it can never push the connection over its hard limit; the rest
-            // is announced with a `prompt` and pulled.
+            // is announced with a `prompt` and pulled. Its first message goes whatever the
+            // soft limit says (if the hard limit lets it): every join moves its terminal
+            // forward, also an SSE stream's, which cannot pull and is resumed by a new join
+            // (with a soft limit below the `joined` frames a join queues, a replay would
+            // otherwise be empty at every reconnect).
             let mut slots = member.outbox.free_slots();
             let mut bytes = member.outbox.free_bytes() / 2;
             for m in st.history.iter().filter(|m| m.seq >= from) {
-                if slots == 0 || m.frame.len() > bytes {
+                let first = replayed == 0 && m.frame.len() <= member.outbox.free_bytes();
+                if !first && (slots == 0 || m.frame.len() > bytes) {
                     member.outbox.prompt(&self.id, delivered);
                     prompted = true;
                     break;
                 }
-                member.outbox.push(m.frame.clone());
+                if first {
+                    member.outbox.push_past_soft_limit(m.frame.clone());
+                } else {
+                    member.outbox.push(m.frame.clone());
+                }
                 replayed += 1;
-                slots -= 1;
-                bytes -= m.frame.len();
+                slots = slots.saturating_sub(1);
+                bytes = bytes.saturating_sub(m.frame.len());
             }
         }
         Ok(Joined {

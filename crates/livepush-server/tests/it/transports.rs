@@ -404,18 +404,33 @@ async fn a_flapping_terminal_is_moved_to_long_polling() {
 
 #[tokio::test]
 async fn sse_resumes_a_replay_cut_short_from_where_it_stopped() {
+    sse_catches_up(10, 50, 20).await;
+}
+
+/// With a soft limit that the `joined` alone fills, every stream still carries one message
+/// more: the stream moves forward at each reconnect instead of ending empty forever.
+#[tokio::test]
+async fn sse_catches_up_even_when_the_joined_fills_the_queue() {
+    sse_catches_up(1, 6, 12).await;
+}
+
+/// `n` messages published before an SSE terminal resumes from 0, with `--outbox-frames
+/// outbox_frames`: within `streams` streams (each cut by a prompt, reopened with the last
+/// `id:` as EventSource does) it has every message once, in order.
+async fn sse_catches_up(outbox_frames: usize, n: u64, streams: usize) {
     let mut c = config();
-    c.limits.outbox_frames = 10;
+    c.limits.outbox_frames = outbox_frames;
     let s = TestServer::with(c).await;
-    for n in 1..=50 {
-        s.publish("cut", "gift", json!({"n": n})).await;
+    for i in 1..=n {
+        s.publish("cut", "gift", json!({"n": i})).await;
     }
     let epoch = s.room("cut").await["epoch"].as_str().unwrap().to_owned();
     let token = s.token("sse", &["cut"], false);
     let mut since = format!("cut:{epoch}:0");
     let mut got: Vec<u64> = Vec::new();
-    for _ in 0..20 {
-        if got.len() == 50 {
+    let n = n as usize;
+    for _ in 0..streams {
+        if got.len() == n {
             break;
         }
         // Each stream replays what fits, then a prompt, then ends; EventSource reconnects
@@ -429,7 +444,7 @@ async fn sse_resumes_a_replay_cut_short_from_where_it_stopped() {
             .unwrap();
         // Read whole events until the stream ends (after a prompt) or all have arrived.
         let mut buf = String::new();
-        while got.len() < 50 {
+        while got.len() < n {
             let Some(chunk) = tokio::time::timeout(WAIT, resp.chunk())
                 .await
                 .unwrap()
@@ -455,7 +470,7 @@ async fn sse_resumes_a_replay_cut_short_from_where_it_stopped() {
     }
     assert_eq!(
         got,
-        (1..=50).collect::<Vec<_>>(),
+        (1..=n as u64).collect::<Vec<_>>(),
         "each once, in order, none skipped"
     );
 }

@@ -151,6 +151,26 @@ fn big_replay_is_cut_and_prompted() {
     ));
 }
 
+/// A soft limit the `joined` alone fills still lets a replay carry its first message: an SSE
+/// stream, which cannot pull and resumes by joining again, must move forward at every join.
+#[test]
+fn a_replay_carries_its_first_message_past_the_soft_limit() {
+    let (r, ret) = room(100);
+    for n in 0..3 {
+        publish(&r, ret, n);
+    }
+    let m = member(1);
+    let j = resume(&r, 1, &m, "ep", 0);
+    assert!(j.prompted);
+    assert_eq!(j.replayed, 1);
+    let (s, frames) = seqs(&m);
+    assert_eq!(s, vec![1]);
+    assert!(matches!(
+        frames.last(),
+        Some(ServerFrame::Prompt { seq: 3, .. })
+    ));
+}
+
 #[test]
 fn close_sends_left_and_refuses_joins() {
     let (r, ret) = room(100);
