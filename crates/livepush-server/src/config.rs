@@ -64,6 +64,10 @@ pub struct Config {
     /// The send hook (`--send-hook`): terminal sends go to the backend first (see
     /// [`crate::hooks`]). `None`: sends go out as they are.
     pub send_hook: Option<SendHookSettings>,
+    /// The connect hook (`--connect-hook`): a terminal without a token is admitted if the
+    /// backend says so (see [`crate::hooks::connect::ConnectHook`]). `None`: a token is required
+    /// (outside `dev`).
+    pub connect_hook: Option<ConnectHookSettings>,
     /// Where the UDP wake listener binds.
     pub wake_listen: WakeListen,
     /// How far a keepalive's `ts` may be from the server's clock.
@@ -263,6 +267,7 @@ impl Config {
             room_idle: Duration::from_secs(60),
             max_rooms: DEFAULT_MAX_ROOMS,
             send_hook: None,
+            connect_hook: None,
             wake_listen: WakeListen::SameAsHttp,
             wake_max_skew: Duration::from_secs(300),
             wake_retries: 8,
@@ -299,6 +304,20 @@ impl Config {
             }
             if h.concurrency == 0 {
                 return Err(ConfigError::Zero("--send-hook-concurrency"));
+            }
+        }
+        if let Some(h) = &self.connect_hook {
+            if h.secret.len() < 16 {
+                return Err(ConfigError::HookSecret);
+            }
+            if !h.url.starts_with("http://") {
+                return Err(ConfigError::HookUrl(h.url.clone()));
+            }
+            if h.timeout.is_zero() {
+                return Err(ConfigError::Zero("--connect-hook-timeout"));
+            }
+            if h.concurrency == 0 {
+                return Err(ConfigError::Zero("--connect-hook-concurrency"));
             }
         }
         if self.dev && !self.listen.ip().is_loopback() {
@@ -381,9 +400,11 @@ pub enum ConfigError {
     JsonTooDeep,
     #[error("{0} must be greater than 0")]
     Zero(&'static str),
-    #[error("--send-hook needs --hook-secret of at least 16 bytes (its requests are signed)")]
+    #[error(
+        "--send-hook and --connect-hook need --hook-secret of at least 16 bytes (their requests are signed)"
+    )]
     HookSecret,
-    #[error("--send-hook must be an http:// URL (the backend next to livepush), not {0:?}")]
+    #[error("a hook must be an http:// URL (the backend next to livepush), not {0:?}")]
     HookUrl(String),
     #[error("--outbox-max-bytes must be at least --write-batch-bytes")]
     OutboxBelowBatch,
@@ -407,6 +428,25 @@ pub struct SendHookSettings {
     pub failure: HookFailure,
     /// Hook requests in flight at once on this node; past it a send counts as a failure.
     pub concurrency: usize,
+}
+
+/// The connect hook's settings (see [`crate::hooks::connect::ConnectHook`]).
+#[derive(Debug, Clone)]
+pub struct ConnectHookSettings {
+    /// Where a connecting terminal without a token is POSTed.
+    pub url: String,
+    /// Key of the requests' HMAC-SHA256 signature (`X-Livepush-Signature`).
+    pub secret: String,
+    /// Longest the backend may take; past it the terminal is refused with `unavailable`.
+    pub timeout: Duration,
+    /// Hook requests in flight at once on this node; past it a terminal is refused at once
+    /// with `unavailable` (503).
+    pub concurrency: usize,
+    /// How long an `allow` is reused for a request with the same credentials (`cookie`,
+    /// `authorization`), so that polls do not each ask the backend; zero: never reused.
+    pub cache_ttl: Duration,
+    /// Most `allow` answers kept for reuse at once.
+    pub cache_size: usize,
 }
 
 /// What a send hook failure (no answer in time, an error, an answer that is none of

@@ -29,7 +29,10 @@
 //! through whichever of the [`transport`]s it uses.
 //!
 //! - [`app`]: the state every request and connection shares.
-//! - [`auth`]: terminal tokens, and [`auth::identify`], how every transport names a terminal.
+//! - [`auth`]: terminal tokens, and [`auth::identify`], how every transport names a terminal;
+//!   [`transport::authenticate`] adds the connect hook ([`hooks::connect`]) for terminals
+//!   without a token.
+//! - [`hooks`]: the backend's send and connect hooks (signed HTTP calls).
 //! - [`config`], [`metrics`], [`clock`], [`error`] (HTTP errors), [`ratelimit`]: leaves.
 //! - [`control`]: control commands (close, open, mute, unmute, stream switch).
 //! - [`terminals`], [`inbox`] and [`wake`]: the service list, per-terminal inboxes (behind

@@ -113,6 +113,7 @@ async fn serve(
         let service = Admitted {
             router: TowerToHyperService::new(router.clone()),
             admission,
+            peer,
         };
         let stop = stop.clone();
         let done = done.clone();
@@ -184,6 +185,8 @@ async fn serve_connection<I>(
 struct Admitted {
     router: TowerToHyperService<Router>,
     admission: Admission,
+    /// The client's address, as `ConnectInfo` (the connect hook forwards it).
+    peer: SocketAddr,
 }
 
 impl hyper::service::Service<Request<hyper::body::Incoming>> for Admitted {
@@ -199,6 +202,8 @@ impl hyper::service::Service<Request<hyper::body::Incoming>> for Admitted {
 
     fn call(&self, mut req: Request<hyper::body::Incoming>) -> Self::Future {
         req.extensions_mut().insert(self.admission.clone());
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
         self.router.call(req)
     }
 }
@@ -555,6 +560,12 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
             .send_hook
             .clone()
             .map(|s| Arc::new(crate::hooks::SendHook::new(s, metrics.hooks.clone()))),
+        connect_hook: config.connect_hook.clone().map(|s| {
+            Arc::new(crate::hooks::connect::ConnectHook::new(
+                s,
+                metrics.connect_hooks.clone(),
+            ))
+        }),
         shutdown: shutdown_rx.clone(),
     });
     let node: Arc<dyn Node> = app.clone();

@@ -26,6 +26,7 @@ use serde_json::value::RawValue;
 use crate::app::App;
 use crate::auth::Terminal;
 use crate::clock::now_ms;
+use crate::hooks::connect::Admitted;
 use crate::hooks::{SendHook, Verdict};
 use crate::hub::{Announce, JoinError, Member, Room};
 use crate::inbox::Inbox;
@@ -203,10 +204,17 @@ impl Session {
     /// The session lives as long as `token` (the one [`crate::auth::identify`] accepted for
     /// it): once its `exp` plus the verification leeway has passed, the transport ends the
     /// session ([`Session::expired`]) and the client reconnects with a fresh token.
-    pub fn expires_with(&mut self, token: Option<&str>) {
-        self.expires = token.and_then(token_exp).map_or(0, |exp| {
-            u32::try_from(exp.saturating_add(TOKEN_LEEWAY_SECS)).unwrap_or(u32::MAX)
-        });
+    ///
+    /// `admitted`: a terminal admitted without a token (the connect hook): its `expires`
+    /// plays the token's `exp`.
+    pub fn expires_with(&mut self, token: Option<&str>, admitted: &Admitted) {
+        self.expires = token
+            .filter(|t| !t.is_empty())
+            .and_then(token_exp)
+            .or(admitted.expires)
+            .map_or(0, |exp| {
+                u32::try_from(exp.saturating_add(TOKEN_LEEWAY_SECS)).unwrap_or(u32::MAX)
+            });
     }
 
     /// When the token expires, in Unix seconds, if it does.

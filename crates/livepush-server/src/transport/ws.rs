@@ -35,16 +35,17 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use crate::app::App;
-use crate::auth::identify;
 use crate::clock::clock_ms;
 use crate::error::ApiError;
 use crate::frame;
+use crate::hooks::connect::Caller;
 use crate::outbox::{
     Batch, CloseReason, SIGNAL_DEAD, SIGNAL_EXPIRED, SIGNAL_PING, SIGNAL_SHUTDOWN, SIGNAL_STALLED,
 };
 use crate::ratelimit::Admission;
 use crate::reactor::{Conn, Reactor, Socket, Tick, Wire};
 use crate::session::{self, Ending, Session};
+use crate::transport::authenticate;
 
 /// WebSocket close codes livepush uses (4000-4999 is the application range).
 pub mod close_code {
@@ -62,6 +63,8 @@ pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
     /// The server could not serve the connection (it could not watch its socket).
     pub const INTERNAL_ERROR: u16 = 1011;
+    /// Something the server depends on is unavailable (the connect hook); retry later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 /// Bytes read from the socket per read call, into a buffer on the stack.
@@ -172,6 +175,15 @@ pub fn upgrade(app: Arc<App>, connections: Arc<Connections>, mut req: Request) -
     let on_upgrade = hyper::upgrade::on(&mut req);
     // The source address stays counted until the handshake is over.
     let admission = req.extensions().get::<Admission>().cloned();
+    // What the connect hook is told if `connect` comes without a token: the upgrade request
+    // is all there is to go by.
+    let caller = app.connect_hook.as_ref().map(|_| {
+        Caller::of(
+            Transport::Ws,
+            super::remote(req.extensions()),
+            req.headers(),
+        )
+    });
     drop(req);
     tokio::spawn(async move {
         let _admission = admission;
@@ -184,12 +196,16 @@ pub fn upgrade(app: Arc<App>, connections: Arc<Connections>, mut req: Request) -
         };
         let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
-                return start(app, &connections, parts.io.into_inner(), parts.read_buf).await;
+                let io = parts.io.into_inner();
+                return start(app, &connections, io, parts.read_buf, caller).await;
             }
             Err(upgraded) => upgraded,
         };
         match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
-            Ok(parts) => start(app, &connections, parts.io.into_inner(), parts.read_buf).await,
+            Ok(parts) => {
+                let io = parts.io.into_inner();
+                start(app, &connections, io, parts.read_buf, caller).await;
+            }
             Err(_) => tracing::error!("websocket upgrade of a connection that is not TCP"),
         }
     });
@@ -250,8 +266,14 @@ fn check_upgrade(method: &axum::http::Method, h: &HeaderMap) -> Result<Vec<u8>, 
 /// The handshake's state (read buffer, timeout, the frames that came with `connect`) lives
 /// in this task and is freed when it ends; what every open connection keeps is exactly a
 /// `Driver` in a reactor slot.
-async fn start<I: Io>(app: Arc<App>, connections: &Connections, io: I, early: Bytes) {
-    match open(&app, io, early).await {
+async fn start<I: Io>(
+    app: Arc<App>,
+    connections: &Connections,
+    io: I,
+    early: Bytes,
+    caller: Option<Caller>,
+) {
+    match open(&app, io, early, caller).await {
         Ok(driver) => connections.adopt(I::connection(driver)),
         Err(ending) => session::refused(&app, Transport::Ws, ending),
     }
@@ -259,14 +281,19 @@ async fn start<I: Io>(app: Arc<App>, connections: &Connections, io: I, early: By
 
 /// Handshake, open the session, handle what the client sent along with `connect`, and count
 /// the terminal online.
-async fn open<I: Io>(app: &Arc<App>, io: I, early: Bytes) -> Result<Driver<I::Wire>, Ending> {
+async fn open<I: Io>(
+    app: &Arc<App>,
+    io: I,
+    early: Bytes,
+    caller: Option<Caller>,
+) -> Result<Driver<I::Wire>, Ending> {
     let Handshake {
         io,
         mut session,
         connect_id,
         texts,
         decoder,
-    } = Box::pin(handshake(app, io, early)).await?;
+    } = Box::pin(handshake(app, io, early, caller)).await?;
     let io = io.into_wire().map_err(|e| {
         tracing::debug!(error = %e, "cannot take the websocket's socket from tokio");
         Ending::Reset
@@ -299,10 +326,16 @@ struct Handshake<I> {
     decoder: Decoder,
 }
 
-/// Wait for the `connect` frame (within `connect_timeout`), check its token, and tell a
-/// flapping terminal to use long-polling. `early`: bytes the client sent right behind its
-/// upgrade request, which hyper had already read.
-async fn handshake<I: Io>(app: &Arc<App>, mut io: I, early: Bytes) -> Result<Handshake<I>, Ending> {
+/// Wait for the `connect` frame (within `connect_timeout`), check its token (or, without one,
+/// ask the connect hook about `caller`, the upgrade request), and tell a flapping terminal to
+/// use long-polling. `early`: bytes the client sent right behind its upgrade request, which
+/// hyper had already read.
+async fn handshake<I: Io>(
+    app: &Arc<App>,
+    mut io: I,
+    early: Bytes,
+    caller: Option<Caller>,
+) -> Result<Handshake<I>, Ending> {
     let limits = &app.config.limits;
     let write_timeout = limits.write_timeout;
     let mut decoder = Decoder::new(max_message(app));
@@ -414,13 +447,27 @@ async fn handshake<I: Io>(app: &Arc<App>, mut io: I, early: Bytes) -> Result<Han
         .await;
         return Err(Ending::Unauthorized);
     };
-    let terminal = match identify(&app.keys, app.config.dev, token.as_deref(), None) {
-        Ok(t) => t,
+    let no_caller = || Caller::of(Transport::Ws, None, &HeaderMap::new());
+    let admitted = match authenticate(app, token.as_deref(), None, || {
+        caller.unwrap_or_else(no_caller)
+    })
+    .await
+    {
+        Ok(a) => a,
+        // The backend is out of reach: not the terminal's fault, so not a 4003 (which a
+        // client counts as its credentials refused).
+        Err(e) if e.code == ErrorCode::Unavailable => {
+            let close = (close_code::TRY_AGAIN_LATER, "unavailable");
+            refuse_with(&mut io, env.id, (e.code, e.message), close, write_timeout).await;
+            return Err(Ending::Unauthorized);
+        }
         Err(e) => {
-            refuse(&mut io, env.id, &e.to_string(), write_timeout).await;
+            let close = (close_code::UNAUTHORIZED, "unauthorized");
+            refuse_with(&mut io, env.id, (e.code, e.message), close, write_timeout).await;
             return Err(Ending::Unauthorized);
         }
     };
+    let terminal = admitted.terminal.clone();
     let elsewhere = app.inboxes.interruptions_elsewhere(&terminal.id).await;
     if let Some(wait) = app.terminals.longpoll_for(&terminal.id, elsewhere) {
         let frame = livepush_proto::encode_frame(&ServerFrame::Transport {
@@ -446,7 +493,7 @@ async fn handshake<I: Io>(app: &Arc<App>, mut io: I, early: Bytes) -> Result<Han
             return Err(Ending::TooManySessions);
         }
     };
-    session.expires_with(token.as_deref());
+    session.expires_with(token.as_deref(), &admitted);
     Ok(Handshake {
         io,
         session,

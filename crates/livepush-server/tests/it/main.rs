@@ -2,6 +2,7 @@
 
 mod api;
 mod batch;
+mod connect_hook;
 mod connections;
 mod depth;
 mod durability;
