@@ -4,6 +4,7 @@
 //! request, however malformed, gets a plain-text or empty error.
 
 pub mod batch;
+pub mod loglevel;
 
 use std::sync::Arc;
 

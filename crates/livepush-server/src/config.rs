@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use livepush_proto::Class;
@@ -68,6 +69,9 @@ pub struct Config {
     /// backend says so (see [`crate::hooks::connect::ConnectHook`]). `None`: a token is required
     /// (outside `dev`).
     pub connect_hook: Option<ConnectHookSettings>,
+    /// The process's log filter, when whoever installed the logger lets it change
+    /// (`PUT /v1/admin/log-level`). `None`: the endpoint answers 404.
+    pub log_level: Option<Arc<dyn LogLevelControl>>,
     /// Where the UDP wake listener binds.
     pub wake_listen: WakeListen,
     /// How far a keepalive's `ts` may be from the server's clock.
@@ -268,6 +272,7 @@ impl Config {
             max_rooms: DEFAULT_MAX_ROOMS,
             send_hook: None,
             connect_hook: None,
+            log_level: None,
             wake_listen: WakeListen::SameAsHttp,
             wake_max_skew: Duration::from_secs(300),
             wake_retries: 8,
@@ -428,6 +433,15 @@ pub struct SendHookSettings {
     pub failure: HookFailure,
     /// Hook requests in flight at once on this node; past it a send counts as a failure.
     pub concurrency: usize,
+}
+
+/// Reads and changes the log filter of the process (the binary installs the logger; the
+/// library only calls this).
+pub trait LogLevelControl: Send + Sync + std::fmt::Debug {
+    /// The filter directive in force, e.g. `info,livepush_server=debug`.
+    fn current(&self) -> String;
+    /// Apply `directive`; why not, if it is not a valid filter (nothing changes then).
+    fn set(&self, directive: &str) -> Result<(), String>;
 }
 
 /// The connect hook's settings (see [`crate::hooks::connect::ConnectHook`]).

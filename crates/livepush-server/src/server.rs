@@ -729,6 +729,10 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
         .route("/v1/terminals/{id}", get(api::terminal))
         .route("/v1/terminals/{id}/messages", post(api::post_inbox))
         .route("/metrics", get(api::metrics))
+        .route(
+            "/v1/admin/log-level",
+            get(api::loglevel::get).put(api::loglevel::put),
+        )
         .route_layer(publish_bound)
         .route("/v1/publish", post(api::batch::publish).layer(batch_bound))
         .route_layer(axum::middleware::from_fn_with_state(

@@ -421,6 +421,8 @@ impl ServeArgs {
             wake_rate_per_minute: self.wake_rate,
             wake_burst: self.wake_burst,
             shutdown_timeout: self.shutdown_timeout,
+            // The logger's, set by `run` (it is not a setting).
+            log_level: None,
             connect_hook: self.connect_hook.map(|url| ConnectHookSettings {
                 url,
                 secret: self.hook_secret.clone().unwrap_or_default(),
@@ -505,7 +507,7 @@ fn log_directive(s: &str) -> Result<String, String> {
 
 pub async fn run(args: ServeArgs, log_level: crate::logging::LogLevel) -> anyhow::Result<()> {
     if let Some(file) = args.config.clone() {
-        spawn_log_reload(file, log_level)?;
+        spawn_log_reload(file, log_level.clone())?;
     }
     if let Some(file) = &args.config {
         tracing::info!(file = %file.display(), "settings from a configuration file");
@@ -519,7 +521,8 @@ pub async fn run(args: ServeArgs, log_level: crate::logging::LogLevel) -> anyhow
         .redis
         .clone()
         .map(|url| (url, args.redis_prefix.clone(), args.redis_timeout));
-    let (config, notes) = args.into_config()?;
+    let (mut config, notes) = args.into_config()?;
+    config.log_level = Some(Arc::new(log_level.clone()));
     config.validate().context("invalid configuration")?;
     for n in notes {
         eprintln!("{n}");

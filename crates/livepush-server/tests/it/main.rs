@@ -11,6 +11,7 @@ mod faulty;
 mod heartbeat;
 mod hooks;
 mod inbox;
+mod loglevel;
 mod merge;
 mod redis;
 mod redis_server;
