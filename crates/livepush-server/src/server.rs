@@ -759,6 +759,7 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .with_state(app)
+        .layer(axum::middleware::from_fn(crate::logctx::request_id))
 }
 
 /// `/v1/connect`: the one endpoint. A WebSocket upgrade gets a WebSocket session; a `POST`

@@ -28,8 +28,9 @@ use crate::error::ApiError;
 use crate::frame::{self, Frame};
 use crate::hooks::connect::Caller;
 use crate::outbox::Batch;
+use crate::outbox::ConnId;
 use crate::session::{Ending, Session};
-use crate::transport::{authenticate, remote};
+use crate::transport::{authenticate, in_conn_span, remote};
 
 /// A room's entry in a poll: `{}` for a fresh join, `{epoch, seq}` to continue.
 #[derive(Debug, Default, Deserialize)]
@@ -60,13 +61,12 @@ struct PollBody {
 
 /// Handle one poll.
 pub async fn poll(app: Arc<App>, req: Request) -> Response {
-    match run(app, req).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    let conn = app.hub.next_conn_id();
+    in_conn_span(conn, Transport::Longpoll, run(app, req, conn)).await
 }
 
-async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
+/// `conn`: the connection's id (its session's).
+async fn run(app: Arc<App>, req: Request, conn: ConnId) -> Result<Response, ApiError> {
     let limits = &app.config.limits;
     let (parts, body) = req.into_parts();
     let bytes = axum::body::to_bytes(body, limits.max_poll_bytes)
@@ -93,9 +93,10 @@ async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         },
     )
     .await?;
+    tracing::Span::current().record("terminal", &*admitted.terminal.id);
     let mut poll = Poll {
         started: app.terminals.stamp(),
-        session: Session::start(&app, admitted.terminal.clone(), Transport::Longpoll)?,
+        session: Session::start(&app, admitted.terminal.clone(), Transport::Longpoll, conn)?,
     };
     poll.session.expires_with(body.token.as_deref(), &admitted);
     if body.bye {

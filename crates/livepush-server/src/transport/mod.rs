@@ -10,11 +10,16 @@ use std::net::SocketAddr;
 
 use axum::extract::ConnectInfo;
 use axum::http::Extensions;
+use axum::response::{IntoResponse, Response};
+use livepush_proto::Transport;
+use tracing::Instrument;
 
 use crate::app::App;
 use crate::auth::{AuthError, identify};
 use crate::error::ApiError;
 use crate::hooks::connect::{Admitted, Caller};
+use crate::logctx::conn_span;
+use crate::outbox::ConnId;
 
 /// Who a connecting terminal is. A token (non-empty) goes through JWT verification alone.
 /// Without one, the connect hook decides when there is one (`caller` says what the request
@@ -45,4 +50,27 @@ pub fn remote(extensions: &Extensions) -> Option<SocketAddr> {
     extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(a)| *a)
+}
+
+/// Run an HTTP transport's request (a poll, the opening of an SSE stream) in the span of its
+/// connection `conn`; a refusal is answered as JSON and logged there.
+pub async fn in_conn_span(
+    conn: ConnId,
+    transport: Transport,
+    request: impl Future<Output = Result<Response, ApiError>>,
+) -> Response {
+    let span = conn_span(conn, transport);
+    match request.instrument(span.clone()).await {
+        Ok(r) => r,
+        Err(e) => {
+            span.in_scope(|| {
+                tracing::debug!(
+                    status = e.status.as_u16(),
+                    code = e.code.as_str(),
+                    "refused"
+                );
+            });
+            e.into_response()
+        }
+    }
 }

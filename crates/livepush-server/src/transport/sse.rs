@@ -23,9 +23,10 @@ use crate::app::App;
 use crate::error::ApiError;
 use crate::frame::{self, What};
 use crate::hooks::connect::Caller;
+use crate::outbox::ConnId;
 use crate::outbox::{Batch, Outbox};
 use crate::session::{Ending, Session};
-use crate::transport::{authenticate, remote};
+use crate::transport::{authenticate, in_conn_span, remote};
 
 #[derive(Debug, Deserialize)]
 struct SseQuery {
@@ -49,13 +50,12 @@ struct StreamState {
 }
 
 pub async fn sse(app: Arc<App>, req: Request) -> Response {
-    match open(app, req).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    let conn = app.hub.next_conn_id();
+    in_conn_span(conn, Transport::Sse, open(app, req, conn)).await
 }
 
-async fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
+/// `conn`: the connection's id (its session's).
+async fn open(app: Arc<App>, req: Request, conn: ConnId) -> Result<Response, ApiError> {
     // The body is not read; the head is kept (not the `Request`, which is not `Sync`) while
     // the connect hook is asked.
     let (req, _) = req.into_parts();
@@ -87,7 +87,8 @@ async fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         Caller::of(Transport::Sse, remote(&req.extensions), &req.headers)
     })
     .await?;
-    let mut session = Session::start(&app, admitted.terminal.clone(), Transport::Sse)?;
+    tracing::Span::current().record("terminal", &*admitted.terminal.id);
+    let mut session = Session::start(&app, admitted.terminal.clone(), Transport::Sse, conn)?;
     session.expires_with(q.token.as_deref(), &admitted);
     session.open(None, None, true).await;
     for room in &rooms {

@@ -33,14 +33,17 @@ use livepush_wsframe::{self as wsframe, DecodeError, Decoder, Event, OpCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
+use tracing::Instrument;
 
 use crate::app::App;
 use crate::clock::clock_ms;
 use crate::error::ApiError;
 use crate::frame;
 use crate::hooks::connect::Caller;
+use crate::logctx::conn_span;
 use crate::outbox::{
-    Batch, CloseReason, SIGNAL_DEAD, SIGNAL_EXPIRED, SIGNAL_PING, SIGNAL_SHUTDOWN, SIGNAL_STALLED,
+    Batch, CloseReason, ConnId, SIGNAL_DEAD, SIGNAL_EXPIRED, SIGNAL_PING, SIGNAL_SHUTDOWN,
+    SIGNAL_STALLED,
 };
 use crate::ratelimit::Admission;
 use crate::reactor::{Conn, Reactor, Socket, Tick, Wire};
@@ -150,6 +153,13 @@ impl Conn for Connection {
             Connection::Tls(d) => d.abandon(stopping),
         }
     }
+
+    fn id(&self) -> Option<u64> {
+        match self {
+            Connection::Plain(d) => Some(d.session.conn()),
+            Connection::Tls(d) => Some(d.session.conn()),
+        }
+    }
 }
 
 /// The server's WebSocket connections, driven by one task per core.
@@ -185,7 +195,14 @@ pub fn upgrade(app: Arc<App>, connections: Arc<Connections>, mut req: Request) -
         )
     });
     drop(req);
-    tokio::spawn(async move {
+    let arrival = Arrival {
+        conn: app.hub.next_conn_id(),
+        caller,
+    };
+    // The handshake runs in the connection's span (inside the request's); the open
+    // connection logs its ids as fields (see `crate::logctx`).
+    let span = conn_span(arrival.conn, Transport::Ws);
+    let task = async move {
         let _admission = admission;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
@@ -197,18 +214,19 @@ pub fn upgrade(app: Arc<App>, connections: Arc<Connections>, mut req: Request) -
         let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
                 let io = parts.io.into_inner();
-                return start(app, &connections, io, parts.read_buf, caller).await;
+                return start(app, &connections, io, parts.read_buf, arrival).await;
             }
             Err(upgraded) => upgraded,
         };
         match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
             Ok(parts) => {
                 let io = parts.io.into_inner();
-                start(app, &connections, io, parts.read_buf, caller).await;
+                start(app, &connections, io, parts.read_buf, arrival).await;
             }
             Err(_) => tracing::error!("websocket upgrade of a connection that is not TCP"),
         }
-    });
+    };
+    tokio::spawn(task.instrument(span));
     let mut res = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let h = res.headers_mut();
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -217,6 +235,14 @@ pub fn upgrade(app: Arc<App>, connections: Arc<Connections>, mut req: Request) -
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     res
+}
+
+/// What the upgrade request leaves to the handshake.
+struct Arrival {
+    /// The connection's id (its session's, once it opens).
+    conn: ConnId,
+    /// What the connect hook is told, when there is one.
+    caller: Option<Caller>,
 }
 
 /// Check the handshake headers; the `Sec-WebSocket-Key` on success, a clear error otherwise.
@@ -271,9 +297,9 @@ async fn start<I: Io>(
     connections: &Connections,
     io: I,
     early: Bytes,
-    caller: Option<Caller>,
+    arrival: Arrival,
 ) {
-    match open(&app, io, early, caller).await {
+    match open(&app, io, early, arrival).await {
         Ok(driver) => connections.adopt(I::connection(driver)),
         Err(ending) => session::refused(&app, Transport::Ws, ending),
     }
@@ -285,7 +311,7 @@ async fn open<I: Io>(
     app: &Arc<App>,
     io: I,
     early: Bytes,
-    caller: Option<Caller>,
+    arrival: Arrival,
 ) -> Result<Driver<I::Wire>, Ending> {
     let Handshake {
         io,
@@ -293,7 +319,7 @@ async fn open<I: Io>(
         connect_id,
         texts,
         decoder,
-    } = Box::pin(handshake(app, io, early, caller)).await?;
+    } = Box::pin(handshake(app, io, early, arrival)).await?;
     let io = io.into_wire().map_err(|e| {
         tracing::debug!(error = %e, "cannot take the websocket's socket from tokio");
         Ending::Reset
@@ -327,14 +353,14 @@ struct Handshake<I> {
 }
 
 /// Wait for the `connect` frame (within `connect_timeout`), check its token (or, without one,
-/// ask the connect hook about `caller`, the upgrade request), and tell a flapping terminal to
+/// ask the connect hook about the upgrade request), and tell a flapping terminal to
 /// use long-polling. `early`: bytes the client sent right behind its upgrade request, which
 /// hyper had already read.
 async fn handshake<I: Io>(
     app: &Arc<App>,
     mut io: I,
     early: Bytes,
-    caller: Option<Caller>,
+    Arrival { conn, caller }: Arrival,
 ) -> Result<Handshake<I>, Ending> {
     let limits = &app.config.limits;
     let write_timeout = limits.write_timeout;
@@ -468,6 +494,7 @@ async fn handshake<I: Io>(
         }
     };
     let terminal = admitted.terminal.clone();
+    tracing::Span::current().record("terminal", &*terminal.id);
     let elsewhere = app.inboxes.interruptions_elsewhere(&terminal.id).await;
     if let Some(wait) = app.terminals.longpoll_for(&terminal.id, elsewhere) {
         let frame = livepush_proto::encode_frame(&ServerFrame::Transport {
@@ -484,7 +511,7 @@ async fn handshake<I: Io>(
         answer_close(&mut io, write_timeout).await;
         return Err(Ending::ClientClose);
     }
-    let mut session = match Session::start(app, terminal, Transport::Ws) {
+    let mut session = match Session::start(app, terminal, Transport::Ws, conn) {
         Ok(session) => session,
         Err(e) => {
             let close = (close_code::TOO_MANY_SESSIONS, "too_many_sessions");
@@ -638,6 +665,11 @@ impl<W: Wire + std::fmt::Debug> Conn for Driver<W> {
 }
 
 impl<W: Wire> Driver<W> {
+    /// What its log lines say the connection is (see `crate::logctx`).
+    fn ids(&self) -> (ConnId, &str) {
+        (self.session.conn(), &self.session.terminal().id)
+    }
+
     /// The connection ended: leave rooms and detach from the inbox before the terminal
     /// counts as gone (a terminal seen offline has no live session anywhere).
     fn finish(&mut self, ending: Ending) {
@@ -736,7 +768,8 @@ impl<W: Wire> Driver<W> {
                         continue;
                     }
                     Poll::Ready(Err(e)) => {
-                        tracing::debug!(error = %e, "websocket read error");
+                        let (conn, terminal) = self.ids();
+                        tracing::debug!(error = %e, conn, terminal, "websocket read error");
                         return Poll::Ready(Ending::Reset);
                     }
                     Poll::Pending => {}
@@ -847,7 +880,8 @@ impl<W: Wire> Driver<W> {
         }
         match fed {
             Err(e) => {
-                tracing::debug!(error = %e, "websocket protocol error");
+                let (conn, terminal) = self.ids();
+                tracing::debug!(error = %e, conn, terminal, "websocket protocol error");
                 if matches!(e, DecodeError::TooBig { .. }) {
                     let frame = livepush_proto::encode_frame(&ServerFrame::error(
                         None,

@@ -12,6 +12,7 @@ mod heartbeat;
 mod hooks;
 mod inbox;
 mod loglevel;
+mod logs;
 mod merge;
 mod redis;
 mod redis_server;
