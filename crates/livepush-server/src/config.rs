@@ -298,32 +298,20 @@ impl Config {
     /// Refuse settings that cannot work, with a message that says which one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(h) = &self.send_hook {
-            if h.secret.len() < 16 {
-                return Err(ConfigError::HookSecret);
-            }
-            if !h.url.starts_with("http://") {
-                return Err(ConfigError::HookUrl(h.url.clone()));
-            }
-            if h.timeout.is_zero() {
-                return Err(ConfigError::Zero("--send-hook-timeout"));
-            }
-            if h.concurrency == 0 {
-                return Err(ConfigError::Zero("--send-hook-concurrency"));
-            }
+            check_hook(
+                &h.url,
+                &h.secret,
+                (h.timeout, h.concurrency),
+                SEND_HOOK_FLAGS,
+            )?;
         }
         if let Some(h) = &self.connect_hook {
-            if h.secret.len() < 16 {
-                return Err(ConfigError::HookSecret);
-            }
-            if !h.url.starts_with("http://") {
-                return Err(ConfigError::HookUrl(h.url.clone()));
-            }
-            if h.timeout.is_zero() {
-                return Err(ConfigError::Zero("--connect-hook-timeout"));
-            }
-            if h.concurrency == 0 {
-                return Err(ConfigError::Zero("--connect-hook-concurrency"));
-            }
+            check_hook(
+                &h.url,
+                &h.secret,
+                (h.timeout, h.concurrency),
+                CONNECT_HOOK_FLAGS,
+            )?;
         }
         if self.dev && !self.listen.ip().is_loopback() {
             return Err(ConfigError::DevNotOnLoopback(self.listen));
@@ -382,6 +370,33 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The timeout and concurrency flags of each hook, for error messages.
+const SEND_HOOK_FLAGS: [&str; 2] = ["--send-hook-timeout", "--send-hook-concurrency"];
+const CONNECT_HOOK_FLAGS: [&str; 2] = ["--connect-hook-timeout", "--connect-hook-concurrency"];
+
+/// A hook's settings: a signing key of at least 16 bytes, an `http://` URL, a timeout and a
+/// concurrency above zero (`flags` name these two).
+fn check_hook(
+    url: &str,
+    secret: &str,
+    (timeout, concurrency): (Duration, usize),
+    flags: [&'static str; 2],
+) -> Result<(), ConfigError> {
+    if secret.len() < 16 {
+        return Err(ConfigError::HookSecret);
+    }
+    if !url.starts_with("http://") {
+        return Err(ConfigError::HookUrl(url.to_owned()));
+    }
+    if timeout.is_zero() {
+        return Err(ConfigError::Zero(flags[0]));
+    }
+    if concurrency == 0 {
+        return Err(ConfigError::Zero(flags[1]));
+    }
+    Ok(())
 }
 
 /// A configuration that cannot work.
@@ -558,6 +573,43 @@ mod tests {
         assert!(m.apply("control=transient").is_err());
         assert!(m.apply("x=maybe").is_err());
         assert!(m.apply("nonsense").is_err());
+    }
+
+    #[test]
+    fn a_connect_hook_needs_a_secret_an_http_url_and_nonzero_bounds() {
+        let mut c = Config::for_tests("key-key-key-key-key", "secret-secret-secret");
+        let hook = ConnectHookSettings {
+            url: "http://127.0.0.1:9/connect".into(),
+            secret: "hook-secret-0123456789".into(),
+            timeout: Duration::from_secs(2),
+            concurrency: 8,
+            cache_ttl: Duration::ZERO,
+            cache_size: 0,
+        };
+        c.connect_hook = Some(hook.clone());
+        assert_eq!(c.validate(), Ok(()));
+        type Spoil = fn(&mut ConnectHookSettings);
+        let cases: [(Spoil, ConfigError); 4] = [
+            (|h| h.secret = "short".into(), ConfigError::HookSecret),
+            (
+                |h| h.url = "https://x/".into(),
+                ConfigError::HookUrl("https://x/".into()),
+            ),
+            (
+                |h| h.timeout = Duration::ZERO,
+                ConfigError::Zero("--connect-hook-timeout"),
+            ),
+            (
+                |h| h.concurrency = 0,
+                ConfigError::Zero("--connect-hook-concurrency"),
+            ),
+        ];
+        for (spoil, want) in cases {
+            let mut h = hook.clone();
+            spoil(&mut h);
+            c.connect_hook = Some(h);
+            assert_eq!(c.validate(), Err(want));
+        }
     }
 
     #[test]
