@@ -213,15 +213,13 @@ impl Session {
     /// session ([`Session::expired`]) and the client reconnects with a fresh token.
     ///
     /// `admitted`: a terminal admitted without a token (the connect hook): its `expires`
-    /// plays the token's `exp`.
+    /// plays the token's `exp`, without the leeway (it was computed by this server's clock).
     pub fn expires_with(&mut self, token: Option<&str>, admitted: &Admitted) {
-        self.expires = token
-            .filter(|t| !t.is_empty())
-            .and_then(token_exp)
+        let token_exp = token.filter(|t| !t.is_empty()).and_then(token_exp);
+        self.expires = token_exp
+            .map(|exp| exp.saturating_add(TOKEN_LEEWAY_SECS))
             .or(admitted.expires)
-            .map_or(0, |exp| {
-                u32::try_from(exp.saturating_add(TOKEN_LEEWAY_SECS)).unwrap_or(u32::MAX)
-            });
+            .map_or(0, |exp| u32::try_from(exp).unwrap_or(u32::MAX));
     }
 
     /// When the token expires, in Unix seconds, if it does.

@@ -60,6 +60,7 @@ async fn backend(seen: Arc<Mutex<Seen>>) -> String {
                     "bad_id" => json!({"action":"allow","terminal":"","rooms":["live:*"]}),
                     "bad_room" => json!({"action":"allow","terminal":"bob","rooms":["a b"]}),
                     "long" => json!({"action":"allow","terminal":"bob","expires_in":999_999_999}),
+                    "brief" => json!({"action":"allow","terminal":"carol","rooms":["live:*"],"expires_in":1}),
                     "slow" => {
                         tokio::time::sleep(Duration::from_secs(2)).await;
                         json!({"action":"allow","terminal":"slow"})
@@ -346,5 +347,27 @@ async fn past_the_concurrency_bound_a_terminal_is_refused_at_once() {
         slow.await.unwrap().unwrap(),
         200,
         "the slow one is admitted"
+    );
+}
+
+/// `expires_in` ends the session as a token's `exp` does: a poll parked for 20 s answers
+/// once it has passed.
+#[tokio::test]
+async fn expires_in_ends_the_session_like_a_tokens_exp() {
+    let (s, _) = server_with(|_| {}).await;
+    let started = Instant::now();
+    let r = s
+        .http
+        .post(format!("{}/v1/poll", s.url()))
+        .header("cookie", "s=brief")
+        .json(&json!({"rooms":{},"wait_ms":20_000}))
+        .send()
+        .await
+        .expect("poll");
+    assert_eq!(r.status(), 200);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(5),
+        "answered after {waited:?}"
     );
 }
