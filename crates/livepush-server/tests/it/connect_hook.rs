@@ -215,6 +215,20 @@ async fn long_poll_and_sse_are_admitted_with_the_backends_grants() {
     let (_, answer) = poll_with_cookie(&s, "s=alice", "other").await;
     assert!(codes(&answer).contains(&"error forbidden".to_owned()));
     assert_eq!(seen.lock().last["transport"], "longpoll");
+    // A `terminal` in the body (dev mode's anonymous id) names nobody: the backend decides.
+    let r = s
+        .http
+        .post(format!("{}/v1/poll", s.url()))
+        .header("cookie", "s=alice")
+        .json(&json!({"terminal":"mallory","hello":true,"rooms":{},"wait_ms":0}))
+        .send()
+        .await
+        .expect("poll");
+    let answer: Value = r.json().await.unwrap();
+    assert!(
+        codes(&answer).contains(&"connected alice".to_owned()),
+        "{answer}"
+    );
 
     let mut r = sse_with_cookie(&s, "s=alice", "live:3").await;
     assert_eq!(r.status(), 200);
