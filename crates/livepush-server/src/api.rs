@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod batch;
+pub mod loglevel;
 
 use std::sync::Arc;
 

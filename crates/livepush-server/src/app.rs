@@ -30,6 +30,8 @@ pub struct App {
     pub wake_keys: WakeKeys,
     /// The backend's send hook, if one is configured.
     pub send_hook: Option<Arc<crate::hooks::SendHook>>,
+    /// The backend's connect hook, if one is configured.
+    pub connect_hook: Option<Arc<crate::hooks::connect::ConnectHook>>,
     /// Flips to `true` when the server shuts down; long-lived sessions watch it.
     pub shutdown: watch::Receiver<bool>,
     /// The admin page's figures and live feed.

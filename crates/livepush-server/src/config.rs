@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use livepush_proto::Class;
@@ -67,6 +68,13 @@ pub struct Config {
     /// The send hook (`--send-hook`): terminal sends go to the backend first (see
     /// [`crate::hooks`]). `None`: sends go out as they are.
     pub send_hook: Option<SendHookSettings>,
+    /// The connect hook (`--connect-hook`): a terminal without a token is admitted if the
+    /// backend says so (see [`crate::hooks::connect::ConnectHook`]). `None`: a token is required
+    /// (outside `dev`).
+    pub connect_hook: Option<ConnectHookSettings>,
+    /// The process's log filter, when whoever installed the logger lets it change
+    /// (`PUT /v1/admin/log-level`). `None`: the endpoint answers 404.
+    pub log_level: Option<Arc<dyn LogLevelControl>>,
     /// Where the UDP wake listener binds.
     pub wake_listen: WakeListen,
     /// How far a keepalive's `ts` may be from the server's clock.
@@ -281,6 +289,8 @@ impl Config {
             max_rooms: DEFAULT_MAX_ROOMS,
             store_sweep_rooms: crate::engine::local::DEFAULT_SWEEP_ROOMS,
             send_hook: None,
+            connect_hook: None,
+            log_level: None,
             wake_listen: WakeListen::SameAsHttp,
             wake_max_skew: Duration::from_secs(300),
             wake_retries: 8,
@@ -306,18 +316,20 @@ impl Config {
     /// Refuse settings that cannot work, with a message that says which one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(h) = &self.send_hook {
-            if h.secret.len() < 16 {
-                return Err(ConfigError::HookSecret);
-            }
-            if !h.url.starts_with("http://") {
-                return Err(ConfigError::HookUrl(h.url.clone()));
-            }
-            if h.timeout.is_zero() {
-                return Err(ConfigError::Zero("--send-hook-timeout"));
-            }
-            if h.concurrency == 0 {
-                return Err(ConfigError::Zero("--send-hook-concurrency"));
-            }
+            check_hook(
+                &h.url,
+                &h.secret,
+                (h.timeout, h.concurrency),
+                SEND_HOOK_FLAGS,
+            )?;
+        }
+        if let Some(h) = &self.connect_hook {
+            check_hook(
+                &h.url,
+                &h.secret,
+                (h.timeout, h.concurrency),
+                CONNECT_HOOK_FLAGS,
+            )?;
         }
         if self.dev && !self.listen.ip().is_loopback() {
             return Err(ConfigError::DevNotOnLoopback(self.listen));
@@ -387,6 +399,33 @@ impl Config {
     }
 }
 
+/// The timeout and concurrency flags of each hook, for error messages.
+const SEND_HOOK_FLAGS: [&str; 2] = ["--send-hook-timeout", "--send-hook-concurrency"];
+const CONNECT_HOOK_FLAGS: [&str; 2] = ["--connect-hook-timeout", "--connect-hook-concurrency"];
+
+/// A hook's settings: a signing key of at least 16 bytes, an `http://` URL, a timeout and a
+/// concurrency above zero (`flags` name these two).
+fn check_hook(
+    url: &str,
+    secret: &str,
+    (timeout, concurrency): (Duration, usize),
+    flags: [&'static str; 2],
+) -> Result<(), ConfigError> {
+    if secret.len() < 16 {
+        return Err(ConfigError::HookSecret);
+    }
+    if !url.starts_with("http://") {
+        return Err(ConfigError::HookUrl(url.to_owned()));
+    }
+    if timeout.is_zero() {
+        return Err(ConfigError::Zero(flags[0]));
+    }
+    if concurrency == 0 {
+        return Err(ConfigError::Zero(flags[1]));
+    }
+    Ok(())
+}
+
 /// A configuration that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -408,9 +447,11 @@ pub enum ConfigError {
     JsonTooDeep,
     #[error("{0} must be greater than 0")]
     Zero(&'static str),
-    #[error("--send-hook needs --hook-secret of at least 16 bytes (its requests are signed)")]
+    #[error(
+        "--send-hook and --connect-hook need --hook-secret of at least 16 bytes (their requests are signed)"
+    )]
     HookSecret,
-    #[error("--send-hook must be an http:// URL (the backend next to livepush), not {0:?}")]
+    #[error("a hook must be an http:// URL (the backend next to livepush), not {0:?}")]
     HookUrl(String),
     #[error("--outbox-max-bytes must be at least --write-batch-bytes")]
     OutboxBelowBatch,
@@ -434,6 +475,34 @@ pub struct SendHookSettings {
     pub failure: HookFailure,
     /// Hook requests in flight at once on this node; past it a send counts as a failure.
     pub concurrency: usize,
+}
+
+/// Reads and changes the log filter of the process (the binary installs the logger; the
+/// library only calls this).
+pub trait LogLevelControl: Send + Sync + std::fmt::Debug {
+    /// The filter directive in force, e.g. `info,livepush_server=debug`.
+    fn current(&self) -> String;
+    /// Apply `directive`; why not, if it is not a valid filter (nothing changes then).
+    fn set(&self, directive: &str) -> Result<(), String>;
+}
+
+/// The connect hook's settings (see [`crate::hooks::connect::ConnectHook`]).
+#[derive(Debug, Clone)]
+pub struct ConnectHookSettings {
+    /// Where a connecting terminal without a token is POSTed.
+    pub url: String,
+    /// Key of the requests' HMAC-SHA256 signature (`X-Livepush-Signature`).
+    pub secret: String,
+    /// Longest the backend may take; past it the terminal is refused with `unavailable`.
+    pub timeout: Duration,
+    /// Hook requests in flight at once on this node; past it a terminal is refused at once
+    /// with `unavailable` (503).
+    pub concurrency: usize,
+    /// How long an `allow` is reused for a request with the same credentials (`cookie`,
+    /// `authorization`), so that polls do not each ask the backend; zero: never reused.
+    pub cache_ttl: Duration,
+    /// Most `allow` answers kept for reuse at once.
+    pub cache_size: usize,
 }
 
 /// What a send hook failure (no answer in time, an error, an answer that is none of
@@ -531,6 +600,43 @@ mod tests {
         assert!(m.apply("control=transient").is_err());
         assert!(m.apply("x=maybe").is_err());
         assert!(m.apply("nonsense").is_err());
+    }
+
+    #[test]
+    fn a_connect_hook_needs_a_secret_an_http_url_and_nonzero_bounds() {
+        let mut c = Config::for_tests("key-key-key-key-key", "secret-secret-secret");
+        let hook = ConnectHookSettings {
+            url: "http://127.0.0.1:9/connect".into(),
+            secret: "hook-secret-0123456789".into(),
+            timeout: Duration::from_secs(2),
+            concurrency: 8,
+            cache_ttl: Duration::ZERO,
+            cache_size: 0,
+        };
+        c.connect_hook = Some(hook.clone());
+        assert_eq!(c.validate(), Ok(()));
+        type Spoil = fn(&mut ConnectHookSettings);
+        let cases: [(Spoil, ConfigError); 4] = [
+            (|h| h.secret = "short".into(), ConfigError::HookSecret),
+            (
+                |h| h.url = "https://x/".into(),
+                ConfigError::HookUrl("https://x/".into()),
+            ),
+            (
+                |h| h.timeout = Duration::ZERO,
+                ConfigError::Zero("--connect-hook-timeout"),
+            ),
+            (
+                |h| h.concurrency = 0,
+                ConfigError::Zero("--connect-hook-concurrency"),
+            ),
+        ];
+        for (spoil, want) in cases {
+            let mut h = hook.clone();
+            spoil(&mut h);
+            c.connect_hook = Some(h);
+            assert_eq!(c.validate(), Err(want));
+        }
     }
 
     #[test]

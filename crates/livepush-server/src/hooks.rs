@@ -1,4 +1,7 @@
-//! Backend hooks (contract v1.1, "Integration surface"): with `--send-hook URL`, a terminal's
+//! Backend hooks. The connect hook, which admits terminals without a token, is in
+//! [`connect`]; this module is the send hook and what both share (the signed request).
+//!
+//! Contract v1.1, "Integration surface": with `--send-hook URL`, a terminal's
 //! `send` (viewer chat) is first POSTed to the app's backend, which allows it, rejects it (the
 //! sender gets an `error` frame, nobody else sees it) or rewrites its `data` (masked words).
 //!
@@ -14,6 +17,8 @@
 //!   terminal's own.
 //! - A reject's `code` must be one of the contract's error codes (the set is fixed); any other
 //!   is sent as `forbidden`, with the backend's message.
+
+pub mod connect;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -59,9 +64,57 @@ struct Answer {
 #[derive(Debug)]
 pub struct SendHook {
     settings: SendHookSettings,
-    client: reqwest::Client,
+    backend: Backend,
     permits: Arc<Semaphore>,
     stats: HookStats,
+}
+
+/// Where a hook's requests go, and how they are signed: one client (and its connection pool)
+/// per hook.
+#[derive(Debug)]
+struct Backend {
+    /// What the hook is called in error messages: "send hook", "connect hook".
+    name: &'static str,
+    url: String,
+    secret: String,
+    client: reqwest::Client,
+}
+
+impl Backend {
+    fn new(name: &'static str, url: &str, secret: &str) -> Backend {
+        Backend {
+            name,
+            url: url.to_owned(),
+            secret: secret.to_owned(),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    /// POST `body`, signed; the answer's JSON on a 2xx, why not otherwise.
+    async fn ask<T: serde::de::DeserializeOwned>(&self, body: String) -> Result<T, String> {
+        let name = self.name;
+        let response = self
+            .client
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header(
+                "x-livepush-signature",
+                signature(self.secret.as_bytes(), body.as_bytes()),
+            )
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| format!("the {name} cannot be reached: {e}"))?;
+        if !response.status().is_success() {
+            return Err(format!("the {name} answered {}", response.status()));
+        }
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| format!("the {name}'s answer was cut: {e}"))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| format!("the {name}'s answer is not {{\"action\":…}}: {e}"))
+    }
 }
 
 /// The signature header's value for `body`.
@@ -75,7 +128,7 @@ impl SendHook {
     pub fn new(settings: SendHookSettings, stats: HookStats) -> SendHook {
         SendHook {
             permits: Arc::new(Semaphore::new(settings.concurrency.max(1))),
-            client: reqwest::Client::new(),
+            backend: Backend::new("send hook", &settings.url, &settings.secret),
             settings,
             stats,
         }
@@ -97,7 +150,8 @@ impl SendHook {
             json!({"terminal": terminal, "room": room, "type": ty, "data": data, "ts": now_ms()})
                 .to_string();
         let started = Instant::now();
-        let answer = tokio::time::timeout(self.settings.timeout, self.ask(body)).await;
+        let answer =
+            tokio::time::timeout(self.settings.timeout, self.backend.ask::<Answer>(body)).await;
         self.stats.seconds.observe(started.elapsed().as_secs_f64());
         let answer = match answer {
             Err(_) => return self.failed("timeout", "the send hook did not answer in time"),
@@ -135,30 +189,6 @@ impl SendHook {
                 ),
             ),
         }
-    }
-
-    async fn ask(&self, body: String) -> Result<Answer, String> {
-        let response = self
-            .client
-            .post(&self.settings.url)
-            .header("content-type", "application/json")
-            .header(
-                "x-livepush-signature",
-                signature(self.settings.secret.as_bytes(), body.as_bytes()),
-            )
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| format!("the send hook cannot be reached: {e}"))?;
-        if !response.status().is_success() {
-            return Err(format!("the send hook answered {}", response.status()));
-        }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| format!("the send hook's answer was cut: {e}"))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| format!("the send hook's answer is not {{\"action\":…}}: {e}"))
     }
 
     fn failed(&self, reason: &'static str, why: &str) -> Verdict {

@@ -29,7 +29,11 @@
 //! through whichever of the [`transport`]s it uses.
 //!
 //! - [`app`]: the state every request and connection shares.
-//! - [`auth`]: terminal tokens, and [`auth::identify`], how every transport names a terminal.
+//! - [`auth`]: terminal tokens, and [`auth::identify`], how every transport names a terminal;
+//!   [`transport::authenticate`] adds the connect hook ([`hooks::connect`]) for terminals
+//!   without a token.
+//! - [`hooks`]: the backend's send and connect hooks (signed HTTP calls).
+//! - [`logctx`]: request and connection ids on log lines (`X-Request-Id`, `conn=`).
 //! - [`config`], [`metrics`], [`clock`], [`error`] (HTTP errors), [`ratelimit`]: leaves.
 //! - [`control`]: control commands (close, open, mute, unmute, stream switch).
 //! - [`terminals`], [`inbox`] and [`wake`]: the service list, per-terminal inboxes (behind
@@ -59,6 +63,7 @@ pub mod frame;
 pub mod hooks;
 pub mod hub;
 pub mod inbox;
+pub mod logctx;
 pub mod metrics;
 pub mod outbox;
 pub mod ratelimit;

@@ -136,6 +136,8 @@ pub struct Metrics {
     /// node's members' queues: the engine's share, across nodes with `--redis`.
     pub fanout_delay_seconds: Histogram,
     pub hooks: HookStats,
+    /// The connect hook's calls (failures: timeout, error, busy, bad_answer).
+    pub connect_hooks: HookStats,
 }
 
 impl Default for Metrics {
@@ -165,6 +167,7 @@ impl Metrics {
             publish_seconds: Family::new_with_constructor(latency),
             fanout_delay_seconds: latency(),
             hooks: HookStats::default(),
+            connect_hooks: HookStats::default(),
         };
         // One line per metric: name, help, the metric (registered by a clone sharing it).
         macro_rules! register {
@@ -193,6 +196,8 @@ impl Metrics {
             "fanout_delay_seconds", "From a reliable message's publish to its fan-out into this node's member queues", m.fanout_delay_seconds;
             "send_hook_seconds", "How long the send hook took to answer or fail", m.hooks.seconds;
             "send_hook_failures", "Send hook failures, by reason (timeout, error, busy, bad_answer)", m.hooks.failures;
+            "connect_hook_seconds", "How long the connect hook took to answer or fail", m.connect_hooks.seconds;
+            "connect_hook_failures", "Connect hook failures, by reason (timeout, error, busy, bad_answer)", m.connect_hooks.failures;
         );
         if let Some(h) = store_commits {
             registry.register(

@@ -63,6 +63,11 @@ pub trait Conn: Send + 'static {
     /// `stopping`) before it could be adopted, or its socket could not join the epoll set.
     /// End it now, without waiting for the socket.
     fn abandon(&mut self, stopping: bool);
+
+    /// The connection's id in log lines (`conn`), if it has one.
+    fn id(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// What a shard's timer tells each connection.
@@ -540,7 +545,8 @@ impl<C: Conn> Shard<C> {
             Interest::READABLE | Interest::WRITABLE,
         );
         if let Err(e) = registered {
-            tracing::warn!(error = %e, "cannot add a connection's socket to the epoll set");
+            let conn = entry.conn.id();
+            tracing::warn!(error = %e, conn, "cannot add a connection's socket to the epoll set");
             entry.conn.abandon(false);
             self.free.push(slot);
             return;

@@ -113,6 +113,7 @@ async fn serve(
         let service = Admitted {
             router: TowerToHyperService::new(router.clone()),
             admission,
+            peer,
         };
         let stop = stop.clone();
         let done = done.clone();
@@ -184,6 +185,8 @@ async fn serve_connection<I>(
 struct Admitted {
     router: TowerToHyperService<Router>,
     admission: Admission,
+    /// The client's address, as `ConnectInfo` (the connect hook forwards it).
+    peer: SocketAddr,
 }
 
 impl hyper::service::Service<Request<hyper::body::Incoming>> for Admitted {
@@ -199,6 +202,8 @@ impl hyper::service::Service<Request<hyper::body::Incoming>> for Admitted {
 
     fn call(&self, mut req: Request<hyper::body::Incoming>) -> Self::Future {
         req.extensions_mut().insert(self.admission.clone());
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
         self.router.call(req)
     }
 }
@@ -564,6 +569,12 @@ pub async fn start_with_engine<E: Engine + InboxEngine>(
             .send_hook
             .clone()
             .map(|s| Arc::new(crate::hooks::SendHook::new(s, metrics.hooks.clone()))),
+        connect_hook: config.connect_hook.clone().map(|s| {
+            Arc::new(crate::hooks::connect::ConnectHook::new(
+                s,
+                metrics.connect_hooks.clone(),
+            ))
+        }),
         shutdown: shutdown_rx.clone(),
         admin,
     });
@@ -730,6 +741,10 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
         .route("/metrics", get(api::metrics))
         .route("/v1/admin/stats", get(api::admin::stats))
         .route("/v1/admin/token", post(api::admin::token))
+        .route(
+            "/v1/admin/log-level",
+            get(api::loglevel::get).put(api::loglevel::put),
+        )
         .route_layer(publish_bound)
         .route("/v1/publish", post(api::batch::publish).layer(batch_bound))
         .route_layer(axum::middleware::from_fn_with_state(
@@ -759,6 +774,7 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .with_state(app)
+        .layer(axum::middleware::from_fn(crate::logctx::request_id))
 }
 
 /// `/v1/connect`: the one endpoint. A WebSocket upgrade gets a WebSocket session; a `POST`

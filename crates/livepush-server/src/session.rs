@@ -2,7 +2,7 @@
 //!
 //! This is the one place where client frames turn into hub operations, and the one place a
 //! session opens and ends. Transports only move bytes: they identify the terminal with
-//! [`crate::auth::identify`], [`start`](Session::start) a session (which counts it on the
+//! [`crate::transport::authenticate`], [`start`](Session::start) a session (which counts it on the
 //! service list and in the connection metrics), feed text to [`Session::handle_text`], write
 //! out what the session's [`Outbox`] holds, and [`end`](Session::end) it saying how it ended
 //! (leaving its rooms, detaching its inbox, and counting it offline, in that order: a terminal
@@ -26,6 +26,7 @@ use serde_json::value::RawValue;
 use crate::app::App;
 use crate::auth::Terminal;
 use crate::clock::now_ms;
+use crate::hooks::connect::Admitted;
 use crate::hooks::{SendHook, Verdict};
 use crate::hub::{Announce, JoinError, Member, Room};
 use crate::inbox::Inbox;
@@ -101,26 +102,28 @@ fn label(transport: Transport) -> TransportLabel {
 
 /// A connection refused before it became a session (a failed WebSocket handshake): counted
 /// like a session that opened and ended at once.
+///
+/// Logged in the connection's span ([`crate::logctx::conn_span`]), which says which one.
 pub fn refused(app: &App, transport: Transport, ending: Ending) {
     app.metrics
         .connections_total
         .get_or_create(&label(transport))
         .inc();
-    record_ending(app, transport, ending);
+    count_ending(app, ending);
+    tracing::debug!(
+        transport = label(transport).transport,
+        ending = ending.as_str(),
+        "connection refused"
+    );
 }
 
-fn record_ending(app: &App, transport: Transport, ending: Ending) {
+fn count_ending(app: &App, ending: Ending) {
     app.metrics
         .disconnects
         .get_or_create(&ReasonLabel {
             reason: ending.as_str(),
         })
         .inc();
-    tracing::debug!(
-        transport = label(transport).transport,
-        ending = ending.as_str(),
-        "session ended"
-    );
 }
 
 /// A connection's frame-rate limiter. The std monotonic clock keeps it at 40 bytes (the
@@ -163,10 +166,14 @@ impl Session {
     /// A session of `terminal` over `transport` begins: it is counted on the service list,
     /// in the connection metrics and against `max_sessions_per_terminal` until
     /// [`Session::end`]. Refused (nothing counted) when the terminal already holds that many.
+    ///
+    /// `conn`: the connection's id, from [`crate::hub::Hub::next_conn_id`] (taken when the
+    /// request came in, so that its log lines carry it from the start).
     pub fn start(
         app: &Arc<App>,
         terminal: Terminal,
         transport: Transport,
+        conn: ConnId,
     ) -> Result<Session, TooManySessions> {
         if !app.limiters.sessions.take(&terminal.id) {
             return Err(TooManySessions(app.limiters.sessions.max()));
@@ -184,8 +191,9 @@ impl Session {
         app.metrics.connections_total.get_or_create(&l).inc();
         app.metrics.connections_open.get_or_create(&l).inc();
         app.terminals.opened(&terminal.id, transport);
+        tracing::debug!(conn, terminal = &*terminal.id, "session started");
         Ok(Session {
-            conn: app.hub.next_conn_id(),
+            conn,
             app: app.clone(),
             terminal,
             outbox,
@@ -203,10 +211,15 @@ impl Session {
     /// The session lives as long as `token` (the one [`crate::auth::identify`] accepted for
     /// it): once its `exp` plus the verification leeway has passed, the transport ends the
     /// session ([`Session::expired`]) and the client reconnects with a fresh token.
-    pub fn expires_with(&mut self, token: Option<&str>) {
-        self.expires = token.and_then(token_exp).map_or(0, |exp| {
-            u32::try_from(exp.saturating_add(TOKEN_LEEWAY_SECS)).unwrap_or(u32::MAX)
-        });
+    ///
+    /// `admitted`: a terminal admitted without a token (the connect hook): its `expires`
+    /// plays the token's `exp`, without the leeway (it was computed by this server's clock).
+    pub fn expires_with(&mut self, token: Option<&str>, admitted: &Admitted) {
+        let token_exp = token.filter(|t| !t.is_empty()).and_then(token_exp);
+        self.expires = token_exp
+            .map(|exp| exp.saturating_add(TOKEN_LEEWAY_SECS))
+            .or(admitted.expires)
+            .map_or(0, |exp| u32::try_from(exp).unwrap_or(u32::MAX));
     }
 
     /// When the token expires, in Unix seconds, if it does.
@@ -265,7 +278,15 @@ impl Session {
             .connections_open
             .get_or_create(&label(self.transport))
             .dec();
-        record_ending(&self.app, self.transport, ending);
+        count_ending(&self.app, ending);
+        // With its ids as fields: an open WebSocket ends outside any span.
+        tracing::debug!(
+            conn = self.conn,
+            terminal = &*self.terminal.id,
+            transport = label(self.transport).transport,
+            ending = ending.as_str(),
+            "session ended"
+        );
     }
 
     pub fn app(&self) -> &Arc<App> {
@@ -307,7 +328,7 @@ impl Session {
         let inbox = match self.app.inboxes.get_shared(&self.terminal.id).await {
             Ok(i) => i,
             Err(e) => {
-                self.error(internal(e).with_id(id));
+                self.error(internal(e, self.conn, &self.terminal.id).with_id(id));
                 return;
             }
         };
@@ -336,7 +357,7 @@ impl Session {
     pub async fn load_inbox(&mut self) {
         match self.app.inboxes.get_shared(&self.terminal.id).await {
             Ok(i) => self.inbox = Some(i),
-            Err(e) => self.error(internal(e)),
+            Err(e) => self.error(internal(e, self.conn, &self.terminal.id)),
         }
     }
 
@@ -527,7 +548,8 @@ impl Session {
     ) -> Result<(), FrameError> {
         self.may_join(room)?;
         loop {
-            let r = self.app.hub.room(room).await.map_err(engine_error)?;
+            let r = self.app.hub.room(room).await;
+            let r = r.map_err(|e| engine_error(e, self.conn, &self.terminal.id))?;
             match self.join_opened(r, since, id, announce) {
                 // The hub closed that room object as idle meanwhile: it has a new one.
                 Err(Retired) => continue,
@@ -554,7 +576,8 @@ impl Session {
             let Some(r) = self.app.hub.room(room).now_or_never() else {
                 break;
             };
-            match self.join_opened(r.map_err(internal)?, since, id, announce) {
+            let r = r.map_err(|e| internal(e, self.conn, &self.terminal.id))?;
+            match self.join_opened(r, since, id, announce) {
                 Err(Retired) => continue,
                 Err(Refused(e)) => return Err(e),
                 Ok(()) => return Ok(()),
@@ -586,7 +609,7 @@ impl Session {
                             );
                         }
                     },
-                    Err(e) => break engine_error(e),
+                    Err(e) => break engine_error(e, conn, &member.terminal),
                 }
             };
             outbox.reply(&refused.with_id(id).with_room(&room).to_frame());
@@ -657,7 +680,7 @@ impl Session {
                 .may_open(room)
                 .map(|()| self.app.hub.room(room).now_or_never())?
             {
-                Some(r) => r.map_err(internal)?,
+                Some(r) => r.map_err(|e| internal(e, self.conn, &self.terminal.id))?,
                 None => {
                     return Err(FrameError::new(
                         ErrorCode::Internal,
@@ -827,21 +850,22 @@ enum JoinRefused {
 use JoinRefused::{Refused, Retired};
 
 /// An engine that cannot be reached is `unavailable` (retry later); anything else internal.
-fn engine_error(e: crate::engine::EngineError) -> FrameError {
+/// Logged with the connection (`conn`, `terminal`) it fails.
+fn engine_error(e: crate::engine::EngineError, conn: ConnId, terminal: &str) -> FrameError {
     match e {
         crate::engine::EngineError::Unavailable(_) => {
-            tracing::warn!(error = %e, "engine unavailable");
+            tracing::warn!(error = %e, conn, terminal, "engine unavailable");
             FrameError::new(
                 ErrorCode::Unavailable,
                 "the shared store is unreachable; retry later",
             )
         }
-        other => internal(other),
+        other => internal(other, conn, terminal),
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> FrameError {
-    tracing::error!(error = %e, "internal error");
+fn internal(e: impl std::fmt::Display, conn: ConnId, terminal: &str) -> FrameError {
+    tracing::error!(error = %e, conn, terminal, "internal error");
     FrameError::new(ErrorCode::Internal, "internal error; retry later")
 }
 

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use std::sync::Arc;
 
-use livepush_server::config::{HookFailure, SendHookSettings};
+use livepush_server::config::{ConnectHookSettings, HookFailure, SendHookSettings};
 use livepush_server::engine::Retention;
 use livepush_server::engine::redis::{RedisEngine, RedisSettings};
 use livepush_server::store::{DurabilityPolicy, MemoryStore, RedbStore, Store, StoreOptions};
@@ -256,7 +256,7 @@ pub struct ServeArgs {
     #[arg(long, env = "LIVEPUSH_SEND_HOOK")]
     send_hook: Option<String>,
     /// Key of the hook requests' signature (`X-Livepush-Signature: sha256=HMAC`), at least
-    /// 16 bytes; required with --send-hook.
+    /// 16 bytes; required with --send-hook and --connect-hook.
     #[arg(long, env = "LIVEPUSH_HOOK_SECRET", hide_env_values = true)]
     hook_secret: Option<String>,
     /// Longest the send hook may take; past it the send counts as a hook failure.
@@ -275,6 +275,29 @@ pub struct ServeArgs {
     /// (a slow backend never builds a queue).
     #[arg(long, env = "LIVEPUSH_SEND_HOOK_CONCURRENCY", default_value_t = 256)]
     send_hook_concurrency: usize,
+    /// POST every terminal that connects without a token to this URL: the backend admits it
+    /// (its id and room grants, from the request's cookies or session header) or refuses it
+    /// (docs/protocol.md, "Connect hook"). A token still goes through JWT verification alone.
+    #[arg(long, env = "LIVEPUSH_CONNECT_HOOK")]
+    connect_hook: Option<String>,
+    /// Longest the connect hook may take; past it the terminal is refused (503 `unavailable`).
+    #[arg(long, env = "LIVEPUSH_CONNECT_HOOK_TIMEOUT", default_value = "2s", value_parser = duration)]
+    connect_hook_timeout: Duration,
+    /// Connect hook requests in flight at once on this node; past it a terminal without a
+    /// token is refused at once (503 `unavailable`).
+    #[arg(long, env = "LIVEPUSH_CONNECT_HOOK_CONCURRENCY", default_value_t = 256)]
+    connect_hook_concurrency: usize,
+    /// How long the connect hook's `allow` is reused for requests with the same cookies and
+    /// headers (each long-poll is a request); 0s: ask on every request.
+    #[arg(long, env = "LIVEPUSH_CONNECT_HOOK_CACHE_TTL", default_value = "30s", value_parser = duration)]
+    connect_hook_cache_ttl: Duration,
+    /// Most connect hook answers kept for reuse at once.
+    #[arg(
+        long,
+        env = "LIVEPUSH_CONNECT_HOOK_CACHE_SIZE",
+        default_value_t = 10_000
+    )]
+    connect_hook_cache_size: usize,
     /// Accept queue of the HTTP listener (capped by the kernel's net.core.somaxconn).
     #[arg(long, env = "LIVEPUSH_LISTEN_BACKLOG", default_value_t = Limits::default().listen_backlog)]
     listen_backlog: u32,
@@ -421,6 +444,16 @@ impl ServeArgs {
             wake_rate_per_minute: self.wake_rate,
             wake_burst: self.wake_burst,
             shutdown_timeout: self.shutdown_timeout,
+            // The logger's, set by `run` (it is not a setting).
+            log_level: None,
+            connect_hook: self.connect_hook.map(|url| ConnectHookSettings {
+                url,
+                secret: self.hook_secret.clone().unwrap_or_default(),
+                timeout: self.connect_hook_timeout,
+                concurrency: self.connect_hook_concurrency,
+                cache_ttl: self.connect_hook_cache_ttl,
+                cache_size: self.connect_hook_cache_size,
+            }),
             send_hook: self.send_hook.map(|url| SendHookSettings {
                 url,
                 secret: self.hook_secret.unwrap_or_default(),
@@ -500,7 +533,7 @@ fn log_directive(s: &str) -> Result<String, String> {
 
 pub async fn run(args: ServeArgs, log_level: crate::logging::LogLevel) -> anyhow::Result<()> {
     if let Some(file) = args.config.clone() {
-        spawn_log_reload(file, log_level)?;
+        spawn_log_reload(file, log_level.clone())?;
     }
     if let Some(file) = &args.config {
         tracing::info!(file = %file.display(), "settings from a configuration file");
@@ -519,7 +552,8 @@ pub async fn run(args: ServeArgs, log_level: crate::logging::LogLevel) -> anyhow
         .redis
         .clone()
         .map(|url| (url, args.redis_prefix.clone(), args.redis_timeout));
-    let (config, notes) = args.into_config()?;
+    let (mut config, notes) = args.into_config()?;
+    config.log_level = Some(Arc::new(log_level.clone()));
     config.validate().context("invalid configuration")?;
     let demo = demo.prepare(&config)?;
     for n in notes {

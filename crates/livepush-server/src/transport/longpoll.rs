@@ -24,11 +24,13 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::app::App;
-use crate::auth::{AuthError, identify};
 use crate::error::ApiError;
 use crate::frame::{self, Frame};
+use crate::hooks::connect::Caller;
 use crate::outbox::Batch;
+use crate::outbox::ConnId;
 use crate::session::{Ending, Session};
+use crate::transport::{authenticate, in_conn_span, remote};
 
 /// A room's entry in a poll: `{}` for a fresh join, `{epoch, seq}` to continue.
 #[derive(Debug, Default, Deserialize)]
@@ -59,15 +61,15 @@ struct PollBody {
 
 /// Handle one poll.
 pub async fn poll(app: Arc<App>, req: Request) -> Response {
-    match run(app, req).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    let conn = app.hub.next_conn_id();
+    in_conn_span(conn, Transport::Longpoll, run(app, req, conn)).await
 }
 
-async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
+/// `conn`: the connection's id (its session's).
+async fn run(app: Arc<App>, req: Request, conn: ConnId) -> Result<Response, ApiError> {
     let limits = &app.config.limits;
-    let bytes = axum::body::to_bytes(req.into_body(), limits.max_poll_bytes)
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, limits.max_poll_bytes)
         .await
         .map_err(|_| {
             ApiError::new(
@@ -78,21 +80,25 @@ async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         })?;
     let body: PollBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid poll body: {e}")))?;
-    let terminal = identify(
-        &app.keys,
-        app.config.dev,
+    let admitted = authenticate(
+        &app,
         body.token.as_deref(),
         body.terminal.as_deref(),
+        || {
+            Caller::of(
+                Transport::Longpoll,
+                remote(&parts.extensions),
+                &parts.headers,
+            )
+        },
     )
-    .map_err(|e| match e {
-        AuthError::BadTerminalId => ApiError::bad_request(e.to_string()),
-        _ => ApiError::unauthorized(e.to_string()),
-    })?;
+    .await?;
+    tracing::Span::current().record("terminal", &*admitted.terminal.id);
     let mut poll = Poll {
         started: app.terminals.stamp(),
-        session: Session::start(&app, terminal, Transport::Longpoll)?,
+        session: Session::start(&app, admitted.terminal.clone(), Transport::Longpoll, conn)?,
     };
-    poll.session.expires_with(body.token.as_deref());
+    poll.session.expires_with(body.token.as_deref(), &admitted);
     if body.bye {
         poll.session.load_inbox().await;
         let answer = bye(&app, &mut poll.session, &body);

@@ -20,11 +20,13 @@ use livepush_proto::{Position, Positions, Transport, validate_room};
 use serde::Deserialize;
 
 use crate::app::App;
-use crate::auth::{AuthError, identify};
 use crate::error::ApiError;
 use crate::frame::{self, What};
+use crate::hooks::connect::Caller;
+use crate::outbox::ConnId;
 use crate::outbox::{Batch, Outbox};
 use crate::session::{Ending, Session};
+use crate::transport::{authenticate, in_conn_span, remote};
 
 #[derive(Debug, Deserialize)]
 struct SseQuery {
@@ -48,14 +50,16 @@ struct StreamState {
 }
 
 pub async fn sse(app: Arc<App>, req: Request) -> Response {
-    match open(app, req).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    let conn = app.hub.next_conn_id();
+    in_conn_span(conn, Transport::Sse, open(app, req, conn)).await
 }
 
-async fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
-    let q: SseQuery = serde_urlencoded_query(req.uri().query().unwrap_or(""))?;
+/// `conn`: the connection's id (its session's).
+async fn open(app: Arc<App>, req: Request, conn: ConnId) -> Result<Response, ApiError> {
+    // The body is not read; the head is kept (not the `Request`, which is not `Sync`) while
+    // the connect hook is asked.
+    let (req, _) = req.into_parts();
+    let q: SseQuery = serde_urlencoded_query(req.uri.query().unwrap_or(""))?;
     let rooms: Vec<String> = q
         .rooms
         .as_deref()
@@ -71,7 +75,7 @@ async fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         validate_room(r).map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
     let last_event_id = req
-        .headers()
+        .headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty());
@@ -79,18 +83,13 @@ async fn open(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         Some(p) => Positions::parse(p).map_err(|e| ApiError::bad_request(e.to_string()))?,
         None => Positions::default(),
     };
-    let terminal = identify(
-        &app.keys,
-        app.config.dev,
-        q.token.as_deref(),
-        q.terminal.as_deref(),
-    )
-    .map_err(|e| match e {
-        AuthError::BadTerminalId => ApiError::bad_request(e.to_string()),
-        _ => ApiError::unauthorized(e.to_string()),
-    })?;
-    let mut session = Session::start(&app, terminal, Transport::Sse)?;
-    session.expires_with(q.token.as_deref());
+    let admitted = authenticate(&app, q.token.as_deref(), q.terminal.as_deref(), || {
+        Caller::of(Transport::Sse, remote(&req.extensions), &req.headers)
+    })
+    .await?;
+    tracing::Span::current().record("terminal", &*admitted.terminal.id);
+    let mut session = Session::start(&app, admitted.terminal.clone(), Transport::Sse, conn)?;
+    session.expires_with(q.token.as_deref(), &admitted);
     session.open(None, None, true).await;
     for room in &rooms {
         let since = positions

@@ -33,18 +33,22 @@ use livepush_wsframe::{self as wsframe, DecodeError, Decoder, Event, OpCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
+use tracing::Instrument;
 
 use crate::app::App;
-use crate::auth::identify;
 use crate::clock::clock_ms;
 use crate::error::ApiError;
 use crate::frame;
+use crate::hooks::connect::Caller;
+use crate::logctx::conn_span;
 use crate::outbox::{
-    Batch, CloseReason, SIGNAL_DEAD, SIGNAL_EXPIRED, SIGNAL_PING, SIGNAL_SHUTDOWN, SIGNAL_STALLED,
+    Batch, CloseReason, ConnId, SIGNAL_DEAD, SIGNAL_EXPIRED, SIGNAL_PING, SIGNAL_SHUTDOWN,
+    SIGNAL_STALLED,
 };
 use crate::ratelimit::Admission;
 use crate::reactor::{Conn, Reactor, Socket, Tick, Wire};
 use crate::session::{self, Ending, Session};
+use crate::transport::authenticate;
 
 /// WebSocket close codes livepush uses (4000-4999 is the application range).
 pub mod close_code {
@@ -62,6 +66,8 @@ pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
     /// The server could not serve the connection (it could not watch its socket).
     pub const INTERNAL_ERROR: u16 = 1011;
+    /// Something the server depends on is unavailable (the connect hook); retry later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 /// Bytes read from the socket per read call, into a buffer on the stack.
@@ -147,6 +153,13 @@ impl Conn for Connection {
             Connection::Tls(d) => d.abandon(stopping),
         }
     }
+
+    fn id(&self) -> Option<u64> {
+        match self {
+            Connection::Plain(d) => Some(d.session.conn()),
+            Connection::Tls(d) => Some(d.session.conn()),
+        }
+    }
 }
 
 /// The server's WebSocket connections, driven by one task per core.
@@ -172,8 +185,24 @@ pub fn upgrade(app: Arc<App>, connections: Arc<Connections>, mut req: Request) -
     let on_upgrade = hyper::upgrade::on(&mut req);
     // The source address stays counted until the handshake is over.
     let admission = req.extensions().get::<Admission>().cloned();
+    // What the connect hook is told if `connect` comes without a token: the upgrade request
+    // is all there is to go by.
+    let caller = app.connect_hook.as_ref().map(|_| {
+        Caller::of(
+            Transport::Ws,
+            super::remote(req.extensions()),
+            req.headers(),
+        )
+    });
     drop(req);
-    tokio::spawn(async move {
+    let arrival = Arrival {
+        conn: app.hub.next_conn_id(),
+        caller,
+    };
+    // The handshake runs in the connection's span (inside the request's); the open
+    // connection logs its ids as fields (see `crate::logctx`).
+    let span = conn_span(arrival.conn, Transport::Ws);
+    let task = async move {
         let _admission = admission;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
@@ -184,15 +213,20 @@ pub fn upgrade(app: Arc<App>, connections: Arc<Connections>, mut req: Request) -
         };
         let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
-                return start(app, &connections, parts.io.into_inner(), parts.read_buf).await;
+                let io = parts.io.into_inner();
+                return start(app, &connections, io, parts.read_buf, arrival).await;
             }
             Err(upgraded) => upgraded,
         };
         match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
-            Ok(parts) => start(app, &connections, parts.io.into_inner(), parts.read_buf).await,
+            Ok(parts) => {
+                let io = parts.io.into_inner();
+                start(app, &connections, io, parts.read_buf, arrival).await;
+            }
             Err(_) => tracing::error!("websocket upgrade of a connection that is not TCP"),
         }
-    });
+    };
+    tokio::spawn(task.instrument(span));
     let mut res = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let h = res.headers_mut();
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -201,6 +235,14 @@ pub fn upgrade(app: Arc<App>, connections: Arc<Connections>, mut req: Request) -
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     res
+}
+
+/// What the upgrade request leaves to the handshake.
+struct Arrival {
+    /// The connection's id (its session's, once it opens).
+    conn: ConnId,
+    /// What the connect hook is told, when there is one.
+    caller: Option<Caller>,
 }
 
 /// Check the handshake headers; the `Sec-WebSocket-Key` on success, a clear error otherwise.
@@ -250,8 +292,14 @@ fn check_upgrade(method: &axum::http::Method, h: &HeaderMap) -> Result<Vec<u8>, 
 /// The handshake's state (read buffer, timeout, the frames that came with `connect`) lives
 /// in this task and is freed when it ends; what every open connection keeps is exactly a
 /// `Driver` in a reactor slot.
-async fn start<I: Io>(app: Arc<App>, connections: &Connections, io: I, early: Bytes) {
-    match open(&app, io, early).await {
+async fn start<I: Io>(
+    app: Arc<App>,
+    connections: &Connections,
+    io: I,
+    early: Bytes,
+    arrival: Arrival,
+) {
+    match open(&app, io, early, arrival).await {
         Ok(driver) => connections.adopt(I::connection(driver)),
         Err(ending) => session::refused(&app, Transport::Ws, ending),
     }
@@ -259,14 +307,19 @@ async fn start<I: Io>(app: Arc<App>, connections: &Connections, io: I, early: By
 
 /// Handshake, open the session, handle what the client sent along with `connect`, and count
 /// the terminal online.
-async fn open<I: Io>(app: &Arc<App>, io: I, early: Bytes) -> Result<Driver<I::Wire>, Ending> {
+async fn open<I: Io>(
+    app: &Arc<App>,
+    io: I,
+    early: Bytes,
+    arrival: Arrival,
+) -> Result<Driver<I::Wire>, Ending> {
     let Handshake {
         io,
         mut session,
         connect_id,
         texts,
         decoder,
-    } = Box::pin(handshake(app, io, early)).await?;
+    } = Box::pin(handshake(app, io, early, arrival)).await?;
     let io = io.into_wire().map_err(|e| {
         tracing::debug!(error = %e, "cannot take the websocket's socket from tokio");
         Ending::Reset
@@ -299,10 +352,16 @@ struct Handshake<I> {
     decoder: Decoder,
 }
 
-/// Wait for the `connect` frame (within `connect_timeout`), check its token, and tell a
-/// flapping terminal to use long-polling. `early`: bytes the client sent right behind its
-/// upgrade request, which hyper had already read.
-async fn handshake<I: Io>(app: &Arc<App>, mut io: I, early: Bytes) -> Result<Handshake<I>, Ending> {
+/// Wait for the `connect` frame (within `connect_timeout`), check its token (or, without one,
+/// ask the connect hook about the upgrade request), and tell a flapping terminal to
+/// use long-polling. `early`: bytes the client sent right behind its upgrade request, which
+/// hyper had already read.
+async fn handshake<I: Io>(
+    app: &Arc<App>,
+    mut io: I,
+    early: Bytes,
+    Arrival { conn, caller }: Arrival,
+) -> Result<Handshake<I>, Ending> {
     let limits = &app.config.limits;
     let write_timeout = limits.write_timeout;
     let mut decoder = Decoder::new(max_message(app));
@@ -414,13 +473,28 @@ async fn handshake<I: Io>(app: &Arc<App>, mut io: I, early: Bytes) -> Result<Han
         .await;
         return Err(Ending::Unauthorized);
     };
-    let terminal = match identify(&app.keys, app.config.dev, token.as_deref(), None) {
-        Ok(t) => t,
+    let no_caller = || Caller::of(Transport::Ws, None, &HeaderMap::new());
+    let admitted = match authenticate(app, token.as_deref(), None, || {
+        caller.unwrap_or_else(no_caller)
+    })
+    .await
+    {
+        Ok(a) => a,
+        // The backend is out of reach: not the terminal's fault, so not a 4003 (which a
+        // client counts as its credentials refused).
+        Err(e) if e.code == ErrorCode::Unavailable => {
+            let close = (close_code::TRY_AGAIN_LATER, "unavailable");
+            refuse_with(&mut io, env.id, (e.code, e.message), close, write_timeout).await;
+            return Err(Ending::Unauthorized);
+        }
         Err(e) => {
-            refuse(&mut io, env.id, &e.to_string(), write_timeout).await;
+            let close = (close_code::UNAUTHORIZED, "unauthorized");
+            refuse_with(&mut io, env.id, (e.code, e.message), close, write_timeout).await;
             return Err(Ending::Unauthorized);
         }
     };
+    let terminal = admitted.terminal.clone();
+    tracing::Span::current().record("terminal", &*terminal.id);
     let elsewhere = app.inboxes.interruptions_elsewhere(&terminal.id).await;
     if let Some(wait) = app.terminals.longpoll_for(&terminal.id, elsewhere) {
         let frame = livepush_proto::encode_frame(&ServerFrame::Transport {
@@ -437,7 +511,7 @@ async fn handshake<I: Io>(app: &Arc<App>, mut io: I, early: Bytes) -> Result<Han
         answer_close(&mut io, write_timeout).await;
         return Err(Ending::ClientClose);
     }
-    let mut session = match Session::start(app, terminal, Transport::Ws) {
+    let mut session = match Session::start(app, terminal, Transport::Ws, conn) {
         Ok(session) => session,
         Err(e) => {
             let close = (close_code::TOO_MANY_SESSIONS, "too_many_sessions");
@@ -446,7 +520,7 @@ async fn handshake<I: Io>(app: &Arc<App>, mut io: I, early: Bytes) -> Result<Han
             return Err(Ending::TooManySessions);
         }
     };
-    session.expires_with(token.as_deref());
+    session.expires_with(token.as_deref(), &admitted);
     Ok(Handshake {
         io,
         session,
@@ -591,6 +665,11 @@ impl<W: Wire + std::fmt::Debug> Conn for Driver<W> {
 }
 
 impl<W: Wire> Driver<W> {
+    /// What its log lines say the connection is (see `crate::logctx`).
+    fn ids(&self) -> (ConnId, &str) {
+        (self.session.conn(), &self.session.terminal().id)
+    }
+
     /// The connection ended: leave rooms and detach from the inbox before the terminal
     /// counts as gone (a terminal seen offline has no live session anywhere).
     fn finish(&mut self, ending: Ending) {
@@ -689,7 +768,8 @@ impl<W: Wire> Driver<W> {
                         continue;
                     }
                     Poll::Ready(Err(e)) => {
-                        tracing::debug!(error = %e, "websocket read error");
+                        let (conn, terminal) = self.ids();
+                        tracing::debug!(error = %e, conn, terminal, "websocket read error");
                         return Poll::Ready(Ending::Reset);
                     }
                     Poll::Pending => {}
@@ -800,7 +880,8 @@ impl<W: Wire> Driver<W> {
         }
         match fed {
             Err(e) => {
-                tracing::debug!(error = %e, "websocket protocol error");
+                let (conn, terminal) = self.ids();
+                tracing::debug!(error = %e, conn, terminal, "websocket protocol error");
                 if matches!(e, DecodeError::TooBig { .. }) {
                     let frame = livepush_proto::encode_frame(&ServerFrame::error(
                         None,

@@ -3,6 +3,7 @@
 mod admin;
 mod api;
 mod batch;
+mod connect_hook;
 mod connections;
 mod depth;
 mod durability;
@@ -11,6 +12,8 @@ mod faulty;
 mod heartbeat;
 mod hooks;
 mod inbox;
+mod loglevel;
+mod logs;
 mod merge;
 mod redis;
 mod redis_server;

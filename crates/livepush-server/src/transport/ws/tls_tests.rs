@@ -91,7 +91,7 @@ async fn ciphertext_held_after_a_batch_goes_out_once_the_socket_drains() {
         id: Arc::from("tls-viewer"),
         grants: Grants::new(vec!["*".into()], false),
     };
-    let session = Session::start(&app, terminal, Transport::Ws).unwrap();
+    let session = Session::start(&app, terminal, Transport::Ws, app.hub.next_conn_id()).unwrap();
     // No heartbeat during the test: nothing but the socket's writability may wake the driver.
     let signals = session.outbox().signals();
     signals.heard(clock_ms());
