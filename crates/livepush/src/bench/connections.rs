@@ -55,7 +55,7 @@ struct Report {
     handshake: Latency,
     /// The handshake time's distribution: `[ms, fraction at or below]`.
     handshake_cdf: Vec<[f64; 2]>,
-    /// Connections joined per 100 ms from the first connect.
+    /// Connections joined per 10 ms from the first connect.
     connects_over_time: Rates,
     server: Option<ProcessUse>,
     server_cpu_per_connect_us: Option<f64>,

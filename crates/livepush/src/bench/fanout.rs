@@ -99,7 +99,7 @@ struct Report {
     latency: Latency,
     /// The latency distribution: `[ms, fraction at or below]`.
     latency_cdf: Vec<[f64; 2]>,
-    /// Deliveries per 100 ms from the first publish.
+    /// Deliveries per 10 ms from the first publish.
     deliveries_over_time: Rates,
     connections_dropped: u64,
     error_frames: u64,

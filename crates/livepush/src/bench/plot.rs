@@ -7,7 +7,8 @@
 //!   the tail is where servers differ. Each run's p50 and p99 are marked on its curve (dots)
 //!   and given in the legend; faint guides run at 50 % and 99 %.
 //! - **Rate over time** (right): events (deliveries, connects) per second since the start,
-//!   one step per bucket (100 ms): a slow start, a stall or a tail of stragglers shows here
+//!   one step per bucket (10 ms, merged into wider steps past 400 of them): a slow start, a
+//!   stall or a tail of stragglers shows here
 //!   and not in one average rate.
 //!
 //! `--plot FILE.svg` (`bench fanout`, `bench connections`; `bench publish`: one curve per

@@ -53,7 +53,7 @@ struct Row {
     errors: u64,
     /// The answer time's distribution: `[ms, fraction at or below]`.
     latency_cdf: Vec<[f64; 2]>,
-    /// Answered publishes per 100 ms from the policy's first publish.
+    /// Answered publishes per 10 ms from the policy's first publish.
     publishes_over_time: Rates,
 }
 
