@@ -275,9 +275,10 @@ const COLOURS: [RGBColor; 6] = [
     RGBColor(140, 86, 75),
 ];
 const FONT: &str = "sans-serif";
-/// At most this many steps per run on the rate panel (longer runs are merged into wider
-/// buckets).
-const MAX_STEPS: usize = 400;
+/// At most this many steps on the rate panel, shared by its runs (longer runs are merged into
+/// wider buckets, the same width for every run): a few runs of spiky paced deliveries on top
+/// of each other are read only when their steps are wide.
+const MAX_STEPS: usize = 200;
 
 fn colour(i: usize) -> RGBColor {
     COLOURS[i % COLOURS.len()]
@@ -372,11 +373,22 @@ fn latency_panel(area: &Area<'_>, fig: &Figure) -> DrawResult {
 }
 
 fn rate_panel(area: &Area<'_>, fig: &Figure) -> DrawResult {
+    let with_rates = fig.runs.iter().filter_map(|r| r.rates.as_ref());
+    let longest = with_rates
+        .clone()
+        .map(|r| r.bucket_ms * r.counts.len() as f64)
+        .fold(0.0, f64::max);
+    let finest = with_rates
+        .map(|r| r.bucket_ms)
+        .fold(f64::INFINITY, f64::min);
+    let budget = (MAX_STEPS / fig.runs.len().max(1)).max(25);
+    // The step: whole buckets, so that the longest run has at most `budget` steps.
+    let step_ms = finest * (longest / finest / budget as f64).ceil().max(1.0);
     let steps: Vec<(usize, Vec<(f64, f64)>)> = fig
         .runs
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| Some((i, steps(r.rates.as_ref()?))))
+        .filter_map(|(i, r)| Some((i, steps(r.rates.as_ref()?, step_ms))))
         .filter(|(_, s)| !s.is_empty())
         .collect();
     let t_max = steps
@@ -387,14 +399,10 @@ fn rate_panel(area: &Area<'_>, fig: &Figure) -> DrawResult {
         .iter()
         .flat_map(|(_, s)| s.iter().map(|p| p.1))
         .fold(0.0, f64::max);
-    let bucket = fig
-        .runs
-        .iter()
-        .find_map(|r| r.rates.as_ref())
-        .map(|r| r.bucket_ms * merge_factor(r.counts.len()) as f64);
-    let caption = match bucket {
-        Some(b) => format!("{} ({} ms steps)", fig.rate, b),
-        None => fig.rate.clone(),
+    let caption = if steps.is_empty() {
+        fig.rate.clone()
+    } else {
+        format!("{} ({} ms steps)", fig.rate, tick(step_ms))
     };
     let mut chart = ChartBuilder::on(area)
         .caption(caption, (FONT, 17))
@@ -453,14 +461,9 @@ fn legend(area: &Area<'_>, fig: &Figure) -> DrawResult {
     Ok(())
 }
 
-/// Buckets merged per step so that a run has at most [`MAX_STEPS`] steps.
-fn merge_factor(buckets: usize) -> usize {
-    buckets.div_ceil(MAX_STEPS).max(1)
-}
-
 /// The rate as a step line: `(seconds, per second)` at both ends of every (merged) bucket.
-fn steps(r: &Rates) -> Vec<(f64, f64)> {
-    let k = merge_factor(r.counts.len());
+fn steps(r: &Rates, step_ms: f64) -> Vec<(f64, f64)> {
+    let k = ((step_ms / r.bucket_ms).round() as usize).max(1);
     let width = r.bucket_ms * k as f64 / 1000.0;
     let mut out = Vec::with_capacity(2 * r.counts.len().div_ceil(k));
     for (i, chunk) in r.counts.chunks(k).enumerate() {
@@ -672,7 +675,21 @@ mod tests {
         assert_eq!(tick(0.1 + 0.2), "0.3");
         assert_eq!(tick(2.0), "2");
         assert_eq!(tick(0.0), "0");
-        assert_eq!(merge_factor(0), 1);
-        assert_eq!(merge_factor(401), 2);
+        let r = Rates {
+            bucket_ms: 10.0,
+            counts: vec![1, 2, 3, 4, 5],
+            late: 0,
+        };
+        assert_eq!(
+            steps(&r, 20.0),
+            [
+                (0.0, 150.0),
+                (0.02, 150.0),
+                (0.02, 350.0),
+                (0.04, 350.0),
+                (0.04, 250.0),
+                (0.06, 250.0)
+            ]
+        );
     }
 }
