@@ -19,7 +19,8 @@
 #      in $SCRATCH, not as the system service.
 #   4. Writes a markdown table per load (absolute figures and ratios to livepush), the exact
 #      commands, and the machine to bench/results/compare-DATE.md (+ the raw JSON next to it)
-#      and prints it.
+#      and prints it. Each load's runs are also drawn on one SVG beside it,
+#      compare-DATE-LOAD.svg (`livepush bench plot`: latency distribution and rate over time).
 #
 # Loads (every payload $SIZE = 64 bytes; env variables override, flags below):
 #   idle     IDLE_CONNS connections held HOLD          (issue: 19,000; one process < ~19k fds)
@@ -358,6 +359,23 @@ for t in $TARGETS; do
     done
 done
 
+# ---- plots: every target of a load on one SVG next to the report ----------------------------
+PLOTS=""
+for load in idle burst paced; do
+    inputs=()
+    for t in $TARGETS; do
+        [[ -f $SCRATCH/json/$t-$load.json ]] && inputs+=("$t=$SCRATCH/json/$t-$load.json")
+    done
+    (( ${#inputs[@]} )) || continue
+    svg=${OUT%.md}-$load.svg
+    if "$B" bench plot --out "$svg" "${inputs[@]}" 2>>"$SCRATCH/logs/plot.log"; then
+        PLOTS+="$load=$(basename "$svg") "
+    else
+        log "the $load plot failed (see $SCRATCH/logs/plot.log)"
+    fi
+done
+export PLOTS
+
 # ---- report ---------------------------------------------------------------------------------
 ELAPSED=$(( $(date +%s) - T0 ))
 export SCRATCH TARGETS IDLE_CONNS HOLD BURST_SUBS BURST_MSGS PACED_SUBS PACED_RATE PACED_SECS \
@@ -389,4 +407,4 @@ out = {f[:-5]: json.load(open(os.path.join(d, f))) for f in sorted(os.listdir(d)
 json.dump(out, sys.stdout, indent=1)
 EOF
 cat "$OUT"
-log "wrote $OUT and ${OUT%.md}.json in ${ELAPSED}s (scratch: $SCRATCH)"
+log "wrote $OUT and ${OUT%.md}.json${PLOTS:+ and the plots ${PLOTS}}in ${ELAPSED}s (scratch: $SCRATCH)"

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Markdown tables for bench/compare.sh: one table per load, every target's absolute figures
-and, in parentheses, the ratio to livepush (target / livepush). Reads the `livepush bench
---json` objects in $SCRATCH/json/TARGET-LOAD.json and the environment compare.sh exports."""
+and, in parentheses, the ratio to livepush (target / livepush), and the load's plot under it
+if compare.sh drew one. Reads the `livepush bench --json` objects in
+$SCRATCH/json/TARGET-LOAD.json and the environment compare.sh exports ($PLOTS: LOAD=FILE.svg
+pairs, the files next to the report)."""
 import json
 import os
 
@@ -15,6 +17,8 @@ for t in targets:
         if os.path.exists(p):
             with open(p) as f:
                 loaded[(t, load)] = json.load(f)
+
+plots = dict(p.split("=", 1) for p in env.get("PLOTS", "").split() if "=" in p)
 
 problems = {}
 if os.path.exists(env["SKIPS"]):
@@ -232,6 +236,9 @@ for load, (title, rows) in LOADS.items():
     for t, e in errs:
         w(f"\n{t}: first error: `{e}`")
     w("")
+    if load in plots:
+        w(f"![{load}: latency distribution and rate over time, every target]({plots[load]})")
+        w("")
 
 if problems:
     w("## Skipped or failed")

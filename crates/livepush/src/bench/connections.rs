@@ -11,10 +11,11 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::client::{FirstError, secs_since, staggered};
+use super::plot::PlotArg;
 use super::proc::{Probe, ProcessUse};
-use super::report::{self, Histogram, Latency, Table, bytes, count, per};
+use super::report::{self, Histogram, Latency, Rates, Table, Timeline, bytes, count, per};
 use super::server::{ServerOpts, Sut};
-use super::targets::Event;
+use super::targets::{Event, now_micros};
 use super::transport::{Sub, Transport};
 use super::{bar, duration, nofile_limit, note};
 
@@ -38,6 +39,8 @@ pub struct ConnectionsBench {
     /// as one is answered) or an open SSE stream (livepush and nchan only for the last two).
     #[arg(long, value_enum, default_value_t = Transport::Ws)]
     transport: Transport,
+    #[command(flatten)]
+    plot: PlotArg,
 }
 
 #[derive(Debug, Serialize)]
@@ -56,6 +59,10 @@ struct Report {
     connects_per_second: f64,
     /// From opening the TCP connection to `joined`.
     handshake: Latency,
+    /// The handshake time's distribution: `[ms, fraction at or below]`.
+    handshake_cdf: Vec<[f64; 2]>,
+    /// Connections joined per 10 ms from the first connect.
+    connects_over_time: Rates,
     server: Option<ProcessUse>,
     server_cpu_per_connect_us: Option<f64>,
     /// CPU use while connecting: which side limits the connect rate.
@@ -73,6 +80,7 @@ struct Counters {
     failed: AtomicU64,
     dropped: AtomicU64,
     handshake: Histogram,
+    connects: Timeline,
     first_error: FirstError,
 }
 
@@ -106,6 +114,7 @@ pub async fn run(a: ConnectionsBench) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let pb = bar(n, "connecting");
     let started = Instant::now();
+    c.connects.start(now_micros());
     let handles = {
         let (sut, c, pb, rooms) = (sut.clone(), c.clone(), pb.clone(), Arc::new(rooms));
         let (timeout, transport) = (a.timeout, a.transport);
@@ -133,6 +142,7 @@ pub async fn run(a: ConnectionsBench) -> anyhow::Result<()> {
                 };
                 c.handshake.record(t0.elapsed().as_micros() as u64);
                 c.connected.fetch_add(1, Ordering::Relaxed);
+                c.connects.add(now_micros(), 1);
                 pb.inc(1);
                 drop(permit);
                 // Idle: answer pings, read `online` counts, until told to stop.
@@ -199,6 +209,8 @@ pub async fn run(a: ConnectionsBench) -> anyhow::Result<()> {
         connect_seconds,
         connects_per_second: per(conns, connect_seconds),
         handshake: c.handshake.summary_ms(),
+        handshake_cdf: c.handshake.cdf_ms(),
+        connects_over_time: c.connects.rates(),
         server_cpu_per_connect_us: connect_use.map(|s| per(s.cpu_s() * 1e6, conns)),
         server_connecting: connect_use,
         bench_connecting: super::fanout::usage(&me, me_before.as_ref(), me_connected.as_ref()),
@@ -219,6 +231,7 @@ pub async fn run(a: ConnectionsBench) -> anyhow::Result<()> {
         nofile_limit: limit,
     };
     report::emit(sut.json, &r, &table(&r))?;
+    a.plot.draw(&r)?;
     if let Some(sut) = Arc::into_inner(sut) {
         sut.stop().await;
     }

@@ -13,8 +13,9 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::client::{FirstError, Tracker, key_of, staggered};
+use super::plot::PlotArg;
 use super::proc::{Probe, ProcessUse, Sample};
-use super::report::{self, Histogram, Latency, Table, bytes, count, per};
+use super::report::{self, Histogram, Latency, Rates, Table, Timeline, bytes, count, per};
 use super::server::{ServerOpts, Sut};
 use super::targets::{Class, Event, Target, now_micros, payload};
 use super::transport::{Sub, Transport};
@@ -62,6 +63,8 @@ pub struct FanoutBench {
     /// (livepush and nchan only for the last two).
     #[arg(long, value_enum, default_value_t = Transport::Ws)]
     transport: Transport,
+    #[command(flatten)]
+    plot: PlotArg,
 }
 
 #[derive(Debug, Serialize)]
@@ -100,6 +103,10 @@ struct Report {
     window_seconds: f64,
     deliveries_per_second: f64,
     latency: Latency,
+    /// The latency distribution: `[ms, fraction at or below]`.
+    latency_cdf: Vec<[f64; 2]>,
+    /// Deliveries per 10 ms from the first publish.
+    deliveries_over_time: Rates,
     connections_dropped: u64,
     /// Long-poll connections or SSE streams opened again after the server ended one.
     reconnects: u64,
@@ -127,6 +134,7 @@ struct Shared {
     /// Time of the latest delivery, µs since the epoch.
     last_us: AtomicU64,
     latency: Histogram,
+    deliveries: Timeline,
 }
 
 pub async fn run(a: FanoutBench) -> anyhow::Result<()> {
@@ -204,6 +212,7 @@ pub async fn run(a: FanoutBench) -> anyhow::Result<()> {
     let pubs = Arc::new(Published::default());
     let started = Instant::now();
     let start_us = now_micros();
+    sh.deliveries.start(start_us);
     let publishers = if publishes {
         let pbp = mp.add(bar(a.msgs, "publishing"));
         follow(&pbp, &pubs.ok);
@@ -332,6 +341,8 @@ pub async fn run(a: FanoutBench) -> anyhow::Result<()> {
         window_seconds,
         deliveries_per_second: per(deliveries as f64, window_seconds),
         latency: sh.latency.summary_ms(),
+        latency_cdf: sh.latency.cdf_ms(),
+        deliveries_over_time: sh.deliveries.rates(),
         connections_dropped: sh.dropped.load(Ordering::Relaxed),
         reconnects: sh.reconnects.load(Ordering::Relaxed),
         error_frames: sh.errors.load(Ordering::Relaxed),
@@ -340,6 +351,7 @@ pub async fn run(a: FanoutBench) -> anyhow::Result<()> {
         bench_process: usage(&me, me_before.as_ref(), me_after.as_ref()),
     };
     report::emit(sut.json, &r, &table(&r))?;
+    a.plot.draw(&r)?;
     if let Some(sut) = Arc::into_inner(sut) {
         sut.stop().await;
     }
@@ -425,6 +437,7 @@ async fn subscriber(
                         if new > 0 {
                             sh.distinct.fetch_add(new, Ordering::Relaxed);
                             sh.last_us.fetch_max(now, Ordering::Relaxed);
+                            sh.deliveries.add(now, new);
                         }
                     }
                     _ => {

@@ -12,6 +12,8 @@
 //!   machine, the floor under any server's paced fan-out.
 //! - `chaos`: SDK terminals on every transport through a proxy that cuts at random, a
 //!   server restart on the durable store: every answered message exactly once, in order.
+//! - `plot`: several runs' `--json` reports on one SVG (`fanout` and `connections` draw their
+//!   own run with `--plot FILE.svg`).
 //!
 //! The last three speak to livepush or to a peer server (`--target ws|socketio|nchan`) and
 //! measure a local server from /proc. See `bench/README.md` for how to run them.
@@ -23,6 +25,7 @@ mod fanout;
 mod floor;
 mod http_client;
 mod longpoll;
+mod plot;
 mod proc;
 mod publish;
 mod report;
@@ -68,6 +71,9 @@ enum BenchCommand {
     /// connections at random, reliable messages, a server restart in the middle: loss,
     /// duplicates and reordering per transport (must all be 0).
     Chaos(chaos::ChaosBench),
+    /// Draw `--json` reports of several runs on one SVG: latency distributions (log scale)
+    /// and rates over time, side by side.
+    Plot(plot::PlotBench),
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -94,6 +100,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             raise_nofile();
             chaos::run(c).await
         }
+        BenchCommand::Plot(p) => plot::run(p),
     }
 }
 

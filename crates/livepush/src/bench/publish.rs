@@ -13,6 +13,9 @@ use livepush_server::store::{DurabilityPolicy, MemoryStore, RedbStore, Store, St
 use serde_json::json;
 
 use super::percentile_ms;
+use super::plot::{Figure, PlotArg, Series};
+use super::report::{Histogram, Rates, Timeline};
+use super::targets::now_micros;
 
 #[derive(Debug, Args)]
 pub struct PublishBench {
@@ -34,6 +37,8 @@ pub struct PublishBench {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    plot: PlotArg,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -46,15 +51,19 @@ struct Row {
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
+    /// The answer time's distribution: `[ms, fraction at or below]`.
+    latency_cdf: Vec<[f64; 2]>,
+    /// Answered publishes per 10 ms from the policy's first publish.
+    publishes_over_time: Rates,
 }
 
 const KEY: &str = "bench-api-key-0123456789";
 
-async fn one(
-    a: &PublishBench,
-    name: &str,
-    store: Arc<dyn Store>,
-) -> anyhow::Result<(f64, u64, Vec<Duration>, u64)> {
+/// What one policy's run gave: seconds, publishes answered, their answer times (sorted),
+/// errors, and the answers per time bucket.
+type Outcome = (f64, u64, Vec<Duration>, u64, Rates);
+
+async fn one(a: &PublishBench, name: &str, store: Arc<dyn Store>) -> anyhow::Result<Outcome> {
     let running = livepush_server::start_with(
         Config::for_tests(KEY, "bench-token-secret-0123456789"),
         store.clone(),
@@ -68,14 +77,17 @@ async fn one(
     let next = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
+    let answers = Arc::new(Timeline::default());
+    answers.start(now_micros());
     let mut tasks = Vec::new();
     for _ in 0..a.concurrency {
-        let (http, url, data, next, errors) = (
+        let (http, url, data, next, errors, answers) = (
             http.clone(),
             url.clone(),
             data.clone(),
             next.clone(),
             errors.clone(),
+            answers.clone(),
         );
         let (total, rooms) = (a.messages, a.rooms);
         tasks.push(tokio::spawn(async move {
@@ -95,6 +107,7 @@ async fn one(
                     .is_ok_and(|r| r.status().is_success());
                 if ok {
                     lat.push(t.elapsed());
+                    answers.add(now_micros(), 1);
                 } else {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
@@ -111,7 +124,13 @@ async fn one(
     latencies.sort();
     let done = latencies.len() as u64;
     eprintln!("  {name}: {done} publishes in {seconds:.2}s");
-    Ok((seconds, done, latencies, errors.load(Ordering::Relaxed)))
+    Ok((
+        seconds,
+        done,
+        latencies,
+        errors.load(Ordering::Relaxed),
+        answers.rates(),
+    ))
 }
 
 pub async fn run(a: PublishBench) -> anyhow::Result<()> {
@@ -146,7 +165,11 @@ pub async fn run(a: PublishBench) -> anyhow::Result<()> {
                 (s.clone(), Some(s))
             }
         };
-        let (seconds, done, lat, errors) = one(&a, name, store).await?;
+        let (seconds, done, lat, errors, over_time) = one(&a, name, store).await?;
+        let h = Histogram::default();
+        for d in &lat {
+            h.record(d.as_micros() as u64);
+        }
         if let Some(s) = redb {
             s.close().ok();
         }
@@ -160,6 +183,8 @@ pub async fn run(a: PublishBench) -> anyhow::Result<()> {
             p50_ms: percentile_ms(&lat, 50.0),
             p99_ms: percentile_ms(&lat, 99.0),
             errors,
+            latency_cdf: h.cdf_ms(),
+            publishes_over_time: over_time,
         });
     }
     let none = rows
@@ -169,6 +194,25 @@ pub async fn run(a: PublishBench) -> anyhow::Result<()> {
     for r in &mut rows {
         r.ratio_to_none = r.per_second / none;
     }
+    a.plot.draw_figure(|| Figure {
+        title: format!(
+            "bench publish: {} reliable publishes of {} B per policy, {} publishers",
+            a.messages, a.size, a.concurrency
+        ),
+        latency: "publish answer time".into(),
+        rate: "publishes/s since the policy's first publish".into(),
+        runs: rows
+            .iter()
+            .map(|r| Series {
+                label: r.policy.clone(),
+                cdf: r.latency_cdf.clone(),
+                p50_ms: r.p50_ms,
+                p99_ms: r.p99_ms,
+                rates: Some(r.publishes_over_time.clone()),
+                coarse: false,
+            })
+            .collect(),
+    })?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());

@@ -1,9 +1,11 @@
 //! What a bench run prints: a latency histogram that many tasks record into at once, the
-//! percentiles read from it, and the final report as a markdown table or one JSON object.
+//! percentiles and the distribution (for plots) read from it, deliveries counted per time
+//! bucket as they arrive, and the final report as a markdown table or one JSON object.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Sub-buckets per power of two: values are kept with a relative error below 1/128 (0.8 %).
 const SUB_BITS: u32 = 7;
@@ -105,6 +107,111 @@ impl Histogram {
             max_ms: ms(self.max.load(Ordering::Relaxed)),
         }
     }
+
+    /// The distribution for a plot: `[ms, fraction of samples at or below]`, one point per
+    /// group of 8 buckets that holds samples (16 per power of two, < 7 % apart), the last
+    /// at the exact maximum. A few hundred points at most, whatever the sample count.
+    pub fn cdf_ms(&self) -> Vec<[f64; 2]> {
+        const GROUP: usize = 8;
+        let total = self.count();
+        let max = self.max.load(Ordering::Relaxed);
+        let mut out = Vec::new();
+        let (mut seen, mut top) = (0u64, None);
+        for (i, c) in self.counts.iter().enumerate() {
+            let c = c.load(Ordering::Relaxed);
+            if c > 0 {
+                seen += c;
+                top = Some(bucket_range(i).1.min(max));
+            }
+            if (i + 1) % GROUP == 0
+                && let Some(v) = top.take()
+            {
+                out.push([v as f64 / 1000.0, seen as f64 / total as f64]);
+            }
+        }
+        if let Some(v) = top {
+            out.push([v as f64 / 1000.0, seen as f64 / total as f64]);
+        }
+        out
+    }
+}
+
+/// Events (deliveries, connects) counted per time bucket from a start as they happen: one
+/// relaxed add to a preallocated counter, no allocation, so that the hot path can afford it.
+#[derive(Debug)]
+pub struct Timeline {
+    /// µs since the epoch; 0 until [`Timeline::start`]: nothing is counted before.
+    start_us: AtomicU64,
+    bucket_us: u64,
+    counts: Box<[AtomicU64]>,
+    /// Events after the last bucket.
+    late: AtomicU64,
+}
+
+/// The default timeline: 10 ms buckets (a burst of a few hundred ms still has tens of them)
+/// over 10 minutes (60,000 counters, 480 KB).
+impl Default for Timeline {
+    fn default() -> Self {
+        Timeline::new(Duration::from_millis(10), Duration::from_secs(600))
+    }
+}
+
+impl Timeline {
+    pub fn new(bucket: Duration, span: Duration) -> Timeline {
+        let bucket_us = (bucket.as_micros() as u64).max(1);
+        let n = (span.as_micros() as u64).div_ceil(bucket_us).max(1);
+        Timeline {
+            start_us: AtomicU64::new(0),
+            bucket_us,
+            counts: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            late: AtomicU64::new(0),
+        }
+    }
+
+    /// Start counting from `at_us` (µs since the epoch).
+    pub fn start(&self, at_us: u64) {
+        self.start_us.store(at_us.max(1), Ordering::Relaxed);
+    }
+
+    /// Count `n` events at `at_us` (µs since the epoch; before the start: the first bucket).
+    pub fn add(&self, at_us: u64, n: u64) {
+        let start = self.start_us.load(Ordering::Relaxed);
+        if start == 0 {
+            return;
+        }
+        let i = (at_us.saturating_sub(start) / self.bucket_us) as usize;
+        match self.counts.get(i) {
+            Some(c) => c.fetch_add(n, Ordering::Relaxed),
+            None => self.late.fetch_add(n, Ordering::Relaxed),
+        };
+    }
+
+    /// The counts up to the last bucket with events.
+    pub fn rates(&self) -> Rates {
+        let mut counts: Vec<u64> = self
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let len = counts.iter().rposition(|&c| c > 0).map_or(0, |i| i + 1);
+        counts.truncate(len);
+        Rates {
+            bucket_ms: self.bucket_us as f64 / 1000.0,
+            counts,
+            late: self.late.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Events per time bucket, the first bucket starting at the bench's start (for deliveries:
+/// the first publish).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rates {
+    pub bucket_ms: f64,
+    pub counts: Vec<u64>,
+    /// Events after the last bucket (not in `counts`).
+    #[serde(default)]
+    pub late: u64,
 }
 
 /// Percentiles of one latency, in milliseconds.
@@ -283,6 +390,43 @@ mod tests {
         assert_eq!(h.percentile(50.0), 3);
         assert_eq!(h.percentile(75.0), 7);
         assert_eq!(h.percentile(100.0), 200);
+    }
+
+    #[test]
+    fn cdf_points_rise_to_one_at_the_max() {
+        let h = Histogram::default();
+        assert!(h.cdf_ms().is_empty());
+        for v in 1..=10_000u64 {
+            h.record(v);
+        }
+        let cdf = h.cdf_ms();
+        assert!(cdf.len() < 200, "{} points", cdf.len());
+        assert!(
+            cdf.windows(2)
+                .all(|w| w[0][0] < w[1][0] && w[0][1] <= w[1][1])
+        );
+        assert_eq!(*cdf.last().unwrap(), [10.0, 1.0]);
+        // Each point: the fraction at or below its value (the value is a bucket's top).
+        for [ms, f] in cdf {
+            let want = (ms * 1000.0).round() / 10_000.0;
+            assert!((f - want).abs() < 1e-9, "{ms} ms: {f} vs {want}");
+        }
+    }
+
+    #[test]
+    fn timeline_counts_per_bucket_from_the_start() {
+        let t = Timeline::new(Duration::from_millis(100), Duration::from_secs(1));
+        t.add(5_000_000, 1); // not started: not counted
+        t.start(1_000_000);
+        t.add(900_000, 2); // before the start: first bucket
+        t.add(1_050_000, 3);
+        t.add(1_250_000, 4);
+        t.add(1_999_999, 5);
+        t.add(2_000_000, 6); // past the span
+        let r = t.rates();
+        assert_eq!(r.counts, vec![5, 0, 4, 0, 0, 0, 0, 0, 0, 5]);
+        assert_eq!((r.bucket_ms, r.late), (100.0, 6));
+        assert!(Timeline::default().rates().counts.is_empty());
     }
 
     #[test]
