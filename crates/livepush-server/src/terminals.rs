@@ -160,7 +160,7 @@ pub struct TerminalView {
 }
 
 /// The flap detector's view of a terminal.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Interruptions {
     /// Interruptions within the window.
     pub count: u32,

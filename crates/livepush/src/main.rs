@@ -48,6 +48,8 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Load generator: measure livepush (see `livepush bench --help`).
     Bench(bench::BenchArgs),
+    /// Print the OpenAPI 3.1 document of the HTTP API (default limits; docs/openapi.json).
+    Openapi,
     /// Configuration files of `livepush serve --config FILE`.
     Config {
         #[command(subcommand)]
@@ -92,6 +94,13 @@ fn main() {
                     Command::Agent(a) => agent::run(a).await,
                     Command::Bench(a) => bench::run(a).await,
                     Command::Config { command } => config_file::run::<Cli>(command),
+                    Command::Openapi => {
+                        print!(
+                            "{}",
+                            livepush_server::api::openapi::json(&Default::default())
+                        );
+                        Ok(())
+                    }
                 }
             })
         });

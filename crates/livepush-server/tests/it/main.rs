@@ -11,6 +11,7 @@ mod heartbeat;
 mod hooks;
 mod inbox;
 mod merge;
+mod openapi;
 mod redis;
 mod redis_server;
 mod resume;
