@@ -219,7 +219,6 @@ impl From<crate::hub::Published> for PublishAnswer {
         (status = 200, description = "Published: stored (reliable) or delivered (transient).", body = PublishAnswer),
         (status = 400, description = "Bad room id, type, class, `data` nesting or JSON body.", body = ErrorBody),
         (status = 500, description = "Storage failure; the message was neither stored nor delivered.", body = ErrorBody),
-        (status = 503, description = "The shared store (Redis) is unreachable.", body = ErrorBody),
     ),
     security(("api_key" = [])),
 )]
@@ -290,8 +289,6 @@ pub struct MsgFrame {
         (status = 200, description = "A page of the history.", body = HistoryPage),
         (status = 400, description = "Bad room id or query parameter.", body = ErrorBody),
         (status = 404, description = "`unknown_room`: never published to or joined.", body = ErrorBody),
-        (status = 500, description = "Storage failure.", body = ErrorBody),
-        (status = 503, description = "The shared store (Redis) is unreachable.", body = ErrorBody),
     ),
     security(("api_key" = [])),
 )]
@@ -342,8 +339,6 @@ pub async fn history(
         (status = 200, description = "The new epoch, and seq 0.", body = Reset),
         (status = 400, description = "Bad room id.", body = ErrorBody),
         (status = 404, description = "`unknown_room`: never published to or joined.", body = ErrorBody),
-        (status = 500, description = "Storage failure.", body = ErrorBody),
-        (status = 503, description = "The shared store (Redis) is unreachable.", body = ErrorBody),
     ),
     security(("api_key" = [])),
 )]
@@ -408,8 +403,6 @@ pub struct RoomInfo {
         (status = 200, description = "The room.", body = RoomInfo),
         (status = 400, description = "Bad room id.", body = ErrorBody),
         (status = 404, description = "`unknown_room`: never published to or joined.", body = ErrorBody),
-        (status = 500, description = "Storage failure.", body = ErrorBody),
-        (status = 503, description = "The shared store (Redis) is unreachable.", body = ErrorBody),
     ),
     security(("api_key" = [])),
 )]
@@ -564,8 +557,6 @@ pub struct WakeState {
     responses(
         (status = 200, description = "Every terminal seen (or only those online).", body = TerminalList),
         (status = 400, description = "Bad query parameter.", body = ErrorBody),
-        (status = 500, description = "Storage failure.", body = ErrorBody),
-        (status = 503, description = "The shared store (Redis) is unreachable.", body = ErrorBody),
     ),
     security(("api_key" = [])),
 )]
@@ -610,8 +601,6 @@ pub async fn terminals(
     responses(
         (status = 200, description = "The terminal.", body = TerminalAnswer),
         (status = 404, description = "`not_found`: never seen by this server nor known to the store.", body = ErrorBody),
-        (status = 500, description = "Storage failure.", body = ErrorBody),
-        (status = 503, description = "The shared store (Redis) is unreachable.", body = ErrorBody),
     ),
     security(("api_key" = [])),
 )]
@@ -736,7 +725,6 @@ pub enum WakeSent {
         (status = 200, description = "Stored in the inbox.", body = InboxPosted),
         (status = 400, description = "Bad terminal id, type, `data` nesting or JSON body.", body = ErrorBody),
         (status = 500, description = "Storage failure; it may still have reached open sessions.", body = ErrorBody),
-        (status = 503, description = "The shared store (Redis) is unreachable.", body = ErrorBody),
     ),
     security(("api_key" = [])),
 )]

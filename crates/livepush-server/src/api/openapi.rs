@@ -4,14 +4,15 @@
 //! It is generated from the code: the backend API's handlers carry `#[utoipa::path]`, and
 //! their request and answer types derive `ToSchema` (the answers are the types the handlers
 //! serialize, the identifiers' schemas come from the server's own checks, [`super::schema`]).
-//! The terminal-facing endpoints (long-poll, SSE, the WebSocket upgrade), the browser assets
-//! and this document itself are described here, on stubs.
+//! The terminal-facing endpoints (long-poll, SSE, the WebSocket upgrade) and this document
+//! itself are described here, on stubs, and the browser assets in a table.
 //!
 //! Invariants:
 //! - every route of `server::router` is an operation of [`ApiDoc`] (adding one is one line in
 //!   its `paths(...)`);
 //! - the responses every operation shares are added by [`Common`], not per handler: 401 to
-//!   those behind the API key, 408 and 413 to those with a body, 429 to all;
+//!   those behind the API key, 408 and 413 to those with a body, 500 and 503 to those that
+//!   wait on the engine, 429 to all;
 //! - configurable limits that a schema can state (`maxItems` of a batch) are those of the
 //!   serving configuration: the document is built once per server from its `Limits`, and
 //!   `docs/openapi.json` is the one of the default `Limits` (a test keeps them equal).
@@ -23,7 +24,7 @@ use axum::response::IntoResponse;
 use axum::routing::{MethodRouter, get};
 use bytes::Bytes;
 use serde::Deserialize;
-use utoipa::openapi::path::Operation;
+use utoipa::openapi::path::{HttpMethod, Operation};
 use utoipa::openapi::schema::Schema;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{
@@ -59,17 +60,11 @@ use livepush_proto::InboxPosition;
         super::healthz,
         super::metrics,
         poll,
-        connect_poll,
         connect_ws,
         sse,
         openapi_json,
-        demo_html,
-        client_js,
-        demo_js,
-        demo_css,
     ),
     components(schemas(ErrorBody)),
-    modifiers(&Common),
     tags(
         (name = "rooms", description = "Publish to rooms and read them (API key)."),
         (name = "terminals", description = "The service list and terminals' inboxes (API key)."),
@@ -81,9 +76,72 @@ use livepush_proto::InboxPosition;
 #[derive(Debug)]
 pub struct ApiDoc;
 
+/// The browser assets: path, operation id, summary, media type.
+const ASSETS: &[(&str, &str, &str, &str)] = &[
+    ("/", "demo_html", "The demo page", "text/html"),
+    (
+        "/livepush.js",
+        "client_js",
+        "The browser client",
+        "text/javascript",
+    ),
+    (
+        "/demo/app.js",
+        "demo_js",
+        "The demo page's script",
+        "text/javascript",
+    ),
+    (
+        "/demo/style.css",
+        "demo_css",
+        "The demo page's style sheet",
+        "text/css",
+    ),
+];
+
+/// The operations that wait on the engine (the store, or Redis), so may answer 500 or 503.
+const ENGINE_BACKED: &[&str] = &[
+    "publish",
+    "history",
+    "reset_history",
+    "room_info",
+    "terminals",
+    "terminal",
+    "post_inbox",
+];
+
 /// The document for a server with these limits.
 pub fn document(limits: &Limits) -> Document {
     let mut doc = ApiDoc::openapi();
+    // `POST /v1/connect` without an upgrade is a long-poll: the operation of `POST /v1/poll`.
+    if let Some(mut poll) = doc.paths.paths.get("/v1/poll").and_then(|p| p.post.clone()) {
+        poll.operation_id = Some("connect_poll".into());
+        poll.summary = Some("A long-poll exchange (the same as `POST /v1/poll`)".into());
+        if let Some(connect) = doc.paths.paths.get_mut("/v1/connect") {
+            connect.post = Some(poll);
+        }
+    }
+    for (path, id, summary, media_type) in ASSETS {
+        let content = ContentBuilder::new()
+            .schema(Some(utoipa::openapi::schema::Object::with_type(
+                utoipa::openapi::schema::Type::String,
+            )))
+            .build();
+        let op = utoipa::openapi::path::OperationBuilder::new()
+            .tag("assets")
+            .summary(Some(*summary))
+            .operation_id(Some(*id))
+            .response(
+                "200",
+                ResponseBuilder::new()
+                    .description(*summary)
+                    .content(*media_type, content),
+            )
+            .build();
+        doc.paths
+            .add_path_operation(*path, vec![HttpMethod::Get], op);
+    }
+    Common.modify(&mut doc);
     // `messages` of a batch: at most `max_batch_messages`.
     if let Some(components) = doc.components.as_mut()
         && let Some(RefOr::T(Schema::Object(batch))) = components.schemas.get_mut("BatchRequest")
@@ -177,6 +235,14 @@ impl Modify for Common {
                         413,
                         "`too_large`: the body exceeds its limit (`--max-publish-bytes`, \
                          `--max-batch-bytes` or `--max-batch-messages`, `--max-poll-bytes`).",
+                    );
+                }
+                if ENGINE_BACKED.contains(&op.operation_id.as_deref().unwrap_or_default()) {
+                    add(op, 500, "`internal`: storage failure.");
+                    add(
+                        op,
+                        503,
+                        "`unavailable`: the shared store (Redis) is unreachable.",
                     );
                 }
                 add(
@@ -314,22 +380,6 @@ pub struct ServerFrame {
 fn poll() {}
 
 #[utoipa::path(
-    post,
-    path = "/v1/connect",
-    tag = "transports",
-    summary = "A long-poll exchange (the same as `POST /v1/poll`)",
-    request_body = PollRequest,
-    responses(
-        (status = 200, description = "The frames (possibly none).", body = PollAnswer),
-        (status = 400, description = "The body is not a poll.", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no token, or a bad or expired one.", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: the terminal holds `--max-sessions-per-terminal` sessions, or the address too many connections.", body = ErrorBody),
-    ),
-)]
-#[allow(dead_code)]
-fn connect_poll() {}
-
-#[utoipa::path(
     get,
     path = "/v1/connect",
     tag = "transports",
@@ -387,43 +437,3 @@ fn sse() {}
 )]
 #[allow(dead_code)]
 fn openapi_json() {}
-
-#[utoipa::path(
-    get,
-    path = "/",
-    tag = "assets",
-    summary = "The demo page",
-    responses((status = 200, description = "HTML.", body = String, content_type = "text/html")),
-)]
-#[allow(dead_code)]
-fn demo_html() {}
-
-#[utoipa::path(
-    get,
-    path = "/livepush.js",
-    tag = "assets",
-    summary = "The browser client",
-    responses((status = 200, description = "JavaScript.", body = String, content_type = "text/javascript")),
-)]
-#[allow(dead_code)]
-fn client_js() {}
-
-#[utoipa::path(
-    get,
-    path = "/demo/app.js",
-    tag = "assets",
-    summary = "The demo page's script",
-    responses((status = 200, description = "JavaScript.", body = String, content_type = "text/javascript")),
-)]
-#[allow(dead_code)]
-fn demo_js() {}
-
-#[utoipa::path(
-    get,
-    path = "/demo/style.css",
-    tag = "assets",
-    summary = "The demo page's style sheet",
-    responses((status = 200, description = "CSS.", body = String, content_type = "text/css")),
-)]
-#[allow(dead_code)]
-fn demo_css() {}
