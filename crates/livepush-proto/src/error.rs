@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 /// that nodes share cannot be reached).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ErrorCode {
     /// The frame is not valid JSON, has an unknown `op` or a missing/ill-typed field.
     BadFrame,

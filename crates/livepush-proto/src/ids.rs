@@ -64,6 +64,7 @@ fn truncate(s: &str) -> String {
 /// Delivery class of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Class {
     /// Gets a `seq`, is kept in history and replayed on resume; never silently dropped.
     Reliable,

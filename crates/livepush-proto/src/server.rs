@@ -14,6 +14,7 @@ use crate::error::ErrorCode;
 /// The transport a session runs over, as named in the `connected` frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Transport {
     Ws,
     Longpoll,
@@ -24,6 +25,7 @@ pub enum Transport {
 /// unacknowledged messages are still kept (contract v1.1, decision 6: a woken terminal knows it
 /// has drained its inbox when `pending` is 0, even across gaps left by expired messages).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InboxPosition {
     pub seq: u64,
     pub acked: u64,

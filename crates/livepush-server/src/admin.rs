@@ -27,6 +27,7 @@ use livepush_proto::encode_msg;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::watch;
+use utoipa::ToSchema;
 
 use crate::clock::now_ms;
 use crate::config::Limits;
@@ -48,7 +49,7 @@ pub const STATS_TYPE: &str = "stats";
 pub const RECORD_LIFETIME_INTERVALS: u32 = 5;
 
 /// Open connections (or terminals online) per transport.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PerTransport {
     pub ws: u64,
     pub longpoll: u64,
@@ -56,14 +57,14 @@ pub struct PerTransport {
 }
 
 /// Messages published through this node since it started, by class.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Published {
     pub reliable: u64,
     pub transient: u64,
 }
 
 /// This node's inboxes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct InboxFigures {
     /// Direct messages posted through this node since it started.
     pub posted: u64,
@@ -76,7 +77,7 @@ pub struct InboxFigures {
 }
 
 /// One room as a node sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RoomFigures {
     pub room: String,
     /// Terminals in the room (across every node when the engine shares presence).
@@ -92,7 +93,7 @@ pub struct RoomFigures {
 }
 
 /// What one node reports of itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct NodeRecord {
     pub id: String,
     pub version: String,
@@ -124,7 +125,7 @@ pub struct NodeRecord {
 }
 
 /// What the admin API answers and the admin room carries.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Snapshot {
     pub ts: u64,
     /// The node that took the snapshot.

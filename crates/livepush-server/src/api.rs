@@ -6,6 +6,8 @@
 pub mod admin;
 pub mod batch;
 pub mod loglevel;
+pub mod openapi;
+pub mod schema;
 
 use std::sync::Arc;
 
@@ -17,18 +19,20 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, BytesMut};
 use livepush_proto::{Class, Transport, validate_room};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::app::App;
 use crate::clock::now_ms;
 use crate::engine::{EngineError, TerminalPresence};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::hub::PublishError;
 use crate::inbox::InboxView;
-use crate::terminals::TerminalView;
-use livepush_proto::ErrorCode;
+use crate::terminals::{Interruptions, TerminalView};
+use livepush_proto::{ErrorCode, InboxPosition};
+use schema::{AnyJson, Epoch, MessageType, RoomId, TerminalId};
 
 impl From<PublishError> for ApiError {
     fn from(e: PublishError) -> Self {
@@ -152,16 +156,74 @@ fn room_param(room: &str) -> Result<(), ApiError> {
     validate_room(room).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
-#[derive(Debug, Deserialize)]
+/// A message to publish to a room. Fields other than these are ignored.
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct PublishBody {
     #[serde(rename = "type")]
+    #[schema(value_type = MessageType)]
     ty: String,
+    #[schema(value_type = AnyJson)]
     data: Box<RawValue>,
+    /// Overrides the class the server gives the type.
     #[serde(default)]
     class: Option<Class>,
 }
 
+/// A reliable message, stored: its room's epoch and its seq.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Stored {
+    #[schema(value_type = Epoch)]
+    pub epoch: String,
+    #[schema(minimum = 1)]
+    pub seq: u64,
+}
+
+/// A transient message, delivered live: how many connections of this node it was queued to.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Delivered {
+    #[schema(value_type = Epoch)]
+    pub epoch: String,
+    pub delivered: u64,
+}
+
+/// The answer to a publish: `seq` for a reliable message, `delivered` for a transient one.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum PublishAnswer {
+    Reliable(Stored),
+    Transient(Delivered),
+}
+
+impl From<crate::hub::Published> for PublishAnswer {
+    fn from(p: crate::hub::Published) -> PublishAnswer {
+        let epoch = p.epoch.to_string();
+        match p.seq {
+            Some(seq) => PublishAnswer::Reliable(Stored { epoch, seq }),
+            None => PublishAnswer::Transient(Delivered {
+                epoch,
+                delivered: p.delivered.unwrap_or(0) as u64,
+            }),
+        }
+    }
+}
+
 /// `POST /v1/rooms/{room}/messages`
+#[utoipa::path(
+    post,
+    path = "/v1/rooms/{room}/messages",
+    tag = "rooms",
+    summary = "Publish a message to a room",
+    params(("room" = RoomId, Path, description = "The room; created by the publish if new.")),
+    request_body = PublishBody,
+    responses(
+        (status = 200, description = "Published: stored (reliable) or delivered (transient).", body = PublishAnswer),
+        (status = 400, description = "Bad room id, type, class, `data` nesting or JSON body.", body = ErrorBody),
+        (status = 500, description = "Storage failure; the message was neither stored nor delivered.", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn publish(
     State(app): State<Arc<App>>,
     Path(room): Path<String>,
@@ -173,24 +235,65 @@ pub async fn publish(
         .hub
         .publish(&room, &body.ty, &body.data, body.class)
         .await?;
-    let mut answer = json!({"epoch": &*p.epoch});
-    if let Some(seq) = p.seq {
-        answer["seq"] = json!(seq);
-    }
-    if let Some(d) = p.delivered {
-        answer["delivered"] = json!(d);
-    }
-    Ok(Json(answer).into_response())
+    Ok(Json(PublishAnswer::from(p)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
+    /// Messages after this seq (default 0: from the oldest kept).
     #[serde(default)]
     since: u64,
+    /// At most this many messages; default and cap: `--max-pull` (1000).
     limit: Option<u32>,
 }
 
+/// A page of a room's history (`recovered` and paging as for a terminal's `pull`).
+#[derive(Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryPage {
+    #[schema(value_type = Epoch)]
+    pub epoch: String,
+    /// The room's latest seq.
+    pub seq: u64,
+    /// False when messages after `since` are no longer kept (or `since` is of another epoch).
+    pub recovered: bool,
+    /// Complete `msg` frames, oldest first.
+    pub messages: Vec<MsgFrame>,
+}
+
+/// A reliable room message as a terminal receives it.
+#[derive(Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MsgFrame {
+    #[schema(pattern = "^msg$")]
+    pub op: String,
+    #[schema(value_type = RoomId)]
+    pub room: String,
+    #[serde(rename = "type")]
+    #[schema(value_type = MessageType)]
+    pub ty: String,
+    pub data: AnyJson,
+    #[schema(minimum = 1)]
+    pub seq: u64,
+    /// Server time of the publish (ms since the Unix epoch).
+    pub ts: u64,
+}
+
 /// `GET /v1/rooms/{room}/history?since=N&limit=L`
+#[utoipa::path(
+    get,
+    path = "/v1/rooms/{room}/history",
+    tag = "rooms",
+    summary = "Read a room's history",
+    params(("room" = RoomId, Path, description = "The room."), HistoryQuery),
+    responses(
+        (status = 200, description = "A page of the history.", body = HistoryPage),
+        (status = 400, description = "Bad room id or query parameter.", body = ErrorBody),
+        (status = 404, description = "`unknown_room`: never published to or joined.", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn history(
     State(app): State<Arc<App>>,
     Path(room): Path<String>,
@@ -228,6 +331,19 @@ pub async fn history(
 /// nothing kept). Its members are told `joined{recovered:false}` with the new epoch (contract
 /// v1.1, decision 8), as after a lost history. For a room that begins a new show under the
 /// same id, or an operator clearing what a room would replay.
+#[utoipa::path(
+    delete,
+    path = "/v1/rooms/{room}/history",
+    tag = "rooms",
+    summary = "Start a new history of a room (new epoch, seq 0)",
+    params(("room" = RoomId, Path, description = "The room.")),
+    responses(
+        (status = 200, description = "The new epoch, and seq 0.", body = Reset),
+        (status = 400, description = "Bad room id.", body = ErrorBody),
+        (status = 404, description = "`unknown_room`: never published to or joined.", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn reset_history(
     State(app): State<Arc<App>>,
     Path(room): Path<String>,
@@ -237,7 +353,21 @@ pub async fn reset_history(
         return Err(unknown_room(&room));
     }
     let epoch = app.hub.reset(&room).await?;
-    Ok(Json(json!({"epoch": &*epoch, "seq": 0})).into_response())
+    Ok(Json(Reset {
+        epoch: epoch.to_string(),
+        seq: 0,
+    })
+    .into_response())
+}
+
+/// A room's new history: its epoch, and seq 0.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Reset {
+    #[schema(value_type = Epoch)]
+    pub epoch: String,
+    #[schema(minimum = 0, maximum = 0)]
+    pub seq: u64,
 }
 
 fn unknown_room(room: &str) -> ApiError {
@@ -248,7 +378,36 @@ fn unknown_room(room: &str) -> ApiError {
     )
 }
 
+/// A room as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoomInfo {
+    #[schema(value_type = RoomId)]
+    pub room: String,
+    #[schema(value_type = Epoch)]
+    pub epoch: String,
+    /// The latest seq.
+    pub seq: u64,
+    /// Terminals in the room now.
+    pub online: u64,
+    pub muted: bool,
+    pub closed: bool,
+}
+
 /// `GET /v1/rooms/{room}`
+#[utoipa::path(
+    get,
+    path = "/v1/rooms/{room}",
+    tag = "rooms",
+    summary = "A room's epoch, seq, online count and flags",
+    params(("room" = RoomId, Path, description = "The room.")),
+    responses(
+        (status = 200, description = "The room.", body = RoomInfo),
+        (status = 400, description = "Bad room id.", body = ErrorBody),
+        (status = 404, description = "`unknown_room`: never published to or joined.", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn room_info(
     State(app): State<Arc<App>>,
     Path(room): Path<String>,
@@ -259,14 +418,14 @@ pub async fn room_info(
         .info(&room)
         .await?
         .ok_or_else(|| unknown_room(&room))?;
-    Ok(Json(json!({
-        "room": room,
-        "epoch": &*info.epoch,
-        "seq": info.seq,
-        "online": info.online,
-        "muted": info.flags.muted,
-        "closed": info.flags.closed,
-    }))
+    Ok(Json(RoomInfo {
+        epoch: info.epoch.to_string(),
+        room,
+        seq: info.seq,
+        online: info.online,
+        muted: info.flags.muted,
+        closed: info.flags.closed,
+    })
     .into_response())
 }
 
@@ -276,22 +435,58 @@ pub async fn room_info(
 /// not answer: the node still serves its terminals and transient messages, but reliable
 /// publishes and inbox posts are answered 503. Always 200: every node shares the same store,
 /// so a load balancer gains nothing by taking one out.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    summary = "Health (no key needed)",
+    responses((status = 200, description = "Always 200.", body = Health)),
+)]
 pub async fn healthz(State(app): State<Arc<App>>) -> Response {
     let status = if app.hub.engine().healthy() {
-        "ok"
+        HealthStatus::Ok
     } else {
-        "degraded"
+        HealthStatus::Degraded
     };
-    Json(json!({ "status": status })).into_response()
+    Json(Health { status }).into_response()
 }
 
+/// `GET /healthz`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    pub status: HealthStatus,
+}
+
+/// `degraded`: the shared store (Redis) does not answer; reliable publishes and inbox posts
+/// get 503 meanwhile.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthStatus {
+    Ok,
+    Degraded,
+}
+
+/// The media type of `GET /metrics`.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// `GET /metrics`
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    summary = "Prometheus/OpenMetrics text",
+    responses((
+        status = 200,
+        description = "The metrics (docs/protocol.md §14.4).",
+        body = String,
+        content_type = "application/openmetrics-text",
+    )),
+    security(("api_key" = [])),
+)]
 pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
         app.metrics.encode(),
     )
         .into_response()
@@ -311,14 +506,62 @@ pub async fn method_not_allowed() -> ApiError {
     )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct TerminalsQuery {
+    /// Only the terminals online now.
     #[serde(default)]
     online: bool,
 }
 
+/// The service list.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalList {
+    /// Sorted by id.
+    pub terminals: Vec<TerminalAnswer>,
+}
+
+/// One terminal as the API shows it (docs/protocol.md §14.5).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Terminal)]
+pub struct TerminalAnswer {
+    #[schema(value_type = TerminalId)]
+    pub terminal: String,
+    pub online: bool,
+    /// The transports it is online over now.
+    pub transports: Vec<Transport>,
+    pub last_seen_ms: u64,
+    pub inbox: InboxPosition,
+    pub wake: WakeState,
+    pub interruptions: Interruptions,
+}
+
+/// Whether a terminal can be woken over UDP.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WakeState {
+    /// An accepted keepalive is on record.
+    pub registered: bool,
+    /// The `ts` of the last one (the terminal's clock), or null.
+    pub last_keepalive_ms: Option<u64>,
+}
+
 /// `GET /v1/terminals?online=true`: the service list; with several nodes, what every node
 /// knows (each node's own list, and what the others shared through the engine).
+#[utoipa::path(
+    get,
+    path = "/v1/terminals",
+    tag = "terminals",
+    summary = "The service list",
+    params(TerminalsQuery),
+    responses(
+        (status = 200, description = "Every terminal seen (or only those online).", body = TerminalList),
+        (status = 400, description = "Bad query parameter.", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn terminals(
     State(app): State<Arc<App>>,
     query: Result<Query<TerminalsQuery>, QueryRejection>,
@@ -347,10 +590,22 @@ pub async fn terminals(
         let inbox = app.inboxes.view(id).await.ok().flatten();
         list.push(terminal_json(&app, id, view, inbox, &others));
     }
-    Ok(Json(json!({ "terminals": list })).into_response())
+    Ok(Json(TerminalList { terminals: list }).into_response())
 }
 
 /// `GET /v1/terminals/{id}`: the same on every node.
+#[utoipa::path(
+    get,
+    path = "/v1/terminals/{id}",
+    tag = "terminals",
+    summary = "One terminal",
+    params(("id" = TerminalId, Path, description = "The terminal id.")),
+    responses(
+        (status = 200, description = "The terminal.", body = TerminalAnswer),
+        (status = 404, description = "`not_found`: never seen by this server nor known to the store.", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn terminal(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -380,7 +635,7 @@ fn terminal_json(
     v: Option<TerminalView>,
     inbox: Option<InboxView>,
     others: &[TerminalPresence],
-) -> serde_json::Value {
+) -> TerminalAnswer {
     let now = now_ms();
     let inbox = inbox.unwrap_or_default();
     let mut interruptions = v
@@ -416,32 +671,65 @@ fn terminal_json(
         .max()
         .or(inbox.last_keepalive_ms)
         .unwrap_or(0);
-    json!({
-        "terminal": id,
-        "online": online,
-        "transports": transports,
-        "last_seen_ms": last_seen_ms,
-        "inbox": {
-            "seq": inbox.position.seq,
-            "acked": inbox.position.acked,
-            "pending": inbox.position.pending,
+    TerminalAnswer {
+        terminal: id.to_owned(),
+        online,
+        transports,
+        last_seen_ms,
+        inbox: inbox.position,
+        wake: WakeState {
+            registered: inbox.wake_registered,
+            last_keepalive_ms: inbox.last_keepalive_ms,
         },
-        "wake": {
-            "registered": inbox.wake_registered,
-            "last_keepalive_ms": inbox.last_keepalive_ms,
-        },
-        "interruptions": interruptions,
-    })
+        interruptions,
+    }
 }
 
-#[derive(Debug, Deserialize)]
+/// A direct message to a terminal. Fields other than these are ignored.
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct InboxPostBody {
     #[serde(rename = "type")]
+    #[schema(value_type = MessageType)]
     ty: String,
+    #[schema(value_type = AnyJson)]
     data: Box<RawValue>,
 }
 
+/// The answer to an inbox post.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InboxPosted {
+    /// The message's inbox seq.
+    #[schema(minimum = 1)]
+    pub seq: u64,
+    /// The terminal has a session open, or is within its long-poll grace.
+    pub online: bool,
+    pub wake: WakeSent,
+}
+
+/// `sent`: a wake datagram went out for this post (or a running wake episode carries it).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WakeSent {
+    Sent,
+    None,
+}
+
 /// `POST /v1/terminals/{id}/messages`: a direct message to one terminal's inbox.
+#[utoipa::path(
+    post,
+    path = "/v1/terminals/{id}/messages",
+    tag = "terminals",
+    summary = "Post a direct message to a terminal's inbox",
+    params(("id" = TerminalId, Path, description = "The terminal id, seen or not.")),
+    request_body = InboxPostBody,
+    responses(
+        (status = 200, description = "Stored in the inbox.", body = InboxPosted),
+        (status = 400, description = "Bad terminal id, type, `data` nesting or JSON body.", body = ErrorBody),
+        (status = 500, description = "Storage failure; it may still have reached open sessions.", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn post_inbox(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -456,10 +744,14 @@ pub async fn post_inbox(
     livepush_proto::validate_type(&body.ty).map_err(|e| ApiError::bad_request(e.to_string()))?;
     data_depth(&app, &body.data)?;
     let posted = app.inboxes.post(&id, &body.ty, &body.data).await?;
-    Ok(Json(json!({
-        "seq": posted.seq,
-        "online": posted.online,
-        "wake": if posted.wake_sent { "sent" } else { "none" },
-    }))
+    Ok(Json(InboxPosted {
+        seq: posted.seq,
+        online: posted.online,
+        wake: if posted.wake_sent {
+            WakeSent::Sent
+        } else {
+            WakeSent::None
+        },
+    })
     .into_response())
 }

@@ -6,7 +6,18 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use livepush_proto::ErrorCode;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The body of every error answer of the HTTP API, and of the terminal transports' HTTP
+/// refusals.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    pub error: ErrorCode,
+    /// What was wrong, for a person.
+    pub message: String,
+}
 
 /// A JSON error answer.
 #[derive(Debug, Clone)]
@@ -55,7 +66,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (
             self.status,
-            Json(json!({"error": self.code.as_str(), "message": self.message})),
+            Json(ErrorBody {
+                error: self.code,
+                message: self.message,
+            }),
         )
             .into_response()
     }

@@ -11,7 +11,7 @@ use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{MethodFilter, get, on, post};
 use futures_util::StreamExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -754,6 +754,7 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
     Router::new()
         .merge(api)
         .route("/healthz", get(api::healthz))
+        .route("/v1/openapi.json", api::openapi::route(limits))
         .route("/", get(assets::demo_html))
         .route("/livepush.js", get(assets::client_js))
         .route("/demo/app.js", get(assets::demo_js))
@@ -763,10 +764,14 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
         .route("/admin/style.css", get(assets::admin_css))
         .route(
             "/v1/connect",
-            any(move |State(app): State<Arc<App>>, req: Request| {
-                let connections = connections.clone();
-                async move { connect(app, connections, req).await }
-            })
+            // GET (a WebSocket upgrade) and POST (a long-poll); any other method is a 405.
+            on(
+                MethodFilter::GET.or(MethodFilter::POST),
+                move |State(app): State<Arc<App>>, req: Request| {
+                    let connections = connections.clone();
+                    async move { connect(app, connections, req).await }
+                },
+            )
             .layer(poll_bound.clone()),
         )
         .route("/v1/poll", post(poll).layer(poll_bound))
@@ -808,5 +813,31 @@ async fn poll(State(app): State<Arc<App>>, req: Request) -> Response {
 
 /// `GET /v1/sse`: a Server-Sent Events stream.
 async fn sse(State(app): State<Arc<App>>, req: Request) -> Response {
+    if let Err(e) = sse_positions(&req) {
+        return e.into_response();
+    }
     transport::sse::sse(app, req).await
+}
+
+/// The resume positions of an SSE request are checked whichever is used, so that a bad one is
+/// refused, not ignored: a `Last-Event-ID` that is not visible ASCII, or a bad `since` beside
+/// a `Last-Event-ID` (which wins over it).
+fn sse_positions(req: &Request) -> Result<(), ApiError> {
+    let Some(last_event_id) = req.headers().get("last-event-id") else {
+        return Ok(());
+    };
+    if last_event_id.to_str().is_err() {
+        return Err(ApiError::bad_request(
+            "`Last-Event-ID` must be ROOM:EPOCH:SEQ positions",
+        ));
+    }
+    let query =
+        axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(req.uri());
+    if let Ok(axum::extract::Query(q)) = query
+        && let Some(since) = q.get("since")
+    {
+        livepush_proto::Positions::parse(since)
+            .map_err(|e| ApiError::bad_request(format!("`since`: {e}")))?;
+    }
+    Ok(())
 }

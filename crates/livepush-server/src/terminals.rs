@@ -160,7 +160,7 @@ pub struct TerminalView {
 }
 
 /// The flap detector's view of a terminal.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Interruptions {
     /// Interruptions within the window.
     pub count: u32,
@@ -184,7 +184,17 @@ pub struct Terminals {
 }
 
 /// See [`Terminals::online_counts`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
 pub struct OnlineCounts {
     pub online: u64,
     pub ws: u64,

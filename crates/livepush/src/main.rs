@@ -53,6 +53,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Load generator: measure livepush (see `livepush bench --help`).
     Bench(bench::BenchArgs),
+    /// Print the OpenAPI 3.1 document of the HTTP API (default limits; docs/openapi.json).
+    Openapi,
     /// Configuration files of `livepush serve --config FILE`.
     Config {
         #[command(subcommand)]
@@ -98,6 +100,13 @@ fn main() {
                     Command::Bench(a) => bench::run(a).await,
                     Command::Demo(a) => demo::run(a).await,
                     Command::Config { command } => config_file::run::<Cli>(command),
+                    Command::Openapi => {
+                        print!(
+                            "{}",
+                            livepush_server::api::openapi::json(&Default::default())
+                        );
+                        Ok(())
+                    }
                 }
             })
         });

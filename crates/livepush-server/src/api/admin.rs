@@ -11,22 +11,39 @@ use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::ApiError;
-use crate::admin::{ADMIN_ROOM, STATS_TYPE};
+use crate::admin::{ADMIN_ROOM, STATS_TYPE, Snapshot};
 use crate::app::App;
 use crate::auth::{Claims, now_secs};
+use crate::error::ErrorBody;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct StatsQuery {
+    /// Rooms listed at most: 1 or more; larger than `--admin-rooms` (and absent) means
+    /// `--admin-rooms`.
+    #[param(minimum = 1)]
     limit: Option<usize>,
 }
 
 /// `GET /v1/admin/stats?limit=N`: `limit` rooms at most (1 to `admin_rooms`; default and
 /// larger values: `admin_rooms`).
+#[utoipa::path(
+    get,
+    path = "/v1/admin/stats",
+    tag = "admin",
+    summary = "Every node's figures and the busiest rooms",
+    params(StatsQuery),
+    responses(
+        (status = 200, description = "A snapshot; `complete: false` when the other nodes' figures could not be read.", body = Snapshot),
+        (status = 400, description = "Bad or unknown query parameter.", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn stats(
     State(app): State<Arc<App>>,
     query: Result<Query<StatsQuery>, QueryRejection>,
@@ -45,7 +62,38 @@ pub async fn stats(
     Ok(Json(app.admin.snapshot(limit).await).into_response())
 }
 
+/// A token for the admin room, and how to use it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdminToken {
+    /// A terminal token granting the admin room only, without `send`.
+    pub token: String,
+    /// Its terminal id (`admin-` and a random suffix).
+    pub terminal: String,
+    /// The admin room.
+    pub room: String,
+    /// The message type of the snapshots the room carries.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// When the token expires (Unix seconds).
+    pub exp: u64,
+    /// Its lifetime in seconds (`--admin-token-ttl`, at most `--max-token-ttl`).
+    pub ttl_s: u64,
+    /// How often the room gets a snapshot (`--admin-interval`), in ms.
+    pub interval_ms: u64,
+    /// The node that minted it.
+    pub node: String,
+}
+
 /// `POST /v1/admin/token`: a terminal token for the admin room only (no body).
+#[utoipa::path(
+    post,
+    path = "/v1/admin/token",
+    tag = "admin",
+    summary = "A short-lived token for the admin room (live snapshots)",
+    responses((status = 200, description = "The token.", body = AdminToken)),
+    security(("api_key" = [])),
+)]
 pub async fn token(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     let limits = &app.config.limits;
     let ttl = limits.admin_token_ttl.min(limits.max_token_ttl).as_secs();
@@ -66,15 +114,15 @@ pub async fn token(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
             send: false,
         })
         .map_err(ApiError::internal)?;
-    Ok(Json(json!({
-        "token": token,
-        "terminal": terminal,
-        "room": ADMIN_ROOM,
-        "type": STATS_TYPE,
-        "exp": exp,
-        "ttl_s": ttl,
-        "interval_ms": limits.admin_interval.as_millis() as u64,
-        "node": app.admin.id(),
-    }))
+    Ok(Json(AdminToken {
+        token,
+        terminal,
+        room: ADMIN_ROOM.to_owned(),
+        type_: STATS_TYPE.to_owned(),
+        exp,
+        ttl_s: ttl,
+        interval_ms: limits.admin_interval.as_millis() as u64,
+        node: app.admin.id().to_owned(),
+    })
     .into_response())
 }

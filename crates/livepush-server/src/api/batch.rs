@@ -15,32 +15,79 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use livepush_proto::{Class, ErrorCode};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
+use utoipa::ToSchema;
 
-use super::ApiError;
+use super::schema::{AnyJson, MessageType, RoomId};
+use super::{ApiError, Stored};
 use crate::App;
+use crate::error::ErrorBody;
 use crate::hub::BatchMessage;
 
-#[derive(Debug, Deserialize)]
-struct Batch {
+/// Messages to publish, each to its room. Fields other than `messages` are ignored; at most
+/// `--max-batch-messages` messages (`maxItems`) and `--max-batch-bytes` of body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(as = BatchRequest)]
+pub struct Batch {
+    /// Each message is checked on its own: one that does not match refuses only itself (an
+    /// `error` entry in `results`).
+    #[schema(value_type = Vec<Item>)]
     messages: Vec<Box<RawValue>>,
 }
 
 /// One message as sent; checked on its own so that a bad one refuses only itself.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Item {
+#[schema(as = BatchMessage)]
+pub struct Item {
+    #[schema(value_type = RoomId)]
     room: String,
     #[serde(rename = "type")]
+    #[schema(value_type = MessageType)]
     ty: String,
+    #[schema(value_type = AnyJson)]
     data: Box<RawValue>,
+    /// Overrides the class the server gives the type.
     #[serde(default)]
     class: Option<Class>,
 }
 
+/// The answer to a batch: one result per message, in order.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchAnswer {
+    results: Vec<BatchResult>,
+}
+
+/// A message of a batch: stored (reliable), `{}` (transient, delivered), or refused.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum BatchResult {
+    Stored(Stored),
+    Delivered(Empty),
+    Refused(ErrorBody),
+}
+
+/// `{}`: a transient message of a batch, delivered.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
 /// `POST /v1/publish`
+#[utoipa::path(
+    post,
+    path = "/v1/publish",
+    operation_id = "publish_batch",
+    tag = "rooms",
+    summary = "Publish a batch of messages",
+    request_body = Batch,
+    responses(
+        (status = 200, description = "One result per message, in order, whenever the body was read.", body = BatchAnswer),
+        (status = 400, description = "The body is not `{\"messages\":[…]}`.", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn publish(State(app): State<Arc<App>>, req: Request) -> Result<Response, ApiError> {
     let limits = &app.config.limits;
     let body = super::read_body(req, limits.max_batch_bytes, "max_batch_bytes").await?;
@@ -89,7 +136,7 @@ pub async fn publish(State(app): State<Arc<App>>, req: Request) -> Result<Respon
         })
         .collect();
     let mut published = app.hub.publish_batch(&accepted).await.into_iter();
-    let results: Vec<Value> = items
+    let results: Vec<BatchResult> = items
         .iter()
         .map(|i| {
             let answer = match i {
@@ -101,14 +148,20 @@ pub async fn publish(State(app): State<Arc<App>>, req: Request) -> Result<Respon
             };
             match answer {
                 Ok(p) => match p.seq {
-                    Some(seq) => json!({"epoch": &*p.epoch, "seq": seq}),
-                    None => json!({}),
+                    Some(seq) => BatchResult::Stored(Stored {
+                        epoch: p.epoch.to_string(),
+                        seq,
+                    }),
+                    None => BatchResult::Delivered(Empty {}),
                 },
-                Err(e) => json!({"error": e.code.as_str(), "message": e.message}),
+                Err(e) => BatchResult::Refused(ErrorBody {
+                    error: e.code,
+                    message: e.message,
+                }),
             }
         })
         .collect();
-    Ok(Json(json!({ "results": results })).into_response())
+    Ok(Json(BatchAnswer { results }).into_response())
 }
 
 #[cfg(test)]

@@ -36,6 +36,7 @@ use crate::transport::{authenticate, in_conn_span, remote};
 #[derive(Debug, Default, Deserialize)]
 struct RoomEntry {
     epoch: Option<String>,
+    #[serde(default, deserialize_with = "crate::api::schema::integral_u64")]
     seq: Option<u64>,
 }
 
@@ -49,7 +50,9 @@ struct PollBody {
     #[serde(default)]
     rooms: BTreeMap<String, RoomEntry>,
     /// Inbox messages after this seq are sent; absent: after the acknowledged position.
+    #[serde(default, deserialize_with = "crate::api::schema::integral_u64")]
     inbox: Option<u64>,
+    #[serde(default, deserialize_with = "crate::api::schema::integral_u64")]
     wait_ms: Option<u64>,
     #[serde(default)]
     ops: Vec<Box<RawValue>>,

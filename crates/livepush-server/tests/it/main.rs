@@ -15,6 +15,7 @@ mod inbox;
 mod loglevel;
 mod logs;
 mod merge;
+mod openapi;
 mod redis;
 mod redis_server;
 mod resume;
