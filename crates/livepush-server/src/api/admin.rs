@@ -27,7 +27,7 @@ pub struct StatsQuery {
     /// Rooms listed at most: 1 or more; larger than `--admin-rooms` (and absent) means
     /// `--admin-rooms`.
     #[param(minimum = 1)]
-    limit: Option<usize>,
+    limit: Option<u32>,
 }
 
 /// `GET /v1/admin/stats?limit=N`: `limit` rooms at most (1 to `admin_rooms`; default and
@@ -57,7 +57,7 @@ pub async fn stats(
                 "`limit` must be 1 or more (at most admin_rooms {max})"
             )));
         }
-        Some(n) => n.min(max),
+        Some(n) => (n as usize).min(max),
     };
     Ok(Json(app.admin.snapshot(limit).await).into_response())
 }
