@@ -90,6 +90,9 @@ struct Report {
     publishes_per_second: f64,
     /// From sending a publish request to its answer.
     publish_latency: Latency,
+    /// From sending a publish request to the first subscriber's receipt of it, one sample
+    /// per message: with `publish_latency`, the store's share of the delivery latency.
+    first_delivery_latency: Latency,
     expected_deliveries: u64,
     deliveries: u64,
     duplicates: u64,
@@ -135,6 +138,33 @@ struct Shared {
     last_us: AtomicU64,
     latency: Histogram,
     deliveries: Timeline,
+    /// Per message (by its index `n`): the earliest delivery's latency, µs (`u64::MAX` until
+    /// one came). Publish → first delivery, beside publish → answer, shows the store's share.
+    first: Vec<AtomicU64>,
+}
+
+impl Shared {
+    /// A delivery of message `n` took `micros`: keep it if it is the message's first.
+    fn first_delivery(&self, n: u64, micros: u64) {
+        if let Some(slot) = self.first.get(n as usize) {
+            // A load first: most deliveries are not the first, and need no write.
+            if micros < slot.load(Ordering::Relaxed) {
+                slot.fetch_min(micros, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Publish → first delivery of every message that reached this shard.
+    fn first_deliveries(&self) -> Histogram {
+        let h = Histogram::default();
+        for slot in &self.first {
+            let us = slot.load(Ordering::Relaxed);
+            if us != u64::MAX {
+                h.record(us);
+            }
+        }
+        h
+    }
 }
 
 pub async fn run(a: FanoutBench) -> anyhow::Result<()> {
@@ -167,7 +197,10 @@ pub async fn run(a: FanoutBench) -> anyhow::Result<()> {
     ));
 
     // Subscribe.
-    let sh = Arc::new(Shared::default());
+    let sh = Arc::new(Shared {
+        first: (0..a.msgs).map(|_| AtomicU64::new(u64::MAX)).collect(),
+        ..Shared::default()
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
     let pb = bar(n, "subscribing");
     let subscribers = {
@@ -341,6 +374,7 @@ pub async fn run(a: FanoutBench) -> anyhow::Result<()> {
         window_seconds,
         deliveries_per_second: per(deliveries as f64, window_seconds),
         latency: sh.latency.summary_ms(),
+        first_delivery_latency: sh.first_deliveries().summary_ms(),
         latency_cdf: sh.latency.cdf_ms(),
         deliveries_over_time: sh.deliveries.rates(),
         connections_dropped: sh.dropped.load(Ordering::Relaxed),
@@ -403,7 +437,9 @@ async fn subscriber(
     let mut t = Tracker::new(m);
     let take = |t: &mut Tracker, d: &super::targets::Delivery, now: u64| -> u64 {
         if t.record(key_of(d, by_seq, base)) {
-            sh.latency.record(now.saturating_sub(d.stamp.t));
+            let micros = now.saturating_sub(d.stamp.t);
+            sh.latency.record(micros);
+            sh.first_delivery(d.stamp.n, micros);
             1
         } else {
             0
@@ -572,6 +608,12 @@ fn table(r: &Report) -> Table {
             r.publish_latency.cell(),
         );
     }
+    if r.first_delivery_latency.samples > 0 {
+        t.row(
+            "publish → first delivery ms p50 / p90 / p99 / p99.9 / max",
+            r.first_delivery_latency.cell(),
+        );
+    }
     t.row(
         "deliveries / expected",
         format!("{} / {}", count(r.deliveries), count(r.expected_deliveries)),
@@ -637,4 +679,26 @@ fn table(r: &Report) -> Table {
         t.row("bench (client) CPU", b.cores_cell());
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_message_keeps_its_earliest_delivery() {
+        let sh = Shared {
+            first: (0..3).map(|_| AtomicU64::new(u64::MAX)).collect(),
+            ..Shared::default()
+        };
+        sh.first_delivery(0, 5_000);
+        sh.first_delivery(0, 3_000);
+        sh.first_delivery(0, 9_000);
+        sh.first_delivery(2, 1_000);
+        // Not a message of the run: ignored.
+        sh.first_delivery(7, 1);
+        let l = sh.first_deliveries().summary_ms();
+        assert_eq!(l.samples, 2, "message 1 never arrived");
+        assert!((2.9..=3.1).contains(&l.max_ms), "{l:?}");
+    }
 }
