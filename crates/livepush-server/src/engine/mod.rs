@@ -134,6 +134,11 @@ pub enum Event<'a> {
     /// The link that carries the events was lost (and is being restored): every open room
     /// may have missed messages, or even its history (a restarted or flushed store).
     LinkLost,
+    /// The engine's stream of `room`'s events is (re)established (a subscription confirmed):
+    /// everything published before is in the room's history, everything after comes through
+    /// the stream. A room reads what it may have missed in between, once its reads are
+    /// ordered after this (an engine whose stream cannot lag behind its reads never sends it).
+    Subscribed { room: &'a str },
     /// The room's history was lost or reset: it goes on in `epoch` after `seq`.
     Epoch {
         room: &'a str,

@@ -74,6 +74,9 @@ pub struct Feed {
     asked: Option<Ask>,
     /// No snapshot yet: everything waits.
     loading: bool,
+    /// The stream was (re)established after the last ask was sent (or while loading): what
+    /// was published before it may be in no answer yet, so one more read is due.
+    stale: bool,
 }
 
 impl Feed {
@@ -86,6 +89,7 @@ impl Feed {
             other: Vec::new(),
             asked: None,
             loading: true,
+            stale: false,
         }
     }
 
@@ -119,7 +123,38 @@ impl Feed {
         self.epoch = epoch;
         self.delivered = seq;
         self.asked = None;
-        self.refeed(out)
+        let ask = self.refeed(out);
+        self.or_catch_up(ask)
+    }
+
+    /// The engine's stream of the room is (re)established ([`Event::Subscribed`]): a message
+    /// published before it and after the last answer was read reaches the room through no
+    /// stream, so it is read now, or once the ask in flight (possibly sent before the stream
+    /// was back) is answered.
+    ///
+    /// [`Event::Subscribed`]: crate::engine::Event::Subscribed
+    pub fn subscribed(&mut self) -> Option<Ask> {
+        self.stale = true;
+        self.catch_up()
+    }
+
+    /// A read after the position, if the stream was re-established since the last ask was sent
+    /// and nothing is in flight.
+    fn catch_up(&mut self) -> Option<Ask> {
+        if !self.stale || self.loading || self.asked.is_some() {
+            return None;
+        }
+        self.ask(Ask::Read {
+            since: self.delivered,
+        })
+    }
+
+    /// `ask`, or else the catch-up read that a re-established stream still owes.
+    fn or_catch_up(&mut self, ask: Option<Ask>) -> Option<Ask> {
+        match ask {
+            Some(a) => Some(a),
+            None => self.catch_up(),
+        }
     }
 
     /// A reliable message from the engine's stream.
@@ -173,6 +208,11 @@ impl Feed {
 
     /// The answer to [`Ask::Read`].
     pub fn read(&mut self, history: History, out: &mut Vec<Step>) -> Option<Ask> {
+        let ask = self.take_read(history, out);
+        self.or_catch_up(ask)
+    }
+
+    fn take_read(&mut self, history: History, out: &mut Vec<Step>) -> Option<Ask> {
         if matches!(self.asked, Some(Ask::Read { .. })) {
             self.asked = None;
         }
@@ -213,6 +253,11 @@ impl Feed {
 
     /// The answer to [`Ask::Snapshot`].
     pub fn snapshot(&mut self, s: Snapshot, out: &mut Vec<Step>) -> Option<Ask> {
+        let ask = self.take_snapshot(s, out);
+        self.or_catch_up(ask)
+    }
+
+    fn take_snapshot(&mut self, s: Snapshot, out: &mut Vec<Step>) -> Option<Ask> {
         if matches!(self.asked, Some(Ask::Snapshot)) {
             self.asked = None;
         }
@@ -264,13 +309,15 @@ impl Feed {
                 since: self.delivered,
             });
         }
-        None
+        self.catch_up()
     }
 
     fn ask(&mut self, ask: Ask) -> Option<Ask> {
         if self.asked.is_some() {
             return None;
         }
+        // Sent after the stream was re-established: its answer covers what came before.
+        self.stale = false;
         self.asked = Some(ask);
         Some(ask)
     }

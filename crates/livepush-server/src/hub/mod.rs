@@ -524,6 +524,14 @@ impl Hub {
                     self.ask(&r, ask);
                 }
             }
+            Event::Subscribed { room } => {
+                let r = self.rooms.read().get(room).cloned();
+                if let Some(r) = r
+                    && let Some(ask) = r.on_subscribed()
+                {
+                    self.ask(&r, ask);
+                }
+            }
             Event::LinkLost => {
                 let rooms: Vec<Arc<Room>> = self.rooms.read().values().cloned().collect();
                 for r in rooms {

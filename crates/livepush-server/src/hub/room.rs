@@ -278,6 +278,11 @@ impl Room {
         self.state.lock().feed.lost()
     }
 
+    /// The engine's stream of the room is (re)established: read what it may have missed.
+    pub fn on_subscribed(&self) -> Option<Ask> {
+        self.state.lock().feed.subscribed()
+    }
+
     /// An ask could not be answered: the room's upkeep asks again.
     pub fn on_failed(&self) {
         self.state.lock().feed.failed();

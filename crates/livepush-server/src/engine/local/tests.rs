@@ -28,6 +28,7 @@ impl Node for Recorder {
             Event::Transient { .. }
             | Event::Online { .. }
             | Event::LinkLost
+            | Event::Subscribed { .. }
             | Event::Wake { .. } => "other".into(),
         };
         self.0.lock().push(line);

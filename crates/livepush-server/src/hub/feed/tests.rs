@@ -413,3 +413,59 @@ fn control_actions_survive_a_read_back() {
     feed.read(history, &mut out);
     assert!(matches!(&out[..], [Step::Deliver(m)] if m.action == Some(Action::Mute)));
 }
+
+/// A message published after the last read and before the stream came back reaches the room
+/// through no stream: the re-established stream makes the feed read once more.
+#[test]
+fn a_reestablished_stream_reads_what_came_before_it() {
+    let e: Arc<str> = Arc::from("e");
+    let mut out = Vec::new();
+    let snapshot = |seq: u64| Snapshot {
+        epoch: e.clone(),
+        seq,
+        flags: RoomFlags::default(),
+        online: 0,
+        history: vec![],
+    };
+
+    // Nothing in flight: read at once from the position.
+    let mut feed = Feed::loading();
+    assert_eq!(feed.loaded(e.clone(), 20, &mut out), None);
+    assert_eq!(feed.subscribed(), Some(Ask::Read { since: 20 }));
+
+    // A snapshot in flight (asked after the link dropped, maybe read before the stream was
+    // back): its answer is followed by a read, even though it shows nothing new.
+    let mut feed = Feed::loading();
+    assert_eq!(feed.loaded(e.clone(), 20, &mut out), None);
+    assert_eq!(feed.lost(), Some(Ask::Snapshot));
+    assert_eq!(feed.subscribed(), None, "one ask at a time");
+    assert_eq!(
+        feed.snapshot(snapshot(20), &mut out),
+        Some(Ask::Read { since: 20 })
+    );
+    // That read covers it: no more.
+    let truth = Truth {
+        epochs: vec![e.clone()],
+        latest: 21,
+        keep: 100,
+    };
+    assert_eq!(feed.read(truth.history(20, 100), &mut out), None);
+    assert_eq!(feed.retry(), None);
+    assert_eq!(feed.delivered(), 21);
+
+    // Subscribed while the first snapshot loads: read once loaded.
+    let mut feed = Feed::loading();
+    assert_eq!(feed.subscribed(), None);
+    assert_eq!(
+        feed.loaded(e.clone(), 20, &mut out),
+        Some(Ask::Read { since: 20 })
+    );
+
+    // The ask in flight failed: the upkeep's retry owes the read.
+    let mut feed = Feed::loading();
+    assert_eq!(feed.loaded(e.clone(), 20, &mut out), None);
+    assert_eq!(feed.lost(), Some(Ask::Snapshot));
+    assert_eq!(feed.subscribed(), None);
+    feed.failed();
+    assert_eq!(feed.retry(), Some(Ask::Read { since: 20 }));
+}
