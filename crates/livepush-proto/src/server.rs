@@ -21,6 +21,17 @@ pub enum Transport {
     Sse,
 }
 
+impl Transport {
+    /// The contract's name of the transport, as in its frames (`ws`, `longpoll`, `sse`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Longpoll => "longpoll",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
 /// A terminal's inbox: the newest inbox `seq`, the newest one it acked, and how many
 /// unacknowledged messages are still kept (contract v1.1, decision 6: a woken terminal knows it
 /// has drained its inbox when `pending` is 0, even across gaps left by expired messages).

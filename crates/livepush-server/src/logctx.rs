@@ -63,11 +63,7 @@ pub async fn request_id(req: Request, next: Next) -> Response {
 /// The span of connection `conn` over `transport`; record `terminal` in it once known
 /// ([`tracing::Span::record`]).
 pub fn conn_span(conn: ConnId, transport: Transport) -> tracing::Span {
-    let transport = match transport {
-        Transport::Ws => "ws",
-        Transport::Longpoll => "longpoll",
-        Transport::Sse => "sse",
-    };
+    let transport = transport.as_str();
     tracing::error_span!("conn", conn, transport, terminal = tracing::field::Empty)
 }
 

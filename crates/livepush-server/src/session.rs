@@ -92,11 +92,7 @@ impl Ending {
 
 fn label(transport: Transport) -> TransportLabel {
     TransportLabel {
-        transport: match transport {
-            Transport::Ws => "ws",
-            Transport::Longpoll => "longpoll",
-            Transport::Sse => "sse",
-        },
+        transport: transport.as_str(),
     }
 }
 
