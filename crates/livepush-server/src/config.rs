@@ -155,11 +155,14 @@ pub struct Limits {
     pub frame_rate: u32,
     /// Burst of client frames allowed per connection.
     pub frame_burst: u32,
-    /// Frames a connection's outgoing queue holds before transient messages are dropped and
-    /// reliable ones are replaced by a `prompt` (the soft limit).
+    /// Frames a connection's outgoing queue holds, and frames a room keeps for members that
+    /// are behind, before transient messages are dropped and reliable ones are replaced by a
+    /// `prompt` (the soft limit).
     pub outbox_frames: usize,
-    /// Bytes a connection's outgoing queue may hold in all; past it the connection is closed
-    /// with reason `slow_consumer` (the hard limit) and the client resumes.
+    /// Bytes a connection may have waiting in all (its queue, and what its rooms delivered
+    /// that it has not read while its socket is backed up); past it the connection is
+    /// closed with reason `slow_consumer` (the hard limit) and the client resumes. A room
+    /// keeps no more than this of what its members have not read.
     pub outbox_max_bytes: usize,
     /// Bytes written to a connection in one batch (one WebSocket frame) at most.
     pub write_batch_bytes: usize,

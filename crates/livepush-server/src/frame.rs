@@ -216,8 +216,18 @@ pub fn joined_len(frames: &[Frame]) -> usize {
 /// array. The one way every transport batches.
 pub fn join_into(frames: &[Frame], sep: u8, out: &mut Vec<u8>) {
     out.reserve(joined_len(frames));
+    join_run_into(frames, &[], sep, out);
+}
+
+/// Bytes that [`join_run_into`] writes for the run `a` then `b`.
+pub fn run_len(a: &[Frame], b: &[Frame]) -> usize {
+    (a.iter().chain(b).map(|f| f.len() + 1).sum::<usize>()).saturating_sub(1)
+}
+
+/// [`join_into`] for a run of frames given as two slices (a queue's range).
+pub fn join_run_into(a: &[Frame], b: &[Frame], sep: u8, out: &mut Vec<u8>) {
     let mut first = true;
-    for part in frames.iter().flat_map(Frame::parts) {
+    for part in a.iter().chain(b).flat_map(Frame::parts) {
         if !first {
             out.push(sep);
         }

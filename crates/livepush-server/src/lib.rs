@@ -15,14 +15,16 @@
 //! 3. The node ([`app::App`], which implements [`engine::Node`]) passes room events to the
 //!    hub; the room's [`hub::feed`] keeps order and repairs gaps (across nodes the stream may
 //!    skip or repeat), and the room ([`hub::Room`]) appends the message to its history and
-//!    pushes the same shared [`frame::Frame`] into every member's [`outbox::Outbox`], all
-//!    under the room's lock, so a message races no join: it is in the joiner's replay or
-//!    delivered live, never both, never neither.
-//! 4. The outbox wakes its writer. For WebSocket that is the connection's
-//!    `transport::ws::Driver` in a shard of the [`reactor`] (one readiness loop per core);
-//!    it takes everything queued as one batch, and [`frame::join_into`] writes it as one
-//!    WebSocket text frame (framing from the `livepush-wsframe` crate), in one write. A
-//!    parked long-poll answers with the batch as a JSON array, an SSE stream as one event.
+//!    its [`ring::Ring`], the same shared [`frame::Frame`] once, all under the room's lock,
+//!    so a message races no join: it is in the joiner's replay or delivered live, never
+//!    both, never neither. Each member's [`outbox::Outbox`] reads the ring by position.
+//! 4. The ring wakes the writers that had read everything. For WebSocket that is the
+//!    connection's `transport::ws::Driver` in a shard of the [`reactor`] (one readiness loop
+//!    per core); it takes what its outbox queued and what its rooms' rings hold for it, and
+//!    writes each run of frames, joined by `\n`, as one WebSocket text frame (framing from
+//!    the `livepush-wsframe` crate), copied straight from the shared frames, all in one
+//!    write. A parked long-poll answers with the batch as a JSON array, an SSE stream as one
+//!    event.
 //!
 //! The other way, a terminal's frames reach the [`session`] (the one place where client
 //! frames turn into hub operations, and where every transport's sessions start and end),
@@ -68,6 +70,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod ratelimit;
 pub mod reactor;
+pub mod ring;
 pub mod server;
 pub mod session;
 pub mod store;

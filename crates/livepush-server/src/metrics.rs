@@ -186,7 +186,7 @@ impl Metrics {
             "dropped_transient", "Transient messages dropped for slow terminals", m.outbox.dropped_transient;
             "prompts", "Reliable messages replaced by a prompt for slow terminals", m.outbox.prompted;
             "slow_consumer_closes", "Connections closed as slow consumers: outgoing queue past its hard limit, or a write blocked for write_timeout", m.outbox.slow_consumer_closes;
-            "merge_flushes", "Merged chunks rooms pushed to their members (--merge-ms), one push per member each", m.merge.flushes;
+            "merge_flushes", "Merged chunks rooms appended to their rings (--merge-ms), one entry each", m.merge.flushes;
             "merged_frames", "Messages carried in merged chunks (--merge-ms)", m.merge.frames;
             "inbox_posted", "Direct messages posted to terminal inboxes", m.inbox.posted;
             "inbox_dropped", "Inbox messages dropped unacknowledged, by reason", m.inbox.dropped;

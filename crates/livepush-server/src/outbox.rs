@@ -1,9 +1,13 @@
 //! A connection's outgoing queue, and what happens when the terminal cannot keep up.
 //!
-//! Room fan-out pushes encoded [`Frame`]s (shared, one pointer each) into each member's
-//! outbox; the
-//! connection's writer drains everything queued at once and sends it as one batch, so a burst
-//! costs one write per connection rather than one per message.
+//! Replies, `online` counts and join replays are queued here as encoded [`Frame`]s (shared,
+//! one pointer each). What its rooms deliver live is not: the outbox keeps a cursor into
+//! each room's [`Ring`] and reads it by position, so a delivery costs a room one append
+//! rather than one push per member. Order is kept by one rule: before anything is queued,
+//! what the rings hold for this connection is read into the queue ([`Outbox::catch_up`]), so
+//! everything queued is older than everything still unread in a ring. The connection's
+//! writer takes the queue, then the rings, in one batch, so a burst costs one write per
+//! connection rather than one per message.
 //!
 //! The queue has two limits:
 //! - the **soft limit** (`outbox_frames`): past it, transient messages are dropped (and
@@ -20,8 +24,8 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
@@ -30,6 +34,7 @@ use parking_lot::Mutex;
 
 use crate::frame::{Frame, What};
 use crate::metrics::OutboxStats;
+use crate::ring::{Cursor, Reader, Ring, Sink};
 
 /// Identifies one connection (one session) within this process.
 pub type ConnId = u64;
@@ -79,7 +84,24 @@ struct State {
     significant: u32,
     /// Rooms whose newest reliable messages were folded into a prompt not yet sent.
     prompts: Vec<(Arc<str>, u64)>,
+    /// The rooms' rings this connection reads (one per room it is a member of). Everything
+    /// in `frames` is older than what is unread in them: a frame is only queued after
+    /// they are read into the queue ([`Outbox::catch_up`]).
+    subs: Vec<Sub>,
+    /// Which ring a batch reads first: each in turn, so that a bursting room cannot keep
+    /// the others of a connection waiting.
+    turn: u32,
     closed: Option<CloseReason>,
+}
+
+/// A ring the connection reads, and where it is in it.
+#[derive(Debug)]
+struct Sub {
+    room: Arc<str>,
+    ring: Arc<Ring>,
+    cursor: Cursor,
+    /// This outbox, as the ring wakes it.
+    me: Weak<dyn Reader>,
 }
 
 /// A connection's bounded outgoing queue.
@@ -239,6 +261,25 @@ impl Outbox {
         if st.closed.is_some() {
             return Pushed::Closed;
         }
+        // What the rings hold for this connection is older than this frame: queue it first.
+        let mut wake = self.catch_up(&mut st);
+        let (outcome, woke) = self.enqueue(&mut st, frame, soft);
+        wake |= woke;
+        drop(st);
+        if wake {
+            self.waker.wake();
+        }
+        outcome
+    }
+
+    /// Queue a frame under the lock. Returns what became of it and whether the writer must
+    /// be woken: when the queue becomes non-empty, and (for a parked long-poll) when the
+    /// first significant frame arrives behind ambient ones, whose waiter may have been woken
+    /// by the ambient frame already and gone back to sleep.
+    fn enqueue(&self, st: &mut State, frame: Frame, soft: bool) -> (Pushed, bool) {
+        if st.closed.is_some() {
+            return (Pushed::Closed, false);
+        }
         let full = st.frames.len() >= self.limits.soft_frames();
         let ambient = matches!(frame.what(), What::Ambient);
         let outcome = match frame.what() {
@@ -246,7 +287,7 @@ impl Outbox {
             _ if !soft => Pushed::Queued,
             What::Transient | What::Ambient if full => {
                 self.stats.dropped_transient.inc();
-                return Pushed::Dropped;
+                return (Pushed::Dropped, false);
             }
             What::Transient | What::Ambient => Pushed::Queued,
             What::Reliable { room, seq } => {
@@ -254,12 +295,12 @@ impl Outbox {
                 match pending {
                     Some((_, s)) => {
                         *s = (*s).max(*seq);
-                        return Pushed::Prompted;
+                        return (Pushed::Prompted, false);
                     }
                     None if full => {
                         st.prompts.push((room.clone(), *seq));
                         self.stats.prompted.inc();
-                        return Pushed::Prompted;
+                        return (Pushed::Prompted, false);
                     }
                     None => Pushed::Queued,
                 }
@@ -272,29 +313,88 @@ impl Outbox {
         }
         if st.bytes > self.limits.hard_bytes() {
             self.overflow(st);
-            return Pushed::Closed;
+            return (Pushed::Closed, true);
         }
-        // Wake the writer when the queue becomes non-empty, and a parked long-poll when the
-        // first significant frame arrives behind ambient ones (its waiter may have been woken
-        // by the ambient frame already and gone back to sleep).
         let was_empty = st.frames.len() == 1 && st.prompts.is_empty();
         let first_significant = !ambient && st.significant == 1;
-        drop(st);
-        if was_empty || first_significant {
-            self.waker.wake();
-        }
-        outcome
+        (outcome, was_empty || first_significant)
     }
 
-    /// Past the hard limit: discard the queue, close as a slow consumer, wake the writer.
-    fn overflow(&self, mut st: parking_lot::MutexGuard<'_, State>) {
+    /// Read what the rings hold for this connection into the queue, under the queue's rules
+    /// (a frame is about to be queued behind them). Returns whether the writer must be
+    /// woken.
+    fn catch_up(&self, st: &mut State) -> bool {
+        if !st.subs.iter().any(|s| s.ring.pending(&s.cursor)) {
+            return false;
+        }
+        let mut subs = std::mem::take(&mut st.subs);
+        let mut sink = Enqueue {
+            outbox: self,
+            st,
+            room: None,
+            wake: false,
+        };
+        for sub in &mut subs {
+            sink.room = Some(sub.room.clone());
+            sub.ring
+                .read(&mut sub.cursor, usize::MAX, true, &sub.me, &mut sink);
+        }
+        let wake = sink.wake;
+        st.subs = subs;
+        wake
+    }
+
+    /// Fold reliable messages of `room` up to `seq` into a pending prompt.
+    fn fold_prompt(&self, st: &mut State, room: &Arc<str>, seq: u64) {
+        match st.prompts.iter_mut().find(|(r, _)| r == room) {
+            Some((_, s)) => *s = (*s).max(seq),
+            None => {
+                st.prompts.push((room.clone(), seq));
+                self.stats.prompted.inc();
+            }
+        }
+    }
+
+    /// Read `ring` (the ring of `room`) from its head on: the connection joined the room.
+    /// The ring wakes the writer when something is appended.
+    pub fn subscribe(self: &Arc<Self>, room: &Arc<str>, ring: &Arc<Ring>) {
+        let mut st = self.state.lock();
+        if st.closed.is_some() || st.subs.iter().any(|s| Arc::ptr_eq(&s.ring, ring)) {
+            return;
+        }
+        let me: Weak<dyn Reader> = Arc::downgrade(self) as Weak<dyn Reader>;
+        let cursor = ring.subscribe(me.clone());
+        st.subs.push(Sub {
+            room: room.clone(),
+            ring: ring.clone(),
+            cursor,
+            me,
+        });
+    }
+
+    /// Stop reading `ring`: the connection left its room. What it holds for the connection
+    /// (delivered while it was a member) is queued first.
+    pub fn unsubscribe(&self, ring: &Arc<Ring>) {
+        let mut st = self.state.lock();
+        let wake = st.closed.is_none() && self.catch_up(&mut st);
+        if let Some(i) = st.subs.iter().position(|s| Arc::ptr_eq(&s.ring, ring)) {
+            let sub = st.subs.swap_remove(i);
+            sub.ring.unsubscribe(&sub.cursor);
+        }
+        drop(st);
+        if wake {
+            self.waker.wake();
+        }
+    }
+
+    /// Past the hard limit: discard the queue and close as a slow consumer (the caller
+    /// wakes the writer).
+    fn overflow(&self, st: &mut State) {
         st.closed = Some(CloseReason::SlowConsumer);
         st.frames.clear();
         st.bytes = 0;
         st.significant = 0;
         self.stats.slow_consumer_closes.inc();
-        drop(st);
-        self.waker.wake();
     }
 
     /// Count `held` bytes that the writer keeps outside the queue (WebSocket pongs and close
@@ -303,15 +403,26 @@ impl Outbox {
     /// is a slow consumer like any other. Past the limit the outbox closes as
     /// [`CloseReason::SlowConsumer`]; returns whether it is closed.
     pub fn hold(&self, held: usize) -> bool {
-        let st = self.state.lock();
+        let mut st = self.state.lock();
         if st.closed.is_some() {
             return true;
         }
         if st.bytes.saturating_add(held) > self.limits.hard_bytes() {
-            self.overflow(st);
+            self.overflow(&mut st);
+            drop(st);
+            self.waker.wake();
             return true;
         }
         false
+    }
+
+    /// Whether more than the hard limit waits for the writer: its queue and what its rooms'
+    /// rings hold that it has not read. The reactor asks while the connection's socket is
+    /// backed up (a writer that writes keeps reading its rings).
+    pub fn over_hard_limit(&self) -> bool {
+        let st = self.state.lock();
+        let ringed: u64 = st.subs.iter().map(|s| s.ring.behind(&s.cursor)).sum();
+        (st.bytes as u64).saturating_add(ringed) > self.limits.hard_bytes() as u64
     }
 
     /// Queue a typed reply frame.
@@ -338,13 +449,8 @@ impl Outbox {
         if st.closed.is_some() {
             return;
         }
-        match st.prompts.iter_mut().find(|(r, _)| r == room) {
-            Some((_, s)) => *s = (*s).max(seq),
-            None => {
-                st.prompts.push((room.clone(), seq));
-                self.stats.prompted.inc();
-            }
-        }
+        self.catch_up(&mut st);
+        self.fold_prompt(&mut st, room, seq);
         drop(st);
         self.waker.wake();
     }
@@ -366,26 +472,50 @@ impl Outbox {
         self.state.lock().closed.is_some()
     }
 
-    /// Take up to `max_bytes` of queued frames (at least one frame). Pending prompts are
-    /// appended once every queued frame has been taken, so a prompt always follows the
-    /// messages of its room that did fit. Returns an empty batch when there is nothing.
+    /// Take up to `max_bytes` of frames (at least one frame), cloned out: the queue first,
+    /// then its pending prompts once every queued frame has been taken (a prompt always
+    /// follows the messages of its room that did fit), then what the rings hold. Returns an
+    /// empty batch when there is nothing.
     pub fn take(&self, max_bytes: usize) -> Batch {
+        let mut out = Vec::new();
+        match self.take_into(max_bytes, &mut |a: &[Frame], b: &[Frame]| {
+            out.extend(a.iter().chain(b).cloned())
+        }) {
+            Ok(()) => Batch::Frames(out),
+            Err(reason) => Batch::Closed(reason),
+        }
+    }
+
+    /// [`Outbox::take`] without cloning: hand the frames to `out` as runs, in order, each
+    /// run consecutive frames of one source (the queue, the prompts, one room's ring). A
+    /// WebSocket writer copies each run into one text frame, under the ring's lock: a
+    /// delivery costs no reference count and no queue slot of its own. `Err` when the
+    /// outbox is closed.
+    pub fn take_into(&self, max_bytes: usize, out: &mut dyn Run) -> Result<(), CloseReason> {
         let mut st = self.state.lock();
         if let Some(reason) = st.closed {
-            return Batch::Closed(reason);
+            return Err(reason);
         }
-        let mut out = Vec::with_capacity(st.frames.len().min(256));
+        let mut n = 0;
         let mut taken = 0;
-        while let Some(f) = st.frames.front() {
-            if !out.is_empty() && taken + f.len() > max_bytes {
+        for f in &st.frames {
+            if n > 0 && taken + f.len() > max_bytes {
                 break;
             }
             taken += f.len();
-            if let Some(f) = st.frames.pop_front() {
-                out.push(f);
-            }
+            n += 1;
         }
-        st.bytes -= taken;
+        if n > 0 {
+            let (a, b) = st.frames.as_slices();
+            let (ra, rb) = if n <= a.len() {
+                (&a[..n], &[][..])
+            } else {
+                (a, &b[..n - a.len()])
+            };
+            out.run(ra, rb);
+            st.frames.drain(..n);
+            st.bytes -= taken;
+        }
         // Which of the taken frames were ambient is not tracked; a partial take keeps the
         // count conservative (it only decides whether a parked long-poll answers early).
         st.significant = if st.frames.is_empty() {
@@ -393,15 +523,52 @@ impl Outbox {
         } else {
             st.significant.min(st.frames.len() as u32)
         };
-        if st.frames.is_empty() {
+        if !st.frames.is_empty() {
+            // Frames left over stay queued: writers check again before they sleep.
+            return Ok(());
+        }
+        if st.frames.capacity() > 0 {
             // Give the queue's memory back: most connections are idle between bursts.
             st.frames = VecDeque::new();
-            for (room, seq) in std::mem::take(&mut st.prompts) {
-                out.push(Frame::prompt(&room, seq));
-            }
         }
-        // Frames left over stay queued: writers check the queue again before they sleep.
-        Batch::Frames(out)
+        let prompts = std::mem::take(&mut st.prompts);
+        if !prompts.is_empty() {
+            let frames: Vec<Frame> = prompts
+                .iter()
+                .map(|(room, seq)| Frame::prompt(room, seq.to_owned()))
+                .collect();
+            out.run(&frames, &[]);
+            n += frames.len();
+        }
+        let subs = st.subs.len();
+        if subs == 0 {
+            return Ok(());
+        }
+        let first = st.turn as usize % subs;
+        st.turn = st.turn.wrapping_add(1);
+        let mut budget = max_bytes.saturating_sub(taken);
+        let stats = &self.stats;
+        for i in (first..subs).chain(0..first) {
+            let sub = &mut st.subs[i];
+            if !sub.ring.pending(&sub.cursor) {
+                continue;
+            }
+            if budget == 0 && n > 0 {
+                break;
+            }
+            let mut sink = Forward {
+                room: &sub.room,
+                stats,
+                out: &mut *out,
+                frames: 0,
+            };
+            budget -= sub
+                .ring
+                .read(&mut sub.cursor, budget, n == 0, &sub.me, &mut sink)
+                .min(budget);
+            n += sink.frames;
+        }
+        Ok(())
     }
 
     /// The heartbeat's side of the connection: what the tick reads and raises.
@@ -457,11 +624,87 @@ impl Outbox {
         } else {
             !st.frames.is_empty()
         };
-        if st.closed.is_some() || queued || !st.prompts.is_empty() {
+        let ringed = || st.subs.iter().any(|s| s.ring.pending(&s.cursor));
+        if st.closed.is_some() || queued || !st.prompts.is_empty() || ringed() {
             Poll::Ready(())
         } else {
             Poll::Pending
         }
+    }
+}
+
+/// Where [`Outbox::take_into`] hands a batch: consecutive frames, as the two slices of a
+/// queue's range.
+pub trait Run {
+    fn run(&mut self, a: &[Frame], b: &[Frame]);
+}
+
+impl<F: FnMut(&[Frame], &[Frame])> Run for F {
+    fn run(&mut self, a: &[Frame], b: &[Frame]) {
+        self(a, b)
+    }
+}
+
+impl Reader for Outbox {
+    fn wake(&self) {
+        self.waker.wake();
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        for sub in &self.state.get_mut().subs {
+            sub.ring.unsubscribe(&sub.cursor);
+        }
+    }
+}
+
+/// A ring's frames on their way into the queue ([`Outbox::catch_up`]).
+struct Enqueue<'a> {
+    outbox: &'a Outbox,
+    st: &'a mut State,
+    room: Option<Arc<str>>,
+    wake: bool,
+}
+
+impl Sink for Enqueue<'_> {
+    fn lagged(&mut self, dropped: u64, prompt: Option<u64>) {
+        self.outbox.stats.dropped_transient.inc_by(dropped);
+        if let (Some(seq), Some(room)) = (prompt, &self.room) {
+            self.outbox.fold_prompt(self.st, room, seq);
+            self.wake = true;
+        }
+    }
+
+    fn run(&mut self, a: &[Frame], b: &[Frame]) {
+        for f in a.iter().chain(b) {
+            let (_, wake) = self.outbox.enqueue(self.st, f.clone(), true);
+            self.wake |= wake;
+        }
+    }
+}
+
+/// A ring's frames on their way to the writer ([`Outbox::take_into`]).
+struct Forward<'a> {
+    room: &'a Arc<str>,
+    stats: &'a OutboxStats,
+    out: &'a mut dyn Run,
+    frames: usize,
+}
+
+impl Sink for Forward<'_> {
+    fn lagged(&mut self, dropped: u64, prompt: Option<u64>) {
+        self.stats.dropped_transient.inc_by(dropped);
+        if let Some(seq) = prompt {
+            self.stats.prompted.inc();
+            self.out.run(&[Frame::prompt(self.room, seq)], &[]);
+            self.frames += 1;
+        }
+    }
+
+    fn run(&mut self, a: &[Frame], b: &[Frame]) {
+        self.frames += a.len() + b.len();
+        self.out.run(a, b);
     }
 }
 

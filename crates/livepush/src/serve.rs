@@ -135,11 +135,12 @@ pub struct ServeArgs {
     /// Burst of client frames per connection.
     #[arg(long, env = "LIVEPUSH_FRAME_BURST", default_value_t = Limits::default().frame_burst)]
     frame_burst: u32,
-    /// Frames a connection's queue holds before transient messages are dropped and reliable
-    /// ones become a `prompt`.
+    /// Frames a connection's queue holds, and a room keeps for members that are behind,
+    /// before transient messages are dropped and reliable ones become a `prompt`.
     #[arg(long, env = "LIVEPUSH_OUTBOX_FRAMES", default_value_t = Limits::default().outbox_frames)]
     outbox_frames: usize,
-    /// Bytes a connection's queue may hold before it is closed as a slow consumer.
+    /// Bytes a connection may have waiting before it is closed as a slow consumer (also the
+    /// most a room keeps for members that are behind).
     #[arg(long, env = "LIVEPUSH_OUTBOX_MAX_BYTES", default_value_t = Limits::default().outbox_max_bytes)]
     outbox_max_bytes: usize,
     /// Most bytes written to a connection in one batch.

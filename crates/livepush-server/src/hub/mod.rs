@@ -30,7 +30,7 @@ use crate::control::{Action, CONTROL_TYPE, ControlError};
 use crate::engine::{Engine, EngineError, Event, Publish, Retention, Sequenced};
 use crate::frame::Frame;
 use crate::metrics::Metrics;
-use crate::outbox::{ConnId, Outbox};
+use crate::outbox::{ConnId, Outbox, OutboxLimits};
 use feed::Ask;
 
 /// Why a publish was refused.
@@ -196,6 +196,10 @@ impl Hub {
                     Arc::new(Room::loading_with(
                         Arc::from(id),
                         self.merge_window(),
+                        OutboxLimits {
+                            soft_frames: self.config.limits.outbox_frames,
+                            hard_bytes: self.config.limits.outbox_max_bytes,
+                        },
                         presence,
                     ))
                 })

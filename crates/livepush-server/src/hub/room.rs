@@ -3,17 +3,18 @@
 //!
 //! A room delivers only what the engine hands the node (through its [`Feed`], which keeps the
 //! order and repairs gaps). Everything that decides what a member sees happens under the
-//! room's one lock: delivering a message (append to the history + push to every member's
-//! outbox) and joining (compute the replay from the history + register the member). A message
-//! is therefore either in the joiner's replay or delivered live to it, never both and never
-//! neither. The history here is the node's copy of the engine's recent history; replays and
+//! room's one lock: delivering a message (append to the history and to the room's
+//! [`Ring`], which every member's outbox reads by position) and joining (compute the replay
+//! from the history, register the member, and start its cursor at the ring's head). A
+//! message is therefore either in the joiner's replay or delivered live to it, never both
+//! and never neither. The history here is the node's copy of the engine's recent history; replays and
 //! pulls are served from it.
 //!
 //! **Merge window** (`--merge-ms`, off by default). With it on, delivering a message does not
-//! push it to each member: the room gathers the frames it delivers (reliable and transient)
-//! and, `window` after the first one, pushes them to every member as one shared chunk, so a
-//! very busy room costs one outbox push per member per window rather than one per message. A
-//! message can then be delivered (in history) yet not pushed, so under the same lock
+//! append it to the ring: the room gathers the frames it delivers (reliable and transient)
+//! and, `window` after the first one, appends them as one shared chunk, so a very busy room
+//! costs one ring entry (and one run in each member's write) per window rather than one per
+//! message. A message can then be delivered (in history) yet not pushed, so under the same lock
 //! everything that reads the history for a member or changes the members pushes the gathered
 //! frames first: a join flushes before computing its replay (otherwise the joiner would get a
 //! message in its replay and again from the flush), a pull before reading its page (otherwise
@@ -34,7 +35,8 @@ use crate::control::Action;
 use crate::engine::{History, Retention, Snapshot};
 use crate::frame::{Frame, What};
 use crate::metrics::MergeStats;
-use crate::outbox::{ConnId, Outbox, Pushed};
+use crate::outbox::{ConnId, Outbox, OutboxLimits};
+use crate::ring::Ring;
 use crate::store::{RoomFlags, StoredMessage};
 
 /// A connection that joined the room.
@@ -58,6 +60,9 @@ struct State {
     feed: Feed,
     /// Delivered messages still kept, oldest first, contiguous seqs of the feed's epoch.
     history: VecDeque<Kept>,
+    /// What is delivered live, which every member's outbox reads by position
+    /// ([`crate::ring`]).
+    ring: Arc<Ring>,
     members: HashMap<ConnId, Member>,
     /// Unique terminals: how many of a terminal's connections are members.
     terminals: HashMap<Arc<str>, u32>,
@@ -76,6 +81,13 @@ struct State {
     /// The hub closed the room: it takes no members any more (a join finds a new one).
     retired: bool,
 }
+
+/// How much a room keeps for members that are behind, when not told (the defaults of
+/// `--outbox-frames` and `--outbox-max-bytes`).
+pub const DEFAULT_RING: OutboxLimits = OutboxLimits {
+    soft_frames: 1024,
+    hard_bytes: 8 << 20,
+};
 
 /// A room's merge window (`--merge-ms`): how long the messages it delivers are gathered
 /// before they are pushed to the members as one chunk. See the module documentation.
@@ -160,16 +172,24 @@ impl Room {
     /// A room waiting for its first snapshot ([`Room::open`]); with a merge window (off when
     /// `merge.window` is zero).
     pub fn loading(id: Arc<str>, merge: MergeWindow) -> Room {
-        Room::loading_with(id, merge, None)
+        Room::loading_with(id, merge, DEFAULT_RING, None)
     }
 
-    /// [`Room::loading`], reporting its terminals to an engine that counts them across nodes.
-    pub fn loading_with(id: Arc<str>, merge: MergeWindow, presence: Option<Presence>) -> Room {
+    /// [`Room::loading`] with a ring of the members' outbox limits (how far behind a member
+    /// may fall before it is prompted: `--outbox-frames`, `--outbox-max-bytes`), reporting
+    /// its terminals to an engine that counts them across nodes.
+    pub fn loading_with(
+        id: Arc<str>,
+        merge: MergeWindow,
+        ring: OutboxLimits,
+        presence: Option<Presence>,
+    ) -> Room {
         Room {
             id,
             state: Arc::new(Mutex::new(State {
                 feed: Feed::loading(),
                 history: VecDeque::new(),
+                ring: Arc::new(Ring::new(ring.soft_frames, ring.hard_bytes)),
                 members: HashMap::new(),
                 terminals: HashMap::new(),
                 lingering: HashMap::new(),
@@ -306,7 +326,7 @@ impl Room {
         }
     }
 
-    /// Append to the history, push to every member (or gather it, with the merge window on),
+    /// Append to the history, append to the ring (or gather it, with the merge window on),
     /// apply a control action.
     fn deliver(&self, st: &mut State, m: Incoming, retention: Retention) {
         let seq = m.message.seq;
@@ -321,10 +341,8 @@ impl Room {
         }
         if st.merging() {
             self.gather(st, frame, Some(seq));
-        } else {
-            for member in st.members.values() {
-                member.outbox.push(frame.clone());
-            }
+        } else if !st.members.is_empty() {
+            st.ring.append(frame);
         }
         if let Some(action) = m.action {
             // Control commands are rare and should take effect at once: push what was
@@ -338,6 +356,7 @@ impl Room {
                 });
                 for member in st.members.values() {
                     member.outbox.push(left.clone());
+                    member.outbox.unsubscribe(&st.ring);
                 }
                 st.members.clear();
                 let gone: Vec<Arc<str>> = st
@@ -372,23 +391,18 @@ impl Room {
         }
     }
 
-    /// Push a transient frame to every member (dropped for members past their soft limit).
-    /// Returns how many queued it; with the merge window on, how many it was gathered for
-    /// (drops at the soft limit are only known when the chunk is pushed).
+    /// Deliver a transient frame to every member (dropped for members that fell more than
+    /// the ring's capacity behind). Returns how many members it was delivered to: drops are
+    /// only known when each member reads it.
     pub fn broadcast_transient(&self, frame: &Frame) -> usize {
         let mut st = self.state.lock();
+        let members = st.members.len();
         if st.merging() {
-            let members = st.members.len();
             self.gather(&mut st, frame.clone(), None);
-            return members;
+        } else if members > 0 {
+            st.ring.append(frame.clone());
         }
-        let mut delivered = 0;
-        for m in st.members.values() {
-            if m.outbox.push(frame.clone()) == Pushed::Queued {
-                delivered += 1;
-            }
-        }
-        delivered
+        members
     }
 
     /// Gather a delivered frame for the current members (merge window on): push the gathered
@@ -521,6 +535,8 @@ impl Room {
                 bytes = bytes.saturating_sub(m.frame.len());
             }
         }
+        // Live delivery from here on: after the replay, which holds everything up to now.
+        member.outbox.subscribe(&self.id, &st.ring);
         Ok(Joined {
             epoch,
             seq: delivered,
@@ -548,6 +564,7 @@ impl Room {
         if let Some(chunk) = st.merged_chunk(&self.id) {
             m.outbox.push(chunk);
         }
+        m.outbox.unsubscribe(&st.ring);
         let mut last = false;
         if let Some(n) = st.terminals.get_mut(&m.terminal) {
             *n -= 1;
@@ -776,9 +793,7 @@ impl State {
         let Some(chunk) = self.merged_chunk(room) else {
             return;
         };
-        for m in self.members.values() {
-            m.outbox.push(chunk.clone());
-        }
+        self.ring.append(chunk);
         let merged = &mut self.merged;
         merged.settings.stats.flushes.inc();
         merged

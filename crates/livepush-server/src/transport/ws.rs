@@ -38,12 +38,11 @@ use tracing::Instrument;
 use crate::app::App;
 use crate::clock::clock_ms;
 use crate::error::ApiError;
-use crate::frame;
+use crate::frame::{self, Frame};
 use crate::hooks::connect::Caller;
 use crate::logctx::conn_span;
 use crate::outbox::{
-    Batch, CloseReason, ConnId, SIGNAL_DEAD, SIGNAL_EXPIRED, SIGNAL_PING, SIGNAL_SHUTDOWN,
-    SIGNAL_STALLED,
+    CloseReason, ConnId, SIGNAL_DEAD, SIGNAL_EXPIRED, SIGNAL_PING, SIGNAL_SHUTDOWN, SIGNAL_STALLED,
 };
 use crate::ratelimit::Admission;
 use crate::reactor::{Conn, Reactor, Socket, Tick, Wire};
@@ -620,8 +619,8 @@ impl<W: Wire + std::fmt::Debug> Conn for Driver<W> {
     /// Raise what is due: a ping every `heartbeat` from the connection's start, "dead" when
     /// nothing was heard for
     /// `heartbeat + heartbeat_timeout`, "stalled" when a write has been blocked for
-    /// `write_timeout`, "expired" once the session's token has, and the shutdown. Two
-    /// atomic reads when nothing is due.
+    /// `write_timeout` or while more than the hard limit waits for it, "expired" once the
+    /// session's token has, and the shutdown. Two atomic reads when nothing is due.
     fn tick(&mut self, tick: &Tick) -> bool {
         let config = &self.session.app().config;
         let signals = self.session.outbox().signals();
@@ -638,10 +637,14 @@ impl<W: Wire + std::fmt::Debug> Conn for Driver<W> {
         } else if signals.ping_due(tick.now_ms, config.heartbeat.as_millis() as u64) {
             bits |= SIGNAL_PING;
         }
-        if signals.blocked_since().is_some_and(|t| {
-            tick.now_ms.saturating_sub(t) >= config.limits.write_timeout.as_millis() as u64
-        }) {
-            bits |= SIGNAL_STALLED;
+        if let Some(t) = signals.blocked_since() {
+            // Blocked too long, or blocked while its rooms delivered more than the hard limit
+            // that it has not read (they stay in the rooms' rings, not in its queue).
+            if tick.now_ms.saturating_sub(t) >= config.limits.write_timeout.as_millis() as u64
+                || self.session.outbox().over_hard_limit()
+            {
+                bits |= SIGNAL_STALLED;
+            }
         }
         if bits != 0 {
             signals.raise(bits);
@@ -729,17 +732,19 @@ impl<W: Wire> Driver<W> {
                     return Poll::Ready(ending);
                 }
                 // 2. Take the next batch.
-                match outbox.take(batch_bytes) {
-                    Batch::Frames(frames) if frames.is_empty() => {}
-                    Batch::Frames(frames) => {
-                        let len = frame::joined_len(&frames);
-                        let out = self.out.buf();
-                        out.reserve_exact(len + wsframe::MAX_HEADER);
-                        wsframe::write_header(out, OpCode::Text, len);
-                        frame::join_into(&frames, b'\n', out);
-                        continue;
-                    }
-                    Batch::Closed(reason) => {
+                // Each run (the queue, one room's ring) becomes one text frame, copied
+                // straight from the shared frames.
+                let out = self.out.buf();
+                let before = out.len();
+                match outbox.take_into(batch_bytes, &mut |a: &[Frame], b: &[Frame]| {
+                    let len = frame::run_len(a, b);
+                    out.reserve(len + wsframe::MAX_HEADER);
+                    wsframe::write_header(out, OpCode::Text, len);
+                    frame::join_run_into(a, b, b'\n', out);
+                }) {
+                    Ok(()) if out.len() == before => {}
+                    Ok(()) => continue,
+                    Err(reason) => {
                         let (code, ending) = match reason {
                             CloseReason::SlowConsumer => {
                                 (close_code::SLOW_CONSUMER, Ending::SlowConsumer)

@@ -481,8 +481,20 @@ fn pushes_of(chunk: &Frame) -> Vec<ServerFrame> {
 
 #[tokio::test]
 async fn merged_chunks_keep_the_soft_limit_rules() {
-    let (r, ret, _) = merging(HOUR, 1 << 16);
-    // Soft limit of one frame, taken by `joined`: the outbox is full.
+    let stats = MergeStats::default();
+    let merge = MergeWindow {
+        window: HOUR,
+        max_bytes: 1 << 16,
+        stats,
+    };
+    // A ring of one chunk: a member that has not read the last chunk when the next one is
+    // pushed has fallen behind.
+    let ring = OutboxLimits {
+        soft_frames: 1,
+        hard_bytes: 1 << 20,
+    };
+    let r = opened(Room::loading_with(Arc::from("r"), merge, ring, None));
+    let ret = retention(1000);
     let a = member(1);
     r.join(1, a.clone(), None, None, Announce::Always).unwrap();
     // Transient only: dropped as a whole.
@@ -495,14 +507,18 @@ async fn merged_chunks_keep_the_soft_limit_rules() {
     publish(&r, ret, 2);
     chat(&r, "d");
     flush(&r);
-    let got = pushes(&a);
-    assert_eq!(got.len(), 2, "{got:?}");
-    assert!(matches!(got[0][..], [ServerFrame::Joined { .. }]));
-    assert!(matches!(got[1][..], [ServerFrame::Prompt { seq: 2, .. }]));
-    // Once the prompt went out, chunks queue again; a transient-only one is `Transient`.
     chat(&r, "e");
     flush(&r);
-    assert_eq!(msgs(&pushes(&a)[0]), Some(vec![0]));
+    let got = pushes(&a);
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(matches!(got[0][..], [ServerFrame::Joined { .. }]));
+    assert!(matches!(got[1][..], [ServerFrame::Prompt { seq: 2, .. }]));
+    // What is still in the ring arrives; a transient-only chunk is `Transient`.
+    assert_eq!(msgs(&got[2]), Some(vec![0]));
+    // Read up: the next chunk arrives whole.
+    publish(&r, ret, 3);
+    flush(&r);
+    assert_eq!(msgs(&pushes(&a)[0]), Some(vec![3]));
 }
 
 #[derive(Debug, Clone)]
