@@ -110,7 +110,7 @@ pub struct NodeRecord {
     /// Rooms this node holds open (the admin room aside).
     pub rooms_open: u64,
     pub published: Published,
-    /// Transient messages queued to connections.
+    /// Transient messages delivered to connections (members of their rooms).
     pub transient_deliveries: u64,
     /// Connections closed as slow consumers.
     pub slow_consumer_closes: u64,

@@ -179,7 +179,7 @@ pub struct Stored {
     pub seq: u64,
 }
 
-/// A transient message, delivered live: how many connections of this node it was queued to.
+/// A transient message, delivered live: how many connections of this node it was delivered to (the room's members here).
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Delivered {

@@ -180,7 +180,7 @@ impl Metrics {
             "connections", "Terminal connections accepted", m.connections_total;
             "disconnects", "Terminal connections ended, by reason", m.disconnects;
             "published", "Messages published", m.published;
-            "transient_deliveries", "Transient messages queued to connections", m.transient_deliveries;
+            "transient_deliveries", "Transient messages delivered to connections (members of their rooms)", m.transient_deliveries;
             "rooms", "Rooms this node holds open (members joined or pulled here)", m.rooms;
             "client_errors", "Error frames sent to terminals", m.client_errors;
             "dropped_transient", "Transient messages dropped for slow terminals", m.outbox.dropped_transient;

@@ -391,7 +391,7 @@ impl Hub {
 
     /// A transient message (published, or sent by a terminal): delivered to this node's
     /// members at once, and handed to the engine for the other nodes. Returns how many local
-    /// connections queued it.
+    /// connections it was delivered to (the room's members on this node).
     pub fn send_transient(&self, room: &Room, ty: &str, data: &RawValue) -> usize {
         let bytes = encode_msg(&room.id, ty, data, None, now_ms());
         let delivered = room.broadcast_transient(&Frame::transient(bytes.clone()));
