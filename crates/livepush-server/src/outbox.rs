@@ -550,7 +550,7 @@ impl Outbox {
         let stats = &self.stats;
         for i in (first..subs).chain(0..first) {
             let sub = &mut st.subs[i];
-            if !sub.ring.pending(&sub.cursor) {
+            if !sub.ring.pending_or_park(&mut sub.cursor, &sub.me) {
                 continue;
             }
             if budget == 0 && n > 0 {
@@ -618,14 +618,18 @@ impl Outbox {
     }
 
     fn poll_state(&self, significant_only: bool) -> Poll<()> {
-        let st = self.state.lock();
+        let mut st = self.state.lock();
         let queued = if significant_only {
             st.significant > 0
         } else {
             !st.frames.is_empty()
         };
-        let ringed = || st.subs.iter().any(|s| s.ring.pending(&s.cursor));
-        if st.closed.is_some() || queued || !st.prompts.is_empty() || ringed() {
+        // A ring with nothing to read has the writer parked in it before it sleeps.
+        let mut ringed = false;
+        for s in &mut st.subs {
+            ringed |= s.ring.pending_or_park(&mut s.cursor, &s.me);
+        }
+        if st.closed.is_some() || queued || !st.prompts.is_empty() || ringed {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -846,6 +850,34 @@ mod tests {
             .await
             .expect("woken by the significant frame")
             .unwrap();
+    }
+
+    /// A quiet room whose viewers come and go wakes its parked writers once in a while with
+    /// nothing to read (see `Ring::unsubscribe`); a writer that then goes back to sleep must
+    /// still be woken by the next message.
+    #[tokio::test]
+    async fn a_writer_woken_with_nothing_to_read_still_hears_of_the_next_message() {
+        let o = Arc::new(outbox(10, 1 << 20));
+        let ring = Arc::new(Ring::new(16, 1 << 20));
+        let room: Arc<str> = Arc::from("r");
+        o.subscribe(&room, &ring);
+        let other = Arc::new(outbox(10, 1 << 20));
+        for _ in 0..200 {
+            other.subscribe(&room, &ring);
+            other.unsubscribe(&ring);
+        }
+        let o2 = o.clone();
+        let waiter = tokio::spawn(async move { o2.ready().await });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "nothing to read yet");
+        ring.append(Frame::transient(Bytes::from_static(b"x")));
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the append")
+            .unwrap();
+        assert_eq!(frames(o.take(1 << 20)), ["x"]);
     }
 
     #[tokio::test]

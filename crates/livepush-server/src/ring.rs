@@ -35,6 +35,9 @@ use parking_lot::Mutex;
 
 use crate::frame::{Frame, What};
 
+/// How many entries of readers that left the parked list may hold beyond the parked ones.
+const STALE_SLACK: usize = 64;
+
 /// Who reads a ring: an outbox whose writer sleeps until there is something to write.
 pub trait Reader: Send + Sync {
     /// Wake the reader's writer (it then reads its rings).
@@ -50,6 +53,9 @@ pub struct Ring {
     /// Bytes ever appended ([`Frame::len`] each): with a cursor's own count, how far behind
     /// a reader is, without the lock.
     appended: AtomicU64,
+    /// `Inner::wakes`, readable without the lock: a reader whose park names it is still
+    /// parked.
+    wakes: AtomicU64,
     capacity: usize,
     max_bytes: usize,
 }
@@ -88,6 +94,8 @@ struct Inner {
     /// Subscribed readers, and how many of them are parked now.
     readers: usize,
     parked: usize,
+    /// Entries of `waiting` whose reader left since it parked.
+    stale: usize,
 }
 
 /// A reader's place in a ring. Kept by the reader (under its own lock), passed back to every
@@ -136,9 +144,11 @@ impl Ring {
                 wakes: 0,
                 readers: 0,
                 parked: 0,
+                stale: 0,
             }),
             head: AtomicU64::new(0),
             appended: AtomicU64::new(0),
+            wakes: AtomicU64::new(0),
             capacity: capacity.max(1),
             max_bytes,
         }
@@ -175,13 +185,20 @@ impl Ring {
         st.frames.push_back(frame);
         let head = st.base + st.frames.len() as u64;
         self.head.store(head, Ordering::Release);
+        self.wake_parked(st);
+    }
+
+    /// Wake every parked reader (they read, and park again if there was nothing).
+    fn wake_parked(&self, mut st: parking_lot::MutexGuard<'_, Inner>) {
         if st.waiting.is_empty() {
             return;
         }
         let spare = std::mem::take(&mut st.spare);
         let mut woken = std::mem::replace(&mut st.waiting, spare);
         st.wakes += 1;
+        self.wakes.store(st.wakes, Ordering::Release);
         st.parked = 0;
+        st.stale = 0;
         drop(st);
         for reader in woken.drain(..) {
             if let Some(r) = reader.upgrade() {
@@ -209,18 +226,43 @@ impl Ring {
         c
     }
 
-    /// The reader leaves the ring.
+    /// The reader leaves the ring. Its entry in `waiting`, if it was parked, stays until the
+    /// next wake; so that a quiet room with many viewers coming and going does not collect
+    /// them, once more than half the list has left, everyone parked is woken (a spare
+    /// wake-up: they find nothing and park again), which empties it.
     pub fn unsubscribe(&self, c: &Cursor) {
         let mut st = self.inner.lock();
         st.readers = st.readers.saturating_sub(1);
         if c.parked == Some(st.wakes) {
             st.parked = st.parked.saturating_sub(1);
+            st.stale += 1;
+            if st.stale > st.parked + STALE_SLACK {
+                self.wake_parked(st);
+            }
         }
     }
 
     /// Whether there is something at or after the cursor (no lock).
     pub fn pending(&self, c: &Cursor) -> bool {
         self.head.load(Ordering::Acquire) > c.pos
+    }
+
+    /// Whether there is something to read; if not, make sure the reader is parked, so that
+    /// the next append wakes it (a reader can be woken with nothing to read: see
+    /// [`Ring::unsubscribe`]). Without the lock when it is still parked.
+    pub fn pending_or_park(&self, c: &mut Cursor, me: &Weak<dyn Reader>) -> bool {
+        if self.pending(c) {
+            return true;
+        }
+        if c.parked == Some(self.wakes.load(Ordering::Acquire)) {
+            return false;
+        }
+        let mut st = self.inner.lock();
+        if st.base + st.frames.len() as u64 > c.pos {
+            return true;
+        }
+        st.park(c, me.clone());
+        false
     }
 
     /// Bytes appended that the reader has not read (or lost) yet (no lock).
@@ -242,7 +284,7 @@ impl Ring {
         me: &Weak<dyn Reader>,
         sink: &mut dyn Sink,
     ) -> usize {
-        if !self.pending(c) {
+        if !self.pending_or_park(c, me) {
             return 0;
         }
         let mut st = self.inner.lock();
@@ -292,9 +334,15 @@ impl Ring {
         bytes
     }
 
-    /// Frames kept now (for tests and the admin page).
+    /// Frames kept now.
     pub fn kept(&self) -> usize {
         self.inner.lock().frames.len()
+    }
+
+    /// Entries in the parked list (parked readers and some that left since).
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.inner.lock().waiting.len()
     }
 }
 

@@ -197,6 +197,31 @@ fn a_reader_that_left_is_not_counted_as_caught_up() {
     assert_eq!(read_all(&ring, &mut cb, &mb), ["m1", "m2"]);
 }
 
+#[test]
+fn viewers_coming_and_going_in_a_quiet_room_leave_no_trace() {
+    let ring = Ring::new(8, usize::MAX);
+    let (stay, ms) = reader();
+    let mut c = ring.subscribe(ms.clone());
+    let (_r, me) = reader();
+    for _ in 0..10_000 {
+        let c = ring.subscribe(me.clone());
+        ring.unsubscribe(&c);
+    }
+    assert!(ring.waiting() <= 2 + STALE_SLACK, "{}", ring.waiting());
+    // The reader that stayed was woken with nothing to read along the way. Its writer looks,
+    // finds nothing, and is parked again before it sleeps: it still hears of what comes.
+    let spurious = stay.wakes();
+    assert!(spurious > 0);
+    assert!(!ring.pending_or_park(&mut c, &ms));
+    ring.append(msg(1));
+    assert_eq!(
+        stay.wakes(),
+        spurious + 1,
+        "parked again, woken by the append"
+    );
+    assert!(ring.pending_or_park(&mut c, &ms));
+}
+
 proptest! {
     /// Appends and reads in any order, with any byte budgets: a reader gets every frame
     /// appended after it subscribed, once, in order, or is told it lost it (transient
