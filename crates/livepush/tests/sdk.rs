@@ -8,7 +8,7 @@ use livepush_client::{Client, ClientConfig, Event, Events, TransportMode};
 use serde_json::{Value, json};
 use support::process::{Lines, livepush};
 use support::proxy::Proxy;
-use support::{KEY, TestServer, fast_client, next_event, token};
+use support::{KEY, PATIENCE, TestServer, fast_client, next_event, token};
 use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,6 +134,46 @@ async fn tail_over(transport: &str) {
     assert_eq!(m["seq"], 1);
     assert_eq!(m["type"], "gift");
     assert_eq!(m["data"], json!({"n": 7}));
+    server.shutdown().await;
+}
+
+/// A room joined while the long-poll's main poll is parked (without it) is attached by a
+/// short poll. Its messages must not wait for the parked poll to come back (`poll_wait`,
+/// 30 s here): the main poll is sent again with the room. Before the fix, nothing carried the
+/// room until then; the reset test below failed whenever its join lost that race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_joined_while_a_poll_is_parked_gets_its_messages_at_once() {
+    let server = TestServer::start().await;
+    let (api, url) = (&server.api, server.url());
+    let config = ClientConfig {
+        transport: TransportMode::LongPoll,
+        poll_wait: Duration::from_secs(30),
+        ..fast_client(url, "late-joiner")
+    };
+    let (client, mut events) = Client::connect(config).expect("client");
+    let deadline = Instant::now() + PATIENCE;
+    while !matches!(
+        next_event(&mut events, deadline, "connected").await,
+        Event::Connected { .. }
+    ) {}
+    // Let the main poll (no rooms yet) be sent and parked.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.join("live:late", None).await.expect("join");
+    match next_joined_or_message(&mut events, TransportMode::LongPoll).await {
+        Event::Joined { room, .. } => assert_eq!(room, "live:late"),
+        other => panic!("{other:?}"),
+    }
+    let published = Instant::now();
+    api.publish("live:late", "gift", json!({"n": 1})).await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Event::Message(m) = next_event(&mut events, deadline, "the message").await {
+            assert_eq!((m.room.as_str(), m.seq), ("live:late", 1));
+            break;
+        }
+    }
+    assert!(published.elapsed() < PATIENCE);
+    client.close().await;
     server.shutdown().await;
 }
 

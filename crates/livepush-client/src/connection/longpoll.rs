@@ -7,7 +7,9 @@
 //! - A *short* poll (`wait_ms: 0`) starts at once when ops are queued (send, ack, leave) or a
 //!   room is registered that the main poll does not carry; it carries the ops, the rooms of
 //!   its `send`s (the server wants the sender in the room) and the rooms the main poll lacks.
-//!   One at a time; its callers are answered when it is.
+//!   One at a time; its callers are answered when it is. Once it has attached rooms the
+//!   main poll lacks, the parked main poll is dropped and sent again with every room, so
+//!   that their messages do not wait for it to come back.
 //!
 //! - When the client closes, the parked poll is dropped and a last poll says `"bye":true`
 //!   (contract v1.1, decision 5): it carries every room and the queued ops (after a short
@@ -244,6 +246,15 @@ impl Worker {
                     };
                     if let Err(e) = res {
                         return self.poll_failed(&mut s, connected, e, [Some(poll), main.take()]);
+                    }
+                    // The short poll attached rooms the parked main poll lacks: nothing would
+                    // carry them until it comes back (up to `poll_wait`). Send the main poll
+                    // again with every room. The parked one carries no ops; what an answer
+                    // to it held is replayed from the positions.
+                    if !side_covered.is_empty()
+                        && let Some(p) = main.take()
+                    {
+                        p.fail();
                     }
                 }
                 cmd = self.cmds.recv(), if switch_to.is_none() => {
