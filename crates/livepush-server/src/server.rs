@@ -13,6 +13,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, get, on, post};
 use futures_util::StreamExt;
+use futures_util::future::Either;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use livepush_proto::ErrorCode;
@@ -768,8 +769,7 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
             on(
                 MethodFilter::GET.or(MethodFilter::POST),
                 move |State(app): State<Arc<App>>, req: Request| {
-                    let connections = connections.clone();
-                    async move { connect(app, connections, req).await }
+                    connect(app, connections.clone(), req)
                 },
             )
             .layer(poll_bound.clone()),
@@ -783,32 +783,36 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
 }
 
 /// `/v1/connect`: the one endpoint. A WebSocket upgrade gets a WebSocket session; a `POST`
-/// without one is a long-poll exchange.
-async fn connect(
+/// without one is a long-poll exchange. (Not an `async fn`, which would keep the request in
+/// its state for as long as a poll is parked: see `transport::longpoll`.)
+fn connect(
     app: Arc<App>,
     connections: Arc<transport::ws::Connections>,
     req: Request,
-) -> Response {
+) -> impl Future<Output = Response> {
     let wants_ws = req
         .headers()
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    if !wants_ws {
-        if req.method() == axum::http::Method::POST {
-            return transport::longpoll::poll(app, req).await;
-        }
-        return ApiError::bad_request(
+    if !wants_ws && req.method() == axum::http::Method::POST {
+        return Either::Left(transport::longpoll::poll(app, req));
+    }
+    let answer = if wants_ws {
+        transport::ws::upgrade(app, connections, req)
+    } else {
+        ApiError::bad_request(
             "use a WebSocket upgrade (`Upgrade: websocket`) or POST a long-poll body",
         )
-        .into_response();
-    }
-    transport::ws::upgrade(app, connections, req)
+        .into_response()
+    };
+    Either::Right(std::future::ready(answer))
 }
 
-/// `POST /v1/poll`: a long-poll exchange.
-async fn poll(State(app): State<Arc<App>>, req: Request) -> Response {
-    transport::longpoll::poll(app, req).await
+/// `POST /v1/poll`: a long-poll exchange. (Not an `async fn`, which would keep the request
+/// in its state for as long as the poll is parked: see `transport::longpoll`.)
+fn poll(State(app): State<Arc<App>>, req: Request) -> impl Future<Output = Response> {
+    transport::longpoll::poll(app, req)
 }
 
 /// `GET /v1/sse`: a Server-Sent Events stream.
