@@ -264,18 +264,26 @@ struct BodyBound {
 /// once, and a body that has not fully arrived within `body_timeout` (counted from the end
 /// of the head) ends the request with 408. The handler's own read still enforces the limit
 /// on bodies without a declared length.
-async fn bound_body(State(bound): State<BodyBound>, req: Request, next: Next) -> Response {
+///
+/// A plain function returning a future, not an `async fn`, which would keep the request in
+/// its state beside the future made of it for as long as a long-poll is parked (issue 18).
+fn bound_body(
+    State(bound): State<BodyBound>,
+    req: Request,
+    next: Next,
+) -> impl Future<Output = Response> {
     if let Some(len) = req.body().size_hint().exact()
         && len > bound.limit as u64
     {
-        return ApiError::too_large(format!(
+        let refusal = ApiError::too_large(format!(
             "request body of {len} bytes exceeds {} {}",
             bound.setting, bound.limit
         ))
         .into_response();
+        return Either::Left(std::future::ready(refusal));
     }
     if req.body().is_end_stream() {
-        return next.run(req).await;
+        return Either::Right(Either::Left(next.run(req)));
     }
     let expired = Arc::new(AtomicBool::new(false));
     let deadline = tokio::time::Instant::now() + bound.timeout;
@@ -298,26 +306,27 @@ async fn bound_body(State(bound): State<BodyBound>, req: Request, next: Next) ->
             }
         }
     });
-    let res = next
-        .run(Request::from_parts(parts, Body::from_stream(data)))
-        .await;
-    if expired.load(Ordering::Relaxed) {
-        let mut res = ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            ErrorCode::BadRequest,
-            format!(
-                "the request body did not arrive within body_timeout ({} ms)",
-                bound.timeout.as_millis()
-            ),
-        )
-        .into_response();
-        res.headers_mut().insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("close"),
-        );
-        return res;
-    }
-    res
+    let answer = next.run(Request::from_parts(parts, Body::from_stream(data)));
+    Either::Right(Either::Right(async move {
+        let res = answer.await;
+        if expired.load(Ordering::Relaxed) {
+            let mut res = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::BadRequest,
+                format!(
+                    "the request body did not arrive within body_timeout ({} ms)",
+                    bound.timeout.as_millis()
+                ),
+            )
+            .into_response();
+            res.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return res;
+        }
+        res
+    }))
 }
 
 /// Resolves once the server is shutting down (or its shutdown sender is gone).
