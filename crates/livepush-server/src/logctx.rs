@@ -45,7 +45,11 @@ fn new_request_id() -> String {
 }
 
 /// Middleware: run the request in its `http{req=ID}` span and answer with `X-Request-Id`.
-pub async fn request_id(req: Request, next: Next) -> Response {
+///
+/// A plain function returning a future, not an `async fn`, which would keep the request in
+/// its state beside the future made of it for as long as a long-poll is parked (issue 18,
+/// docs/performance.md).
+pub fn request_id(req: Request, next: Next) -> impl Future<Output = Response> {
     let id = req
         .headers()
         .get(REQUEST_ID)
@@ -53,11 +57,14 @@ pub async fn request_id(req: Request, next: Next) -> Response {
         .filter(|v| valid_request_id(v))
         .map_or_else(new_request_id, str::to_owned);
     let span = tracing::error_span!("http", req = %id);
-    let mut res = next.run(req).instrument(span).await;
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        res.headers_mut().insert(REQUEST_ID, v);
+    let answer = next.run(req).instrument(span);
+    async move {
+        let mut res = answer.await;
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            res.headers_mut().insert(REQUEST_ID, v);
+        }
+        res
     }
-    res
 }
 
 /// The span of connection `conn` over `transport`; record `terminal` in it once known

@@ -13,6 +13,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, get, on, post};
 use futures_util::StreamExt;
+use futures_util::future::Either;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use livepush_proto::ErrorCode;
@@ -263,18 +264,26 @@ struct BodyBound {
 /// once, and a body that has not fully arrived within `body_timeout` (counted from the end
 /// of the head) ends the request with 408. The handler's own read still enforces the limit
 /// on bodies without a declared length.
-async fn bound_body(State(bound): State<BodyBound>, req: Request, next: Next) -> Response {
+///
+/// A plain function returning a future, not an `async fn`, which would keep the request in
+/// its state beside the future made of it for as long as a long-poll is parked (issue 18).
+fn bound_body(
+    State(bound): State<BodyBound>,
+    req: Request,
+    next: Next,
+) -> impl Future<Output = Response> {
     if let Some(len) = req.body().size_hint().exact()
         && len > bound.limit as u64
     {
-        return ApiError::too_large(format!(
+        let refusal = ApiError::too_large(format!(
             "request body of {len} bytes exceeds {} {}",
             bound.setting, bound.limit
         ))
         .into_response();
+        return Either::Left(std::future::ready(refusal));
     }
     if req.body().is_end_stream() {
-        return next.run(req).await;
+        return Either::Right(Either::Left(next.run(req)));
     }
     let expired = Arc::new(AtomicBool::new(false));
     let deadline = tokio::time::Instant::now() + bound.timeout;
@@ -297,26 +306,27 @@ async fn bound_body(State(bound): State<BodyBound>, req: Request, next: Next) ->
             }
         }
     });
-    let res = next
-        .run(Request::from_parts(parts, Body::from_stream(data)))
-        .await;
-    if expired.load(Ordering::Relaxed) {
-        let mut res = ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            ErrorCode::BadRequest,
-            format!(
-                "the request body did not arrive within body_timeout ({} ms)",
-                bound.timeout.as_millis()
-            ),
-        )
-        .into_response();
-        res.headers_mut().insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("close"),
-        );
-        return res;
-    }
-    res
+    let answer = next.run(Request::from_parts(parts, Body::from_stream(data)));
+    Either::Right(Either::Right(async move {
+        let res = answer.await;
+        if expired.load(Ordering::Relaxed) {
+            let mut res = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::BadRequest,
+                format!(
+                    "the request body did not arrive within body_timeout ({} ms)",
+                    bound.timeout.as_millis()
+                ),
+            )
+            .into_response();
+            res.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return res;
+        }
+        res
+    }))
 }
 
 /// Resolves once the server is shutting down (or its shutdown sender is gone).
@@ -768,8 +778,7 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
             on(
                 MethodFilter::GET.or(MethodFilter::POST),
                 move |State(app): State<Arc<App>>, req: Request| {
-                    let connections = connections.clone();
-                    async move { connect(app, connections, req).await }
+                    connect(app, connections.clone(), req)
                 },
             )
             .layer(poll_bound.clone()),
@@ -783,32 +792,36 @@ fn router(app: Arc<App>, connections: Arc<transport::ws::Connections>) -> Router
 }
 
 /// `/v1/connect`: the one endpoint. A WebSocket upgrade gets a WebSocket session; a `POST`
-/// without one is a long-poll exchange.
-async fn connect(
+/// without one is a long-poll exchange. (Not an `async fn`, which would keep the request in
+/// its state for as long as a poll is parked: see `transport::longpoll`.)
+fn connect(
     app: Arc<App>,
     connections: Arc<transport::ws::Connections>,
     req: Request,
-) -> Response {
+) -> impl Future<Output = Response> {
     let wants_ws = req
         .headers()
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    if !wants_ws {
-        if req.method() == axum::http::Method::POST {
-            return transport::longpoll::poll(app, req).await;
-        }
-        return ApiError::bad_request(
+    if !wants_ws && req.method() == axum::http::Method::POST {
+        return Either::Left(transport::longpoll::poll(app, req));
+    }
+    let answer = if wants_ws {
+        transport::ws::upgrade(app, connections, req)
+    } else {
+        ApiError::bad_request(
             "use a WebSocket upgrade (`Upgrade: websocket`) or POST a long-poll body",
         )
-        .into_response();
-    }
-    transport::ws::upgrade(app, connections, req)
+        .into_response()
+    };
+    Either::Right(std::future::ready(answer))
 }
 
-/// `POST /v1/poll`: a long-poll exchange.
-async fn poll(State(app): State<Arc<App>>, req: Request) -> Response {
-    transport::longpoll::poll(app, req).await
+/// `POST /v1/poll`: a long-poll exchange. (Not an `async fn`, which would keep the request
+/// in its state for as long as the poll is parked: see `transport::longpoll`.)
+fn poll(State(app): State<Arc<App>>, req: Request) -> impl Future<Output = Response> {
+    transport::longpoll::poll(app, req)
 }
 
 /// `GET /v1/sse`: a Server-Sent Events stream.

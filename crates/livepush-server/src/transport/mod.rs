@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use axum::extract::ConnectInfo;
 use axum::http::Extensions;
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
 use livepush_proto::Transport;
 use tracing::Instrument;
 
@@ -54,23 +55,33 @@ pub fn remote(extensions: &Extensions) -> Option<SocketAddr> {
 
 /// Run an HTTP transport's request (a poll, the opening of an SSE stream) in the span of its
 /// connection `conn`; a refusal is answered as JSON and logged there.
-pub async fn in_conn_span(
+///
+/// A plain function returning a future, not an `async fn`: an `async fn` keeps its
+/// arguments in its state beside the futures made of them, so `request` would be held twice
+/// for as long as a poll is parked (rustc does not overlap an `async fn`'s arguments with
+/// its other state; measured in `longpoll`'s tests).
+pub fn in_conn_span<F>(
     conn: ConnId,
     transport: Transport,
-    request: impl Future<Output = Result<Response, ApiError>>,
-) -> Response {
+    request: F,
+) -> impl Future<Output = Response>
+where
+    F: Future<Output = Result<Response, ApiError>>,
+{
     let span = conn_span(conn, transport);
-    match request.instrument(span.clone()).await {
-        Ok(r) => r,
-        Err(e) => {
-            span.in_scope(|| {
-                tracing::debug!(
-                    status = e.status.as_u16(),
-                    code = e.code.as_str(),
-                    "refused"
-                );
-            });
-            e.into_response()
-        }
-    }
+    request
+        .instrument(span.clone())
+        .map(move |answer| match answer {
+            Ok(r) => r,
+            Err(e) => {
+                span.in_scope(|| {
+                    tracing::debug!(
+                        status = e.status.as_u16(),
+                        code = e.code.as_str(),
+                        "refused"
+                    );
+                });
+                e.into_response()
+            }
+        })
 }
