@@ -880,6 +880,81 @@ mod tests {
         assert_eq!(frames(o.take(1 << 20)), ["x"]);
     }
 
+    proptest::proptest! {
+        /// A connection reading a room's ring while replies are queued to it: what it gets is
+        /// the order things happened in (a reply after every room message delivered before
+        /// it, before every one delivered after it), each once; a room message it does not
+        /// get is counted as dropped if transient, or covered by a `prompt` up to at least its
+        /// seq if reliable.
+        #[test]
+        fn ring_and_queue_keep_the_order_of_events_and_report_every_loss(
+            ring_frames in 1usize..5,
+            soft in 1usize..5,
+            ops in proptest::collection::vec((0u8..4, 1usize..200), 1..120),
+        ) {
+            let stats = Arc::new(OutboxStats::default());
+            let o = Arc::new(Outbox::new(
+                OutboxLimits { soft_frames: soft, hard_bytes: 1 << 20 },
+                stats.clone(),
+            ));
+            let ring = Arc::new(Ring::new(ring_frames, 1 << 20));
+            let room: Arc<str> = Arc::from("r");
+            o.subscribe(&room, &ring);
+            let (mut events, mut got) = (Vec::new(), Vec::new());
+            let mut seq = 0;
+            for (op, n) in ops {
+                match op {
+                    0 => {
+                        seq += 1;
+                        let text = format!("m{seq}");
+                        ring.append(Frame::reliable(room.clone(), seq, Bytes::from(text.clone())));
+                        events.push(text);
+                    }
+                    1 => {
+                        let text = format!("c{}", events.len());
+                        ring.append(Frame::transient(Bytes::from(text.clone())));
+                        events.push(text);
+                    }
+                    2 => {
+                        let text = format!("p{}", events.len());
+                        o.push(Frame::reply(Bytes::from(text.clone())));
+                        events.push(text);
+                    }
+                    _ => got.extend(frames(o.take(n))),
+                }
+            }
+            loop {
+                let more = frames(o.take(usize::MAX));
+                if more.is_empty() {
+                    break;
+                }
+                got.extend(more);
+            }
+            // What arrived, prompts aside, is the order of events, each at most once.
+            let mut prompted = 0u64;
+            let mut at = 0;
+            for g in &got {
+                if let Some(rest) = g.strip_prefix(r#"{"op":"prompt","room":"r","seq":"#) {
+                    prompted = prompted.max(rest.trim_end_matches('}').parse().unwrap());
+                    continue;
+                }
+                let i = events[at..].iter().position(|e| e == g);
+                proptest::prop_assert!(i.is_some(), "{g} out of order or twice: {got:?}");
+                at += i.unwrap() + 1;
+            }
+            let missing: Vec<&String> = events.iter().filter(|e| !got.contains(e)).collect();
+            for m in &missing {
+                proptest::prop_assert!(!m.starts_with('p'), "reply {m} lost");
+                if let Some(n) = m.strip_prefix('m') {
+                    let n: u64 = n.parse().unwrap();
+                    proptest::prop_assert!(n <= prompted, "m{n} lost without a prompt");
+                }
+            }
+            let chats = missing.iter().filter(|m| m.starts_with('c')).count() as u64;
+            proptest::prop_assert_eq!(stats.dropped_transient.get(), chats);
+        }
+    }
+
     #[tokio::test]
     async fn ready_wakes_on_push() {
         let o = Arc::new(outbox(10, 1000));
