@@ -15,6 +15,8 @@
 //! separator: `\n` inside a WebSocket text frame or an SSE event, `,` inside a long-poll
 //! answer's array. Nothing is joined early and split again.
 
+use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -204,11 +206,7 @@ impl Frame {
 
 /// Bytes that [`join_into`] writes for `frames`.
 pub fn joined_len(frames: &[Frame]) -> usize {
-    frames
-        .iter()
-        .map(|f| f.len() + 1)
-        .sum::<usize>()
-        .saturating_sub(1)
+    run_len(frames, &[])
 }
 
 /// Write every encoded frame of a batch into `out`, one JSON object each, separated by `sep`:
@@ -217,6 +215,19 @@ pub fn joined_len(frames: &[Frame]) -> usize {
 pub fn join_into(frames: &[Frame], sep: u8, out: &mut Vec<u8>) {
     out.reserve(joined_len(frames));
     join_run_into(frames, &[], sep, out);
+}
+
+/// The frames at `range` of a queue, as two slices (a run: see [`join_run_into`]).
+pub fn run_of(frames: &VecDeque<Frame>, range: Range<usize>) -> (&[Frame], &[Frame]) {
+    let (a, b) = frames.as_slices();
+    let (start, end) = (range.start, range.end);
+    if end <= a.len() {
+        (&a[start..end], &[])
+    } else if start >= a.len() {
+        (&b[start - a.len()..end - a.len()], &[])
+    } else {
+        (&a[start..], &b[..end - a.len()])
+    }
 }
 
 /// Bytes that [`join_run_into`] writes for the run `a` then `b`.

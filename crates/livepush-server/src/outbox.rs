@@ -32,7 +32,7 @@ use futures_util::task::AtomicWaker;
 use livepush_proto::ServerFrame;
 use parking_lot::Mutex;
 
-use crate::frame::{Frame, What};
+use crate::frame::{self, Frame, What};
 use crate::metrics::OutboxStats;
 use crate::ring::{Cursor, Reader, Ring, Sink};
 
@@ -291,19 +291,12 @@ impl Outbox {
             }
             What::Transient | What::Ambient => Pushed::Queued,
             What::Reliable { room, seq } => {
-                let pending = st.prompts.iter_mut().find(|(r, _)| r == room);
-                match pending {
-                    Some((_, s)) => {
-                        *s = (*s).max(*seq);
-                        return (Pushed::Prompted, false);
-                    }
-                    None if full => {
-                        st.prompts.push((room.clone(), *seq));
-                        self.stats.prompted.inc();
-                        return (Pushed::Prompted, false);
-                    }
-                    None => Pushed::Queued,
+                // Past the soft limit, or behind a prompt of its room not yet sent.
+                if full || st.prompts.iter().any(|(r, _)| r == room) {
+                    self.fold_prompt(st, room, *seq);
+                    return (Pushed::Prompted, false);
                 }
+                Pushed::Queued
             }
         };
         st.bytes += frame.len();
@@ -506,13 +499,8 @@ impl Outbox {
             n += 1;
         }
         if n > 0 {
-            let (a, b) = st.frames.as_slices();
-            let (ra, rb) = if n <= a.len() {
-                (&a[..n], &[][..])
-            } else {
-                (a, &b[..n - a.len()])
-            };
-            out.run(ra, rb);
+            let (a, b) = frame::run_of(&st.frames, 0..n);
+            out.run(a, b);
             st.frames.drain(..n);
             st.bytes -= taken;
         }

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::frame::{Frame, What};
+use crate::frame::{self, Frame, What};
 
 /// How many entries of readers that left the parked list may hold beyond the parked ones.
 const STALE_SLACK: usize = 64;
@@ -317,15 +317,8 @@ impl Ring {
             end += 1;
         }
         if end > start {
-            let (a, b) = st.frames.as_slices();
-            let (ra, rb) = if end <= a.len() {
-                (&a[start..end], &[][..])
-            } else if start >= a.len() {
-                (&b[start - a.len()..end - a.len()], &[][..])
-            } else {
-                (&a[start..], &b[..end - a.len()])
-            };
-            sink.run(ra, rb);
+            let (a, b) = frame::run_of(&st.frames, start..end);
+            sink.run(a, b);
         }
         c.pos = st.base + end as u64;
         if end == st.frames.len() {
